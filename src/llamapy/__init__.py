@@ -1,0 +1,20 @@
+"""llamapy: an LLM inference engine and server in Python."""
+
+from llamapy.errors import (
+    DownloadError,
+    LlamapyError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DownloadError",
+    "LlamapyError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "UnsupportedError",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Command-line front end: `llamapy SUBCOMMAND ...`."""

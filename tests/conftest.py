@@ -1,0 +1,47 @@
+"""Shared fixtures: small synthetic GGUF files and the real models (fetched once, cached)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gguf_factory import write_tiny_llama  # noqa: E402
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """Fresh randomness each run; the seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path, rng: np.random.Generator) -> Path:
+    return write_tiny_llama(tmp_path / "tiny.gguf", rng=rng)
+
+
+def _resolve(alias: str) -> Path:
+    from llamapy.hub import resolve_model
+
+    return resolve_model(alias).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _resolve("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    return _resolve("minilm-l6")
