@@ -155,36 +155,54 @@ def test_shapes_and_input_dtypes(qtype: QuantType, seed: int) -> None:
         assert_same_bytes(out, ref, f"{qtype.name} from {xt.dtype} {tuple(xt.shape)}, seed={seed}")
 
 
-def roundtrip_tolerance(qtype: QuantType, x: np.ndarray) -> np.ndarray:
-    """Largest |dequant(quant(x)) - x| allowed, per weight, from the type's step size.
+def fp16_error(v: np.ndarray) -> np.ndarray:
+    """Largest error of storing v as fp16: half an ulp, relative or (subnormal) absolute."""
+    return np.maximum(np.abs(v) * 2.0**-11, 2.0**-25)
 
-    Besides the rounding of q (half a step; a full step where q is clipped at the top of the
-    range), d and m are stored as fp16, off by at most 2^-11 relative, times |q| <= levels.
+
+# type -> (d = span / divisor, largest |q| that multiplies d, rounding error in steps)
+STEPS = {
+    QuantType.Q4_0: (8, 8, 1.0),  # a full step: the top level (+8) is clipped to 7
+    QuantType.Q5_0: (16, 16, 1.0),
+    QuantType.Q8_0: (127, 127, 0.5),
+    QuantType.Q4_1: (15, 15, 0.5),
+    QuantType.Q5_1: (31, 31, 0.5),
+}
+
+
+def roundtrip_tolerance(qtype: QuantType, x: np.ndarray) -> np.ndarray:
+    """Largest |dequant(quant(x)) - x| allowed, per weight, from the type's step size d.
+
+    Rounding q costs half a step (or a full one); storing d and m as fp16 costs
+    |q| * fp16_error(d) + fp16_error(m); float32 arithmetic a few ulps of the block's amax.
     """
-    bs = block_size(qtype)
-    b = x.astype(np.float64).reshape(-1, bs)
+    if qtype == QuantType.F32:
+        return np.zeros_like(x, dtype=np.float64)
+    if qtype == QuantType.F16:
+        return fp16_error(x)
+    if qtype == QuantType.BF16:
+        return np.abs(x) * 2.0**-8
+    b = x.astype(np.float64).reshape(-1, block_size(qtype))
     amax = np.abs(b).max(axis=1, keepdims=True)
     mn, mx = b.min(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
-    fp16_err = 2.0**-10
-    tol = {
-        QuantType.Q4_0: amax / 8 + amax * fp16_err,
-        QuantType.Q5_0: amax / 16 + amax * fp16_err,
-        QuantType.Q8_0: amax / 127 / 2 + amax * fp16_err,
-        QuantType.Q4_1: (mx - mn) / 15 / 2 + (np.abs(mn) + (mx - mn)) * fp16_err,
-        QuantType.Q5_1: (mx - mn) / 31 / 2 + (np.abs(mn) + (mx - mn)) * fp16_err,
-        QuantType.BF16: np.abs(b) * 2.0**-8,
-        QuantType.F16: np.abs(b) * 2.0**-11 + 2.0**-25,
-        QuantType.F32: np.zeros_like(b),
-    }[qtype]
+    affine = qtype in (QuantType.Q4_1, QuantType.Q5_1)
+    divisor, qmax, steps = STEPS[qtype]
+    d = (mx - mn if affine else amax) / divisor
+    tol = steps * d + qmax * fp16_error(d) + amax * 2.0**-21
+    if affine:
+        tol = tol + fp16_error(mn)
     return np.broadcast_to(tol, b.shape).reshape(x.shape)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_roundtrip_error_within_step(qtype: QuantType, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    # Magnitudes well inside fp16's range, which bounds d and m (and F16 weights).
+    # Each row's largest magnitude in [1e-4, 1e4]: inside fp16's range, which bounds d and m
+    # (and F16 weights), down to where d is an fp16 subnormal.
     x = random_rows(rng, 64, kinds=[1, 2, 3, 8])
-    x *= 10.0 ** rng.uniform(-2, 2, (64, 1)).astype(np.float32)
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    x = x / np.where(amax > 0, amax, 1) * 10.0 ** rng.uniform(-4, 4, (64, 1))
+    x = x.astype(np.float32)
     y = dequantize(quantize(torch.from_numpy(x), qtype), qtype).numpy()
     err = np.abs(y.astype(np.float64) - x)
     excess = err - roundtrip_tolerance(qtype, x)

@@ -49,8 +49,8 @@ def _absmax_signed(blocks: torch.Tensor) -> torch.Tensor:
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     """x, with inf and NaN replaced by 0, as numpy's float -> int casts give on x86.
 
-    Only reachable when 1/d overflows (a block whose largest magnitude is below ~1e-37);
-    torch's own casts of non-finite floats differ between CPU and CUDA.
+    Only reachable for NaN inputs or when 1/d overflows (a block whose largest magnitude is
+    below ~4e-37); torch's own casts of non-finite floats differ between CPU and CUDA.
     """
     return torch.where(x.isfinite(), x, 0.0)
 
