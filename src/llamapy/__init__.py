@@ -1,6 +1,7 @@
 """llamapy: an LLM inference engine and server in Python."""
 
 from llamapy.errors import (
+    ContextLengthError,
     DownloadError,
     LlamapyError,
     ModelFormatError,
@@ -11,6 +12,7 @@ from llamapy.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContextLengthError",
     "DownloadError",
     "LlamapyError",
     "ModelFormatError",

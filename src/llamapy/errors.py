@@ -19,3 +19,7 @@ class DownloadError(LlamapyError):
 
 class UnsupportedError(LlamapyError):
     """A valid file uses something llamapy does not implement (architecture, quant type)."""
+
+
+class ContextLengthError(LlamapyError):
+    """A prompt (or prompt + requested tokens) does not fit the context window."""

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from llamapy import __version__
-from llamapy.cli import info, pull, tokenize
+from llamapy.cli import info, pull, run, tokenize
 from llamapy.errors import LlamapyError
 
 # Each subcommand module offers `register(subparsers)`, which sets `func` on its parser.
-COMMANDS = (info, pull, tokenize)
+COMMANDS = (run, info, pull, tokenize)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,226 @@
+"""The Python API: `LLM(model).generate(prompts, params)`, `.chat(messages)`, streaming."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from llamapy.formats import open_model_file
+from llamapy.hub import DEFAULT_MODEL, resolve_model
+from llamapy.sampling.params import SamplingParams
+from llamapy.tokenizer import ChatTemplate, Tokenizer, resolve_chat_template
+
+Message = Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One finished generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    prompt_token_ids: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPiece:
+    """A streamed fragment: new text and tokens; the last one carries the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class LLM:
+    """Load a model once; generate from it.
+
+    Args:
+        model: a .gguf path, a Hugging Face folder, an alias or hf:ORG/REPO[/FILE].
+        n_ctx: tokens one sequence may hold (default: min(4096, the model's context)).
+        max_num_seqs: sequences generated together.
+        n_threads: torch CPU threads (default: all cores).
+        chat_template: a named template, a file, or None for the model's own.
+        device: "cpu" (GPU support lands with the GPU issue).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int | None = None,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 512,
+        n_threads: int | None = None,
+        chat_template: str | None = None,
+        device: str = "cpu",
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if n_threads is not None:
+            if not isinstance(n_threads, int) or n_threads <= 0:
+                raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+            torch.set_num_threads(n_threads)
+        if device != "cpu":
+            raise ValueError(f"device {device!r} is not supported yet (only 'cpu')")
+        t0 = time.perf_counter()
+        self.resolved = resolve_model(model or DEFAULT_MODEL)
+        self.model_file = open_model_file(self.resolved.path)
+        self.config = self.model_file.config
+        self.tokenizer = Tokenizer.from_path(self.resolved.path)
+        ctx = n_ctx if n_ctx is not None else min(4096, self.config.context_length)
+        self.engine = LLMEngine(
+            self.model_file,
+            self.tokenizer,
+            EngineConfig(
+                max_model_len=ctx,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_prefix_caching=enable_prefix_caching,
+                device=device,
+            ),
+        )
+        self.chat_template: ChatTemplate | None = resolve_chat_template(
+            chat_template,
+            model_template=self.model_file.chat_template,
+            bos_token=self._piece(self.tokenizer.bos_id),
+            eos_token=self._piece(self.tokenizer.eos_id),
+        )
+        self.load_time = time.perf_counter() - t0
+
+    def _piece(self, token_id: int | None) -> str:
+        return self.tokenizer.id_to_piece(token_id) if token_id is not None else ""
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.config.max_model_len
+
+    # -- text <-> tokens -----------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False):
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(token_ids, skip_special=skip_special)
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        """Render messages with the chat template and tokenize them (special tokens parsed;
+        BOS added only when the template does not write it itself)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; pass chat_template= (e.g. 'chatml')")
+        text = self.chat_template.render(
+            list(messages), add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        bos = self._piece(self.tokenizer.bos_id)
+        add_bos = not (bos and text.startswith(bos))
+        ids = self.tokenizer.encode(text, add_special=False, parse_special=True)
+        if add_bos and self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id, *ids]
+        return ids
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Generate for each prompt (text or token ids); all run as one continuous batch."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [self._prompt_ids(p) for p in prompts]
+        rids = [self.engine.add_request(i, p) for i, p in zip(ids, params, strict=True)]
+        results = self._collect(rids)
+        for out, prompt_ids in zip(results, ids, strict=True):
+            out.prompt_token_ids = prompt_ids
+        return results
+
+    def _collect(self, rids: list[str]) -> list[CompletionOutput]:
+        texts = {r: [] for r in rids}
+        tokens: dict[str, list[int]] = {r: [] for r in rids}
+        last: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished_requests():
+                for o in self.engine.step():
+                    texts[o.request_id].append(o.text)
+                    tokens[o.request_id].extend(o.token_ids)
+                    last[o.request_id] = o
+        except BaseException:
+            for r in rids:
+                self.engine.abort_request(r)
+            raise
+        return [self._completion(r, "".join(texts[r]), tokens[r], last.get(r)) for r in rids]
+
+    @staticmethod
+    def _completion(rid: str, text: str, tokens: list[int], o: RequestOutput | None):
+        usage = Usage(
+            o.num_prompt_tokens if o else 0,
+            o.num_output_tokens if o else 0,
+            o.num_cached_tokens if o else 0,
+        )
+        return CompletionOutput(text, tokens, o.finish_reason if o else "length", usage)
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[StreamPiece]:
+        """Yield text as it is generated; closing the iterator cancels the request."""
+        rid = self.engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                for o in self.engine.step():
+                    if o.request_id != rid:
+                        continue
+                    usage = None
+                    if o.finished:
+                        usage = Usage(o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens)
+                    yield StreamPiece(o.text, o.token_ids, o.finish_reason, usage)
+                    if o.finished:
+                        return
+        finally:
+            self.engine.abort_request(rid)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = False,
+        **template_kwargs: Any,
+    ) -> CompletionOutput | Iterator[StreamPiece]:
+        ids = self.apply_chat_template(messages, **template_kwargs)
+        if stream:
+            return self.stream(ids, params)
+        return self.generate([ids], params)[0]

@@ -1,0 +1,1 @@
+"""The engine: requests, scheduling, KV-cache blocks, running the model, outputs."""

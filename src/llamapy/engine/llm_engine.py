@@ -1,0 +1,194 @@
+"""LLMEngine: requests in, streamed outputs out; one `step()` runs one batch.
+
+step: scheduler.schedule() -> model_runner.run() -> scheduler.postprocess() -> outputs
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llamapy.engine.block_manager import BlockManager
+from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE
+from llamapy.engine.model_runner import ModelRunner, SampledToken
+from llamapy.engine.output import TextStream
+from llamapy.engine.scheduler import Scheduler, SchedulerConfig
+from llamapy.engine.sequence import FinishReason, Sequence
+from llamapy.errors import ContextLengthError
+from llamapy.models import build_causal_lm
+from llamapy.sampling.params import SamplingParams
+from llamapy.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_model_len: int = 4096  # tokens one sequence may hold (prompt + output)
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks
+    kv_cache_tokens: int | None = None  # KV pool size; default max_model_len
+    block_size: int = DEFAULT_BLOCK_SIZE
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    kv_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens ({self.kv_cache_tokens}) must be >= max_model_len "
+                f"({self.max_model_len})"
+            )
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (text and tokens are the new part only)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    logprobs: list[SampledToken] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    seq: Sequence
+    stream: TextStream
+    params: SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, model_file, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.model_config = model_file.config
+        if config.max_model_len > self.model_config.context_length:
+            logger.warning(
+                "context %d exceeds the model's training context %d",
+                config.max_model_len,
+                self.model_config.context_length,
+            )
+        model = build_causal_lm(model_file)
+        kv_tokens = config.kv_cache_tokens or config.max_model_len
+        num_blocks = -(-kv_tokens // config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            eog_token_ids=tokenizer.eog_ids,
+            kv_dtype=config.kv_dtype,
+            device=config.device,
+        )
+        self.requests: dict[int, _Request] = {}
+        self._by_id: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        n = len(prompt_token_ids)
+        limit = self.config.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= limit:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the context holds {limit}; shorten the prompt "
+                f"or raise the context size"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        max_new = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._by_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(list(prompt_token_ids), max_new, params, arrival_time=time.monotonic())
+        req = _Request(request_id, seq, TextStream(self.tokenizer, params), params)
+        self.scheduler.add(seq)
+        self.requests[seq.seq_id] = req
+        self._by_id[request_id] = req
+        if max_new == 0:
+            self._finish(req, FinishReason.LENGTH)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self._by_id.get(request_id)
+        if req is not None and not req.seq.is_finished:
+            self.scheduler.abort(req.seq)
+            self._forget(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.run(batch, self.block_manager)
+        self.scheduler.postprocess(batch, {sid: s.token_id for sid, s in sampled.items()})
+        outputs = []
+        for item in batch:
+            sample = sampled.get(item.seq.seq_id)
+            if sample is not None:
+                outputs.append(self._process(self.requests[item.seq.seq_id], sample))
+        return outputs
+
+    def _process(self, req: _Request, sample: SampledToken) -> RequestOutput:
+        seq = req.seq
+        text, reason = req.stream.add(sample.token_id)
+        if reason is None and (
+            seq.num_output_tokens >= seq.max_new_tokens or len(seq) >= self.config.max_model_len
+        ):
+            text_tail, reason = req.stream.finish(FinishReason.LENGTH)
+            text += text_tail
+        if reason is not None:
+            self._finish(req, reason)
+        return RequestOutput(
+            request_id=req.request_id,
+            text=text,
+            token_ids=[sample.token_id],
+            finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=[sample] if sample.logprob is not None else [],
+        )
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        self.scheduler.finish(req.seq, reason)
+        self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        self.runner.release(req.seq.seq_id)
+        self.requests.pop(req.seq.seq_id, None)
+        self._by_id.pop(req.request_id, None)

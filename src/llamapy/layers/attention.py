@@ -1,0 +1,85 @@
+"""Attention over a paged KV cache: metadata, cache writes, and the torch reference op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Where a flattened batch's tokens sit in the paged KV cache.
+
+    The batch holds `B` sequences whose new tokens are concatenated: sequence `b` owns
+    tokens `query_start_loc[b]:query_start_loc[b+1]` and, after this step, `seq_lens[b]`
+    tokens in total, the first `seq_lens[b] - query_len` of them already cached.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: block * block_size + offset of each new token
+    block_tables: torch.Tensor  # (B, max_blocks) int32
+    seq_lens: torch.Tensor  # (B,) int32
+    query_start_loc: torch.Tensor  # (B + 1,) int32, cu_seqlens_q
+    max_query_len: int
+    max_seq_len: int
+    # Host copies for loops in the CPU reference path (no device sync needed).
+    seq_lens_host: tuple[int, ...] = ()
+    query_start_loc_host: tuple[int, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store new keys/values (T, n_kv, d) at their slots of the (blocks, block_size, n_kv, d)
+    caches."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Torch reference: q (T, n_heads, d) -> (T, n_heads, d_v), reading K/V through block
+    tables. Causal (with the cached prefix visible), GQA, optional sliding window as
+    llama.cpp's LLAMA_SWA_TYPE_STANDARD (key visible while q_pos - k_pos < window), optional
+    logit soft-capping (tanh(s / c) * c)."""
+    n_heads, n_kv = q.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    block_size = k_cache.shape[1]
+    out = torch.empty(q.shape[0], n_heads, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    starts = meta.query_start_loc_host
+    for b, seq_len in enumerate(meta.seq_lens_host):
+        qs, qe = starts[b], starts[b + 1]
+        n_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[b, :n_blocks].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].to(q.dtype)  # (L, n_kv, d)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].to(q.dtype)
+        qb = q[qs:qe].view(qe - qs, n_kv, group, -1)  # (Tq, n_kv, g, d)
+        scores = torch.einsum("qhgd,khd->hgqk", qb, k) * scale  # (n_kv, g, Tq, L)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        q_pos = torch.arange(seq_len - (qe - qs), seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos if causal else torch.ones_like(k_pos <= q_pos)
+        if sliding_window is not None:
+            visible = visible & (q_pos - k_pos < sliding_window)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out[qs:qe] = torch.einsum("hgqk,khd->qhgd", probs, v).reshape(qe - qs, n_heads, -1)
+    return out

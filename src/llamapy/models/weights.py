@@ -1,0 +1,54 @@
+"""Weight access for model builders: canonical GGUF names in, QTensors and float tensors out.
+
+This is where the two file kinds are reconciled. llama.cpp's converter changes some tensors
+on the way to GGUF; a HF folder gives them as stored, so the builder asks this class which
+form it got (`rope_interleaved`, `norm_offset`) instead of testing the file kind itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llamapy.errors import ModelFormatError
+from llamapy.formats import GGUFFile, HFFolder
+from llamapy.quant.qtensor import QTensor
+
+
+class Weights:
+    def __init__(self, model_file: GGUFFile | HFFolder) -> None:
+        self.file = model_file
+        self.config = model_file.config
+        self.is_gguf = isinstance(model_file, GGUFFile)
+
+    def has(self, name: str) -> bool:
+        return name in self.file.tensor_infos
+
+    def q(self, name: str) -> QTensor:
+        """A weight as raw blocks (stays quantized)."""
+        if not self.has(name):
+            raise ModelFormatError(f"{self.file.path.name} lacks tensor {name!r}")
+        return self.file.tensor(name)
+
+    def q_opt(self, name: str) -> QTensor | None:
+        return self.q(name) if self.has(name) else None
+
+    def f32(self, name: str, *, norm: bool = False) -> torch.Tensor:
+        """A small tensor (norm weight, bias) as float32."""
+        t = self.q(name).dequantize(torch.float32)
+        if norm and self.norm_offset:
+            t = t + self.norm_offset
+        return t
+
+    def f32_opt(self, name: str, *, norm: bool = False) -> torch.Tensor | None:
+        return self.f32(name, norm=norm) if self.has(name) else None
+
+    @property
+    def rope_interleaved(self) -> bool:
+        """llama GGUFs use ggml's NORM rope (the converter permuted Q/K rows to match);
+        every other case here is NEOX-style."""
+        return self.is_gguf and self.config.arch == "llama"
+
+    @property
+    def norm_offset(self) -> float:
+        """Gemma norms compute x * (1 + w); llama.cpp's converter stores 1 + w."""
+        return 1.0 if (not self.is_gguf and self.config.arch == "gemma3") else 0.0

@@ -1,0 +1,59 @@
+"""`llamapy run` through a real process: streamed text on stdout, timings on stderr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llamapy", "run", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+    )
+
+
+@pytest.mark.models
+def test_run_default_model_greedy(smollm2_path) -> None:
+    proc = _run("What is 2+2?", "-n", "8", "--temp", "0", "-m", str(smollm2_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "prompt eval" in proc.stderr and "tokens per second" in proc.stderr
+    again = _run("What is 2+2?", "-n", "8", "--temp", "0", "-m", str(smollm2_path))
+    assert again.stdout == proc.stdout
+
+
+@pytest.mark.models
+def test_run_raw_prompt_from_stdin(smollm2_path) -> None:
+    proc = _run("--raw", "-n", "4", "--temp", "0", "-m", str(smollm2_path), stdin="1, 2, 3,")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(" 4")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hi", "--temp", "-1"], "temperature"),
+        (["hi", "--top-p", "2"], "top_p"),
+        (["hi", "-n", "-5"], "n-predict"),
+        (["hi", "-p", "also"], "give the prompt once"),
+        (["-f", "/no/such/file.txt"], "cannot read prompt file"),
+    ],
+)
+def test_bad_flags_one_line_exit_2(args: list[str], message: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_flag_is_usage_error() -> None:
+    proc = _run("hi", "--no-such-flag")
+    assert proc.returncode == 2
+    assert "unrecognized arguments" in proc.stderr

@@ -1,0 +1,90 @@
+"""The Python API end to end on the default model (few tokens each: the CPU path is slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llamapy import ContextLengthError
+from llamapy.api import LLM
+from llamapy.sampling.params import SamplingParams
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path) -> LLM:
+    return LLM(smollm2_path, n_ctx=256)
+
+
+def test_greedy_is_deterministic_and_batched_equals_alone(llm: LLM) -> None:
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    params = SamplingParams.greedy(max_tokens=6)
+    together = llm.generate(prompts, params)
+    alone = [llm.generate(p, params)[0] for p in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 6 for o in together)
+    assert together[1].text.startswith(" 5")
+
+
+def test_seed_reproduces_sampling(llm: LLM) -> None:
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=8, seed=1234)
+    a = llm.generate("Tell me a story", p)[0]
+    b = llm.generate("Tell me a story", p)[0]
+    assert a.token_ids == b.token_ids
+    others = {
+        tuple(llm.generate("Tell me a story", dataclasses.replace(p, seed=s))[0].token_ids)
+        for s in range(3)
+    }
+    assert len(others) > 1
+
+
+def test_stop_string_is_not_returned(llm: LLM) -> None:
+    free = llm.generate("1, 2, 3, 4,", SamplingParams.greedy(max_tokens=8))[0]
+    assert " 6" in free.text
+    out = llm.generate("1, 2, 3, 4,", SamplingParams.greedy(max_tokens=8, stop=(" 6",)))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.index(" 6")]
+
+
+def test_stream_concatenates_to_generate(llm: LLM) -> None:
+    params = SamplingParams.greedy(max_tokens=6)
+    pieces = list(llm.stream("The sky is", params))
+    assert "".join(p.text for p in pieces) == llm.generate("The sky is", params)[0].text
+    assert pieces[-1].finish_reason == "length"
+    assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens == 6
+
+
+def test_chat_uses_template_and_stops_at_end_of_turn(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams.greedy(max_tokens=40))
+    assert out.text.strip()
+    assert "<|im_end|>" not in out.text
+    if out.finish_reason == "stop":
+        assert llm.tokenizer.is_eog(out.token_ids[-1])
+
+
+def test_prompt_longer_than_context_is_refused(llm: LLM) -> None:
+    with pytest.raises(ContextLengthError, match="context holds 256"):
+        llm.generate("word " * 400, SamplingParams.greedy(max_tokens=1))
+
+
+def test_generation_stops_at_context_limit(smollm2_path) -> None:
+    small = LLM(smollm2_path, n_ctx=48)
+    ids = small.tokenize("hello " * 40)
+    out = small.generate([ids], SamplingParams.greedy(max_tokens=1000, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    assert len(ids) + len(out.token_ids) == 48
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_threads": 0}, "n_threads"),
+        ({"device": "tpu"}, "device"),
+        ({"n_ctx": 0}, "max_model_len"),
+    ],
+)
+def test_bad_options(smollm2_path, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LLM(smollm2_path, **kwargs)
