@@ -88,3 +88,19 @@ def test_generation_stops_at_context_limit(smollm2_path) -> None:
 def test_bad_options(smollm2_path, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         LLM(smollm2_path, **kwargs)
+
+
+def test_bad_token_ids_are_refused(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 10**7]], SamplingParams.greedy(max_tokens=1))
+    with pytest.raises(ValueError, match="logit_bias token id"):
+        llm.generate("hi", SamplingParams.greedy(max_tokens=1, logit_bias={10**7: 1.0}))
+
+
+def test_logit_bias_bans_a_token(llm: LLM) -> None:
+    free = llm.generate("1, 2, 3, 4,", SamplingParams.greedy(max_tokens=1))[0]
+    banned = free.token_ids[0]
+    out = llm.generate(
+        "1, 2, 3, 4,", SamplingParams.greedy(max_tokens=1, logit_bias={banned: float("-inf")})
+    )[0]
+    assert out.token_ids[0] != banned

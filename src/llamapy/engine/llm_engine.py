@@ -125,6 +125,11 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            )
         max_new = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._by_id:
