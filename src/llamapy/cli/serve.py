@@ -1,0 +1,89 @@
+"""`llamapy serve`: the OpenAI- and llama.cpp-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from llamapy.errors import LlamapyError
+from llamapy.hub import DEFAULT_MODEL
+
+
+class ServeError(LlamapyError):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI and llama.cpp APIs)",
+        description="Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions, "
+        "/v1/models and llama.cpp's /completion, /tokenize, /detokenize, /apply-template, "
+        "/health, /props, /slots, /metrics.",
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help=f"a .gguf path, Hugging Face folder, alias or hf:ORG/REPO (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context size of one sequence (default: min(4096, the model's))",
+    )
+    p.add_argument(
+        "-np",
+        "--parallel",
+        "--max-num-seqs",
+        dest="parallel",
+        type=int,
+        default=4,
+        metavar="N",
+        help="sequences decoded together (default 4)",
+    )
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer key")
+    p.add_argument("--metrics", action="store_true", help="enable the /metrics endpoint")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE")
+    p.add_argument("--alias", default=None, metavar="NAME", help="model name the API reports")
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests held at once before answering 503 (default 64)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ServeError(f"--port must be in 1..65535, got {args.port}")
+    if args.parallel <= 0:
+        raise ServeError(f"--parallel must be positive, got {args.parallel}")
+    import uvicorn
+
+    from llamapy.server.app import ServerConfig, create_app
+
+    config = ServerConfig(
+        model=args.model,
+        alias=args.alias,
+        n_ctx=args.ctx_size,
+        max_num_seqs=args.parallel,
+        api_key=args.api_key,
+        chat_template=args.chat_template,
+        enable_metrics=args.metrics,
+        max_queued=args.max_queued,
+        n_threads=args.threads,
+    )
+    app = create_app(config)
+    logging.getLogger("llamapy").setLevel(logging.INFO)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI- and llama.cpp-compatible endpoints (FastAPI + uvicorn)."""

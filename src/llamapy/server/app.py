@@ -1,0 +1,683 @@
+"""The HTTP server: OpenAI-compatible and llama.cpp-native endpoints over AsyncLLMEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llamapy.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from llamapy.engine.llm_engine import RequestOutput
+from llamapy.errors import ContextLengthError, LlamapyError
+from llamapy.sampling.params import SamplingParams
+from llamapy.server.protocol import (
+    ApplyTemplateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    NativeCompletionRequest,
+    TokenizeRequest,
+)
+from llamapy.tokenizer import TemplateError
+
+logger = logging.getLogger(__name__)
+
+# Routes answered without an API key (as llama-server: health checks and the web page).
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/", "/index.html"})
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    alias: str | None = None
+    n_ctx: int | None = None
+    max_num_seqs: int = 4
+    api_key: str | None = None
+    chat_template: str | None = None
+    enable_metrics: bool = False
+    max_queued: int = 64
+    n_threads: int | None = None
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    llm: Any = None
+    engine: AsyncLLMEngine | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def model_name(self) -> str:
+        if self.config.alias:
+            return self.config.alias
+        if self.llm is None:
+            return "llamapy"
+        return self.llm.resolved.alias or self.llm.resolved.path.name
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+
+def _error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status)
+
+
+def load_model(state: ServerState) -> None:
+    """Load the model (in a thread, so /health answers 503 meanwhile)."""
+    from llamapy.api import LLM
+
+    cfg = state.config
+    try:
+        llm = LLM(
+            cfg.model,
+            n_ctx=cfg.n_ctx,
+            max_num_seqs=cfg.max_num_seqs,
+            n_threads=cfg.n_threads,
+            chat_template=cfg.chat_template,
+        )
+    except (LlamapyError, ValueError, OSError) as e:
+        state.load_error = str(e)
+        logger.error("model load failed: %s", e)
+        return
+    state.llm = llm
+    state.engine = AsyncLLMEngine(llm.engine, max_queued=cfg.max_queued)
+    logger.info("model %s ready", state.model_name)
+
+
+def create_app(config: ServerConfig, *, load: bool = True) -> FastAPI:
+    state = ServerState(config)
+    app = FastAPI(title="llamapy", version="0.1.0")
+    app.state.llamapy = state
+    if load:
+        threading.Thread(target=load_model, args=(state,), daemon=True).start()
+    _install_error_handlers(app)
+    _install_auth(app, state)
+    _install_routes(app, state)
+    return app
+
+
+# -- errors and auth --------------------------------------------------------------------------
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "")
+        return _error_response(400, msg or "invalid request body", "invalid_request_error", loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(e.status_code, str(e.detail), kind)
+
+
+def _install_auth(app: FastAPI, state: ServerState) -> None:
+    key = state.config.api_key
+    if not key:
+        return
+
+    @app.middleware("http")
+    async def _check_key(request: Request, call_next):
+        if request.url.path in PUBLIC_PATHS or request.method == "OPTIONS":
+            return await call_next(request)
+        header = request.headers.get("authorization", "")
+        given = (
+            header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        )
+        if given != key:
+            return _error_response(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _require_ready(state: ServerState) -> Any:
+    if state.load_error:
+        raise APIError(503, f"model failed to load: {state.load_error}", "unavailable_error")
+    if not state.ready:
+        raise APIError(503, "Loading model", "unavailable_error")
+    return state.llm
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    """One model is served; a request naming another is a 404 (as OpenAI's API)."""
+    if model and model != state.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} not found; this server has {state.model_name!r}",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
+
+
+def _params(build, *args) -> SamplingParams:
+    try:
+        return build(*args)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _message_dicts(messages) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d = m.model_dump(exclude_none=True)
+        if isinstance(d.get("content"), list):  # OpenAI content parts: keep the text ones
+            d["content"] = "".join(
+                p.get("text", "") for p in d["content"] if p.get("type") == "text"
+            )
+        out.append(d)
+    return out
+
+
+def _chat_prompt(llm, messages, tools=None) -> list[int]:
+    try:
+        kwargs = {"tools": tools} if tools else {}
+        return llm.apply_chat_template(_message_dicts(messages), **kwargs)
+    except TemplateError as e:
+        raise APIError(400, f"chat template error: {e}") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _prompt_ids(llm, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return llm.tokenize(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list):  # llama.cpp: mixed strings and ids
+        ids: list[int] = []
+        for part in prompt:
+            ids.extend([part] if isinstance(part, int) else llm.tokenize(part, add_special=not ids))
+        return ids
+    raise APIError(400, "prompt must be a string or a list of token ids", param="prompt")
+
+
+async def _collect(engine: AsyncLLMEngine, ids, params, rid) -> tuple[str, list[RequestOutput]]:
+    outs = [o async for o in engine.generate(ids, params, rid)]
+    return "".join(o.text for o in outs), outs
+
+
+def _engine_errors(e: Exception) -> APIError:
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, QueueFullError):
+        return APIError(503, str(e), "unavailable_error")
+    if isinstance(e, EngineDeadError):
+        return APIError(500, str(e), "server_error")
+    return APIError(400, str(e))
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i of n: its own seed (seed + i) so the choices differ but stay reproducible."""
+    if i == 0 or params.seed is None:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=(params.seed + i) % 2**32)
+
+
+def _usage(outs_per_choice: list[list[RequestOutput]]) -> dict[str, Any]:
+    last = [outs[-1] for outs in outs_per_choice if outs]
+    prompt = last[0].num_prompt_tokens if last else 0
+    completion = sum(o.num_output_tokens for o in last)
+    cached = max((o.num_cached_tokens for o in last), default=0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return _error_response(
+                503, f"model failed to load: {state.load_error}", "unavailable_error"
+            )
+        if not state.ready:
+            return _error_response(503, "Loading model", "unavailable_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> dict[str, Any]:
+        llm = _require_ready(state)
+        meta = {
+            "n_ctx": llm.n_ctx,
+            "n_ctx_train": llm.config.context_length,
+            "n_vocab": llm.config.vocab_size,
+            "architecture": llm.config.arch,
+        }
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "llamapy",
+                    "meta": meta,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        llm = _require_ready(state)
+        _check_model(state, body.model)
+        prompts = body.prompt
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)):
+            if len(prompts) != 1:
+                raise APIError(400, "one prompt per request is supported", param="prompt")
+            prompts = prompts[0]
+        ids = _prompt_ids(llm, prompts)
+        params = _params(body.sampling_params, body.max_tokens, body.logprobs or 0)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _stream(
+                state,
+                request,
+                ids,
+                params,
+                body.n,
+                cid,
+                chat=False,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            )
+        results = await _run_choices(state, ids, params, body.n, cid)
+        choices = [
+            {
+                "index": i,
+                "text": text,
+                "logprobs": _completion_logprobs(llm, outs) if body.logprobs else None,
+                "finish_reason": outs[-1].finish_reason if outs else "length",
+            }
+            for i, (text, outs) in enumerate(results)
+        ]
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": state.model_name,
+            "choices": choices,
+            "usage": _usage([outs for _, outs in results]),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        llm = _require_ready(state)
+        _check_model(state, body.model)
+        ids = _chat_prompt(llm, body.messages, body.tools)
+        n_probs = (body.top_logprobs or 0) if body.logprobs else 0
+        if body.logprobs and not n_probs:
+            n_probs = 1
+        params = _params(body.sampling_params, body.max_new_tokens, n_probs)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _stream(
+                state,
+                request,
+                ids,
+                params,
+                body.n,
+                cid,
+                chat=True,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            )
+        results = await _run_choices(state, ids, params, body.n, cid)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(llm, outs, body.top_logprobs or 0)
+                if body.logprobs
+                else None,
+                "finish_reason": outs[-1].finish_reason if outs else "length",
+            }
+            for i, (text, outs) in enumerate(results)
+        ]
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": state.model_name,
+            "choices": choices,
+            "usage": _usage([outs for _, outs in results]),
+        }
+
+    @app.post("/completion")
+    @app.post("/completions")
+    async def native_completion(body: NativeCompletionRequest, request: Request):
+        llm = _require_ready(state)
+        ids = _prompt_ids(llm, body.prompt)
+        max_tokens = None if body.n_predict < 0 else body.n_predict
+        params = _params(body.sampling_params, max_tokens, body.n_probs)
+        rid = f"native-{uuid.uuid4().hex}"
+        if body.stream:
+            try:
+                state.engine.add_request(ids, params, rid)
+            except (LlamapyError, ValueError) as e:
+                raise _engine_errors(e) from None
+            return StreamingResponse(
+                _native_stream(state, request, rid), media_type="text/event-stream"
+            )
+        try:
+            text, outs = await _collect(state.engine, ids, params, rid)
+        except (LlamapyError, ValueError) as e:
+            raise _engine_errors(e) from None
+        last = outs[-1] if outs else None
+        return {
+            "content": text,
+            "tokens": [t for o in outs for t in o.token_ids],
+            "stop": True,
+            "model": state.model_name,
+            "stop_type": "limit" if last and last.finish_reason == "length" else "eos",
+            "tokens_predicted": last.num_output_tokens if last else 0,
+            "tokens_evaluated": last.num_prompt_tokens if last else len(ids),
+            "tokens_cached": last.num_cached_tokens if last else 0,
+            "truncated": False,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        llm = _require_ready(state)
+        ids = llm.tokenize(
+            body.content, add_special=body.add_special, parse_special=body.parse_special
+        )
+        if body.with_pieces:
+            tok = llm.tokenizer
+            return {
+                "tokens": [
+                    {"id": i, "piece": tok.token_bytes(i).decode("utf-8", "replace")} for i in ids
+                ]
+            }
+        return {"tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        llm = _require_ready(state)
+        vocab = llm.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens"
+            )
+        return {"content": llm.detokenize(body.tokens)}
+
+    @app.post("/apply-template")
+    async def apply_template(body: ApplyTemplateRequest):
+        llm = _require_ready(state)
+        if llm.chat_template is None:
+            raise APIError(
+                400, "the model has no chat template; start the server with --chat-template"
+            )
+        try:
+            return {"prompt": llm.chat_template.render(_message_dicts(body.messages))}
+        except TemplateError as e:
+            raise APIError(400, f"chat template error: {e}") from None
+
+    @app.get("/props")
+    async def props():
+        llm = _require_ready(state)
+        return {
+            "model_path": str(llm.resolved.path),
+            "n_ctx": llm.n_ctx,
+            "total_slots": state.config.max_num_seqs,
+            "chat_template": llm.chat_template.source if llm.chat_template else None,
+            "build_info": "llamapy 0.1.0",
+            "default_generation_settings": {"n_ctx": llm.n_ctx, "params": _default_params()},
+        }
+
+    @app.get("/slots")
+    async def slots():
+        _require_ready(state)
+        return state.engine.call(_slots_view)
+
+    @app.get("/metrics")
+    async def metrics():
+        if not state.config.enable_metrics:
+            raise APIError(
+                501, "metrics are disabled; start the server with --metrics", "not_supported_error"
+            )
+        _require_ready(state)
+        from llamapy.server.metrics import render_metrics
+
+        return Response(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+
+def _default_params() -> dict[str, Any]:
+    d = SamplingParams()
+    return {
+        "temperature": d.temperature,
+        "top_k": d.top_k,
+        "top_p": d.top_p,
+        "min_p": d.min_p,
+        "typical_p": d.typical_p,
+        "repeat_penalty": d.repeat_penalty,
+        "repeat_last_n": d.repeat_last_n,
+        "presence_penalty": d.presence_penalty,
+        "frequency_penalty": d.frequency_penalty,
+    }
+
+
+def _slots_view(engine) -> list[dict[str, Any]]:
+    running = engine.scheduler.running
+    view = []
+    for i, seq in enumerate(running):
+        view.append(
+            {
+                "id": i,
+                "is_processing": True,
+                "n_ctx": engine.config.max_model_len,
+                "n_prompt_tokens": seq.num_prompt_tokens,
+                "n_decoded": seq.num_output_tokens,
+                "n_cached": seq.num_cached_tokens,
+            }
+        )
+    return view
+
+
+async def _run_choices(state: ServerState, ids, params, n: int, cid: str):
+    try:
+        return await asyncio.gather(
+            *(_collect(state.engine, ids, _seeded(params, i), f"{cid}-{i}") for i in range(n))
+        )
+    except (LlamapyError, ValueError) as e:
+        raise _engine_errors(e) from None
+
+
+def _stream(state, request, ids, params, n, cid, *, chat: bool, include_usage: bool):
+    """Add the requests now (so bad input is a 400, not a broken stream), then stream."""
+    engine = state.engine
+    rids = [f"{cid}-{i}" for i in range(n)]
+    try:
+        for i, rid in enumerate(rids):
+            engine.add_request(ids, _seeded(params, i), rid)
+    except (LlamapyError, ValueError) as e:
+        for rid in rids:
+            engine.abort(rid)
+        raise _engine_errors(e) from None
+    gens = [engine.outputs(rid) for rid in rids]
+    return StreamingResponse(
+        _sse_events(state, request, gens, cid, chat=chat, include_usage=include_usage),
+        media_type="text/event-stream",
+    )
+
+
+async def _sse_events(
+    state, request, gens, cid, *, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    created, model = int(time.time()), state.model_name
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    queue: asyncio.Queue = asyncio.Queue()
+    finals: list[list[RequestOutput]] = [[] for _ in gens]
+
+    async def pump(i: int, gen) -> None:
+        try:
+            async for out in gen:
+                finals[i].append(out)
+                await queue.put((i, out))
+        except (LlamapyError, ValueError) as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        if chat:
+            for i in range(len(gens)):
+                yield _sse(
+                    {
+                        "id": cid,
+                        "object": obj,
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+        open_streams = len(gens)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, Exception):
+                err = _engine_errors(item)
+                yield _sse(
+                    {"error": {"message": err.message, "type": err.type, "code": err.status}}
+                )
+                continue
+            choice: dict[str, Any] = {"index": i, "finish_reason": item.finish_reason}
+            if chat:
+                choice["delta"] = {"content": item.text} if item.text else {}
+            else:
+                choice["text"] = item.text
+            yield _sse(
+                {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            )
+        if include_usage:
+            yield _sse(
+                {
+                    "id": cid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(finals),
+                }
+            )
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            await g.aclose()
+
+
+async def _native_stream(state, request, rid) -> AsyncIterator[str]:
+    try:
+        async for out in state.engine.outputs(rid):
+            data = {"content": out.text, "tokens": out.token_ids, "stop": out.finished}
+            if out.finished:
+                data.update(
+                    {
+                        "stop_type": "limit" if out.finish_reason == "length" else "eos",
+                        "tokens_predicted": out.num_output_tokens,
+                        "tokens_evaluated": out.num_prompt_tokens,
+                        "tokens_cached": out.num_cached_tokens,
+                    }
+                )
+            yield _sse(data)
+    except (LlamapyError, ValueError) as e:
+        err = _engine_errors(e)
+        yield _sse({"error": {"message": err.message, "type": err.type, "code": err.status}})
+
+
+def _completion_logprobs(llm, outs: list[RequestOutput]) -> dict[str, Any]:
+    samples = [s for o in outs for s in o.logprobs]
+    tok = llm.tokenizer
+    piece = lambda t: tok.token_bytes(t).decode("utf-8", "replace")  # noqa: E731
+    return {
+        "tokens": [piece(s.token_id) for s in samples],
+        "token_logprobs": [s.logprob for s in samples],
+        "top_logprobs": [{piece(t): lp for t, lp in s.top_logprobs} for s in samples],
+    }
+
+
+def _chat_logprobs(llm, outs: list[RequestOutput], top: int) -> dict[str, Any]:
+    samples = [s for o in outs for s in o.logprobs]
+    tok = llm.tokenizer
+    piece = lambda t: tok.token_bytes(t).decode("utf-8", "replace")  # noqa: E731
+    return {
+        "content": [
+            {
+                "token": piece(s.token_id),
+                "logprob": s.logprob,
+                "bytes": list(tok.token_bytes(s.token_id)),
+                "top_logprobs": [
+                    {"token": piece(t), "logprob": lp, "bytes": list(tok.token_bytes(t))}
+                    for t, lp in s.top_logprobs[:top]
+                ],
+            }
+            for s in samples
+        ]
+    }

@@ -1,0 +1,151 @@
+"""Request bodies of the HTTP API (OpenAI and llama.cpp field names), validated by pydantic.
+
+A body that fails validation is the client's mistake: the app answers 400 with OpenAI's
+error JSON, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llamapy.sampling.params import SamplingParams
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored, as OpenAI and llama.cpp do (clients send extras).
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    """Sampling fields both APIs share (OpenAI names, llama.cpp extras)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        return [s for s in stops if s]
+
+    def sampling_params(self, max_tokens: int | None, n_probs: int = 0) -> SamplingParams:
+        """SamplingParams from the given fields (defaults: llama.cpp's); ValueError names the
+        bad field."""
+        given: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "typical_p": self.typical_p,
+            "repeat_penalty": self.repeat_penalty,
+            "repeat_last_n": self.repeat_last_n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+        }
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = float(value)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        return SamplingParams(
+            **kwargs,
+            logit_bias=bias,
+            max_tokens=max_tokens,
+            stop=tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos,
+            n_probs=n_probs,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    user: str | None = None
+
+
+class ChatMessage(_Body):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    user: str | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+
+class NativeCompletionRequest(SamplingFields):
+    """POST /completion (llama.cpp's server names)."""
+
+    prompt: str | list[int] | list[str | int]
+    n_predict: int = Field(default=-1, ge=-1)
+    stream: bool = False
+    cache_prompt: bool = True
+    n_probs: int = Field(default=0, ge=0, le=20)
+    temperature: float | None = Field(default=None, alias="temperature")
+
+
+class TokenizeRequest(_Body):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+
+
+class ApplyTemplateRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
