@@ -25,6 +25,7 @@ _GGUF_POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one (llama.cpp: swa pattern 6).
 _GEMMA3_SWA_PERIOD = 6
 _GEMMA3_ROPE_THETA_SWA = 10_000.0
+_GEMMA3_27B_LAYERS = 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()
     rope_theta_swa: float | None = None
     attn_logit_softcap: float | None = None
+    attention_scale: float | None = None  # query scale; None: 1/sqrt(head_dim)
     final_logit_softcap: float | None = None
     causal: bool = True
     pooling: str | None = None
@@ -185,7 +187,7 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str]) -> Mod
     if vocab is None:
         raise ModelFormatError("GGUF metadata gives no vocabulary size and no token list")
     is_bert = arch == "bert"
-    sliding_window = k.get(Keys.Attention.SLIDING_WINDOW)
+    sliding_window = k.get(Keys.Attention.SLIDING_WINDOW) or None  # 0: no SWA (Phi-3)
     pooling = k.get(Keys.LLM.POOLING_TYPE)
     return ModelConfig(
         arch=arch,
@@ -213,11 +215,20 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str]) -> Mod
             Keys.Rope.FREQ_BASE_SWA, _GEMMA3_ROPE_THETA_SWA if arch == "gemma3" else None
         ),
         attn_logit_softcap=k.float(Keys.LLM.ATTN_LOGIT_SOFTCAPPING),
+        attention_scale=_gguf_gemma3_scale(arch, hidden, num_heads, num_layers),
         final_logit_softcap=k.float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING),
         causal=bool(k.get(Keys.Attention.CAUSAL, not is_bert)),
         pooling=_GGUF_POOLING.get(pooling) if pooling is not None else None,
         tie_word_embeddings="output.weight" not in tensor_names,
     )
+
+
+def _gguf_gemma3_scale(arch: str, hidden: int, num_heads: int, num_layers: int) -> float | None:
+    """Gemma 3 27B (62 layers) scales queries by (hidden / heads)^-0.5, not head_dim^-0.5;
+    GGUF does not store it (as llama.cpp's llama_model_gemma3 load_hparams)."""
+    if arch == "gemma3" and num_layers == _GEMMA3_27B_LAYERS:
+        return (hidden // num_heads) ** -0.5
+    return None
 
 
 def _gguf_rope_scaling(k: _GGUFKeys) -> RopeScaling | None:

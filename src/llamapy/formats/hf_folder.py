@@ -237,11 +237,26 @@ def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
 # -- config.json -> ModelConfig ---------------------------------------------------------------
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling | None:
-    rs = cfg.get("rope_scaling")
-    if not isinstance(rs, dict):
-        return None
-    kind = rs.get("rope_type") or rs.get("type") or "linear"
+def _rope_params(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (global, sliding-layer) rope settings of a HF config. transformers 5 nests them in
+    `rope_parameters` (per layer type for Gemma 3); older configs give `rope_theta`,
+    `rope_scaling` and `rope_local_base_freq` at top level. Both are read, as
+    convert_hf_to_gguf.py's TextModel.__init__ does."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    params = params if isinstance(params, dict) else {}
+    full = dict(params.get("full_attention", params))
+    sliding = dict(params.get("sliding_attention") or {})
+    full.setdefault("rope_theta", cfg.get("rope_theta", 10_000.0))
+    if cfg.get("rope_local_base_freq") is not None:
+        sliding.setdefault("rope_theta", cfg["rope_local_base_freq"])
+    if cfg.get("partial_rotary_factor") is not None:
+        full.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    return full, sliding
+
+
+def _rope_scaling(rs: dict[str, Any]) -> RopeScaling | None:
+    # A pre-5 `rope_scaling` without a type is linear (transformers' legacy default).
+    kind = rs.get("rope_type") or rs.get("type") or ("linear" if "factor" in rs else "default")
     if kind == "default":
         return None
     return RopeScaling(
@@ -286,8 +301,8 @@ def config_from_hf(cfg: dict[str, Any], arch: str, folder: HFFolder | None = Non
     tie = cfg.get("tie_word_embeddings", True)
     if folder is not None:
         tie = "output.weight" not in folder.tensor_infos
-    rope_theta = cfg.get("rope_theta", 10_000.0)
-    partial = cfg.get("partial_rotary_factor")
+    rope, rope_swa = _rope_params(cfg)
+    partial = rope.get("partial_rotary_factor")
     pooling = _sentence_transformers_pooling(folder.path) if folder is not None else None
     return ModelConfig(
         arch=arch,
@@ -302,18 +317,25 @@ def config_from_hf(cfg: dict[str, Any], arch: str, folder: HFFolder | None = Non
         ffn_size=cfg.get("intermediate_size") or 0,
         norm_eps=float(cfg.get("layer_norm_eps" if is_bert else "rms_norm_eps") or 1e-6),
         norm_type="layer" if is_bert else "rms",
-        rope_theta=None if is_bert else float(rope_theta),
+        rope_theta=None if is_bert else float(rope["rope_theta"]),
         rope_dim=int(head_dim * partial) if partial else None,
-        rope_scaling=None if is_bert else _rope_scaling(cfg),
+        rope_scaling=None if is_bert else _rope_scaling(rope),
         sliding_window=window,
         sliding_layers=sliding_layers,
-        rope_theta_swa=cfg.get("rope_local_base_freq") if arch == "gemma3" else None,
+        rope_theta_swa=rope_swa.get("rope_theta") if arch == "gemma3" else None,
+        # Gemma scales queries by query_pre_attn_scalar^-0.5 (transformers Gemma3Attention)
+        attention_scale=_query_scale(cfg),
         attn_logit_softcap=cfg.get("attn_logit_softcapping"),
         final_logit_softcap=cfg.get("final_logit_softcapping"),
         causal=not is_bert,
         pooling=pooling,
         tie_word_embeddings=bool(tie),
     )
+
+
+def _query_scale(cfg: dict[str, Any]) -> float | None:
+    scalar = cfg.get("query_pre_attn_scalar")
+    return float(scalar) ** -0.5 if scalar else None
 
 
 def _sentence_transformers_pooling(path: Path) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llamapy.config import RopeScaling
@@ -31,15 +33,18 @@ class RotaryEmbedding:
         self.interleaved = interleaved
         self.position_scale = 1.0
         kind = scaling.type if scaling is not None else "none"
-        # llama3 scaling is honoured through the rope_freqs.weight factors llama.cpp stores.
-        if kind not in ("none", "linear") and not (kind == "llama3" and freq_factors is not None):
+        if kind not in ("none", "linear", "llama3"):
             raise UnsupportedError(f"rope scaling type {kind!r} is not implemented")
-        if scaling is not None and scaling.type == "linear":
+        if kind == "linear":
             self.position_scale = 1.0 / scaling.factor
         # theta_i = base^(-2i/d), computed in float64 and rounded once
         exponents = torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim
         inv_freq = base**-exponents
-        if freq_factors is not None:  # llama3-style scaling baked into rope_freqs.weight
+        # llama3 scaling: GGUFs carry the factors as rope_freqs.weight; HF configs give the
+        # parameters they are computed from.
+        if kind == "llama3" and freq_factors is None:
+            freq_factors = llama3_freq_factors(inv_freq, scaling)
+        if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.to(torch.float64)
         self.inv_freq = inv_freq
 
@@ -58,3 +63,16 @@ class RotaryEmbedding:
             x1, x2 = rot.chunk(2, dim=-1)
             out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+def llama3_freq_factors(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Per-frequency divisors of Llama 3.1 rope scaling: long wavelengths are slowed by
+    `factor`, short ones kept, the band between interpolated (as convert_hf_to_gguf.py's
+    LlamaModel.generate_extra_tensors and transformers' _compute_llama3_parameters)."""
+    factor = scaling.factor
+    low, high = scaling.low_freq_factor or 1.0, scaling.high_freq_factor or 4.0
+    old_ctx = scaling.original_context_length or 8192
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    # smooth = 0 past old_ctx / low (long waves: factor), 1 under old_ctx / high (kept)
+    return 1.0 / ((1 - smooth) / factor + smooth)

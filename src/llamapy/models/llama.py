@@ -1,5 +1,7 @@
-"""The llama family: Llama 2/3, SmolLM2, Mistral (no SWA), Qwen2 (QKV bias), Qwen3 (q/k
-norm), Phi-3 (fused qkv and gate_up). Gemma 3 reuses these blocks (models/gemma3.py).
+"""The llama family: Llama 2/3, SmolLM2, Mistral (SWA where the config gives it; llama.cpp's
+GGUFs drop it), Qwen2 (QKV bias), Qwen3 (q/k norm), Phi-3 (fused qkv and gate_up, partial
+rotary), and Gemma 3 on the same blocks. Checked against transformers from both file kinds
+(tests/models/test_hf_archs.py).
 
 The forward pass takes a flattened batch: `input_ids (T,)`, `positions (T,)` and the
 `AttentionMetadata` that says where each sequence's tokens and KV blocks are.
@@ -29,7 +31,6 @@ class BlockOptions:
 
     activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = silu_and_mul
     post_norms: bool = False  # Gemma: norm the attention / MLP output before the residual
-    query_scale: float | None = None  # default 1/sqrt(head_dim)
 
 
 class Attention(torch.nn.Module):
@@ -52,7 +53,7 @@ class Attention(torch.nn.Module):
         self.q_norm = w.f32_opt(p + "attn_q_norm.weight", norm=True)  # Qwen3, Gemma 3
         self.k_norm = w.f32_opt(p + "attn_k_norm.weight", norm=True)
         self.rope = rope
-        self.scale = opts.query_scale or 1.0 / math.sqrt(self.head_dim)
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(self.head_dim)
         is_sliding = cfg.sliding_window is not None and cfg.sliding_layers[il]
         self.sliding_window = cfg.sliding_window if is_sliding else None
         self.softcap = cfg.attn_logit_softcap
