@@ -23,3 +23,7 @@ class UnsupportedError(LlamapyError):
 
 class ContextLengthError(LlamapyError):
     """A prompt (or prompt + requested tokens) does not fit the context window."""
+
+
+class UsageError(LlamapyError):
+    """Bad command-line input: printed as one line, exit code 2."""

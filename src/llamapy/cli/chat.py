@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llamapy.cli.common import add_model_args, add_sampling_args, load_llm, sampling_params
-from llamapy.errors import ContextLengthError, LlamapyError
+from llamapy.errors import ContextLengthError, UsageError
 from llamapy.tokenizer.chat_template import TemplateError
 
 if TYPE_CHECKING:
@@ -40,10 +40,6 @@ HELP = """\
 Ctrl-C stops a reply; at the prompt it leaves. Start a line with // to send a literal /."""
 # Tokens kept free for a reply when -n is not given (as llama-run's default batch).
 DEFAULT_REPLY_ROOM = 512
-
-
-class UsageError(LlamapyError):
-    """Bad command-line input (printed as one line, exit code 2)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,11 +8,7 @@ import time
 from pathlib import Path
 
 from llamapy.cli.common import add_model_args, add_sampling_args, load_llm, sampling_params
-from llamapy.errors import LlamapyError
-
-
-class UsageError(LlamapyError):
-    """Bad command-line input (printed as one line, exit code 2)."""
+from llamapy.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

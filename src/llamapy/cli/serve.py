@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llamapy.errors import LlamapyError
+from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
-
-
-class ServeError(LlamapyError):
-    pass
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,9 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
-        raise ServeError(f"--port must be in 1..65535, got {args.port}")
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel <= 0:
-        raise ServeError(f"--parallel must be positive, got {args.parallel}")
+        raise UsageError(f"--parallel must be positive, got {args.parallel}")
     import uvicorn
 
     from llamapy.server.app import ServerConfig, create_app

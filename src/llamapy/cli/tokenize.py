@@ -6,13 +6,9 @@ import argparse
 import json
 import sys
 
-from llamapy.errors import LlamapyError
+from llamapy.errors import UsageError
 from llamapy.hub import resolve_model
 from llamapy.tokenizer import Tokenizer
-
-
-class BadTokenIdError(LlamapyError):
-    """A token id on the command line is not an integer."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,7 +66,7 @@ def parse_ids(words: list[str]) -> list[int]:
             try:
                 ids.append(int(item))
             except ValueError:
-                raise BadTokenIdError(f"'{item}' is not a token id (an integer)") from None
+                raise UsageError(f"'{item}' is not a token id (an integer)") from None
     return ids
 
 
