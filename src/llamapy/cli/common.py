@@ -8,7 +8,12 @@ from llamapy.hub import DEFAULT_MODEL
 from llamapy.sampling.params import SamplingParams
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(
+    p: argparse.ArgumentParser,
+    *,
+    ctx_default: int | None = None,
+    ctx_help: str = "context size in tokens (default: min(4096, the model's))",
+) -> None:
     p.add_argument(
         "-m",
         "--model",
@@ -20,9 +25,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "-c",
         "--ctx-size",
         type=int,
-        default=None,
+        default=ctx_default,
         metavar="N",
-        help="context size in tokens (default: min(4096, the model's))",
+        help=ctx_help,
     )
     p.add_argument(
         "-t",

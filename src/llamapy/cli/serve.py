@@ -62,8 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    if args.parallel <= 0:
-        raise UsageError(f"--parallel must be positive, got {args.parallel}")
+    for flag, value in (("--parallel", args.parallel), ("--max-queued", args.max_queued)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     import uvicorn
 
     from llamapy.server.app import ServerConfig, create_app

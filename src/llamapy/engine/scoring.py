@@ -8,7 +8,7 @@ over a fresh paged KV cache that holds this one sequence, prefilled in batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -176,3 +176,33 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     logp = torch.log_softmax(ref_logits.double(), dim=-1)
     logq = torch.log_softmax(logits.double(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def perplexity(
+    llm_or_model,
+    tokens: Sequence[int],
+    *,
+    n_ctx: int,
+    n_chunks: int,
+    bos_id: int | None,
+    batch_size: int = 512,
+    on_chunk: Callable[[int, PerplexityStats], None] | None = None,
+) -> PerplexityStats:
+    """llama.cpp's `perplexity()` over the first `n_chunks` chunks of n_ctx tokens: each
+    chunk on an empty KV cache, BOS first (when `bos_id` is given), and only positions
+    n_ctx/2 .. n_ctx-2 scored, each against the next token. `on_chunk(i, stats)` sees the
+    running sums after chunk i."""
+    if n_chunks * n_ctx > len(tokens):
+        raise ValueError(f"{n_chunks} chunks of {n_ctx} need more than {len(tokens)} tokens")
+    first = n_ctx // 2
+    stats = PerplexityStats()
+    for i in range(n_chunks):
+        ids = chunk_for_perplexity(tokens, i, n_ctx, bos_id)
+        targets = torch.tensor(ids, dtype=torch.int64)
+        for pos, logits in iter_logits(llm_or_model, ids, batch_size=batch_size, logits_from=first):
+            n = min(logits.shape[0], n_ctx - 1 - pos)  # the last position has no target
+            if n > 0:
+                stats.add(token_nll(logits[:n], targets[pos + 1 : pos + 1 + n]))
+        if on_chunk is not None:
+            on_chunk(i, stats)
+    return stats
