@@ -166,6 +166,7 @@ class LLM:
         results = self._collect(rids)
         for out, prompt_ids in zip(results, ids, strict=True):
             out.prompt_token_ids = prompt_ids
+            out.usage.prompt_tokens = len(prompt_ids)
         return results
 
     def _collect(self, rids: list[str]) -> list[CompletionOutput]:

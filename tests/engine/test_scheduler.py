@@ -111,3 +111,12 @@ def test_prefix_cache_skips_computed_tokens() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def test_finish_a_waiting_sequence() -> None:
+    s = _sched()
+    a = Sequence([1, 2, 3], 0)
+    s.add(a)
+    s.finish(a, FinishReason.LENGTH)
+    assert not s.has_unfinished() and a.is_finished
+    assert s.schedule() == []

@@ -140,4 +140,6 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:  # e.g. max_tokens=0: done before it ever ran
+            self.waiting.remove(seq)
         self._finish(seq, reason)

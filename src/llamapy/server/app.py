@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamapy.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
@@ -27,6 +29,7 @@ from llamapy.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     NativeCompletionRequest,
+    SamplingFields,
     TokenizeRequest,
 )
 from llamapy.tokenizer import TemplateError
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Routes answered without an API key (as llama-server: health checks and the web page).
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/", "/index.html"})
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 @dataclass
@@ -110,7 +114,7 @@ def load_model(state: ServerState) -> None:
             n_threads=cfg.n_threads,
             chat_template=cfg.chat_template,
         )
-    except (LlamapyError, ValueError, OSError) as e:
+    except Exception as e:  # any failure must show in /health, not leave it loading forever
         state.load_error = str(e)
         logger.error("model load failed: %s", e)
         return
@@ -142,9 +146,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "")
+            return _error_response(
+                400, f"the body is not valid JSON: {reason}".rstrip(": "), "invalid_request_error"
+            )
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "")
-        return _error_response(400, msg or "invalid request body", "invalid_request_error", loc)
+        if not loc:
+            msg = "the body must be a JSON object"
+            return _error_response(400, msg, "invalid_request_error")
+        msg = f"{loc}: {first.get('msg', 'invalid value')}"
+        return _error_response(400, msg, "invalid_request_error", loc)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return _error_response(500, f"internal error: {e!r}", "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -197,7 +214,7 @@ def _params(build, *args) -> SamplingParams:
     try:
         return build(*args)
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
 
 
 def _message_dicts(messages) -> list[dict[str, Any]]:
@@ -235,27 +252,27 @@ def _prompt_ids(llm, prompt) -> list[int]:
     raise APIError(400, "prompt must be a string or a list of token ids", param="prompt")
 
 
-async def _collect(engine: AsyncLLMEngine, ids, params, rid) -> tuple[str, list[RequestOutput]]:
-    outs = [o async for o in engine.generate(ids, params, rid)]
-    return "".join(o.text for o in outs), outs
+def _param_of(message: str) -> str | None:
+    """The request field a validation message starts with ("top_p must be ..."), if any."""
+    word = re.match(r"\w+", message)
+    name = word.group(0) if word else ""
+    return name if name in SamplingFields.model_fields or name == "max_tokens" else None
 
 
 def _engine_errors(e: Exception) -> APIError:
     if isinstance(e, ContextLengthError):
-        return APIError(400, str(e), code="context_length_exceeded")
+        return APIError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, QueueFullError):
         return APIError(503, str(e), "unavailable_error")
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), "server_error")
-    return APIError(400, str(e))
+    return APIError(400, str(e), param=_param_of(str(e)))
 
 
 def _seeded(params: SamplingParams, i: int) -> SamplingParams:
     """Choice i of n: its own seed (seed + i) so the choices differ but stay reproducible."""
     if i == 0 or params.seed is None:
         return params
-    from dataclasses import replace
-
     return replace(params, seed=(params.seed + i) % 2**32)
 
 
@@ -276,6 +293,12 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _sse_error(e: Exception) -> str:
+    """An error after the stream began (status 200 is sent): an event in OpenAI's shape."""
+    err = _engine_errors(e)
+    return _sse({"error": {"message": err.message, "type": err.type, "code": err.status}})
+
+
 # -- routes -----------------------------------------------------------------------------------
 
 
@@ -289,6 +312,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             )
         if not state.ready:
             return _error_response(503, "Loading model", "unavailable_error")
+        if state.engine.error is not None:
+            return _error_response(500, f"engine failed: {state.engine.error!r}", "server_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -327,9 +352,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         params = _params(body.sampling_params, body.max_tokens, body.logprobs or 0)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _stream(
+            return await _stream(
                 state,
-                request,
                 ids,
                 params,
                 body.n,
@@ -337,7 +361,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 chat=False,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
-        results = await _run_choices(state, ids, params, body.n, cid)
+        results = await _run_choices(state, request, ids, params, body.n, cid)
         choices = [
             {
                 "index": i,
@@ -367,9 +391,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         params = _params(body.sampling_params, body.max_new_tokens, n_probs)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _stream(
+            return await _stream(
                 state,
-                request,
                 ids,
                 params,
                 body.n,
@@ -377,7 +400,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 chat=True,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
-        results = await _run_choices(state, ids, params, body.n, cid)
+        results = await _run_choices(state, request, ids, params, body.n, cid)
         choices = [
             {
                 "index": i,
@@ -407,17 +430,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         params = _params(body.sampling_params, max_tokens, body.n_probs)
         rid = f"native-{uuid.uuid4().hex}"
         if body.stream:
-            try:
-                state.engine.add_request(ids, params, rid)
-            except (LlamapyError, ValueError) as e:
-                raise _engine_errors(e) from None
+            (stream,) = await _add_choices(state.engine, ids, params, 1, rid)
             return StreamingResponse(
-                _native_stream(state, request, rid), media_type="text/event-stream"
+                _native_stream(state, stream, f"{rid}-0"), media_type="text/event-stream"
             )
-        try:
-            text, outs = await _collect(state.engine, ids, params, rid)
-        except (LlamapyError, ValueError) as e:
-            raise _engine_errors(e) from None
+        ((text, outs),) = await _run_choices(state, request, ids, params, 1, rid)
         last = outs[-1] if outs else None
         return {
             "content": text,
@@ -484,7 +501,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/slots")
     async def slots():
         _require_ready(state)
-        return state.engine.call(_slots_view)
+        return await state.engine.call(_slots_view)
 
     @app.get("/metrics")
     async def metrics():
@@ -495,7 +512,12 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         _require_ready(state)
         from llamapy.server.metrics import render_metrics
 
-        return Response(render_metrics(state), media_type="text/plain; version=0.0.4")
+        return Response(await render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/index.html", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 def _default_params() -> dict[str, Any]:
@@ -514,60 +536,97 @@ def _default_params() -> dict[str, Any]:
 
 
 def _slots_view(engine) -> list[dict[str, Any]]:
+    """One entry per slot (as llama-server), the running sequences first."""
     running = engine.scheduler.running
     view = []
-    for i, seq in enumerate(running):
+    for i in range(max(engine.config.max_num_seqs, len(running))):
+        seq = running[i] if i < len(running) else None
         view.append(
             {
                 "id": i,
-                "is_processing": True,
+                "is_processing": seq is not None,
                 "n_ctx": engine.config.max_model_len,
-                "n_prompt_tokens": seq.num_prompt_tokens,
-                "n_decoded": seq.num_output_tokens,
-                "n_cached": seq.num_cached_tokens,
+                "n_prompt_tokens": seq.num_prompt_tokens if seq else 0,
+                "n_decoded": seq.num_output_tokens if seq else 0,
+                "n_cached": seq.num_cached_tokens if seq else 0,
             }
         )
     return view
 
 
-async def _run_choices(state: ServerState, ids, params, n: int, cid: str):
+async def _add_choices(engine: AsyncLLMEngine, ids, params, n: int, cid: str) -> list:
+    """Add the n choices of one request; their output iterators. Choice 0 goes first, the
+    others once its prompt is computed, so they take its prompt blocks from the prefix cache
+    instead of computing them again. Bad input is an APIError before anything streams."""
+    streams = []
     try:
-        return await asyncio.gather(
-            *(_collect(state.engine, ids, _seeded(params, i), f"{cid}-{i}") for i in range(n))
-        )
+        for i in range(n):
+            if i == 1:
+                await engine.first_output(f"{cid}-0")
+            streams.append(await engine.add_request(ids, _seeded(params, i), f"{cid}-{i}"))
+    except (LlamapyError, ValueError) as e:
+        for i in range(n):
+            engine.abort(f"{cid}-{i}")
+        raise _engine_errors(e) from None
+    return streams
+
+
+async def _run_choices(state: ServerState, request: Request, ids, params, n: int, cid: str):
+    """[(text, outputs)] per choice; a client that hangs up aborts the generation."""
+    streams = await _add_choices(state.engine, ids, params, n, cid)
+
+    async def collect(stream) -> tuple[str, list[RequestOutput]]:
+        outs = [o async for o in stream]
+        return "".join(o.text for o in outs), outs
+
+    work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+    watch = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            for i in range(n):
+                state.engine.abort(f"{cid}-{i}")
+    try:
+        return await work
+    except asyncio.CancelledError:  # the client left: nobody reads this answer
+        raise APIError(499, "client closed the request") from None
     except (LlamapyError, ValueError) as e:
         raise _engine_errors(e) from None
 
 
-def _stream(state, request, ids, params, n, cid, *, chat: bool, include_usage: bool):
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+
+
+async def _stream(state, ids, params, n, cid, *, chat: bool, include_usage: bool):
     """Add the requests now (so bad input is a 400, not a broken stream), then stream."""
-    engine = state.engine
+    streams = await _add_choices(state.engine, ids, params, n, cid)
     rids = [f"{cid}-{i}" for i in range(n)]
-    try:
-        for i, rid in enumerate(rids):
-            engine.add_request(ids, _seeded(params, i), rid)
-    except (LlamapyError, ValueError) as e:
-        for rid in rids:
-            engine.abort(rid)
-        raise _engine_errors(e) from None
-    gens = [engine.outputs(rid) for rid in rids]
     return StreamingResponse(
-        _sse_events(state, request, gens, cid, chat=chat, include_usage=include_usage),
+        _sse_events(state, streams, rids, cid, chat=chat, include_usage=include_usage),
         media_type="text/event-stream",
     )
 
 
 async def _sse_events(
-    state, request, gens, cid, *, chat: bool, include_usage: bool
+    state, streams, rids, cid, *, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
     created, model = int(time.time()), state.model_name
     obj = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue()
-    finals: list[list[RequestOutput]] = [[] for _ in gens]
+    finals: list[list[RequestOutput]] = [[] for _ in streams]
 
-    async def pump(i: int, gen) -> None:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": cid, "object": obj, "created": created, "model": model}
+        return _sse({**body, "choices": choices, **extra})
+
+    async def pump(i: int, stream) -> None:
         try:
-            async for out in gen:
+            async for out in stream:
                 finals[i].append(out)
                 await queue.put((i, out))
         except (LlamapyError, ValueError) as e:
@@ -575,67 +634,39 @@ async def _sse_events(
         finally:
             await queue.put((i, None))
 
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         if chat:
-            for i in range(len(gens)):
-                yield _sse(
-                    {
-                        "id": cid,
-                        "object": obj,
-                        "created": created,
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-        open_streams = len(gens)
+            for i in range(len(streams)):
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": i, "delta": role, "finish_reason": None}])
+        open_streams = len(streams)
         while open_streams:
             i, item = await queue.get()
             if item is None:
                 open_streams -= 1
-                continue
-            if isinstance(item, Exception):
-                err = _engine_errors(item)
-                yield _sse(
-                    {"error": {"message": err.message, "type": err.type, "code": err.status}}
-                )
-                continue
-            choice: dict[str, Any] = {"index": i, "finish_reason": item.finish_reason}
-            if chat:
-                choice["delta"] = {"content": item.text} if item.text else {}
+            elif isinstance(item, Exception):
+                yield _sse_error(item)
             else:
-                choice["text"] = item.text
-            yield _sse(
-                {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
-            )
+                choice: dict[str, Any] = {"index": i, "finish_reason": item.finish_reason}
+                if chat:
+                    choice["delta"] = {"content": item.text} if item.text else {}
+                else:
+                    choice["text"] = item.text
+                yield chunk([choice])
         if include_usage:
-            yield _sse(
-                {
-                    "id": cid,
-                    "object": obj,
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(finals),
-                }
-            )
+            yield chunk([], usage=_usage(finals))
         yield "data: [DONE]\n\n"
-    finally:
+    finally:  # also when the client hung up: stop generating
         for t in tasks:
             t.cancel()
-        for g in gens:
-            await g.aclose()
+        for rid in rids:
+            state.engine.abort(rid)
 
 
-async def _native_stream(state, request, rid) -> AsyncIterator[str]:
+async def _native_stream(state, stream, rid) -> AsyncIterator[str]:
     try:
-        async for out in state.engine.outputs(rid):
+        async for out in stream:
             data = {"content": out.text, "tokens": out.token_ids, "stop": out.finished}
             if out.finished:
                 data.update(
@@ -648,8 +679,9 @@ async def _native_stream(state, request, rid) -> AsyncIterator[str]:
                 )
             yield _sse(data)
     except (LlamapyError, ValueError) as e:
-        err = _engine_errors(e)
-        yield _sse({"error": {"message": err.message, "type": err.type, "code": err.status}})
+        yield _sse_error(e)
+    finally:
+        state.engine.abort(rid)
 
 
 def _completion_logprobs(llm, outs: list[RequestOutput]) -> dict[str, Any]:

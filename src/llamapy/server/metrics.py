@@ -20,6 +20,8 @@ def _engine_view(engine) -> dict[str, Any]:
     bm = engine.block_manager
     return {
         "kv_usage": bm.usage(),
+        "kv_free_blocks": bm.num_free_blocks,
+        "kv_blocks": bm.num_blocks,
         "kv_tokens": (bm.num_blocks - bm.num_free_blocks) * bm.block_size,
         "running": len(engine.scheduler.running),
         "waiting": len(engine.scheduler.waiting),
@@ -29,10 +31,10 @@ def _engine_view(engine) -> dict[str, Any]:
     }
 
 
-def render_metrics(state) -> bytes:
+async def render_metrics(state) -> bytes:
     """A fresh registry per scrape: the values are read from the engine, not mirrored."""
     stats = state.engine.stats
-    view = state.engine.call(_engine_view)
+    view = await state.engine.call(_engine_view)
     reg = CollectorRegistry()
 
     def counter(name: str, doc: str, value: float) -> None:
@@ -57,6 +59,8 @@ def render_metrics(state) -> bytes:
         view["kv_usage"],
     )
     gauge("llamacpp:kv_cache_tokens", "KV-cache tokens (in used blocks).", view["kv_tokens"])
+    gauge("llamapy:kv_free_blocks", "KV-cache blocks no sequence holds.", view["kv_free_blocks"])
+    gauge("llamapy:kv_blocks", "KV-cache blocks in all.", view["kv_blocks"])
     counter(
         "llamapy:prefix_cache_queries_tokens",
         "Prompt tokens looked up in the prefix cache.",
