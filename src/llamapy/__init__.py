@@ -25,6 +25,7 @@ def __getattr__(name: str):
         return SamplingParams
     raise AttributeError(f"module 'llamapy' has no attribute {name!r}")
 
+
 __all__ = [
     "LLM",
     "SamplingParams",
