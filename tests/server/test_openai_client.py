@@ -134,3 +134,29 @@ def test_bad_field_is_400(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=CHAT, temperature=-1, max_tokens=1)
     assert e.value.body["param"] == "temperature"
+
+
+def test_best_of_returns_the_most_likely_candidate(client, model):
+    kwargs = {
+        "model": model,
+        "prompt": "My favourite animal is",
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+    }
+    extra = {"top_k": kwargs.pop("top_k"), "min_p": kwargs.pop("min_p")}
+    # The same three candidates (choice i is seeded with seed + i), with their log-probs.
+    every = client.completions.create(n=3, seed=11, logprobs=1, extra_body=extra, **kwargs)
+    totals = {c.index: sum(c.logprobs.token_logprobs) for c in every.choices}
+    best = client.completions.create(n=1, best_of=3, seed=11, extra_body=extra, **kwargs)
+    assert len(best.choices) == 1
+    winner = max(totals, key=totals.get)
+    assert best.choices[0].text == every.choices[winner].text
+    assert best.usage.completion_tokens == every.usage.completion_tokens
+
+
+def test_best_of_smaller_than_n_is_a_400(client, model):
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=model, prompt="hi", n=2, best_of=1, max_tokens=2)

@@ -349,7 +349,14 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 raise APIError(400, "one prompt per request is supported", param="prompt")
             prompts = prompts[0]
         ids = _prompt_ids(llm, prompts)
-        params = _params(body.sampling_params, body.max_tokens, body.logprobs or 0)
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise APIError(400, f"best_of ({best_of}) must be >= n ({body.n})", param="best_of")
+        if body.stream and best_of > body.n:
+            raise APIError(400, "best_of cannot be used with stream", param="best_of")
+        # Ranking by cumulative log-probability needs the chosen tokens' log-probs.
+        n_probs = max(body.logprobs or 0, 1 if best_of > body.n else 0)
+        params = _params(body.sampling_params, body.max_tokens, n_probs)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return await _stream(
@@ -361,7 +368,10 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 chat=False,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
-        results = await _run_choices(state, request, ids, params, body.n, cid)
+        results = await _run_choices(state, request, ids, params, best_of, cid)
+        usage = _usage([outs for _, outs in results])  # best_of: every candidate is billed
+        if best_of > body.n:
+            results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
         choices = [
             {
                 "index": i,
@@ -377,7 +387,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             "created": int(time.time()),
             "model": state.model_name,
             "choices": choices,
-            "usage": _usage([outs for _, outs in results]),
+            "usage": usage,
         }
 
     @app.post("/v1/chat/completions")
@@ -595,6 +605,11 @@ async def _run_choices(state: ServerState, request: Request, ids, params, n: int
         raise APIError(499, "client closed the request") from None
     except (LlamapyError, ValueError) as e:
         raise _engine_errors(e) from None
+
+
+def _cumulative_logprob(result: tuple[str, list[RequestOutput]]) -> float:
+    """OpenAI's best_of criterion: the candidate's total log-probability."""
+    return sum(s.logprob for o in result[1] for s in o.logprobs if s.logprob is not None)
 
 
 async def _wait_disconnect(request: Request) -> None:

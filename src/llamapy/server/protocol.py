@@ -88,6 +88,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     n: int = Field(default=1, ge=1, le=16)
+    best_of: int | None = Field(default=None, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
