@@ -11,7 +11,7 @@ from live_server import Server, serve
 
 @pytest.fixture(scope="session")
 def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The main server, shared by the server tests: metrics on, 4 slots, 512-token context."""
+    """The main server, shared by the server tests: metrics on, 16 slots, 1024-token context."""
     logs = tmp_path_factory.mktemp("server")
-    with serve(smollm2_path, "--metrics", "-c", "512", "-np", "4", log_dir=logs) as s:
+    with serve(smollm2_path, "--metrics", "-c", "1024", "-np", "16", log_dir=logs) as s:
         yield s

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.models
 
-PROMPTS = [f"Write a short sentence about the number {i}." for i in range(8)]
+PROMPTS = [f"Write a short sentence about the number {i}." for i in range(16)]
 
 
 def _chat(prompt: str, max_tokens: int = 5) -> dict:

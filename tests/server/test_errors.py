@@ -137,3 +137,14 @@ def test_full_queue_is_503(strict):
         next(lines)  # the first request is generating
         second = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
         _assert_openai_error(second, 503)
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400(strict):
+    body = {"prompt": "word " * 20, "max_tokens": 60}  # the prompt fits -c 64; the sum does not
+    with strict.client(headers={"authorization": f"Bearer {KEY}"}) as c:
+        err = _assert_openai_error(c.post("/v1/completions", json=body), 400)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+        assert "to generate" in err["message"]
+        # Without max_tokens the same prompt is served and stops at the context limit.
+        ok = c.post("/v1/completions", json={"prompt": "word " * 20, "max_tokens": None})
+        assert ok.status_code == 200

@@ -66,9 +66,9 @@ def test_health_props_slots(server):
     with server.client() as c:
         assert c.get("/health").json() == {"status": "ok"}
         props = c.get("/props").json()
-        assert props["n_ctx"] == 512 and props["total_slots"] == 4
+        assert props["n_ctx"] == 1024 and props["total_slots"] == 16
         slots = c.get("/slots").json()
-    assert len(slots) == 4 and all(s["n_ctx"] == 512 for s in slots)
+    assert len(slots) == 16 and all(s["n_ctx"] == 1024 for s in slots)
 
 
 def test_metrics_have_llamacpp_names(server):

@@ -568,6 +568,16 @@ async def _add_choices(engine: AsyncLLMEngine, ids, params, n: int, cid: str) ->
     """Add the n choices of one request; their output iterators. Choice 0 goes first, the
     others once its prompt is computed, so they take its prompt blocks from the prefix cache
     instead of computing them again. Bad input is an APIError before anything streams."""
+    n_ctx = engine.engine.config.max_model_len
+    if params.max_tokens is not None and len(ids) + params.max_tokens > n_ctx:
+        # As vLLM and OpenAI: an explicit max_tokens that cannot fit is the client's mistake.
+        raise APIError(
+            400,
+            f"this model's context holds {n_ctx} tokens, but {len(ids) + params.max_tokens} "
+            f"were requested ({len(ids)} in the prompt, {params.max_tokens} to generate)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     streams = []
     try:
         for i in range(n):
