@@ -104,3 +104,13 @@ def test_logit_bias_bans_a_token(llm: LLM) -> None:
         "1, 2, 3, 4,", SamplingParams.greedy(max_tokens=1, logit_bias={banned: float("-inf")})
     )[0]
     assert out.token_ids[0] != banned
+
+
+def test_max_tokens_zero_finishes_at_once(llm: LLM) -> None:
+    zero, one = llm.generate(
+        ["hi", "there"],
+        [SamplingParams.greedy(max_tokens=0), SamplingParams.greedy(max_tokens=1)],
+    )
+    assert (zero.text, zero.token_ids, zero.finish_reason) == ("", [], "length")
+    assert zero.usage.prompt_tokens == len(zero.prompt_token_ids)
+    assert len(one.token_ids) == 1

@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from llamapy.engine.llm_engine import LLMEngine, RequestOutput
@@ -95,15 +95,7 @@ class AsyncLLMEngine:
     def _add(self, engine: LLMEngine, prompt_ids: list[int], params, request_id: str) -> None:
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
-        if params.max_tokens == 0:
-            # The engine finishes such a request at admission and never reports it: validate
-            # it through a 1-token request, drop that, and answer here.
-            engine.add_request(prompt_ids, replace(params, max_tokens=1), request_id)
-            engine.abort_request(request_id)
-            n = len(prompt_ids)
-            self._deliver(RequestOutput(request_id, "", [], True, "length", n, 0, 0))
-        else:
-            engine.add_request(prompt_ids, params, request_id)
+        engine.add_request(prompt_ids, params, request_id)
         self.stats.num_requests += 1
 
     async def _iterate(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:

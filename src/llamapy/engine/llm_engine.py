@@ -106,6 +106,7 @@ class LLMEngine:
         self.requests: dict[int, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._ready: list[RequestOutput] = []  # finished at admission, not yet reported
 
     # -- requests --------------------------------------------------------------------------
 
@@ -139,8 +140,9 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = req
         self._by_id[request_id] = req
-        if max_new == 0:
+        if max_new == 0:  # nothing to compute: reported by the next step()
             self._finish(req, FinishReason.LENGTH)
+            self._ready.append(RequestOutput(request_id, "", [], True, "length", n, 0, 0))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -150,17 +152,17 @@ class LLMEngine:
             self._forget(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._ready) or self.scheduler.has_unfinished()
 
     # -- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs, self._ready = self._ready, []
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return outputs
         sampled = self.runner.run(batch, self.block_manager)
         self.scheduler.postprocess(batch, {sid: s.token_id for sid, s in sampled.items()})
-        outputs = []
         for item in batch:
             sample = sampled.get(item.seq.seq_id)
             if sample is not None:
