@@ -13,6 +13,7 @@ def add_model_args(
     *,
     ctx_default: int | None = None,
     ctx_help: str = "context size in tokens (default: min(4096, the model's))",
+    threads_help: str = "CPU threads (default: all cores)",
 ) -> None:
     p.add_argument(
         "-m",
@@ -35,7 +36,7 @@ def add_model_args(
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads (default: all cores)",
+        help=threads_help,
     )
     p.add_argument(
         "--chat-template",

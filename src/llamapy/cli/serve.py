@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 
+from llamapy.cli.common import add_model_args
 from llamapy.errors import UsageError
-from llamapy.hub import DEFAULT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,23 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/v1/models and llama.cpp's /completion, /tokenize, /detokenize, /apply-template, "
         "/health, /props, /slots, /metrics.",
     )
-    p.add_argument(
-        "-m",
-        "--model",
-        default=None,
-        metavar="MODEL",
-        help=f"a .gguf path, Hugging Face folder, alias or hf:ORG/REPO (default {DEFAULT_MODEL})",
-    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument(
-        "-c",
-        "--ctx-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="context size of one sequence (default: min(4096, the model's))",
-    )
     p.add_argument(
         "-np",
         "--parallel",
@@ -45,19 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="sequences decoded together (default 4)",
     )
-    p.add_argument(
-        "-t",
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch CPU threads (default: all cores but one, which the HTTP loop needs: on "
-        "2 cores, 1 thread decoded 2.4x faster than 2 behind the server)",
-    )
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer key")
     p.add_argument("--metrics", action="store_true", help="enable the /metrics endpoint")
-    p.add_argument("--chat-template", default=None, metavar="NAME|FILE")
     p.add_argument("--alias", default=None, metavar="NAME", help="model name the API reports")
+    add_model_args(
+        p,
+        ctx_help="context size of one sequence (default: min(4096, the model's))",
+        threads_help="torch CPU threads (default: all cores but one, which the HTTP loop needs: "
+        "on 2 cores, 1 thread decoded 2.4x faster than 2 behind the server)",
+    )
     p.add_argument(
         "--max-queued",
         type=int,
