@@ -57,8 +57,13 @@ def llama_cpp_perplexity(chunk_logits: list[np.ndarray], chunks: list[list[int]]
 
 
 def _assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal up to float32 summation order (random weights give logits of large scale)."""
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * float(b.abs().max()))
+    """Equal up to float32 summation order (random weights give logits of large scale).
+
+    Measured over 36 comparisons of prefill batch sizes 1/7/16 vs 64 on fresh tiny models:
+    max |diff| / max |logit| has median 6e-6 and reached 4.5e-5 (BLAS picks other kernels
+    for other shapes), so 2e-4 of the logit scale is the bound; a real batching bug (a lost
+    prefix, a shifted position) moves logits by a sizeable fraction of that scale."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4 * float(b.abs().max()))
 
 
 def test_score_tokens_is_batch_invariant(tiny_model, rng) -> None:
