@@ -12,15 +12,9 @@ import json
 import random
 import time
 
+from bench_args import token_range
+
 from llamapy import LLM, SamplingParams
-
-
-def token_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    a, b = int(lo), int(hi or lo)
-    if not 0 < a <= b:
-        raise argparse.ArgumentTypeError(f"expected A:B with 0 < A <= B, got {text!r}")
-    return a, b
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+from bench_args import token_range
 
 
 @dataclass
@@ -40,14 +41,6 @@ class Result:
         if self.output_tokens < 2:
             return None
         return (self.latency - self.ttft) / (self.output_tokens - 1)
-
-
-def token_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    a, b = int(lo), int(hi or lo)
-    if not 0 < a <= b:
-        raise argparse.ArgumentTypeError(f"expected A:B with 0 < A <= B, got {text!r}")
-    return a, b
 
 
 def make_requests(args: argparse.Namespace) -> list[dict]:
