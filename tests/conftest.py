@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors (small shapes). Triton
+# reads the switch when a kernel is decorated, so it is set before any test imports one.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 from gguf_factory import write_tiny_llama  # noqa: E402
 
