@@ -1,4 +1,4 @@
-"""Gated MLP activations."""
+"""Gated MLP activations (Triton kernels on CUDA, torch ops elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import torch.nn.functional as F
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU [arXiv:2002.05202]: silu(gate) * up."""
+    if gate.is_cuda:
+        from llamapy.kernels.triton import activation
+
+        return activation.silu_and_mul(gate, up)
     return F.silu(gate) * up
 
 
 def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """GeGLU with the tanh approximation of GELU (Gemma)."""
+    if gate.is_cuda:
+        from llamapy.kernels.triton import activation
+
+        return activation.gelu_tanh_and_mul(gate, up)
     return F.gelu(gate, approximate="tanh") * up

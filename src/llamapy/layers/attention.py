@@ -44,7 +44,67 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
 
 
+def rope_and_write_kv(
+    rope,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k by `rope`, store k and v at their cache slots; return the rotated q.
+    One fused kernel on CUDA."""
+    if q.is_cuda:
+        from llamapy.kernels.triton.rotary import rotary_and_cache
+
+        return rotary_and_cache(
+            q, k, v, *cos_sin, *kv_cache, slot_mapping, interleaved=rope.interleaved
+        )
+    q, k = rope(q, *cos_sin), rope(k, *cos_sin)
+    write_kv(*kv_cache, k, v, slot_mapping)
+    return q
+
+
 def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """q (T, n_heads, d) -> (T, n_heads, d_v) through the block tables: the Triton kernels on
+    CUDA, the torch reference elsewhere."""
+    if q.is_cuda:
+        from llamapy.kernels.triton import attention
+
+        return attention.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            causal=causal,
+        )
+    return paged_attention_reference(
+        q,
+        k_cache,
+        v_cache,
+        meta,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        causal=causal,
+    )
+
+
+def paged_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import torch
 
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.qtensor import QTensor
 
+logger = logging.getLogger(__name__)
+
+# Which matmul QLinear uses on the CPU: "fast" (kernels/cpu: repacked weights, the measured
+# fastest method per type) or "reference" (row-chunked dequantize + fp32 matmul: the oracle).
+CPU_KERNELS = ("fast", "reference")
+
 
 class QLinear(torch.nn.Module):
     """A linear layer whose weight stays quantized in memory.
 
-    The weight is dequantized in row chunks at each call, so at no time does the whole
-    float matrix exist (the CPU reference path; fused kernels replace it on the GPU).
+    Until `prepare(device)` is called the weight is the file's blocks and every call
+    dequantizes them in row chunks (the torch reference: at no time does the whole float
+    matrix exist). `prepare` repacks the blocks once for the device's kernels: the fused
+    Triton dequant-matmuls on CUDA, `kernels.cpu.qmatmul_cpu` on the CPU.
     """
 
-    # Rows dequantized at once: bounds the float scratch to a few MB per call.
+    # Rows dequantized at once by the reference path: bounds its scratch to a few MB.
     CHUNK_ROWS = 2048
 
     def __init__(self, weight: QTensor, bias: torch.Tensor | None = None) -> None:
@@ -25,6 +36,42 @@ class QLinear(torch.nn.Module):
         self.weight = weight
         self.bias = bias
         self.out_features, self.in_features = weight.shape
+        self.packed = None  # kernel-specific form of `weight`, set by prepare()
+        self.kernel = "reference"
+
+    @classmethod
+    def fused(
+        cls, weights: Sequence[QTensor], biases: Sequence[torch.Tensor | None]
+    ) -> QLinear | None:
+        """One layer computing several projections of the same input (Q, K and V; gate and
+        up), their outputs concatenated in order; None unless the weights share type and
+        width. ggml blocks never span rows, so stacking rows is exact."""
+        first = weights[0]
+        if any(w.qtype != first.qtype or w.shape[1] != first.shape[1] for w in weights):
+            return None
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None
+        data = torch.cat([w.data for w in weights])
+        shape = (sum(w.shape[0] for w in weights), first.shape[1])
+        bias = None if biases[0] is None else torch.cat(list(biases))
+        return cls(QTensor(data, first.qtype, shape), bias)
+
+    def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:
+        """Move the weight to `device` in the form its kernels read (once, at load)."""
+        if device.type == "cuda":
+            from llamapy.kernels.triton.qmatmul import pack_weight
+
+            data = self.weight.data.to(device, non_blocking=True)
+            self.packed = pack_weight(data, self.weight.qtype, self.weight.shape)
+            self.weight = QTensor(data, self.weight.qtype, self.weight.shape)
+            self.kernel = "triton"
+        elif cpu_kernels == "fast":
+            from llamapy.kernels.cpu.qmatmul import pack_weight_cpu
+
+            self.packed = pack_weight_cpu(self.weight.data, self.weight.qtype, self.weight.shape)
+            self.kernel = "cpu"
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
 
     def dense_weight(
         self, rows: slice | None = None, dtype: torch.dtype = torch.float32
@@ -33,6 +80,17 @@ class QLinear(torch.nn.Module):
         return dequantize(data, self.weight.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from llamapy.kernels.triton.qmatmul import qmatmul
+
+            return qmatmul(x, self.packed, self.bias)
+        if self.kernel == "cpu":
+            from llamapy.kernels.cpu.qmatmul import qmatmul_cpu
+
+            return qmatmul_cpu(x, self.packed, self.bias)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         # (T, in) @ (in, out) in row chunks of W
         n = self.out_features
         if n <= self.CHUNK_ROWS:
@@ -47,7 +105,7 @@ class QLinear(torch.nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.weight.qtype.name}"
+        return f"{self.in_features} -> {self.out_features}, {self.weight.qtype.name}, {self.kernel}"
 
 
 def embedding_lookup(weight: QTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

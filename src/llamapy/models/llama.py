@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llamapy.layers.activation import gelu_tanh_and_mul, silu_and_mul
-from llamapy.layers.attention import AttentionMetadata, paged_attention, write_kv
+from llamapy.layers.attention import AttentionMetadata, paged_attention, rope_and_write_kv
 from llamapy.layers.linear import QLinear, embedding_lookup
 from llamapy.layers.norm import rms_norm
 from llamapy.layers.rotary import RotaryEmbedding
@@ -41,14 +41,19 @@ class Attention(torch.nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.v_head_dim = cfg.head_dim, cfg.v_head_dim or cfg.head_dim
         self.eps = cfg.norm_eps
+        self.q_proj = self.k_proj = self.v_proj = None
         if w.has(p + "attn_qkv.weight"):  # Phi-3 fuses Q, K and V
             self.qkv = QLinear(w.q(p + "attn_qkv.weight"), w.f32_opt(p + "attn_qkv.bias"))
-            self.q_proj = self.k_proj = self.v_proj = None
         else:
-            self.qkv = None
-            self.q_proj = QLinear(w.q(p + "attn_q.weight"), w.f32_opt(p + "attn_q.bias"))
-            self.k_proj = QLinear(w.q(p + "attn_k.weight"), w.f32_opt(p + "attn_k.bias"))
-            self.v_proj = QLinear(w.q(p + "attn_v.weight"), w.f32_opt(p + "attn_v.bias"))
+            # One matmul for the three when their types agree (fewer, larger calls).
+            names = [p + f"attn_{x}" for x in "qkv"]
+            weights = [w.q(n + ".weight") for n in names]
+            biases = [w.f32_opt(n + ".bias") for n in names]
+            self.qkv = QLinear.fused(weights, biases)
+            if self.qkv is None:
+                self.q_proj, self.k_proj, self.v_proj = (
+                    QLinear(wt, b) for wt, b in zip(weights, biases, strict=True)
+                )
         self.o_proj = QLinear(w.q(p + "attn_output.weight"), w.f32_opt(p + "attn_output.bias"))
         self.q_norm = w.f32_opt(p + "attn_q_norm.weight", norm=True)  # Qwen3, Gemma 3
         self.k_norm = w.f32_opt(p + "attn_k_norm.weight", norm=True)
@@ -80,8 +85,7 @@ class Attention(torch.nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.eps)
-        q, k = self.rope(q, *cos_sin), self.rope(k, *cos_sin)
-        write_kv(*kv_cache, k, v, meta.slot_mapping)
+        q = rope_and_write_kv(self.rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
         out = paged_attention(
             q,
             *kv_cache,
@@ -98,15 +102,21 @@ class MLP(torch.nn.Module):
         super().__init__()
         p = f"blk.{il}."
         self.down = QLinear(w.q(p + "ffn_down.weight"), w.f32_opt(p + "ffn_down.bias"))
-        self.up = QLinear(w.q(p + "ffn_up.weight"), w.f32_opt(p + "ffn_up.bias"))
-        # Phi-3 stores gate and up as one matrix (gate first).
+        up, up_bias = w.q(p + "ffn_up.weight"), w.f32_opt(p + "ffn_up.bias")
         gate = w.q_opt(p + "ffn_gate.weight")
-        self.gate = QLinear(gate, w.f32_opt(p + "ffn_gate.bias")) if gate is not None else None
+        self.gate = None
+        if gate is None:  # Phi-3 stores gate and up as one matrix (gate first)
+            self.gate_up = QLinear(up, up_bias)
+        else:
+            gate_bias = w.f32_opt(p + "ffn_gate.bias")
+            self.gate_up = QLinear.fused([gate, up], [gate_bias, up_bias])
+            if self.gate_up is None:
+                self.gate, self.up = QLinear(gate, gate_bias), QLinear(up, up_bias)
         self.activation = opts.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
-            gate, up = self.up(x).chunk(2, dim=-1)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate(x), self.up(x)
         return self.down(self.activation(gate, up))
@@ -155,6 +165,21 @@ class LlamaForCausalLM(torch.nn.Module):
             for il in range(cfg.num_layers)
         )
         self._ropes_by_kind = ropes
+
+    def prepare(self, device: torch.device | str, *, cpu_kernels: str = "fast") -> None:
+        """Place the weights on `device` in the form its kernels read (once, after building).
+        `cpu_kernels="reference"` keeps the CPU on the dequantize-per-call torch oracle."""
+        device = torch.device(device)
+        for module in self.modules():
+            if isinstance(module, QLinear):
+                module.prepare(device, cpu_kernels)
+            else:  # norm weights and other small float tensors held as plain attributes
+                for name, value in list(vars(module).items()):
+                    if isinstance(value, torch.Tensor):
+                        setattr(module, name, value.to(device))
+        self.embed = self.embed.to(device)
+        for rope in self._ropes_by_kind.values():
+            rope.inv_freq = rope.inv_freq.to(device)
 
     def _is_sliding(self, il: int) -> bool:
         return self.config.sliding_window is not None and self.config.sliding_layers[il]
