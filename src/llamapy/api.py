@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput, check_device
 from llamapy.formats import open_model_file
 from llamapy.hub import DEFAULT_MODEL, resolve_model
 from llamapy.sampling.params import SamplingParams
@@ -80,8 +80,7 @@ class LLM:
             if not isinstance(n_threads, int) or n_threads <= 0:
                 raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
             torch.set_num_threads(n_threads)
-        if device != "cpu":
-            raise ValueError(f"device {device!r} is not supported yet (only 'cpu')")
+        check_device(device)
         t0 = time.perf_counter()
         self.resolved = resolve_model(model or DEFAULT_MODEL)
         self.model_file = open_model_file(self.resolved.path)

@@ -19,11 +19,29 @@ from llamapy.engine.output import TextStream
 from llamapy.engine.scheduler import Scheduler, SchedulerConfig
 from llamapy.engine.sequence import FinishReason, Sequence
 from llamapy.errors import ContextLengthError
+from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
 from llamapy.sampling.params import SamplingParams
 from llamapy.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def check_device(device: str) -> None:
+    """`cpu` or `cuda[:N]` naming a GPU this process can see; a clear error otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available to this process")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +53,14 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
     device: str = "cpu"
-    kv_dtype: torch.dtype = torch.float32
+    kv_dtype: torch.dtype | None = None  # default: float32 on the CPU, float16 on CUDA
+    cpu_kernels: str = "reference"  # "fast" (kernels/cpu) or "reference" (the torch oracle)
+    cuda_graphs: bool = True  # replay decode steps from captured CUDA graphs
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -84,6 +107,9 @@ class LLMEngine:
                 self.model_config.context_length,
             )
         model = build_causal_lm(model_file)
+        device = torch.device(config.device)
+        model.prepare(device, cpu_kernels=config.cpu_kernels)
+        kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         kv_tokens = config.kv_cache_tokens or config.max_model_len
         num_blocks = -(-kv_tokens // config.block_size)
         self.block_manager = BlockManager(
@@ -100,8 +126,11 @@ class LLMEngine:
             num_blocks=num_blocks,
             block_size=config.block_size,
             eog_token_ids=tokenizer.eog_ids,
-            kv_dtype=config.kv_dtype,
-            device=config.device,
+            kv_dtype=kv_dtype,
+            device=device,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            cuda_graphs=config.cuda_graphs,
         )
         self.requests: dict[int, _Request] = {}
         self._by_id: dict[str, _Request] = {}

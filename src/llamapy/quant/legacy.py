@@ -8,6 +8,7 @@ is computed in float32 with one rounding per operation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,8 +26,13 @@ def unpack_bits(data: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch
 
     This is numpy's `x.reshape(..., 1, L) >> np.array(shifts).reshape(1, S, 1)` in gguf-py.
     """
-    shift = torch.tensor(shifts, dtype=torch.uint8, device=data.device).view(-1, 1)
-    return (data.unsqueeze(-2) >> shift) & mask
+    return (data.unsqueeze(-2) >> _shift_column(shifts, data.device)) & mask
+
+
+@functools.cache
+def _shift_column(shifts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # cached per device: no host-to-device copy per call (CUDA-graph capture forbids one)
+    return torch.tensor(shifts, dtype=torch.uint8, device=device).view(-1, 1)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:

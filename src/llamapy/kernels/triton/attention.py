@@ -1,0 +1,624 @@
+"""Paged attention over llamapy's block tables: varlen flash-attention prefill and split-KV
+flash-decoding, with the semantics of `llamapy.layers.attention.paged_attention` (the torch
+reference and test oracle).
+
+Caches are `(num_blocks, block_size, n_kv, d)`; a sequence's token `p` sits in block
+`block_tables[b, p // block_size]` at offset `p % block_size`. Queries of sequence `b` are
+its last `q_len` positions; causal masking keeps the cached prefix visible; GQA maps query
+head `h` to KV head `h // (n_heads // n_kv)`; the sliding window is llama.cpp's standard SWA
+(key visible while `q_pos - k_pos < window`); the soft-cap `tanh(s / c) * c` applies to the
+scaled logits before masking. As in the reference, K and V are cast to q's dtype, both dots
+accumulate in fp32 and the probabilities are cast to q's dtype for the second dot (fp32
+dots run in IEEE precision, not TF32).
+
+The decode path is CUDA-graph safe: its grid, workspace and every host argument depend on
+tensor shapes only; sequence lengths are read on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from llamapy.kernels.triton import INTERPRET
+from llamapy.layers.attention import AttentionMetadata
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+# fmt: off
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp of a non-positive argument: no overflow, exact sign
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. "bf16-as-fp32" is for the interpreter, whose bf16 dot
+    multiplies the raw bits: bf16 products are exact in fp32, so the result is the same."""
+    if DOT_PRECISION == "bf16-as-fp32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_log2(qk, scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """Scaled (and soft-capped) logits in log2 units, for exp2."""
+    if USE_SOFTCAP:
+        s = softcap * _tanh(qk * (scale / softcap))
+        return s * 1.4426950408889634
+    else:
+        return qk * (scale * 1.4426950408889634)
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr, page, slot, mask_n, offs_d, kv_head, stride_b, stride_t, stride_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_D): the rows of one KV head at (page, slot) of the cache."""
+    row = page * stride_b + slot * stride_t + kv_head * stride_h
+    ptrs = cache_ptr + row[:, None] + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:  # row-only mask: whole rows load as wide vectors
+        return tl.load(ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _attend_tile(
+    q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of rows `q` (queries at `q_pos`) with keys
+    [tile_start, min(tile_start + BLOCK_N, hi))."""
+    dtype = q.dtype
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < hi
+    # Token p sits in block block_tables[b, p // BLOCK_SIZE] at slot p % BLOCK_SIZE.
+    page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    slot = offs_n % BLOCK_SIZE
+    k = _load_kv_tile(
+        k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh, HEAD_DIM,
+        BLOCK_D,
+    )
+    qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
+    s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
+    visible = mask_n[None, :]
+    if IS_CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (q_pos[:, None] - offs_n[None, :] < window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead (no NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_tile(
+        v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh, HEAD_DIM,
+        BLOCK_D,
+    )
+    acc = acc * alpha[:, None]
+    acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_range(
+    q, q_pos, m_i, l_i, acc, lo, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d, stride_kb,
+    stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr,
+):
+    """Keys [lo, hi) in BLOCK_N tiles. The compiled kernel runs a `for` loop (software
+    pipelined); the interpreter a `while` loop, because with numpy >= 2.4 it cannot turn
+    its (1,)-shaped scalars into `range` bounds."""
+    if LOOP_WHILE:
+        tile_start = lo
+        while tile_start < hi:
+            m_i, l_i, acc = _attend_tile(
+                q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
+                offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+                softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
+                USE_SOFTCAP, DOT_PRECISION,
+            )
+            tile_start += BLOCK_N
+    else:
+        for tile_start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
+                offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
+                softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
+                USE_SOFTCAP, DOT_PRECISION,
+            )
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # (B, n_heads, d)
+    k_ptr,  # (num_blocks, block_size, n_kv, d)
+    v_ptr,
+    block_tables_ptr,  # (B, max_blocks) int32
+    seq_lens_ptr,  # (B,) int32
+    out_ptr,  # (B, n_heads, d), written when NUM_SPLITS == 1
+    part_o_ptr,  # (B, n_heads, NUM_SPLITS, d) fp32: each split's normalized output
+    part_lse_ptr,  # (B, n_heads, NUM_SPLITS) fp32: each split's log2-sum-exp2
+    scale,
+    softcap,
+    window,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LOOP_WHILE: tl.constexpr,
+):
+    """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
+    tile, over the split's share of the visible keys."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
+    # runs of whole BLOCK_N tiles (trailing splits may be empty).
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    num_tiles = tl.cdiv(seq_len - start, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    lo = start + split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
+
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_range(
+        q, seq_len - 1, m_i, l_i, acc, lo, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
+        HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
+        LOOP_WHILE,
+    )
+
+    # An empty split (or sequence) has l_i == 0: output 0, log-sum-exp -inf.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_gd)
+    else:
+        row = (b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_gd)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=mask_g)
+
+
+@triton.jit
+def _combine_kernel(
+    part_o_ptr,  # (B, n_heads, NUM_SPLITS, d) fp32
+    part_lse_ptr,  # (B, n_heads, NUM_SPLITS) fp32
+    out_ptr,  # (B, n_heads, d)
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge the splits of one (sequence, head) by their log-sum-exp (flash-decoding)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = b.to(tl.int64) * tl.num_programs(1) + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+    w = tl.exp2(lse - m)
+    o = tl.load(
+        part_o_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    total = tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # (T, n_heads, d)
+    k_ptr,  # (num_blocks, block_size, n_kv, d)
+    v_ptr,
+    block_tables_ptr,  # (B, max_blocks) int32
+    seq_lens_ptr,  # (B,) int32
+    query_start_ptr,  # (B + 1,) int32
+    out_ptr,  # (T, n_heads, d)
+    scale,
+    softcap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LOOP_WHILE: tl.constexpr,
+):
+    """One (query tile, sequence, head): online-softmax flash attention over the keys that
+    any row of the tile can see."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+
+    q_start = tl.load(query_start_ptr + b)
+    q_len = tl.load(query_start_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    q_pos = seq_len - q_len + offs_m  # queries are the last q_len positions
+
+    # Keys any valid row of the tile can see: [lo, hi).
+    first_pos = seq_len - q_len + tile * BLOCK_M
+    last_pos = seq_len - q_len + tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
+    hi = seq_len
+    if IS_CAUSAL:
+        hi = last_pos + 1
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(first_pos - window + 1, 0)
+
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_range(
+        q, q_pos, m_i, l_i, acc, lo, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d, stride_kb,
+        stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window, HEAD_DIM,
+        BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, LOOP_WHILE,
+    )
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# fmt: on
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sliding_window: int | None,
+) -> None:
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"Triton attention needs CUDA tensors (or TRITON_INTERPRET=1): {q.device}")
+    for t in (k_cache, v_cache, block_tables, seq_lens):
+        if t.device != q.device:
+            raise ValueError(f"all tensors must be on q's device {q.device}, got {t.device}")
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q (T, n_heads, d) and caches (blocks, block_size, n_kv, d), got "
+            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES or v_cache.dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"head dims differ: q {q.shape[2]}, caches {k_cache.shape[3]}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"n_heads {q.shape[1]} is not a multiple of n_kv {k_cache.shape[2]}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
+    batch = block_tables.shape[0]
+    if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError(
+            f"block_tables must be (B, max_blocks) int32 with contiguous rows, got "
+            f"{tuple(block_tables.shape)} {block_tables.dtype}"
+        )
+    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1:
+        raise ValueError(
+            f"seq_lens must be ({batch},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+
+
+def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with contiguous rows, "
+            f"got {tuple(out.shape)} {out.dtype}"
+        )
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 must match the reference to ~1e-6; TF32 would round operands to 10 mantissa bits
+    if dtype == torch.float32:
+        return "ieee"
+    return "bf16-as-fp32" if INTERPRET and dtype == torch.bfloat16 else "tf32"
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so that tests exercise the merge
+
+
+def _decode_block_n(head_dim: int) -> int:
+    if INTERPRET:
+        return 16  # small tiles: tests at small shapes still cross tiles and splits
+    return 64 if head_dim <= 128 else 32
+
+
+def default_num_splits(
+    batch: int, n_kv: int, max_blocks: int, block_size: int, head_dim: int, device: torch.device
+) -> int:
+    """Splits per (sequence, KV head) for decode, from shapes only (CUDA-graph safe): enough
+    programs for about two waves over the GPU, no more splits than key tiles in the
+    block-table capacity."""
+    programs = batch * n_kv
+    wanted = triton.cdiv(2 * _num_sms(device), programs)
+    capacity_tiles = triton.cdiv(max_blocks * block_size, _decode_block_n(head_dim))
+    return max(1, min(wanted, capacity_tiles, 64))
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flash-decoding: q (B, n_heads, d), one query per sequence at position seq_lens[b] - 1,
+    -> (B, n_heads, d) in q's dtype. Graph-capturable: launches depend on shapes only."""
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
+    if q.shape[0] != block_tables.shape[0]:
+        raise ValueError(
+            f"decode takes one query per sequence: q has {q.shape[0]} rows, "
+            f"block_tables {block_tables.shape[0]}"
+        )
+    out = _check_out(out, q)
+    batch, n_heads, d = q.shape
+    n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = n_heads // n_kv
+    if num_splits is None:
+        num_splits = default_num_splits(batch, n_kv, block_tables.shape[1], block_size, d, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if batch == 0:
+        return out
+    block_d = triton.next_power_of_2(d)
+    # Workspace from shapes only; unused (never read) when there is a single split.
+    ws_splits = num_splits if num_splits > 1 else 0
+    part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
+    # fmt: off
+    _decode_kernel[(batch, n_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
+        float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size, BLOCK_N=_decode_block_n(d), NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
+        DOT_PRECISION=_dot_precision(q.dtype), LOOP_WHILE=INTERPRET,
+        num_warps=4 if block_d <= 128 else 8, num_stages=3,
+    )
+    # fmt: on
+    if num_splits > 1:
+        _combine_kernel[(batch, n_heads)](
+            part_o, part_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4 if block_d <= 128 else 8,
+        )  # fmt: skip
+    return out
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): H100 tiles as Triton's fused-attention
+    tutorial picks them, that compile without register spills (checked with ptxas)."""
+    if INTERPRET:
+        return 16, 16, 4, 1
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles
+        return 32, 32, 8, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen flash attention: q (T, n_heads, d), sequence b's queries at rows
+    query_start_loc[b]:query_start_loc[b+1] and positions seq_len - q_len .. seq_len - 1,
+    -> (T, n_heads, d) in q's dtype. `max_query_len` (host int) bounds every q_len."""
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
+    batch = block_tables.shape[0]
+    if query_start_loc.shape != (batch + 1,) or query_start_loc.dtype != torch.int32:
+        raise ValueError(
+            f"query_start_loc must be ({batch + 1},) int32, got "
+            f"{tuple(query_start_loc.shape)} {query_start_loc.dtype}"
+        )
+    out = _check_out(out, q)
+    n_heads, d = q.shape[1], q.shape[2]
+    if batch == 0 or q.shape[0] == 0 or max_query_len <= 0:
+        return out
+    block_m, block_n, num_warps, num_stages = _prefill_config(d, q.dtype)
+    grid = (triton.cdiv(max_query_len, block_m), batch, n_heads)
+    # fmt: off
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc.contiguous(), out,
+        float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), GROUP=n_heads // k_cache.shape[2],
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        IS_CAUSAL=causal, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
+        DOT_PRECISION=_dot_precision(q.dtype), LOOP_WHILE=INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    # fmt: on
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Same signature and result as `llamapy.layers.attention.paged_attention`: decode kernel
+    when every sequence brings one query (host values only), varlen prefill otherwise."""
+    is_decode = meta.max_query_len == 1 and q.shape[0] == meta.block_tables.shape[0]
+    if is_decode:
+        # One query at the last position sees the same keys causal or not.
+        return paged_attention_decode(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+    return paged_attention_prefill(
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        meta.max_query_len,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        causal=causal,
+    )
+
+
+__all__ = [
+    "default_num_splits",
+    "paged_attention",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+]

@@ -1,0 +1,618 @@
+"""Fused dequantize-matmul: y = x W^T (+ b) with W read as packed ggml blocks.
+
+The weight is repacked once at load (`pack_weight`) into struct-of-arrays tensors (quants,
+scales, offsets, high bits as separate, row-contiguous arrays) and never expanded to float in
+memory: each kernel dequantizes tiles in registers. Two kernels per type:
+
+- GEMV (decode, M <= GEMV_MAX_M): each program owns BLOCK_N output rows and walks K reading
+  whole 32-weight blocks; the block sums use the factored form
+  `sum_j (d q_j + c) x_j = d * sum_j q_j x_j + c * sum_j x_j` (c = m, or -8d / -16d for the
+  `_0` types), in float32 from the exact float32 weights. Small-N, large-K shapes split K
+  over programs that write float32 partials to a workspace; a second tiny kernel adds them
+  in a fixed order (deterministic, no atomics).
+- GEMM (prefill): the dequantized tile (bit-identical to `dequantize` in float32) is rounded
+  to x's 16-bit dtype and fed to `tl.dot` with float32 accumulation. For float32 x the tiles
+  stay float32 and the dot runs in TF32 (10-bit mantissa, float32 range), so large scales
+  cannot overflow as they could in fp16.
+
+4- and 5-bit blocks keep ggml's nibble order (byte j holds weights j and j + 16); rather than
+reorder the weights, the kernels read x in the same order (x[32b + j] with the low nibbles,
+x[32b + 16 + j] with the high ones), which a dot product does not mind.
+
+Kernels take every size from tensor shapes (no host sync, no data-dependent allocation), so
+they can be captured in CUDA graphs. Types the K-quant module (`qmatmul_kquants`) covers are
+delegated to it; any other type is dequantized once to bfloat16 at pack time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, triton_usable
+from llamapy.kernels.triton.packed import PackedWeight
+from llamapy.quant.dequant import dequantize
+from llamapy.quant.types import QuantType, block_size, row_nbytes
+
+try:  # the K-quant kernels live in their own module; this one stands alone without it
+    from llamapy.kernels.triton import qmatmul_kquants as _kquants
+except ImportError:
+    _kquants = None
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+QK = 32  # weights per block of the legacy types (and the unit the float kernels step by)
+
+# Kernel type codes (constexpr); the nibble types come first.
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _FLOAT = range(6)
+_CODES: dict[QuantType, int] = {
+    QuantType.Q4_0: _Q4_0,
+    QuantType.Q4_1: _Q4_1,
+    QuantType.Q5_0: _Q5_0,
+    QuantType.Q5_1: _Q5_1,
+    QuantType.Q8_0: _Q8_0,
+    QuantType.F16: _FLOAT,
+    QuantType.BF16: _FLOAT,
+    QuantType.F32: _FLOAT,
+}
+_KQUANT_TYPES: frozenset[QuantType] = _kquants.TYPES if _kquants is not None else frozenset()
+SUPPORTED_TYPES: frozenset[QuantType] = frozenset(_CODES) | _KQUANT_TYPES
+
+# Decode batches up to this many rows take the GEMV kernel. Its per-row cost is two fp32 FMAs
+# per weight on CUDA cores: at 4 rows that is ~4 FMA per weight byte of Q4_0, about what an
+# H100 issues while streaming ~3 TB/s; beyond it `tl.dot` (tensor cores, tile dequantized
+# once for 16 rows) is cheaper. `benchmarks/kernels/bench_qmatmul.py --crossover` checks it.
+GEMV_MAX_M = 4
+
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _split_blocks(data: torch.Tensor, n: int, nb: int, fields: dict[str, tuple[int, int]]):
+    """ggml blocks (N, nb * type_size) -> {name: (N, nb, width) uint8} byte ranges per field."""
+    blocks = data.reshape(n, nb, -1)  # (N, nb, type_size)
+    return {name: blocks[:, :, a:b] for name, (a, b) in fields.items()}
+
+
+def _as(field: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """(N, nb, width) bytes -> (N, nb * width / itemsize) of `dtype`, contiguous."""
+    return field.contiguous().view(dtype).reshape(n, -1)
+
+
+# Byte ranges of the fields of each legacy block (the ggml block_* structs).
+_LEGACY_FIELDS: dict[QuantType, dict[str, tuple[int, int]]] = {
+    QuantType.Q4_0: {"d": (0, 2), "qs": (2, 18)},
+    QuantType.Q4_1: {"d": (0, 2), "m": (2, 4), "qs": (4, 20)},
+    QuantType.Q5_0: {"d": (0, 2), "qh": (2, 6), "qs": (6, 22)},
+    QuantType.Q5_1: {"d": (0, 2), "m": (2, 4), "qh": (4, 8), "qs": (8, 24)},
+    QuantType.Q8_0: {"d": (0, 2), "qs": (2, 34)},
+}
+_FIELD_DTYPES = {"d": torch.float16, "m": torch.float16, "qh": torch.int32}
+_FLOAT_DTYPES = {
+    QuantType.F16: torch.float16,
+    QuantType.BF16: torch.bfloat16,
+    QuantType.F32: torch.float32,
+}
+
+
+def _pack_legacy(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q4_0 -> qs (N, K/2) uint8, d (N, K/32) fp16; `_1` types add m; Q5 types add qh
+    (N, K/32) int32 (bit j = high bit of weight j); Q8_0 -> qs (N, K) int8, d."""
+    fields = _split_blocks(data, n, k // QK, _LEGACY_FIELDS[qtype])
+    qs_dtype = torch.int8 if qtype == QuantType.Q8_0 else torch.uint8
+    return {
+        name: _as(f, qs_dtype if name == "qs" else _FIELD_DTYPES[name], n)
+        for name, f in fields.items()
+    }
+
+
+def _pack_fallback(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> PackedWeight:
+    """Dequantize to bfloat16 once, in row chunks (the float32 scratch stays small)."""
+    _log_fallback(qtype)
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=data.device)
+    for start in range(0, n, _FALLBACK_CHUNK_ROWS):
+        rows = slice(start, min(start + _FALLBACK_CHUNK_ROWS, n))
+        w[rows] = dequantize(data[rows], qtype, torch.bfloat16)
+    return PackedWeight(QuantType.BF16, n, k, {"w": w})
+
+
+@functools.cache
+def _log_fallback(qtype: QuantType) -> None:
+    logger.warning(
+        "no fused matmul kernel for %s weights: dequantizing them to bfloat16 (%.2f -> 16 bits "
+        "per weight)",
+        qtype.name,
+        8 * row_nbytes(qtype, block_size(qtype)) / block_size(qtype),
+    )
+
+
+def pack_weight(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]) -> PackedWeight:
+    """Repack ggml blocks `data` (N, row_bytes) uint8 of an (N, K) weight for the kernels.
+
+    Values are unchanged; the result is on `data`'s device. Types without a fused kernel are
+    dequantized to bfloat16 (logged once per type) and run through the BF16 kernel.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D weight shape (N, K), got {tuple(shape)}")
+    n, k = (int(s) for s in shape)
+    if n <= 0 or k <= 0:
+        raise ValueError(f"weight shape must be positive, got {(n, k)}")
+    if data.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 blocks, got {data.dtype}")
+    expected = (n, row_nbytes(qtype, k))
+    if tuple(data.shape) != expected:
+        raise ValueError(
+            f"{qtype.name} blocks of a {n}x{k} weight have shape {expected}, "
+            f"got {tuple(data.shape)}"
+        )
+    if qtype in _KQUANT_TYPES:
+        return PackedWeight(qtype, n, k, _kquants.pack(data, qtype, n, k))
+    if k % QK:
+        raise ValueError(f"the fused kernels need K to be a multiple of {QK}, got K={k}")
+    if qtype in _LEGACY_FIELDS:
+        return PackedWeight(qtype, n, k, _pack_legacy(data, qtype, n, k))
+    if qtype in _FLOAT_DTYPES:
+        return PackedWeight(qtype, n, k, {"w": _as(data, _FLOAT_DTYPES[qtype], n)})
+    return _pack_fallback(data, qtype, n, k)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def qmatmul_reference(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: QuantType,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequantize(W).T (+ bias) in float64, rounded once to x.dtype (the tests' oracle)."""
+    n, k = shape
+    w = dequantize(data.reshape(n, -1), qtype, torch.float64)  # (N, K)
+    y = x.to(torch.float64) @ w.T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _check_inputs(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
+    if not isinstance(w, PackedWeight):
+        raise ValueError(f"expected a PackedWeight (see pack_weight), got {type(w).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if x.shape[1] != w.k:
+        raise ValueError(f"x has K={x.shape[1]} columns but the weight is {w.n}x{w.k}")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < w.k):
+        raise ValueError(f"x rows must be contiguous, got strides {x.stride()}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
+    if not triton_usable(x.device):
+        raise ValueError(
+            f"the Triton matmul runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got "
+            f"x on {x.device}"
+        )
+    if bias is not None:
+        if bias.shape != (w.n,) or bias.device != x.device or not bias.is_floating_point():
+            raise ValueError(
+                f"bias must be a float tensor of shape ({w.n},) on {x.device}, got "
+                f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
+            )
+        if bias.stride(0) != 1:
+            raise ValueError("bias must be contiguous")
+
+
+def qmatmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ W^T (+ bias) -> (M, N) in x.dtype, accumulated in float32."""
+    return qmatmul_with(x, w, bias)
+
+
+def qmatmul_with(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+    split_k: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
+    benchmarks and static CUDA-graph buffers).
+
+    path: "gemv", "gemm" or "auto" (GEMV for M <= GEMV_MAX_M). split_k: the GEMV's K
+    split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
+    """
+    _check_inputs(x, w, bias)
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, w.n) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be ({m}, {w.n}) {x.dtype} on {x.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if m == 0:
+        return out
+    if w.qtype in _KQUANT_TYPES:
+        _kquants.matmul(x, w.tensors, w.qtype, w.n, w.k, out)
+        return out if bias is None else out.add_(bias)
+    if w.qtype not in _CODES:
+        raise ValueError(f"{w.qtype.name} weights have no kernel; pack them with pack_weight")
+    if path not in ("auto", "gemv", "gemm"):
+        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
+        _launch_gemv(x, w, bias, out, split_k)
+    else:
+        _launch_gemm(x, w, bias, out)
+    return out
+
+
+def _operands(w: PackedWeight) -> tuple[torch.Tensor, ...]:
+    """(qs, qh, d, m) pointers for the kernels; absent fields alias qs (never read)."""
+    t = w.tensors
+    qs = t["qs"] if "qs" in t else t["w"]
+    return qs, t.get("qh", qs), t.get("d", qs), t.get("m", qs)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a small "machine", so tests reach the split-K path cheaply
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
+    """Tile sizes of the GEMV: ~8 KiB of weights per program and K step, 8 blocks (256
+    weights) per step, K split until the grid covers about two waves of the SMs.
+
+    With 4 warps a step covers 16 rows x 8 blocks, so BLOCK_N > 16 gives each thread several
+    rows at the same k, reusing its x values in registers (ptxas, sm_90: 64 registers at
+    BLOCK_N = 32 for Q4_0, no spills)."""
+    block_b = 8
+    tile_rows = 8192 // (block_b * row_nbytes(qtype, QK))
+    block_n = max(4, min(64, 1 << (tile_rows.bit_length() - 1)))  # power of two
+    block_m = 1 << (m - 1).bit_length()
+    steps = triton.cdiv(k // QK, block_b)
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = 1
+    while programs * split < 2 * num_sms and steps >= 2 * split:  # >= 1 step per split
+        split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT": split}
+
+
+def _launch_gemv(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    split_k: int | None,
+) -> None:
+    m, n, k = x.shape[0], w.n, w.k
+    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device))
+    if m > cfg["BLOCK_M"]:  # forced GEMV for a larger batch: more row groups, same tiles
+        cfg["BLOCK_M"] = 1 << (GEMV_MAX_M - 1).bit_length()
+    if split_k is not None:
+        if split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {split_k}")
+        cfg["SPLIT"] = split_k
+    split = cfg["SPLIT"]
+    nb = k // QK
+    steps_per_split = triton.cdiv(triton.cdiv(nb, cfg["BLOCK_B"]), split)
+    # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+    _gemv_kernel[grid](
+        x, *_operands(w), bias if bias is not None else out, dest,
+        m, n, k, x.stride(0), steps_per_split,
+        QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, INTERP=INTERPRET, **cfg,
+        num_warps=4,
+    )  # fmt: skip
+    if split > 1:
+        block = 1024
+        _reduce_kernel[(triton.cdiv(m * n, block),)](
+            dest, bias if bias is not None else out, out, m * n, n,
+            SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, INTERP=INTERPRET, num_warps=4,
+        )  # fmt: skip
+
+
+def _gemm_config(qtype: QuantType, m: int) -> dict[str, int]:
+    """Tiles of the GEMM: BLOCK_M follows M up to 128; 128 weights per K step (64 for the
+    float types, whose tiles are wider in bytes)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_b = 2 if qtype in _FLOAT_DTYPES else 4
+    return {"BLOCK_M": block_m, "BLOCK_N": 128 if block_m >= 64 else 64, "BLOCK_B": block_b}
+
+
+def _launch_gemm(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    m, n, k = x.shape[0], w.n, w.k
+    cfg = _gemm_config(w.qtype, m)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        x, *_operands(w), bias if bias is not None else out, out,
+        m, n, k, x.stride(0),
+        QT=_CODES[w.qtype], HAS_BIAS=bias is not None, GROUP_M=8, INTERP=INTERPRET, **cfg,
+        num_warps=8 if cfg["BLOCK_M"] >= 128 else 4, num_stages=3,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+        """float32 x -> dtype, rounded to nearest even. The interpreter's own float32 ->
+        bfloat16 cast truncates, so there the bits are rounded first (finite x)."""
+        if INTERP and dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _exact_f32(q, offset: tl.constexpr):
+        """Integers q + offset in [0, 2^23) -> float32 q, exactly, without the int -> float
+        convert (quarter rate on NVIDIA GPUs): the bits of 2^23 + u are 0x4B000000 | u."""
+        u = (q.to(tl.int32) + offset) | 0x4B000000
+        return u.to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+    @triton.jit
+    def _row_tile(ptr, rows, n_mask, b_first, nb, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr):
+        """Elements [b_first * WIDTH, +BLOCK_B * WIDTH) of rows `rows` of a (N, nb * WIDTH)
+        array, loaded as one contiguous run per row and viewed as (BN, BLOCK_B, WIDTH)."""
+        c = b_first * WIDTH + tl.arange(0, BLOCK_B * WIDTH)
+        mask = n_mask[:, None] & (c < nb * WIDTH)[None, :]
+        t = tl.load(ptr + rows[:, None] * (nb * WIDTH) + c[None, :], mask=mask, other=0)
+        return tl.reshape(t, (rows.shape[0], BLOCK_B, WIDTH))
+
+    @triton.jit
+    def _nibble_tile(
+        qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb,
+        BLOCK_B: tl.constexpr, QT: tl.constexpr,
+    ):  # fmt: skip
+        """Blocks [b_first, +BLOCK_B) of a 4/5-bit weight -> low and high quants (BN, BB, 16)
+        float32 (weights 32b + j and 32b + 16 + j), scale d and offset c (BN, BB): w = d q + c.
+        """
+        qs = _row_tile(qs_ptr, rows, n_mask, b_first, nb, BLOCK_B, 16)
+        lo = qs & 0xF
+        hi = qs >> 4
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        blk = rows[:, None] * nb + offs_b[None, :]  # (BN, BB) block index in W
+        mask = n_mask[:, None] & (offs_b < nb)[None, :]
+        if QT == 2 or QT == 3:  # Q5_0, Q5_1: fifth bit of weight j is bit j of qh
+            j = tl.arange(0, 16)[None, None, :]
+            qh = tl.load(qh_ptr + blk, mask=mask, other=0)[:, :, None]
+            lo = lo | (((qh >> j) & 1) << 4).to(tl.uint8)
+            hi = hi | (((qh >> (j + 16)) & 1) << 4).to(tl.uint8)
+        d = tl.load(d_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+        if QT == 1 or QT == 3:  # Q4_1, Q5_1: w = d q + m
+            c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+        elif QT == 0:  # Q4_0: w = d (q - 8)
+            c = -8.0 * d
+        else:  # Q5_0: w = d (q - 16)
+            c = -16.0 * d
+        return _exact_f32(lo, 0), _exact_f32(hi, 0), d, c
+
+    @triton.jit
+    def _wide_tile(
+        qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B: tl.constexpr, QT: tl.constexpr
+    ):  # fmt: skip
+        """Blocks [b_first, +BLOCK_B) of a Q8_0 or float weight -> values (BN, BB, 32) float32
+        and the scale d (BN, BB) (ones for the float types)."""
+        q = _row_tile(qs_ptr, rows, n_mask, b_first, nb, BLOCK_B, 32)
+        if QT == 4:
+            offs_b = b_first + tl.arange(0, BLOCK_B)
+            mask = n_mask[:, None] & (offs_b < nb)[None, :]
+            d = tl.load(d_ptr + rows[:, None] * nb + offs_b[None, :], mask=mask, other=0.0)
+            return _exact_f32(q, 128), d.to(tl.float32)
+        else:
+            return q.to(tl.float32), tl.full((rows.shape[0], BLOCK_B), 1.0, tl.float32)
+
+    @triton.jit
+    def _x_tile(x_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr):
+        """x[32 b + j] for blocks b in [b_first, +BLOCK_B), j < WIDTH -> (BB, WIDTH) float32."""
+        c = tl.arange(0, BLOCK_B * WIDTH)
+        b = b_first + c // WIDTH
+        xv = tl.load(x_row + b * 32 + c % WIDTH, mask=(b < nb) & row_ok, other=0.0)
+        return tl.reshape(xv.to(tl.float32), (BLOCK_B, WIDTH))
+
+    @triton.jit
+    def _accumulate_row(acc, part, i, BLOCK_M: tl.constexpr):
+        """acc[i] += part for a static row i of the (BLOCK_M, BN, BB) accumulator."""
+        if BLOCK_M == 1:
+            return acc + part[None, :, :]
+        else:
+            ids_m = tl.arange(0, BLOCK_M)
+            return tl.where((ids_m == i)[:, None, None], acc + part[None, :, :], acc)
+
+    @triton.jit
+    def _gemv_step(
+        acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
+        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):  # fmt: skip
+        """Adds blocks [b_first, +BLOCK_B) of the rows `rows` times x rows m0.. to acc
+        (BM, BN, BB)."""
+        if QT < 4:
+            lo, hi, d, c = _nibble_tile(
+                qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
+            )
+            for i in tl.static_range(BLOCK_M):
+                x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
+                xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16)
+                xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16)
+                sq = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # (BN, BB)
+                sx = tl.sum(xl + xh, axis=1)  # (BB,)
+                acc = _accumulate_row(acc, d * sq + c * sx[None, :], i, BLOCK_M)
+        else:
+            q, d = _wide_tile(qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT)
+            for i in tl.static_range(BLOCK_M):
+                x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
+                xv = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 32)
+                part = tl.sum(q * xv[None, :, :], axis=2)  # (BN, BB)
+                if QT == 4:
+                    part = d * part
+                acc = _accumulate_row(acc, part, i, BLOCK_M)
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_xm, steps_per_split,
+        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
+        (SPLIT > 1: float32 partials into out (SPLIT, M, N))."""
+        pid_k = tl.program_id(1)
+        m0 = tl.program_id(2) * BLOCK_M
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        n_mask = offs_n < N
+        nb = K // 32
+        b_start = pid_k * steps_per_split * BLOCK_B  # splits are whole steps: stop at K only
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), tl.float32)
+        args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask)
+        if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+            step = 0
+            while step < steps_per_split:
+                acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
+                                 QT, BLOCK_M, BLOCK_B)  # fmt: skip
+                step += 1
+        else:
+            for step in range(0, steps_per_split):
+                acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
+                                 QT, BLOCK_M, BLOCK_B)  # fmt: skip
+        y = tl.sum(acc, axis=2)  # (BM, BN)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        o_mask = (offs_m[:, None] < M) & n_mask[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            o_ptr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            tl.store(o_ptr, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=o_mask)
+        else:
+            ws_row = (pid_k * M + offs_m[:, None]).to(tl.int64)
+            tl.store(out_ptr + ws_row * N + offs_n[None, :], y, mask=o_mask)
+
+    @triton.jit
+    def _reduce_kernel(
+        ws_ptr, bias_ptr, out_ptr, MN, N,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """out = sum over s of ws[s] (+ bias), added in order s = 0, 1, ... (deterministic)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        y = tl.zeros((BLOCK,), tl.float32)
+        for s in tl.static_range(SPLIT):
+            y += tl.load(ws_ptr + s * MN.to(tl.int64) + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+
+    @triton.jit
+    def _dot(a, b, acc, INTERP: tl.constexpr):
+        """acc + a @ b. The interpreter's bf16 dot multiplies raw bits, so there both go to
+        float32 first (16-bit products are exact in float32: same sums); the GPU runs a
+        float32 pair in TF32."""
+        if INTERP:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision="tf32")
+
+    @triton.jit
+    def _gemm_step(
+        acc, x_rows, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, m_mask, b_first, nb,
+        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """acc (BM, BN) + x[:, blocks b_first..] @ W[rows, blocks b_first..]^T."""
+        cdt = x_rows.dtype.element_ty
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        x_mask = m_mask[:, None, None] & (offs_b < nb)[None, :, None]
+        if QT < 4:
+            lo, hi, d, c = _nibble_tile(
+                qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
+            )
+            # d q + c rounds once, as ggml's float32 dequantizer
+            wl = _round_to(lo * d[:, :, None] + c[:, :, None], cdt, INTERP)
+            wh = _round_to(hi * d[:, :, None] + c[:, :, None], cdt, INTERP)
+            wl = tl.reshape(wl, (BLOCK_N, BLOCK_B * 16))
+            wh = tl.reshape(wh, (BLOCK_N, BLOCK_B * 16))
+            xo = offs_b[None, :, None] * 32 + tl.arange(0, 16)[None, None, :]  # (1, BB, 16)
+            xl = tl.reshape(tl.load(x_rows + xo, mask=x_mask, other=0.0), (BLOCK_M, BLOCK_B * 16))
+            xh = tl.load(x_rows + xo + 16, mask=x_mask, other=0.0)
+            xh = tl.reshape(xh, (BLOCK_M, BLOCK_B * 16))
+            acc = _dot(xl, tl.trans(wl), acc, INTERP)
+            acc = _dot(xh, tl.trans(wh), acc, INTERP)
+        else:
+            q, d = _wide_tile(qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT)
+            if QT == 4:
+                q = q * d[:, :, None]
+            wt = tl.reshape(_round_to(q, cdt, INTERP), (BLOCK_N, BLOCK_B * 32))
+            xo = offs_b[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (1, BB, 32)
+            xt = tl.load(x_rows + xo, mask=x_mask, other=0.0)
+            acc = _dot(tl.reshape(xt, (BLOCK_M, BLOCK_B * 32)), tl.trans(wt), acc, INTERP)
+        return acc
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_xm,
+        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """out = x W^T (+ bias) by (BLOCK_M, BLOCK_N) tiles; W tiles dequantized in registers
+        and rounded to x's dtype (16-bit x) or kept float32 for a TF32 dot (float32 x)."""
+        # grouped tile order: GROUP_M row tiles share each weight column tile in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        rows = offs_n.to(tl.int64)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm  # (BM, 1, 1)
+        nb = K // 32
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        args = (x_rows, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, m_mask)
+        if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+            b0 = 0
+            while b0 < nb:
+                acc = _gemm_step(acc, *args, b0, nb, QT, BLOCK_M, BLOCK_N, BLOCK_B,
+                                 INTERP)  # fmt: skip
+                b0 += BLOCK_B
+        else:
+            for b0 in range(0, nb, BLOCK_B):
+                acc = _gemm_step(acc, *args, b0, nb, QT, BLOCK_M, BLOCK_N, BLOCK_B,
+                                 INTERP)  # fmt: skip
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        o_ptr = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        y = _round_to(acc, out_ptr.dtype.element_ty, INTERP)
+        tl.store(o_ptr, y, mask=m_mask[:, None] & n_mask[None, :])

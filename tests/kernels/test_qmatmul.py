@@ -1,0 +1,387 @@
+"""Fused dequantize-matmul kernels (`kernels/triton/qmatmul.py`) against a float64 torch
+reference, on fresh random blocks each run (the seed is printed).
+
+Tolerances are relative Frobenius errors against the exact (float64) product, from the
+arithmetic: u is the unit roundoff of the output dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32).
+- GEMV: the weights are exact in float32 and sums are float32, so the error is the final
+  rounding (<= u per element) plus float32 accumulation (ACC).
+- GEMM: each weight is also rounded to the operand type before `tl.dot` (x's 16-bit type, or
+  TF32 for float32 x, whose operands the tensor cores may truncate: 2^-10 each, x and W). The
+  rounding errors are independent across k, so their relative size in the sum is about
+  u_op / sqrt(3); the bound allows 2 u_op per rounded operand.
+Under TRITON_INTERPRET=1 the shapes are small (N=40, K=288: neither a multiple of a tile);
+on CUDA the model shapes run as well.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import llamapy.kernels.triton as kt
+from llamapy.kernels.triton import qmatmul as qm
+from llamapy.kernels.triton.packed import PackedWeight
+from llamapy.quant.dequant import dequantize
+from llamapy.quant.types import QuantType, row_nbytes, type_size
+
+pytestmark = pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+T = QuantType
+OWN_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32]
+FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,)}
+FLOAT_DTYPES = {T.F16: torch.float16, T.BF16: torch.bfloat16, T.F32: torch.float32}
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+ACC = 1e-5  # float32 accumulation over K <= 8192, relative to the result's norm
+N_SMALL, K_SMALL = 40, 288  # 9 blocks: a full and a partial 8-block GEMV step
+
+
+def tolerance(dtype: torch.dtype, path: str) -> float:
+    u = UNIT_ROUNDOFF[dtype]
+    if path == "gemv":
+        return u + ACC
+    if dtype == torch.float32:
+        return u + 2 * 2 * 2.0**-10 + ACC  # TF32: x and W truncated to 10 mantissa bits
+    return u + 2 * u + ACC  # W rounded to x's 16-bit type
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_blocks(
+    rng: np.random.Generator, qtype: QuantType, n: int, k: int, wild: bool = False
+) -> torch.Tensor:
+    """(n, row_bytes) uint8 weight of `qtype`: random quants; scales moderate (|w| ~ 0.1, as
+    in real models) or, with `wild`, any finite fp16 (subnormals, zeros, 65504)."""
+    if qtype in FLOAT_DTYPES:
+        w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.1)
+        return w.to(FLOAT_DTYPES[qtype]).view(torch.uint8).reshape(n, -1).to(DEVICE)
+    ts = type_size(qtype)
+    blocks = rng.integers(0, 256, (n * k // 32, ts), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        if wild:
+            bits = rng.integers(0, 1 << 16, blocks.shape[0], dtype=np.uint16)
+            vals = np.where((bits & 0x7C00) == 0x7C00, bits & 0x83FF, bits).view(np.float16)
+        else:
+            vals = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
+        blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def random_x(rng: np.random.Generator, m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(DEVICE, dtype)
+
+
+def random_bias(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).to(DEVICE, dtype)
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor the launchers allocate (outputs, split-K workspace) starts as NaN,
+    so a value the kernels forget to write shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def relative_error(y: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((y.double() - exact).norm() / exact.norm()).item()
+
+
+def check(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: QuantType,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    tol: float,
+    what: str,
+) -> None:
+    assert y.shape == (x.shape[0], shape[0]) and y.dtype == x.dtype, what
+    assert not y.isnan().any(), f"{what}: NaN in the output"
+    exact = qm.qmatmul_reference(x.double(), data, qtype, shape, bias)  # float64, unrounded
+    err = relative_error(y, exact)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+# --------------------------------------------------------------------------- matmul
+
+# (path, M, bias): both kernels at decode and prefill-like M, with and without bias
+CASES = [
+    ("gemv", 1, True),
+    ("gemv", 3, False),
+    ("gemm", 1, False),
+    ("gemm", 3, True),
+    ("gemm", 17, True),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}-M{c[1]}-{'bias' if c[2] else 'nobias'}"
+)
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", OWN_TYPES, ids=lambda t: t.name)
+def test_matches_reference(qtype, dtype, case, rng, poisoned):
+    path, m, with_bias = case
+    n, k = N_SMALL, K_SMALL
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = random_x(rng, m, k, dtype)
+    bias = random_bias(rng, n, dtype) if with_bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = qm.qmatmul_with(x, w, bias, path=path, out=out)
+    assert y is out
+    check(x, data, qtype, (n, k), bias, y, tolerance(dtype, path), f"{qtype.name} {path}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.BF16], ids=lambda t: t.name)
+def test_gemv_split_k_and_row_groups(qtype, rng, poisoned):
+    """Forced GEMV over several row groups (M=17) and K splits, one of which is empty (2
+    steps over 3 splits): the float32 partials are reduced in order, deterministically."""
+    n, k, m = N_SMALL, K_SMALL, 17
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = random_x(rng, m, k, torch.bfloat16)
+    bias = random_bias(rng, n, torch.float32)
+    y = qm.qmatmul_with(x, w, bias, path="gemv", split_k=3)
+    check(x, data, qtype, (n, k), bias, y, tolerance(x.dtype, "gemv"), f"{qtype.name} split")
+    again = qm.qmatmul_with(x, w, bias, path="gemv", split_k=3)
+    assert torch.equal(y, again), "split-K GEMV is not deterministic"
+    one = qm.qmatmul_with(x[:1], w, bias, path="gemv", split_k=1)
+    check(x[:1], data, qtype, (n, k), bias, one, tolerance(x.dtype, "gemv"), "split 1")
+
+
+def test_auto_path_and_strided_rows(rng, poisoned):
+    """qmatmul picks a kernel by M; x rows may sit in a wider buffer (row stride > K)."""
+    n, k, qtype = N_SMALL, K_SMALL, T.Q4_0
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    wide = random_x(rng, 17, k + 64, torch.float16)
+    for m in (qm.GEMV_MAX_M, 17):
+        x = wide[:m, 32 : 32 + k]
+        path = "gemv" if m <= qm.GEMV_MAX_M else "gemm"
+        check(x, data, qtype, (n, k), None, qm.qmatmul(x, w), tolerance(x.dtype, path), path)
+    assert qm.qmatmul(wide[:0, :k], w).shape == (0, n)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def unpack(w: PackedWeight) -> torch.Tensor:
+    """The packed arrays -> float32 (N, K), the torch way (the layout's specification)."""
+    t, n, nb = w.tensors, w.n, w.k // 32
+    if w.qtype in FLOAT_DTYPES:
+        return t["w"].to(torch.float32)
+    d = t["d"].to(torch.float32).reshape(n, nb, 1)
+    if w.qtype == T.Q8_0:
+        return (t["qs"].reshape(n, nb, 32).to(torch.float32) * d).reshape(n, -1)
+    qs = t["qs"].reshape(n, nb, 16)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(torch.int32)  # weights j, then 16 + j
+    if "qh" in t:
+        bit = torch.arange(32, device=qs.device, dtype=torch.int32)
+        q = q | (((t["qh"].reshape(n, nb, 1) >> bit) & 1) << 4)
+    if "m" in t:
+        return (d * q.to(torch.float32) + t["m"].to(torch.float32).reshape(n, nb, 1)).reshape(n, -1)
+    offset = 8 if w.qtype in (T.Q4_0,) else 16
+    return (d * (q - offset).to(torch.float32)).reshape(n, -1)
+
+
+PACKED_LAYOUT = {  # name: (dtype, columns per K)
+    T.Q4_0: {"qs": (torch.uint8, 1 / 2), "d": (torch.float16, 1 / 32)},
+    T.Q4_1: {
+        "qs": (torch.uint8, 1 / 2),
+        "d": (torch.float16, 1 / 32),
+        "m": (torch.float16, 1 / 32),
+    },
+    T.Q5_0: {"qs": (torch.uint8, 1 / 2), "qh": (torch.int32, 1 / 32), "d": (torch.float16, 1 / 32)},
+    T.Q5_1: {
+        "qs": (torch.uint8, 1 / 2),
+        "qh": (torch.int32, 1 / 32),
+        "d": (torch.float16, 1 / 32),
+        "m": (torch.float16, 1 / 32),
+    },
+    T.Q8_0: {"qs": (torch.int8, 1), "d": (torch.float16, 1 / 32)},
+    T.F16: {"w": (torch.float16, 1)},
+    T.BF16: {"w": (torch.bfloat16, 1)},
+    T.F32: {"w": (torch.float32, 1)},
+}
+
+
+@pytest.mark.parametrize("qtype", OWN_TYPES, ids=lambda t: t.name)
+def test_pack_round_trip(qtype, rng):
+    """Unpacking the packed arrays gives `dequantize`'s float32 values bit for bit (any
+    finite fp16 scale, subnormals and zeros included)."""
+    n, k = 24, 256
+    data = random_blocks(rng, qtype, n, k, wild=True)
+    w = qm.pack_weight(data, qtype, (n, k))
+    assert (w.qtype, w.n, w.k, w.device) == (qtype, n, k, data.device)
+    layout = {name: (t.dtype, t.shape[1] / k) for name, t in w.tensors.items()}
+    assert layout == PACKED_LAYOUT[qtype]
+    assert all(t.is_contiguous() and t.shape[0] == n for t in w.tensors.values())
+    assert w.nbytes == data.numel()
+    ref = dequantize(data, qtype)
+    got = unpack(w)
+    bad = (got.view(torch.int32) != ref.view(torch.int32)).sum().item()
+    assert bad == 0, f"{qtype.name}: {bad} of {ref.numel()} weights differ from dequantize"
+
+
+def tq1_0_blocks(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
+    """TQ1_0 (no fused kernel): random trits, a moderate fp16 d at byte 52 of each block."""
+    blocks = rng.integers(0, 256, (n * k // 256, type_size(T.TQ1_0)), dtype=np.uint8)
+    d = (np.abs(rng.standard_normal(blocks.shape[0])) * 0.05).astype(np.float16)
+    blocks[:, 52:54] = d.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def test_unsupported_type_falls_back_to_bf16(rng, caplog, poisoned):
+    """A type without a fused kernel is dequantized to bfloat16 once (one log line naming
+    it, however many weights) and runs through the BF16 kernels."""
+    assert T.TQ1_0 not in qm.SUPPORTED_TYPES
+    n, k = N_SMALL, 256
+    data = tq1_0_blocks(rng, n, k)
+    qm._log_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger=qm.__name__):
+        w = qm.pack_weight(data, T.TQ1_0, (n, k))
+        qm.pack_weight(data, T.TQ1_0, (n, k))
+    lines = [r.getMessage() for r in caplog.records if r.name == qm.__name__]
+    assert len(lines) == 1 and "TQ1_0" in lines[0], lines
+    assert w.qtype == T.BF16 and set(w.tensors) == {"w"}
+    assert torch.equal(w.tensors["w"], dequantize(data, T.TQ1_0, torch.bfloat16))
+    x = random_x(rng, 3, k, torch.bfloat16)
+    y = qm.qmatmul(x, w)
+    # the weights themselves were rounded to bfloat16: 2 u more, as a GEMM operand
+    check(x, data, T.TQ1_0, (n, k), None, y, tolerance(x.dtype, "gemm"), "TQ1_0 fallback")
+
+
+class _FakeKQuants:
+    """Stands in for `qmatmul_kquants` (its contract): exact torch matmul of Q4_K blocks."""
+
+    TYPES = frozenset({T.Q4_K})
+    calls: list[str] = []
+
+    @classmethod
+    def pack(cls, data, qtype, n, k):
+        cls.calls.append("pack")
+        return {"raw": data.clone()}
+
+    @classmethod
+    def matmul(cls, x, tensors, qtype, n, k, out):
+        cls.calls.append("matmul")
+        out.copy_(x.double() @ dequantize(tensors["raw"], qtype, torch.float64).T)
+
+
+def test_delegates_kquants_and_adds_bias(rng, monkeypatch):
+    """K-quant types go to the K-quant module's pack / matmul; the bias is added here."""
+    monkeypatch.setattr(qm, "_kquants", _FakeKQuants)
+    monkeypatch.setattr(qm, "_KQUANT_TYPES", _FakeKQuants.TYPES)
+    n, k = 8, 256
+    blocks = rng.integers(0, 256, (n, row_nbytes(T.Q4_K, k)), dtype=np.uint8)
+    blocks.reshape(-1, type_size(T.Q4_K))[:, :4] = (
+        (rng.standard_normal((n * k // 256, 2)) * 0.01).astype(np.float16).view(np.uint8)
+    )
+    data = torch.from_numpy(blocks).to(DEVICE)
+    w = qm.pack_weight(data, T.Q4_K, (n, k))
+    assert w.qtype == T.Q4_K and set(w.tensors) == {"raw"}
+    x, bias = random_x(rng, 2, k, torch.float32), random_bias(rng, n, torch.float32)
+    y = qm.qmatmul(x, w, bias)
+    assert _FakeKQuants.calls[-2:] == ["pack", "matmul"]
+    check(x, data, T.Q4_K, (n, k), bias, y, 1e-6, "delegated")
+
+
+def test_real_kquant_module_is_listed():
+    try:
+        from llamapy.kernels.triton import qmatmul_kquants
+    except ImportError:
+        pytest.skip("the K-quant kernels are not present")
+    assert qmatmul_kquants.TYPES <= qm.SUPPORTED_TYPES
+    assert set(OWN_TYPES) <= qm.SUPPORTED_TYPES
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_launcher_errors(rng, monkeypatch):
+    n, k = 16, 64
+    data = random_blocks(rng, T.Q8_0, n, k)
+    w = qm.pack_weight(data, T.Q8_0, (n, k))
+    x = random_x(rng, 2, k, torch.float32)
+    with pytest.raises(ValueError, match="K=32"):
+        qm.qmatmul(x[:, :32], w)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        qm.qmatmul(x.double(), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        qm.qmatmul(random_x(rng, k, 4, torch.float32).T, w)
+    with pytest.raises(ValueError, match="2-D"):
+        qm.qmatmul(x[0], w)
+    with pytest.raises(ValueError, match="bias"):
+        qm.qmatmul(x, w, torch.zeros(n + 1, device=DEVICE))
+    with pytest.raises(ValueError, match="path"):
+        qm.qmatmul_with(x, w, path="fast")
+    with pytest.raises(ValueError, match="out"):
+        qm.qmatmul_with(x, w, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="PackedWeight"):
+        qm.qmatmul(x, data)
+    with pytest.raises(ValueError, match="shape"):
+        qm.pack_weight(data[:, :-2], T.Q8_0, (n, k))
+    with pytest.raises(ValueError, match="uint8"):
+        qm.pack_weight(data.view(torch.int8), T.Q8_0, (n, k))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        f16 = torch.zeros(n, 48 * 2, dtype=torch.uint8, device=DEVICE)
+        qm.pack_weight(f16, T.F16, (n, 48))
+    # CPU tensors only run under the interpreter
+    cpu_w = qm.pack_weight(data.cpu(), T.Q8_0, (n, k))
+    monkeypatch.setattr(kt, "INTERPRET", False)
+    with pytest.raises(ValueError, match="CUDA"):
+        qm.qmatmul(x.cpu(), cpu_w)
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+REAL_SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (8192, 2048), (2048, 8192)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes need a GPU")
+@pytest.mark.parametrize("m", [1, 16, 256])
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("qtype", OWN_TYPES, ids=lambda t: t.name)
+def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
+    n, k = shape
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, shape)
+    for dtype in (torch.bfloat16, torch.float16) if m != 16 else X_DTYPES:
+        x = random_x(rng, m, k, dtype)
+        bias = random_bias(rng, n, dtype)
+        path = "gemv" if m <= qm.GEMV_MAX_M else "gemm"
+        y = qm.qmatmul(x, w, bias)
+        check(x, data, qtype, shape, bias, y, tolerance(dtype, path), f"{qtype.name} {dtype}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_graph_capture(m, rng):
+    """The launchers can be captured (split-K workspace included) and replayed."""
+    n, k = 576, 1536
+    data = random_blocks(rng, T.Q4_0, n, k)
+    w = qm.pack_weight(data, T.Q4_0, (n, k))
+    x = random_x(rng, m, k, torch.bfloat16)
+    bias = random_bias(rng, n, torch.bfloat16)
+    expected = qm.qmatmul(x, w, bias)  # also compiles the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = qm.qmatmul(x, w, bias)
+    x.copy_(random_x(rng, m, k, torch.bfloat16))
+    expected = qm.qmatmul(x, w, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
