@@ -24,14 +24,16 @@ def _causal_lm(llm_or_model) -> LlamaForCausalLM:
     return engine.runner.model if engine is not None else llm_or_model
 
 
-def _one_sequence_metadata(start: int, end: int, block_size: int) -> AttentionMetadata:
+def _one_sequence_metadata(
+    start: int, end: int, block_size: int, device: torch.device | None = None
+) -> AttentionMetadata:
     """Tokens start..end-1 of the only sequence; its blocks are 0, 1, 2, ... in order."""
     num_blocks = -(-end // block_size)
     return AttentionMetadata(
-        slot_mapping=torch.arange(start, end, dtype=torch.int64),  # block i holds i*bs..
-        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None, :],
-        seq_lens=torch.tensor([end], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+        slot_mapping=torch.arange(start, end, dtype=torch.int64, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
+        seq_lens=torch.tensor([end], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=device),
         max_query_len=end - start,
         max_seq_len=end,
         seq_lens_host=(end,),
@@ -58,17 +60,19 @@ def iter_logits(
     if not 0 <= logits_from <= num_tokens:
         raise ValueError(f"logits_from must be in [0, {num_tokens}], got {logits_from}")
     model = _causal_lm(llm_or_model)
-    ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
+    device = model.embed.device
+    ids = torch.as_tensor(list(token_ids), dtype=torch.int64, device=device)
     num_blocks = max(1, -(-num_tokens // block_size))
-    kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, kv_dtype)
+    kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, kv_dtype, device)
     for start in range(0, num_tokens, batch_size):
         end = min(start + batch_size, num_tokens)
-        meta = _one_sequence_metadata(start, end, block_size)
-        hidden = model(ids[start:end], torch.arange(start, end), meta, kv_caches)  # (n, D)
+        meta = _one_sequence_metadata(start, end, block_size, device)
+        positions = torch.arange(start, end, device=device)
+        hidden = model(ids[start:end], positions, meta, kv_caches)  # (n, D)
         if end > logits_from:
             first = max(start, logits_from)
             logits = model.compute_logits(hidden[first - start :])  # (n', V)
-            yield first, logits.float()
+            yield first, logits.float().cpu()
 
 
 def score_tokens(

@@ -1,0 +1,166 @@
+"""GPU check and speed of llamapy on GGUF files: logits against the CPU reference, then
+pp / tg / batched decode through the engine (CUDA graphs), like llama-bench and
+llama-batched-bench. Run on the GPU machine, in the same call as llama.cpp's baselines.
+
+usage: python benchmarks/gpu_bench.py MODEL.gguf [MODEL.gguf ...] [--check-tokens 256]
+           [--pp 512] [--tg 128] [--batch 1,16,64,256] [--no-graphs] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llamapy.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from llamapy.engine.scoring import score_tokens  # noqa: E402
+from llamapy.formats import open_model_file  # noqa: E402
+from llamapy.models import build_causal_lm  # noqa: E402
+from llamapy.sampling.params import SamplingParams  # noqa: E402
+from llamapy.tokenizer import Tokenizer  # noqa: E402
+
+
+def random_tokens(n: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+
+def check_logits(path: Path, n_tokens: int, rng: random.Random) -> dict:
+    """Teacher-forced logits of the GPU model vs the CPU torch reference (fp32)."""
+    mf = open_model_file(path)
+    ids = random_tokens(n_tokens, mf.config.vocab_size, rng)
+    cpu = build_causal_lm(mf)
+    cpu.prepare("cpu", cpu_kernels="reference")
+    ref = score_tokens(cpu, ids).double()
+    del cpu
+    gpu = build_causal_lm(open_model_file(path))
+    gpu.prepare("cuda")
+    out = {}
+    for batch in (512, 1):  # prefill GEMM path, and one token at a time (GEMV path)
+        got = score_tokens(gpu, ids, batch_size=batch, kv_dtype=torch.float16).double()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        top1 = (got.argmax(-1) == ref.argmax(-1)).double().mean().item()
+        lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        out[f"b{batch}"] = {"rel_err": rel, "top1": top1, "kl": kl, "nan": bool(got.isnan().any())}
+    return out
+
+
+def engine_for(path: Path, *, max_seqs: int, ctx: int, graphs: bool, batch_tokens: int):
+    mf = open_model_file(path)
+    cfg = EngineConfig(
+        max_model_len=ctx,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=batch_tokens,
+        kv_cache_tokens=max_seqs * ctx,
+        enable_prefix_caching=False,
+        device="cuda",
+        cuda_graphs=graphs,
+    )
+    return LLMEngine(mf, Tokenizer.from_path(path), cfg), mf.config.vocab_size
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], n_gen: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for these prompts generating n_gen tokens each."""
+    params = SamplingParams.greedy(max_tokens=n_gen, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    t_first = None
+    while engine.has_unfinished_requests():
+        engine.step()
+        if t_first is None and all(r.seq.num_output_tokens >= 1 for r in engine.requests.values()):
+            torch.cuda.synchronize()
+            t_first = time.perf_counter()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    t_first = t_first or t1
+    return t_first - t0, t1 - t_first
+
+
+def bench(path: Path, args, rng: random.Random) -> list[dict]:
+    rows = []
+    engine, vocab = engine_for(
+        path,
+        max_seqs=1,
+        ctx=args.pp + args.tg + 16,
+        graphs=not args.no_graphs,
+        batch_tokens=max(args.pp, 512),
+    )
+    run_requests(engine, [random_tokens(args.pp, vocab, rng)], 4)  # warm-up, graph capture
+    pp = [
+        args.pp / run_requests(engine, [random_tokens(args.pp, vocab, rng)], 1)[0]
+        for _ in range(args.reps)
+    ]
+    tg = [
+        (args.tg - 1) / run_requests(engine, [random_tokens(1, vocab, rng)], args.tg)[1]
+        for _ in range(args.reps)
+    ]
+    rows.append({"test": f"pp{args.pp}", "ts": statistics.mean(pp), "sd": statistics.pstdev(pp)})
+    rows.append({"test": f"tg{args.tg}", "ts": statistics.mean(tg), "sd": statistics.pstdev(tg)})
+    del engine
+    torch.cuda.empty_cache()
+    for b in args.batch:
+        engine, vocab = engine_for(
+            path, max_seqs=b, ctx=256 + 16, graphs=not args.no_graphs, batch_tokens=8192
+        )
+        run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 4)
+        pre, dec = run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 128)
+        rows.append(
+            {"test": f"batched B={b}", "ts": b * 127 / dec, "pp_ts": b * 128 / pre, "sd": 0.0}
+        )
+        del engine
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--check-tokens", type=int, default=256)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rng = random.Random()
+    results = {}
+    for path in args.models:
+        res = {}
+        if not args.no_check:
+            res["check"] = check_logits(path, args.check_tokens, rng)
+            print(path.name, "check", json.dumps(res["check"]), flush=True)
+        res["bench"] = bench(path, args, rng)
+        for row in res["bench"]:
+            print(path.name, json.dumps(row), flush=True)
+        results[path.name] = res
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(
+        f"\n| model | test | llamapy t/s | ({torch.cuda.get_device_name()}, graphs "
+        f"{'off' if args.no_graphs else 'on'})"
+    )
+    print("| --- | --- | ---: |")
+    for name, res in results.items():
+        for row in res["bench"]:
+            print(f"| {name} | {row['test']} | {row['ts']:.1f} ± {row['sd']:.1f} |")
+        for k, v in res.get("check", {}).items():
+            print(
+                f"| {name} | check {k} | top1 {v['top1']:.4f} kl {v['kl']:.2e} "
+                f"rel {v['rel_err']:.2e} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
