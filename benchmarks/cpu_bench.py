@@ -1,147 +1,119 @@
 #!/usr/bin/env python
 """Prefill and decode speed on the CPU, llamapy against llama.cpp (llama-cpp-python).
 
-    python benchmarks/cpu_bench.py [smollm2-135m gemma3-270m] [--threads 2] [--repeat 3]
+    python benchmarks/cpu_bench.py [MODEL ...] [--threads 2] [--repeat 3] [-p 512] [-n 128]
 
-pp512: one 512-token prompt on an empty cache (llamapy: the engine's prefill of a request
-with max_tokens=1, prefix caching off; llama.cpp: one llama_decode of 512). tg32: 32 decode
-steps of one token after a 1-token prompt (argmax; llama.cpp reads the last row's logits).
-Both run with the same thread count in the same process, alternately; the best of --repeat
-runs is reported, with llamapy / llama.cpp ratios (> 1: llamapy is faster).
+Both engines read the same GGUF, with the same thread count, in one process, alternately
+(so both see the same machine load), measured as llama-bench measures: `ppP` is the prefill
+of P random tokens on an empty context, `tgN` is N tokens decoded one at a time after a
+1-token prompt; a warm-up run first. llamapy runs through `llamapy bench`'s engine driver
+(`EngineBench`: the real engine, prefix caching off, greedy); llama.cpp through
+`Llama.eval` with n_batch = n_ubatch = 512. Reported: mean ± sd tokens/s over --repeat runs
+and the ratio of the means (> 1: llamapy is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable, Iterator
 
-import numpy as np
-import torch
-
-N_PROMPT = 512
-N_GEN = 32
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        best = min(best, fn())
-    return best
-
-
-class LlamaPy:
-    def __init__(self, path, threads: int) -> None:
-        from llamapy.api import LLM
-
-        self.llm = LLM(
-            str(path),
-            n_ctx=2 * N_PROMPT,
-            n_threads=threads,
-            max_num_batched_tokens=N_PROMPT,
-            enable_prefix_caching=False,
-        )
-
-    def prefill(self, ids: list[int]) -> float:
-        from llamapy.sampling.params import SamplingParams
-
-        t0 = time.perf_counter()
-        self.llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        return time.perf_counter() - t0
-
-    def decode(self, first: int) -> float:
-        from llamapy.sampling.params import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=N_GEN + 1, ignore_eos=True)
-        t_first = None
-        for _ in self.llm.stream([first], params):
-            t_first = t_first or time.perf_counter()  # the prompt pass gives the first token
-        return time.perf_counter() - t_first
+from llamapy.cli.bench import BenchSettings, BenchTest, EngineBench
 
 
 class LlamaCpp:
-    def __init__(self, path, threads: int) -> None:
+    """llama.cpp through llama-cpp-python, timed like llama-bench's test_prompt / test_gen."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int, n_batch: int) -> None:
         import llama_cpp
 
         self.lm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=2 * N_PROMPT,
-            n_batch=N_PROMPT,
+            model_path=path,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_batch,
             n_threads=threads,
             n_threads_batch=threads,
             verbose=False,
-        )
-        self.n_vocab = self.lm.n_vocab()
-
-    def _argmax(self) -> int:
-        return int(
-            np.argmax(np.ctypeslib.as_array(self.lm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)))
         )
 
     def prefill(self, ids: list[int]) -> float:
         self.lm.reset()
         t0 = time.perf_counter()
         self.lm.eval(ids)
-        self._argmax()
         return time.perf_counter() - t0
 
-    def decode(self, first: int) -> float:
+    def generate(self, ids: list[int]) -> float:
+        """Decode `ids` one token at a time on an empty context (llama-bench draws them)."""
         self.lm.reset()
-        self.lm.eval([first])
-        tok = self._argmax()
         t0 = time.perf_counter()
-        for _ in range(N_GEN):
+        for tok in ids:
             self.lm.eval([tok])
-            tok = self._argmax()
         return time.perf_counter() - t0
 
 
-def bench(alias: str, threads: int, repeat: int) -> dict[str, float]:
-    from llamapy.hub import resolve_model
+def _rates(n_tokens: int, seconds: list[float]) -> tuple[float, float]:
+    rates = [n_tokens / s for s in seconds]
+    return statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0
 
-    path = resolve_model(alias).path
-    ours, ref = LlamaPy(path, threads), LlamaCpp(path, threads)
-    rng = np.random.default_rng(0)
-    vocab = ours.llm.config.vocab_size
-    ids = rng.integers(100, min(vocab, 30_000), N_PROMPT).tolist()
-    first = ids[0]
-    ours.prefill(ids[:16])  # warm-up
-    ref.prefill(ids[:16])
-    times: dict[str, list[float]] = {k: [] for k in ("pp_ours", "pp_ref", "tg_ours", "tg_ref")}
+
+def _measure(
+    ours: Callable[[int], float], ref: Callable[[int], float], n: int, n_warmup: int, repeat: int
+) -> tuple[list[float], list[float]]:
+    ours(n_warmup), ref(n_warmup)  # warm-up, as llama-bench: the prompt, or 1 decode
+    t_ours, t_ref = [], []
     for _ in range(repeat):  # alternate, so both see the same machine load
-        times["pp_ours"].append(ours.prefill(ids))
-        times["pp_ref"].append(ref.prefill(ids))
-        times["tg_ours"].append(ours.decode(first))
-        times["tg_ref"].append(ref.decode(first))
-    best = {k: min(v) for k, v in times.items()}
-    return {
-        "pp_ours": N_PROMPT / best["pp_ours"],
-        "pp_ref": N_PROMPT / best["pp_ref"],
-        "tg_ours": N_GEN / best["tg_ours"],
-        "tg_ref": N_GEN / best["tg_ref"],
-    }
+        t_ours.append(ours(n))
+        t_ref.append(ref(n))
+    return t_ours, t_ref
+
+
+def bench(model: str, threads: int, repeat: int, n_prompt: int, n_gen: int) -> Iterator[tuple]:
+    """Rows (test, ours mean, ours sd, llama.cpp mean, llama.cpp sd) for one model."""
+    settings = BenchSettings(n_threads=threads, repetitions=repeat)
+    tests = [BenchTest(n_prompt, 0), BenchTest(0, n_gen)]
+    ours = EngineBench(model, settings, tests)
+    path = str(ours.llm.resolved.path)
+    ref = LlamaCpp(path, threads, max(n_prompt, n_gen) + 16, settings.tokens_per_step)
+    if n_prompt:
+        t_ours, t_ref = _measure(
+            ours.prefill, lambda n: ref.prefill(ours.random_prompt(n)), n_prompt, n_prompt, repeat
+        )
+        yield (f"pp{n_prompt}", *_rates(n_prompt, t_ours), *_rates(n_prompt, t_ref))
+    if n_gen:
+        t_ours, t_ref = _measure(
+            ours.generate, lambda n: ref.generate(ours.random_prompt(n)), n_gen, 2, repeat
+        )
+        yield (f"tg{n_gen}", *_rates(n_gen, t_ours), *_rates(n_gen, t_ref))
+    ours.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", "-t", type=int, default=2)
+    p.add_argument("--repeat", "-r", type=int, default=3)
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, best of {args.repeat}; tokens/s (ratio = llamapy / llama.cpp)")
+    if args.threads < 1 or args.repeat < 1 or args.n_prompt < 0 or args.n_gen < 0:
+        p.error("--threads and --repeat must be >= 1, -p and -n >= 0")
     print(
-        f"| model | pp{N_PROMPT} llamapy | pp{N_PROMPT} llama.cpp | ratio "
-        f"| tg{N_GEN} llamapy | tg{N_GEN} llama.cpp | ratio |"
+        f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
+        "ratio = llamapy / llama.cpp"
     )
-    print("|" + " --- |" * 7)
-    for alias in args.models:
-        r = bench(alias, args.threads, args.repeat)
-        pp_ratio, tg_ratio = r["pp_ours"] / r["pp_ref"], r["tg_ours"] / r["tg_ref"]
-        print(
-            f"| {alias} | {r['pp_ours']:.1f} | {r['pp_ref']:.1f} | {pp_ratio:.3f} "
-            f"| {r['tg_ours']:.1f} | {r['tg_ref']:.1f} | {tg_ratio:.3f} |",
-            flush=True,
-        )
+    print("| model | test | llamapy t/s | llama.cpp t/s | ratio |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for model in args.models:
+        for test, ours, ours_sd, ref, ref_sd in bench(
+            model, args.threads, args.repeat, args.n_prompt, args.n_gen
+        ):
+            print(
+                f"| {model} | {test} | {ours:.1f} ± {ours_sd:.1f} | {ref:.1f} ± {ref_sd:.1f} "
+                f"| {ours / ref:.3f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from llamapy import __version__
-from llamapy.cli import chat, info, perplexity, pull, run, serve, tokenize
+from llamapy.cli import bench, chat, info, mkmodel, perplexity, pull, run, serve, tokenize
 from llamapy.errors import LlamapyError
 
 # Each subcommand module offers `register(subparsers)`, which sets `func` on its parser.
-COMMANDS = (run, chat, serve, perplexity, info, pull, tokenize)
+COMMANDS = (run, chat, serve, perplexity, info, pull, tokenize, bench, mkmodel)
 
 
 def build_parser() -> argparse.ArgumentParser:
