@@ -122,6 +122,55 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     return rows
 
 
+def profile(path: Path, rng: random.Random) -> None:
+    """Where a batch-1 decode step goes: graph replay alone, the whole engine step, and the
+    kernels of one replay."""
+    engine, vocab = engine_for(path, max_seqs=1, ctx=1024, graphs=True, batch_tokens=512)
+    engine.add_request(
+        random_tokens(256, vocab, rng), SamplingParams.greedy(max_tokens=600, ignore_eos=True)
+    )
+    for _ in range(20):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(100):
+        engine.step()
+    step_ms = (time.perf_counter() - t) * 10
+    graph, _, _ = engine.runner.graphs.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay_ms = start.elapsed_time(end) / 100
+    print(
+        f"{path.name}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
+        f"(host overhead {step_ms - replay_ms:.3f} ms)",
+        flush=True,
+    )
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=14, max_name_column_width=60
+        ),
+        flush=True,
+    )
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            engine.step()
+    print(
+        prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60),
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+", type=Path)
@@ -133,8 +182,13 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="only profile a decode step")
     args = ap.parse_args()
     rng = random.Random()
+    if args.profile:
+        for path in args.models:
+            profile(path, rng)
+        return
     results = {}
     for path in args.models:
         res = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,11 @@ def _with_logprobs(out: SamplerOutput, row: int, n_probs: int) -> SampledToken:
     return SampledToken(
         int(out.token_ids[row]), float(out.logprobs[row]), tuple(zip(top_ids, top_lps, strict=True))
     )
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Rows the captured graph samples itself: argmax with, at most, the EOG ban."""
+    return p.is_greedy and not p.has_penalties and not p.logit_bias and not p.n_probs
 
 
 class ModelRunner:
@@ -64,6 +70,7 @@ class ModelRunner:
                 max_blocks=-(-max_len // block_size),
                 scratch_block=num_blocks,
                 block_size=block_size,
+                eog_token_ids=sorted(eog_token_ids),
             )
 
     def prepare(
@@ -113,7 +120,13 @@ class ModelRunner:
         last token, by seq_id."""
         sampled_items = [item for item in batch if item.needs_sample]
         if self.graphs is not None and self.graphs.fits(batch):
-            logits = self.graphs.run(batch, block_manager)
+            logits, greedy = self.graphs.run(batch, block_manager)
+            if all(_plain_greedy(item.seq.params) for item in sampled_items):
+                tokens = greedy.tolist()  # the step's only device-to-host copy
+                return {
+                    it.seq.seq_id: SampledToken(t)
+                    for it, t in zip(sampled_items, tokens, strict=True)
+                }
         else:
             input_ids, positions, meta, sample_rows = self.prepare(batch, block_manager)
             hidden = self.model(input_ids, positions, meta, self.kv_caches)
@@ -152,11 +165,12 @@ class ModelRunner:
 class DecodeGraphs:
     """Decode steps (one new token per sequence) replayed from CUDA graphs.
 
-    One graph per batch-size bucket, captured on first use over static input buffers: ids,
-    positions, slots, block tables of a fixed width, sequence lengths. A step copies its
-    inputs into the buffers (rows past the batch point at a scratch block), replays the graph
-    and returns the logits of its rows. Everything inside reads lengths from device tensors,
-    so one graph serves any sequence lengths.
+    One graph per batch-size bucket, captured on first use over static inputs: token ids,
+    positions, slots, sequence lengths and block tables of a fixed width, all in one int32
+    buffer that a step fills with a single host-to-device copy (rows past the batch point at
+    a scratch block). The graph computes the logits and the greedy pick (argmax after the
+    per-row end-of-generation ban of `ignore_eos`), so a greedy step returns to the host
+    only the token ids. Lengths are read from device tensors: one graph serves any lengths.
     """
 
     def __init__(
@@ -168,49 +182,56 @@ class DecodeGraphs:
         max_blocks: int,
         scratch_block: int,
         block_size: int,
+        eog_token_ids: Sequence[int] = (),
     ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch_block = block_size, scratch_block
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_batch} | {max_batch})
-        self.buckets += [b for b in range(48, max_batch, 16) if b not in self.buckets]
-        self.buckets.sort()
+        buckets = {b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_batch}
+        buckets |= set(range(48, max_batch, 16)) | {max_batch}
+        self.buckets = sorted(buckets)
         dev = kv_caches[0][0].device
-        n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        n = self.max_batch = self.buckets[-1]
         self.max_blocks = max_blocks
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # layout of the int32 input buffer: ids, positions, slots, seq_lens, ban_eog (n each),
+        # then the block tables (n, max_blocks)
+        self.width = 5 * n + n * max_blocks
+        self.staging = torch.zeros(self.width, dtype=torch.int32, pin_memory=True)
+        self.inputs = torch.zeros(self.width, dtype=torch.int32, device=dev)
+        self.eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
+    def _field(self, index: int, bs: int) -> torch.Tensor:
+        return self.inputs[index * self.max_batch : index * self.max_batch + bs]
+
     def fits(self, batch: list[ScheduledSeq]) -> bool:
-        return len(batch) <= self.buckets[-1] and all(
+        return len(batch) <= self.max_batch and all(
             item.num_new_tokens == 1
             and item.needs_sample
             and len(item.seq.block_table) <= self.max_blocks
             for item in batch
         )
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slots[:bs],
-            block_tables=self.block_tables[:bs],
-            seq_lens=self.seq_lens[:bs],
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self.inputs[5 * self.max_batch :].view(self.max_batch, self.max_blocks)
+        meta = AttentionMetadata(
+            slot_mapping=self._field(2, bs),
+            block_tables=tables[:bs],
+            seq_lens=self._field(3, bs),
             query_start_loc=self.query_start_loc[: bs + 1],
             max_query_len=1,
             max_seq_len=self.max_blocks * self.block_size,
         )
+        hidden = self.model(self._field(0, bs), self._field(1, bs), meta, self.kv_caches)
+        logits = self.model.compute_logits(hidden)
+        x = logits.float()
+        if self.eog.numel():
+            banned = self._field(4, bs)[:, None].bool()
+            x[:, self.eog] = x[:, self.eog].masked_fill(banned, float("-inf"))
+        return logits, x.argmax(dim=-1)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(
-            self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches
-        )
-        return self.model.compute_logits(hidden)
-
-    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -219,36 +240,34 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bs)
+            logits, greedy = self._forward(bs)
         self.pool = graph.pool()
-        return graph, logits
+        return graph, logits, greedy
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], block_manager: BlockManager) -> torch.Tensor:
-        n = len(batch)
+    def run(
+        self, batch: list[ScheduledSeq], block_manager: BlockManager
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the step: (logits (n, V), greedy token ids (n,)) on the device."""
+        n, cap, width = len(batch), self.max_batch, self.max_blocks
         bs = next(b for b in self.buckets if b >= n)
-        ids, positions, slots, seq_lens = [], [], [], []
-        tables = torch.full((bs, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        host = self.staging.numpy()
+        host[3 * cap : 3 * cap + bs] = 1  # padded rows: length 1 ...
+        host[2 * cap + n : 2 * cap + bs] = self.scratch_block * self.block_size  # ... scratch
+        tables = host[5 * cap :].reshape(cap, width)
+        tables[:bs] = self.scratch_block
         for row, item in enumerate(batch):
             seq = item.seq
             pos = seq.num_computed_tokens
-            ids.append(seq.tokens_between(pos, pos + 1)[0])
-            positions.append(pos)
-            slots.append(block_manager.slot(seq, pos))
-            seq_lens.append(pos + 1)
-            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        pad = bs - n
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [self.scratch_block * self.block_size] * pad
-        seq_lens += [1] * pad
-        self.input_ids[:bs].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(positions), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:bs].copy_(tables, non_blocking=True)
+            host[row] = seq.tokens_between(pos, pos + 1)[0]
+            host[cap + row] = pos
+            host[2 * cap + row] = block_manager.slot(seq, pos)
+            host[3 * cap + row] = pos + 1
+            host[4 * cap + row] = seq.params.ignore_eos
+            tables[row, : len(seq.block_table)] = seq.block_table
+        self.inputs.copy_(self.staging, non_blocking=True)
         if bs not in self.graphs:
             self.graphs[bs] = self._capture(bs)
-        graph, logits = self.graphs[bs]
+        graph, logits, greedy = self.graphs[bs]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

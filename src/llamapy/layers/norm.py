@@ -14,6 +14,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): the residual add fused with the next norm
+    (one kernel on CUDA, where `residual` is updated in place)."""
+    if x.is_cuda:
+        from llamapy.kernels.triton import norm
+
+        return norm.fused_add_rms_norm(x, residual, weight, eps)
+    residual = residual + x
+    return rms_norm_reference(residual, weight, eps), residual
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)

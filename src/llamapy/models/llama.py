@@ -18,7 +18,7 @@ import torch
 from llamapy.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from llamapy.layers.attention import AttentionMetadata, paged_attention, rope_and_write_kv
 from llamapy.layers.linear import QLinear, embedding_lookup
-from llamapy.layers.norm import rms_norm
+from llamapy.layers.norm import add_rms_norm, rms_norm
 from llamapy.layers.rotary import RotaryEmbedding
 from llamapy.models.weights import Weights
 
@@ -136,15 +136,28 @@ class DecoderLayer(torch.nn.Module):
             self.attn_post_norm = w.f32(p + "post_attention_norm.weight", norm=True)
             self.ffn_post_norm = w.f32(p + "post_ffw_norm.weight", norm=True)
 
-    def forward(self, x, cos_sin, meta, kv_cache) -> torch.Tensor:
-        h = self.attn(rms_norm(x, self.attn_norm, self.eps), cos_sin, meta, kv_cache)
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the previous layer's output h, the residual stream before it) -> the same pair
+        for this layer: the residual add is fused with the norm that follows it."""
+        if residual is None:  # first layer: h is the embedding
+            residual, x = h, rms_norm(h, self.attn_norm, self.eps)
+        else:
+            x, residual = add_rms_norm(h, residual, self.attn_norm, self.eps)
+        h = self.attn(x, cos_sin, meta, kv_cache)
         if self.attn_post_norm is not None:
             h = rms_norm(h, self.attn_post_norm, self.eps)
-        x = x + h
-        h = self.mlp(rms_norm(x, self.ffn_norm, self.eps))
+        x, residual = add_rms_norm(h, residual, self.ffn_norm, self.eps)
+        h = self.mlp(x)
         if self.ffn_post_norm is not None:
             h = rms_norm(h, self.ffn_post_norm, self.eps)
-        return x + h
+        return h, residual
 
 
 class LlamaForCausalLM(torch.nn.Module):
@@ -219,9 +232,10 @@ class LlamaForCausalLM(torch.nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states (before the output norm)."""
         x = self.embed_tokens(input_ids)
         cos_sin = {kind: rope.cos_sin(positions) for kind, rope in self._ropes_by_kind.items()}
+        residual = None
         for il, layer in enumerate(self.layers):
-            x = layer(x, cos_sin[self._is_sliding(il)], meta, kv_caches[il])
-        return x
+            x, residual = layer(x, residual, cos_sin[self._is_sliding(il)], meta, kv_caches[il])
+        return residual + x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(rms_norm(hidden, self.norm, self.config.norm_eps))
