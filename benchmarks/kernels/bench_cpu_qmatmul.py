@@ -6,7 +6,9 @@
 Shapes and types: SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M (real tensors from the cached
 GGUF files), and a Llama-3.2-1B-shaped Q4_0 (random weights). Per (shape, type, M, threads):
 median and best time of qmatmul_cpu, of QLinear, their ratio, GB/s of GGUF block bytes at
-M=1, GFLOP/s at M=512. The machine may be shared: the load average is printed.
+M=1, GFLOP/s at M=512, pack time and packed/block bytes; then, per model, the sum over all
+its matrices of the M=1 medians (the matmul time of one decoded token). The machine may be
+shared: the load average is printed.
 """
 
 from __future__ import annotations
@@ -24,36 +26,37 @@ from llamapy.quant.quantize import quantize
 from llamapy.quant.types import QuantType
 
 
-def real_weights(alias: str) -> list[tuple[str, QTensor]]:
-    """One tensor per distinct (role, type, shape) of a cached model."""
+def real_weights(alias: str) -> list[tuple[str, QTensor, int]]:
+    """One tensor per distinct (role, type, shape) of a cached model, with its count."""
     from llamapy.formats import open_model_file
     from llamapy.hub import resolve_model
 
     f = open_model_file(resolve_model(alias).path)
-    seen: dict[tuple, tuple[str, QTensor]] = {}
+    seen: dict[tuple, list] = {}
     for name in f.tensor_infos:
         t = f.tensor(name)
         role = name.split(".")[-2] if name.startswith("blk") else name
         key = (role, t.qtype, tuple(t.shape))
-        if len(t.shape) == 2 and key not in seen:
-            seen[key] = (f"{alias}:{role}", t)
-    return list(seen.values())
+        if len(t.shape) == 2:
+            seen.setdefault(key, [f"{alias}:{role}", t, 0])[2] += 1
+    return [tuple(v) for v in seen.values()]
 
 
-def llama1b_weights() -> list[tuple[str, QTensor]]:
+def llama1b_weights() -> list[tuple[str, QTensor, int]]:
     out = []
-    for role, (n, k) in {
-        "attn_q": (2048, 2048),
-        "attn_k": (512, 2048),
-        "ffn_up": (8192, 2048),
-        "ffn_down": (2048, 8192),
-        "output": (128256, 2048),
-    }.items():
+    for role, (n, k), count in [
+        ("attn_q", (2048, 2048), 32),  # q and o
+        ("attn_k", (512, 2048), 32),  # k and v
+        ("ffn_up", (8192, 2048), 32),  # gate and up
+        ("ffn_down", (2048, 8192), 16),
+        ("output", (128256, 2048), 1),
+    ]:
         w = torch.randn(n, k) * 0.02
         out.append(
             (
                 f"llama1b:{role}",
                 QTensor(quantize(w, QuantType.Q4_0).view(n, -1), QuantType.Q4_0, (n, k)),
+                count,
             )
         )
     return out
@@ -90,7 +93,8 @@ def main() -> None:
         f"{'weight':28} {'type':5} {'N x K':>13} {'method':14} {'M':>4} {'thr':>3} "
         f"{'med us':>9} {'best us':>9} {'QLinear us':>10} {'x':>6} {'GB/s':>6} {'GF/s':>6}"
     )
-    for label, qt in weights:
+    per_token: dict[tuple[str, int], float] = {}
+    for label, qt, count in weights:
         n, k = qt.shape
         t0 = time.perf_counter()
         w = pack_weight_cpu(qt.data, qt.qtype, (n, k))
@@ -104,6 +108,9 @@ def main() -> None:
                 med, best = timeit(lambda: qmatmul_cpu(x, w), rep)  # noqa: B023
                 base = float("nan") if args.no_baseline else timeit(lambda: ql(x), 3)[0]  # noqa: B023
                 gbs = qt.data.nbytes / med / 1e9 if m == 1 else float("nan")
+                if m == 1:
+                    key = (label.split(":")[0], threads)
+                    per_token[key] = per_token.get(key, 0.0) + count * med
                 gfs = 2 * m * n * k / med / 1e9
                 print(
                     f"{label:28} {qt.qtype.name:5} {f'{n}x{k}':>13} {w.method:14} {m:4} "
@@ -111,7 +118,12 @@ def main() -> None:
                     f"{base / med:6.1f} {gbs:6.1f} {gfs:6.1f}",
                     flush=True,
                 )
-        print(f"  (pack {pack_s * 1e3:.0f} ms, packed {w.nbytes / qt.data.nbytes:.3f}x blocks)")
+        print(
+            f"  (x{count}; pack {pack_s * 1e3:.0f} ms, "
+            f"packed {w.nbytes / qt.data.nbytes:.3f}x blocks)"
+        )
+    for (model, threads), total in per_token.items():
+        print(f"{model}: all matmuls of one decoded token, {threads} thr: {total * 1e3:.2f} ms")
     print(f"loadavg: {loadavg()}")
 
 

@@ -1,12 +1,12 @@
 """CPU quantized matmul (llamapy.kernels.cpu) against a float64 reference, on fresh blocks.
 
-Legacy blocks come from `quantize` of random floats; k-quant blocks are random bytes with
-moderate fp16 super-block scales. Tolerances (relative Frobenius error vs float64):
-  bf16 paths (int4pack at every M, planar at M > 8): x, the block scales/zeros and the output
-  are each rounded to bf16 (relative error <= 2^-9 each; fp32 sums) -> at most 3 * 2^-9,
-  so 2^-7 is the bound;
-  fp32 paths (planar GEMV at M <= 8, dense, dequant-chunks): fp32 products and sums over
-  K = 512 terms -> 1e-5.
+Legacy blocks come from `quantize` of random floats; k-quant and IQ4 blocks are random bytes
+with moderate fp16 super-block scales. Tolerances (relative Frobenius error vs float64):
+  int4pack (every M): x, each weight (v - 8) * scale + zero (formed by the kernel from bf16
+  scale and zero) and the output are each rounded to bf16: relative error <= 2^-8 each, about
+  2^-8 / sqrt(3) rms for random operands; fp32 sums; x * 8 or x * 16 is exact. Three such
+  roundings give ~4e-3 rms (measured 2-4e-3), so 2^-7 (7.8e-3) is the Frobenius bound;
+  fp32 paths (dense, dequant-chunks): fp32 products and sums over K <= 512 terms -> 1e-5.
 """
 
 from __future__ import annotations
@@ -16,85 +16,146 @@ import pytest
 import torch
 
 from llamapy.kernels.cpu import CpuWeight, pack_weight_cpu, qmatmul_cpu, qmatmul_cpu_reference
-from llamapy.kernels.cpu.qmatmul import PLANAR_GEMV_MAX_M
+from llamapy.kernels.cpu.int4pack import pack_nibbles
 from llamapy.quant.quantize import quantize
-from llamapy.quant.types import QuantType, row_nbytes, type_size
+from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
 
-N, K = 96, 512
+SHAPES = [(96, 512), (80, 256)]  # N % 64 = 32 and 16: full 64-row tiles plus each tail kind
 BF16_TOL = 2.0**-7
 FP32_TOL = 1e-5
 LEGACY = {QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1, QuantType.Q8_0}
-# Byte offset of the fp16 super-block scales of each k-quant block.
-K_FP16_FIELDS = {QuantType.Q4_K: (0, 2), QuantType.Q6_K: (208,), QuantType.Q5_K: (0, 2)}
-# (type, method, packed bytes / block bytes bound)
+# Byte offsets of the fp16 (super-)block scales of the types tested with random bytes.
+FP16_FIELDS = {
+    QuantType.Q3_K: (108,),
+    QuantType.Q4_K: (0, 2),
+    QuantType.Q5_K: (0, 2),
+    QuantType.Q6_K: (208,),
+    QuantType.IQ4_NL: (0,),
+    QuantType.IQ4_XS: (0,),
+}
+# (type, method, packed bytes / block bytes bound): int4pack stores 1 nibble per weight (4-bit
+# types) or 2 (split types), plus bf16 scale and zero per group (32 or 64 nibbles).
 CASES = [
     (QuantType.Q4_0, "int4pack", 20 / 18),
-    (QuantType.Q4_1, "int4pack", 1.0),
+    (QuantType.Q4_1, "int4pack", 20 / 20),
     (QuantType.Q4_K, "int4pack", 160 / 144),
-    (QuantType.Q8_0, "int4pack", 40 / 34),
-    (QuantType.Q5_0, "planar", 1.0),
-    (QuantType.Q5_1, "planar", 1.0),
-    (QuantType.Q6_K, "planar", 1.0),
-    (QuantType.Q5_K, "dequant-chunks", 1.0),
+    (QuantType.Q8_0, "int4pack", 36 / 34),
+    (QuantType.Q5_0, "int4pack", 36 / 22),
+    (QuantType.Q5_1, "int4pack", 36 / 24),
+    (QuantType.Q5_K, "int4pack", 288 / 176),
+    (QuantType.Q6_K, "int4pack", 320 / 210),
+    (QuantType.IQ4_NL, "int4pack", 36 / 18),
+    (QuantType.IQ4_XS, "int4pack", 288 / 136),
+    (QuantType.Q3_K, "dequant-chunks", 1.0),
     (QuantType.F16, "dense", 1.0),
 ]
 
 
-def random_weight(rng: np.random.Generator, qtype: QuantType) -> torch.Tensor:
+def random_weight(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     """Valid (N, row_bytes) uint8 blocks of a (N, K) weight."""
     if qtype in LEGACY or qtype == QuantType.F16:
-        scale = 10.0 ** rng.uniform(-3, 0, (N, 1))  # rows of different magnitudes
-        w = torch.from_numpy(rng.standard_normal((N, K)) * scale).to(torch.float32)
-        return quantize(w, qtype).view(N, row_nbytes(qtype, K))
-    blocks = rng.integers(0, 256, (N * K // 256, type_size(qtype)), dtype=np.uint8)
-    for off in K_FP16_FIELDS[qtype]:
+        scale = 10.0 ** rng.uniform(-3, 0, (n, 1))  # rows of different magnitudes
+        w = torch.from_numpy(rng.standard_normal((n, k)) * scale).to(torch.float32)
+        return quantize(w, qtype).view(n, row_nbytes(qtype, k))
+    blocks = rng.integers(0, 256, (n * k // block_size(qtype), type_size(qtype)), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
         d = (rng.standard_normal(blocks.shape[0]) * 1e-2).astype(np.float16)
         blocks[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(blocks).view(N, row_nbytes(qtype, K))
+    return torch.from_numpy(blocks).view(n, row_nbytes(qtype, k))
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def tolerance(w: CpuWeight, m: int) -> float:
-    bf16 = w.method == "int4pack" or (w.method == "planar" and m > PLANAR_GEMV_MAX_M)
-    return BF16_TOL if bf16 else FP32_TOL
+def tolerance(w: CpuWeight) -> float:
+    return BF16_TOL if w.method == "int4pack" else FP32_TOL
 
 
 @pytest.mark.parametrize(
     ("qtype", "method", "max_ratio"), CASES, ids=[f"{c[0].name}-{c[1]}" for c in CASES]
 )
-def test_qmatmul_matches_float64(rng, qtype, method, max_ratio) -> None:
-    data = random_weight(rng, qtype)
-    w = pack_weight_cpu(data, qtype, (N, K))
-    assert (w.qtype, w.n, w.k, w.method) == (qtype, N, K, method)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_qmatmul_matches_float64(rng, qtype, method, max_ratio, n, k) -> None:
+    data = random_weight(rng, qtype, n, k)
+    w = pack_weight_cpu(data, qtype, (n, k))
+    assert (w.qtype, w.n, w.k, w.method) == (qtype, n, k, method)
     assert w.nbytes <= max_ratio * data.nbytes, f"packed {w.nbytes} B, blocks {data.nbytes} B"
     for m in (1, 5, 64):
-        x = torch.from_numpy(rng.standard_normal((m, K))).to(torch.float32)
-        bias = torch.from_numpy(rng.standard_normal(N)).to(torch.float32) if m == 5 else None
+        x = torch.from_numpy(rng.standard_normal((m, k))).to(torch.float32)
+        bias = torch.from_numpy(rng.standard_normal(n)).to(torch.float32) if m == 5 else None
         y = qmatmul_cpu(x, w, bias)
-        ref = qmatmul_cpu_reference(x, data, qtype, (N, K), bias)
-        assert y.shape == (m, N) and y.dtype == torch.float32
+        ref = qmatmul_cpu_reference(x, data, qtype, (n, k), bias)
+        assert y.shape == (m, n) and y.dtype == torch.float32
         assert torch.isfinite(y).all(), f"M={m}: non-finite outputs"
         err = rel_error(y, ref)
-        assert err <= tolerance(w, m), f"M={m}: relative error {err:.3g}"
+        assert err <= tolerance(w), f"M={m}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("n", [64, 80, 96, 112, 176, 16])
+def test_pack_nibbles_matches_aten(n) -> None:
+    """Our packer writes the bytes ATen's `_convert_weight_to_int4pack_for_cpu` writes."""
+    v = torch.randint(0, 16, (n, 128), dtype=torch.int32)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(v, 1)
+    assert torch.equal(pack_nibbles(v.to(torch.uint8)), ref)
+
+
+def test_rows_not_multiple_of_16_fall_back(rng) -> None:
+    n, k = 40, 256
+    data = random_weight(rng, QuantType.Q5_0, n, k)
+    w = pack_weight_cpu(data, QuantType.Q5_0, (n, k))
+    assert w.method == "dequant-chunks"
+    x = torch.from_numpy(rng.standard_normal((3, k))).to(torch.float32)
+    ref = qmatmul_cpu_reference(x, data, QuantType.Q5_0, (n, k))
+    assert rel_error(qmatmul_cpu(x, w), ref) <= FP32_TOL
 
 
 def test_reference_is_float64_dequantized_matmul(rng) -> None:
     """The oracle itself: x @ W.T with W dequantized by hand from Q4_0 blocks (d * (q - 8))."""
-    data = random_weight(rng, QuantType.Q4_0)
+    n, k = SHAPES[0]
+    data = random_weight(rng, QuantType.Q4_0, n, k)
     blocks = data.reshape(-1, 18)
     d = blocks[:, :2].contiguous().view(torch.float16).double()  # (N*K/32, 1)
     qs = blocks[:, 2:].long()
     q = torch.cat([qs & 15, qs >> 4], dim=1) - 8  # (N*K/32, 32)
-    w = (d * q).view(N, K)
-    x = torch.randn(3, K)
-    ref = qmatmul_cpu_reference(x, data, QuantType.Q4_0, (N, K))
+    w = (d * q).view(n, k)
+    x = torch.randn(3, k)
+    ref = qmatmul_cpu_reference(x, data, QuantType.Q4_0, (n, k))
     torch.testing.assert_close(ref, (x.double() @ w.T).float(), rtol=1e-6, atol=1e-6)
 
 
 def test_pack_rejects_wrong_block_shape() -> None:
-    data = torch.zeros(N, row_nbytes(QuantType.Q4_0, K) - 18, dtype=torch.uint8)
+    n, k = SHAPES[0]
+    data = torch.zeros(n, row_nbytes(QuantType.Q4_0, k) - 18, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8 blocks"):
-        pack_weight_cpu(data, QuantType.Q4_0, (N, K))
+        pack_weight_cpu(data, QuantType.Q4_0, (n, k))
+
+
+# Byte offset of the fp16 block scale and, for Q6_K, of the int8 sub-block scales.
+SCALE_OFFSET = {QuantType.Q4_0: 0, QuantType.Q5_0: 0, QuantType.Q6_K: 208}
+
+
+@pytest.mark.parametrize("qtype", list(SCALE_OFFSET), ids=lambda q: q.name)
+def test_int4pack_exact_with_bf16_operands(rng, qtype) -> None:
+    """Types with zero 0. The kernel forms each weight (v - 8) * scale in bf16 and multiplies
+    bf16 pairs; with x bf16-exact and scales of <= 5 significant bits (4 for Q6_K's d * sc),
+    every weight is bf16-exact too, so the only rounding left is the bf16 output (<= 2^-8
+    relative per element: 8 significant bits) plus fp32 sums: each element is checked."""
+    n, k = SHAPES[0]
+    data = random_weight(rng, qtype, n, k).clone()
+    blocks = data.view(-1, type_size(qtype))
+    off = SCALE_OFFSET[qtype]
+    d = blocks[:, off : off + 2].contiguous().view(torch.int16)
+    keep = 0xFE00 if qtype == QuantType.Q6_K else 0xFFC0  # 2 or 5 significant bits
+    blocks[:, off : off + 2] = (d & torch.tensor(keep - 0x10000, dtype=torch.int16)).view(
+        torch.uint8
+    )
+    if qtype == QuantType.Q6_K:
+        blocks[:, 192:208] = (blocks[:, 192:208] & 0x07).view(torch.int8).sub(4).view(torch.uint8)
+    w = pack_weight_cpu(data, qtype, (n, k))
+    x = torch.from_numpy(rng.standard_normal((4, k))).to(torch.bfloat16).to(torch.float32)
+    y = qmatmul_cpu(x, w)
+    ref = qmatmul_cpu_reference(x, data, qtype, (n, k)).double()
+    wf = qmatmul_cpu_reference(torch.eye(k), data, qtype, (n, k)).double()  # W.T
+    scale = x.double().abs() @ wf.abs()
+    assert (y.double() - ref).abs().le(2.0**-8 * ref.abs() + 1e-6 * scale).all()

@@ -199,7 +199,9 @@ class DecodeGraphs:
         self.inputs = torch.zeros(self.width, dtype=torch.int32, device=dev)
         self.eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # by (batch bucket, attention splits)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]]
+        self.graphs = {}
         self.pool = None
 
     def _field(self, index: int, bs: int) -> torch.Tensor:
@@ -213,7 +215,14 @@ class DecodeGraphs:
             for item in batch
         )
 
-    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def splits_for(max_seq_len: int) -> int:
+        """Key splits of the decode attention: about 256 keys or more per split, in powers of
+        two (each count is its own graph). Short contexts take one split and no merge pass;
+        long ones spread over the SMs."""
+        return min(64, 1 << max(0, (max_seq_len - 1) // 256).bit_length())
+
+    def _forward(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         tables = self.inputs[5 * self.max_batch :].view(self.max_batch, self.max_blocks)
         meta = AttentionMetadata(
             slot_mapping=self._field(2, bs),
@@ -222,6 +231,7 @@ class DecodeGraphs:
             query_start_loc=self.query_start_loc[: bs + 1],
             max_query_len=1,
             max_seq_len=self.max_blocks * self.block_size,
+            decode_splits=splits,
         )
         hidden = self.model(self._field(0, bs), self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
@@ -231,16 +241,18 @@ class DecodeGraphs:
             x[:, self.eog] = x[:, self.eog].masked_fill(banned, float("-inf"))
         return logits, x.argmax(dim=-1)
 
-    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(
+        self, bs: int, splits: int
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: compile kernels, settle the allocator
-                self._forward(bs)
+                self._forward(bs, splits)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits, greedy = self._forward(bs)
+            logits, greedy = self._forward(bs, splits)
         self.pool = graph.pool()
         return graph, logits, greedy
 
@@ -256,9 +268,11 @@ class DecodeGraphs:
         host[2 * cap + n : 2 * cap + bs] = self.scratch_block * self.block_size  # ... scratch
         tables = host[5 * cap :].reshape(cap, width)
         tables[:bs] = self.scratch_block
+        longest = 0
         for row, item in enumerate(batch):
             seq = item.seq
             pos = seq.num_computed_tokens
+            longest = max(longest, pos + 1)
             host[row] = seq.tokens_between(pos, pos + 1)[0]
             host[cap + row] = pos
             host[2 * cap + row] = block_manager.slot(seq, pos)
@@ -266,8 +280,9 @@ class DecodeGraphs:
             host[4 * cap + row] = seq.params.ignore_eos
             tables[row, : len(seq.block_table)] = seq.block_table
         self.inputs.copy_(self.staging, non_blocking=True)
-        if bs not in self.graphs:
-            self.graphs[bs] = self._capture(bs)
-        graph, logits, greedy = self.graphs[bs]
+        key = (bs, self.splits_for(longest))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits, greedy = self.graphs[key]
         graph.replay()
         return logits[:n], greedy[:n]

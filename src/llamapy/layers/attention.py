@@ -25,6 +25,9 @@ class AttentionMetadata:
     # Host copies for loops in the CPU reference path (no device sync needed).
     seq_lens_host: tuple[int, ...] = ()
     query_start_loc_host: tuple[int, ...] = ()
+    # Key splits of the CUDA decode kernel (None: from shapes); a captured decode step
+    # fixes it per graph from the batch's longest sequence.
+    decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -1,15 +1,13 @@
 """Quantized matmul on the CPU: y = x @ W.T (+ b) with W kept as (repacked) ggml blocks.
 
 Methods, per weight type (chosen by measurement, see benchmarks/kernels/CPU_NOTES.md):
-  int4pack        Q4_0, Q4_1, Q4_K and Q8_0 (as two int4 halves): ATen's AVX512-BF16 int4
-                  GEMM. x is rounded to bf16, scales/zeros are bf16, sums are fp32, the
-                  output is rounded to bf16 and returned as float32.
-  planar          Q5_0, Q5_1, Q6_K: bit planes read by a torch.compile'd GEMV for M <= 8
-                  (fp32 products and sums); for larger M the weight is dequantized to bf16
-                  by a compiled kernel and multiplied by a bf16 GEMM (fp32 accumulation,
-                  output rounded to bf16).
+  int4pack        Q4_0, Q4_1, Q4_K directly; Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS
+                  with each quant split into two nibbles (see int4pack.py): ATen's
+                  AVX512-BF16 int4 GEMM. x is rounded to bf16, scales/zeros are bf16, sums
+                  are fp32, the output is rounded to bf16 and returned as float32.
   dense           F32, F16, BF16: the weight as it is, `x @ W.T` in float32.
-  dequant-chunks  everything else: rows dequantized to float32 in chunks (QLinear's path).
+  dequant-chunks  everything else (and N not a multiple of 16): rows dequantized to float32
+                  in chunks (QLinear's path).
 """
 
 from __future__ import annotations
@@ -18,12 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llamapy.kernels.cpu import int4pack, planar
+from llamapy.kernels.cpu import int4pack
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, row_nbytes
 
-# Largest M served by the compiled GEMV; above it, dequantize to bf16 and use a GEMM.
-PLANAR_GEMV_MAX_M = 8
 # Rows dequantized at once by the fallback: bounds its float scratch to a few MB.
 CHUNK_ROWS = 2048
 DENSE_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
@@ -36,14 +32,13 @@ class CpuWeight:
     qtype: QuantType
     n: int
     k: int
-    method: str  # "int4pack", "planar", "dense" or "dequant-chunks"
-    tensors: tuple[torch.Tensor, ...]
-    planes: planar.Planes | None = None
+    method: str  # "int4pack", "dense" or "dequant-chunks"
+    tensors: tuple[torch.Tensor, ...]  # int4pack: (nibbles, scales_and_zeros)
+    int4: int4pack.Packed | None = None
 
     @property
     def nbytes(self) -> int:
-        extra = planar.planes_nbytes(self.planes) if self.planes is not None else 0
-        return sum(t.nbytes for t in self.tensors) + extra
+        return sum(t.nbytes for t in self.tensors)
 
 
 def pack_weight_cpu(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]) -> CpuWeight:
@@ -54,11 +49,9 @@ def pack_weight_cpu(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]
             f"expected uint8 blocks of shape ({n}, {row_nbytes(qtype, k)}) for a {qtype.name} "
             f"({n}, {k}) weight, got {data.dtype} {tuple(data.shape)}"
         )
-    if qtype in int4pack.PACKERS and k % int4pack.GROUP == 0:
+    if qtype in int4pack.PACKERS and n % int4pack.ROW_MULTIPLE == 0:
         packed = int4pack.PACKERS[qtype](data, n, k)
-        return CpuWeight(qtype, n, k, "int4pack", packed)
-    if qtype in planar.WEIGHTS:
-        return CpuWeight(qtype, n, k, "planar", (), planar.pack_planes(data, qtype, n, k))
+        return CpuWeight(qtype, n, k, "int4pack", (packed.packed, packed.sz), packed)
     if qtype in DENSE_TYPES:
         w = data.view(torch.float32 if qtype == QuantType.F32 else _float_dtype(qtype))
         return CpuWeight(qtype, n, k, "dense", (w.view(n, k),))
@@ -74,10 +67,8 @@ def qmatmul_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None)
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"expected x of shape (M, {w.k}), got {tuple(x.shape)}")
     x = x.to(torch.float32)
-    if w.method == "int4pack":
-        y = _int4pack(x, w)
-    elif w.method == "planar":
-        y = _planar(x, w)
+    if w.int4 is not None:
+        y = int4pack.int4pack_mm(x, w.int4)
     elif w.method == "dense":
         y = x @ w.tensors[0].to(torch.float32).T
     else:
@@ -85,21 +76,6 @@ def qmatmul_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None)
     if bias is not None:
         y += bias
     return y
-
-
-def _int4pack(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
-    packed, sz = w.tensors
-    xb = x.to(torch.bfloat16)
-    if w.qtype == QuantType.Q8_0:
-        xb = torch.cat([xb, xb], dim=1)  # (M, 2K): the hi and lo halves of each weight
-    return int4pack.int4pack_mm(xb, packed, sz).to(torch.float32)
-
-
-def _planar(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
-    if x.shape[0] <= PLANAR_GEMV_MAX_M:
-        return planar.planar_gemv(x, w.qtype, w.planes)
-    wt = planar.planar_dequant_bf16(w.qtype, w.planes)  # (K, N) bf16
-    return torch.mm(x.to(torch.bfloat16), wt).to(torch.float32)  # fp32 sums, bf16 out
 
 
 def _dequant_chunks(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:

@@ -600,6 +600,7 @@ def paged_attention(
             scale=scale,
             sliding_window=sliding_window,
             softcap=softcap,
+            num_splits=meta.decode_splits,
         )
     return paged_attention_prefill(
         q,

@@ -33,7 +33,7 @@ import torch
 from llamapy.kernels.triton import HAS_TRITON, INTERPRET, triton_usable
 from llamapy.quant.grids import table
 from llamapy.quant.kquants import _k_scale_min, _q3_k_scales
-from llamapy.quant.types import QuantType, block_size, type_size
+from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
 
 if HAS_TRITON:
     import triton
@@ -359,7 +359,9 @@ def gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
     while triton.cdiv(n, block_n) < 2 * num_sms and block_n > 1 and block_n * nsb * lanes > 256:
         block_n //= 2
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = _split(units, nsb, programs, num_sms)
+    # latency-bound small weights: no split-K reduction launch (see qmatmul.SMALL_GEMV_BYTES)
+    small = n * row_nbytes(qtype, k) <= 4 << 20
+    split = 1 if small else _split(units, nsb, programs, num_sms)
     warps = max(1, min(4, block_n * nsb * lanes // (32 * per_thread)))
     return KernelConfig(False, block_m, block_n, nsb, split, warps)
 
