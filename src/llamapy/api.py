@@ -75,6 +75,7 @@ class LLM:
         chat_template: str | None = None,
         device: str = "cpu",
         enable_prefix_caching: bool = True,
+        cpu_kernels: str | None = None,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -96,6 +97,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 enable_prefix_caching=enable_prefix_caching,
                 device=device,
+                **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
             ),
         )
         self.chat_template: ChatTemplate | None = resolve_chat_template(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -54,7 +55,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     kv_dtype: torch.dtype | None = None  # default: float32 on the CPU, float16 on CUDA
-    cpu_kernels: str = "reference"  # "fast" (kernels/cpu) or "reference" (the torch oracle)
+    # "fast" (kernels/cpu: repacked weights, bf16 activations) or "reference" (the torch
+    # oracle: dequantize per call, float32); LLAMAPY_CPU_KERNELS sets the default
+    cpu_kernels: str = field(default_factory=lambda: os.environ.get("LLAMAPY_CPU_KERNELS", "fast"))
     cuda_graphs: bool = True  # replay decode steps from captured CUDA graphs
 
     def __post_init__(self) -> None:

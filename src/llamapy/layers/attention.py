@@ -95,6 +95,10 @@ def paged_attention(
             softcap=softcap,
             causal=causal,
         )
+    if softcap is None:
+        return paged_attention_sdpa(
+            q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, causal=causal
+        )
     return paged_attention_reference(
         q,
         k_cache,
@@ -105,6 +109,52 @@ def paged_attention(
         softcap=softcap,
         causal=causal,
     )
+
+
+def paged_attention_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The reference's result through torch's fused CPU attention (SDPA), one sequence at a
+    time, with few ops: a decode step reads only the visible keys and needs no mask."""
+    n_heads, n_kv = q.shape[1], k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    out = torch.empty(q.shape[0], n_heads, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    starts = meta.query_start_loc_host
+    for b, seq_len in enumerate(meta.seq_lens_host):
+        qs, qe = starts[b], starts[b + 1]
+        n_q = qe - qs
+        first = 0  # first key any query of this sequence can see
+        if sliding_window is not None and causal:
+            first = max(0, seq_len - n_q - sliding_window + 1)
+        blocks = meta.block_tables[b, first // block_size : -(-seq_len // block_size)].long()
+        lo = first - first // block_size * block_size
+        n_k = seq_len - first
+        k = k_cache[blocks].flatten(0, 1)[lo : lo + n_k].to(q.dtype)  # (L, n_kv, d)
+        v = v_cache[blocks].flatten(0, 1)[lo : lo + n_k].to(q.dtype)
+        mask = None
+        if n_q > 1 or not causal or sliding_window is not None:
+            q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]
+            k_pos = torch.arange(first, seq_len)[None, :]
+            mask = k_pos <= q_pos if causal else torch.ones(n_q, n_k, dtype=torch.bool)
+            if sliding_window is not None:
+                mask = mask & (q_pos - k_pos < sliding_window)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[qs:qe].transpose(0, 1),  # (n_heads, Tq, d)
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=n_heads != n_kv,
+        )
+        out[qs:qe] = o.transpose(0, 1)
+    return out
 
 
 def paged_attention_reference(
