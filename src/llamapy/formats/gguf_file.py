@@ -334,6 +334,14 @@ class GGUFFile:
         template = self.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
         return template if isinstance(template, str) else None
 
+    def release_pages(self) -> None:
+        """Let the kernel drop the file's resident pages (after the weights were copied or
+        repacked): the mapping stays valid and pages read later come back from the file.
+        Nothing writes to the mapping, so no copy-on-write page is lost."""
+        mm = getattr(self, "_mmap", None)
+        if mm is not None and not mm.closed and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         self._torch_buffer = None
         mm = getattr(self, "_mmap", None)

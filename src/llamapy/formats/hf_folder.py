@@ -220,6 +220,9 @@ class HFFolder:
             template = named.get("default")
         return template if isinstance(template, str) else None
 
+    def release_pages(self) -> None:
+        """Nothing to release: safetensors tensors are read on demand."""
+
     def close(self) -> None:
         self._handles.clear()
 

@@ -36,7 +36,9 @@ class QLinear(torch.nn.Module):
         self.weight = weight
         self.bias = bias
         self.out_features, self.in_features = weight.shape
-        self.packed = None  # kernel-specific form of `weight`, set by prepare()
+        # kernel-specific form of `weight`, set by prepare(), which then empties `weight`
+        # (the blocks live on in `packed` alone)
+        self.packed = None
         self.kernel = "reference"
 
     @classmethod
@@ -63,13 +65,15 @@ class QLinear(torch.nn.Module):
 
             data = self.weight.data.to(device, non_blocking=True)
             self.packed = pack_weight(data, self.weight.qtype, self.weight.shape)
-            self.weight = QTensor(data, self.weight.qtype, self.weight.shape)
             self.kernel = "triton"
+            # the packed arrays are the weight now: keep no second copy on the GPU
+            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
         elif cpu_kernels == "fast":
             from llamapy.kernels.cpu.qmatmul import pack_weight_cpu
 
             self.packed = pack_weight_cpu(self.weight.data, self.weight.qtype, self.weight.shape)
             self.kernel = "cpu"
+            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
         if self.bias is not None:
             self.bias = self.bias.to(device)
 
