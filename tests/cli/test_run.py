@@ -57,3 +57,26 @@ def test_unknown_flag_is_usage_error() -> None:
     proc = _run("hi", "--no-such-flag")
     assert proc.returncode == 2
     assert "unrecognized arguments" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--device", "tpu"), "device must be 'cpu' or 'cuda[:N]'"),
+        (("--device", "cpu", "-ngl", "99"), "contradicts -ngl 99"),
+        (("-ngl", "-1"), "-ngl must be >= 0"),
+    ],
+)
+def test_bad_device_flags_are_one_line_errors(flags, message) -> None:
+    proc = _run("hi", "-n", "1", *flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the no-GPU error; this host has one"
+)
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    proc = _run("hi", "-n", "1", "--device", "cuda")
+    assert proc.returncode == 2
+    assert "no CUDA GPU is available" in proc.stderr and "Traceback" not in proc.stderr

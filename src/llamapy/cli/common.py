@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
 from llamapy.sampling.params import SamplingParams
 
@@ -37,6 +38,21 @@ def add_model_args(
         default=None,
         metavar="N",
         help=threads_help,
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="cpu (default) or cuda[:N]: the GPU runs Triton kernels and CUDA-graph decoding",
+    )
+    p.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="llama.cpp's offload flag: N > 0 runs the whole model on the GPU (as --device "
+        "cuda; partial offload is not supported), 0 keeps it on the CPU",
     )
     p.add_argument(
         "--chat-template",
@@ -96,6 +112,25 @@ def sampling_params(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> Sam
     )
 
 
+def device_from_args(args: argparse.Namespace) -> str:
+    """--device, or llama.cpp's -ngl (N > 0: the GPU); conflicting values are a usage error."""
+    ngl = getattr(args, "n_gpu_layers", None)
+    device = getattr(args, "device", None)
+    if ngl is not None and ngl < 0:
+        raise UsageError(f"-ngl must be >= 0, got {ngl}")
+    from_ngl = None if ngl is None else ("cuda" if ngl > 0 else "cpu")
+    if device is not None and from_ngl is not None and device.split(":")[0] != from_ngl:
+        raise UsageError(f"--device {device} contradicts -ngl {ngl}")
+    device = device or from_ngl or "cpu"
+    from llamapy.engine.llm_engine import check_device
+
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return device
+
+
 def load_llm(args: argparse.Namespace):
     from llamapy.api import LLM
 
@@ -104,4 +139,5 @@ def load_llm(args: argparse.Namespace):
         n_ctx=args.ctx_size,
         n_threads=args.threads,
         chat_template=args.chat_template,
+        device=device_from_args(args),
     )

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from llamapy.cli.common import add_model_args
+from llamapy.cli.common import add_model_args, device_from_args
 from llamapy.errors import UsageError
 
 
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         enable_metrics=args.metrics,
         max_queued=args.max_queued,
         n_threads=args.threads or max(1, (os.cpu_count() or 2) - 1),
+        device=device_from_args(args),
     )
     app = create_app(config)
     logging.getLogger("llamapy").setLevel(logging.INFO)

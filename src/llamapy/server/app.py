@@ -52,6 +52,7 @@ class ServerConfig:
     enable_metrics: bool = False
     max_queued: int = 64
     n_threads: int | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -113,6 +114,7 @@ def load_model(state: ServerState) -> None:
             max_num_seqs=cfg.max_num_seqs,
             n_threads=cfg.n_threads,
             chat_template=cfg.chat_template,
+            device=cfg.device,
         )
     except Exception as e:  # any failure must show in /health, not leave it loading forever
         state.load_error = str(e)
