@@ -195,3 +195,21 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "not a GGUF file" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_dimension_past_int64_with_a_zero_dimension(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A tensor of 0 x 2^64-1 elements holds no bytes but cannot be shaped: a clean error
+    (hypothesis once found it as a TypeError from torch's view)."""
+    layout = header_layout(tiny_gguf)
+    data = bytearray(tiny_gguf.read_bytes())
+    for (start, length), type_pos in zip(
+        layout.tensor_name_spans, layout.tensor_type_positions, strict=True
+    ):
+        (n_dims,) = struct.unpack_from("<I", data, start + length)
+        if n_dims == 2:
+            data[type_pos - 16 : type_pos] = struct.pack("<QQ", 0, 2**64 - 1)
+            break
+    else:
+        pytest.fail("fixture has no 2-D tensor")
+    with pytest.raises(ModelFormatError, match="overflows 64-bit"):
+        _load(_write(tmp_path, bytes(data))) or GGUFFile(_write(tmp_path, bytes(data)))

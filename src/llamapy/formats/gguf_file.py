@@ -292,6 +292,15 @@ class GGUFFile:
                     f"tensor {name!r} data offset {offset} is not a multiple of the "
                     f"alignment {self.alignment}"
                 )
+            # ggml's dimensions are int64 and so is their product (gguf.c checks both),
+            # even when another dimension is 0 and the tensor holds no bytes
+            count = 1
+            for dim in shape:
+                count *= max(dim, 1)
+                if dim >= 2**63 or count >= 2**63:
+                    raise ModelFormatError(
+                        f"tensor {name!r} shape {tuple(shape)} overflows 64-bit element counts"
+                    )
             nbytes = _tensor_nbytes(name, shape, qtype)
             if offset + nbytes > data_size:
                 raise ModelFormatError(

@@ -64,7 +64,7 @@ def rope_and_write_kv(
         return rotary_and_cache(
             q, k, v, *cos_sin, *kv_cache, slot_mapping, interleaved=rope.interleaved
         )
-    q, k = rope(q, *cos_sin), rope(k, *cos_sin)
+    q, k = rope.apply_pair(q, k, *cos_sin)
     write_kv(*kv_cache, k, v, slot_mapping)
     return q
 
@@ -138,6 +138,12 @@ def paged_attention_sdpa(
         n_k = seq_len - first
         k = k_cache[blocks].flatten(0, 1)[lo : lo + n_k].to(q.dtype)  # (L, n_kv, d)
         v = v_cache[blocks].flatten(0, 1)[lo : lo + n_k].to(q.dtype)
+        if n_q == 1 and causal:  # decode: every gathered key is visible; grouped bmm
+            qg = q[qs].view(n_kv, n_heads // n_kv, -1)  # (n_kv, g, d)
+            scores = torch.bmm(qg, k.permute(1, 2, 0)) * scale  # (n_kv, g, L)
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out[qs] = torch.bmm(probs, v.transpose(0, 1)).view(n_heads, -1)
+            continue
         mask = None
         if n_q > 1 or not causal or sliding_window is not None:
             q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]

@@ -52,6 +52,22 @@ class RotaryEmbedding:
         angles = positions.to(torch.float64)[:, None] * self.position_scale * self.inv_freq
         return angles.cos().float(), angles.sin().float()  # (T, rot_dim/2)
 
+    def apply_pair(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k at the same positions. Float32 pairs (NORM layout, whole heads)
+        rotate as complex numbers, (x0 + i x1) * (cos + i sin): a single op per tensor in
+        place of a dozen, the same products and sums."""
+        if (
+            self.interleaved
+            and q.dtype == k.dtype == torch.float32
+            and self.rot_dim == q.shape[-1] == k.shape[-1]
+            and q.stride(-1) == k.stride(-1) == 1
+        ):
+            cis = torch.complex(cos, sin)[:, None, :]  # (T, 1, rot_dim / 2)
+            return _rotate_complex(q, cis), _rotate_complex(k, cis)
+        return self(q, cos, sin), self(k, cos, sin)
+
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (T, n_heads, head_dim); cos/sin from `cos_sin(positions)`."""
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]
@@ -63,6 +79,11 @@ class RotaryEmbedding:
             x1, x2 = rot.chunk(2, dim=-1)
             out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+def _rotate_complex(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (T, heads, d / 2)
+    return torch.view_as_real(pairs * cis).flatten(-2)
 
 
 def llama3_freq_factors(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
