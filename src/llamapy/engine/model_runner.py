@@ -235,7 +235,7 @@ class DecodeGraphs:
         )
         hidden = self.model(self._field(0, bs), self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        x = logits.float()
+        x = logits.to(torch.float32, copy=True)  # the returned logits stay unbanned
         if self.eog.numel():
             banned = self._field(4, bs)[:, None].bool()
             x[:, self.eog] = x[:, self.eog].masked_fill(banned, float("-inf"))
