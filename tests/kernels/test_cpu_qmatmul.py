@@ -159,3 +159,18 @@ def test_int4pack_exact_with_bf16_operands(rng, qtype) -> None:
     wf = qmatmul_cpu_reference(torch.eye(k), data, qtype, (n, k)).double()  # W.T
     scale = x.double().abs() @ wf.abs()
     assert (y.double() - ref).abs().le(2.0**-8 * ref.abs() + 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q4_1, QuantType.Q5_0])
+def test_packing_in_row_chunks_gives_the_same_bytes(qtype, rng) -> None:
+    """Large matrices are packed in row chunks (bounded temporaries); the result must be the
+    one-shot packing's, including a last chunk shorter than the others."""
+    from llamapy.kernels.cpu import int4pack
+    from llamapy.kernels.cpu.qmatmul import _pack_int4_in_chunks
+
+    n, k = 64 * 5 + 16, 256
+    data = quantize(torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32)), qtype)
+    whole = int4pack.PACKERS[qtype](data, n, k)
+    chunked = _pack_int4_in_chunks(data, qtype, n, k, chunk=128)
+    assert torch.equal(whole.packed, chunked.packed) and torch.equal(whole.sz, chunked.sz)
+    assert chunked.group == whole.group and chunked.block == whole.block

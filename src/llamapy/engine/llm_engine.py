@@ -111,11 +111,14 @@ class LLMEngine:
             )
         model = build_causal_lm(model_file)
         device = torch.device(config.device)
-        model.prepare(device, cpu_kernels=config.cpu_kernels)
-        if device.type == "cuda" or config.cpu_kernels == "fast":
-            # the weights now live in their repacked copies: the file's pages need not stay
-            # resident (embedding rows are read back from the file as they are looked up)
-            model_file.release_pages()
+        # Repacked weights are copies: the file's pages need not stay resident (embedding
+        # rows are read back from the file as they are looked up).
+        repacks = device.type == "cuda" or config.cpu_kernels == "fast"
+        model.prepare(
+            device,
+            cpu_kernels=config.cpu_kernels,
+            release_pages=model_file.release_pages if repacks else None,
+        )
         kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         kv_tokens = config.kv_cache_tokens or config.max_model_len
         num_blocks = -(-kv_tokens // config.block_size)

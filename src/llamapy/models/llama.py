@@ -179,13 +179,23 @@ class LlamaForCausalLM(torch.nn.Module):
         )
         self._ropes_by_kind = ropes
 
-    def prepare(self, device: torch.device | str, *, cpu_kernels: str = "fast") -> None:
+    def prepare(
+        self,
+        device: torch.device | str,
+        *,
+        cpu_kernels: str = "fast",
+        release_pages: Callable[[], None] | None = None,
+    ) -> None:
         """Place the weights on `device` in the form its kernels read (once, after building).
-        `cpu_kernels="reference"` keeps the CPU on the dequantize-per-call torch oracle."""
+        `cpu_kernels="reference"` keeps the CPU on the dequantize-per-call torch oracle.
+        `release_pages`, called after each repacked matrix, lets the file's pages go as
+        soon as they are copied, so they never all stay resident beside the copies."""
         device = torch.device(device)
         for module in self.modules():
             if isinstance(module, QLinear):
                 module.prepare(device, cpu_kernels)
+                if release_pages is not None:
+                    release_pages()
             else:  # norm weights and other small float tensors held as plain attributes
                 for name, value in list(vars(module).items()):
                     if isinstance(value, torch.Tensor):

@@ -50,12 +50,37 @@ def pack_weight_cpu(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]
             f"({n}, {k}) weight, got {data.dtype} {tuple(data.shape)}"
         )
     if qtype in int4pack.PACKERS and n % int4pack.ROW_MULTIPLE == 0:
-        packed = int4pack.PACKERS[qtype](data, n, k)
+        packed = _pack_int4_in_chunks(data, qtype, n, k)
         return CpuWeight(qtype, n, k, "int4pack", (packed.packed, packed.sz), packed)
     if qtype in DENSE_TYPES:
         w = data.view(torch.float32 if qtype == QuantType.F32 else _float_dtype(qtype))
         return CpuWeight(qtype, n, k, "dense", (w.view(n, k),))
     return CpuWeight(qtype, n, k, "dequant-chunks", (data,))
+
+
+# Rows packed at once: bounds the packers' temporaries (several bytes per weight) for large
+# matrices such as a 262144-row output; a multiple of the int4 layout's 64-row tile, so the
+# chunks' bytes are the whole matrix's.
+PACK_CHUNK_ROWS = 16384
+
+
+def _pack_int4_in_chunks(
+    data: torch.Tensor, qtype: QuantType, n: int, k: int, chunk: int = PACK_CHUNK_ROWS
+) -> int4pack.Packed:
+    pack = int4pack.PACKERS[qtype]
+    if n <= chunk:
+        return pack(data, n, k)
+    assert chunk % int4pack.TILE_N == 0
+    first = pack(data[:chunk], chunk, k)
+    packed = torch.empty(n, first.packed.shape[1], dtype=first.packed.dtype)
+    sz = torch.empty(first.sz.shape[0], n, 2, dtype=first.sz.dtype)
+    packed[:chunk], sz[:, :chunk] = first.packed, first.sz
+    for start in range(chunk, n, chunk):
+        rows = min(chunk, n - start)
+        part = pack(data[start : start + rows], rows, k)
+        packed[start : start + rows] = part.packed
+        sz[:, start : start + rows] = part.sz
+    return int4pack.Packed(packed, sz, first.group, first.block, first.xmul)
 
 
 def _float_dtype(qtype: QuantType) -> torch.dtype:
