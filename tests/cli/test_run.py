@@ -80,3 +80,19 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     proc = _run("hi", "-n", "1", "--device", "cuda")
     assert proc.returncode == 2
     assert "no CUDA GPU is available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_cpu_kernels_variable_is_a_one_line_error() -> None:
+    import os
+
+    env = {**os.environ, "LLAMAPY_CPU_KERNELS": "turbo"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamapy", "run", "hi", "-n", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "LLAMAPY_CPU_KERNELS must be one of" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
@@ -133,6 +134,11 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 def load_llm(args: argparse.Namespace):
     from llamapy.api import LLM
+    from llamapy.layers.linear import CPU_KERNELS
+
+    kernels = os.environ.get("LLAMAPY_CPU_KERNELS")
+    if kernels is not None and kernels not in CPU_KERNELS:
+        raise UsageError(f"LLAMAPY_CPU_KERNELS must be one of {CPU_KERNELS}, got {kernels!r}")
 
     return LLM(
         args.model,
