@@ -413,17 +413,18 @@ def gelu_tanh64(g: torch.Tensor) -> torch.Tensor:
     return g / (1.0 + torch.exp(-2.0 * z))
 
 
-def act_bounds(dtype, exact, exp_arg, g_up) -> tuple[torch.Tensor, torch.Tensor]:
+def act_bounds(dtype, exact, exp_arg, g_up, up) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel: float32 exp(arg) carries |arg| * u32 relative error from rounding its argument,
     plus a few ulp (ex2.approx) and 3 products; where exp overflows (arg > 88.7) the
     activation underflows to 0, an error under smallest-normal * |gate * up|.
     Reference: torch computes 0.5 g (1 + tanh z) in float32, which cancels for large negative
-    z (absolute error ~ u32 * |gate * up|), rounds act(g) to dtype, then the product."""
+    z (absolute error ~ u32 * |gate * up|), rounds act(g) to dtype (absolutely, in the
+    subnormal range: very negative gates, then scaled by |up|), then the product."""
     u = UNIT_ROUNDOFF[dtype]
     tiny = torch.finfo(torch.float32).tiny
     kernel = (KERNEL_ROUNDOFF[dtype] + 4 * U32 * (exp_arg.abs() + 8)) * exact.abs()
     kernel += tiny * (1 + g_up.abs()) + underflow(dtype)
-    reference = 2 * u * exact.abs() + 4 * U32 * g_up.abs() + underflow(dtype)
+    reference = 2 * u * exact.abs() + 4 * U32 * g_up.abs() + underflow(dtype) * (1 + up.abs())
     return kernel, kernel + reference
 
 
@@ -469,7 +470,9 @@ def test_act_and_mul(gen, act, dtype, shape, fused):
     assert torch.equal(x, before), "input modified"
     assert out.shape == gate.shape and out.dtype == dtype and out.is_contiguous()
     exact = exact_act(gate.double()) * up.double()
-    to_exact, to_ref = act_bounds(dtype, exact, exp_arg(gate.double()), gate.double() * up)
+    to_exact, to_ref = act_bounds(
+        dtype, exact, exp_arg(gate.double()), gate.double() * up, up.double()
+    )
     assert_within("kernel vs float64", out, exact, to_exact)
     ref = reference(gate, up)
     # layers.activation dispatches to the kernel on CUDA: compare the torch paths on the CPU

@@ -162,6 +162,19 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) (the first index of each row's maximum) in two passes over 256-column
+    chunks for large vocabularies: torch's one-pass argmax of a single 128k row runs on one
+    block (28 us on an H100, more than a layer of the model)."""
+    n, v = x.shape
+    if v < 65536 or v % 256:
+        return x.argmax(dim=-1)
+    width = v // 256
+    values, within = x.view(n, 256, width).max(dim=-1)  # first maximum in each chunk
+    chunk = values.argmax(dim=-1)  # first chunk holding the row's maximum
+    return chunk * width + within.gather(1, chunk[:, None])[:, 0]
+
+
 class DecodeGraphs:
     """Decode steps (one new token per sequence) replayed from CUDA graphs.
 
@@ -186,6 +199,7 @@ class DecodeGraphs:
     ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch_block = block_size, scratch_block
+        self.num_kv_heads = kv_caches[0][0].shape[2]
         buckets = {b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_batch}
         buckets |= set(range(48, max_batch, 16)) | {max_batch}
         self.buckets = sorted(buckets)
@@ -215,12 +229,14 @@ class DecodeGraphs:
             for item in batch
         )
 
-    @staticmethod
-    def splits_for(max_seq_len: int) -> int:
-        """Key splits of the decode attention: about 256 keys or more per split, in powers of
-        two (each count is its own graph). Short contexts take one split and no merge pass;
-        long ones spread over the SMs."""
-        return min(64, 1 << max(0, (max_seq_len - 1) // 256).bit_length())
+    def splits_for(self, bs: int) -> int:
+        """Key splits of the decode attention for a batch bucket, a power of two: 32 for a
+        single sequence, fewer when the batch already gives the SMs enough (sequence, KV
+        head) programs. Not a function of the context length, so one graph per bucket serves
+        every length: splits past the keys are empty programs (H100 sweep, benchmarks/kernels/
+        tune_decode.py: 16-key tiles over 8-32 splits are 2-4x faster than one long split at
+        128-2048 keys)."""
+        return max(1, min(32, 1 << max(0, (2048 // (bs * self.num_kv_heads)) - 1).bit_length()))
 
     def _forward(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         tables = self.inputs[5 * self.max_batch :].view(self.max_batch, self.max_blocks)
@@ -239,7 +255,7 @@ class DecodeGraphs:
         if self.eog.numel():
             banned = self._field(4, bs)[:, None].bool()
             x[:, self.eog] = x[:, self.eog].masked_fill(banned, float("-inf"))
-        return logits, x.argmax(dim=-1)
+        return logits, argmax_rows(x)
 
     def _capture(
         self, bs: int, splits: int
@@ -268,11 +284,9 @@ class DecodeGraphs:
         host[2 * cap + n : 2 * cap + bs] = self.scratch_block * self.block_size  # ... scratch
         tables = host[5 * cap :].reshape(cap, width)
         tables[:bs] = self.scratch_block
-        longest = 0
         for row, item in enumerate(batch):
             seq = item.seq
             pos = seq.num_computed_tokens
-            longest = max(longest, pos + 1)
             host[row] = seq.tokens_between(pos, pos + 1)[0]
             host[cap + row] = pos
             host[2 * cap + row] = block_manager.slot(seq, pos)
@@ -280,7 +294,7 @@ class DecodeGraphs:
             host[4 * cap + row] = seq.params.ignore_eos
             tables[row, : len(seq.block_table)] = seq.block_table
         self.inputs.copy_(self.staging, non_blocking=True)
-        key = (bs, self.splits_for(longest))
+        key = (bs, self.splits_for(bs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, logits, greedy = self.graphs[key]

@@ -434,10 +434,14 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so that tests exercise the merge
 
 
-def _decode_block_n(head_dim: int) -> int:
-    if INTERPRET:
-        return 16  # small tiles: tests at small shapes still cross tiles and splits
-    return 64 if head_dim <= 128 else 32
+def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
+    """Keys per tile of the decode kernel. H100 sweep (benchmarks/kernels/tune_decode.py, one
+    query, 128-2048 keys): with many splits, 16-key tiles (about one per split at short
+    contexts) are best; head dims over 128 take 16 always (32 was 11-30x slower for Gemma's
+    256); few splits (large batches) walk long runs of keys in 64-key tiles."""
+    if INTERPRET or head_dim > 128 or num_splits >= 16:
+        return 16  # (the interpreter: small tests still cross tiles and splits)
+    return 64
 
 
 def default_num_splits(
@@ -464,9 +468,11 @@ def paged_attention_decode(
     softcap: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Flash-decoding: q (B, n_heads, d), one query per sequence at position seq_lens[b] - 1,
-    -> (B, n_heads, d) in q's dtype. Graph-capturable: launches depend on shapes only."""
+    -> (B, n_heads, d) in q's dtype. Graph-capturable: launches depend on shapes only.
+    tiles: (BLOCK_N, num_warps, num_stages) of the split kernel (the tuner's hook)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
@@ -484,6 +490,7 @@ def paged_attention_decode(
     if batch == 0:
         return out
     block_d = triton.next_power_of_2(d)
+    block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
@@ -497,10 +504,10 @@ def paged_attention_decode(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size, BLOCK_N=_decode_block_n(d), NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(q.dtype), LOOP_WHILE=INTERPRET,
-        num_warps=4 if block_d <= 128 else 8, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
     # fmt: on
     if num_splits > 1:

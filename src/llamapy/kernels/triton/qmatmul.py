@@ -228,12 +228,14 @@ def qmatmul_with(
     path: str = "auto",
     split_k: int | None = None,
     out: torch.Tensor | None = None,
+    gemv_config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
 
     path: "gemv", "gemm" or "auto" (GEMV for M <= GEMV_MAX_M). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
+    gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
     """
     _check_inputs(x, w, bias)
     m = x.shape[0]
@@ -256,7 +258,7 @@ def qmatmul_with(
     if path not in ("auto", "gemv", "gemm"):
         raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
     if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
-        _launch_gemv(x, w, bias, out, split_k)
+        _launch_gemv(x, w, bias, out, split_k, gemv_config)
     else:
         _launch_gemm(x, w, bias, out)
     return out
@@ -276,25 +278,36 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_NIBBLE_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1})
+
 # Weights up to this size are read in a few microseconds: no split-K for them.
 SMALL_GEMV_BYTES = 4 << 20
 
 
 def _gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
-    """Tile sizes of the GEMV: ~8 KiB of weights per program and K step, 8 blocks (256
-    weights) per step, K split until the grid covers about two waves of the SMs.
+    """Tile sizes of the GEMV, from an H100 sweep at the decode shapes of SmolLM2 and
+    Llama-3.2-1B (benchmarks/kernels/tune_decode.py: CUDA-graph replays over rotating weight
+    copies, float32 activations).
 
-    With 4 warps a step covers 16 rows x 8 blocks, so BLOCK_N > 16 gives each thread several
-    rows at the same k, reusing its x values in registers (ptxas, sm_90: 64 registers at
-    BLOCK_N = 32 for Q4_0, no spills)."""
+    4/5-bit types: 32 blocks (1024 weights) per K step and narrow row tiles (4-8 rows, 16 for
+    wide-K-short matrices), no split: 1.1-1.5x over 8 blocks x 32 rows; vocabulary-sized
+    outputs keep 32-row tiles of 8 blocks (thousands of programs already).
+    Q8_0 and float types (not swept yet): ~8 KiB of weights per program and step, 8 blocks per
+    step, K split until the grid covers about two waves of the SMs, no split for small
+    (latency-bound) matrices."""
+    block_m = 1 << (m - 1).bit_length()
+    small = n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES
+    if qtype in _NIBBLE_TYPES:
+        if n >= 65536:
+            return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
+        block_n = 16 if not small and k <= 4096 else 8 if n < 2048 else 4
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
     block_b = 8
     tile_rows = 8192 // (block_b * row_nbytes(qtype, QK))
     block_n = max(4, min(64, 1 << (tile_rows.bit_length() - 1)))  # power of two
-    block_m = 1 << (m - 1).bit_length()
     steps = triton.cdiv(k // QK, block_b)
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = 1
-    if n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES:
+    if small:
         # latency-bound: a split-K reduction launch costs more than the bytes it spreads
         # (H100 profile: 1.1 us per reduce, 121 GEMVs a SmolLM2 token); narrower row tiles
         # give the SMs work instead
@@ -302,6 +315,7 @@ def _gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> dict
             block_n //= 2
             programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT": 1}
+    split = 1
     while programs * split < 2 * num_sms and steps >= 2 * split:  # >= 1 step per split
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT": split}
@@ -313,9 +327,13 @@ def _launch_gemv(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     split_k: int | None,
+    config: dict[str, int] | None = None,
 ) -> None:
     m, n, k = x.shape[0], w.n, w.k
     cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device))
+    if config is not None:
+        cfg.update(config)
+    num_warps = cfg.pop("num_warps", 4)
     if m > cfg["BLOCK_M"]:  # forced GEMV for a larger batch: more row groups, same tiles
         cfg["BLOCK_M"] = 1 << (GEMV_MAX_M - 1).bit_length()
     if split_k is not None:
@@ -332,7 +350,7 @@ def _launch_gemv(
         x, *_operands(w), bias if bias is not None else out, dest,
         m, n, k, x.stride(0), steps_per_split,
         QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, INTERP=INTERPRET, **cfg,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024

@@ -1,0 +1,219 @@
+"""Sweep the decode kernels' tiles at real model shapes on a GPU.
+
+GEMVs run over rotating copies of the weight (more bytes than L2 holds) and every variant is
+timed as CUDA-graph replays, which is what a decode step sees: launch gaps included, no host
+work. Decode attention is timed the same way at a few context lengths. Prints, per shape, the
+current choice, the best variant and the speedup, and writes all timings as JSON.
+
+    python benchmarks/kernels/tune_decode.py --json tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from llamapy.kernels.triton import attention, qmatmul_kquants
+from llamapy.kernels.triton.qmatmul import pack_weight, qmatmul_with
+from llamapy.quant.types import QuantType, row_nbytes
+
+# (name, N, K): the decode matrices of SmolLM2-135M and Llama-3.2-1B (QKV and gate/up fused).
+SHAPES = [
+    ("smol qkv", 960, 576),
+    ("smol o", 576, 576),
+    ("smol gate_up", 3072, 576),
+    ("smol down", 576, 1536),
+    ("smol output", 49152, 576),
+    ("1b qkv", 3072, 2048),
+    ("1b o", 2048, 2048),
+    ("1b gate_up", 16384, 2048),
+    ("1b down", 2048, 8192),
+    ("1b output", 128256, 2048),
+]
+# (name, heads, kv heads, head dim)
+ATTN = [("smol", 9, 3, 64), ("1b", 32, 8, 64), ("gemma", 4, 1, 256)]
+
+
+def graph_time(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Microseconds per call, replaying one graph of all calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
+def random_packed(qtype: QuantType, n: int, k: int, copies: int) -> list:
+    out = []
+    for _ in range(copies):
+        data = torch.randint(0, 256, (n, row_nbytes(qtype, k)), dtype=torch.uint8)
+        out.append(pack_weight(data.cuda(), qtype, (n, k)))
+    return out
+
+
+def legacy_variants(n: int) -> list[dict[str, int]]:
+    out = []
+    grid = itertools.product((4, 8, 16, 32), (8, 16, 32), (4, 8), (1, 2, 4))
+    for bn, bb, warps, split in grid:
+        if bn > n:
+            continue
+        out.append({"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split})
+    return out
+
+
+def kquant_variants(qtype: QuantType, k: int) -> list[qmatmul_kquants.KernelConfig]:
+    units = k // 256
+    out = []
+    for bn, nsb, warps, split in itertools.product(
+        (1, 2, 4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)
+    ):
+        per_thread = bn * nsb * 32 / (32 * warps)
+        if nsb > units or not 4 <= per_thread <= 32 or split > max(1, units // nsb):
+            continue
+        out.append(qmatmul_kquants.KernelConfig(False, 1, bn, nsb, split, warps))
+    return out
+
+
+def tune_gemv(
+    qtype: QuantType, dtype: torch.dtype, results: list[dict], json_path: str | None
+) -> None:
+    for name, n, k in SHAPES:
+        if k % 256 and qtype in qmatmul_kquants.TYPES:
+            continue
+        nbytes = n * row_nbytes(qtype, k)
+        copies = max(2, min(64, math.ceil((256 << 20) / nbytes)))
+        ws = random_packed(qtype, n, k, copies)
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        out = torch.empty(1, n, device="cuda", dtype=dtype)
+        base = graph_time([functools.partial(qmatmul_with, x, w, out=out) for w in ws])
+        best = (base, "current")
+        if qtype in qmatmul_kquants.TYPES:
+            for cfg in kquant_variants(qtype, k):
+                launch = qmatmul_kquants.launch
+                calls = [functools.partial(launch, x, w.tensors, qtype, n, k, out, cfg) for w in ws]
+                try:
+                    t = graph_time(calls)
+                except Exception as exc:  # out of resources: skip the variant
+                    print(f"  skip {cfg}: {type(exc).__name__}")
+                    continue
+                label = f"bn={cfg.block_n} nsb={cfg.nsb} w={cfg.num_warps} split={cfg.split}"
+                results.append({"kind": "gemv", "qtype": qtype.name, "shape": name, "cfg": label,
+                                "us": t})  # fmt: skip
+                best = min(best, (t, label))
+        else:
+            for cfg in legacy_variants(n):
+                calls = [
+                    functools.partial(qmatmul_with, x, w, out=out, gemv_config=cfg) for w in ws
+                ]
+                try:
+                    t = graph_time(calls)
+                except Exception as exc:
+                    print(f"  skip {cfg}: {type(exc).__name__}")
+                    continue
+                results.append({"kind": "gemv", "qtype": qtype.name, "shape": name,
+                                "cfg": json.dumps(cfg), "us": t})  # fmt: skip
+                best = min(best, (t, json.dumps(cfg)))
+        if json_path:  # as we go: a timed-out sweep keeps what it measured
+            with open(json_path, "w") as f:
+                json.dump(results, f)
+        gbs = nbytes / (best[0] * 1e-6) / 1e9
+        print(f"| {qtype.name} | {name} | {nbytes / 2**20:.2f} MiB | {base:.2f} | {best[0]:.2f} | "
+              f"{base / best[0]:.2f}x | {gbs:.0f} GB/s | {best[1]} |", flush=True)  # fmt: skip
+        del ws
+
+
+def tune_attention(results: list[dict]) -> None:
+    block_size = 16
+    for (name, heads, kv, d), seq in itertools.product(ATTN, (128, 512, 2048)):
+        blocks = seq // block_size + 1
+        copies = 8
+        kc = torch.randn(blocks * copies, block_size, kv, d, device="cuda", dtype=torch.float16)
+        vc = torch.randn_like(kc)
+        tables = [
+            torch.arange(i * blocks, (i + 1) * blocks, device="cuda", dtype=torch.int32)[None]
+            for i in range(copies)
+        ]
+        lens = torch.tensor([seq], device="cuda", dtype=torch.int32)
+        q = torch.randn(1, heads, d, device="cuda", dtype=torch.float32)  # the model's dtype
+        out = torch.empty_like(q)
+
+        def run(
+            splits: int | None,
+            tiles: tuple[int, int, int] | None,
+            case=(q, kc, vc, lens, out, d, tables),
+        ) -> float:
+            q, kc, vc, lens, out, d, tables = case
+            decode = attention.paged_attention_decode
+            return graph_time([
+                functools.partial(decode, q, kc, vc, t, lens, scale=d**-0.5, num_splits=splits,
+                                  out=out, tiles=tiles)
+                for t in tables
+            ])  # fmt: skip
+
+        current_splits = min(64, 1 << max(0, (seq - 1) // 256).bit_length())  # model_runner's
+        base = run(current_splits, None)
+        best = (base, "current")
+        for bn, warps, stages, splits in itertools.product(
+            (16, 32, 64), (4,), (1, 2), (1, 2, 4, 8, 16, 32)
+        ):
+            if d > 128 and bn > 32:
+                continue
+            if splits > max(1, seq // bn):
+                continue
+            try:
+                t = run(splits, (bn, warps, stages))
+            except Exception as exc:
+                print(f"  skip attn {bn} {warps} {stages} {splits}: {type(exc).__name__}")
+                continue
+            label = f"bn={bn} w={warps} st={stages} splits={splits}"
+            results.append({"kind": "attn", "shape": f"{name} seq={seq}", "cfg": label, "us": t})
+            best = min(best, (t, label))
+        print(f"| attn {name} | seq {seq} | {base:.2f} | {best[0]:.2f} | {base / best[0]:.2f}x | "
+              f"{best[1]} |", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default="Q4_0,Q4_K,Q8_0,Q6_K")
+    parser.add_argument("--no-attention", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: list[dict] = []
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name()}")
+    if not args.no_attention:
+        print("| attention | context | current us | best us | gain | best |")
+        tune_attention(results)
+    print("| type | matrix | bytes | current us | best us | gain | best GB/s | best |")
+    for name in args.types.split(","):
+        tune_gemv(QuantType[name], torch.float32, results, args.json)  # activations are float32
+    print(f"({time.time() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
