@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from llamapy.embedding import ENCODER_ARCHS, EmbeddingEngine, RerankResult, rank
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput, check_device
+from llamapy.errors import UnsupportedError
 from llamapy.formats import open_model_file
 from llamapy.hub import DEFAULT_MODEL, resolve_model
 from llamapy.sampling.params import SamplingParams
@@ -62,6 +64,12 @@ class LLM:
         n_threads: torch CPU threads (default: all cores).
         chat_template: a named template, a file, or None for the model's own.
         device: "cpu" (GPU support lands with the GPU issue).
+        quantize: a `llamapy quantize` type (Q4_0, Q8_0, Q4_K_M, ...): the weights are
+            quantized as they load, with llama.cpp's per-tensor choices; no file is written.
+        embedding: load the model for `embed` / `rerank` only (no generation engine, no KV
+            cache); encoders (BERT) always are. A generating model embeds too, sharing its
+            weights.
+        pooling: none, mean, cls, last or rank; None: the model's own (see EmbeddingEngine).
     """
 
     def __init__(
@@ -76,6 +84,9 @@ class LLM:
         device: str = "cpu",
         enable_prefix_caching: bool = True,
         cpu_kernels: str | None = None,
+        quantize: str | None = None,
+        embedding: bool | None = None,
+        pooling: str | None = None,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -88,18 +99,27 @@ class LLM:
         self.config = self.model_file.config
         self.tokenizer = Tokenizer.from_path(self.resolved.path)
         ctx = n_ctx if n_ctx is not None else min(4096, self.config.context_length)
-        self.engine = LLMEngine(
-            self.model_file,
-            self.tokenizer,
-            EngineConfig(
-                max_model_len=ctx,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_prefix_caching=enable_prefix_caching,
-                device=device,
-                **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
-            ),
-        )
+        self._pooling, self._cpu_kernels, self._device = pooling, cpu_kernels, device
+        self._embedder: EmbeddingEngine | None = None
+        self.engine: LLMEngine | None = None
+        if embedding or self.config.arch in ENCODER_ARCHS:  # encoders only embed
+            if quantize is not None:
+                raise UnsupportedError("quantize is not supported for embedding models")
+            self._embedder = self._new_embedder(None, n_ctx)
+        else:
+            self.engine = LLMEngine(
+                self.model_file,
+                self.tokenizer,
+                EngineConfig(
+                    max_model_len=ctx,
+                    max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    enable_prefix_caching=enable_prefix_caching,
+                    device=device,
+                    quantize=quantize,
+                    **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
+                ),
+            )
         self.chat_template: ChatTemplate | None = resolve_chat_template(
             chat_template,
             model_template=self.model_file.chat_template,
@@ -113,7 +133,16 @@ class LLM:
 
     @property
     def n_ctx(self) -> int:
+        if self.engine is None:
+            return self.embedder.max_tokens
         return self.engine.config.max_model_len
+
+    def _generation_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise UnsupportedError(
+                "this model was loaded for embeddings only; it cannot generate text"
+            )
+        return self.engine
 
     # -- text <-> tokens -----------------------------------------------------------------
 
@@ -163,6 +192,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [self._prompt_ids(p) for p in prompts]
+        self._generation_engine()
         rids = [self.engine.add_request(i, p) for i, p in zip(ids, params, strict=True)]
         results = self._collect(rids)
         for out, prompt_ids in zip(results, ids, strict=True):
@@ -199,7 +229,9 @@ class LLM:
         self, prompt: str | Sequence[int], params: SamplingParams | None = None
     ) -> Iterator[StreamPiece]:
         """Yield text as it is generated; closing the iterator cancels the request."""
-        rid = self.engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
+        rid = self._generation_engine().add_request(
+            self._prompt_ids(prompt), params or SamplingParams()
+        )
         try:
             while self.engine.has_unfinished_requests():
                 for o in self.engine.step():
@@ -226,3 +258,68 @@ class LLM:
         if stream:
             return self.stream(ids, params)
         return self.generate([ids], params)[0]
+
+    # -- embeddings and reranking --------------------------------------------------------
+
+    def _new_embedder(self, model: torch.nn.Module | None, n_ctx: int | None) -> EmbeddingEngine:
+        kernels = self._cpu_kernels or os.environ.get("LLAMAPY_CPU_KERNELS", "fast")
+        return EmbeddingEngine(
+            self.model_file,
+            self.tokenizer,
+            pooling=self._pooling,
+            device=self._device,
+            cpu_kernels=kernels,
+            model=model,
+            max_tokens=n_ctx,
+        )
+
+    @property
+    def embedder(self) -> EmbeddingEngine:
+        """The embedding engine (a generating model's shares its weights)."""
+        if self._embedder is None:
+            engine = self._generation_engine()
+            self._embedder = self._new_embedder(engine.runner.model, engine.config.max_model_len)
+        return self._embedder
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        normalize: bool | int | None = None,
+        pooling: str | None = None,
+        truncate: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Embeddings of `texts`, many per forward pass: (D,) for one text, (B, D) for a list;
+        pooling "none" gives each text's (L, D) token vectors.
+
+        Args:
+            normalize: True: L2; False: none; an int: llama.cpp's embd_normalize (-1 none,
+                0 max-absolute, 2 L2, p > 0 p-norm); None: the model's default (L2 unless a
+                sentence-transformers folder has no Normalize module).
+            pooling: override the model's pooling for this call.
+            truncate: cut texts longer than the model takes (else ContextLengthError).
+        """
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        p = (2 if normalize else -1) if isinstance(normalize, bool) else normalize
+        vectors = self.embedder.embed_texts(
+            items, normalize_p=p, pooling=pooling, truncate=truncate
+        )
+        if (pooling or self.embedder.pooling) == "none":
+            return vectors[0] if single else vectors
+        stacked = torch.stack(vectors) if vectors else torch.empty(0, self.config.hidden_size)
+        return stacked[0] if single else stacked
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        truncate: bool = False,
+    ) -> list[RerankResult]:
+        """Documents by relevance to `query`, best first (at most top_n): a cross-encoder's raw
+        score, or a decoder's p("yes") (Qwen3-Reranker style)."""
+        docs = list(documents)
+        scores = self.embedder.rerank_scores(query, docs, truncate=truncate)
+        return rank(scores, docs, top_n)

@@ -135,19 +135,30 @@ def _until_eog(ids: list[int], eog: frozenset[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def fidelity(request) -> Fidelity:
+    return _measure(request, cpu_kernels=None)
+
+
+@pytest.fixture(scope="module")
+def fidelity_ggml(request) -> Fidelity:
+    """The same figures with LLAMAPY_CPU_KERNELS=ggml (llama.cpp's CPU roundings emulated)."""
+    return _measure(request, cpu_kernels="ggml")
+
+
+def _measure(request, cpu_kernels: str | None) -> Fidelity:
     alias = request.param
     path = request.getfixturevalue(FIXTURES[alias])
     with np.load(DATA / f"fidelity-{alias}.npz") as f:
         refs = {k: f[k] for k in f.files}
     meta = json.loads(str(refs["meta"]))
-    llm = LLM(str(path), n_ctx=meta["n_ctx"])
+    llm = LLM(str(path), n_ctx=meta["n_ctx"], cpu_kernels=cpu_kernels)
     top1, kl, stats = _teacher_forced(llm, refs, meta)
     # The stored perplexity is the one the stored target log-probs give.
     ref_stats = PerplexityStats()
     ref_stats.add(-torch.from_numpy(refs["target_logprobs"][:, meta["n_ctx"] // 2 :]).flatten())
     assert ref_stats.ppl == pytest.approx(float(refs["ppl"]), rel=1e-5)
     same, total, margins = _greedy(llm, refs)
-    result = Fidelity(alias, top1, kl, float(refs["ppl"]), stats.ppl, same, total, margins, meta)
+    name = alias if cpu_kernels is None else f"{alias} [{cpu_kernels}]"
+    result = Fidelity(name, top1, kl, float(refs["ppl"]), stats.ppl, same, total, margins, meta)
     print(result)
     return result
 
@@ -227,3 +238,66 @@ TOP1_XFAIL = (
 @pytest.mark.parametrize("fidelity", _models(dict.fromkeys(FIXTURES, TOP1_XFAIL)), indirect=True)
 def test_top1_agreement_target(fidelity: Fidelity) -> None:
     assert fidelity.top1 >= TOP1_TARGET, str(fidelity)
+
+
+# -- LLAMAPY_CPU_KERNELS=ggml: llama.cpp's CPU roundings emulated ------------------------------
+# (kernels/cpu/ggml_numerics.py: 8-bit matmul activations per weight type with Q8_1's fp16 sum,
+# F16 K/V/Q and attention probabilities, the fp16 GELU table). The same targets, not loosened.
+# Each emulated step equals llama.cpp's own intermediate tensors to float32 summation order,
+# but quantized activations are discontinuous: a last-bit difference in a float32 sum flips an
+# 8-bit rounding, and through attention that reaches every later token. llamapy in this mode
+# against itself, with only its matmul sums changed from float32 to float64, agrees at top-1
+# 97.36%, KL 3.6e-3 (SmolLM2) - as llama.cpp against itself (n_batch 512 vs 1: 97.56%,
+# 3.3e-3). Meeting these needs ggml's exact SIMD summation order in every kernel, not just
+# its roundings (benchmarks/kernels/CPU_NOTES.md, "ggml numerics").
+GGML_CHAOS = (
+    "emulating llama.cpp's roundings does not reach it while float32 summation order differs: "
+    "see the comment above"
+)
+GGML_TOP1_XFAIL = {
+    "smollm2-135m": f"measured 97.27% in ggml mode ({GGML_CHAOS})",
+    "gemma3-270m": f"measured 96.78% in ggml mode ({GGML_CHAOS})",
+}
+GGML_GREEDY_XFAIL = {
+    "smollm2-135m": "measured 2/5 identical in ggml mode, divergences at llama.cpp margins of "
+    f"0.06-0.33 nats ({GGML_CHAOS})",
+    "gemma3-270m": "measured 2/5 identical in ggml mode, divergences at llama.cpp margins of "
+    f"0.03-0.09 nats ({GGML_CHAOS})",
+}
+GGML_PPL_XFAIL = {
+    "gemma3-270m": "measured -0.80% in ggml mode (llama.cpp 17.088, llamapy 16.952; the "
+    "default path is within 0.5% here, the float32 reference path -0.58%): perplexity moves "
+    f"by this much with summation order alone ({GGML_CHAOS})",
+}
+
+
+@pytest.mark.parametrize("fidelity_ggml", list(FIXTURES), indirect=True)
+def test_ggml_kl_divergence(fidelity_ggml: Fidelity) -> None:
+    assert fidelity_ggml.kl_topk <= KL_TARGET, str(fidelity_ggml)
+
+
+@pytest.mark.parametrize("fidelity_ggml", _models(GGML_PPL_XFAIL), indirect=True)
+def test_ggml_perplexity_within_half_percent(fidelity_ggml: Fidelity) -> None:
+    assert abs(fidelity_ggml.ppl_rel) <= PPL_REL_TARGET, str(fidelity_ggml)
+
+
+@pytest.mark.parametrize("fidelity_ggml", _models(GGML_GREEDY_XFAIL), indirect=True)
+def test_ggml_greedy_continuations(fidelity_ggml: Fidelity) -> None:
+    assert fidelity_ggml.greedy_same >= GREEDY_TARGET, str(fidelity_ggml)
+
+
+@pytest.mark.parametrize("fidelity_ggml", list(FIXTURES), indirect=True)
+def test_ggml_greedy_diverges_only_at_near_ties(fidelity_ggml: Fidelity) -> None:
+    m = fidelity_ggml.greedy_margins
+    assert all(x is None or x <= NEAR_TIE for x in m), str(fidelity_ggml)
+
+
+@pytest.mark.parametrize("fidelity_ggml", list(FIXTURES), indirect=True)
+def test_ggml_top1_agreement_floor(fidelity_ggml: Fidelity) -> None:
+    """Not the target: a regression guard (an emulation bug drops far below it)."""
+    assert fidelity_ggml.top1 >= TOP1_FLOOR, str(fidelity_ggml)
+
+
+@pytest.mark.parametrize("fidelity_ggml", _models(GGML_TOP1_XFAIL), indirect=True)
+def test_ggml_top1_agreement_target(fidelity_ggml: Fidelity) -> None:
+    assert fidelity_ggml.top1 >= TOP1_TARGET, str(fidelity_ggml)

@@ -234,7 +234,7 @@ def test_q4_0_known_block() -> None:
 
 
 @pytest.mark.parametrize(
-    "qtype", [QuantType.Q2_K, QuantType.Q4_K, QuantType.Q6_K, QuantType.IQ4_NL, QuantType.TQ2_0]
+    "qtype", [QuantType.TQ1_0, QuantType.TQ2_0, QuantType.IQ1_S, QuantType.MXFP4]
 )
 def test_unsupported_type_raises(qtype: QuantType) -> None:
     with pytest.raises(ValueError, match=f"{qtype.name} is not supported"):

@@ -120,15 +120,136 @@ def min_p(o: Oracle, cand: list[int], mp: float, min_keep: int) -> list[int]:
     return ordered[:i]
 
 
-def final_probs(o: Oracle, cand: list[int], temperature: float) -> np.ndarray:
-    out = np.zeros_like(o.logits)
-    if temperature <= 0:
+def top_n_sigma(o: Oracle, cand: list[int], n: float) -> list[int]:
+    if n <= 0 or len(cand) <= 1:
+        return cand
+    finite = [o.logits[t] for t in cand if o.logits[t] != -math.inf]
+    if not finite:
+        return cand
+    top = max(finite)
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((x - mean) ** 2 for x in finite) / len(finite))
+    cut = top - n * std
+    for t in cand:
+        if o.logits[t] != top:
+            o.near(o.logits[t], cut)
+        if o.logits[t] < cut:
+            o.logits[t] = -math.inf
+    return cand
+
+
+def xtc(
+    o: Oracle, cand: list[int], prob: float, threshold: float, min_keep: int, u: float
+) -> list[int]:
+    """u: the row's XTC draw; the sampler runs when u <= prob."""
+    if prob <= 0 or threshold > 0.5 or len(cand) < 2 or u > prob:
+        return cand
+    cand = o.order_by_logit(cand)
+    probs = o.softmax(cand)
+    pos_last = 0
+    for i, q in enumerate(probs):
+        o.near(q, threshold)
+        if q >= threshold:
+            pos_last = i
+        else:
+            break
+    if len(cand) - pos_last >= min_keep and pos_last > 0:
+        return cand[pos_last:]
+    return cand
+
+
+def temperature(o: Oracle, cand: list[int], temp: float, delta: float, exponent: float) -> None:
+    """llama_sampler_temp_ext: dynamic temperature when delta > 0, then temp_impl."""
+    if delta > 0:
+        if len(cand) <= 1:
+            return
+        probs = o.softmax(cand)
+        entropy = -sum(q * math.log(q) for q in probs if q > 0)
+        normalized = entropy / math.log(len(cand))
+        lo, hi = max(0.0, temp - delta), temp + delta
+        temp = lo + (hi - lo) * normalized**exponent
+    if temp <= 0:
         ordered = o.order_by_logit(cand)
         if len(ordered) > 1:
             o.near(o.logits[ordered[0]], o.logits[ordered[1]])
-        out[ordered[0]] = 1.0
+        for t in ordered[1:]:
+            o.logits[t] = -math.inf
+        return
+    for t in cand:
+        o.logits[t] /= temp
+
+
+def dry(o: Oracle, p: SamplingParams, history: Sequence[int], breakers) -> None:
+    """DRY by its definition: a token that would extend a repeat of the end of the window
+    (not reaching back past the most recent sequence breaker) of length >= allowed loses
+    multiplier * base^(length - allowed). `breakers`: {head: [tails]}."""
+    window = list(history) if p.dry_penalty_last_n == -1 else list(history)[-p.dry_penalty_last_n :]
+    n, allowed = len(window), p.dry_allowed_length
+    if not p.has_dry or n <= allowed:
+        return
+    # the most recent breaker: the head closest to the end whose tail follows it in full
+    limit = n
+    for head_pos in range(n - 1, -1, -1):
+        tails = [list(t) for t in breakers.get(window[head_pos], ())]
+        after = window[head_pos + 1 :]
+        fitting = [t for t in tails if after[: len(t)] == t]
+        if fitting:
+            limit = len(after) - max(len(t) for t in fitting)
+            break
+    if limit < allowed:
+        return
+    longest: dict[int, int] = {}
+    for end in range(n - 1):  # a repeat of the window's end, ending at `end`
+        length = 0
+        while length <= end and window[end - length] == window[n - 1 - length]:
+            length += 1
+        length = min(length, limit)
+        if length >= allowed:
+            nxt = window[end + 1]
+            longest[nxt] = max(longest.get(nxt, 0), length)
+    max_exp = int(88.7228391 / math.log(p.dry_base)) if p.dry_base > 1.000001 else 0
+    for token, length in longest.items():
+        if () in breakers.get(token, ()):
+            continue
+        e = length - allowed
+        if max_exp > 0:
+            e = min(e, max_exp)
+        o.logits[token] -= p.dry_multiplier * p.dry_base**e
+
+
+def mirostat(o: Oracle, p: SamplingParams, mu: float) -> list[int]:
+    """Mirostat v1 (m = 100) or v2 over all tokens: the kept candidates."""
+    cand = o.order_by_logit(list(range(len(o.logits))))
+    probs = o.softmax(cand)
+    if p.mirostat == 2:
+        size = len(cand)
+        for i, q in enumerate(probs):
+            surprise = -math.log2(q) if q > 0 else math.inf
+            o.near(surprise, mu)
+            if surprise > mu:
+                size = i
+                break
+        return cand[: max(size, 1)]
+    m = min(99, len(cand) - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # p = 0 after temperature 0
+        num = sum(math.log((i + 2) / (i + 1)) * np.log(probs[i] / probs[i + 1]) for i in range(m))
+    den = sum(math.log((i + 2) / (i + 1)) ** 2 for i in range(m))
+    s_hat = num / den
+    eps = s_hat - 1
+    k = ((eps * 2**mu) / (1 - len(cand) ** (-eps))) ** (1 / s_hat)
+    if k == k and abs(k) < 1e15:  # NaN / huge: no boundary to respect
+        o.near(k, round(k))
+    # int(NaN) is undefined in C++ (INT_MIN on x86, so max(., 1) = 1); top-k clamps to size
+    k = 1 if k != k else len(cand) if k > len(cand) else max(int(k), 1)
+    return cand[:k]
+
+
+def final_probs(o: Oracle, cand: list[int]) -> np.ndarray:
+    out = np.zeros_like(o.logits)
+    x = o.logits[cand]
+    if not np.isfinite(x).any():
+        out[o.order_by_logit(cand)[0]] = 1.0
         return out
-    x = o.logits[cand] / temperature
     e = np.exp(x - x.max())
     out[cand] = e / e.sum()
     return out
@@ -139,15 +260,44 @@ def reference(
     p: SamplingParams,
     history: Sequence[int] = (),
     eog: Sequence[int] = (),
+    *,
+    breakers=None,
+    u_xtc: float = 0.0,
+    mu: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """llama.cpp's chain on one row: (final distribution, logits after penalties, margin)."""
+    """llama.cpp's chain on one row: (final distribution, logits after bias and the leading
+    penalties / DRY stages, margin)."""
     o = Oracle(logits)
     logit_bias(o, p, eog)
-    penalties(o, p, history)
-    processed = o.logits.copy()
     cand = list(range(len(o.logits)))
-    cand = top_k(o, cand, p.top_k)
-    cand = typical(o, cand, p.typical_p, p.min_keep)
-    cand = top_p(o, cand, p.top_p, p.min_keep)
-    cand = min_p(o, cand, p.min_p, p.min_keep)
-    return final_probs(o, cand, p.temperature), processed, o.margin
+    if p.mirostat:
+        processed = o.logits.copy()
+        temperature(o, cand, p.temperature, 0.0, 1.0)
+        cand = mirostat(o, p, 2 * p.mirostat_tau if mu is None else mu)
+        return final_probs(o, cand), processed, o.margin
+    processed = None
+    for stage in p.samplers:
+        name = stage.value
+        if processed is None and name not in ("penalties", "dry"):
+            processed = o.logits.copy()
+        if name == "penalties":
+            penalties(o, p, history)
+        elif name == "dry":
+            dry(o, p, history, breakers or {})
+        elif name == "top_n_sigma":
+            cand = top_n_sigma(o, cand, p.top_n_sigma)
+        elif name == "top_k":
+            cand = top_k(o, cand, p.top_k)
+        elif name == "typ_p":
+            cand = typical(o, cand, p.typical_p, p.min_keep)
+        elif name == "top_p":
+            cand = top_p(o, cand, p.top_p, p.min_keep)
+        elif name == "min_p":
+            cand = min_p(o, cand, p.min_p, p.min_keep)
+        elif name == "xtc":
+            cand = xtc(o, cand, p.xtc_probability, p.xtc_threshold, p.min_keep, u_xtc)
+        elif name == "temperature":
+            temperature(o, cand, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
+    if processed is None:
+        processed = o.logits.copy()
+    return final_probs(o, cand), processed, o.margin

@@ -11,7 +11,7 @@ import torch
 from sampling_reference import reference
 
 from llamapy.sampling import (
-    DEFAULT_CHAIN,
+    DEFAULT_SAMPLERS,
     Sampler,
     SamplerOutput,
     SamplerStage,
@@ -78,15 +78,21 @@ def test_defaults_are_llama_cpp_common_params_sampling():
         temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0,
         repeat_penalty=1.0, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0,
         seed=None, max_tokens=None, stop=(), ignore_eos=False, min_keep=0, n_probs=0,
+        post_sampling_probs=False, dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2,
+        dry_penalty_last_n=64, dry_sequence_breakers=("\n", ":", '"', "*"),
+        xtc_probability=0.0, xtc_threshold=0.1, top_n_sigma=-1.0, dynatemp_range=0.0,
+        dynatemp_exponent=1.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
     )  # fmt: skip
     assert {k: getattr(p, k) for k in expected} == expected
     assert dict(p.logit_bias) == {}
     assert SamplingParams.greedy().is_greedy and not p.is_greedy
-    assert DEFAULT_CHAIN == (
-        SamplerStage.LOGIT_BIAS, SamplerStage.PENALTIES, SamplerStage.TOP_K,
-        SamplerStage.TYPICAL_P, SamplerStage.TOP_P, SamplerStage.MIN_P,
-        SamplerStage.TEMPERATURE, SamplerStage.DIST,
-    )  # fmt: skip
+    # common_params_sampling::samplers, by llama.cpp's names
+    assert [s.value for s in p.samplers] == [
+        "penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
+        "temperature",
+    ]  # fmt: skip
+    assert p.samplers == DEFAULT_SAMPLERS and all(isinstance(s, SamplerStage) for s in p.samplers)
+    assert not (p.has_dry or p.has_xtc or p.has_penalties)
 
 
 @pytest.mark.parametrize(

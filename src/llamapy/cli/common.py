@@ -8,6 +8,7 @@ import os
 from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
 from llamapy.sampling.params import SamplingParams
+from llamapy.sampling.stages import samplers_from_chars, samplers_from_names, samplers_to_chars
 
 
 def add_model_args(
@@ -61,6 +62,13 @@ def add_model_args(
         metavar="NAME|FILE",
         help="a named template (chatml, llama3, gemma, ...) or a Jinja file",
     )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="TYPE",
+        help="quantize the weights as they load (Q4_0, Q8_0, Q4_K_M, ...: the types of "
+        "`llamapy quantize`); no file is written",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +98,122 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
     g.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end of text")
+    add_more_sampling_args(p, d)
+    add_structured_args(p)
+
+
+def add_more_sampling_args(p: argparse.ArgumentParser, d: SamplingParams) -> None:
+    """DRY, XTC, top-n-sigma, dynamic temperature, mirostat and the chain's order."""
+    g = p.add_argument_group("more samplers (llama.cpp's names and defaults)")
+    g.add_argument("--min-keep", type=int, default=d.min_keep, help="filters keep at least N")
+    g.add_argument("--dry-multiplier", type=float, default=d.dry_multiplier, help="0 = off")
+    g.add_argument("--dry-base", type=float, default=d.dry_base)
+    g.add_argument("--dry-allowed-length", type=int, default=d.dry_allowed_length)
+    g.add_argument(
+        "--dry-penalty-last-n",
+        type=int,
+        default=d.dry_penalty_last_n,
+        help="tokens DRY scans (-1 = whole context, 0 = off)",
+    )
+    g.add_argument(
+        "--dry-sequence-breaker",
+        action="append",
+        default=None,
+        metavar="STRING",
+        help="a DRY sequence breaker (repeatable; replaces the defaults '\\n' ':' '\"' '*'; "
+        "'none' for none)",
+    )
+    g.add_argument("--xtc-probability", type=float, default=d.xtc_probability, help="0 = off")
+    g.add_argument("--xtc-threshold", type=float, default=d.xtc_threshold, help="> 0.5 = off")
+    g.add_argument(
+        "--top-n-sigma", "--top-nsigma", type=float, default=d.top_n_sigma, help="<= 0 = off"
+    )
+    g.add_argument("--dynatemp-range", type=float, default=d.dynatemp_range, help="0 = off")
+    g.add_argument("--dynatemp-exp", type=float, default=d.dynatemp_exponent)
+    g.add_argument("--mirostat", type=int, default=d.mirostat, help="0 = off, 1, or 2 (v2)")
+    g.add_argument("--mirostat-lr", type=float, default=d.mirostat_eta, help="eta")
+    g.add_argument("--mirostat-ent", type=float, default=d.mirostat_tau, help="tau")
+    g.add_argument(
+        "--samplers",
+        default=None,
+        metavar="NAMES",
+        help="the chain's order, ';'-separated (default: "
+        + ";".join(s.value for s in d.samplers)
+        + ")",
+    )
+    g.add_argument(
+        "--sampling-seq",
+        "--sampler-seq",
+        default=None,
+        metavar="LETTERS",
+        help=f"the chain's order as letters (default: {samplers_to_chars(d.samplers)})",
+    )
+
+
+def _more_sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    breakers = args.dry_sequence_breaker
+    if breakers is not None:
+        breakers = [] if "none" in breakers else breakers
+    if args.samplers is not None and args.sampling_seq is not None:
+        raise ValueError("give one of --samplers and --sampling-seq")
+    samplers = None
+    if args.samplers is not None:
+        samplers = samplers_from_names([n for n in args.samplers.split(";") if n])
+    elif args.sampling_seq is not None:
+        samplers = samplers_from_chars(args.sampling_seq)
+    kwargs: dict[str, object] = dict(
+        min_keep=args.min_keep,
+        dry_multiplier=args.dry_multiplier,
+        dry_base=args.dry_base,
+        dry_allowed_length=args.dry_allowed_length,
+        dry_penalty_last_n=args.dry_penalty_last_n,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        top_n_sigma=args.top_n_sigma,
+        dynatemp_range=args.dynatemp_range,
+        dynatemp_exponent=args.dynatemp_exp,
+        mirostat=args.mirostat,
+        mirostat_eta=args.mirostat_lr,
+        mirostat_tau=args.mirostat_ent,
+    )
+    if breakers is not None:
+        kwargs["dry_sequence_breakers"] = tuple(breakers)
+    if samplers is not None:
+        kwargs["samplers"] = samplers
+    return kwargs
+
+
+def add_structured_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (one of these; llguidance)")
+    g.add_argument("--grammar", metavar="TEXT", help="a GBNF grammar (llama.cpp's dialect) or Lark")
+    g.add_argument("--grammar-file", metavar="FILE", help="read the grammar from FILE")
+    g.add_argument("--json-schema", metavar="JSON|@FILE", help="a JSON Schema, or @FILE")
+    g.add_argument("--regex", metavar="REGEX", help="a regular expression the output must match")
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e}") from None
+
+
+def structured_kwargs(args: argparse.Namespace) -> dict[str, str]:
+    """SamplingParams' constraint fields from the flags (files read here)."""
+    names = ("grammar", "grammar_file", "json_schema", "regex")
+    given = [f for f in names if getattr(args, f, None) is not None]
+    if len(given) > 1:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"give one of --grammar, --grammar-file, --json-schema, --regex: {flags}")
+    if not given:
+        return {}
+    name, value = given[0], getattr(args, given[0])
+    if name == "grammar_file":
+        return {"grammar": _read_text(value, "--grammar-file")}
+    if name == "json_schema" and value.startswith("@"):
+        return {"json_schema": _read_text(value[1:], "--json-schema")}
+    return {name: value}
 
 
 def sampling_params(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> SamplingParams:
@@ -110,6 +234,8 @@ def sampling_params(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> Sam
         max_tokens=None if args.n_predict < 0 else args.n_predict,
         stop=stop,
         ignore_eos=args.ignore_eos,
+        **_more_sampling_kwargs(args),
+        **structured_kwargs(args),
     )
 
 
@@ -139,11 +265,31 @@ def load_llm(args: argparse.Namespace):
     kernels = os.environ.get("LLAMAPY_CPU_KERNELS")
     if kernels is not None and kernels not in CPU_KERNELS:
         raise UsageError(f"LLAMAPY_CPU_KERNELS must be one of {CPU_KERNELS}, got {kernels!r}")
+    device = device_from_args(args)
+    if kernels == "ggml" and device != "cpu":
+        raise UsageError(
+            "LLAMAPY_CPU_KERNELS=ggml emulates llama.cpp's CPU numerics and runs on the CPU "
+            f"only; got device {device}"
+        )
 
     return LLM(
         args.model,
         n_ctx=args.ctx_size,
         n_threads=args.threads,
         chat_template=args.chat_template,
-        device=device_from_args(args),
+        device=device,
+        quantize=quantize_from_args(args),
     )
+
+
+def quantize_from_args(args: argparse.Namespace) -> str | None:
+    """--quantize, checked: an unknown type is a usage error."""
+    name = getattr(args, "quantize", None)
+    if name is not None:
+        from llamapy.quant.presets import parse_preset
+
+        try:
+            parse_preset(name)
+        except ValueError as e:
+            raise UsageError(f"--quantize: {e}") from None
+    return name

@@ -8,11 +8,39 @@ import sys
 from collections.abc import Sequence
 
 from llamapy import __version__
-from llamapy.cli import bench, chat, info, mkmodel, perplexity, pull, run, serve, tokenize
+from llamapy.cli import (
+    bench,
+    chat,
+    convert,
+    embed,
+    info,
+    mkmodel,
+    perplexity,
+    pull,
+    quantize,
+    rerank,
+    run,
+    serve,
+    tokenize,
+)
 from llamapy.errors import LlamapyError
 
 # Each subcommand module offers `register(subparsers)`, which sets `func` on its parser.
-COMMANDS = (run, chat, serve, perplexity, info, pull, tokenize, bench, mkmodel)
+COMMANDS = (
+    run,
+    chat,
+    serve,
+    perplexity,
+    info,
+    pull,
+    tokenize,
+    bench,
+    mkmodel,
+    quantize,
+    convert,
+    embed,
+    rerank,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

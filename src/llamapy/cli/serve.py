@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from llamapy.cli.common import add_model_args, device_from_args
+from llamapy.cli.common import add_model_args, device_from_args, quantize_from_args
 from llamapy.errors import UsageError
 
 
@@ -46,7 +46,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="requests held at once before answering 503 (default 64)",
     )
+    _add_embedding_args(p)
     p.set_defaults(func=run)
+
+
+def _add_embedding_args(p: argparse.ArgumentParser) -> None:
+    from llamapy.embedding.pooling import POOLING_TYPES
+
+    g = p.add_argument_group("embeddings and reranking (llama-server's flags)")
+    g.add_argument(
+        "--embedding",
+        "--embeddings",
+        action="store_true",
+        help="serve embeddings only: /v1/embeddings, /embedding; no text generation "
+        "(encoder models such as BERT always are)",
+    )
+    g.add_argument(
+        "--reranking",
+        "--rerank",
+        action="store_true",
+        help="serve reranking (/v1/rerank, /rerank) and embeddings only: pooling rank",
+    )
+    g.add_argument(
+        "--pooling",
+        choices=POOLING_TYPES,
+        default=None,
+        help="pooling of the embeddings (default: the model's own)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be positive, got {value}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.reranking and args.pooling not in (None, "rank"):
+        raise UsageError(f"--reranking uses pooling rank, not {args.pooling}")
     import uvicorn
 
     from llamapy.server.app import ServerConfig, create_app
@@ -72,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         max_queued=args.max_queued,
         n_threads=args.threads or max(1, (os.cpu_count() or 2) - 1),
         device=device_from_args(args),
+        embedding=args.embedding,
+        reranking=args.reranking,
+        pooling=args.pooling,
+        quantize=quantize_from_args(args),
     )
     app = create_app(config)
     logging.getLogger("llamapy").setLevel(logging.INFO)

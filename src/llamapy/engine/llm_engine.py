@@ -22,7 +22,9 @@ from llamapy.engine.sequence import FinishReason, Sequence
 from llamapy.errors import ContextLengthError
 from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
+from llamapy.sampling.dry import DryVocab
 from llamapy.sampling.params import SamplingParams
+from llamapy.structured.matcher import GrammarCompiler
 from llamapy.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,15 +61,26 @@ class EngineConfig:
     # oracle: dequantize per call, float32); LLAMAPY_CPU_KERNELS sets the default
     cpu_kernels: str = field(default_factory=lambda: os.environ.get("LLAMAPY_CPU_KERNELS", "fast"))
     cuda_graphs: bool = True  # replay decode steps from captured CUDA graphs
+    # a `llamapy quantize` type (Q4_0, Q4_K_M, ...): weights are quantized as they load
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
         if self.cpu_kernels not in CPU_KERNELS:
             raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
+        if self.cpu_kernels == "ggml" and torch.device(self.device).type != "cpu":
+            raise ValueError(
+                "cpu_kernels='ggml' (LLAMAPY_CPU_KERNELS=ggml) emulates llama.cpp's CPU "
+                f"numerics and runs on the CPU only; got device {self.device!r}"
+            )
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantize is not None:
+            from llamapy.quant.presets import parse_preset
+
+            parse_preset(self.quantize)  # ValueError naming the known types
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError(
                 f"kv_cache_tokens ({self.kv_cache_tokens}) must be >= max_model_len "
@@ -109,16 +122,25 @@ class LLMEngine:
                 config.max_model_len,
                 self.model_config.context_length,
             )
-        model = build_causal_lm(model_file)
+        requantize = None
+        if config.quantize is not None:
+            from llamapy.convert.at_load import load_time_quantizer
+
+            requantize = load_time_quantizer(model_file, config.quantize)
+        model = build_causal_lm(model_file, requantize)
         device = torch.device(config.device)
         # Repacked weights are copies: the file's pages need not stay resident (embedding
         # rows are read back from the file as they are looked up).
-        repacks = device.type == "cuda" or config.cpu_kernels == "fast"
+        repacks = device.type == "cuda" or config.cpu_kernels in ("fast", "ggml")
         model.prepare(
             device,
             cpu_kernels=config.cpu_kernels,
             release_pages=model_file.release_pages if repacks else None,
         )
+        if config.cpu_kernels == "ggml":  # llama.cpp's attention and GELU roundings too
+            from llamapy.kernels.cpu.ggml_numerics import install
+
+            install(model)
         kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         kv_tokens = config.kv_cache_tokens or config.max_model_len
         num_blocks = -(-kv_tokens // config.block_size)
@@ -141,11 +163,13 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len,
             cuda_graphs=config.cuda_graphs,
+            dry_vocab=DryVocab.from_tokenizer(tokenizer),
         )
         self.requests: dict[int, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._ready: list[RequestOutput] = []  # finished at admission, not yet reported
+        self.grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -175,6 +199,8 @@ class LLMEngine:
         if request_id in self._by_id:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(list(prompt_token_ids), max_new, params, arrival_time=time.monotonic())
+        if params.constraint is not None:
+            seq.grammar = self.grammars.matcher(*params.constraint)
         req = _Request(request_id, seq, TextStream(self.tokenizer, params), params)
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = req
@@ -211,6 +237,9 @@ class LLMEngine:
     def _process(self, req: _Request, sample: SampledToken) -> RequestOutput:
         seq = req.seq
         text, reason = req.stream.add(sample.token_id)
+        if reason is None and seq.grammar is not None and self._grammar_done(seq, sample):
+            text_tail, reason = req.stream.finish(FinishReason.STOP)
+            text += text_tail
         if reason is None and (
             seq.num_output_tokens >= seq.max_new_tokens or len(seq) >= self.config.max_model_len
         ):
@@ -229,6 +258,14 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[sample] if sample.logprob is not None else [],
         )
+
+    @staticmethod
+    def _grammar_done(seq: Sequence, sample: SampledToken) -> bool:
+        """Advance the grammar; True when it is complete (finish reason "stop")."""
+        if not seq.grammar.advance(sample.token_id):  # only if every allowed token was banned
+            logger.warning("token %d breaks the grammar: %s", sample.token_id, seq.grammar.error)
+            return True
+        return seq.grammar.is_stopped
 
     def _finish(self, req: _Request, reason: FinishReason) -> None:
         self.scheduler.finish(req.seq, reason)

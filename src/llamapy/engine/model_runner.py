@@ -12,8 +12,10 @@ from llamapy.engine.kv_cache import allocate_kv_cache
 from llamapy.engine.scheduler import ScheduledSeq
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models.llama import LlamaForCausalLM
+from llamapy.sampling.dry import DryVocab
 from llamapy.sampling.params import SamplingParams
-from llamapy.sampling.sampler import Sampler, SamplerOutput, make_generator
+from llamapy.sampling.sampler import Sampler, SamplerOutput, SamplerState, make_state
+from llamapy.structured.matcher import MaskWorker
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +25,12 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()  # most likely first, n_probs of them
 
 
-def _with_logprobs(out: SamplerOutput, row: int, n_probs: int) -> SampledToken:
-    top_ids = out.top_token_ids[row, :n_probs].tolist()
-    top_lps = out.top_logprobs[row, :n_probs].tolist()
+def _with_logprobs(out: SamplerOutput, row: int, p: SamplingParams) -> SampledToken:
+    top_ids = out.top_token_ids[row, : p.n_probs].tolist()
+    top_lps = out.top_logprobs[row, : p.n_probs].tolist()
+    if p.post_sampling_probs:  # only the final candidates (llama-server drops p = 0)
+        kept = [i for i, lp in enumerate(top_lps) if lp != float("-inf")]
+        top_ids, top_lps = [top_ids[i] for i in kept], [top_lps[i] for i in kept]
     return SampledToken(
         int(out.token_ids[row]), float(out.logprobs[row]), tuple(zip(top_ids, top_lps, strict=True))
     )
@@ -33,7 +38,14 @@ def _with_logprobs(out: SamplerOutput, row: int, n_probs: int) -> SampledToken:
 
 def _plain_greedy(p: SamplingParams) -> bool:
     """Rows the captured graph samples itself: argmax with, at most, the EOG ban."""
-    return p.is_greedy and not p.has_penalties and not p.logit_bias and not p.n_probs
+    return (
+        p.picks_argmax
+        and not p.has_penalties
+        and not p.has_dry
+        and not p.logit_bias
+        and not p.n_probs
+        and p.constraint is None  # grammar masks apply outside the graph
+    )
 
 
 class ModelRunner:
@@ -49,6 +61,7 @@ class ModelRunner:
         max_num_seqs: int = 8,
         max_model_len: int | None = None,
         cuda_graphs: bool = True,
+        dry_vocab: DryVocab | None = None,  # token texts for DRY's sequence breakers
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -58,8 +71,9 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(
             model.config, num_blocks + 1, block_size, kv_dtype, device
         )
-        self.sampler = Sampler(sorted(eog_token_ids))
-        self._generators: dict[int, torch.Generator] = {}
+        self.sampler = Sampler(sorted(eog_token_ids), dry_vocab)
+        self._generators: dict[int, SamplerState] = {}  # per sequence: generator, mirostat mu
+        self.grammar_masks = MaskWorker(model.config.vocab_size)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and cuda_graphs:
             max_len = max_model_len or num_blocks * block_size
@@ -119,6 +133,8 @@ class ModelRunner:
         """Compute the batch; return the token sampled for each sequence that reached its
         last token, by seq_id."""
         sampled_items = [item for item in batch if item.needs_sample]
+        # grammar masks are computed in a worker thread while the model runs
+        masks = self.grammar_masks.submit([item.seq.grammar for item in sampled_items])
         if self.graphs is not None and self.graphs.fits(batch):
             logits, greedy = self.graphs.run(batch, block_manager)
             if all(_plain_greedy(item.seq.params) for item in sampled_items):
@@ -133,6 +149,8 @@ class ModelRunner:
             if not sampled_items:
                 return {}
             logits = self.model.compute_logits(hidden[sample_rows])
+        if masks is not None:
+            logits = masks.apply(logits)  # disallowed tokens -> -inf, before the chain
         params = [item.seq.params for item in sampled_items]
         want_logprobs = any(p.n_probs for p in params)
         out = self.sampler(
@@ -148,14 +166,14 @@ class ModelRunner:
                 it.seq.seq_id: SampledToken(t) for it, t in zip(sampled_items, tokens, strict=True)
             }
         return {
-            it.seq.seq_id: _with_logprobs(out, row, it.seq.params.n_probs)
+            it.seq.seq_id: _with_logprobs(out, row, it.seq.params)
             for row, it in enumerate(sampled_items)
         }
 
-    def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
+    def _generator(self, seq_id: int, params: SamplingParams) -> SamplerState:
         gen = self._generators.get(seq_id)
         if gen is None:
-            gen = self._generators[seq_id] = make_generator(params.seed, self.device)
+            gen = self._generators[seq_id] = make_state(params, self.device)
         return gen
 
     def release(self, seq_id: int) -> None:

@@ -42,6 +42,9 @@ class Sequence:
     num_cached_tokens: int = 0  # of those, reused from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
     arrival_time: float = 0.0
+    # structured output: the grammar matcher (llamapy.structured.GrammarMatcher), advanced
+    # with each generated token; it never sees the prompt, so recompute leaves it valid
+    grammar: Any = None
 
     @property
     def token_ids(self) -> list[int]:

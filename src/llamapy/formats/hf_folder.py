@@ -187,7 +187,10 @@ class HFFolder:
                     raise UnsupportedError(
                         f"{file.name}: tensor {hf_name!r} has unsupported dtype {sl.get_dtype()}"
                     )
-                name = _gguf_name(name_map, hf_name)
+                if self.arch == "bert":
+                    name = _bert_name(name_map, hf_name, self.hf_config)
+                else:
+                    name = _gguf_name(name_map, hf_name)
                 if name is None:
                     unmapped.append(hf_name)
                     name = hf_name
@@ -225,6 +228,18 @@ class HFFolder:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _bert_name(name_map: gguf.TensorNameMap, hf_name: str, hf_config: dict) -> str | None:
+    """BertFor* checkpoints prefix the encoder with "bert."; a sequence classifier's pooler
+    (dense + tanh) and classifier are GGUF's `cls` and `cls.output` (llama.cpp's rank head;
+    its converter drops the pooler, transformers applies it)."""
+    base = hf_name.removeprefix("bert.")
+    stem, _, suffix = base.rpartition(".")
+    heads = {"pooler.dense": "cls", "classifier": "cls.output"}
+    if stem in heads and "BertForSequenceClassification" in (hf_config.get("architectures") or []):
+        return f"{heads[stem]}.{suffix}"
+    return _gguf_name(name_map, base)
 
 
 def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str | None:

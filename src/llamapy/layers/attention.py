@@ -95,6 +95,20 @@ def paged_attention(
             softcap=softcap,
             causal=causal,
         )
+    from llamapy.kernels.cpu import ggml_numerics
+
+    if (numerics := ggml_numerics.active()) is not None:  # LLAMAPY_CPU_KERNELS=ggml
+        return ggml_numerics.paged_attention_ggml(
+            q,
+            k_cache,
+            v_cache,
+            meta,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            causal=causal,
+            numerics=numerics,
+        )
     if softcap is None:
         return paged_attention_sdpa(
             q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, causal=causal

@@ -13,8 +13,9 @@ from llamapy.quant.qtensor import QTensor
 logger = logging.getLogger(__name__)
 
 # Which matmul QLinear uses on the CPU: "fast" (kernels/cpu: repacked weights, the measured
-# fastest method per type) or "reference" (row-chunked dequantize + fp32 matmul: the oracle).
-CPU_KERNELS = ("fast", "reference")
+# fastest method per type), "reference" (row-chunked dequantize + fp32 matmul: the oracle) or
+# "ggml" (llama.cpp's CPU roundings emulated: kernels/cpu/ggml_numerics.py).
+CPU_KERNELS = ("fast", "reference", "ggml")
 
 
 class QLinear(torch.nn.Module):
@@ -74,6 +75,12 @@ class QLinear(torch.nn.Module):
             self.packed = pack_weight_cpu(self.weight.data, self.weight.qtype, self.weight.shape)
             self.kernel = "cpu"
             self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+        elif cpu_kernels == "ggml":
+            from llamapy.kernels.cpu.ggml_numerics import pack_weight_ggml
+
+            self.packed = pack_weight_ggml(self.weight.data, self.weight.qtype, self.weight.shape)
+            self.kernel = "ggml"
+            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
         if self.bias is not None:
             self.bias = self.bias.to(device)
 
@@ -92,6 +99,11 @@ class QLinear(torch.nn.Module):
             from llamapy.kernels.cpu.qmatmul import qmatmul_cpu
 
             return qmatmul_cpu(x, self.packed, self.bias)
+        if self.kernel == "ggml":
+            from llamapy.kernels.cpu import ggml_numerics
+
+            numerics = ggml_numerics.active() or ggml_numerics.ALL
+            return ggml_numerics.ggml_matmul(x, self.packed, self.bias, numerics)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

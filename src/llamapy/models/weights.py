@@ -7,6 +7,8 @@ form it got (`rope_interleaved`, `norm_offset`) instead of testing the file kind
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llamapy.errors import ModelFormatError
@@ -15,10 +17,18 @@ from llamapy.quant.qtensor import QTensor
 
 
 class Weights:
-    def __init__(self, model_file: GGUFFile | HFFolder) -> None:
+    """`requantize(name, tensor)`, if given, changes a weight's type as it is read (quantizing
+    at load: `llamapy.convert.at_load`)."""
+
+    def __init__(
+        self,
+        model_file: GGUFFile | HFFolder,
+        requantize: Callable[[str, QTensor], QTensor] | None = None,
+    ) -> None:
         self.file = model_file
         self.config = model_file.config
         self.is_gguf = isinstance(model_file, GGUFFile)
+        self.requantize = requantize
 
     def has(self, name: str) -> bool:
         return name in self.file.tensor_infos
@@ -27,7 +37,8 @@ class Weights:
         """A weight as raw blocks (stays quantized)."""
         if not self.has(name):
             raise ModelFormatError(f"{self.file.path.name} lacks tensor {name!r}")
-        return self.file.tensor(name)
+        t = self.file.tensor(name)
+        return t if self.requantize is None else self.requantize(name, t)
 
     def q_opt(self, name: str) -> QTensor | None:
         return self.q(name) if self.has(name) else None

@@ -1,13 +1,20 @@
-"""Quantize float tensors to raw ggml blocks, bit-exact with `gguf.quants.quantize`.
+"""Quantize float tensors to raw ggml blocks, as llama-quantize (`ggml_quantize_chunk`) does.
 
-Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0. Each quantizer mirrors gguf-py's numpy
-port of ggml's `quantize_row_*_ref` (ggml-quants.c) operation by operation in float32. Two
-details matter for bit-exactness on every device:
+Legacy and float types (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) without an importance
+matrix mirror gguf-py's numpy port of ggml's `quantize_row_*_ref` (ggml-quants.c) operation
+by operation in float32, bit-exact with `gguf.quants.quantize`. (llama.cpp agrees with both
+except on the sign of d in an all-zero Q4_0 / Q5_0 block of signed zeros: gguf-py, and so
+llamapy, write +0, ggml -0.) The k-quants (`quantize_kquants`), IQ4_NL / IQ4_XS
+(`quantize_iquants`) and the legacy 4/5-bit types with an imatrix (below) follow ggml's scale
+searches (`quantize_search`) and are bit-exact with `ggml_quantize_chunk`. Details that matter
+for bit-exactness on every device:
 
 - Division by a constant uses a tensor divisor on the data's device: CUDA turns
   `tensor / python_scalar` into a multiplication by the rounded reciprocal.
 - Rounding to the nearest integer is half away from zero (`roundf`, gguf-py's `np_roundf`),
-  where torch.round would round half to even.
+  where torch.round would round half to even; ggml's searches use `nearest_int` instead.
+- Sums run sequentially in float32, and square roots go through float64 (torch's float32
+  sqrt on AVX CPUs is not correctly rounded).
 """
 
 from __future__ import annotations
@@ -16,6 +23,16 @@ from collections.abc import Callable
 
 import torch
 
+from llamapy.quant import quantize_iquants as iq
+from llamapy.quant import quantize_kquants as kq
+from llamapy.quant.quantize_search import (
+    div,
+    fp16_bytes,
+    make_qkx_quants,
+    make_qx_quants,
+    seq_sum_last,
+    sqrtf,
+)
 from llamapy.quant.types import QuantType, block_size, type_size
 
 
@@ -84,8 +101,9 @@ def _scale_q_affine(
     blocks: torch.Tensor, nlevels: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1/Q5_1: d = (max - min) / (nlevels - 1), q = trunc((x - min) / d + 0.5)."""
-    mn = blocks.amin(dim=-1, keepdim=True)
-    mx = blocks.amax(dim=-1, keepdim=True)
+    # The first min / max, as ggml's scan keeps them (decides the sign of a zero d or m)
+    mn = blocks.gather(-1, blocks.argmin(dim=-1, keepdim=True))
+    mx = blocks.gather(-1, blocks.argmax(dim=-1, keepdim=True))
     d = _div(mx - mn, nlevels - 1)
     q = _truncate((blocks - mn) * _inverse(d) + 0.5, nlevels - 1)
     return d, mn, q
@@ -168,17 +186,129 @@ QUANTIZERS: dict[QuantType, Callable[[torch.Tensor], torch.Tensor]] = {
     QuantType.Q5_1: quantize_q5_1,
     QuantType.Q8_0: quantize_q8_0,
 }
+"""Block quantizers without an imatrix, `(N, block_size)` float32 -> `(N, type_size)`."""
+
+# --- legacy types with an importance matrix (quantize_row_q4_0_impl ... q5_1_impl) ---
 
 
-def quantize(x: torch.Tensor, qtype: QuantType) -> torch.Tensor:
+def _legacy_weights(rows: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
+    """weight = qw * sqrtf(sigma2 + x^2), sigma2 = sum(x^2) / n_per_row over the whole row."""
+    num_rows, n = rows.shape
+    sigma2 = div(seq_sum_last(rows * rows), torch.full((num_rows,), float(n), device=rows.device))
+    return imatrix[None, :] * sqrtf(sigma2[:, None] + rows * rows)
+
+
+def _q4_0_w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    d, L = make_qx_quants(x, 8, w)
+    return torch.cat([fp16_bytes(d), _pack_nibbles(L.to(torch.uint8))], dim=-1)
+
+
+def _q5_0_w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    d, L = make_qx_quants(x, 16, w)
+    q = L.to(torch.uint8)
+    return torch.cat([fp16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)], dim=-1)
+
+
+def _q4_1_w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    d, the_min, L = make_qkx_quants(x, w, 15, -0.9, 0.05, 36, False)
+    q = L.to(torch.uint8)
+    return torch.cat([fp16_bytes(d), fp16_bytes(-the_min), _pack_nibbles(q)], dim=-1)
+
+
+def _q5_1_w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    d, the_min, L = make_qkx_quants(x, w, 31, -0.9, 0.05, 36, False)
+    q = L.to(torch.uint8)
+    parts = [fp16_bytes(d), fp16_bytes(-the_min), _pack_high_bits(q), _pack_nibbles(q)]
+    return torch.cat(parts, dim=-1)
+
+
+_LEGACY_IMATRIX: dict[QuantType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    QuantType.Q4_0: _q4_0_w,
+    QuantType.Q4_1: _q4_1_w,
+    QuantType.Q5_0: _q5_0_w,
+    QuantType.Q5_1: _q5_1_w,
+}
+
+# Types quantized per super-block (or IQ4_NL block) by ggml's search routines; with an
+# imatrix, `fn(x, qw)` gets the block's importances, else None.
+_SEARCHED: dict[QuantType, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    QuantType.Q2_K: kq.quantize_q2_k,
+    QuantType.Q3_K: kq.quantize_q3_k,
+    QuantType.Q4_K: kq.quantize_q4_k,
+    QuantType.Q5_K: kq.quantize_q5_k,
+    QuantType.Q6_K: kq.quantize_q6_k,
+    QuantType.IQ4_NL: iq.quantize_iq4_nl,
+    QuantType.IQ4_XS: iq.quantize_iq4_xs,
+}
+
+SUPPORTED_TYPES: frozenset[QuantType] = frozenset(QUANTIZERS) | frozenset(_SEARCHED)
+"""Every type `quantize` can make."""
+
+# Types that read an importance matrix (llama.cpp ignores it for Q8_0 and the float types).
+IMATRIX_TYPES: frozenset[QuantType] = frozenset(_LEGACY_IMATRIX) | frozenset(_SEARCHED)
+
+# Weights per call of a searched quantizer: its (32, blocks) intermediates stay ~1 MB each.
+_CHUNK_WEIGHTS = 1 << 18
+
+
+def quantize_supported(qtype: QuantType) -> bool:
+    """Whether `quantize` can make `qtype` blocks."""
+    return qtype in SUPPORTED_TYPES
+
+
+def _quantize_rows(
+    rows: torch.Tensor, qtype: QuantType, imatrix: torch.Tensor | None
+) -> torch.Tensor:
+    """float32 rows `(R, n)` -> `(R, n // bs * ts)` uint8."""
+    num_rows, n = rows.shape
+    bs = block_size(qtype)
+    if qtype in QUANTIZERS and (imatrix is None or qtype not in _LEGACY_IMATRIX):
+        return QUANTIZERS[qtype](rows.reshape(-1, bs)).reshape(num_rows, -1)
+    step = max(1, _CHUNK_WEIGHTS // n)
+    parts = []
+    for start in range(0, num_rows, step):  # bounds memory; each call is vectorized
+        chunk = rows[start : start + step]
+        parts.append(_quantize_chunk(chunk, qtype, imatrix).reshape(chunk.shape[0], -1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _quantize_chunk(
+    rows: torch.Tensor, qtype: QuantType, imatrix: torch.Tensor | None
+) -> torch.Tensor:
+    """A searched type (or a legacy one with an imatrix) for rows `(R, n)`."""
+    num_rows, n = rows.shape
+    bs = block_size(qtype)
+    blocks = rows.reshape(-1, bs)
+    if qtype in _LEGACY_IMATRIX:
+        assert imatrix is not None
+        return _LEGACY_IMATRIX[qtype](blocks, _legacy_weights(rows, imatrix).reshape(-1, bs))
+    qw = None
+    if imatrix is not None:
+        qw = imatrix.view(1, n // bs, bs).expand(num_rows, -1, -1).reshape(-1, bs)
+    return _SEARCHED[qtype](blocks, qw)
+
+
+def quantize(
+    x: torch.Tensor, qtype: QuantType, imatrix: torch.Tensor | None = None
+) -> torch.Tensor:
     """Floats `(..., n)` -> raw `qtype` blocks `(..., n // block_size * type_size)` (uint8).
 
-    The input is first converted to float32, as gguf-py does. Raises ValueError for a type
-    without a quantizer here, or when `n` is not a whole number of blocks.
+    The blocks are those of llama.cpp's `ggml_quantize_chunk` (what llama-quantize writes),
+    and for the types gguf-py can quantize, bit-identical with `gguf.quants.quantize`.
+
+    Args:
+        x: the weights, converted to float32 first (as gguf-py and llama-quantize do).
+        qtype: one of `SUPPORTED_TYPES`.
+        imatrix: per-column importances `(n,)` (llama-imatrix's mean squared activations),
+            or None. Used as llama.cpp uses it: by the k-quants, IQ4_NL / IQ4_XS and
+            Q4_0 / Q4_1 / Q5_0 / Q5_1; ignored for Q8_0 and the float types, as in llama.cpp.
+
+    Raises:
+        ValueError: a type without a quantizer here, `n` not a whole number of blocks, or an
+            imatrix of the wrong shape or with non-finite or negative values.
     """
-    fn = QUANTIZERS.get(qtype)
-    if fn is None:
-        names = ", ".join(t.name for t in QUANTIZERS)
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(t.name for t in sorted(SUPPORTED_TYPES, key=lambda t: t.value))
         raise ValueError(f"quantizing to {qtype.name} is not supported (supported: {names})")
     if x.dim() == 0:
         raise ValueError("cannot quantize a 0-dimensional tensor; give it a last dimension")
@@ -189,5 +319,23 @@ def quantize(x: torch.Tensor, qtype: QuantType) -> torch.Tensor:
             f"last dimension {n} is not a multiple of the {qtype.name} block size {bs}"
         )
     lead = x.shape[:-1]
-    blocks = x.to(torch.float32).reshape(x.numel() // bs, bs)
-    return fn(blocks).reshape(*lead, n // bs * ts)
+    rows = x.to(torch.float32).reshape(-1, n)
+    qw = _check_imatrix(imatrix, n, x.device) if qtype in IMATRIX_TYPES else None
+    if rows.shape[0] == 0:
+        return torch.empty(*lead, n // bs * ts, dtype=torch.uint8, device=x.device)
+    return _quantize_rows(rows, qtype, qw).reshape(*lead, n // bs * ts)
+
+
+def _check_imatrix(
+    imatrix: torch.Tensor | None, n: int, device: torch.device
+) -> torch.Tensor | None:
+    if imatrix is None:
+        return None
+    if imatrix.shape != (n,):
+        raise ValueError(
+            f"imatrix has shape {tuple(imatrix.shape)}; expected ({n},), one value per column"
+        )
+    qw = imatrix.to(device=device, dtype=torch.float32).contiguous()
+    if not bool(torch.isfinite(qw).all()) or bool((qw < 0).any()):
+        raise ValueError("imatrix values must be finite and non-negative")
+    return qw

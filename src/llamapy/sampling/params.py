@@ -1,45 +1,23 @@
 """SamplingParams: one request's sampling settings, with llama.cpp's names and defaults.
 
-Defaults are those of llama.cpp's `common_params_sampling` (common/common.h); the order in
-which the samplers run is `DEFAULT_CHAIN`, llama.cpp's default `samplers` list (DRY, XTC and
-top-n-sigma, off by default there, are not implemented here).
+Defaults are those of llama.cpp's `common_params_sampling` (common/common.h). The chain is
+logit bias, then `samplers` in order (default `DEFAULT_SAMPLERS`: penalties -> dry ->
+top_n_sigma -> top_k -> typ_p -> top_p -> min_p -> xtc -> temperature), then the draw; with
+`mirostat` 1 or 2 it is logit bias -> temperature -> mirostat, as common_sampler_init.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
+
+from llamapy.sampling.stages import DEFAULT_SAMPLERS, SamplerStage, samplers_from_names
+from llamapy.structured.grammar import ConstraintKind, check_constraint
 
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
-
-
-class SamplerStage(enum.StrEnum):
-    """One step of the sampler chain, named as llama.cpp names its samplers."""
-
-    LOGIT_BIAS = "logit-bias"
-    PENALTIES = "penalties"
-    TOP_K = "top-k"
-    TYPICAL_P = "typical"
-    TOP_P = "top-p"
-    MIN_P = "min-p"
-    TEMPERATURE = "temp"
-    DIST = "dist"
-
-
-# common_sampler_init: logit bias first, then common_params_sampling::samplers, then dist.
-DEFAULT_CHAIN: tuple[SamplerStage, ...] = (
-    SamplerStage.LOGIT_BIAS,
-    SamplerStage.PENALTIES,
-    SamplerStage.TOP_K,
-    SamplerStage.TYPICAL_P,
-    SamplerStage.TOP_P,
-    SamplerStage.MIN_P,
-    SamplerStage.TEMPERATURE,
-    SamplerStage.DIST,
-)
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -59,9 +37,13 @@ def _in_range(value: object, lo: float, hi: float) -> bool:
     return _is_real(value) and lo <= value <= hi  # type: ignore[operator]
 
 
+def _finite(value: object, lo: float = -math.inf) -> bool:
+    return _is_real(value) and math.isfinite(value) and value >= lo  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick the next token of one sequence (llama.cpp semantics, see DEFAULT_CHAIN)."""
+    """How to pick the next token of one sequence (llama.cpp semantics, see the module)."""
 
     temperature: float = 0.8  # <= 0 keeps only the most likely token (greedy)
     top_k: int = 40  # <= 0 disables
@@ -80,15 +62,45 @@ class SamplingParams:
     ignore_eos: bool = False  # bans end-of-generation tokens (a -inf logit bias)
     min_keep: int = 0  # top-p / min-p / typical keep at least this many tokens
     n_probs: int = 0  # top log-probabilities to report per token
+    post_sampling_probs: bool = False  # n_probs of the final distribution, not the raw logits
+    # DRY [github.com/oobabooga/text-generation-webui/pull/5677]: a token that would extend a
+    # repeat of more than dry_allowed_length tokens loses multiplier * base^(len - allowed)
+    dry_multiplier: float = 0.0  # 0 disables
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64  # tokens of history scanned; -1 = all of it, 0 disables
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+    xtc_probability: float = 0.0  # XTC: chance per token of removing the top choices; 0 disables
+    xtc_threshold: float = 0.1  # ... those with p >= threshold but the last; > 0.5 disables
+    top_n_sigma: float = -1.0  # keep logits >= max - n * std; <= 0 disables
+    dynatemp_range: float = 0.0  # temperature in [temp - range, temp + range] by entropy
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0  # 1 or 2 replaces the chain with temperature -> mirostat (v1 / v2)
+    mirostat_tau: float = 5.0  # target surprise (entropy)
+    mirostat_eta: float = 0.1  # learning rate
+    samplers: tuple[SamplerStage, ...] = DEFAULT_SAMPLERS  # names or aliases are accepted
+    # Structured output (llamapy.structured), at most one; checked here, so a malformed one
+    # fails before decoding. json_schema is kept as JSON text ('{"type": "object"}': any
+    # JSON object); grammar is GBNF (llama.cpp) or Lark (llguidance); choice: the strings.
+    json_schema: str | Mapping[str, Any] | None = None
+    grammar: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self._check_filters()
         self._check_penalties()
         self._check_request()
+        self._check_extra_samplers()
+        constraint = check_constraint(self.json_schema, self.grammar, self.regex, self.choice)
+        if constraint is not None:  # normalized: schema as JSON text, choices as a tuple
+            object.__setattr__(self, constraint[0].value, constraint[1])
         # Freeze the mutable inputs so the object really is immutable.
         bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         object.__setattr__(self, "logit_bias", MappingProxyType(bias))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
+        object.__setattr__(self, "samplers", samplers_from_names(self.samplers))
 
     def _check_filters(self) -> None:
         t = self.temperature
@@ -123,6 +135,31 @@ class SamplingParams:
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
         _check(_is_int(self.n_probs) and self.n_probs >= 0, "n_probs", ">= 0", self.n_probs)
 
+    def _check_extra_samplers(self) -> None:
+        _check(_finite(self.dry_multiplier, 0.0), "dry_multiplier", ">= 0", self.dry_multiplier)
+        _check(_finite(self.dry_base, 1.0), "dry_base", ">= 1", self.dry_base)
+        n = self.dry_allowed_length
+        _check(_is_int(n) and n >= 0, "dry_allowed_length", ">= 0", n)
+        n = self.dry_penalty_last_n
+        _check(_is_int(n) and n >= -1, "dry_penalty_last_n", ">= -1 (-1 = all, 0 = off)", n)
+        b = self.dry_sequence_breakers
+        ok = isinstance(b, Sequence) and not isinstance(b, str)
+        ok = ok and all(isinstance(x, str) and x for x in b)
+        _check(ok, "dry_sequence_breakers", "a sequence of non-empty strings", b)
+        p, t = self.xtc_probability, self.xtc_threshold
+        _check(_in_range(p, 0.0, 1.0), "xtc_probability", "in [0, 1]", p)
+        _check(_in_range(t, 0.0, 1.0), "xtc_threshold", "in [0, 1] (> 0.5 disables)", t)
+        _check(_finite(self.top_n_sigma), "top_n_sigma", "a finite number", self.top_n_sigma)
+        r, e = self.dynatemp_range, self.dynatemp_exponent
+        _check(_finite(r, 0.0), "dynatemp_range", ">= 0", r)
+        _check(_finite(e, 0.0), "dynatemp_exponent", ">= 0", e)
+        m = self.mirostat
+        _check(_is_int(m) and m in (0, 1, 2), "mirostat", "0 (off), 1 or 2", m)
+        _check(_finite(self.mirostat_tau, 0.0), "mirostat_tau", ">= 0", self.mirostat_tau)
+        _check(_finite(self.mirostat_eta, 0.0), "mirostat_eta", ">= 0", self.mirostat_eta)
+        ok = isinstance(self.post_sampling_probs, bool)
+        _check(ok, "post_sampling_probs", "a bool", self.post_sampling_probs)
+
     @classmethod
     def greedy(cls, **overrides: object) -> SamplingParams:
         """Always the most likely token (after bias and penalties), as llama.cpp's temp 0."""
@@ -130,7 +167,49 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
+        """The chain ends on the most likely token left: temperature <= 0 in the chain, with
+        no dynamic range (as llama_sampler_temp_ext_apply), or under mirostat."""
+        if self.temperature > 0.0:
+            return False
+        if self.mirostat:
+            return True
+        return self.dynatemp_range <= 0.0 and SamplerStage.TEMPERATURE in self.samplers
+
+    @property
+    def picks_argmax(self) -> bool:
+        """The token is the argmax of the logits after bias, penalties and DRY: greedy, the
+        default order, and no sampler that may drop the most likely token (typical, XTC)."""
+        return (
+            self.is_greedy
+            and not self.mirostat
+            and self.samplers == DEFAULT_SAMPLERS
+            and self.typical_p >= 1.0
+            and not self.has_xtc
+        )
+
+    @property
+    def has_dry(self) -> bool:
+        # as llama_sampler_init_dry's dry_enabled (dry_base >= 1 is checked above)
+        return self.dry_multiplier != 0.0 and self.dry_penalty_last_n != 0
+
+    @property
+    def has_xtc(self) -> bool:
+        """XTC runs (and draws its number each token): as llama_sampler_init_xtc's is_empty."""
+        return (
+            self.xtc_probability > 0.0
+            and self.xtc_threshold <= 0.5
+            and not self.mirostat
+            and SamplerStage.XTC in self.samplers
+        )
+
+    @property
+    def constraint(self) -> tuple[ConstraintKind, str | tuple[str, ...]] | None:
+        """The structured-output constraint (kind, spec), or None."""
+        for kind in ConstraintKind:
+            spec = getattr(self, kind.value)
+            if spec is not None:
+                return kind, spec
+        return None
 
     @property
     def has_penalties(self) -> bool:

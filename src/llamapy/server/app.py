@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -32,6 +33,14 @@ from llamapy.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from llamapy.server.tools import (
+    ToolCallStreamer,
+    ToolError,
+    ToolPlan,
+    parse_tool_calls,
+    special_token_lookup,
+)
+from llamapy.server.tools import finish_reason as tool_finish_reason
 from llamapy.tokenizer import TemplateError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +62,10 @@ class ServerConfig:
     max_queued: int = 64
     n_threads: int | None = None
     device: str = "cpu"
+    quantize: str | None = None  # quantize the weights as they load (Q4_0, Q4_K_M, ...)
+    embedding: bool = False  # embeddings only (server/embeddings.py); no generation engine
+    reranking: bool = False  # reranking (and embeddings) only: pooling rank
+    pooling: str | None = None
 
 
 @dataclass
@@ -60,12 +73,13 @@ class ServerState:
     config: ServerConfig
     llm: Any = None
     engine: AsyncLLMEngine | None = None
+    embedder: Any = None  # AsyncEmbedder in --embedding / --reranking mode
     load_error: str | None = None
     started: float = field(default_factory=time.time)
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None or self.embedder is not None
 
     @property
     def model_name(self) -> str:
@@ -115,13 +129,21 @@ def load_model(state: ServerState) -> None:
             n_threads=cfg.n_threads,
             chat_template=cfg.chat_template,
             device=cfg.device,
+            quantize=cfg.quantize,
+            embedding=cfg.embedding or cfg.reranking or None,
+            pooling="rank" if cfg.reranking else cfg.pooling,
         )
     except Exception as e:  # any failure must show in /health, not leave it loading forever
         state.load_error = str(e)
         logger.error("model load failed: %s", e)
         return
     state.llm = llm
-    state.engine = AsyncLLMEngine(llm.engine, max_queued=cfg.max_queued)
+    if llm.engine is None:  # an encoder, or --embedding / --reranking
+        from llamapy.embedding.async_engine import AsyncEmbedder
+
+        state.embedder = AsyncEmbedder(llm.embedder, max_queued=cfg.max_queued)
+    else:
+        state.engine = AsyncLLMEngine(llm.engine, max_queued=cfg.max_queued)
     logger.info("model %s ready", state.model_name)
 
 
@@ -134,6 +156,9 @@ def create_app(config: ServerConfig, *, load: bool = True) -> FastAPI:
     _install_error_handlers(app)
     _install_auth(app, state)
     _install_routes(app, state)
+    from llamapy.server.embeddings import router as embeddings_router
+
+    app.include_router(embeddings_router)
     return app
 
 
@@ -200,6 +225,18 @@ def _require_ready(state: ServerState) -> Any:
     return state.llm
 
 
+def _require_engine(state: ServerState) -> Any:
+    """_require_ready, and a generation engine (none in --embedding / --reranking mode)."""
+    llm = _require_ready(state)
+    if state.engine is None:
+        raise APIError(
+            501,
+            "This server only embeds and reranks. Start it without --embedding / --reranking",
+            "not_supported_error",
+        )
+    return llm
+
+
 def _check_model(state: ServerState, model: str | None) -> None:
     """One model is served; a request naming another is a 404 (as OpenAI's API)."""
     if model and model != state.model_name:
@@ -231,10 +268,15 @@ def _message_dicts(messages) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_prompt(llm, messages, tools=None) -> list[int]:
+def _chat_prompt(llm, messages, tools=None, plan: ToolPlan | None = None) -> list[int]:
     try:
+        dicts = _message_dicts(messages)
+        if plan is not None:  # tools, calls and results as the template can show them
+            dicts, tools = plan.render_inputs(dicts)
         kwargs = {"tools": tools} if tools else {}
-        return llm.apply_chat_template(_message_dicts(messages), **kwargs)
+        return llm.apply_chat_template(dicts, **kwargs)
+    except ToolError as e:
+        raise APIError(400, str(e), param=e.param) from None
     except TemplateError as e:
         raise APIError(400, f"chat template error: {e}") from None
     except ValueError as e:
@@ -314,7 +356,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             )
         if not state.ready:
             return _error_response(503, "Loading model", "unavailable_error")
-        if state.engine.error is not None:
+        if state.engine is not None and state.engine.error is not None:
             return _error_response(500, f"engine failed: {state.engine.error!r}", "server_error")
         return JSONResponse({"status": "ok"})
 
@@ -343,7 +385,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        llm = _require_ready(state)
+        llm = _require_engine(state)
         _check_model(state, body.model)
         prompts = body.prompt
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)):
@@ -394,13 +436,15 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        llm = _require_ready(state)
+        llm = _require_engine(state)
         _check_model(state, body.model)
-        ids = _chat_prompt(llm, body.messages, body.tools)
+        plan = _tool_plan(llm, body)
+        ids = _chat_prompt(llm, body.messages, body.tools, plan)
         n_probs = (body.top_logprobs or 0) if body.logprobs else 0
         if body.logprobs and not n_probs:
             n_probs = 1
         params = _params(body.sampling_params, body.max_new_tokens, n_probs)
+        params = _tool_constraint(llm, params, plan)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return await _stream(
@@ -411,16 +455,16 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 cid,
                 chat=True,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                tools=plan,
             )
         results = await _run_choices(state, request, ids, params, body.n, cid)
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                **_chat_message(text, outs, plan),
                 "logprobs": _chat_logprobs(llm, outs, body.top_logprobs or 0)
                 if body.logprobs
                 else None,
-                "finish_reason": outs[-1].finish_reason if outs else "length",
             }
             for i, (text, outs) in enumerate(results)
         ]
@@ -436,7 +480,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/completion")
     @app.post("/completions")
     async def native_completion(body: NativeCompletionRequest, request: Request):
-        llm = _require_ready(state)
+        llm = _require_engine(state)
         ids = _prompt_ids(llm, body.prompt)
         max_tokens = None if body.n_predict < 0 else body.n_predict
         params = _params(body.sampling_params, max_tokens, body.n_probs)
@@ -444,11 +488,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         if body.stream:
             (stream,) = await _add_choices(state.engine, ids, params, 1, rid)
             return StreamingResponse(
-                _native_stream(state, stream, f"{rid}-0"), media_type="text/event-stream"
+                _native_stream(state, stream, f"{rid}-0", params), media_type="text/event-stream"
             )
         ((text, outs),) = await _run_choices(state, request, ids, params, 1, rid)
         last = outs[-1] if outs else None
-        return {
+        return _with_native_probs(llm, outs, params) | {
             "content": text,
             "tokens": [t for o in outs for t in o.token_ids],
             "stop": True,
@@ -512,7 +556,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/slots")
     async def slots():
-        _require_ready(state)
+        _require_engine(state)
         return await state.engine.call(_slots_view)
 
     @app.get("/metrics")
@@ -521,7 +565,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(
                 501, "metrics are disabled; start the server with --metrics", "not_supported_error"
             )
-        _require_ready(state)
+        _require_engine(state)
         from llamapy.server.metrics import render_metrics
 
         return Response(await render_metrics(state), media_type="text/plain; version=0.0.4")
@@ -544,6 +588,28 @@ def _default_params() -> dict[str, Any]:
         "repeat_last_n": d.repeat_last_n,
         "presence_penalty": d.presence_penalty,
         "frequency_penalty": d.frequency_penalty,
+        **{
+            name: getattr(d, name)
+            for name in (
+                "min_keep",
+                "dry_multiplier",
+                "dry_base",
+                "dry_allowed_length",
+                "dry_penalty_last_n",
+                "xtc_probability",
+                "xtc_threshold",
+                "top_n_sigma",
+                "dynatemp_range",
+                "dynatemp_exponent",
+                "mirostat",
+                "mirostat_tau",
+                "mirostat_eta",
+                "n_probs",
+                "post_sampling_probs",
+            )
+        },
+        "dry_sequence_breakers": list(d.dry_sequence_breakers),
+        "samplers": [s.value for s in d.samplers],
     }
 
 
@@ -629,18 +695,20 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _stream(state, ids, params, n, cid, *, chat: bool, include_usage: bool):
+async def _stream(
+    state, ids, params, n, cid, *, chat: bool, include_usage: bool, tools: ToolPlan | None = None
+):
     """Add the requests now (so bad input is a 400, not a broken stream), then stream."""
     streams = await _add_choices(state.engine, ids, params, n, cid)
     rids = [f"{cid}-{i}" for i in range(n)]
     return StreamingResponse(
-        _sse_events(state, streams, rids, cid, chat=chat, include_usage=include_usage),
+        _sse_events(state, streams, rids, cid, chat=chat, include_usage=include_usage, tools=tools),
         media_type="text/event-stream",
     )
 
 
 async def _sse_events(
-    state, streams, rids, cid, *, chat: bool, include_usage: bool
+    state, streams, rids, cid, *, chat: bool, include_usage: bool, tools: ToolPlan | None = None
 ) -> AsyncIterator[str]:
     created, model = int(time.time()), state.model_name
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -668,12 +736,17 @@ async def _sse_events(
                 role = {"role": "assistant", "content": ""}
                 yield chunk([{"index": i, "delta": role, "finish_reason": None}])
         open_streams = len(streams)
+        streamers: list[ToolCallStreamer] = []
         while open_streams:
             i, item = await queue.get()
             if item is None:
                 open_streams -= 1
             elif isinstance(item, Exception):
                 yield _sse_error(item)
+            elif chat and tools is not None and tools.parses:
+                streamers = streamers or [ToolCallStreamer(tools) for _ in streams]
+                for choice in _tool_stream_choices(streamers[i], i, item):
+                    yield chunk([choice])
             else:
                 choice: dict[str, Any] = {"index": i, "finish_reason": item.finish_reason}
                 if chat:
@@ -691,10 +764,12 @@ async def _sse_events(
             state.engine.abort(rid)
 
 
-async def _native_stream(state, stream, rid) -> AsyncIterator[str]:
+async def _native_stream(state, stream, rid, params=None) -> AsyncIterator[str]:
     try:
         async for out in stream:
             data = {"content": out.text, "tokens": out.token_ids, "stop": out.finished}
+            if params is not None:
+                data |= _with_native_probs(state.llm, [out], params)
             if out.finished:
                 data.update(
                     {
@@ -709,6 +784,31 @@ async def _native_stream(state, stream, rid) -> AsyncIterator[str]:
         yield _sse_error(e)
     finally:
         state.engine.abort(rid)
+
+
+def _with_native_probs(llm, outs: list[RequestOutput], params: SamplingParams) -> dict[str, Any]:
+    """llama-server's completion_probabilities when n_probs > 0: per token its id, text,
+    bytes and logprob, and the top n_probs; "prob" / "top_probs" (probabilities of the
+    final distribution) with post_sampling_probs."""
+    samples = [s for o in outs for s in o.logprobs]
+    if not params.n_probs or not samples:
+        return {}
+    post = params.post_sampling_probs
+    key, top_key = ("prob", "top_probs") if post else ("logprob", "top_logprobs")
+    tok = llm.tokenizer
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = tok.token_bytes(token_id)
+        value = math.exp(logprob) if post else max(logprob, -1e30)  # JSON has no -inf
+        return {"id": token_id, "token": raw.decode("utf-8", "replace"), "bytes": list(raw),
+                key: value}  # fmt: skip
+
+    return {
+        "completion_probabilities": [
+            entry(s.token_id, s.logprob) | {top_key: [entry(t, lp) for t, lp in s.top_logprobs]}
+            for s in samples
+        ]
+    }
 
 
 def _completion_logprobs(llm, outs: list[RequestOutput]) -> dict[str, Any]:
@@ -740,3 +840,66 @@ def _chat_logprobs(llm, outs: list[RequestOutput], top: int) -> dict[str, Any]:
             for s in samples
         ]
     }
+
+
+# -- tool calls (llamapy.server.tools) ----------------------------------------------------------
+
+
+def _tool_plan(llm, body: ChatCompletionRequest) -> ToolPlan | None:
+    if llm.chat_template is None:
+        return None  # _chat_prompt answers that the model has no template
+    try:
+        return ToolPlan.build(
+            body.tools,
+            body.tool_choice,
+            llm.chat_template,
+            body.parallel_tool_calls,
+            _message_dicts(body.messages),
+        )
+    except ToolError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def _tool_constraint(llm, params: SamplingParams, plan: ToolPlan | None) -> SamplingParams:
+    """The request's params with the grammar its tool_choice needs (if any)."""
+    extra = plan.constraint(special_token_lookup(llm.tokenizer)) if plan else {}
+    if not extra:
+        return params
+    if params.constraint is not None:
+        raise APIError(
+            400,
+            "a response_format or grammar cannot be combined with tools here (this model's "
+            "tool calls are constrained); send tool_choice 'none' or leave the grammar out",
+            param="tool_choice",
+        )
+    try:
+        return replace(params, **extra)
+    except ValueError as e:
+        raise APIError(400, f"the tools' parameters cannot be used: {e}", param="tools") from None
+
+
+def _chat_message(text: str, outs: list[RequestOutput], plan: ToolPlan | None) -> dict[str, Any]:
+    """A non-streamed choice's message and finish reason, tool calls parsed out."""
+    reason = outs[-1].finish_reason if outs else "length"
+    if plan is None or not plan.parses:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
+    parsed = parse_tool_calls(text, plan.format, plan.names, plan.new_id)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        message["tool_calls"] = parsed.tool_calls
+    return {
+        "message": message,
+        "finish_reason": tool_finish_reason(reason, bool(parsed.tool_calls)),
+    }
+
+
+def _tool_stream_choices(streamer: ToolCallStreamer, i: int, out: RequestOutput) -> list[dict]:
+    """Stream choices for one engine output: content and tool-call deltas, then the finish."""
+    deltas = streamer.feed(out.text)
+    if out.finished:
+        deltas += streamer.finish()
+    choices = [{"index": i, "delta": d, "finish_reason": None} for d in deltas]
+    if out.finished:
+        reason = tool_finish_reason(out.finish_reason, streamer.has_calls)
+        choices.append({"index": i, "delta": {}, "finish_reason": reason})
+    return choices

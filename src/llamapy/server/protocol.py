@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llamapy.sampling.params import SamplingParams
+from llamapy.sampling.stages import samplers_from_chars, samplers_from_names
+from llamapy.structured.requests import constraint_kwargs
 
 
 class _Body(BaseModel):
@@ -38,6 +40,33 @@ class SamplingFields(_Body):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     stop: str | list[str] | None = None
+    # the rest of llama.cpp's samplers, by its server's names (extra fields on OpenAI routes)
+    min_keep: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None  # < 1 means the default, as llama-server
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    top_n_sigma: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    samplers: list[str] | str | None = None  # names, or a string of letters ("kpt")
+    post_sampling_probs: bool = False  # probabilities after the chain, not of the raw logits
+    # structured output, checked by llamapy.structured.requests.constraint_kwargs (OpenAI,
+    # llama.cpp and vLLM spellings)
+    response_format: Any = None
+    grammar: Any = None
+    json_schema: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -65,6 +94,7 @@ class SamplingFields(_Body):
             "seed": self.seed,
         }
         kwargs = {k: v for k, v in given.items() if v is not None}
+        kwargs.update(self._more_sampling())
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             try:
@@ -78,7 +108,37 @@ class SamplingFields(_Body):
             stop=tuple(self.stop or ()),
             ignore_eos=self.ignore_eos,
             n_probs=n_probs,
+            post_sampling_probs=self.post_sampling_probs,
+            **constraint_kwargs(
+                response_format=self.response_format,
+                grammar=self.grammar,
+                json_schema=self.json_schema,
+                structured_outputs=self.structured_outputs,
+                guided_json=self.guided_json,
+                guided_regex=self.guided_regex,
+                guided_choice=self.guided_choice,
+                guided_grammar=self.guided_grammar,
+            ),
         )
+
+    def _more_sampling(self) -> dict[str, Any]:
+        names = (
+            "min_keep", "dry_multiplier", "dry_allowed_length", "dry_penalty_last_n",
+            "xtc_probability", "xtc_threshold", "top_n_sigma", "dynatemp_range",
+            "dynatemp_exponent", "mirostat", "mirostat_tau", "mirostat_eta",
+        )  # fmt: skip
+        out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.dry_base is not None and self.dry_base >= 1.0:
+            out["dry_base"] = self.dry_base
+        if self.dry_sequence_breakers is not None:
+            if not self.dry_sequence_breakers:
+                raise ValueError("dry_sequence_breakers must be a non-empty array of strings")
+            out["dry_sequence_breakers"] = tuple(self.dry_sequence_breakers)
+        if isinstance(self.samplers, str):
+            out["samplers"] = samplers_from_chars(self.samplers)
+        elif self.samplers is not None:
+            out["samplers"] = samplers_from_names(self.samplers)
+        return out
 
 
 class CompletionRequest(SamplingFields):
@@ -115,6 +175,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}};
+    # checked by llamapy.server.tools (a 400 naming the problem)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # None: one call per turn, as llama-server
     user: str | None = None
 
     @property

@@ -1,0 +1,2 @@
+"""Make model files: quantize GGUF files, convert Hugging Face folders to GGUF, quantize
+weights while a model loads."""
