@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from live_server import Server
+from tool_specs import TOOLS
 
 from llamapy.api import LLM
 from llamapy.sampling.params import SamplingParams
@@ -27,37 +28,6 @@ from testdata import llama_cpp_sdist
 
 pytestmark = pytest.mark.models
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "description": "The city"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "description": "first"},
-                "b": {"type": "integer", "description": "second"},
-            },
-            "required": ["a", "b"],
-        },
-    },
-}
-TOOLS = [WEATHER, ADD]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris? Also, what is 17 + 25?"}]
 MAX_TOKENS = 160  # a call of these tools takes ~30 tokens; room for a long city name

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from tool_specs import TOOLS, WEATHER
 
 from llamapy.server.tools import (
     GENERIC_AUTO_PROMPT,
@@ -50,37 +51,6 @@ SDIST_TEMPLATES = {
 NATIVE = ["hermes-2-pro", "hermes-3", "qwen2.5", "llama-3.1", "llama-3.2", "mistral-nemo"]
 SINGLE_CALL_ONLY = {"llama-3.1", "llama-3.2", "llama-3.3"}  # their templates refuse two calls
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "description": "The city"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "description": "first"},
-                "b": {"type": "integer", "description": "second"},
-            },
-            "required": ["a", "b"],
-        },
-    },
-}
-TOOLS = [WEATHER, ADD]
 NAMES = ["get_weather", "add"]
 
 
