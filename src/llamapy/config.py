@@ -17,7 +17,11 @@ from llamapy.errors import ModelFormatError, UnsupportedError
 
 # Architectures whose config llamapy understands, with per-architecture defaults that
 # llama.cpp hard-codes in llama_model::load_hparams rather than reading from the file.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")
+SUPPORTED_ARCHS = (
+    "llama", "qwen2", "qwen3", "gemma3", "phi3", "bert", "nomic-bert", "jina-bert-v2",
+)  # fmt: skip
+# BERT-family encoders: LayerNorm, bidirectional; nomic-bert alone has rotary positions.
+ENCODER_ARCHS = ("bert", "nomic-bert", "jina-bert-v2")
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "llama3", "longrope")
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
 # gguf's LLAMA_POOLING_TYPE numbering (llama.h): -1 unspecified, 0 none, 1 mean, 2 cls, ...
@@ -186,7 +190,8 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str]) -> Mod
     vocab = k.get(Keys.LLM.VOCAB_SIZE) or (len(tokens) if tokens is not None else None)
     if vocab is None:
         raise ModelFormatError("GGUF metadata gives no vocabulary size and no token list")
-    is_bert = arch == "bert"
+    is_bert = arch in ENCODER_ARCHS
+    no_rope = arch in ("bert", "jina-bert-v2")
     sliding_window = k.get(Keys.Attention.SLIDING_WINDOW) or None  # 0: no SWA (Phi-3)
     pooling = k.get(Keys.LLM.POOLING_TYPE)
     return ModelConfig(
@@ -206,8 +211,8 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str]) -> Mod
             1e-12 if is_bert else 1e-5,
         ),
         norm_type="layer" if is_bert else "rms",
-        rope_theta=None if is_bert else k.float(Keys.Rope.FREQ_BASE, 10_000.0),
-        rope_dim=None if is_bert else k.get(Keys.Rope.DIMENSION_COUNT),
+        rope_theta=None if no_rope else k.float(Keys.Rope.FREQ_BASE, 10_000.0),
+        rope_dim=None if no_rope else k.get(Keys.Rope.DIMENSION_COUNT),
         rope_scaling=_gguf_rope_scaling(k),
         sliding_window=sliding_window,
         sliding_layers=_gguf_sliding_layers(k, num_layers) if sliding_window else (),

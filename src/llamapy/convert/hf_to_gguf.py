@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from gguf import Keys, PoolingType
 
-from llamapy.config import ModelConfig
+from llamapy.config import ENCODER_ARCHS, ModelConfig
 from llamapy.convert.source import ModelSource, SourceTensor
 from llamapy.convert.tokenizer_export import tokenizer_metadata
 from llamapy.errors import UnsupportedError
@@ -31,7 +31,16 @@ from llamapy.quant.types import QuantType
 
 logger = logging.getLogger(__name__)
 
-CONVERTIBLE_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3", "bert")
+CONVERTIBLE_ARCHS = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma3",
+    "bert",
+    "nomic-bert",
+    "jina-bert-v2",
+)
 _POOLING = {
     "none": PoolingType.NONE,
     "mean": PoolingType.MEAN,
@@ -105,8 +114,12 @@ def hparams_metadata(hf: HFFolder, n_vocab: int) -> dict[str, Any]:
     if c.get("head_dim") or a == "gemma3":
         md[Keys.Attention.KEY_LENGTH.format(arch=a)] = cfg.head_dim
         md[Keys.Attention.VALUE_LENGTH.format(arch=a)] = cfg.head_dim
-    if a == "bert":
+    if a in ENCODER_ARCHS:
         md[Keys.Attention.CAUSAL.format(arch=a)] = False
+        if cfg.rope_theta is not None:  # nomic-bert
+            md[Keys.Rope.FREQ_BASE.format(arch=a)] = cfg.rope_theta
+            if cfg.rope_dim not in (None, cfg.head_dim):
+                md[Keys.Rope.DIMENSION_COUNT.format(arch=a)] = cfg.rope_dim
         if cfg.pooling is not None:
             md[Keys.LLM.POOLING_TYPE.format(arch=a)] = int(_POOLING[cfg.pooling])
         md[Keys.Tokenizer.TOKEN_TYPE_COUNT.format(arch=a)] = int(c.get("type_vocab_size", 2))

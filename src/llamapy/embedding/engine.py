@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from llamapy.config import ENCODER_ARCHS
 from llamapy.embedding.batch import (
     SCRATCH_BLOCK_SIZE,
     EncoderInput,
@@ -41,7 +42,6 @@ from llamapy.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-ENCODER_ARCHS = ("bert",)
 # Qwen3-Reranker's prompt (llama.cpp's converter writes it as the GGUF's "rerank" template).
 DEFAULT_RERANK_TEMPLATE = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "

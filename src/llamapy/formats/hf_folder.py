@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import gguf
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llamapy.config import ModelConfig, RopeScaling
+from llamapy.config import ENCODER_ARCHS, ModelConfig, RopeScaling
 from llamapy.errors import ModelFormatError, UnsupportedError
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
@@ -37,6 +38,9 @@ _HF_ARCHS = {
     "BertModel": "bert",
     "BertForMaskedLM": "bert",
     "BertForSequenceClassification": "bert",
+    "NomicBertModel": "nomic-bert",
+    "JinaBertModel": "jina-bert-v2",
+    "JinaBertForMaskedLM": "jina-bert-v2",
 }
 _HF_MODEL_TYPES = {
     "llama": "llama",
@@ -47,6 +51,7 @@ _HF_MODEL_TYPES = {
     "gemma3_text": "gemma3",
     "phi3": "phi3",
     "bert": "bert",
+    "nomic_bert": "nomic-bert",
 }
 _GGUF_ARCH_ENUM = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 # Buffers that HF checkpoints carry but that are not weights (llama.cpp's converter skips them).
@@ -130,6 +135,8 @@ class HFFolder:
         text_config = self.hf_config.get("text_config")
         self.text_config = text_config if isinstance(text_config, dict) else self.hf_config
         self.arch = hf_arch(self.hf_config)
+        if self.arch == "nomic-bert":
+            self.text_config = nomic_text_config(self.hf_config)
         self.tokenizer_config = self._optional_json("tokenizer_config.json")
         self._handles: dict[Path, Any] = {}
         self.tensor_infos, self.unmapped = self._index_tensors()
@@ -187,8 +194,10 @@ class HFFolder:
                     raise UnsupportedError(
                         f"{file.name}: tensor {hf_name!r} has unsupported dtype {sl.get_dtype()}"
                     )
-                if self.arch == "bert":
+                if self.arch in ("bert", "jina-bert-v2"):
                     name = _bert_name(name_map, hf_name, self.hf_config)
+                elif self.arch == "nomic-bert":
+                    name = _nomic_name(name_map, hf_name)
                 else:
                     name = _gguf_name(name_map, hf_name)
                 if name is None:
@@ -240,6 +249,69 @@ def _bert_name(name_map: gguf.TensorNameMap, hf_name: str, hf_config: dict) -> s
     if stem in heads and "BertForSequenceClassification" in (hf_config.get("architectures") or []):
         return f"{heads[stem]}.{suffix}"
     return _gguf_name(name_map, base)
+
+
+# transformers' native nomic_bert names -> nomic-ai's custom-code ones, which gguf-py maps
+# (the reverse of transformers' conversion_mapping for nomic_bert).
+_NOMIC_NATIVE_NAMES = (
+    ("embeddings.LayerNorm.", "emb_ln."),
+    ("self_attn.o_proj.", "attn.out_proj."),
+    ("mlp.up_proj.", "mlp.fc11."),
+    ("mlp.gate_proj.", "mlp.fc12."),
+    ("mlp.down_proj.", "mlp.fc2."),
+    ("post_attention_layernorm.", "norm1."),
+    ("post_mlp_layernorm.", "norm2."),
+)
+
+
+def _nomic_name(name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
+    """nomic-bert in either naming: transformers' (`layers.N.self_attn.q_proj`, separate
+    Q/K/V) or nomic-ai's custom code (`encoder.layers.N.attn.Wqkv`, `mlp.fc11` / `fc12`)."""
+    base = hf_name.removeprefix("nomic_bert.").removeprefix("bert.")
+    qkv = re.fullmatch(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", base)
+    if qkv:
+        return f"blk.{qkv[1]}.attn_{qkv[2]}.{qkv[3]}"
+    if base.startswith("layers."):
+        base = "encoder." + base
+    for native, original in _NOMIC_NATIVE_NAMES:
+        base = base.replace(native, original)
+    return _gguf_name(name_map, base)
+
+
+def nomic_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A nomic-bert config.json in transformers' nomic_bert keys: nomic-ai's custom-code
+    configs name them as GPT-2 does (n_embd, n_layer, rotary_emb_base, ...). Options llama.cpp
+    does not run either (as its converter asserts) are UnsupportedError."""
+    out = dict(cfg)
+    for original, native in (
+        ("n_embd", "hidden_size"),
+        ("n_head", "num_attention_heads"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_inner", "intermediate_size"),
+        ("layer_norm_epsilon", "layer_norm_eps"),
+        ("rotary_emb_base", "rope_theta"),
+    ):
+        if original in cfg and native not in cfg:
+            out[native] = cfg[original]
+    if "max_position_embeddings" not in cfg and "n_positions" in cfg:
+        # nomic-embed-text v1 / v1.5 say 8192 positions but were trained for 2048
+        out["max_position_embeddings"] = cfg.get("max_trained_positions") or cfg["n_positions"]
+    if cfg.get("rotary_emb_fraction") not in (None, 1.0):
+        out["partial_rotary_factor"] = cfg["rotary_emb_fraction"]
+    if not (cfg.get("rope_parameters") or {}).get("rope_theta"):
+        out.setdefault("rope_theta", 1000.0)  # transformers' NomicBertConfig.default_theta
+    checks = (
+        ("activation_function", ("swiglu",)),
+        ("rotary_emb_interleaved", (False,)),
+        ("rotary_emb_scale_base", (None,)),
+        ("prenorm", (False,)),
+        ("moe_every_n_layers", (None, 0)),
+        ("hidden_act", ("silu", "swish")),
+    )
+    for key, allowed in checks:
+        if key in cfg and cfg[key] not in allowed:
+            raise UnsupportedError(f"nomic-bert with {key}={cfg[key]!r} is not supported")
+    return out
 
 
 def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
@@ -314,7 +386,8 @@ def config_from_hf(cfg: dict[str, Any], arch: str, folder: HFFolder | None = Non
     num_heads = _required(cfg, "num_attention_heads")
     num_layers = _required(cfg, "num_hidden_layers")
     head_dim = cfg.get("head_dim") or (hidden // num_heads if num_heads else 0)
-    is_bert = arch == "bert"
+    is_bert = arch in ENCODER_ARCHS
+    no_rope = arch in ("bert", "jina-bert-v2")
     window, sliding_layers = _sliding(cfg, arch, num_layers)
     tie = cfg.get("tie_word_embeddings", True)
     if folder is not None:
@@ -335,9 +408,9 @@ def config_from_hf(cfg: dict[str, Any], arch: str, folder: HFFolder | None = Non
         ffn_size=cfg.get("intermediate_size") or 0,
         norm_eps=float(cfg.get("layer_norm_eps" if is_bert else "rms_norm_eps") or 1e-6),
         norm_type="layer" if is_bert else "rms",
-        rope_theta=None if is_bert else float(rope["rope_theta"]),
+        rope_theta=None if no_rope else float(rope["rope_theta"]),
         rope_dim=int(head_dim * partial) if partial else None,
-        rope_scaling=None if is_bert else _rope_scaling(rope),
+        rope_scaling=None if no_rope else _rope_scaling(rope),
         sliding_window=window,
         sliding_layers=sliding_layers,
         rope_theta_swa=rope_swa.get("rope_theta") if arch == "gemma3" else None,
