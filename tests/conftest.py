@@ -19,6 +19,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# The CPU decode step is compiled by default (models/cpu_compile.py): seconds per model at
+# load, minutes over the suite. Tests run it eagerly unless they ask for it
+# (tests/models/test_cpu_compile.py, the fidelity tests' greedy continuations).
+os.environ.setdefault("LLAMAPY_CPU_COMPILE", "0")
+
 from gguf_factory import write_tiny_llama  # noqa: E402
 
 

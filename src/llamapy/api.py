@@ -63,13 +63,15 @@ class LLM:
         max_num_seqs: sequences generated together.
         n_threads: torch CPU threads (default: all cores).
         chat_template: a named template, a file, or None for the model's own.
-        device: "cpu" (GPU support lands with the GPU issue).
+        device: "cpu" (default) or "cuda[:N]".
         quantize: a `llamapy quantize` type (Q4_0, Q8_0, Q4_K_M, ...): the weights are
             quantized as they load, with llama.cpp's per-tensor choices; no file is written.
         embedding: load the model for `embed` / `rerank` only (no generation engine, no KV
             cache); encoders (BERT) always are. A generating model embeds too, sharing its
             weights.
         pooling: none, mean, cls, last or rank; None: the model's own (see EmbeddingEngine).
+        enforce_eager: no compiled CPU decode step (models/cpu_compile.py; on by default
+            where a C++ compiler is found, unless LLAMAPY_CPU_COMPILE=0) and no CUDA graphs.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class LLM:
         quantize: str | None = None,
         embedding: bool | None = None,
         pooling: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -118,6 +121,8 @@ class LLM:
                     device=device,
                     quantize=quantize,
                     **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
+                    # no compiled CPU decode step, no CUDA graphs
+                    **({"cpu_compile": False, "cuda_graphs": False} if enforce_eager else {}),
                 ),
             )
         self.chat_template: ChatTemplate | None = resolve_chat_template(

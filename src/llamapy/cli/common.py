@@ -69,6 +69,12 @@ def add_model_args(
         help="quantize the weights as they load (Q4_0, Q8_0, Q4_K_M, ...: the types of "
         "`llamapy quantize`); no file is written",
     )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step eagerly: no torch.compile of the CPU decode step (which costs "
+        "seconds at load, cached on disk), no CUDA graphs (as vLLM's flag)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -279,6 +285,7 @@ def load_llm(args: argparse.Namespace):
         chat_template=args.chat_template,
         device=device,
         quantize=quantize_from_args(args),
+        enforce_eager=getattr(args, "enforce_eager", False),
     )
 
 

@@ -22,6 +22,7 @@ from llamapy.engine.sequence import FinishReason, Sequence
 from llamapy.errors import ContextLengthError
 from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
+from llamapy.models.cpu_compile import compile_enabled_by_default
 from llamapy.sampling.dry import DryVocab
 from llamapy.sampling.params import SamplingParams
 from llamapy.structured.matcher import GrammarCompiler
@@ -61,6 +62,9 @@ class EngineConfig:
     # oracle: dequantize per call, float32); LLAMAPY_CPU_KERNELS sets the default
     cpu_kernels: str = field(default_factory=lambda: os.environ.get("LLAMAPY_CPU_KERNELS", "fast"))
     cuda_graphs: bool = True  # replay decode steps from captured CUDA graphs
+    # CPU (fast kernels): decode steps through torch.compile (models/cpu_compile.py);
+    # default on where a C++ compiler is found, off with LLAMAPY_CPU_COMPILE=0
+    cpu_compile: bool = field(default_factory=lambda: compile_enabled_by_default())
     # a `llamapy quantize` type (Q4_0, Q4_K_M, ...): weights are quantized as they load
     quantize: str | None = None
 
@@ -165,6 +169,8 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             dry_vocab=DryVocab.from_tokenizer(tokenizer),
         )
+        if device.type == "cpu" and config.cpu_compile and config.cpu_kernels == "fast":
+            self.runner.compile_decode()
         self.requests: dict[int, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()

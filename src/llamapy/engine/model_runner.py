@@ -66,6 +66,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
         # One block more than the block manager hands out: padded rows of a captured decode
         # step write their K/V there.
         self.kv_caches = allocate_kv_cache(
@@ -86,6 +87,30 @@ class ModelRunner:
                 block_size=block_size,
                 eog_token_ids=sorted(eog_token_ids),
             )
+
+    @torch.inference_mode()  # as `run`: graphs guard on it
+    def compile_decode(self) -> None:
+        """CPU: run decode steps through torch.compile (models/cpu_compile.py), the graphs
+        of a one-sequence step compiled now by a warm-up step that writes only the scratch
+        block (those of batched steps compile at the first one)."""
+        from llamapy.models.cpu_compile import CompiledDecode
+
+        if not hasattr(self.model, "compiled_decode"):
+            return
+        self.model.compiled_decode = CompiledDecode()
+        scratch = self.kv_caches[0][0].shape[0] - 1
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([scratch * self.block_size]),
+            block_tables=torch.tensor([[scratch]], dtype=torch.int32),
+            seq_lens=torch.ones(1, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=1,
+            seq_lens_host=(1,),
+            query_start_loc_host=(0, 1),
+        )
+        zero = torch.zeros(1, dtype=torch.long)
+        self.model(zero, zero, meta, self.kv_caches)
 
     def prepare(
         self, batch: list[ScheduledSeq], block_manager: BlockManager

@@ -23,7 +23,9 @@ def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return activation.gelu_tanh_and_mul(gate, up)
     from llamapy.kernels.cpu import ggml_numerics
 
-    numerics = ggml_numerics.active()  # LLAMAPY_CPU_KERNELS=ggml: ggml's fp16 GELU table
+    # LLAMAPY_CPU_KERNELS=ggml: ggml's fp16 GELU table (never compiled: models/cpu_compile.py
+    # runs the fast kernels only, and torch.compile cannot trace a ContextVar)
+    numerics = None if torch.compiler.is_compiling() else ggml_numerics.active()
     if numerics is not None and numerics.gelu_fp16_table:
         return ggml_numerics.gelu_tanh_and_mul_ggml(gate, up)
     return F.gelu(gate, approximate="tanh") * up

@@ -28,6 +28,9 @@ class AttentionMetadata:
     # Key splits of the CUDA decode kernel (None: from shapes); a captured decode step
     # fixes it per graph from the batch's longest sequence.
     decode_splits: int | None = None
+    # One query per sequence, attended by `decode_attention_dense` from the tensors alone
+    # (the CPU's compiled decode step: models/cpu_compile.py).
+    dense_decode: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -123,6 +126,44 @@ def paged_attention(
         softcap=softcap,
         causal=causal,
     )
+
+
+def decode_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One new token per sequence: store k, v (B, n_kv, d) at their slots, then attend q (B,
+    n_heads, d) over every key of each sequence's block table row, the keys past `seq_lens`
+    (and, with a window, those out of it) masked. Written in shape-static torch ops, with
+    the host copies of the metadata unused, so that `torch.compile` can trace a decode step
+    whose only varying size is the block tables' width (`models/cpu_compile.py`)."""
+    n_seqs, n_heads, d = q.shape
+    n_kv = k_cache.shape[2]
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    tables = meta.block_tables.long()
+    keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # (B, W * block_size, n_kv, d)
+    values = v_cache[tables].flatten(1, 2).to(q.dtype)
+    pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+    seq_lens = meta.seq_lens.long()[:, None]
+    visible = pos < seq_lens  # (B, L)
+    if sliding_window is not None:  # the query sits at seq_len - 1
+        visible = visible & (pos > seq_lens - 1 - sliding_window)
+    qg = q.view(n_seqs, n_kv, n_heads // n_kv, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+    return out.reshape(n_seqs, n_heads, values.shape[-1])
 
 
 def paged_attention_sdpa(

@@ -90,11 +90,29 @@ class QLinear(torch.nn.Module):
         data = self.weight.data if rows is None else self.weight.data[rows]
         return dequantize(data, self.weight.qtype, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        norm_weight: torch.Tensor | None = None,
+        eps: float | None = None,
+        act: str | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y = x W^T (+ b). The keywords are the Triton matmul's fused forms (the CUDA decode
+        step; see `kernels.triton.qmatmul.qmatmul`): RMSNorm or gated activation of x inside
+        the matmul, `residual += y` in place."""
         if self.kernel == "triton":
             from llamapy.kernels.triton.qmatmul import qmatmul
 
-            return qmatmul(x, self.packed, self.bias)
+            return qmatmul(
+                x, self.packed, self.bias, norm_weight=norm_weight, eps=eps, act=act,
+                residual=residual,
+            )  # fmt: skip
+        if norm_weight is not None or act is not None or residual is not None:
+            raise ValueError(
+                f"fused matmul forms need the Triton kernels; this layer runs {self.kernel}"
+            )
         if self.kernel == "cpu":
             from llamapy.kernels.cpu.qmatmul import qmatmul_cpu
 

@@ -60,6 +60,7 @@ class RotaryEmbedding:
         place of a dozen, the same products and sums."""
         if (
             self.interleaved
+            and not torch.compiler.is_compiling()  # Inductor has no complex codegen
             and q.dtype == k.dtype == torch.float32
             and self.rot_dim == q.shape[-1] == k.shape[-1]
             and q.stride(-1) == k.stride(-1) == 1

@@ -16,10 +16,16 @@ from dataclasses import dataclass
 import torch
 
 from llamapy.layers.activation import gelu_tanh_and_mul, silu_and_mul
-from llamapy.layers.attention import AttentionMetadata, paged_attention, rope_and_write_kv
+from llamapy.layers.attention import (
+    AttentionMetadata,
+    decode_attention_dense,
+    paged_attention,
+    rope_and_write_kv,
+)
 from llamapy.layers.linear import QLinear, embedding_lookup
 from llamapy.layers.norm import add_rms_norm, rms_norm
 from llamapy.layers.rotary import RotaryEmbedding
+from llamapy.models.cpu_compile import CompiledDecode
 from llamapy.models.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -85,6 +91,19 @@ class Attention(torch.nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.eps)
+        if meta.dense_decode:  # the CPU's compiled decode step (models/cpu_compile.py)
+            q, k = self.rope.apply_pair(q, k, *cos_sin)
+            out = decode_attention_dense(
+                q,
+                k,
+                v,
+                *kv_cache,
+                meta,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                softcap=self.softcap,
+            )
+            return self.o_proj(out.reshape(T, -1))
         q = rope_and_write_kv(self.rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
         out = paged_attention(
             q,
@@ -95,6 +114,42 @@ class Attention(torch.nn.Module):
             softcap=self.softcap,
         )
         return self.o_proj(out.reshape(T, -1))
+
+    def forward_fused(
+        self,
+        stream: torch.Tensor,
+        norm: tuple[torch.Tensor, float],
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> None:
+        """CUDA decode (`DecoderLayer.forward_fused`): as `forward` of rms_norm(stream), the
+        norm computed by the QKV GEMVs, the output projection added into `stream` in place."""
+        T = stream.shape[0]
+        fused = {"norm_weight": norm[0], "eps": norm[1]}
+        if self.qkv is not None:
+            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            sizes = [nq, nk, self.num_kv_heads * self.v_head_dim]
+            q, k, v = self.qkv(stream, **fused).split(sizes, dim=-1)
+        else:
+            q, k, v = (p(stream, **fused) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.v_head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+        if self.k_norm is not None:
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = rope_and_write_kv(self.rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
+        out = paged_attention(
+            q,
+            *kv_cache,
+            meta,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+        )
+        self.o_proj(out.reshape(T, -1), residual=stream)
 
 
 class MLP(torch.nn.Module):
@@ -122,7 +177,16 @@ class MLP(torch.nn.Module):
         return self.down(self.activation(gate, up))
 
 
+# The gated activations the down GEMV can compute from the gate_up output (CUDA decode).
+_FUSED_ACTIVATIONS = {silu_and_mul: "silu", gelu_tanh_and_mul: "gelu_tanh"}
+# CUDA decode runs each layer as four fused GEMVs (DecoderLayer.forward_fused); tests and
+# benchmarks switch it off to compare (read by LlamaForCausalLM.plan_fused_decode).
+FUSED_DECODE = True
+
+
 class DecoderLayer(torch.nn.Module):
+    fused_activation: str | None = None  # set by LlamaForCausalLM.plan_fused_decode
+
     def __init__(self, w: Weights, il: int, rope: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
         p = f"blk.{il}."
@@ -146,6 +210,8 @@ class DecoderLayer(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the previous layer's output h, the residual stream before it) -> the same pair
         for this layer: the residual add is fused with the norm that follows it."""
+        if self.fused_activation is not None and self.decode_fuses(h, residual):
+            return self.forward_fused(h, residual, cos_sin, meta, kv_cache)
         if residual is None:  # first layer: h is the embedding
             residual, x = h, rms_norm(h, self.attn_norm, self.eps)
         else:
@@ -159,12 +225,56 @@ class DecoderLayer(torch.nn.Module):
             h = rms_norm(h, self.ffn_post_norm, self.eps)
         return h, residual
 
+    def fusable_activation(self) -> str | None:
+        """Whether this layer can run as fused GEMVs (Triton kernels, no post norms, gate and
+        up in one matrix): the name of its gated activation, or None."""
+        mlp = self.mlp
+        if self.attn_post_norm is not None or mlp.gate is not None:
+            return None
+        linears = [self.attn.o_proj, mlp.gate_up, mlp.down]
+        linears += [self.attn.qkv] if self.attn.qkv is not None else [self.attn.q_proj]
+        if any(lin.kernel != "triton" for lin in linears):
+            return None
+        return _FUSED_ACTIVATIONS.get(mlp.activation)
+
+    @staticmethod
+    def decode_fuses(h: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
+        """A batch the GEMVs take (the decode step: at most GEMV_MAX_M rows). The answer is
+        the same for every layer of a forward pass (all or none fuse: a fused layer hands on
+        its output already added to the residual stream, h None)."""
+        from llamapy.kernels.triton.qmatmul import GEMV_MAX_M
+
+        return h is None or h.shape[0] <= GEMV_MAX_M
+
+    def forward_fused(
+        self,
+        h: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> tuple[None, torch.Tensor]:
+        """CUDA decode: `forward` in four GEMVs and no norm or activation kernel: QKV from
+        the residual stream with the attention norm inside, the output projection added into
+        the stream in place, gate_up with the FFN norm inside, down with the gated activation
+        inside, added into the stream. Returns (None, the stream): h is already added."""
+        if residual is None:  # first layer: the embedding (a fresh tensor) becomes the stream
+            residual = h
+        elif h is not None:
+            residual = residual + h
+        self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
+        gate_up = self.mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
+        self.mlp.down(gate_up, act=self.fused_activation, residual=residual)
+        return None, residual
+
 
 class LlamaForCausalLM(torch.nn.Module):
     """Decoder-only transformer over a paged KV cache."""
 
     block_options = BlockOptions()
     embedding_scale: float | None = None
+    # CPU decode steps through torch.compile (models/cpu_compile.py), set by the engine
+    compiled_decode: CompiledDecode | None = None
 
     def __init__(self, weights: Weights) -> None:
         super().__init__()
@@ -203,6 +313,16 @@ class LlamaForCausalLM(torch.nn.Module):
         self.embed = self.embed.to(device)
         for rope in self._ropes_by_kind.values():
             rope.inv_freq = rope.inv_freq.to(device)
+        if device.type == "cuda":
+            self.plan_fused_decode()
+
+    def plan_fused_decode(self) -> None:
+        """CUDA: decode batches run every layer as fused GEMVs (`DecoderLayer.forward_fused`)
+        when every layer can (all or none) and FUSED_DECODE is on."""
+        acts = [layer.fusable_activation() for layer in self.layers]
+        on = FUSED_DECODE and all(a is not None for a in acts)
+        for layer, act in zip(self.layers, acts, strict=True):
+            layer.fused_activation = act if on else None
 
     def _is_sliding(self, il: int) -> bool:
         return self.config.sliding_window is not None and self.config.sliding_layers[il]
@@ -242,10 +362,15 @@ class LlamaForCausalLM(torch.nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states (before the output norm)."""
         x = self.embed_tokens(input_ids)
         cos_sin = {kind: rope.cos_sin(positions) for kind, rope in self._ropes_by_kind.items()}
+        if self.compiled_decode is not None and self.compiled_decode.applies(meta):
+            per_layer = [cos_sin[self._is_sliding(il)] for il in range(len(self.layers))]
+            hidden = self.compiled_decode(self.layers, x, per_layer, meta, kv_caches)
+            if hidden is not None:
+                return hidden
         residual = None
         for il, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos_sin[self._is_sliding(il)], meta, kv_caches[il])
-        return residual + x
+        return residual if x is None else residual + x  # x None: fused layers added it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(rms_norm(hidden, self.norm, self.config.norm_eps))

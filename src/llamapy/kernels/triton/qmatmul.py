@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -44,6 +45,8 @@ except ImportError:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 logger = logging.getLogger(__name__)
 
@@ -174,29 +177,64 @@ def qmatmul_reference(
     qtype: QuantType,
     shape: tuple[int, int],
     bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ dequantize(W).T (+ bias) in float64, rounded once to x.dtype (the tests' oracle)."""
+    """x @ dequantize(W).T (+ bias) in float64, rounded once to x.dtype (the tests' oracle).
+
+    The fused forms of `qmatmul`, composed from the kernels' references in float64:
+    norm_weight: x is RMS-normed first (`norm.rms_norm_reference`'s formula); act: x is
+    (M, 2K) [gate | up] and act(gate) * up is the input (`activation`'s references);
+    residual: returns residual + the product (a new tensor; `qmatmul` adds in place)."""
     n, k = shape
+    x64 = _prologue_reference(x.to(torch.float64), norm_weight, eps, act)
     w = dequantize(data.reshape(n, -1), qtype, torch.float64)  # (N, K)
-    y = x.to(torch.float64) @ w.T
+    y = x64 @ w.T
     if bias is not None:
         y = y + bias.to(torch.float64)
+    if residual is not None:
+        y = y + residual.to(torch.float64)
     return y.to(x.dtype)
+
+
+def _prologue_reference(
+    x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float | None, act: str | None
+) -> torch.Tensor:
+    """x after the fused prologue, in x's dtype (float64 in the oracle)."""
+    from llamapy.kernels.triton import activation, norm
+
+    if norm_weight is not None:
+        x = norm._rms_norm_f32(x, norm_weight.to(x.dtype), eps).to(x.dtype)
+    if act == "silu":
+        x = activation.silu_and_mul_fused_reference(x)
+    elif act == "gelu_tanh":
+        x = activation.gelu_tanh_and_mul_fused_reference(x)
+    return x
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def _check_inputs(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> None:
+def _check_inputs(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, act: str | None = None
+) -> None:
     if not isinstance(w, PackedWeight):
         raise ValueError(f"expected a PackedWeight (see pack_weight), got {type(w).__name__}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    if x.shape[1] != w.k:
+    if act is not None and x.shape[1] != 2 * w.k:
+        raise ValueError(
+            f"with act={act!r} x is (M, 2K) [gate | up]: {2 * w.k} columns for the {w.n}x{w.k} "
+            f"weight, got {x.shape[1]}"
+        )
+    if act is None and x.shape[1] != w.k:
         raise ValueError(f"x has K={x.shape[1]} columns but the weight is {w.n}x{w.k}")
     if x.dtype not in _X_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < w.k):
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         raise ValueError(f"x rows must be contiguous, got strides {x.stride()}")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
@@ -215,9 +253,30 @@ def _check_inputs(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -
             raise ValueError("bias must be contiguous")
 
 
-def qmatmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ W^T (+ bias) -> (M, N) in x.dtype, accumulated in float32."""
-    return qmatmul_with(x, w, bias)
+ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations the GEMV prologue computes
+_PRO_NONE, _PRO_NORM, _PRO_SILU, _PRO_GELU = range(4)  # prologue codes (constexpr)
+
+
+def qmatmul(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (M, K) @ W^T (+ bias) -> (M, N) in x.dtype, accumulated in float32.
+
+    Fused forms (decode: the GEMV computes them while loading x / storing y; other M run
+    the unfused kernels in sequence, with the same results up to rounding):
+    norm_weight (K,) with eps: RMSNorm of x first, `(x * rsqrt(mean(x^2) + eps) * g) @ W^T`,
+    in float32 (x is not rounded in between). act ("silu" or "gelu_tanh"): x is (M, 2K)
+    [gate | up] and the input is act(gate) * up, in float32. residual (M, N) of x's dtype:
+    `residual += x @ W^T (+ bias)` IN PLACE (one float32 add, rounded once); returns it.
+    norm_weight and act exclude each other."""
+    return qmatmul_with(x, w, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
 
 
 def qmatmul_with(
@@ -229,6 +288,10 @@ def qmatmul_with(
     split_k: int | None = None,
     out: torch.Tensor | None = None,
     gemv_config: dict[str, int] | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
@@ -236,9 +299,19 @@ def qmatmul_with(
     path: "gemv", "gemm" or "auto" (GEMV for M <= GEMV_MAX_M). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
+    norm_weight, eps, act, residual: the fused forms (see `qmatmul`); only the GEMV fuses
+    them, the GEMM path runs the unfused kernels around the matmul.
     """
-    _check_inputs(x, w, bias)
+    _check_inputs(x, w, bias, act)
+    _check_fusion(x, w, norm_weight, eps, act, residual, out)
+    if path not in ("auto", "gemv", "gemm"):
+        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
     m = x.shape[0]
+    fused = norm_weight is not None or act is not None or residual is not None
+    if fused and not _fuses(w.qtype, m, path):
+        return _unfused(x, w, bias, path, split_k, gemv_config, norm_weight, eps, act, residual)
+    if residual is not None:
+        out = residual
     if out is None:
         out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     elif out.shape != (m, w.n) or out.dtype != x.dtype or out.device != x.device:
@@ -251,17 +324,116 @@ def qmatmul_with(
     if m == 0:
         return out
     if w.qtype in _KQUANT_TYPES:
-        _kquants.matmul(x, w.tensors, w.qtype, w.n, w.k, out)
+        fusion = {}  # only when asked: the K-quant module's plain contract stays (x, .., out)
+        if fused:
+            fusion = dict(norm_weight=norm_weight, eps=eps or 0.0, act=act,
+                          accumulate=residual is not None)  # fmt: skip
+        _kquants.matmul(x, w.tensors, w.qtype, w.n, w.k, out, **fusion)
         return out if bias is None else out.add_(bias)
     if w.qtype not in _CODES:
         raise ValueError(f"{w.qtype.name} weights have no kernel; pack them with pack_weight")
-    if path not in ("auto", "gemv", "gemm"):
-        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
     if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
-        _launch_gemv(x, w, bias, out, split_k, gemv_config)
+        pro = _prologue_code(norm_weight, act)
+        _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual)
     else:
         _launch_gemm(x, w, bias, out)
     return out
+
+
+def _check_fusion(
+    x: torch.Tensor,
+    w: PackedWeight,
+    norm_weight: torch.Tensor | None,
+    eps: float | None,
+    act: str | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> None:
+    if norm_weight is not None:
+        if act is not None:
+            raise ValueError("norm_weight and act cannot be fused into one matmul")
+        if eps is None or not eps >= 0:
+            raise ValueError(f"norm_weight needs eps >= 0, got eps={eps}")
+        if (
+            norm_weight.shape != (w.k,)
+            or not norm_weight.is_floating_point()
+            or norm_weight.device != x.device
+            or (w.k > 1 and norm_weight.stride(0) != 1)
+        ):
+            raise ValueError(
+                f"norm_weight must be a contiguous float ({w.k},) tensor on {x.device}, got "
+                f"{norm_weight.dtype} {tuple(norm_weight.shape)} on {norm_weight.device}"
+            )
+    elif eps is not None:
+        raise ValueError("eps is the RMSNorm's: pass it with norm_weight")
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if residual is None:
+        return
+    if out is not None:
+        raise ValueError("pass out or residual, not both (the residual is the output)")
+    m = x.shape[0]
+    if (
+        residual.shape != (m, w.n)
+        or residual.dtype != x.dtype
+        or residual.device != x.device
+        or not residual.is_contiguous()
+    ):
+        raise ValueError(
+            f"residual must be a contiguous ({m}, {w.n}) {x.dtype} tensor on {x.device}, got "
+            f"{residual.dtype} {tuple(residual.shape)} on {residual.device}"
+        )
+    if residual.numel() and x.numel() and _overlap(x, residual):
+        raise ValueError("residual must not share memory with x (it is written in place)")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of a and b intersect."""
+    a0 = a.data_ptr()
+    a1 = a0 + ((a.shape[0] - 1) * a.stride(0) + a.shape[1]) * a.element_size()
+    b0 = b.data_ptr()
+    b1 = b0 + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def _prologue_code(norm_weight: torch.Tensor | None, act: str | None) -> int:
+    if norm_weight is not None:
+        return _PRO_NORM
+    return {None: _PRO_NONE, "silu": _PRO_SILU, "gelu_tanh": _PRO_GELU}[act]
+
+
+def _fuses(qtype: QuantType, m: int, path: str) -> bool:
+    """Whether this call's kernel is a GEMV, which computes the fused forms itself."""
+    if qtype in _KQUANT_TYPES:
+        return path != "gemm" and m <= _kquants.GEMV_MAX_M
+    return path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
+
+
+def _unfused(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    path: str,
+    split_k: int | None,
+    gemv_config: dict[str, int] | None,
+    norm_weight: torch.Tensor | None,
+    eps: float | None,
+    act: str | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """The fused forms as separate kernels: norm / activation, matmul, residual add."""
+    from llamapy.kernels.triton import activation, norm
+
+    if x.shape[0] == 0:
+        return residual if residual is not None else x.new_empty(0, w.n)
+    if norm_weight is not None:
+        x = norm.rms_norm(x, norm_weight, eps)
+    elif act == "silu":
+        x = activation.silu_and_mul_fused(x)
+    elif act == "gelu_tanh":
+        x = activation.gelu_tanh_and_mul_fused(x)
+    y = qmatmul_with(x, w, bias, path=path, split_k=split_k, gemv_config=gemv_config)
+    return y if residual is None else residual.add_(y)
 
 
 def _operands(w: PackedWeight) -> tuple[torch.Tensor, ...]:
@@ -328,7 +500,12 @@ def _launch_gemv(
     out: torch.Tensor,
     split_k: int | None,
     config: dict[str, int] | None = None,
+    pro: int = _PRO_NONE,
+    norm_weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    residual: torch.Tensor | None = None,
 ) -> None:
+    """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
     cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device))
     if config is not None:
@@ -346,17 +523,20 @@ def _launch_gemv(
     # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+    has_res = residual is not None
     _gemv_kernel[grid](
-        x, *_operands(w), bias if bias is not None else out, dest,
-        m, n, k, x.stride(0), steps_per_split,
-        QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, INTERP=INTERPRET, **cfg,
-        num_warps=num_warps,
+        x, *_operands(w), bias if bias is not None else out,
+        norm_weight if norm_weight is not None else out, dest,
+        m, n, k, x.stride(0), steps_per_split, float(eps or 0.0),
+        QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, PRO=pro,
+        HAS_RES=has_res and split == 1, INTERP=INTERPRET, **cfg, num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
             dest, bias if bias is not None else out, out, m * n, n,
-            SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, INTERP=INTERPRET, num_warps=4,
+            SPLIT=split, HAS_BIAS=bias is not None, HAS_RES=has_res, BLOCK=block,
+            INTERP=INTERPRET, num_warps=4,
         )  # fmt: skip
 
 
@@ -456,12 +636,58 @@ if HAS_TRITON:
             return q.to(tl.float32), tl.full((rows.shape[0], BLOCK_B), 1.0, tl.float32)
 
     @triton.jit
-    def _x_tile(x_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr):
-        """x[32 b + j] for blocks b in [b_first, +BLOCK_B), j < WIDTH -> (BB, WIDTH) float32."""
+    def _gated(g, u, PRO: tl.constexpr):
+        """act(g) * u in float32, as kernels/triton/activation.py computes it."""
+        if PRO == 2:  # silu(g) = g * sigmoid(g)
+            a = g * tl.sigmoid(g)
+        else:  # gelu_tanh(g) = g * sigmoid(2z)
+            z = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+            a = g * tl.sigmoid(2.0 * z)
+        return a * u
+
+    @triton.jit
+    def _inv_rms(x_ptr, offs_m, M, stride_xm, K, eps, BLOCK_M: tl.constexpr,
+                 CHUNK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+        """1 / sqrt(mean(x[m, :K]^2) + eps) for the rows offs_m (BM,) -> (BM,) float32. Each
+        program reads the whole rows (a few KiB, L2-resident) rather than a norm kernel."""
+        rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        row_ok = (offs_m < M)[:, None]
+        cols = tl.arange(0, CHUNK)[None, :]
+        ss = tl.zeros((BLOCK_M, CHUNK), tl.float32)
+        if INTERP:  # see _gemv_kernel
+            c0 = 0
+            while c0 < K:
+                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
+                ss += v.to(tl.float32) * v.to(tl.float32)
+                c0 += CHUNK
+        else:
+            for c0 in range(0, K, CHUNK):
+                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
+                ss += v.to(tl.float32) * v.to(tl.float32)
+        return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
+
+    @triton.jit
+    def _x_tile(x_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr,
+                PRO: tl.constexpr):  # fmt: skip
+        """x[32 b + j] for blocks b in [b_first, +BLOCK_B), j < WIDTH -> (BB, WIDTH) float32;
+        PRO >= 2: x is a [gate | up] row of 2K and the value is act(gate) * up."""
         c = tl.arange(0, BLOCK_B * WIDTH)
         b = b_first + c // WIDTH
-        xv = tl.load(x_row + b * 32 + c % WIDTH, mask=(b < nb) & row_ok, other=0.0)
-        return tl.reshape(xv.to(tl.float32), (BLOCK_B, WIDTH))
+        offs = b * 32 + c % WIDTH
+        mask = (b < nb) & row_ok
+        xv = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if PRO >= 2:
+            up = tl.load(x_row + nb * 32 + offs, mask=mask, other=0.0).to(tl.float32)
+            xv = _gated(xv, up, PRO)
+        return tl.reshape(xv, (BLOCK_B, WIDTH))
+
+    @triton.jit
+    def _g_tile(g_ptr, b_first, nb, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr):
+        """The norm weight at the elements `_x_tile` loads -> (BB, WIDTH) float32."""
+        c = tl.arange(0, BLOCK_B * WIDTH)
+        b = b_first + c // WIDTH
+        gv = tl.load(g_ptr + b * 32 + c % WIDTH, mask=b < nb, other=0.0)
+        return tl.reshape(gv.to(tl.float32), (BLOCK_B, WIDTH))
 
     @triton.jit
     def _accumulate_row(acc, part, i, BLOCK_M: tl.constexpr):
@@ -475,26 +701,38 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_step(
         acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
-        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+        g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+        PRO: tl.constexpr,
     ):  # fmt: skip
         """Adds blocks [b_first, +BLOCK_B) of the rows `rows` times x rows m0.. to acc
-        (BM, BN, BB)."""
+        (BM, BN, BB). PRO: 1 x * g (the norm's 1/rms is applied to the sums), 2 / 3 the gated
+        activation of a [gate | up] x."""
         if QT < 4:
             lo, hi, d, c = _nibble_tile(
                 qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
             )
+            if PRO == 1:  # loaded once per step for all rows
+                gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
+                gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
             for i in tl.static_range(BLOCK_M):
                 x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-                xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16)
-                xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16)
+                xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
+                xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
+                if PRO == 1:
+                    xl = xl * gl
+                    xh = xh * gh
                 sq = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # (BN, BB)
                 sx = tl.sum(xl + xh, axis=1)  # (BB,)
                 acc = _accumulate_row(acc, d * sq + c * sx[None, :], i, BLOCK_M)
         else:
             q, d = _wide_tile(qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT)
+            if PRO == 1:
+                gv = _g_tile(g_ptr, b_first, nb, BLOCK_B, 32)
             for i in tl.static_range(BLOCK_M):
                 x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-                xv = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 32)
+                xv = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 32, PRO)
+                if PRO == 1:
+                    xv = xv * gv
                 part = tl.sum(q * xv[None, :, :], axis=2)  # (BN, BB)
                 if QT == 4:
                     part = d * part
@@ -503,14 +741,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_xm, steps_per_split,
+        x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, g_ptr, out_ptr,
+        M, N, K, stride_xm, steps_per_split, eps,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        INTERP: tl.constexpr,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
-        (SPLIT > 1: float32 partials into out (SPLIT, M, N))."""
+        (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
+        with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -524,19 +763,23 @@ if HAS_TRITON:
             step = 0
             while step < steps_per_split:
                 acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                 QT, BLOCK_M, BLOCK_B)  # fmt: skip
+                                 g_ptr, QT, BLOCK_M, BLOCK_B, PRO)  # fmt: skip
                 step += 1
         else:
             for step in range(0, steps_per_split):
                 acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                 QT, BLOCK_M, BLOCK_B)  # fmt: skip
+                                 g_ptr, QT, BLOCK_M, BLOCK_B, PRO)  # fmt: skip
         y = tl.sum(acc, axis=2)  # (BM, BN)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         o_mask = (offs_m[:, None] < M) & n_mask[None, :]
+        if PRO == 1:  # sum_k W x g / rms(x): the scale is linear, partial sums take it too
+            y = y * _inv_rms(x_ptr, offs_m, M, stride_xm, K, eps, BLOCK_M, 256, INTERP)[:, None]
         if SPLIT == 1:
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             o_ptr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            if HAS_RES:  # out is the residual: added once, here (no split)
+                y += tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32)
             tl.store(o_ptr, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=o_mask)
         else:
             ws_row = (pid_k * M + offs_m[:, None]).to(tl.int64)
@@ -545,10 +788,11 @@ if HAS_TRITON:
     @triton.jit
     def _reduce_kernel(
         ws_ptr, bias_ptr, out_ptr, MN, N,
-        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-        INTERP: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
-        """out = sum over s of ws[s] (+ bias), added in order s = 0, 1, ... (deterministic)."""
+        """out = sum over s of ws[s] (+ bias) (+ out: the residual, added once, here), added
+        in order s = 0, 1, ... (deterministic)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         y = tl.zeros((BLOCK,), tl.float32)
@@ -556,6 +800,8 @@ if HAS_TRITON:
             y += tl.load(ws_ptr + s * MN.to(tl.int64) + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
     @triton.jit

@@ -15,6 +15,9 @@ unit, in "pieces" of 32 (16 for the IQ4 types) consecutive weights, in ggml's ow
   (BLOCK_M, BLOCK_N, NSB, L) float32 accumulator reduced once at the end. Small grids split
   K across programs writing float32 partials that `_reduce_kernel` sums in a fixed order
   (deterministic, no atomics).
+  The GEMV also fuses what surrounds a decode matmul (`matmul`'s keywords): an RMSNorm of x
+  (x * g as it is loaded, the row's 1 / rms from a pass over x, applied to the sums), the
+  gated activation act(gate) * up of a [gate | up] x, and out += y (the residual stream).
 - GEMM (prefill): each piece (BLOCK_N, L), rounded to x's dtype, goes to `tl.dot` with a
   float32 accumulator. float32 x keeps float32 operands and Triton's default TF32 dot (10-bit
   mantissa, float32 range, so large scales cannot overflow as in fp16).
@@ -26,6 +29,7 @@ captured in CUDA graphs.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +42,8 @@ from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 # Packed arrays per type, in the kernels' pointer order: (name, dtype, weights per element);
 # 0 weights per element marks the (16,) float32 IQ4 value table.
@@ -292,11 +298,13 @@ def _check_matmul(
     n: int,
     k: int,
     out: torch.Tensor,
+    x_cols: int | None = None,
 ) -> None:
     _check_geometry(qtype, n, k)
-    if x.dim() != 2 or x.shape[1] != k or x.dtype not in _X_DTYPES:
+    x_cols = k if x_cols is None else x_cols
+    if x.dim() != 2 or x.shape[1] != x_cols or x.dtype not in _X_DTYPES:
         raise ValueError(
-            f"x must be float16, bfloat16 or float32 of shape (M, {k}), got {x.dtype} "
+            f"x must be float16, bfloat16 or float32 of shape (M, {x_cols}), got {x.dtype} "
             f"{tuple(x.shape)}"
         )
     if x.stride(1) != 1:
@@ -383,6 +391,11 @@ def gemm_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
     return KernelConfig(True, block_m, block_n, 1, split, warps, stages)
 
 
+# GEMV modes (constexpr MODE; 1 is the GEMM): the prologue computed on x as it is loaded.
+_GEMV, _GEMM, _NORM, _SILU, _GELU = range(5)
+_ACT_MODES = {"silu": _SILU, "gelu_tanh": _GELU}
+
+
 def matmul(
     x: torch.Tensor,
     tensors: dict[str, torch.Tensor],
@@ -390,15 +403,32 @@ def matmul(
     n: int,
     k: int,
     out: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    act: str | None = None,
+    accumulate: bool = False,
 ) -> None:
     """out = x @ W^T for the packed (N, K) weight `tensors`; x (M, K) float16/bfloat16/float32,
-    out (M, N) of x's dtype; float32 accumulation."""
-    _check_matmul(x, tensors, qtype, n, k, out)
+    out (M, N) of x's dtype; float32 accumulation.
+
+    GEMV only (M <= GEMV_MAX_M), in float32 throughout: norm_weight (K,): x is RMS-normed
+    first (eps); act ("silu" / "gelu_tanh"): x is (M, 2K) [gate | up], the input is
+    act(gate) * up; accumulate: out += the product (out is the residual stream)."""
     m = x.shape[0]
+    fused = norm_weight is not None or act is not None or accumulate
+    if fused and m > GEMV_MAX_M:
+        raise ValueError(
+            f"norm / act / accumulate are fused by the GEMV (M <= {GEMV_MAX_M}), got M={m}"
+        )
+    cfg_of = gemv_config if m <= GEMV_MAX_M else gemm_config
+    k_cols = 2 * k if act is not None else k
+    _check_matmul(x, tensors, qtype, n, k, out, k_cols)
     if m == 0 or n == 0:
         return
-    choose = gemv_config if m <= GEMV_MAX_M else gemm_config
-    launch(x, tensors, qtype, n, k, out, choose(qtype, m, n, k, _num_sms(x.device)))
+    cfg = cfg_of(qtype, m, n, k, _num_sms(x.device))
+    launch(x, tensors, qtype, n, k, out, cfg, norm_weight=norm_weight, eps=eps, act=act,
+           accumulate=accumulate)  # fmt: skip
 
 
 def launch(
@@ -409,9 +439,35 @@ def launch(
     k: int,
     out: torch.Tensor,
     config: KernelConfig,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    act: str | None = None,
+    accumulate: bool = False,
 ) -> None:
-    """`matmul` with an explicit kernel choice and tiles (tests and benchmarks)."""
-    _check_matmul(x, tensors, qtype, n, k, out)
+    """`matmul` with an explicit kernel choice and tiles (tests and benchmarks); the fused
+    forms need a GEMV config."""
+    if act is not None and act not in _ACT_MODES:
+        raise ValueError(f"act must be one of {tuple(_ACT_MODES)}, got {act!r}")
+    if norm_weight is not None and act is not None:
+        raise ValueError("norm_weight and act cannot be fused into one matmul")
+    mode = _NORM if norm_weight is not None else _ACT_MODES.get(act, _GEMV)
+    if config.gemm and (mode != _GEMV or accumulate):
+        raise ValueError("norm / act / accumulate are fused by the GEMV only (a GEMM config)")
+    _check_matmul(x, tensors, qtype, n, k, out, 2 * k if act is not None else k)
+    if norm_weight is not None:
+        if (
+            norm_weight.shape != (k,)
+            or not norm_weight.is_floating_point()
+            or norm_weight.device != x.device
+            or not norm_weight.is_contiguous()
+        ):
+            raise ValueError(
+                f"norm_weight must be a contiguous float ({k},) tensor on {x.device}, got "
+                f"{norm_weight.dtype} {tuple(norm_weight.shape)} on {norm_weight.device}"
+            )
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
     m = x.shape[0]
     if m == 0 or n == 0:
         return
@@ -441,12 +497,17 @@ def launch(
         _gemm_kernel[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-        _gemv_kernel[grid](*args, **consts, NSB=cfg.nsb, num_warps=cfg.num_warps)
+        g = norm_weight if norm_weight is not None else x  # never read without the norm
+        _gemv_kernel[grid](
+            *args, g, float(eps), **consts, NSB=cfg.nsb, MODE=mode,
+            HAS_RES=accumulate and split == 1, num_warps=cfg.num_warps,
+        )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
-            dest, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, INTERP=INTERPRET, num_warps=4
-        )
+            dest, out, m, n, out.stride(0), SPLIT=split, HAS_RES=accumulate, BLOCK=block,
+            INTERP=INTERPRET, num_warps=4,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- kernels
@@ -479,14 +540,26 @@ if HAS_TRITON:
         return x.to(dtype)
 
     @triton.jit
-    def _consume(acc, w, xp, xm, koff, IS_GEMM: tl.constexpr, INTERP: tl.constexpr):
+    def _gated(g, u, MODE: tl.constexpr):
+        """act(g) * u in float32, as kernels/triton/activation.py computes it."""
+        if MODE == 3:  # silu(g) = g * sigmoid(g)
+            a = g * tl.sigmoid(g)
+        else:  # gelu_tanh(g) = g * sigmoid(2z)
+            z = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+            a = g * tl.sigmoid(2.0 * z)
+        return a * u
+
+    @triton.jit
+    def _consume(acc, w, xp, xm, koff, MODE: tl.constexpr, INTERP: tl.constexpr):
         """acc += w times x at weights koff.. of the unit.
 
-        GEMV: w (BN, NSB, L), xp (BM, 1, NSB, L), acc (BM, BN, NSB, L) float32 products.
-        GEMM: w (BN, 1, L), xp (BM, L), acc (BM, BN) float32 from `tl.dot`.
+        GEMV: w (BN, NSB, L), xp (x pointers (BM, 1, NSB, L), y pointers), acc (BM, BN, NSB, L)
+        float32 products; MODE 2: x * g (g at the y pointers), 3 / 4: act(x) * y (y: up).
+        GEMM (MODE 1): w (BN, 1, L), xp (x pointers (BM, L), unused), acc (BM, BN) float32
+        from `tl.dot`.
         """
-        xv = tl.load(xp + koff, mask=xm, other=0.0)
-        if IS_GEMM:
+        xv = tl.load(xp[0] + koff, mask=xm, other=0.0)
+        if MODE == 1:
             wt = tl.trans(tl.reshape(w, (w.shape[0], w.shape[2])))  # (L, BN)
             if xv.dtype != tl.float32:
                 wt = _round_to(wt, xv.dtype, INTERP)
@@ -495,11 +568,17 @@ if HAS_TRITON:
             else:  # float32 operands run in TF32 (Triton's default)
                 acc = tl.dot(xv, wt, acc)
         else:
-            acc += w[None, :, :, :] * xv.to(tl.float32)
+            xv = xv.to(tl.float32)
+            if MODE == 2:
+                xv = xv * tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
+            elif MODE >= 3:
+                up = tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
+                xv = _gated(xv, up, MODE)
+            acc += w[None, :, :, :] * xv
         return acc
 
     @triton.jit
-    def _q2_k(acc, p, u, lane, wm, xp, xm, IS_GEMM: tl.constexpr, INTERP: tl.constexpr):
+    def _q2_k(acc, p, u, lane, wm, xp, xm, MODE: tl.constexpr, INTERP: tl.constexpr):
         """dequantize_row_q2_K: qs run h, shift 2j -> weights 128h + 32j + l, sub-block of 16
         8h + 2j + l // 16: (d * (sc & 15)) * q - dmin * (sc >> 4). Fields qs, sc, d, dmin."""
         d = tl.load(p[2] + u, mask=wm, other=0).to(tl.float32)
@@ -514,11 +593,11 @@ if HAS_TRITON:
                     lane < 16, dmin * (s0 >> 4).to(tl.float32), dmin * (s1 >> 4).to(tl.float32)
                 )
                 w = dl * _u2f((b >> (2 * j)) & 3) - ml
-                acc = _consume(acc, w, xp, xm, 128 * h + 32 * j, IS_GEMM, INTERP)
+                acc = _consume(acc, w, xp, xm, 128 * h + 32 * j, MODE, INTERP)
         return acc
 
     @triton.jit
-    def _q3_k(acc, p, u, lane, wm, xp, xm, IS_GEMM: tl.constexpr, INTERP: tl.constexpr):
+    def _q3_k(acc, p, u, lane, wm, xp, xm, MODE: tl.constexpr, INTERP: tl.constexpr):
         """dequantize_row_q3_K: as Q2_K, plus hmask bit 4h + j of byte l (clear: minus 4);
         (d * (sc - 32)) * q. Fields qs, hmask, sc (minus 32), d."""
         d = tl.load(p[3] + u, mask=wm, other=0).to(tl.float32)
@@ -530,12 +609,12 @@ if HAS_TRITON:
                 s1 = tl.load(p[2] + u * 16 + 8 * h + 2 * j + 1, mask=wm, other=0).to(tl.float32)
                 q = ((b >> (2 * j)) & 3) | (((hm >> (4 * h + j)) & 1) << 2)
                 w = tl.where(lane < 16, d * s0, d * s1) * (_u2f(q) - 4.0)
-                acc = _consume(acc, w, xp, xm, 128 * h + 32 * j, IS_GEMM, INTERP)
+                acc = _consume(acc, w, xp, xm, 128 * h + 32 * j, MODE, INTERP)
         return acc
 
     @triton.jit
     def _q45_k(acc, p, u, lane, wm, xp, xm, HAS_QH: tl.constexpr,
-               IS_GEMM: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+               MODE: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
         """dequantize_row_q4_K / q5_K: qs run c, nibble h -> sub-block t = 2c + h of 32;
         (d * sc) * q - dmin * m; Q5_K's fifth bit is bit t of qh byte l. Fields qs, [qh,]
         sc, mn, d, dmin."""
@@ -553,11 +632,11 @@ if HAS_TRITON:
                 q = (b >> (4 * h)) & 15
                 if HAS_QH:
                     q = q | (((hb >> t) & 1) << 4)
-                acc = _consume(acc, dl * _u2f(q) - ml, xp, xm, 32 * t, IS_GEMM, INTERP)
+                acc = _consume(acc, dl * _u2f(q) - ml, xp, xm, 32 * t, MODE, INTERP)
         return acc
 
     @triton.jit
-    def _q6_k(acc, p, u, lane, wm, xp, xm, IS_GEMM: tl.constexpr, INTERP: tl.constexpr):
+    def _q6_k(acc, p, u, lane, wm, xp, xm, MODE: tl.constexpr, INTERP: tl.constexpr):
         """dequantize_row_q6_K: half h, piece r -> weights 128h + 32r + l: ql run 64h + 32 (r % 2)
         nibble r // 2, qh bits 2r of byte 32h + l; (d * sc) * (q - 32). Fields ql, qh, sc, d."""
         d = tl.load(p[3] + u, mask=wm, other=0).to(tl.float32)
@@ -571,11 +650,11 @@ if HAS_TRITON:
                     s1 = tl.load(p[2] + u * 16 + 8 * h + 2 * r + 1, mask=wm, other=0)
                     q = ((b >> (4 * nib)) & 15) | (((hq >> (2 * r)) & 3) << 4)
                     w = tl.where(lane < 16, d * s0, d * s1.to(tl.float32)) * (_u2f(q) - 32.0)
-                    acc = _consume(acc, w, xp, xm, 128 * h + 32 * r, IS_GEMM, INTERP)
+                    acc = _consume(acc, w, xp, xm, 128 * h + 32 * r, MODE, INTERP)
         return acc
 
     @triton.jit
-    def _iq4(acc, p, u, lane, wm, xp, xm, XS: tl.constexpr, IS_GEMM: tl.constexpr,
+    def _iq4(acc, p, u, lane, wm, xp, xm, XS: tl.constexpr, MODE: tl.constexpr,
              INTERP: tl.constexpr):  # fmt: skip
         """dequantize_row_iq4_nl / iq4_xs: 16-byte runs j; low nibbles are weights 32j + l,
         high ones 32j + 16 + l; dl * kvalues_iq4nl[q], dl = d (IQ4_NL, one run per unit) or
@@ -589,28 +668,28 @@ if HAS_TRITON:
                 dl = d * tl.load(p[1] + u * 8 + j, mask=wm, other=0).to(tl.float32)
             b = tl.load(p[0] + u * (128 if XS else 16) + 16 * j + lane, mask=wm, other=0)
             acc = _consume(
-                acc, dl * tl.load(kv + (b & 15).to(tl.int32)), xp, xm, 32 * j, IS_GEMM, INTERP
+                acc, dl * tl.load(kv + (b & 15).to(tl.int32)), xp, xm, 32 * j, MODE, INTERP
             )
             acc = _consume(
-                acc, dl * tl.load(kv + (b >> 4).to(tl.int32)), xp, xm, 32 * j + 16, IS_GEMM, INTERP
+                acc, dl * tl.load(kv + (b >> 4).to(tl.int32)), xp, xm, 32 * j + 16, MODE, INTERP
             )
         return acc
 
     @triton.jit
-    def _unit(acc, p, u, lane, wm, xp, xm, QTYPE: tl.constexpr, IS_GEMM: tl.constexpr,
+    def _unit(acc, p, u, lane, wm, xp, xm, QTYPE: tl.constexpr, MODE: tl.constexpr,
               INTERP: tl.constexpr):  # fmt: skip
         """acc += units u of the weight rows `p` points at, times x."""
         args = (p, u, lane, wm, xp, xm)
         if QTYPE == _Q2_K:
-            acc = _q2_k(acc, *args, IS_GEMM, INTERP)
+            acc = _q2_k(acc, *args, MODE, INTERP)
         elif QTYPE == _Q3_K:
-            acc = _q3_k(acc, *args, IS_GEMM, INTERP)
+            acc = _q3_k(acc, *args, MODE, INTERP)
         elif QTYPE == _Q4_K or QTYPE == _Q5_K:  # noqa: PLR1714, SIM109 (`in`: not in Triton)
-            acc = _q45_k(acc, *args, QTYPE == _Q5_K, IS_GEMM, INTERP)
+            acc = _q45_k(acc, *args, QTYPE == _Q5_K, MODE, INTERP)
         elif QTYPE == _Q6_K:
-            acc = _q6_k(acc, *args, IS_GEMM, INTERP)
+            acc = _q6_k(acc, *args, MODE, INTERP)
         else:
-            acc = _iq4(acc, *args, QTYPE != _IQ4_NL, IS_GEMM, INTERP)
+            acc = _iq4(acc, *args, QTYPE != _IQ4_NL, MODE, INTERP)
         return acc
 
     @triton.jit
@@ -619,24 +698,55 @@ if HAS_TRITON:
         return (A + row * sA, B + row * sB, C + row * sC, D + row * sD, E + row * sE, F + row * sF)
 
     @triton.jit
-    def _gemv_step(acc, p, u0, u_hi, wm_rows, x_rows, m_ok, QTYPE: tl.constexpr,
+    def _gemv_step(acc, p, u0, u_hi, wm_rows, x_rows, m_ok, g_ptr, K, QTYPE: tl.constexpr,
                    UNIT: tl.constexpr, L: tl.constexpr, NSB: tl.constexpr,
-                   INTERP: tl.constexpr):  # fmt: skip
+                   MODE: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
         """acc (BM, BN, NSB, L) += units u0 .. u0 + NSB (those below u_hi) of W times x."""
         u = u0 + tl.arange(0, NSB)[None, :, None]  # (1, NSB, 1)
         u_ok = u < u_hi
         lane = tl.arange(0, L)[None, None, :]
-        xp = x_rows + (u * UNIT + lane)[None, :, :, :]  # (BM, 1, NSB, L)
+        offs = (u * UNIT + lane)[None, :, :, :]  # (1, 1, NSB, L)
+        xp = x_rows + offs  # (BM, 1, NSB, L)
+        if MODE == 2:
+            yp = g_ptr + offs  # the norm weight
+        elif MODE >= 3:
+            yp = xp + K  # up, K past gate
+        else:
+            yp = xp  # never read
         xm = m_ok & u_ok[None, :, :, :]
-        return _unit(acc, p, u, lane, wm_rows & u_ok, xp, xm, QTYPE, False, INTERP)
+        return _unit(acc, p, u, lane, wm_rows & u_ok, (xp, yp), xm, QTYPE, MODE, INTERP)
+
+    @triton.jit
+    def _inv_rms(x_ptr, ms, M, stride_xm, K, eps, BM: tl.constexpr, CHUNK: tl.constexpr,
+                 INTERP: tl.constexpr):  # fmt: skip
+        """1 / sqrt(mean(x[m, :K]^2) + eps) for the rows ms (BM,) -> (BM,) float32. Each
+        program reads the whole rows (a few KiB, L2-resident) rather than a norm kernel."""
+        rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
+        row_ok = (ms < M)[:, None]
+        cols = tl.arange(0, CHUNK)[None, :]
+        ss = tl.zeros((BM, CHUNK), tl.float32)
+        if INTERP:  # see _gemv_kernel
+            c0 = 0
+            while c0 < K:
+                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
+                ss += v.to(tl.float32) * v.to(tl.float32)
+                c0 += CHUNK
+        else:
+            for c0 in range(0, K, CHUNK):
+                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
+                ss += v.to(tl.float32) * v.to(tl.float32)
+        return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
 
     @triton.jit
     def _gemv_kernel(x_ptr, out_ptr, A, B, C, D, E, F, sA, sB, sC, sD, sE, sF,
-                     M, N, U, stride_xm, stride_om, stride_os, per_split,
+                     M, N, U, stride_xm, stride_om, stride_os, per_split, g_ptr, eps,
                      QTYPE: tl.constexpr, UNIT: tl.constexpr, L: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, NSB: tl.constexpr,
+                     MODE: tl.constexpr, HAS_RES: tl.constexpr,
                      INTERP: tl.constexpr):  # fmt: skip
-        """out[split, m, n] = x[m] . W[n] over the split's units; grid (N/BN, M/BM, splits)."""
+        """out[split, m, n] = x[m] . W[n] over the split's units; grid (N/BN, M/BM, splits).
+        MODE: the prologue on x (see `_consume`; 2: RMSNorm, its 1/rms applied to the sums);
+        HAS_RES: out += the result (no split)."""
         pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_n * BN + tl.arange(0, BN)
         row = rows.to(tl.int64)[:, None, None]  # (BN, 1, 1)
@@ -650,16 +760,20 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             u0 = u_lo
             while u0 < u_hi:
-                acc = _gemv_step(acc, p, u0, u_hi, row < N, x_rows, m_ok, QTYPE, UNIT, L, NSB,
-                                 INTERP)  # fmt: skip
+                acc = _gemv_step(acc, p, u0, u_hi, row < N, x_rows, m_ok, g_ptr, U * UNIT,
+                                 QTYPE, UNIT, L, NSB, MODE, INTERP)  # fmt: skip
                 u0 += NSB
         else:
             for u0 in range(u_lo, u_hi, NSB):
-                acc = _gemv_step(acc, p, u0, u_hi, row < N, x_rows, m_ok, QTYPE, UNIT, L, NSB,
-                                 INTERP)  # fmt: skip
+                acc = _gemv_step(acc, p, u0, u_hi, row < N, x_rows, m_ok, g_ptr, U * UNIT,
+                                 QTYPE, UNIT, L, NSB, MODE, INTERP)  # fmt: skip
         res = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BM, BN)
+        if MODE == 2:  # sum_k W x g / rms(x): linear, so split partials take the scale too
+            res = res * _inv_rms(x_ptr, ms, M, stride_xm, U * UNIT, eps, BM, 256, INTERP)[:, None]
         out_ptrs = out_ptr + pid_s * stride_os + ms[:, None] * stride_om + rows[None, :]
         mask = (ms[:, None] < M) & (rows[None, :] < N)
+        if HAS_RES:  # out is the residual stream: added once, here (no split)
+            res += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, _round_to(res, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
     @triton.jit
@@ -687,23 +801,27 @@ if HAS_TRITON:
         if INTERP:  # see _gemv_kernel
             u = u_lo
             while u < u_hi:
-                acc = _unit(acc, p, u, lane, wm, x_rows + u * UNIT, xm, QTYPE, True, INTERP)
+                acc = _unit(acc, p, u, lane, wm, (x_rows + u * UNIT, x_rows), xm, QTYPE, 1, INTERP)
                 u += 1
         else:
             for u in range(u_lo, u_hi):
-                acc = _unit(acc, p, u, lane, wm, x_rows + u * UNIT, xm, QTYPE, True, INTERP)
+                acc = _unit(acc, p, u, lane, wm, (x_rows + u * UNIT, x_rows), xm, QTYPE, 1, INTERP)
         out_ptrs = out_ptr + pid_s * stride_os + ms[:, None] * stride_om + rows[None, :]
         mask = (ms[:, None] < M) & (rows[None, :] < N)
         tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
     @triton.jit
     def _reduce_kernel(ws_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
-        """out[m, n] = the sum of the float32 partials ws[s, m, n], in order s = 0, 1, ..."""
+                       HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                       INTERP: tl.constexpr):  # fmt: skip
+        """out[m, n] = the sum of the float32 partials ws[s, m, n], in order s = 0, 1, ...
+        (HAS_RES: plus out[m, n], the residual stream, added once, here)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M * N
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(SPLIT):
             acc += tl.load(ws_ptr + i * M * N + offs, mask=mask, other=0.0)
         out_ptrs = out_ptr + (offs // N) * stride_om + offs % N
+        if HAS_RES:
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERP), mask=mask)

@@ -1,0 +1,168 @@
+"""The CPU decode step through `torch.compile` (Inductor's C++ code generation).
+
+Eagerly, a decode step of a small model is a few hundred tiny ATen calls per token, each
+costing microseconds of dispatch around nanoseconds of work (benchmarks/RESULTS.md, issue 7).
+Compiled, the norms, residual adds, rope, KV writes, attention and activations between the
+int4 matmuls become a few fused C++ loops per layer.
+
+One decoder layer is compiled, not the whole model: every layer of a model has the same
+shapes, so the graph compiled for layer 0 serves them all (Gemma 3: one for its sliding
+layers, one for its global ones), and compilation takes seconds instead of minutes. The
+traced layer reads the KV cache through `decode_attention_dense` (shape-static, the block
+table's width the only dynamic size), never through the host copies of the metadata, so a
+new sequence length does not recompile. The graphs for one sequence are compiled at load
+(`ModelRunner.compile_decode`); those for several (torch specializes sizes 0 and 1: every
+larger batch shares one graph) at the first batched decode step. Inductor caches them on
+disk across processes.
+
+Only decode-only batches (one new token per sequence) take this path; prefill is matmul-
+bound and stays eager. `LLAMAPY_CPU_COMPILE=0` / `enforce_eager=True` / `--enforce-eager`
+turn it off; a compilation failure (no C++ compiler, say) logs one warning and falls back to
+the eager step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import types
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from llamapy.layers.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+# Inductor notes each fused loop that mixes bf16 (int4 matmul inputs) and fp16 values; it is
+# a performance remark about its own code generation, not something a user can act on.
+warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def compile_enabled_by_default() -> bool:
+    """`LLAMAPY_CPU_COMPILE` (default on) and a C++ compiler on the PATH for Inductor."""
+    if os.environ.get("LLAMAPY_CPU_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return compiler_available()
+
+
+def compiler_available() -> bool:
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def _layer_step(
+    layer: torch.nn.Module,
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    kv_cache: KVCache,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer(h, residual, cos_sin, meta, kv_cache)
+
+
+class CompiledDecode:
+    """Runs a decoder's layers for a decode-only batch through one compiled layer step."""
+
+    # Graphs one model may need: one per distinct layer (weight types differ between the
+    # layers of mixed files such as Q4_K_M; Gemma 3 alternates sliding and global layers),
+    # times two batch shapes. Past dynamo's default of 8, layers would silently run eagerly.
+    RECOMPILE_LIMIT = 128
+
+    def __init__(self) -> None:
+        import torch._dynamo.config
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, self.RECOMPILE_LIMIT)
+        # one compiled step per kind of layer, each over its own code object: dynamo keeps
+        # its graphs per code object and tries their guards in turn on every call
+        self._steps: dict[tuple, Callable] = {}
+        self.failed = False
+
+    def _step_for(self, layer: torch.nn.Module) -> Callable:
+        key = layer_signature(layer)
+        step = self._steps.get(key)
+        if step is None:
+            code = _layer_step.__code__.replace(co_name=f"_layer_step_{len(self._steps)}")
+            fn = types.FunctionType(code, _layer_step.__globals__, code.co_name)
+            step = self._steps[key] = torch.compile(fn, dynamic=None)
+        return step
+
+    @staticmethod
+    def applies(meta: AttentionMetadata) -> bool:
+        return meta.max_query_len == 1
+
+    def __call__(
+        self,
+        layers: torch.nn.ModuleList,
+        x: torch.Tensor,
+        cos_sin_per_layer: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor | None:
+        """The final hidden states (T, hidden) of the layers from the embeddings `x`, or None
+        when compilation failed (the caller then runs the eager step)."""
+        if self.failed:
+            return None
+        dense = dense_decode_metadata(meta)
+        residual = torch.zeros_like(x)  # 0 + x == x: layer 0 takes the same graph
+        try:
+            for layer, cos_sin, kv in zip(layers, cos_sin_per_layer, kv_caches, strict=True):
+                x, residual = self._step_for(layer)(layer, x, residual, cos_sin, dense, kv)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
+            self.failed = True
+            log.warning(
+                "compiling the CPU decode step failed (%s: %s); decoding eagerly",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            return None
+        return residual + x
+
+
+def layer_signature(layer: torch.nn.Module) -> tuple:
+    """What makes two layers trace to different graphs: the shapes, dtypes and presence of
+    their tensors (weights in any packed form) and their scalar settings."""
+    parts: list = []
+    for name, module in layer.named_modules():
+        for attr, value in sorted(vars(module).items()):
+            if attr.startswith("_") or attr == "training":
+                continue
+            parts.append((name, attr, _describe(value)))
+    return tuple(parts)
+
+
+def _describe(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple((f.name, _describe(getattr(value, f.name))) for f in dataclasses.fields(value))
+    if isinstance(value, tuple | list):
+        return tuple(_describe(v) for v in value)
+    if value is None or isinstance(value, int | float | str | bool):
+        return value
+    return type(value).__qualname__
+
+
+def dense_decode_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+    """`meta` for `decode_attention_dense`: host copies dropped (their values would become
+    constants of the traced graph), the block tables at least 2 wide and marked dynamic
+    (torch specializes sizes 0 and 1), so every length shares one graph."""
+    tables = meta.block_tables
+    if tables.shape[1] < 2:  # the padding column names block 0, masked by seq_lens
+        tables = torch.nn.functional.pad(tables, (0, 2 - tables.shape[1]))
+    torch._dynamo.mark_dynamic(tables, 1)
+    return dataclasses.replace(
+        meta,
+        block_tables=tables,
+        max_seq_len=0,
+        seq_lens_host=(),
+        query_start_loc_host=(),
+        decode_splits=None,
+        dense_decode=True,
+    )

@@ -1,0 +1,362 @@
+"""The decode GEMVs' fused forms (`qmatmul(..., norm_weight=, eps=)`, `act=`, `residual=`)
+against the float64 reference of the unfused sequence (`qmatmul_reference` with the same
+keywords: norm / activation references, product, residual add), on fresh random blocks and
+inputs each run (the `rng` fixture prints the seed).
+
+Tolerances: the GEMV computes the prologue in float32 from x's exact values and sums in
+float32, so the error is the one rounding of the result to x's dtype (u, relative to the
+result) plus float32 arithmetic (ACC, relative to the product's size, which a residual can
+dwarf). The fallback for GEMM-sized batches runs the norm / activation kernel first, whose
+output is rounded to x's dtype (u more), then the GEMM (its own operand roundings).
+
+Without a GPU the kernels run in Triton's interpreter at small shapes (K not a multiple of
+the K step, N not of the row tile); with one, at the model shapes as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import llamapy.kernels.triton as kt
+from llamapy.kernels.triton import qmatmul as qm
+from llamapy.quant.types import QuantType
+
+pytestmark = [
+    pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed"),
+    # the interpreter's sigmoid: exp(-g) overflows to inf for very negative g (gives 0, right)
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+]
+
+if kt.HAS_TRITON:
+    from llamapy.kernels.triton import qmatmul_kquants as qk
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+T = QuantType
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+U = {F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}  # unit roundoff
+ACC = 1e-5  # float32 prologue and accumulation, relative to the product
+LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32]
+KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
+FLOAT_W = {T.F16: F16, T.BF16: BF16, T.F32: F32}
+# fp16 scale fields per block (byte offsets): random bytes elsewhere are valid quants
+FP16_AT = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+}  # fmt: skip
+
+# (M, fused form, x dtype): decode rows; the forms the decode step uses (norm: QKV and
+# gate_up; act + residual: down; residual: o_proj) and the others the API allows.
+FORMS = [
+    (1, "norm", F32),
+    (3, "silu+res", BF16),
+    (2, "gelu_tanh", F16),
+    (4, "norm+res", F32),
+    (1, "res", F16),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def k_small(qtype: QuantType) -> int:
+    """K with a partial K step: 9 legacy blocks, 3 super-blocks, 9 IQ4_NL blocks."""
+    return 768 if qtype in KQUANTS and qtype != T.IQ4_NL else 288
+
+
+def random_weight(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
+    """(n, row_bytes) uint8: random quants, fp16 scales of a trained model's size."""
+    if qtype in FLOAT_W:
+        w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.1)
+        return w.to(FLOAT_W[qtype]).view(torch.uint8).reshape(n, -1).to(DEVICE)
+    from llamapy.quant.types import block_size, type_size
+
+    nb = n * k // block_size(qtype)
+    blocks = rng.integers(0, 256, (nb, type_size(qtype)), dtype=np.uint8)
+    for off in FP16_AT[qtype]:
+        d = (rng.standard_normal(nb) * 10.0 ** rng.uniform(-3, -1.5, nb)).astype(np.float16)
+        blocks[:, off : off + 2] = d.view(np.uint8).reshape(nb, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def randn(rng: np.random.Generator, *shape: int, dtype=F32, scale: float = 1.0) -> torch.Tensor:
+    x = rng.standard_normal(shape, dtype=np.float32) * scale
+    return torch.from_numpy(x).to(DEVICE, dtype)
+
+
+@dataclasses.dataclass
+class Case:
+    """One fused call's inputs; `kwargs()` are qmatmul's keywords (a fresh residual copy)."""
+
+    x: torch.Tensor
+    norm_weight: torch.Tensor | None
+    eps: float | None
+    act: str | None
+    residual: torch.Tensor | None
+
+    def kwargs(self) -> dict:
+        res = None if self.residual is None else self.residual.clone()
+        return dict(norm_weight=self.norm_weight, eps=self.eps, act=self.act, residual=res)
+
+
+def make_case(rng, form: str, m: int, n: int, k: int, dtype: torch.dtype) -> Case:
+    act = next((a for a in qm.ACTIVATIONS if form.startswith(a)), None)
+    norm = form.startswith("norm")
+    # an RMS far from 1 (x ~ 3): the 1/rms scale is not a no-op; "norm+res": x ~ 0.01, its
+    # mean square (1e-4) near eps, which must then count
+    scale = 0.01 if form == "norm+res" else 3.0
+    x = randn(rng, m, 2 * k if act else k, dtype=dtype, scale=scale)
+    g = randn(rng, k, scale=0.5) + 1.0 if norm else None
+    eps = float(10.0 ** rng.uniform(-6, -4)) if norm else None
+    res = randn(rng, m, n, dtype=dtype) if form.endswith("res") else None
+    return Case(x, g, eps, act, res)
+
+
+def check(y, case: Case, data, qtype, n, k, tol_u: float, what: str) -> None:
+    """y against the float64 reference: |y - exact| <= tol_u |exact| + ACC |product|."""
+    m = case.x.shape[0]
+    assert y.shape == (m, n) and y.dtype == case.x.dtype, what
+    assert not y.isnan().any(), f"{what}: NaN in the output"
+    kw = dict(norm_weight=case.norm_weight, eps=case.eps, act=case.act)
+    x64 = case.x.double()
+    prod = qm.qmatmul_reference(x64, data, qtype, (n, k), **kw)
+    exact = prod if case.residual is None else prod + case.residual.double()
+    err = (y.double() - exact).norm().item()
+    bound = tol_u * exact.norm().item() + ACC * prod.norm().item()
+    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} ({err / exact.norm():.3g} rel)"
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor the launchers allocate (outputs, split-K workspace) starts as NaN."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def fused_call(w, case: Case, **extra) -> torch.Tensor:
+    kw = case.kwargs()
+    y = qm.qmatmul_with(case.x, w, **kw, **extra)
+    if kw["residual"] is not None:
+        assert y is kw["residual"], "the residual is updated in place and returned"
+    return y
+
+
+# --------------------------------------------------------------------------- GEMV
+
+
+@pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda t: t.name)
+def test_fused_gemv_matches_reference(qtype, rng, poisoned):
+    """Every GEMV type, every fused form (rotated over types in the interpreter)."""
+    n, k = 40, k_small(qtype)
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    turn = (LEGACY + KQUANTS).index(qtype)
+    forms = FORMS if CUDA else [FORMS[(turn + i) % len(FORMS)] for i in range(2)]
+    for m, form, dtype in forms:
+        case = make_case(rng, form, m, n, k, dtype)
+        bias = randn(rng, n, dtype=dtype) if form == "norm" and qtype in LEGACY else None
+        kw = case.kwargs()
+        y = qm.qmatmul(case.x, w, bias, **kw)
+        if bias is not None:  # the bias is added after the (normed) product
+            case.residual = bias.expand(m, n)
+        check(y, case, data, qtype, n, k, U[dtype], f"{qtype.name} {form} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K], ids=lambda t: t.name)
+def test_split_k_adds_the_residual_once(qtype, rng, poisoned):
+    """K split over programs: the 1/rms scale on every partial, the residual (and bias)
+    added once by the reduction; the result is the same bits each run."""
+    n, k, m = 24, k_small(qtype), 3
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    for form in ("norm+res", "silu+res"):
+        case = make_case(rng, form, m, n, k, F32)
+        if qtype in LEGACY:
+            y = fused_call(w, case, path="gemv", split_k=3)
+            again = fused_call(w, case, path="gemv", split_k=3)
+        else:
+            cfg = qk.KernelConfig(False, 4, 32, 1, 3, 1)  # 3 splits of one super-block
+            kw = case.kwargs()
+            y, again = kw.pop("residual"), case.residual.clone()
+            for out in (y, again):
+                qk.launch(
+                    case.x, w.tensors, qtype, n, k, out, cfg, accumulate=True,
+                    norm_weight=kw["norm_weight"], eps=kw["eps"] or 0.0, act=kw["act"],
+                )  # fmt: skip
+        check(y, case, data, qtype, n, k, U[F32], f"{qtype.name} split {form}")
+        assert torch.equal(y, again), "split-K fused GEMV is not deterministic"
+
+
+def test_row_groups_and_strided_rows(rng, poisoned):
+    """A forced GEMV over several row groups (M=17, rows beyond the group masked), x rows
+    inside a wider buffer (the norm's statistic reads only the row's K elements)."""
+    qtype, n, k, m = T.Q4_0, 40, 288, 17
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    wide = randn(rng, m, k + 64, scale=3.0)
+    wide[:, :32] = wide[:, 32 + k :] = 1e4  # outside the rows: would show in the RMS
+    case = make_case(rng, "norm+res", m, n, k, F32)
+    case.x = wide[:, 32 : 32 + k]
+    y = fused_call(w, case, path="gemv")
+    check(y, case, data, qtype, n, k, U[F32], "Q4_0 M=17 strided")
+
+
+def test_kquant_fused_modes_need_a_gemv(rng):
+    q, n, k = T.Q4_K, 8, 256
+    tensors = qk.pack(random_weight(rng, q, n, k), q, n, k)
+    x, out = randn(rng, 8, k), torch.empty(8, n, device=DEVICE)
+    with pytest.raises(ValueError, match="GEMV"):
+        qk.matmul(x, tensors, q, n, k, out, accumulate=True)
+    cfg = qk.gemm_config(q, 8, n, k, 1)
+    with pytest.raises(ValueError, match="GEMV"):
+        qk.launch(x, tensors, q, n, k, out, cfg, norm_weight=torch.ones(k, device=DEVICE))
+    with pytest.raises(ValueError, match="act must be"):
+        qk.launch(x[:1], tensors, q, n, k, out[:1], cfg, act="relu")
+    with pytest.raises(ValueError, match=r"shape \(M, 512\)"):
+        qk.matmul(x[:1], tensors, q, n, k, out[:1], act="silu")
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.BF16, T.Q4_K], ids=lambda t: t.name)
+def test_gemm_batches_run_unfused(qtype, rng, poisoned):
+    """Beyond the GEMV's rows: norm / activation kernel, GEMM, residual add: the same
+    results within the GEMM's roundings (operands in x's 16-bit type or TF32, the normed or
+    gated x rounded to x's dtype)."""
+    n, k, m = 40, k_small(qtype), 17
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    for form, dtype in [("norm+res", BF16), ("gelu_tanh+res", F32), ("silu", F16)]:
+        case = make_case(rng, form, m, n, k, dtype)
+        y = fused_call(w, case)
+        op = 2.0**-10 if dtype == F32 and CUDA else U[dtype]  # TF32 on the GPU
+        tol = U[dtype] + U[dtype] + 2 * 2 * op
+        check(y, case, data, qtype, n, k, tol, f"{qtype.name} GEMM {form} {dtype}")
+    case = make_case(rng, "norm", 2, n, k, F32)  # a forced GEMM at decode M
+    y = fused_call(w, case, path="gemm")
+    check(y, case, data, qtype, n, k, U[F32] + 4 * (2.0**-10 if CUDA else U[F32]), "gemm M=2")
+
+
+def test_empty_batch(rng):
+    n, k = 16, 64
+    w = qm.pack_weight(random_weight(rng, T.Q8_0, n, k), T.Q8_0, (n, k))
+    res = torch.empty(0, n, device=DEVICE)
+    assert qm.qmatmul(torch.empty(0, k, device=DEVICE), w, residual=res) is res
+    g = torch.ones(k, device=DEVICE)
+    y = qm.qmatmul(torch.empty(0, k, device=DEVICE), w, norm_weight=g, eps=1e-6)
+    assert y.shape == (0, n)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_fused_argument_errors(rng):
+    n, k = 16, 64
+    w = qm.pack_weight(random_weight(rng, T.Q8_0, n, k), T.Q8_0, (n, k))
+    x = randn(rng, 2, k)
+    g = torch.ones(k, device=DEVICE)
+    res = torch.zeros(2, n, device=DEVICE)
+
+    def bad(match: str, xx=x, **kw) -> None:
+        with pytest.raises(ValueError, match=match):
+            qm.qmatmul_with(xx, w, **kw)
+
+    bad("cannot be fused", norm_weight=g, eps=1e-6, act="silu", xx=randn(rng, 2, 2 * k))
+    bad("needs eps", norm_weight=g)
+    bad("needs eps", norm_weight=g, eps=-1.0)
+    bad("pass it with norm_weight", eps=1e-6)
+    bad("norm_weight must be", norm_weight=torch.ones(k + 1, device=DEVICE), eps=1e-6)
+    bad("norm_weight must be", norm_weight=torch.ones(k, dtype=torch.int32), eps=1e-6)
+    bad("norm_weight must be", norm_weight=torch.ones(k, 2, device=DEVICE)[:, 0], eps=1e-6)
+    bad("act must be one of", act="relu", xx=randn(rng, 2, 2 * k))
+    bad(r"\[gate \| up\]: 128 columns", act="silu")
+    bad("residual must be", residual=torch.zeros(2, n, dtype=F16, device=DEVICE))
+    bad("residual must be", residual=torch.zeros(3, n, device=DEVICE))
+    bad("residual must be", residual=torch.zeros(n, 2, device=DEVICE).T)
+    bad("out or residual", residual=res, out=torch.empty(2, n, device=DEVICE))
+    w_square = qm.pack_weight(random_weight(rng, T.Q8_0, k, k), T.Q8_0, (k, k))
+    buf = torch.zeros(4 * k, device=DEVICE)  # x and the residual overlapping in one buffer
+    for x_at, res_at in [(0, 0), (0, k), (k, 0)]:
+        xx = buf[x_at : x_at + 2 * k].view(2, k)
+        with pytest.raises(ValueError, match="share memory"):
+            qm.qmatmul(xx, w_square, residual=buf[res_at : res_at + 2 * k].view(2, k))
+    qm.qmatmul(buf[: 2 * k].view(2, k), w_square, residual=buf[2 * k :].view(2, k))  # apart
+
+
+def test_qlinear_passes_the_fused_forms_to_triton_only(rng):
+    from llamapy.layers.linear import QLinear
+    from llamapy.quant.qtensor import QTensor
+
+    n, k = 16, 64
+    data = random_weight(rng, T.Q8_0, n, k)
+    layer = QLinear(QTensor(data.cpu(), T.Q8_0, (n, k)))
+    x = randn(rng, 1, k).cpu()
+    with pytest.raises(ValueError, match="need the Triton kernels; this layer runs reference"):
+        layer(x, residual=torch.zeros(1, n))
+    layer.packed, layer.kernel = qm.pack_weight(data, T.Q8_0, (n, k)), "triton"
+    res = randn(rng, 1, n)
+    expected = qm.qmatmul_reference(x.to(DEVICE).double(), data, T.Q8_0, (n, k)) + res.double()
+    y = layer(x.to(DEVICE), residual=res)
+    assert y is res
+    assert (y.double() - expected).norm() <= (U[F32] + ACC) * expected.norm()
+
+
+# --------------------------------------------------------------------------- model shapes
+
+# (N, K) of Llama-3.2-1B and SmolLM2's decode matrices: QKV / gate_up take the norm, down
+# the activation, o_proj and down the residual
+REAL = [("qkv", 3072, 2048), ("gate_up", 16384, 2048), ("o", 2048, 2048), ("down", 2048, 8192),
+        ("smol down", 576, 1536)]  # fmt: skip
+REAL_FORM = {
+    "qkv": "norm", "gate_up": "norm", "o": "res", "down": "silu+res", "smol down": "gelu_tanh+res"
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not CUDA, reason="model shapes need a GPU (the interpreter: small shapes)")
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("shape", REAL, ids=lambda s: s[0])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.BF16, T.Q4_K, T.Q6_K, T.IQ4_XS],
+                         ids=lambda t: t.name)  # fmt: skip
+def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
+    name, n, k = shape
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    for dtype in (F32, BF16):
+        case = make_case(rng, REAL_FORM[name], m, n, k, dtype)
+        y = fused_call(w, case)
+        check(y, case, data, qtype, n, k, U[dtype], f"{qtype.name} {name} M={m} {dtype}")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_cuda_graph_capture(qtype, rng):
+    """The fused calls are captured (split-K workspace included) and replayed; the residual
+    updated in place by each replay."""
+    n, k = 2048, 8192
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    gu = randn(rng, 1, 2 * k)
+    res = randn(rng, 1, n)
+    qm.qmatmul(gu, w, act="silu", residual=res.clone())  # compiles before capture
+    graph = torch.cuda.CUDAGraph()
+    static = res.clone()
+    with torch.cuda.graph(graph):
+        qm.qmatmul(gu, w, act="silu", residual=static)
+    gu.copy_(randn(rng, 1, 2 * k))
+    start = randn(rng, 1, n)
+    static.copy_(start)
+    graph.replay()
+    expected = qm.qmatmul(gu, w, act="silu", residual=start.clone())
+    torch.cuda.synchronize()
+    assert torch.equal(static, expected)

@@ -1,0 +1,180 @@
+"""The CPU's compiled decode step (models/cpu_compile.py) against the eager one it replaces,
+and its attention op against the float64 reference."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from llamapy.engine.llm_engine import EngineConfig, LLMEngine
+from llamapy.formats import open_model_file
+from llamapy.layers.attention import (
+    AttentionMetadata,
+    decode_attention_dense,
+    paged_attention_reference,
+)
+from llamapy.models import cpu_compile
+from llamapy.sampling.params import SamplingParams
+from llamapy.tokenizer import Tokenizer
+
+needs_compiler = pytest.mark.skipif(
+    not cpu_compile.compiler_available(), reason="Inductor needs a C++ compiler (none on PATH)"
+)
+
+
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "window", "softcap"),
+    [(4, 4, None, None), (8, 2, None, None), (4, 1, 5, None), (6, 2, None, 30.0), (4, 2, 7, 20.0)],
+)
+def test_decode_attention_dense_matches_reference(n_heads, n_kv, window, softcap, rng):
+    block_size, d, n_blocks = 4, 8, 24
+    seq_lens = [int(x) for x in rng.integers(1, 19, size=3)]
+    perm = rng.permutation(n_blocks)  # blocks in a shuffled order, as the pool hands them out
+    width = max(-(-n // block_size) for n in seq_lens) + 1  # one spare column: padding
+    tables = np.zeros((3, width), dtype=np.int32)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        k = -(-n // block_size)
+        tables[b, :k] = perm[used : used + k]
+        used += k
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    k_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
+    v_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
+    q = torch.randn(3, n_heads, d, generator=gen)
+    k_new = torch.randn(3, n_kv, d, generator=gen)
+    v_new = torch.randn(3, n_kv, d, generator=gen)
+    slots = [
+        int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+        for b, n in enumerate(seq_lens)
+    ]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.from_numpy(tables),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.arange(4, dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+        seq_lens_host=tuple(seq_lens),
+        query_start_loc_host=(0, 1, 2, 3),
+    )
+    kc, vc = k_cache.clone(), v_cache.clone()
+    got = decode_attention_dense(
+        q, k_new, v_new, kc, vc, meta, scale=0.3, sliding_window=window, softcap=softcap
+    )
+    ref_k, ref_v = k_cache.double(), v_cache.double()
+    ref_k.view(-1, n_kv, d)[meta.slot_mapping] = k_new.double()
+    ref_v.view(-1, n_kv, d)[meta.slot_mapping] = v_new.double()
+    assert torch.equal(kc, ref_k.float()) and torch.equal(vc, ref_v.float())  # the writes
+    ref = paged_attention_reference(
+        q.double(), ref_k, ref_v, meta, scale=0.3, sliding_window=window, softcap=softcap
+    )
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _engine(path, compile_: bool, max_num_seqs: int = 4) -> LLMEngine:
+    cfg = EngineConfig(max_model_len=256, max_num_seqs=max_num_seqs, cpu_compile=compile_)
+    return LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], n: int) -> dict[str, list[int]]:
+    for ids in prompts:
+        engine.add_request(ids, SamplingParams.greedy(max_tokens=n, ignore_eos=True))
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = list(o.token_ids)
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_compiled_decode_matches_eager(model, request, rng):
+    """Every decode step of a batch of sequences of different lengths (so block tables of
+    different widths, across block boundaries, then batch 1 as they finish), computed
+    compiled and eagerly on the same model and cache: the final hidden states agree to the
+    fast path's own rounding (bf16 activations in the int4 matmuls), and greedy picks match."""
+    path = request.getfixturevalue(f"{model}_path")
+    engine = _engine(path, compile_=True)
+    model_ = engine.runner.model
+    compiled = model_.compiled_decode
+    assert compiled is not None and not compiled.failed
+    eager_forward = model_.forward
+    diffs: list[float] = []
+    picks: list[bool] = []
+
+    def both(input_ids, positions, meta, kv_caches):
+        if not compiled.applies(meta):
+            return eager_forward(input_ids, positions, meta, kv_caches)
+        got = eager_forward(input_ids, positions, meta, kv_caches)
+        model_.compiled_decode = None  # eagerly; rewrites the same K/V slots
+        try:
+            ref = eager_forward(input_ids, positions, meta, kv_caches)
+        finally:
+            model_.compiled_decode = compiled
+        diffs.append(float((got - ref).norm() / ref.norm()))
+        logits_got, logits_ref = model_.compute_logits(got), model_.compute_logits(ref)
+        top2 = logits_ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05  # a near-tie may flip either way
+        picks.append(bool((logits_got.argmax(-1) == logits_ref.argmax(-1))[clear].all()))
+        return ref
+
+    model_.forward = both
+    vocab = engine.model_config.vocab_size
+    lengths = [3, 17, 40]
+    prompts = [[int(t) for t in rng.integers(100, min(vocab, 20000), size=n)] for n in lengths]
+    n_new = [30, 12, 21]
+    for ids, n in zip(prompts, n_new, strict=True):
+        engine.add_request(ids, SamplingParams.greedy(max_tokens=n, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not compiled.failed
+    assert len(diffs) >= 29  # decode steps of 3, 2 and 1 sequences
+    print(f"relative hidden-state difference: max {max(diffs):.2e}")
+    assert max(diffs) < 2e-2
+    assert all(picks)
+
+
+@needs_compiler
+def test_compile_failure_falls_back_to_eager(smollm2_path, monkeypatch, caplog):
+    """A compiler error (here: a raising step) logs one warning; decoding goes on eagerly
+    with the same tokens."""
+    eager = _run(_engine(smollm2_path, compile_=False), [[1, 2, 3, 4]], 8)
+    engine = _engine(smollm2_path, compile_=True)
+    compiled = engine.runner.model.compiled_decode
+
+    def broken(layer):
+        def step(*args):
+            raise RuntimeError("C++ compile error: no such header")
+
+        return step
+
+    monkeypatch.setattr(compiled, "_step_for", broken)
+    with caplog.at_level(logging.WARNING):
+        got = _run(engine, [[1, 2, 3, 4]], 8)
+    assert compiled.failed
+    assert list(got.values()) == list(eager.values())
+    warnings = [r for r in caplog.records if "decoding eagerly" in r.getMessage()]
+    assert len(warnings) == 1 and "no such header" in warnings[0].getMessage()
+
+
+def test_compile_switches(monkeypatch):
+    monkeypatch.setenv("LLAMAPY_CPU_COMPILE", "0")
+    assert EngineConfig().cpu_compile is False
+    monkeypatch.setenv("LLAMAPY_CPU_COMPILE", "1")
+    assert EngineConfig().cpu_compile is cpu_compile.compiler_available()
+    monkeypatch.setattr(cpu_compile.shutil, "which", lambda name: None)
+    assert EngineConfig().cpu_compile is False  # no C++ compiler: eager, no error
+
+
+def test_enforce_eager_flag(smollm2_path, monkeypatch):
+    from llamapy.api import LLM
+
+    monkeypatch.setenv("LLAMAPY_CPU_COMPILE", "1")
+    llm = LLM(str(smollm2_path), n_ctx=64, enforce_eager=True)
+    assert llm.engine.config.cpu_compile is False and llm.engine.config.cuda_graphs is False
+    assert llm.engine.runner.model.compiled_decode is None

@@ -1,0 +1,156 @@
+"""The fused decode layer (`DecoderLayer.forward_fused`: QKV and gate_up GEMVs with the
+RMSNorm inside, o_proj and down adding into the residual stream, down computing the gated
+activation) gives the logits of the unfused layer (norm kernels, activation kernel, plain
+GEMVs) on a tiny random-weight llama, step after step over a paged KV cache.
+
+On CUDA the model is prepared as the engine does; without a GPU the same Triton kernels run
+in the interpreter (the QLinears packed for Triton on CPU tensors, attention and norms on
+the torch path), so the fused layer's wiring is checked in CI too.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import llamapy.kernels.triton as kt
+from llamapy.layers.attention import AttentionMetadata
+from llamapy.models import llama
+
+pytestmark = pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BLOCK = 4
+
+
+def tiny_model(tmp_path, rng: np.random.Generator, qtype: gguf.GGMLQuantizationType):
+    from gguf_factory import write_tiny_llama
+    from llamapy.formats import open_model_file
+    from llamapy.kernels.triton.qmatmul import pack_weight
+    from llamapy.layers.linear import QLinear
+    from llamapy.models import build_causal_lm
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", rng=rng, qtype=qtype, hidden=64, ffn=96)
+    model = build_causal_lm(open_model_file(path))
+    if CUDA:
+        model.prepare(DEVICE)  # plans the fused decode
+        return model
+    for module in model.modules():  # the interpreter: Triton kernels on CPU tensors
+        if isinstance(module, QLinear):
+            w = module.weight
+            module.packed, module.kernel = pack_weight(w.data, w.qtype, w.shape), "triton"
+    model.plan_fused_decode()
+    return model
+
+
+class Runner:
+    """Sequences appended step by step; each sequence's blocks scattered in the cache."""
+
+    def __init__(self, model, num_seqs: int, max_len: int) -> None:
+        from llamapy.engine.kv_cache import allocate_kv_cache
+
+        per_seq = -(-max_len // BLOCK)
+        self.model = model
+        self.kv = allocate_kv_cache(model.config, num_seqs * per_seq, BLOCK, device=DEVICE)
+        perm = torch.randperm(num_seqs * per_seq, dtype=torch.int32)
+        self.tables = perm.view(num_seqs, per_seq)
+        self.lens = [0] * num_seqs
+
+    @torch.no_grad()
+    def step(self, chunks: list[list[int]], advance: bool = True) -> torch.Tensor:
+        """Every sequence's next tokens in one forward pass -> the logits (T, vocab)."""
+        ids, pos, slots, lens, starts = [], [], [], [], [0]
+        for s, toks in enumerate(chunks):
+            first = self.lens[s]
+            for p in range(first, first + len(toks)):
+                slots.append(int(self.tables[s, p // BLOCK]) * BLOCK + p % BLOCK)
+            ids += toks
+            pos += range(first, first + len(toks))
+            lens.append(first + len(toks))
+            starts.append(starts[-1] + len(toks))
+        if advance:
+            self.lens = lens
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=DEVICE),
+            block_tables=self.tables.to(DEVICE),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+            max_query_len=max(len(t) for t in chunks),
+            max_seq_len=max(lens),
+            seq_lens_host=tuple(lens),
+            query_start_loc_host=tuple(starts),
+        )
+        ids_t, pos_t = torch.tensor(ids, device=DEVICE), torch.tensor(pos, device=DEVICE)
+        hidden = self.model(ids_t, pos_t, meta, self.kv)
+        return self.model.compute_logits(hidden)
+
+
+def set_fused(model, on: bool, monkeypatch) -> None:
+    monkeypatch.setattr(llama, "FUSED_DECODE", on)
+    model.plan_fused_decode()
+
+
+# the interpreter takes ~10 s per type here: one type there, two on a GPU
+TYPES = [gguf.GGMLQuantizationType.Q8_0] + ([gguf.GGMLQuantizationType.Q4_0] if CUDA else [])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_fused_decode_matches_unfused(tmp_path, rng, qtype, monkeypatch) -> None:
+    model = tiny_model(tmp_path, rng, qtype)
+    assert [layer.fused_activation for layer in model.layers] == ["silu"] * 2
+    runner = Runner(model, num_seqs=3, max_len=16)
+    vocab = model.config.vocab_size
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2, 4)]
+    runner.step(prompts)  # a prefill of 9 rows: the unfused layers (GEMM-sized batch)
+
+    fused_calls = []
+    forward_fused = llama.DecoderLayer.forward_fused
+
+    def counting(self, *args):
+        fused_calls.append(self)
+        return forward_fused(self, *args)
+
+    def no_add_rms_norm(*args, **kwargs):
+        raise AssertionError("a residual add + norm kernel ran in the fused decode step")
+
+    norms = []
+    rms_norm = llama.rms_norm
+
+    def counting_norm(*args, **kwargs):
+        norms.append(args[0].shape)
+        return rms_norm(*args, **kwargs)
+
+    monkeypatch.setattr(llama.DecoderLayer, "forward_fused", counting)
+    for _ in range(2):  # decode steps: one new token for each of the 3 sequences
+        nxt = [[int(t)] for t in rng.integers(0, vocab, 3)]
+        with monkeypatch.context() as m:
+            m.setattr(llama, "add_rms_norm", no_add_rms_norm)
+            m.setattr(llama, "rms_norm", counting_norm)
+            fused = runner.step(nxt, advance=False)
+        assert len(norms) == 1, "only the output norm (compute_logits) runs as a kernel"
+        norms.clear()
+        set_fused(model, False, monkeypatch)
+        unfused = runner.step(nxt)  # rewrites the same K/V slots, then moves on
+        set_fused(model, True, monkeypatch)
+        assert not fused.isnan().any()
+        scale = unfused.abs().max().item()
+        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5 * scale)
+    assert len(fused_calls) == 2 * len(model.layers)
+
+
+def test_fusion_is_all_or_nothing(tmp_path, rng, monkeypatch) -> None:
+    """A layer that cannot fuse (gate and up apart) keeps every layer on the unfused path;
+    FUSED_DECODE off does too; a GEMM-sized batch never takes the fused form."""
+    model = tiny_model(tmp_path, rng, gguf.GGMLQuantizationType.Q8_0)
+    set_fused(model, False, monkeypatch)
+    assert all(layer.fused_activation is None for layer in model.layers)
+    set_fused(model, True, monkeypatch)
+    mlp = model.layers[1].mlp
+    mlp.gate, mlp.up = mlp.gate_up, mlp.gate_up  # stands in for two matrices
+    model.plan_fused_decode()
+    assert all(layer.fused_activation is None for layer in model.layers)
+    assert llama.DecoderLayer.decode_fuses(torch.empty(4, 1), None)
+    assert not llama.DecoderLayer.decode_fuses(torch.empty(5, 1), None)
