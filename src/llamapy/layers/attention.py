@@ -84,8 +84,9 @@ def paged_attention(
     causal: bool = True,
 ) -> torch.Tensor:
     """q (T, n_heads, d) -> (T, n_heads, d_v) through the block tables: the Triton kernels on
-    CUDA, the torch reference elsewhere."""
-    if q.is_cuda:
+    CUDA, the torch reference elsewhere (and for heads narrower than tl.dot's 16, which no
+    real model has)."""
+    if q.is_cuda and q.shape[-1] >= 16:
         from llamapy.kernels.triton import attention
 
         return attention.paged_attention(
@@ -201,9 +202,13 @@ def paged_attention_sdpa(
             continue
         mask = None
         if n_q > 1 or not causal or sliding_window is not None:
-            q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]
-            k_pos = torch.arange(first, seq_len)[None, :]
-            mask = k_pos <= q_pos if causal else torch.ones(n_q, n_k, dtype=torch.bool)
+            q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
+            mask = (
+                k_pos <= q_pos
+                if causal
+                else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
+            )
             if sliding_window is not None:
                 mask = mask & (q_pos - k_pos < sliding_window)
         o = torch.nn.functional.scaled_dot_product_attention(

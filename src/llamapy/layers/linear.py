@@ -61,7 +61,13 @@ class QLinear(torch.nn.Module):
 
     def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:
         """Move the weight to `device` in the form its kernels read (once, at load)."""
-        if device.type == "cuda":
+        if device.type == "cuda" and self.in_features % 32:
+            # Widths no real model has (tiny test models): the Triton kernels step K by 32;
+            # a float32 matrix and torch's matmul instead.
+            self.packed = self.dense_weight().to(device)
+            self.kernel = "dense"
+            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+        elif device.type == "cuda":
             from llamapy.kernels.triton.qmatmul import pack_weight
 
             data = self.weight.data.to(device, non_blocking=True)
@@ -113,6 +119,8 @@ class QLinear(torch.nn.Module):
             raise ValueError(
                 f"fused matmul forms need the Triton kernels; this layer runs {self.kernel}"
             )
+        if self.kernel == "dense":
+            return torch.nn.functional.linear(x.to(self.packed.dtype), self.packed, self.bias)
         if self.kernel == "cpu":
             from llamapy.kernels.cpu.qmatmul import qmatmul_cpu
 

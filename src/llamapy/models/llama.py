@@ -263,9 +263,27 @@ class DecoderLayer(torch.nn.Module):
         elif h is not None:
             residual = residual + h
         self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
-        gate_up = self.mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
-        self.mlp.down(gate_up, act=self.fused_activation, residual=residual)
+        mlp = self.mlp
+        if _prologue_pays(mlp.gate_up):
+            gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
+        else:
+            gate_up = mlp.gate_up(rms_norm(residual, self.ffn_norm, self.eps))
+        if _prologue_pays(mlp.down):
+            mlp.down(gate_up, act=self.fused_activation, residual=residual)
+        else:
+            mlp.down(mlp.activation(*gate_up.chunk(2, dim=-1)), residual=residual)
         return None, residual
+
+
+def _prologue_pays(linear: QLinear) -> bool:
+    """Whether the norm / activation prologue speeds this wide GEMV up. Measured on an H100 /
+    H200 (benchmarks/kernels/bench_fused_gemv.py, Llama-3.2-1B shapes): 1.01-1.05x for
+    Q4_0, 1.10-1.24x for Q8_0, but 0.68-0.89x for Q4_K and Q6_K gate_up / down, whose
+    one-row single-warp programs each re-read the whole input row (and gain registers):
+    the K-quant family keeps a separate norm / activation kernel there."""
+    from llamapy.kernels.triton.qmatmul import _KQUANT_TYPES
+
+    return linear.packed.qtype not in _KQUANT_TYPES
 
 
 class LlamaForCausalLM(torch.nn.Module):
