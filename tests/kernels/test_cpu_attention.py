@@ -5,6 +5,7 @@ prefixes, GQA, sliding windows, non-causal."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from llamapy.layers.attention import (
@@ -45,15 +46,18 @@ def _case(rng: np.random.Generator):
     return q, k_cache, v_cache, meta
 
 
-def test_sdpa_path_matches_reference(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_path_matches_reference(rng: np.random.Generator, dtype: torch.dtype) -> None:
+    """float32 takes torch's fused (flash) CPU kernel, float64 its math path."""
     torch.manual_seed(int(rng.integers(1 << 31)))
     for _ in range(60):
         q, k_cache, v_cache, meta = _case(rng)
+        q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
         window = [None, None, 5, 30][int(rng.integers(4))]
         causal = bool(rng.random() < 0.85)
         kw = {"scale": float(rng.uniform(0.1, 0.5)), "sliding_window": window, "causal": causal}
-        got = paged_attention_sdpa(q, k_cache, v_cache, meta, **kw)
-        want = paged_attention_reference(q, k_cache, v_cache, meta, **kw)
+        got = paged_attention_sdpa(q, k_cache, v_cache, meta, **kw).double()
+        want = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, **kw)
         # float64 inputs, but the reference takes its softmax in float32 (as ggml): the
         # difference is float32 rounding of the probabilities, ~1e-7 relative
         err = ((got - want).abs().max() / want.abs().max()).item()

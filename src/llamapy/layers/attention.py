@@ -200,26 +200,27 @@ def paged_attention_sdpa(
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out[qs] = torch.bmm(probs, v.transpose(0, 1)).view(n_heads, -1)
             continue
-        mask = None
-        if n_q > 1 or not causal or sliding_window is not None:
+        # 4-D inputs take torch's fused CPU kernel (3-D ones the math path: 3-5x slower at
+        # 512 tokens); the square causal case needs no mask tensor at all
+        mask, is_causal = None, False
+        if causal and sliding_window is None and n_k == n_q:
+            is_causal = True
+        elif causal or sliding_window is not None:
             q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)[:, None]
             k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
-            mask = (
-                k_pos <= q_pos
-                if causal
-                else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
-            )
+            mask = k_pos <= q_pos if causal else torch.ones_like(k_pos <= q_pos)
             if sliding_window is not None:
                 mask = mask & (q_pos - k_pos < sliding_window)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1),  # (n_heads, Tq, d)
-            k.transpose(0, 1),
-            v.transpose(0, 1),
+            q[None, qs:qe].transpose(1, 2),  # (1, n_heads, Tq, d)
+            k[None].transpose(1, 2),
+            v[None].transpose(1, 2),
             attn_mask=mask,
+            is_causal=is_causal,
             scale=scale,
             enable_gqa=n_heads != n_kv,
         )
-        out[qs:qe] = o.transpose(0, 1)
+        out[qs:qe] = o[0].transpose(0, 1)
     return out
 
 
