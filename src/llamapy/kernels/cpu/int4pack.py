@@ -3,8 +3,9 @@
 That op computes `x' @ W'.T` with `W'[n, k] = (v[n, k] - 8) * scale[g, n] + zero[g, n]`, `v`
 in 0..15 and `g = k // group` (group 32, 64, 128 or 256; verified against float64 in the
 tests). With bf16 `x'` it runs AVX512-BF16 code (~30x faster than fp32); scales and zeros must
-then be bf16, so each block scale is rounded to bf16 (relative error <= 2^-8), and the kernel
-forms each weight in bf16 before its bf16 dot products (another <= 2^-8 per weight).
+then be bf16, so each block scale is rounded to bf16 (relative error <= 2^-8). The kernel
+forms each weight `(v - 8) * scale + zero` in fp32 and multiplies it with x in fp32
+(measured: its outputs are x_bf16 @ W_fp32 rounded once to bf16).
 
 4-bit types map onto it directly (`x' = x`, K' = K). Types with more bits split each block's
 integer quant q into two nibbles, stored one after the other along K' = 2K, and the
@@ -44,6 +45,7 @@ class Packed:
     group: int
     block: int  # weights per split block (x is viewed as (M, K/block, 1, block))
     xmul: torch.Tensor | None
+    hi_mult: int = 0  # split types: c (the high plane's weight); 0 for 4-bit types
 
 
 def pack_nibbles(v: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def _pack_int8(u: torch.Tensor, scale: torch.Tensor, n: int) -> Packed:
     """u (N*G, 32) uint8 holding int8 codes q, w = scale * q with scale (N, G) float32."""
     v = _split(u & 0x0F, (u >> 4) ^ 0x08, n)  # q = 16 h + l, h = u >> 4 as signed 4-bit: l, h + 8
     # s (l - 8) + 16 s h + 17 z = s q  =>  z = 8s / 17
-    return Packed(pack_nibbles(v), _sz(scale, scale * (8 / 17)), 64, 32, _xmul(16.0))
+    return Packed(pack_nibbles(v), _sz(scale, scale * (8 / 17)), 64, 32, _xmul(16.0), 16)
 
 
 def pack_q8_0(data: torch.Tensor, n: int, k: int) -> Packed:
@@ -147,7 +149,7 @@ def _pack_5bit(
     """q = lo + 16 hi per 32-weight block, w = scale * q + offset. The two nibbles give
     scale (l - 8) + 8 scale (2h - 1) + 9 zero = scale q - 16 scale + 9 zero, so the caller
     passes zero = (offset + 16 scale) / 9."""
-    return Packed(pack_nibbles(_split(lo, 2 * hi + 7, n)), _sz(scale, zero), 64, 32, _xmul(8.0))
+    return Packed(pack_nibbles(_split(lo, 2 * hi + 7, n)), _sz(scale, zero), 64, 32, _xmul(8.0), 8)
 
 
 def pack_q5_0(data: torch.Tensor, n: int, k: int) -> Packed:
@@ -186,7 +188,7 @@ def pack_q6_k(data: torch.Tensor, n: int, k: int) -> Packed:
     lo = unpack_bits(blocks[:, :128].reshape(nb, 2, 64), (0, 4), 0x0F).view(-1, 16)
     hi = unpack_bits(blocks[:, 128:192].reshape(nb, 2, 32), (0, 2, 4, 6), 0x03).view(-1, 16)
     v = _split(lo, 2 * hi + 5, n)  # dl (l - 8) + 8 dl (2h + 5 - 8) = dl (q - 32)
-    return Packed(pack_nibbles(v), _sz(dl.view(n, k // 16), 0.0), 32, 16, _xmul(8.0))
+    return Packed(pack_nibbles(v), _sz(dl.view(n, k // 16), 0.0), 32, 16, _xmul(8.0), 8)
 
 
 PACKERS: dict[QuantType, Callable[[torch.Tensor, int, int], Packed]] = {
@@ -210,3 +212,130 @@ def int4pack_mm(x: torch.Tensor, p: Packed) -> torch.Tensor:
         xb = (xb.view(x.shape[0], -1, 1, p.block) * p.xmul).view(x.shape[0], -1)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p.packed, p.group, p.sz)
     return y.to(torch.float32)
+
+
+# --- Prefill: the packed weight dequantized to bf16 in row chunks, then a bf16 GEMM ---------
+#
+# At large M the int4 kernel runs at ~40% of a oneDNN bf16 GEMM (~20% for split types, which
+# reduce over 2K). Dequantizing the packed nibbles costs ~0.3-0.5 ns per weight against
+# ~2.3 ns per weight for the GEMM at M = 512, so for M >= a threshold (qmatmul.py) the weight
+# is expanded chunk by chunk into scratch that stays a few MB, never whole.
+#
+# Weights: the kernel's fp32 weights rounded to nearest-even bf16 (one more rounding than
+# the int4 kernel, <= 2^-8 relative per weight). 4-bit types: fp32 `v * s + (z - 8 s)` is the
+# kernel's `(v - 8) * s + z` (exact products, one fp32 rounding of the same sum while z - 8 s
+# is exact in fp32, i.e. unless z and s are 2^16 apart), so the bf16 weights are bit for bit
+# the kernel's rounded. Split types combine the two planes first: with q' = lo + c * hi
+# (0..255) and the group's shared s, z, the weight is s q' + (1 + c)(z - 8 s), formed in fp32
+# and rounded to bf16 once.
+
+
+class DequantScratch:
+    """Flat buffers for chunks of up to `rows` rows of a (N, K) weight packed over K'
+    columns, reused by every chunk of one `dequant_mm` call: the two nibble planes of the
+    packed bytes (K' bytes per row), split types' combined quants (K bytes), fp32 and bf16
+    weights (4 + 2 bytes per weight)."""
+
+    def __init__(self, p: Packed, k: int, rows: int) -> None:
+        k2 = p.packed.shape[1] * 2
+        self.rows = rows
+        self.nibbles = torch.empty(2, rows * k2 // 2, dtype=torch.uint8)
+        self.quants = torch.empty(2, rows * k // 2 if p.hi_mult else 0, dtype=torch.uint8)
+        self.w32 = torch.empty(rows * k, dtype=torch.float32)
+        self.w16 = torch.empty(rows * k, dtype=torch.bfloat16)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.nibbles, self.quants, self.w32, self.w16))
+
+
+def _nibbles(
+    p: Packed, start: int, stop: int, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start:stop's nibbles as two (T, K', C) uint8 planes in `out` (2, >= rows K'/2),
+    low and high nibbles of the packed bytes. Full tiles (start, stop multiples of 64): T
+    tiles, byte (k, d) holds rows d (low) and d + 32 (high) of its tile, C = 32. The tail
+    (start = the last tile boundary, stop = N): T = 1, byte (k, j) holds rows 2j and 2j + 1,
+    C = rows / 2."""
+    k2 = p.packed.shape[1] * 2
+    rows = stop - start
+    t, c = (rows // TILE_N, TILE_N // 2) if rows % TILE_N == 0 else (1, rows // 2)
+    b = p.packed[start:stop].view(t, k2, c)
+    lo, hi = (plane[: t * k2 * c].view(t, k2, c) for plane in out)
+    torch.bitwise_and(b, 0x0F, out=lo)
+    torch.bitwise_right_shift(b, 4, out=hi)
+    return lo, hi
+
+
+def _combine_planes(u: torch.Tensor, p: Packed, out: torch.Tensor) -> torch.Tensor:
+    """Split types: (T, K', C) nibbles -> (T, K, C) q' = lo + c * hi (0..255) in `out`'s
+    memory; each block of `block` weights is `block` low-plane K' rows, then `block`
+    high-plane rows."""
+    t, k2, c = u.shape
+    planes = u.view(t, k2 // (2 * p.block), 2, p.block * c)
+    q = out[: t * k2 // 2 * c].view(t, k2 // (2 * p.block), p.block * c)
+    torch.bitwise_left_shift(planes[:, :, 1], p.hi_mult.bit_length() - 1, out=q)  # c * hi
+    q.add_(planes[:, :, 0])  # lo + c * hi <= 255
+    return q.view(t, k2 // 2, c)
+
+
+def dequantize_rows_bf16(
+    p: Packed, start: int, stop: int, scratch: DequantScratch | None = None
+) -> torch.Tensor:
+    """Rows start:stop of the weight, transposed: (K, stop - start) bf16, the weight values
+    described above. start and stop are tile boundaries (multiples of 64) or stop = N; the
+    result lives in `scratch` (fresh buffers if None) until its next use."""
+    rows = stop - start
+    k = p.packed.shape[1] * 2 // (2 if p.hi_mult else 1)
+    if scratch is None:
+        scratch = DequantScratch(p, k, rows)
+    if rows > scratch.rows:
+        raise ValueError(f"{rows} rows do not fit scratch for {scratch.rows}")
+    lo, hi = _nibbles(p, start, stop, scratch.nibbles)
+    if p.hi_mult:
+        lo, hi = (_combine_planes(u, p, q) for u, q in zip((lo, hi), scratch.quants, strict=True))
+    t, _, c = lo.shape
+    w = scratch.w32[: k * rows]
+    if rows % TILE_N == 0:  # row 64 t + 32 h + d from plane h
+        dst = w.view(k, t, 2, c)
+        dst_lo, dst_hi = dst[:, :, 0], dst[:, :, 1]
+    else:  # the tail: row 2 j + h from plane h
+        dst = w.view(k, 1, c, 2)
+        dst_lo, dst_hi = dst[..., 0], dst[..., 1]
+    dst_lo.copy_(lo.transpose(0, 1))  # (K, T, C) uint8 -> fp32
+    dst_hi.copy_(hi.transpose(0, 1))
+    groups = p.sz.shape[0]  # K' / group
+    sz = torch.empty(2, groups, rows, dtype=torch.float32)  # contiguous planes: vectorized fma
+    sz.copy_(p.sz[:, start:stop].permute(2, 0, 1))
+    scale = sz[0].unsqueeze(1)  # (groups, 1, rows)
+    zero = torch.add(sz[1], sz[0], alpha=-8.0).unsqueeze(1)  # z - 8 s: exact
+    if p.hi_mult:
+        zero.mul_(1 + p.hi_mult)
+    wg = w.view(groups, k // groups, rows)
+    torch.addcmul(zero, wg, scale, out=wg)  # s v + (z - 8 s), one fp32 rounding
+    w16 = scratch.w16[: k * rows].view(k, rows)
+    w16.copy_(w.view(k, rows))  # round to nearest even
+    return w16
+
+
+def dequant_mm(x: torch.Tensor, p: Packed, n: int, chunk_rows: int) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 through bf16 chunks of at most `chunk_rows` rows
+    (a multiple of 64): x and the weights are bf16, sums fp32, the output rounded to bf16
+    (oneDNN writes bf16, as the int4 kernel does) and returned as float32."""
+    if chunk_rows % TILE_N:
+        raise ValueError(f"chunk_rows must be a multiple of {TILE_N}, got {chunk_rows}")
+    m, k = x.shape
+    xb = x.to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.float32)
+    full = n - n % TILE_N
+    bounds = [(s, min(s + chunk_rows, full)) for s in range(0, full, chunk_rows)]
+    if full < n:
+        bounds.append((full, n))
+    rows = max(stop - start for start, stop in bounds)
+    scratch = DequantScratch(p, k, rows)
+    yb = torch.empty(m * rows, dtype=torch.bfloat16)
+    for start, stop in bounds:
+        part = yb[: m * (stop - start)].view(m, stop - start)
+        torch.mm(xb, dequantize_rows_bf16(p, start, stop, scratch), out=part)
+        y[:, start:stop].copy_(part)
+    return y

@@ -5,7 +5,11 @@ Methods, per weight type (chosen by measurement, see benchmarks/kernels/CPU_NOTE
                   with each quant split into two nibbles (see int4pack.py): ATen's
                   AVX512-BF16 int4 GEMM. x is rounded to bf16, scales/zeros are bf16, sums
                   are fp32, the output is rounded to bf16 and returned as float32.
-  dense           F32, F16, BF16: the weight as it is, `x @ W.T` in float32.
+                  From `prefill_min_m` rows of x on, the packed weight is instead
+                  dequantized to bf16 in row chunks for oneDNN's bf16 GEMM (2-4x faster at
+                  M = 512; the weights are also rounded to bf16 there).
+  dense           F32, F16, BF16: the weight as it is, `x @ W.T` in float32; F16/BF16 from
+                  PREFILL_MIN_M rows of x on: a bf16 GEMM.
   dequant-chunks  everything else (and N not a multiple of 16): rows dequantized to float32
                   in chunks (QLinear's path).
 """
@@ -22,6 +26,13 @@ from llamapy.quant.types import QuantType, row_nbytes
 
 # Rows dequantized at once by the fallback: bounds its float scratch to a few MB.
 CHUNK_ROWS = 2048
+# From this many rows of x on (prefill), int4pack weights are dequantized to bf16 in row
+# chunks of about DEQUANT_CHUNK_WEIGHTS weights (scratch: 7-9 bytes each) and multiplied by
+# oneDNN's bf16 GEMM; split types (the int4 kernel reduces over 2K) switch earlier.
+# Measured crossovers: benchmarks/kernels/CPU_NOTES.md.
+PREFILL_MIN_M = 160
+PREFILL_MIN_M_SPLIT = 80
+DEQUANT_CHUNK_WEIGHTS = 1 << 20
 DENSE_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
 
 
@@ -80,7 +91,7 @@ def _pack_int4_in_chunks(
         part = pack(data[start : start + rows], rows, k)
         packed[start : start + rows] = part.packed
         sz[:, start : start + rows] = part.sz
-    return int4pack.Packed(packed, sz, first.group, first.block, first.xmul)
+    return int4pack.Packed(packed, sz, first.group, first.block, first.xmul, first.hi_mult)
 
 
 def _float_dtype(qtype: QuantType) -> torch.dtype:
@@ -92,14 +103,44 @@ def qmatmul_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None)
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"expected x of shape (M, {w.k}), got {tuple(x.shape)}")
     x = x.to(torch.float32)
-    if w.int4 is not None:
+    if w.int4 is not None and x.shape[0] >= prefill_min_m(w):
+        y = int4pack.dequant_mm(x, w.int4, w.n, dequant_chunk_rows(w.k))
+    elif w.int4 is not None:
         y = int4pack.int4pack_mm(x, w.int4)
     elif w.method == "dense":
-        y = x @ w.tensors[0].to(torch.float32).T
+        y = _dense_mm(x, w)
     else:
         y = _dequant_chunks(x, w)
     if bias is not None:
         y += bias
+    return y
+
+
+def prefill_min_m(w: CpuWeight) -> int:
+    """Rows of x from which `qmatmul_cpu` takes the bf16-dequant path for an int4pack weight."""
+    return PREFILL_MIN_M_SPLIT if w.int4 is not None and w.int4.hi_mult else PREFILL_MIN_M
+
+
+def dequant_chunk_rows(k: int) -> int:
+    """Rows per bf16 chunk for a K-wide weight: a multiple of the 64-row tile."""
+    tiles = max(1, DEQUANT_CHUNK_WEIGHTS // (k * int4pack.TILE_N))
+    return tiles * int4pack.TILE_N
+
+
+def _dense_mm(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
+    """F32: fp32 GEMM. F16/BF16 from PREFILL_MIN_M rows on: a bf16 GEMM (2x the fp32 one;
+    x, F16 weights and the output rounded to bf16), F16 rows converted in chunks."""
+    (weight,) = w.tensors
+    if w.qtype == QuantType.F32 or x.shape[0] < PREFILL_MIN_M:
+        return x @ weight.to(torch.float32).T
+    xb = x.to(torch.bfloat16)
+    if w.qtype == QuantType.BF16:
+        return torch.mm(xb, weight.T).to(torch.float32)
+    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    step = dequant_chunk_rows(w.k)
+    for start in range(0, w.n, step):
+        rows = slice(start, min(start + step, w.n))
+        y[:, rows].copy_(torch.mm(xb, weight[rows].to(torch.bfloat16).T))
     return y
 
 
