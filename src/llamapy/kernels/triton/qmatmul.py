@@ -292,6 +292,7 @@ def qmatmul_with(
     eps: float | None = None,
     act: str | None = None,
     residual: torch.Tensor | None = None,
+    gemm_config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
@@ -299,6 +300,10 @@ def qmatmul_with(
     path: "gemv", "gemm" or "auto" (GEMV for M <= GEMV_MAX_M). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
+    gemm_config: explicit GEMM tiles for a plain (unfused) GEMM call (benchmarks/kernels/
+    tune_gemm.py's hook): BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, num_warps, num_stages (keys
+    left out keep `_gemm_config`'s value); for K-quant weights `qmatmul_kquants.gemm_config`'s
+    tiles (block_m, block_n, split, num_warps, num_stages). It implies the GEMM path.
     norm_weight, eps, act, residual: the fused forms (see `qmatmul`); only the GEMV fuses
     them, the GEMM path runs the unfused kernels around the matmul.
     """
@@ -308,6 +313,8 @@ def qmatmul_with(
         raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
+    if gemm_config is not None and (fused or path == "gemv"):
+        raise ValueError("gemm_config applies to a plain matmul on the GEMM path")
     if fused and not _fuses(w.qtype, m, path):
         return _unfused(x, w, bias, path, split_k, gemv_config, norm_weight, eps, act, residual)
     if residual is not None:
@@ -323,6 +330,10 @@ def qmatmul_with(
         raise ValueError("out must be contiguous")
     if m == 0:
         return out
+    if w.qtype in _KQUANT_TYPES and gemm_config is not None:
+        cfg = _kquants.gemm_config(w.qtype, m, w.n, w.k, _num_sms(x.device), gemm_config)
+        _kquants.launch(x, w.tensors, w.qtype, w.n, w.k, out, cfg)
+        return out if bias is None else out.add_(bias)
     if w.qtype in _KQUANT_TYPES:
         fusion = {}  # only when asked: the K-quant module's plain contract stays (x, .., out)
         if fused:
@@ -332,11 +343,11 @@ def qmatmul_with(
         return out if bias is None else out.add_(bias)
     if w.qtype not in _CODES:
         raise ValueError(f"{w.qtype.name} weights have no kernel; pack them with pack_weight")
-    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M):
+    if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M and gemm_config is None):
         pro = _prologue_code(norm_weight, act)
         _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual)
     else:
-        _launch_gemm(x, w, bias, out)
+        _launch_gemm(x, w, bias, out, gemm_config)
     return out
 
 
@@ -540,25 +551,48 @@ def _launch_gemv(
         )  # fmt: skip
 
 
-def _gemm_config(qtype: QuantType, m: int) -> dict[str, int]:
-    """Tiles of the GEMM: BLOCK_M follows M up to 128; 128 weights per K step (64 for the
-    float types, whose tiles are wider in bytes)."""
+# Measured GEMM tiles: (type name, M bucket, size class) (`qmatmul_kquants.gemm_key`) ->
+# the `_gemm_config` keys. Filled from `benchmarks/kernels/tune_gemm.py --emit-python`;
+# shapes without an entry use the rule in `_gemm_config`.
+GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {}
+_GEMM_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_B", "GROUP_M", "num_warps", "num_stages"})
+
+
+def _gemm_config(qtype: QuantType, m: int, n: int = 0, k: int = 0) -> dict[str, int]:
+    """Tiles of the GEMM: a GEMM_TABLE entry for the shape if there is one; else BLOCK_M
+    follows M up to 128, 128 weights per K step (64 for the float types, whose tiles are
+    wider in bytes), 8 warps for 128-row tiles, 3 stages."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_b = 2 if qtype in _FLOAT_DTYPES else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": 128 if block_m >= 64 else 64, "BLOCK_B": block_b}
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": 128 if block_m >= 64 else 64, "BLOCK_B": block_b,
+           "GROUP_M": 8, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}  # fmt: skip
+    if _kquants is not None and n and k:
+        cfg.update(GEMM_TABLE.get(_kquants.gemm_key(qtype, m, n, k), {}))
+    return cfg
 
 
 def _launch_gemm(
-    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> None:
     m, n, k = x.shape[0], w.n, w.k
-    cfg = _gemm_config(w.qtype, m)
+    cfg = _gemm_config(w.qtype, m, n, k)
+    if config is not None:
+        if not config.keys() <= _GEMM_KEYS:
+            raise ValueError(
+                f"gemm_config takes {sorted(_GEMM_KEYS)}, got {sorted(config.keys() - _GEMM_KEYS)}"
+            )
+        cfg.update(config)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](
         x, *_operands(w), bias if bias is not None else out, out,
         m, n, k, x.stride(0),
-        QT=_CODES[w.qtype], HAS_BIAS=bias is not None, GROUP_M=8, INTERP=INTERPRET, **cfg,
-        num_warps=8 if cfg["BLOCK_M"] >= 128 else 4, num_stages=3,
+        QT=_CODES[w.qtype], HAS_BIAS=bias is not None, INTERP=INTERPRET, **cfg,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 

@@ -379,15 +379,52 @@ def gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
     return KernelConfig(False, block_m, block_n, nsb, split, warps)
 
 
-def gemm_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> KernelConfig:
+# Measured GEMM tiles: (type name, M bucket, size class) (see `gemm_key`) -> KernelConfig
+# fields block_m, block_n, num_warps, num_stages and optionally split (absent: the rule in
+# `gemm_config` for the tiles). Filled from `benchmarks/kernels/tune_gemm.py --emit-python`;
+# shapes without an entry use the rule.
+GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {}
+GEMM_M_BUCKETS = (64, 256, 512)  # the sweep's M: batched decode (64, 256) and prefill (512)
+GEMM_SMALL_WEIGHTS = 1 << 21  # N * K up to this: size class "small" (SmolLM2-135M-like)
+_GEMM_FIELDS = frozenset({"block_m", "block_n", "split", "num_warps", "num_stages"})
+
+
+def gemm_key(qtype: QuantType, m: int, n: int, k: int) -> tuple[str, int, str] | None:
+    """The GEMM_TABLE key of an (M, K) x (N, K) product: M in (32, 64] -> 64, (64, 256] ->
+    256, above -> 512; "small" / "large" weights by N * K. None for M <= 32 (not swept)."""
+    if m <= GEMM_M_BUCKETS[0] // 2:
+        return None
+    bucket = next((b for b in GEMM_M_BUCKETS if m <= b), GEMM_M_BUCKETS[-1])
+    return qtype.name, bucket, "small" if n * k <= GEMM_SMALL_WEIGHTS else "large"
+
+
+def gemm_config(
+    qtype: QuantType,
+    m: int,
+    n: int,
+    k: int,
+    num_sms: int,
+    tiles: dict[str, int] | None = None,
+) -> KernelConfig:
     """BLOCK_M follows M up to 128; split-K (whole units) when the tiles cannot fill the SMs.
     Larger tiles run one stage: pipelining the eight pieces' x loads would take 140+ KiB of
-    shared memory."""
+    shared memory. A GEMM_TABLE entry for the shape replaces these; `tiles` (the tuner's
+    hook: block_m, block_n, split, num_warps, num_stages) replaces both."""
+    entry = tiles if tiles is not None else GEMM_TABLE.get(gemm_key(qtype, m, n, k))
+    if entry is not None and not entry.keys() <= _GEMM_FIELDS:
+        raise ValueError(
+            f"GEMM tiles take {sorted(_GEMM_FIELDS)}, got {sorted(entry.keys() - _GEMM_FIELDS)}"
+        )
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = 128 if block_m == 128 else 64
+    warps, stages = (8, 1) if block_m == 128 else (4, 2 if block_m <= 32 else 1)
+    if entry is not None:
+        block_m, block_n = entry.get("block_m", block_m), entry.get("block_n", block_n)
+        warps, stages = entry.get("num_warps", warps), entry.get("num_stages", stages)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split(k // block_size(qtype), 1, programs, num_sms)
-    warps, stages = (8, 1) if block_m == 128 else (4, 2 if block_m <= 32 else 1)
+    if entry is not None and entry.get("split", 0) > 0:
+        split = entry["split"]
     return KernelConfig(True, block_m, block_n, 1, split, warps, stages)
 
 
