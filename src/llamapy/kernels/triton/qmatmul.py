@@ -554,7 +554,37 @@ def _launch_gemv(
 # Measured GEMM tiles: (type name, M bucket, size class) (`qmatmul_kquants.gemm_key`) ->
 # the `_gemm_config` keys. Filled from `benchmarks/kernels/tune_gemm.py --emit-python`;
 # shapes without an entry use the rule in `_gemm_config`.
-GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {}
+# Measured by benchmarks/kernels/tune_gemm.py on an H200 (2026-11-26; the comment: the rule's
+# geometric-mean time over the entry's across the key's cells). Keys the sweep did not
+# cover keep the rule below.
+# fmt: off
+GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {
+    ("Q4_0", 64, "large"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=8, GROUP_M=8, num_warps=4,
+                                num_stages=2),  # 1.77x
+    ("Q4_0", 64, "small"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                num_stages=3),  # 2.14x
+    ("Q4_0", 256, "large"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                 num_stages=3),  # 1.50x
+    ("Q4_0", 256, "small"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                 num_stages=3),  # 2.56x
+    ("Q4_0", 512, "large"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                 num_stages=1),  # 1.14x
+    ("Q4_0", 512, "small"): dict(BLOCK_M=32, BLOCK_N=128, BLOCK_B=2, GROUP_M=8, num_warps=4,
+                                 num_stages=3),  # 1.75x
+    ("Q8_0", 64, "large"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                num_stages=3),  # 2.32x
+    ("Q8_0", 64, "small"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=4, GROUP_M=8, num_warps=4,
+                                num_stages=3),  # 2.87x
+    ("Q8_0", 256, "large"): dict(BLOCK_M=32, BLOCK_N=128, BLOCK_B=4, GROUP_M=8, num_warps=8,
+                                 num_stages=3),  # 2.01x
+    ("Q8_0", 256, "small"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_B=2, GROUP_M=8, num_warps=4,
+                                 num_stages=3),  # 3.59x
+    ("Q8_0", 512, "large"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_B=2, GROUP_M=8, num_warps=8,
+                                 num_stages=1),  # 1.62x
+    ("Q8_0", 512, "small"): dict(BLOCK_M=32, BLOCK_N=128, BLOCK_B=2, GROUP_M=8, num_warps=8,
+                                 num_stages=3),  # 2.32x
+}
+# fmt: on
 _GEMM_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_B", "GROUP_M", "num_warps", "num_stages"})
 
 

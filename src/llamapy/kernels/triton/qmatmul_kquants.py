@@ -383,7 +383,20 @@ def gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
 # fields block_m, block_n, num_warps, num_stages and optionally split (absent: the rule in
 # `gemm_config` for the tiles). Filled from `benchmarks/kernels/tune_gemm.py --emit-python`;
 # shapes without an entry use the rule.
-GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {}
+# Measured by benchmarks/kernels/tune_gemm.py on an H200 (2026-11-26; the comment: the rule's
+# geometric-mean time over the entry's across the key's cells). Keys the sweep did not
+# cover keep the rule below.
+# fmt: off
+GEMM_TABLE: dict[tuple[str, int, str], dict[str, int]] = {
+    ("Q4_K", 64, "small"): dict(block_m=64, block_n=32, num_warps=4, num_stages=2),  # 1.17x
+    ("Q4_K", 256, "small"): dict(block_m=128, block_n=32, num_warps=8, num_stages=1),  # 1.09x
+    ("Q6_K", 64, "small"): dict(block_m=64, block_n=32, num_warps=4, num_stages=2),  # 1.20x
+    ("Q6_K", 256, "large"): dict(block_m=128, block_n=64, num_warps=8, num_stages=1),  # 1.23x
+    ("Q6_K", 256, "small"): dict(block_m=128, block_n=64, num_warps=8, num_stages=1),  # 1.33x
+    ("Q6_K", 512, "large"): dict(block_m=128, block_n=64, num_warps=8, num_stages=1),  # 1.20x
+    ("Q6_K", 512, "small"): dict(block_m=128, block_n=64, num_warps=8, num_stages=1),  # 1.04x
+}
+# fmt: on
 GEMM_M_BUCKETS = (64, 256, 512)  # the sweep's M: batched decode (64, 256) and prefill (512)
 GEMM_SMALL_WEIGHTS = 1 << 21  # N * K up to this: size class "small" (SmolLM2-135M-like)
 _GEMM_FIELDS = frozenset({"block_m", "block_n", "split", "num_warps", "num_stages"})
