@@ -72,6 +72,7 @@ class LLM:
         pooling: none, mean, cls, last or rank; None: the model's own (see EmbeddingEngine).
         enforce_eager: no compiled CPU decode step (models/cpu_compile.py; on by default
             where a C++ compiler is found, unless LLAMAPY_CPU_COMPILE=0) and no CUDA graphs.
+        cpu_compile: compile the CPU decode step or not (None: that default).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class LLM:
         embedding: bool | None = None,
         pooling: str | None = None,
         enforce_eager: bool = False,
+        cpu_compile: bool | None = None,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -123,6 +125,11 @@ class LLM:
                     **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
                     # no compiled CPU decode step, no CUDA graphs
                     **({"cpu_compile": False, "cuda_graphs": False} if enforce_eager else {}),
+                    **(
+                        {"cpu_compile": cpu_compile}
+                        if cpu_compile is not None and not enforce_eager
+                        else {}
+                    ),
                 ),
             )
         self.chat_template: ChatTemplate | None = resolve_chat_template(

@@ -178,3 +178,39 @@ def test_enforce_eager_flag(smollm2_path, monkeypatch):
     llm = LLM(str(smollm2_path), n_ctx=64, enforce_eager=True)
     assert llm.engine.config.cpu_compile is False and llm.engine.config.cuda_graphs is False
     assert llm.engine.runner.model.compiled_decode is None
+
+
+def test_cli_compile_flags(monkeypatch):
+    """One-shot commands start eagerly unless --compile; serve compiles unless
+    --enforce-eager; load_llm hands the choice to LLM."""
+    import llamapy.api
+    from llamapy.cli.common import load_llm
+    from llamapy.cli.main import build_parser
+
+    parser = build_parser()
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(llamapy.api, "LLM", FakeLLM)
+    for argv, compile_ in [
+        (["run", "hi"], False),
+        (["run", "--compile", "hi"], True),
+        (["run", "--compile", "--enforce-eager", "hi"], False),
+        (["chat", "--compile"], True),
+        (["perplexity", "-f", "x.txt"], False),
+    ]:
+        args = parser.parse_args(argv)
+        seen.clear()
+        load_llm(args)
+        assert seen["cpu_compile"] is compile_, argv
+        assert seen["enforce_eager"] is ("--enforce-eager" in argv), argv
+    serve = parser.parse_args(["serve"])
+    assert serve.enforce_eager is False and not hasattr(serve, "compile")
+    assert parser.parse_args(["serve", "--enforce-eager"]).enforce_eager is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--compile"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["embed", "--compile", "x"])

@@ -17,7 +17,12 @@ def add_model_args(
     ctx_default: int | None = None,
     ctx_help: str = "context size in tokens (default: min(4096, the model's))",
     threads_help: str = "CPU threads (default: all cores)",
+    compile_default: bool | None = False,
 ) -> None:
+    """The model flags. `compile_default`: whether the command compiles the CPU decode step
+    unless told `--enforce-eager` (long-running ones: serve); one-shot commands (run, chat,
+    perplexity) start eagerly unless told `--compile`, since the compile costs seconds at
+    every start. None: no generation engine, no such flags (embed, rerank)."""
     p.add_argument(
         "-m",
         "--model",
@@ -69,12 +74,21 @@ def add_model_args(
         help="quantize the weights as they load (Q4_0, Q8_0, Q4_K_M, ...: the types of "
         "`llamapy quantize`); no file is written",
     )
+    if compile_default is None:
+        return
     p.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="run every step eagerly: no torch.compile of the CPU decode step (which costs "
-        "seconds at load, cached on disk), no CUDA graphs (as vLLM's flag)",
+        help="run every step eagerly: no torch.compile of the CPU decode step, no CUDA graphs "
+        "(as vLLM's flag)",
     )
+    if not compile_default:
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="CPU: compile the decode step with torch.compile (~1.5x faster decoding; a few "
+            "seconds more at each start, ~20 s the first time for a model, then cached)",
+        )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -285,7 +299,8 @@ def load_llm(args: argparse.Namespace):
         chat_template=args.chat_template,
         device=device,
         quantize=quantize_from_args(args),
-        enforce_eager=getattr(args, "enforce_eager", False),
+        enforce_eager=args.enforce_eager,
+        cpu_compile=getattr(args, "compile", False) and not args.enforce_eager,
     )
 
 

@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pooling_arg(p)
     p.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON")
     p.add_argument("--truncate", action="store_true", help="cut texts the model cannot take")
-    add_model_args(p, ctx_help="longest input in tokens (default: the model's)")
+    add_model_args(
+        p, ctx_help="longest input in tokens (default: the model's)", compile_default=None
+    )
     p.set_defaults(func=run)
 
 

@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-n", type=int, default=None, metavar="N", help="print the best N only")
     p.add_argument("--json", action="store_true", help="print the /v1/rerank response shape")
     p.add_argument("--truncate", action="store_true", help="cut pairs the model cannot take")
-    add_model_args(p, ctx_help="longest query + document in tokens (default: the model's)")
+    add_model_args(
+        p,
+        ctx_help="longest query + document in tokens (default: the model's)",
+        compile_default=None,
+    )
     p.set_defaults(func=run, pooling="rank")
 
 

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ctx_help="context size of one sequence (default: min(4096, the model's))",
         threads_help="torch CPU threads (default: all cores but one, which the HTTP loop needs: "
         "on 2 cores, 1 thread decoded 2.4x faster than 2 behind the server)",
+        compile_default=True,
     )
     p.add_argument(
         "--max-queued",
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         reranking=args.reranking,
         pooling=args.pooling,
         quantize=quantize_from_args(args),
+        enforce_eager=args.enforce_eager,
     )
     app = create_app(config)
     logging.getLogger("llamapy").setLevel(logging.INFO)

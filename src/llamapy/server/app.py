@@ -63,6 +63,7 @@ class ServerConfig:
     n_threads: int | None = None
     device: str = "cpu"
     quantize: str | None = None  # quantize the weights as they load (Q4_0, Q4_K_M, ...)
+    enforce_eager: bool = False  # no compiled CPU decode step, no CUDA graphs
     embedding: bool = False  # embeddings only (server/embeddings.py); no generation engine
     reranking: bool = False  # reranking (and embeddings) only: pooling rank
     pooling: str | None = None
@@ -130,6 +131,7 @@ def load_model(state: ServerState) -> None:
             chat_template=cfg.chat_template,
             device=cfg.device,
             quantize=cfg.quantize,
+            enforce_eager=cfg.enforce_eager,
             embedding=cfg.embedding or cfg.reranking or None,
             pooling="rank" if cfg.reranking else cfg.pooling,
         )
