@@ -96,8 +96,9 @@ def _run(engine: LLMEngine, prompts: list[list[int]], n: int) -> dict[str, list[
 def test_compiled_decode_matches_eager(model, request, rng):
     """Every decode step of a batch of sequences of different lengths (so block tables of
     different widths, across block boundaries, then batch 1 as they finish), computed
-    compiled and eagerly on the same model and cache: the final hidden states agree to the
-    fast path's own rounding (bf16 activations in the int4 matmuls), and greedy picks match."""
+    compiled and eagerly on the same model and cache: the final hidden states agree up to the
+    compounded bf16 roundings of the fast path, and greedy picks match except where that
+    rounding explains a flip."""
     path = request.getfixturevalue(f"{model}_path")
     engine = _engine(path, compile_=True)
     model_ = engine.runner.model
@@ -105,7 +106,7 @@ def test_compiled_decode_matches_eager(model, request, rng):
     assert compiled is not None and not compiled.failed
     eager_forward = model_.forward
     diffs: list[float] = []
-    picks: list[bool] = []
+    picks: list[tuple[bool, int, int]] = []
 
     def both(input_ids, positions, meta, kv_caches):
         if not compiled.applies(meta):
@@ -118,9 +119,13 @@ def test_compiled_decode_matches_eager(model, request, rng):
             model_.compiled_decode = compiled
         diffs.append(float((got - ref).norm() / ref.norm()))
         logits_got, logits_ref = model_.compute_logits(got), model_.compute_logits(ref)
-        top2 = logits_ref.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 0.05  # a near-tie may flip either way
-        picks.append(bool((logits_got.argmax(-1) == logits_ref.argmax(-1))[clear].all()))
+        # A greedy pick may differ only where the perturbation explains it: the eager
+        # logit of the compiled path's pick within twice the largest logit difference of
+        # the reference's maximum (garbage would pick tokens far below the top).
+        pick = logits_got.argmax(-1)
+        gap = logits_ref.max(-1).values - logits_ref.gather(-1, pick[:, None])[:, 0]
+        noise = (logits_got - logits_ref).abs().max(-1).values
+        picks.append((bool((gap <= 2 * noise).all()), int((gap > 0).sum()), len(pick)))
         return ref
 
     model_.forward = both
@@ -135,8 +140,14 @@ def test_compiled_decode_matches_eager(model, request, rng):
     assert not compiled.failed
     assert len(diffs) >= 29  # decode steps of 3, 2 and 1 sequences
     print(f"relative hidden-state difference: max {max(diffs):.2e}")
-    assert max(diffs) < 2e-2
-    assert all(picks)
+    # Bf16 roundings flipped by the different summation order compound over the layers
+    # (measured 5e-3 to 1.2e-2 at the last layer; the per-layer bound is
+    # test_compiled_layer_matches_eager's): a coarse bound here, the picks below are the check.
+    assert max(diffs) < 0.05
+    assert all(ok for ok, _, _ in picks)
+    flips, rows = sum(f for _, f, _ in picks), sum(n for _, _, n in picks)
+    print(f"greedy picks that differ: {flips} of {rows}")
+    assert flips <= 0.1 * rows
 
 
 @needs_compiler
@@ -214,3 +225,59 @@ def test_cli_compile_flags(monkeypatch):
         parser.parse_args(["serve", "--compile"])
     with pytest.raises(SystemExit):
         parser.parse_args(["embed", "--compile", "x"])
+
+
+@needs_compiler
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_compiled_layer_matches_eager(model, request, rng):
+    """One decoder layer, compiled against eager on the same inputs and caches (random hidden
+    state, a cache of random keys and values across several blocks): the outputs differ by
+    the bf16 roundings of the int4 matmuls' inputs only (Frobenius <= 2^-7 relative, a few
+    unit roundoffs of bf16), and the cache writes are identical."""
+    path = request.getfixturevalue(f"{model}_path")
+    engine = _engine(path, compile_=True, max_num_seqs=2)
+    model_ = engine.runner.model
+    compiled = model_.compiled_decode
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    hidden = model_.config.hidden_size
+    for il in (0, len(model_.layers) // 2, len(model_.layers) - 1):
+        layer = model_.layers[il]
+        k_cache, v_cache = engine.runner.kv_caches[il]
+        seq_lens = [int(rng.integers(20, 70)), int(rng.integers(1, 20))]
+        bs = k_cache.shape[1]
+        n_blocks = [-(-n // bs) for n in seq_lens]
+        tables = torch.zeros(2, max(n_blocks), dtype=torch.int32)
+        perm = torch.randperm(k_cache.shape[0] - 1, generator=gen)
+        tables[0, : n_blocks[0]] = perm[: n_blocks[0]]
+        tables[1, : n_blocks[1]] = perm[n_blocks[0] : n_blocks[0] + n_blocks[1]]
+        slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(seq_lens)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            block_tables=tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            seq_lens_host=tuple(seq_lens),
+            query_start_loc_host=(0, 1, 2),
+        )
+        x = torch.randn(2, hidden, generator=gen)
+        residual = torch.randn(2, hidden, generator=gen)
+        rope = model_._ropes_by_kind[model_._is_sliding(il)]
+        cos_sin = rope.cos_sin(torch.tensor([n - 1 for n in seq_lens]))
+        cache = (
+            torch.randn(k_cache.shape, generator=gen),
+            torch.randn(v_cache.shape, generator=gen),
+        )
+        eager_cache = (cache[0].clone(), cache[1].clone())
+        with torch.inference_mode():
+            step = compiled._step_for(layer)
+            got = step(layer, x, residual, cos_sin, cpu_compile.dense_decode_metadata(meta), cache)
+            want = layer(x, residual, cos_sin, meta, eager_cache)
+        for g, w in zip(got, want, strict=True):
+            err = float((g - w).norm() / w.norm())
+            print(f"layer {il}: relative difference {err:.2e}")
+            assert err <= 2**-7, (il, err)
+        # K/V written at the same slots, equal up to the rope's float32 evaluation order
+        torch.testing.assert_close(cache[0], eager_cache[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[1], eager_cache[1], rtol=0, atol=0)
