@@ -5,9 +5,9 @@ costing microseconds of dispatch around nanoseconds of work (benchmarks/RESULTS.
 Compiled, the norms, residual adds, rope, KV writes, attention and activations between the
 int4 matmuls become a few fused C++ loops per layer.
 
-One decoder layer is compiled, not the whole model: every layer of a model has the same
-shapes, so the graph compiled for layer 0 serves them all (Gemma 3: one for its sliding
-layers, one for its global ones), and compilation takes seconds instead of minutes. The
+One decoder layer is compiled, not the whole model: layers of the same shapes and weight
+types share one graph (SmolLM2: one for all 30; Gemma 3 Q4_K_M: four, from its sliding and
+global layers and its mixed weight types), and compilation takes seconds, not minutes. The
 traced layer reads the KV cache through `decode_attention_dense` (shape-static, the block
 table's width the only dynamic size), never through the host copies of the metadata, so a
 new sequence length does not recompile. The graphs for one sequence are compiled at load
