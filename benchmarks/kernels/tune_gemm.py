@@ -37,6 +37,9 @@ import torch
 
 from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tune_decode import graph_time  # noqa: E402  (CUDA-graph replay timing)
+
 # (name, N, K): the matrices of SmolLM2-135M and Llama-3.2-1B (QKV and gate/up fused).
 SHAPES = [
     ("smol qkv", 960, 576),
@@ -249,29 +252,6 @@ def check_configs(
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
-    """Microseconds per call, replaying one CUDA graph of all calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
 def time_type(

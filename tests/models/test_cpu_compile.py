@@ -182,6 +182,12 @@ def test_compile_switches(monkeypatch):
     assert EngineConfig().cpu_compile is False  # no C++ compiler: eager, no error
 
 
+@pytest.mark.parametrize("name", ["cpu_compile", "cuda_graphs", "enable_prefix_caching"])
+def test_switches_must_be_bools(name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'yes'"):
+        EngineConfig(**{name: "yes"})
+
+
 def test_enforce_eager_flag(smollm2_path, monkeypatch):
     from llamapy.api import LLM
 

@@ -86,7 +86,7 @@ def add_model_args(
         p.add_argument(
             "--compile",
             action="store_true",
-            help="CPU: compile the decode step with torch.compile (~1.5x faster decoding; a few "
+            help="CPU: compile the decode step with torch.compile (~1.6x faster decoding; a few "
             "seconds more at each start, ~20 s the first time for a model, then cached)",
         )
 

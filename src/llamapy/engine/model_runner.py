@@ -66,7 +66,6 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
         # One block more than the block manager hands out: padded rows of a captured decode
         # step write their K/V there.
         self.kv_caches = allocate_kv_cache(

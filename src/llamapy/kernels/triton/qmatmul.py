@@ -709,26 +709,8 @@ if HAS_TRITON:
             a = g * tl.sigmoid(2.0 * z)
         return a * u
 
-    @triton.jit
-    def _inv_rms(x_ptr, offs_m, M, stride_xm, K, eps, BLOCK_M: tl.constexpr,
-                 CHUNK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
-        """1 / sqrt(mean(x[m, :K]^2) + eps) for the rows offs_m (BM,) -> (BM,) float32. Each
-        program reads the whole rows (a few KiB, L2-resident) rather than a norm kernel."""
-        rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        row_ok = (offs_m < M)[:, None]
-        cols = tl.arange(0, CHUNK)[None, :]
-        ss = tl.zeros((BLOCK_M, CHUNK), tl.float32)
-        if INTERP:  # see _gemv_kernel
-            c0 = 0
-            while c0 < K:
-                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
-                ss += v.to(tl.float32) * v.to(tl.float32)
-                c0 += CHUNK
-        else:
-            for c0 in range(0, K, CHUNK):
-                v = tl.load(rows + c0 + cols, mask=row_ok & (c0 + cols < K), other=0.0)
-                ss += v.to(tl.float32) * v.to(tl.float32)
-        return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
+    # 1 / rms of x's rows, as the K-quant GEMV's norm prologue computes it (one definition)
+    _inv_rms = _kquants._inv_rms
 
     @triton.jit
     def _x_tile(x_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr,
