@@ -58,8 +58,16 @@ def compiler_available() -> bool:
 # The fused loops between the matmuls touch a few thousand floats: single-threaded, they cost
 # the same on an idle machine as with OpenMP (measured), and no fork/join waits on a core that
 # another process holds; the int4 matmuls (ATen) keep torch's thread count. (A C++ wrapper,
-# `cpp_wrapper`, measured no faster and compiles slower.)
-INDUCTOR_OPTIONS = {"cpp.threads": 1}
+# `cpp_wrapper`, measured no faster and compiles slower.) The generated wrapper's checks of
+# its inputs' sizes, strides, scalars and alignment repeat what dynamo's guards already
+# checked before the call: off, they save ~0.4 ms per SmolLM2 token (10.43 -> 10.03 ms, one
+# decode step at 128 keys; Gemma 3 19.07 -> 18.73 ms).
+INDUCTOR_OPTIONS = {
+    "cpp.threads": 1,
+    "size_asserts": False,
+    "scalar_asserts": False,
+    "alignment_asserts": False,
+}
 
 
 def _layer_step(
