@@ -168,6 +168,7 @@ class LLMEngine:
             kv_dtype=kv_dtype,
             device=device,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
             cuda_graphs=config.cuda_graphs,
             dry_vocab=DryVocab.from_tokenizer(tokenizer),

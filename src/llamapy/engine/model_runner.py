@@ -9,6 +9,7 @@ import torch
 
 from llamapy.engine.block_manager import BlockManager
 from llamapy.engine.kv_cache import allocate_kv_cache
+from llamapy.engine.prefill_graphs import PrefillGraphs
 from llamapy.engine.scheduler import ScheduledSeq
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models.llama import LlamaForCausalLM
@@ -59,6 +60,7 @@ class ModelRunner:
         kv_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         cuda_graphs: bool = True,
         dry_vocab: DryVocab | None = None,  # token texts for DRY's sequence breakers
@@ -75,16 +77,27 @@ class ModelRunner:
         self._generators: dict[int, SamplerState] = {}  # per sequence: generator, mirostat mu
         self.grammar_masks = MaskWorker(model.config.vocab_size)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and cuda_graphs:
             max_len = max_model_len or num_blocks * block_size
+            max_blocks = -(-max_len // block_size)
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_caches,
                 max_batch=max_num_seqs,
-                max_blocks=-(-max_len // block_size),
+                max_blocks=max_blocks,
                 scratch_block=num_blocks,
                 block_size=block_size,
                 eog_token_ids=sorted(eog_token_ids),
+            )
+            self.prefill_graphs = PrefillGraphs(
+                model,
+                self.kv_caches,
+                max_tokens=max_num_batched_tokens,
+                max_seqs=max_num_seqs,
+                max_blocks=max_blocks,
+                scratch_block=num_blocks,
+                block_size=block_size,
             )
 
     @torch.inference_mode()  # as `run`: graphs guard on it
@@ -167,6 +180,10 @@ class ModelRunner:
                     it.seq.seq_id: SampledToken(t)
                     for it, t in zip(sampled_items, tokens, strict=True)
                 }
+        elif self.prefill_graphs is not None and self.prefill_graphs.fits(batch):
+            logits = self.prefill_graphs.run(batch)
+            if not sampled_items:
+                return {}
         else:
             input_ids, positions, meta, sample_rows = self.prepare(batch, block_manager)
             hidden = self.model(input_ids, positions, meta, self.kv_caches)
