@@ -27,8 +27,15 @@ def _generate(path, graphs: bool, prompts, params):
     return [tokens[i] for i in ids]
 
 
-def test_graph_decode_matches_eager(tiny_gguf) -> None:
+def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
+    from llamapy.kernels.triton import qmatmul
     from llamapy.sampling.params import SamplingParams
+
+    # The prompts' prefill runs padded to a token bucket with graphs (64 rows: the float16
+    # dequantize + cuBLAS path) and at its own 44 rows eagerly (the TF32 GEMM): other
+    # roundings, which flip this random model's near-ties. Same path both ways here, so the
+    # comparison is of the decode graphs alone (prefill graphs: test_prefill_graphs.py).
+    monkeypatch.setattr(qmatmul, "DEQUANT_MM_MIN_M", 1 << 30)
 
     # 3 sequences: a padded bucket of 4; one prompt long enough to span several KV blocks
     prompts = [[1, 5, 9], [2, 7, 3, 3, 8] * 8, [4]]

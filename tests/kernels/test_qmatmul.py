@@ -41,10 +41,14 @@ ACC = 1e-5  # float32 accumulation over K <= 8192, relative to the result's norm
 N_SMALL, K_SMALL = 40, 288  # 9 blocks: a full and a partial 8-block GEMV step
 
 
-def tolerance(dtype: torch.dtype, path: str) -> float:
+def tolerance(dtype: torch.dtype, path: str, qtype: QuantType | None = None) -> float:
     u = UNIT_ROUNDOFF[dtype]
     if path == "gemv":
         return u + ACC
+    if path == "dequant":  # x and W rounded to float16 (x scaled per row); BF16 W: x to bf16
+        if qtype == T.BF16 or dtype == torch.bfloat16:
+            return u + 2.0**-8 + 2.0**-11 + ACC
+        return u + 2 * 2.0**-11 + ACC
     if dtype == torch.float32:
         return u + 2 * 2 * 2.0**-10 + ACC  # TF32: x and W truncated to 10 mantissa bits
     return u + 2 * u + ACC  # W rounded to x's 16-bit type
@@ -124,6 +128,8 @@ CASES = [
     ("gemm", 1, False),
     ("gemm", 3, True),
     ("gemm", 17, True),
+    ("dequant", 3, True),
+    ("dequant", 17, False),
 ]
 
 
@@ -142,7 +148,30 @@ def test_matches_reference(qtype, dtype, case, rng, poisoned):
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     y = qm.qmatmul_with(x, w, bias, path=path, out=out)
     assert y is out
-    check(x, data, qtype, (n, k), bias, y, tolerance(dtype, path), f"{qtype.name} {path}")
+    tol = tolerance(dtype, path, qtype)
+    check(x, data, qtype, (n, k), bias, y, tol, f"{qtype.name} {path}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.BF16], ids=lambda t: t.name)
+def test_dequant_path_in_row_chunks(qtype, rng, poisoned, monkeypatch):
+    """The dequantize + 16-bit GEMM path over several scratch chunks (the last one partial),
+    rows of very different magnitudes (the per-row float16 scaling), and what `auto` picks."""
+    monkeypatch.setattr(qm, "DEQUANT_SCRATCH", 1)  # one 32-row tile per chunk: 40 = 32 + 8
+    n, k = N_SMALL, K_SMALL
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = random_x(rng, 5, k, torch.float32)
+    x[1] *= 1e5  # would overflow float16 unscaled
+    x[2] *= 1e-6
+    bias = random_bias(rng, n, torch.float32)
+    y = qm.qmatmul_with(x, w, bias, path="dequant")
+    tol = tolerance(torch.float32, "dequant", qtype)
+    for r in range(5):  # each row to its own scale
+        row = slice(r, r + 1)
+        check(x[row], data, qtype, (n, k), bias, y[row], tol, f"{qtype.name} dequant row {r}")
+    big = torch.zeros(qm.DEQUANT_MM_MIN_M, k, device=DEVICE)
+    assert qm._dequant_pays(big, w) == (ON_GPU and qtype != T.F32)
+    assert not qm._dequant_pays(big[:-1], w)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.BF16], ids=lambda t: t.name)
@@ -362,9 +391,10 @@ def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
     for dtype in (torch.bfloat16, torch.float16) if m != 16 else X_DTYPES:
         x = random_x(rng, m, k, dtype)
         bias = random_bias(rng, n, dtype)
-        path = "gemv" if m <= qm.GEMV_MAX_M else "gemm"
+        path = "gemv" if m <= qm.GEMV_MAX_M else "dequant" if qm._dequant_pays(x, w) else "gemm"
         y = qm.qmatmul(x, w, bias)
-        check(x, data, qtype, shape, bias, y, tolerance(dtype, path), f"{qtype.name} {dtype}")
+        tol = tolerance(dtype, path, qtype)
+        check(x, data, qtype, shape, bias, y, tol, f"{qtype.name} {dtype} {path}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

@@ -72,6 +72,13 @@ SUPPORTED_TYPES: frozenset[QuantType] = frozenset(_CODES) | _KQUANT_TYPES
 # H100 issues while streaming ~3 TB/s; beyond it `tl.dot` (tensor cores, tile dequantized
 # once for 16 rows) is cheaper. `benchmarks/kernels/bench_qmatmul.py --crossover` checks it.
 GEMV_MAX_M = 4
+# From this many rows of x on (prefill, large decode batches), a legacy-quant or F16/BF16
+# weight is dequantized to a 16-bit scratch (at most DEQUANT_SCRATCH weights at a time) and
+# multiplied by cuBLAS: the fused GEMM dequantizes every weight tile once per row tile and
+# is ALU-bound on it (benchmarks/RESULTS.md, issue 6). x goes in as float16 scaled per row
+# by a power of two (no overflow; bf16 x and W for BF16 weights), products summed in float32.
+DEQUANT_MM_MIN_M = 64
+DEQUANT_SCRATCH = 1 << 25
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -297,7 +304,9 @@ def qmatmul_with(
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
 
-    path: "gemv", "gemm" or "auto" (GEMV for M <= GEMV_MAX_M). split_k: the GEMV's K
+    path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; legacy and
+    16-bit float types) or "auto" (GEMV for M <= GEMV_MAX_M, dequant from DEQUANT_MM_MIN_M
+    rows on CUDA, else GEMM). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
     gemm_config: explicit GEMM tiles for a plain (unfused) GEMM call (benchmarks/kernels/
@@ -309,8 +318,8 @@ def qmatmul_with(
     """
     _check_inputs(x, w, bias, act)
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
-    if path not in ("auto", "gemv", "gemm"):
-        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    if path not in ("auto", "gemv", "gemm", "dequant"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm' or 'dequant', got {path!r}")
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
     if gemm_config is not None and (fused or path == "gemv"):
@@ -346,9 +355,53 @@ def qmatmul_with(
     if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M and gemm_config is None):
         pro = _prologue_code(norm_weight, act)
         _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual)
+    elif path == "dequant" or (path == "auto" and _dequant_pays(x, w) and gemm_config is None):
+        _dequant_mm(x, w, bias, out)
     else:
         _launch_gemm(x, w, bias, out, gemm_config)
     return out
+
+
+def _dequant_pays(x: torch.Tensor, w: PackedWeight) -> bool:
+    return x.shape[0] >= DEQUANT_MM_MIN_M and x.is_cuda and w.qtype != QuantType.F32
+
+
+def _dequant_mm(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """out = x W^T (+ bias) through a 16-bit dequantized copy of W, in row chunks, and a
+    16-bit GEMM with float32 sums (cuBLAS on CUDA; float32 products of the 16-bit values in
+    the interpreter, the same numbers up to summation order)."""
+    m, n, k = x.shape[0], w.n, w.k
+    wdt = torch.bfloat16 if w.qtype == QuantType.BF16 else torch.float16
+    if wdt == torch.float16:  # x / 2^e per row, |x / 2^e| <= 2^14: fits float16's range
+        xs = torch.empty(m, k, dtype=torch.float16, device=x.device)
+        scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+        _scale_rows_kernel[(m,)](x, xs, scale, x.stride(0), K=k, BLOCK_K=1024, num_warps=4)
+    else:
+        xs, scale = x.to(torch.bfloat16), None
+    tile = _DEQUANT_BLOCK_N
+    rows = min(n, max(tile, DEQUANT_SCRATCH // k // tile * tile))
+    for first in range(0, n, rows):
+        last = min(n, first + rows)
+        wt = torch.empty(last - first, k, dtype=wdt, device=x.device)
+        grid = (triton.cdiv(last - first, _DEQUANT_BLOCK_N), triton.cdiv(k // 32, _DEQUANT_BLOCK_B))
+        _dequant_kernel[grid](
+            *_operands(w), wt, last, k, first, QT=_CODES[w.qtype], BLOCK_N=_DEQUANT_BLOCK_N,
+            BLOCK_B=_DEQUANT_BLOCK_B, INTERP=INTERPRET, num_warps=4,
+        )  # fmt: skip
+        if x.is_cuda:
+            y = torch.mm(xs, wt.t(), out_dtype=torch.float32)
+        else:
+            y = xs.float() @ wt.float().t()
+        if scale is not None:
+            y.mul_(scale)
+        if bias is not None:
+            y += bias[first:last].to(torch.float32)
+        out[:, first:last] = y
+
+
+_DEQUANT_BLOCK_N, _DEQUANT_BLOCK_B = 32, 8
 
 
 def _check_fusion(
@@ -938,3 +991,57 @@ if HAS_TRITON:
         o_ptr = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         y = _round_to(acc, out_ptr.dtype.element_ty, INTERP)
         tl.store(o_ptr, y, mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _dequant_kernel(
+        qs_ptr, qh_ptr, d_ptr, m_ptr, out_ptr, row_end, K, row0,
+        QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """Rows [row0, row_end) of W dequantized (d q + c rounded once, as the GEMM's tiles)
+        and rounded to out's dtype: out[row - row0, :], one (BLOCK_N, BLOCK_B blocks) tile
+        per program."""
+        offs_n = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_end
+        rows = offs_n.to(tl.int64)
+        nb = K // 32
+        b_first = tl.program_id(1) * BLOCK_B
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        mask = n_mask[:, None, None] & (offs_b < nb)[None, :, None]
+        odt = out_ptr.dtype.element_ty
+        base = out_ptr + (rows - row0)[:, None, None] * K
+        if QT < 4:
+            lo, hi, d, c = _nibble_tile(
+                qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
+            )
+            cols = offs_b[None, :, None] * 32 + tl.arange(0, 16)[None, None, :]
+            tl.store(base + cols, _round_to(lo * d[:, :, None] + c[:, :, None], odt, INTERP),
+                     mask=mask)  # fmt: skip
+            tl.store(base + cols + 16, _round_to(hi * d[:, :, None] + c[:, :, None], odt, INTERP),
+                     mask=mask)  # fmt: skip
+        else:
+            q, d = _wide_tile(qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT)
+            if QT == 4:
+                q = q * d[:, :, None]
+            cols = offs_b[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+            tl.store(base + cols, _round_to(q, odt, INTERP), mask=mask)
+
+    @triton.jit
+    def _scale_rows_kernel(x_ptr, y_ptr, s_ptr, stride_xm, K: tl.constexpr,
+                           BLOCK_K: tl.constexpr):  # fmt: skip
+        """Row r of x (float) -> y = x / s as float16 and s = 2^e (float32), the power of two
+        with max |x| <= 2^14 s (y then fits float16 exactly as x's scaled values round)."""
+        row = tl.program_id(0).to(tl.int64)
+        amax = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        top = tl.max(amax, axis=0)
+        e = tl.ceil(tl.log2(tl.maximum(top, 1e-30))) - 14.0
+        inv = tl.exp2(-e)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0)
+            tl.store(y_ptr + row * K + offs, (v.to(tl.float32) * inv).to(tl.float16),
+                     mask=offs < K)  # fmt: skip
+        tl.store(s_ptr + row, tl.exp2(e))
