@@ -61,7 +61,7 @@ class EngineConfig:
     # "fast" (kernels/cpu: repacked weights, bf16 activations) or "reference" (the torch
     # oracle: dequantize per call, float32); LLAMAPY_CPU_KERNELS sets the default
     cpu_kernels: str = field(default_factory=lambda: os.environ.get("LLAMAPY_CPU_KERNELS", "fast"))
-    cuda_graphs: bool = True  # replay decode steps from captured CUDA graphs
+    cuda_graphs: bool = True  # replay decode and prefill steps from captured CUDA graphs
     # CPU (fast kernels): decode steps through torch.compile (models/cpu_compile.py);
     # default on where a C++ compiler is found, off with LLAMAPY_CPU_COMPILE=0
     cpu_compile: bool = field(default_factory=lambda: compile_enabled_by_default())
