@@ -308,3 +308,43 @@ def test_model_shapes_on_gpu(
     out = run(x, tensors, qtype, n, k)
     err = rel_error(out, x.double() @ w.T)
     assert err < TOL[dtype], f"{qtype.name} M={m} {n}x{k} {dtype}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_rows_are_ggml_values(qtype: QuantType, rng: np.random.Generator) -> None:
+    """The dequantize + 16-bit GEMM path's weights: a row range of float32 output equals
+    ggml's dequantized values exactly (any fp16 scale, subnormals included)."""
+    n, k = 40, k_tail(qtype)
+    data = random_weight(rng, qtype, n, k, wide=True)
+    tensors = qk.pack(data, qtype, n, k)
+    first, rows = 5, 33
+    out = torch.full((rows, k), float("nan"), device=DEVICE)
+    qk.dequantize_rows(tensors, qtype, k, first, out)
+    assert torch.equal(out, dequantize(data, qtype)[first : first + rows]), qtype.name
+    half = torch.empty(rows, k, dtype=F16, device=DEVICE)
+    small = random_weight(rng, qtype, n, k)  # moderate scales: fp16 cannot overflow
+    qk.dequantize_rows(qk.pack(small, qtype, n, k), qtype, k, first, half)
+    assert torch.equal(half, dequantize(small, qtype)[first : first + rows].to(F16))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequant_path_matches_float64(
+    qtype: QuantType, rng: np.random.Generator, monkeypatch
+) -> None:
+    """qmatmul's path for many rows (dequantize to float16 in row chunks, then a 16-bit GEMM
+    with float32 sums): float32 x of very different row magnitudes, bias, chunked scratch."""
+    from llamapy.kernels.triton import qmatmul as qm
+
+    monkeypatch.setattr(qm, "DEQUANT_SCRATCH", 1)  # 32-row chunks: 40 = 32 + 8
+    n, k = 40, k_tail(qtype)
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = torch.from_numpy(rng.standard_normal((5, k), dtype=np.float32)).to(DEVICE)
+    x[1] *= 1e5
+    x[2] *= 1e-6
+    bias = torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).to(DEVICE)
+    out = qm.qmatmul_with(x, w, bias, path="dequant")
+    ref = x.double() @ dequantize(data, qtype).double().T + bias.double()
+    for r in range(5):
+        err = rel_error(out[r], ref[r])
+        assert err < TOL[F16], f"{qtype.name} row {r}: error {err:.2e}"

@@ -72,7 +72,7 @@ SUPPORTED_TYPES: frozenset[QuantType] = frozenset(_CODES) | _KQUANT_TYPES
 # H100 issues while streaming ~3 TB/s; beyond it `tl.dot` (tensor cores, tile dequantized
 # once for 16 rows) is cheaper. `benchmarks/kernels/bench_qmatmul.py --crossover` checks it.
 GEMV_MAX_M = 4
-# From this many rows of x on (prefill, large decode batches), a legacy-quant or F16/BF16
+# From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
 # weight is dequantized to a 16-bit scratch (at most DEQUANT_SCRATCH weights at a time) and
 # multiplied by cuBLAS: the fused GEMM dequantizes every weight tile once per row tile and
 # is ALU-bound on it (benchmarks/RESULTS.md, issue 6). x goes in as float16 scaled per row
@@ -304,8 +304,8 @@ def qmatmul_with(
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
 
-    path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; legacy and
-    16-bit float types) or "auto" (GEMV for M <= GEMV_MAX_M, dequant from DEQUANT_MM_MIN_M
+    path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
+    weights) or "auto" (GEMV for M <= GEMV_MAX_M, dequant from DEQUANT_MM_MIN_M
     rows on CUDA, else GEMM). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
@@ -343,6 +343,11 @@ def qmatmul_with(
         cfg = _kquants.gemm_config(w.qtype, m, w.n, w.k, _num_sms(x.device), gemm_config)
         _kquants.launch(x, w.tensors, w.qtype, w.n, w.k, out, cfg)
         return out if bias is None else out.add_(bias)
+    if w.qtype in _KQUANT_TYPES and (
+        path == "dequant" or (path == "auto" and not fused and _dequant_pays(x, w))
+    ):
+        _dequant_mm(x, w, bias, out)
+        return out
     if w.qtype in _KQUANT_TYPES:
         fusion = {}  # only when asked: the K-quant module's plain contract stays (x, .., out)
         if fused:
@@ -385,11 +390,14 @@ def _dequant_mm(
     for first in range(0, n, rows):
         last = min(n, first + rows)
         wt = torch.empty(last - first, k, dtype=wdt, device=x.device)
-        grid = (triton.cdiv(last - first, _DEQUANT_BLOCK_N), triton.cdiv(k // 32, _DEQUANT_BLOCK_B))
-        _dequant_kernel[grid](
-            *_operands(w), wt, last, k, first, QT=_CODES[w.qtype], BLOCK_N=_DEQUANT_BLOCK_N,
-            BLOCK_B=_DEQUANT_BLOCK_B, INTERP=INTERPRET, num_warps=4,
-        )  # fmt: skip
+        if w.qtype in _KQUANT_TYPES:
+            _kquants.dequantize_rows(w.tensors, w.qtype, k, first, wt)
+        else:
+            grid = (triton.cdiv(last - first, tile), triton.cdiv(k // 32, _DEQUANT_BLOCK_B))
+            _dequant_kernel[grid](
+                *_operands(w), wt, last, k, first, QT=_CODES[w.qtype], BLOCK_N=tile,
+                BLOCK_B=_DEQUANT_BLOCK_B, INTERP=INTERPRET, num_warps=4,
+            )  # fmt: skip
         if x.is_cuda:
             y = torch.mm(xs, wt.t(), out_dtype=torch.float32)
         else:

@@ -560,6 +560,28 @@ def launch(
         )  # fmt: skip
 
 
+def dequantize_rows(
+    tensors: dict[str, torch.Tensor], qtype: QuantType, k: int, first: int, out: torch.Tensor
+) -> None:
+    """Rows first .. first + len(out) of the packed (N, K) weight, dequantized into out
+    (rows, K) (float16 / bfloat16 / float32), rounded once from ggml's float32 values."""
+    rows = out.shape[0]
+    if out.shape[1] != k or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous (rows, {k}) tensor, got {tuple(out.shape)}")
+    if rows == 0:
+        return
+    ptrs = [tensors[name] for name, _, _ in _FIELDS[qtype]]
+    strides = [t.stride(0) if t.dim() == 2 else 0 for t in ptrs]
+    ptrs += [ptrs[0]] * (6 - len(ptrs))
+    strides += [0] * (6 - len(strides))
+    units, unit = k // block_size(qtype), block_size(qtype)
+    bn = 32
+    _dequant_kernel[(triton.cdiv(rows, bn), units)](
+        out, *ptrs, *strides, first, first + rows, units, k, QTYPE=int(qtype), UNIT=unit,
+        L=_LANES[qtype], BN=bn, INTERP=INTERPRET, num_warps=4,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- kernels
 #
 # Shared argument names: p, the packed arrays' pointers (in `_FIELDS` order) at the weight
@@ -606,25 +628,29 @@ if HAS_TRITON:
         GEMV: w (BN, NSB, L), xp (x pointers (BM, 1, NSB, L), y pointers), acc (BM, BN, NSB, L)
         float32 products; MODE 2: x * g (g at the y pointers), 3 / 4: act(x) * y (y: up).
         GEMM (MODE 1): w (BN, 1, L), xp (x pointers (BM, L), unused), acc (BM, BN) float32
-        from `tl.dot`.
+        from `tl.dot`. MODE 5 (`_dequant_kernel`): w is stored, rounded, at the output
+        pointers xp[0] + koff (BN, 1, L) under the mask xm; acc passes through.
         """
-        xv = tl.load(xp[0] + koff, mask=xm, other=0.0)
-        if MODE == 1:
-            wt = tl.trans(tl.reshape(w, (w.shape[0], w.shape[2])))  # (L, BN)
-            if xv.dtype != tl.float32:
-                wt = _round_to(wt, xv.dtype, INTERP)
-            if INTERP:  # the interpreter's bf16 dot multiplies raw bits: go through float32
-                acc = tl.dot(xv.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            else:  # float32 operands run in TF32 (Triton's default)
-                acc = tl.dot(xv, wt, acc)
+        if MODE == 5:  # dequantize only: w (BN, 1, L) stored at xp[0] + koff
+            tl.store(xp[0] + koff, _round_to(w, xp[0].dtype.element_ty, INTERP), mask=xm)
         else:
-            xv = xv.to(tl.float32)
-            if MODE == 2:
-                xv = xv * tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
-            elif MODE >= 3:
-                up = tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
-                xv = _gated(xv, up, MODE)
-            acc += w[None, :, :, :] * xv
+            xv = tl.load(xp[0] + koff, mask=xm, other=0.0)
+            if MODE == 1:
+                wt = tl.trans(tl.reshape(w, (w.shape[0], w.shape[2])))  # (L, BN)
+                if xv.dtype != tl.float32:
+                    wt = _round_to(wt, xv.dtype, INTERP)
+                if INTERP:  # the interpreter's bf16 dot multiplies raw bits: go through float32
+                    acc = tl.dot(xv.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+                else:  # float32 operands run in TF32 (Triton's default)
+                    acc = tl.dot(xv, wt, acc)
+            else:
+                xv = xv.to(tl.float32)
+                if MODE == 2:
+                    xv = xv * tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
+                elif MODE >= 3:
+                    up = tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
+                    xv = _gated(xv, up, MODE)
+                acc += w[None, :, :, :] * xv
         return acc
 
     @triton.jit
@@ -859,6 +885,21 @@ if HAS_TRITON:
         out_ptrs = out_ptr + pid_s * stride_os + ms[:, None] * stride_om + rows[None, :]
         mask = (ms[:, None] < M) & (rows[None, :] < N)
         tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERP), mask=mask)
+
+    @triton.jit
+    def _dequant_kernel(out_ptr, A, B, C, D, E, F, sA, sB, sC, sD, sE, sF,
+                        row0, row_end, U, K, QTYPE: tl.constexpr, UNIT: tl.constexpr,
+                        L: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+        """Rows [row0, row_end) of W, one unit of BN rows per program, dequantized as the
+        GEMM's pieces and rounded to out's dtype: out[row - row0, :]."""
+        pid_n, u = tl.program_id(0), tl.program_id(1)
+        rows = row0 + pid_n * BN + tl.arange(0, BN)
+        row = rows.to(tl.int64)[:, None, None]  # (BN, 1, 1)
+        p = _rows(A, B, C, D, E, F, sA, sB, sC, sD, sE, sF, row)
+        lane = tl.arange(0, L)[None, None, :]
+        wm = (row < row_end) & (u < U)
+        o = out_ptr + (row - row0) * K + u * UNIT + lane  # (BN, 1, L)
+        _unit(tl.zeros((1, 1), tl.float32), p, u, lane, wm, (o, o), wm, QTYPE, 5, INTERP)
 
     @triton.jit
     def _reduce_kernel(ws_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
