@@ -402,11 +402,15 @@ def _dequant_mm(
             y = torch.mm(xs, wt.t(), out_dtype=torch.float32)
         else:
             y = xs.float() @ wt.float().t()
+        dest = out if last - first == n else out[:, first:last]
+        if scale is not None and bias is None:  # one kernel: rescale into the output
+            torch.mul(y, scale, out=dest)
+            continue
         if scale is not None:
             y.mul_(scale)
         if bias is not None:
             y += bias[first:last].to(torch.float32)
-        out[:, first:last] = y
+        dest.copy_(y)
 
 
 _DEQUANT_BLOCK_N, _DEQUANT_BLOCK_B = 32, 8
