@@ -122,13 +122,16 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     return rows
 
 
-def profile(path: Path, rng: random.Random) -> None:
-    """Where a batch-1 decode step goes: graph replay alone, the whole engine step, and the
-    kernels of one replay."""
-    engine, vocab = engine_for(path, max_seqs=1, ctx=1024, graphs=True, batch_tokens=512)
-    engine.add_request(
-        random_tokens(256, vocab, rng), SamplingParams.greedy(max_tokens=600, ignore_eos=True)
+def profile(path: Path, rng: random.Random, batch: int = 1) -> None:
+    """Where a decode step of `batch` sequences goes: graph replay alone, the whole engine
+    step, and the kernels of one replay."""
+    engine, vocab = engine_for(
+        path, max_seqs=batch, ctx=1024, graphs=True, batch_tokens=max(512, 256 * batch)
     )
+    for _ in range(batch):
+        engine.add_request(
+            random_tokens(256, vocab, rng), SamplingParams.greedy(max_tokens=600, ignore_eos=True)
+        )
     for _ in range(20):
         engine.step()
     torch.cuda.synchronize()
@@ -183,11 +186,12 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="only profile a decode step")
+    ap.add_argument("--profile-batch", type=int, default=1, help="sequences in that step")
     args = ap.parse_args()
     rng = random.Random()
     if args.profile:
         for path in args.models:
-            profile(path, rng)
+            profile(path, rng, args.profile_batch)
         return
     results = {}
     for path in args.models:

@@ -454,3 +454,49 @@ def test_prefill_real_shapes(model: str, gen: torch.Generator):
     kw = {"scale": d**-0.5, "sliding_window": 512 if model == "gemma3" else None}
     got = paged_attention(q, kc, vc, meta, **kw)
     check_against_reference("prefill", got, q, kc, vc, meta, **kw)
+
+
+# ---------------------------------------------------------------- float32 q over a 16-bit cache
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_round_q_is_the_reference_of_the_rounded_q(kind, cache_dtype, gen: torch.Generator):
+    """round_q: a float32 q is rounded to the cache's type for the dots; the output (float32)
+    is the reference's for that rounded q within the 16-bit bound."""
+    q_lens = [1, 1, 1] if kind == "decode" else [5, 1, 20]
+    seq_lens = [37, 5, 64] if kind == "decode" else [37, 5, 64]
+    q16, kc, vc, meta = make_batch(
+        gen, q_lens, seq_lens, n_heads=4, n_kv=2, head_dim=32, block_size=16, dtype=cache_dtype
+    )
+    q32 = (q16.float() + 1e-3 * torch.randn(q16.shape, generator=gen).to(DEVICE)).contiguous()
+    kw = {"scale": 32**-0.5, "out": _nan_like(q32), "round_q": True}
+    if kind == "decode":
+        got = paged_attention_decode(q32, kc, vc, meta.block_tables, meta.seq_lens, **kw)
+    else:
+        got = paged_attention_prefill(
+            q32, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            meta.max_query_len, **kw,
+        )  # fmt: skip
+    assert got.dtype == torch.float32
+    check_against_reference(kind, got, q32.to(cache_dtype), kc, vc, meta, scale=32**-0.5)
+
+
+def test_decode_dispatch_rounds_q_from_the_batch_threshold(gen: torch.Generator, monkeypatch):
+    """`paged_attention` rounds float32 queries for batches of ROUND_Q_MIN_BATCH and more
+    (bit for bit the explicit call), not below; float32 caches never."""
+    from llamapy.kernels.triton import attention as attn
+
+    monkeypatch.setattr(attn, "ROUND_Q_MIN_BATCH", 3)
+    for batch, rounds in ((3, True), (2, False)):
+        q16, kc, vc, meta = make_batch(
+            gen, [1] * batch, [9 + b for b in range(batch)], n_heads=2, n_kv=1, head_dim=32,
+            block_size=16, dtype=torch.float16,
+        )  # fmt: skip
+        q32 = q16.float() + 1e-3 * torch.randn(q16.shape, generator=gen).to(DEVICE)
+        got = paged_attention(q32, kc, vc, meta, scale=0.2)
+        want = paged_attention_decode(
+            q32, kc, vc, meta.block_tables, meta.seq_lens, scale=0.2, round_q=rounds,
+            num_splits=meta.decode_splits,
+        )  # fmt: skip
+        assert torch.equal(got, want), f"batch {batch}"

@@ -188,9 +188,12 @@ def _decode_kernel(
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
+    ROUND_Q: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
-    tile, over the split's share of the visible keys."""
+    tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
+    16-bit type, so both dots run on tensor cores in that type (probabilities rounded to it
+    too), sums in float32."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -205,6 +208,8 @@ def _decode_kernel(
         mask=mask_g[:, None] & mask_d[None, :],
         other=0.0,
     )
+    if ROUND_Q:
+        q = q.to(k_ptr.dtype.element_ty)
 
     # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
     # runs of whole BLOCK_N tiles (trailing splits may be empty).
@@ -311,9 +316,10 @@ def _prefill_kernel(
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
+    ROUND_Q: tl.constexpr = False,
 ):
     """One (query tile, sequence, head): online-softmax flash attention over the keys that
-    any row of the tile can see."""
+    any row of the tile can see (ROUND_Q: as in `_decode_kernel`)."""
     tile = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.program_id(2)
@@ -334,6 +340,8 @@ def _prefill_kernel(
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
+    if ROUND_Q:
+        q = q.to(k_ptr.dtype.element_ty)
     q_pos = seq_len - q_len + offs_m  # queries are the last q_len positions
 
     # Keys any valid row of the tile can see: [lo, hi).
@@ -469,10 +477,13 @@ def paged_attention_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int] | None = None,
+    round_q: bool = False,
 ) -> torch.Tensor:
     """Flash-decoding: q (B, n_heads, d), one query per sequence at position seq_lens[b] - 1,
     -> (B, n_heads, d) in q's dtype. Graph-capturable: launches depend on shapes only.
-    tiles: (BLOCK_N, num_warps, num_stages) of the split kernel (the tuner's hook)."""
+    tiles: (BLOCK_N, num_warps, num_stages) of the split kernel (the tuner's hook).
+    round_q: a float32 q over a 16-bit cache is rounded to the cache's type for the dots
+    (tensor cores instead of float32 FMA dots; `_decode_kernel`)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
@@ -490,6 +501,7 @@ def paged_attention_decode(
     if batch == 0:
         return out
     block_d = triton.next_power_of_2(d)
+    round_q = _rounds_q(round_q, q, k_cache)
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
@@ -506,8 +518,8 @@ def paged_attention_decode(
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
-        DOT_PRECISION=_dot_precision(q.dtype), LOOP_WHILE=INTERPRET,
-        num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
+        LOOP_WHILE=INTERPRET, ROUND_Q=round_q, num_warps=warps, num_stages=stages,
     )
     # fmt: on
     if num_splits > 1:
@@ -533,6 +545,19 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
     return 64, 32, 8, 2
 
 
+# A decode batch of this many sequences rounds float32 queries to the cache's 16-bit type:
+# the float32 FMA dots are compute-bound there (Llama-3.2-1B shape at 64 sequences: 85 us
+# per layer on an H200, a third of the step); a single sequence is latency-bound either way.
+ROUND_Q_MIN_BATCH = 16
+# Prefill rounds float32 queries too: its float32 tiles are small FMA dots (`_prefill_config`).
+ROUND_Q_PREFILL = True
+
+
+def _rounds_q(round_q: bool, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `round_q` applies: a float32 q over a float16 / bfloat16 cache."""
+    return round_q and q.dtype == torch.float32 and k_cache.dtype in (torch.float16, torch.bfloat16)
+
+
 def paged_attention_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -547,10 +572,12 @@ def paged_attention_prefill(
     softcap: float | None = None,
     causal: bool = True,
     out: torch.Tensor | None = None,
+    round_q: bool = False,
 ) -> torch.Tensor:
     """Varlen flash attention: q (T, n_heads, d), sequence b's queries at rows
     query_start_loc[b]:query_start_loc[b+1] and positions seq_len - q_len .. seq_len - 1,
-    -> (T, n_heads, d) in q's dtype. `max_query_len` (host int) bounds every q_len."""
+    -> (T, n_heads, d) in q's dtype. `max_query_len` (host int) bounds every q_len.
+    round_q: as in `paged_attention_decode`."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     batch = block_tables.shape[0]
     if query_start_loc.shape != (batch + 1,) or query_start_loc.dtype != torch.int32:
@@ -562,7 +589,9 @@ def paged_attention_prefill(
     n_heads, d = q.shape[1], q.shape[2]
     if batch == 0 or q.shape[0] == 0 or max_query_len <= 0:
         return out
-    block_m, block_n, num_warps, num_stages = _prefill_config(d, q.dtype)
+    round_q = _rounds_q(round_q, q, k_cache)
+    dot_dtype = k_cache.dtype if round_q else q.dtype
+    block_m, block_n, num_warps, num_stages = _prefill_config(d, dot_dtype)
     grid = (triton.cdiv(max_query_len, block_m), batch, n_heads)
     # fmt: off
     _prefill_kernel[grid](
@@ -575,7 +604,7 @@ def paged_attention_prefill(
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), GROUP=n_heads // k_cache.shape[2],
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         IS_CAUSAL=causal, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
-        DOT_PRECISION=_dot_precision(q.dtype), LOOP_WHILE=INTERPRET,
+        DOT_PRECISION=_dot_precision(dot_dtype), LOOP_WHILE=INTERPRET, ROUND_Q=round_q,
         num_warps=num_warps, num_stages=num_stages,
     )
     # fmt: on
@@ -608,6 +637,7 @@ def paged_attention(
             sliding_window=sliding_window,
             softcap=softcap,
             num_splits=meta.decode_splits,
+            round_q=q.shape[0] >= ROUND_Q_MIN_BATCH,
         )
     return paged_attention_prefill(
         q,
@@ -621,6 +651,7 @@ def paged_attention(
         sliding_window=sliding_window,
         softcap=softcap,
         causal=causal,
+        round_q=ROUND_Q_PREFILL,
     )
 
 
