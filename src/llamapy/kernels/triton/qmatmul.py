@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import torch
 
@@ -45,8 +44,6 @@ except ImportError:
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 logger = logging.getLogger(__name__)
 
@@ -764,15 +761,8 @@ if HAS_TRITON:
         else:
             return q.to(tl.float32), tl.full((rows.shape[0], BLOCK_B), 1.0, tl.float32)
 
-    @triton.jit
-    def _gated(g, u, PRO: tl.constexpr):
-        """act(g) * u in float32, as kernels/triton/activation.py computes it."""
-        if PRO == 2:  # silu(g) = g * sigmoid(g)
-            a = g * tl.sigmoid(g)
-        else:  # gelu_tanh(g) = g * sigmoid(2z)
-            z = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-            a = g * tl.sigmoid(2.0 * z)
-        return a * u
+    # act(gate) * up, as the K-quant GEMV's activation prologue computes it (one definition)
+    _gated = _kquants._gated
 
     # 1 / rms of x's rows, as the K-quant GEMV's norm prologue computes it (one definition)
     _inv_rms = _kquants._inv_rms
@@ -789,7 +779,7 @@ if HAS_TRITON:
         xv = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if PRO >= 2:
             up = tl.load(x_row + nb * 32 + offs, mask=mask, other=0.0).to(tl.float32)
-            xv = _gated(xv, up, PRO)
+            xv = _gated(xv, up, PRO == 2)
         return tl.reshape(xv, (BLOCK_B, WIDTH))
 
     @triton.jit

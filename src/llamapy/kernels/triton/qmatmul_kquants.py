@@ -612,9 +612,10 @@ if HAS_TRITON:
         return x.to(dtype)
 
     @triton.jit
-    def _gated(g, u, MODE: tl.constexpr):
-        """act(g) * u in float32, as kernels/triton/activation.py computes it."""
-        if MODE == 3:  # silu(g) = g * sigmoid(g)
+    def _gated(g, u, SILU: tl.constexpr):
+        """act(g) * u in float32, as kernels/triton/activation.py computes it: SiLU, else
+        GELU-tanh (also the legacy GEMV's activation prologue, kernels/triton/qmatmul.py)."""
+        if SILU:  # silu(g) = g * sigmoid(g)
             a = g * tl.sigmoid(g)
         else:  # gelu_tanh(g) = g * sigmoid(2z)
             z = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
@@ -649,7 +650,7 @@ if HAS_TRITON:
                     xv = xv * tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
                 elif MODE >= 3:
                     up = tl.load(xp[1] + koff, mask=xm, other=0.0).to(tl.float32)
-                    xv = _gated(xv, up, MODE)
+                    xv = _gated(xv, up, MODE == 3)
                 acc += w[None, :, :, :] * xv
         return acc
 
