@@ -188,6 +188,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="only profile a decode step")
     ap.add_argument("--profile-batch", type=int, default=1, help="sequences in that step")
     args = ap.parse_args()
+    if args.profile_batch < 1:
+        ap.error("--profile-batch must be >= 1")
     rng = random.Random()
     if args.profile:
         for path in args.models:

@@ -28,12 +28,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pp", default="512,128")
     args = ap.parse_args()
+    try:
+        lengths = [int(v) for v in args.pp.split(",")]
+    except ValueError:
+        ap.error(f"--pp takes comma-separated prompt lengths, got {args.pp!r}")
+    if args.reps < 1 or min(lengths) < 1:
+        ap.error("--reps and the --pp lengths must be >= 1")
     rng = random.Random(0)
     fits = PrefillGraphs.fits
     modes = {"eager": lambda self, batch: False, "graphs": fits}
     print("| model | test | graphs off t/s | graphs on t/s | speedup |")
     print("| --- | --- | ---: | ---: | ---: |")
-    for pp in (int(v) for v in args.pp.split(",")):
+    for pp in lengths:
         engine, vocab = engine_for(
             args.model, max_seqs=1, ctx=pp + 144, graphs=True, batch_tokens=max(pp, 512)
         )

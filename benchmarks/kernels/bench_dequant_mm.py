@@ -45,14 +45,21 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,Q8_0,Q4_1")
     ap.add_argument("--m", default="16,32,64,128,256,512")
     args = ap.parse_args()
+    try:
+        types = [QuantType[name] for name in args.types.split(",")]
+        rows = [int(v) for v in args.m.split(",")]
+    except (KeyError, ValueError) as e:
+        ap.error(f"--types takes ggml type names (Q4_0,Q8_0,...), --m integers: {e}")
+    if min(rows) < 1:
+        ap.error("--m values must be >= 1")
     print("| type | N x K | M | gemm us | dequant us | speedup | rel diff |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name in args.types.split(","):
-        qtype = QuantType[name]
+    for qtype in types:
+        name = qtype.name
         for n, k in SHAPES:
             blocks = quantize(torch.randn(n, k) * 0.05, qtype)
             w = qm.pack_weight(blocks.cuda(), qtype, (n, k))
-            for m in (int(v) for v in args.m.split(",")):
+            for m in rows:
                 x = torch.randn(m, k, device="cuda")
                 fused = graph_time_us(lambda x=x, w=w: qm.qmatmul_with(x, w, path="gemm"))
                 dq = graph_time_us(lambda x=x, w=w: qm.qmatmul_with(x, w, path="dequant"))

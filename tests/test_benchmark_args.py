@@ -1,0 +1,39 @@
+"""The benchmark scripts added for the GPU and CPU speed issues refuse bad arguments with
+a one-line usage error (exit 2) before loading any model or touching a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    ("benchmarks/kernels/bench_dequant_mm.py", ["--types", "Q9_9"], "ggml type names"),
+    ("benchmarks/kernels/bench_dequant_mm.py", ["--m", "0"], "--m values must be >= 1"),
+    ("benchmarks/prefill_graphs_ab.py", ["x.gguf", "--pp", "a"], "prompt lengths"),
+    ("benchmarks/prefill_graphs_ab.py", ["x.gguf", "--reps", "0"], "must be >= 1"),
+    ("benchmarks/gpu_bench.py", ["x.gguf", "--profile", "--profile-batch", "0"], ">= 1"),
+    ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--variants", "x"], "unknown variant"),
+    ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--ctx", "0"], "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), CASES, ids=lambda c: str(c)[:40])
+def test_bad_arguments_are_usage_errors(script: str, args: list[str], message: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert "Traceback" not in done.stderr
