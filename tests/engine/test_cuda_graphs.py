@@ -10,12 +10,18 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _generate(path, graphs: bool, prompts, params):
+def _generate(path, graphs: bool, prompts, params, async_on: bool = False):
     from llamapy.engine.llm_engine import EngineConfig, LLMEngine
     from llamapy.formats import open_model_file
     from llamapy.tokenizer import Tokenizer
 
-    cfg = EngineConfig(max_model_len=256, max_num_seqs=4, device="cuda", cuda_graphs=graphs)
+    cfg = EngineConfig(
+        max_model_len=256,
+        max_num_seqs=4,
+        device="cuda",
+        cuda_graphs=graphs,
+        async_scheduling=async_on,
+    )
     engine = LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
     ids = [engine.add_request(p, params) for p in prompts]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
@@ -25,6 +31,25 @@ def _generate(path, graphs: bool, prompts, params):
     if graphs:
         assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
     return [tokens[i] for i in ids]
+
+
+def _generate_each(path, prompts, params_list, async_on: bool):
+    """Generations with graphs, each prompt with its params, with or without async
+    scheduling (a count of the steps launched async)."""
+    from llamapy.engine.llm_engine import EngineConfig, LLMEngine
+    from llamapy.formats import open_model_file
+    from llamapy.tokenizer import Tokenizer
+
+    cfg = EngineConfig(max_model_len=256, max_num_seqs=4, device="cuda", async_scheduling=async_on)
+    engine = LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, params_list, strict=True)]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    launched = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        launched += engine._pending is not None
+    return [tokens[i] for i in ids], launched
 
 
 def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
@@ -43,6 +68,13 @@ def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
     assert _generate(tiny_gguf, True, prompts, greedy) == _generate(
         tiny_gguf, False, prompts, greedy
     )
+    # async scheduling: the ids of a step gathered inside the graph from the one before;
+    # lengths differ, so steps run with sequences finished while a step was in flight
+    # (the decode kernels compute each row alone, so the steps' other rows do not matter)
+    ragged = [SamplingParams.greedy(max_tokens=n, ignore_eos=True) for n in (5, 24, 13)]
+    got, launched = _generate_each(tiny_gguf, prompts, ragged, async_on=True)
+    assert launched > 10, "no decode step was launched async"
+    assert got == _generate_each(tiny_gguf, prompts, ragged, async_on=False)[0]
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
     assert _generate(tiny_gguf, True, prompts, seeded) == _generate(
         tiny_gguf, False, prompts, seeded

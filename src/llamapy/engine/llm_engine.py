@@ -15,10 +15,10 @@ import torch
 
 from llamapy.engine.block_manager import BlockManager
 from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE
-from llamapy.engine.model_runner import ModelRunner, SampledToken
+from llamapy.engine.model_runner import ModelRunner, PendingStep, SampledToken, plain_greedy
 from llamapy.engine.output import TextStream
 from llamapy.engine.scheduler import Scheduler, SchedulerConfig
-from llamapy.engine.sequence import FinishReason, Sequence
+from llamapy.engine.sequence import PENDING, FinishReason, Sequence
 from llamapy.errors import ContextLengthError
 from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
@@ -67,6 +67,10 @@ class EngineConfig:
     cpu_compile: bool = field(default_factory=lambda: compile_enabled_by_default())
     # a `llamapy quantize` type (Q4_0, Q4_K_M, ...): weights are quantized as they load
     quantize: str | None = None
+    # launch a greedy decode step before the previous step's tokens are read back, so the
+    # host's work on them (detokenizing, stop checks, scheduling) overlaps the GPU's step
+    # (vLLM's --async-scheduling); None: on for CUDA, off on the CPU (nothing to overlap)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -81,6 +85,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None, got "
+                             f"{self.async_scheduling!r}")  # fmt: skip
         for name in ("enable_prefix_caching", "cuda_graphs", "cpu_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -116,6 +123,7 @@ class _Request:
     seq: Sequence
     stream: TextStream
     params: SamplingParams
+    async_ok: bool = False  # greedy with nothing applied outside the decode graph
 
 
 class LLMEngine:
@@ -175,6 +183,12 @@ class LLMEngine:
         )
         if device.type == "cpu" and config.cpu_compile and config.cpu_kernels == "fast":
             self.runner.compile_decode()
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else device.type == "cuda"
+        )
+        self._pending: PendingStep | None = None  # launched, tokens not read back yet
         self.requests: dict[int, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -211,7 +225,9 @@ class LLMEngine:
         seq = Sequence(list(prompt_token_ids), max_new, params, arrival_time=time.monotonic())
         if params.constraint is not None:
             seq.grammar = self.grammars.matcher(*params.constraint)
-        req = _Request(request_id, seq, TextStream(self.tokenizer, params), params)
+        req = _Request(
+            request_id, seq, TextStream(self.tokenizer, params), params, plain_greedy(params)
+        )
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = req
         self._by_id[request_id] = req
@@ -232,16 +248,61 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; the outputs it produced.
+
+        With async scheduling, a batch of greedy decodes is launched and the previous
+        step's tokens are read back and processed while it runs: its outputs come from this
+        call, one step late. Sequences scheduled with a token still pending take it on the
+        device; one that the token finishes has its launched step discarded."""
         outputs, self._ready = self._ready, []
+        if self._pending is not None and not self._may_continue():
+            outputs += self._resolve()
         batch = self.scheduler.schedule()
         if not batch:
+            if self._pending is not None:
+                outputs += self._resolve()
             return outputs
+        if self.async_scheduling and self.runner.can_launch(batch):
+            launched = self.runner.launch(batch, self.block_manager, self._pending)
+            if self._pending is not None:
+                outputs += self._resolve()
+            self.scheduler.postprocess(batch, dict.fromkeys(launched.seq_ids, PENDING))
+            self._pending = launched
+            return outputs
+        if self._pending is not None:  # the batch needs its tokens on the host
+            outputs += self._resolve()
+            batch = [item for item in batch if not item.seq.is_finished]
+            if not batch:
+                return outputs
         sampled = self.runner.run(batch, self.block_manager)
         self.scheduler.postprocess(batch, {sid: s.token_id for sid, s in sampled.items()})
         for item in batch:
             sample = sampled.get(item.seq.seq_id)
             if sample is not None:
                 outputs.append(self._process(self.requests[item.seq.seq_id], sample))
+        return outputs
+
+    def _may_continue(self) -> bool:
+        """Whether the next batch can be scheduled with the pending tokens unread: it can
+        only be more greedy decodes (nothing waits to be admitted, no sequence needs a
+        sampler outside the graph) and needs no preemption (a free block per sequence)."""
+        sched = self.scheduler
+        return (
+            not sched.waiting
+            and self.block_manager.num_free_blocks >= len(sched.running)
+            and all(self.requests[seq.seq_id].async_ok for seq in sched.running)
+        )
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read back the pending step's tokens and process them (in place of PENDING)."""
+        pending, self._pending = self._pending, None
+        outputs = []
+        for seq_id, token in zip(pending.seq_ids, pending.tokens(), strict=True):
+            req = self.requests.get(seq_id)
+            if req is None:  # aborted, or finished while the step ran
+                continue
+            req.seq.output_token_ids[-1] = token
+            outputs.append(self._process(req, SampledToken(token)))
         return outputs
 
     def _process(self, req: _Request, sample: SampledToken) -> RequestOutput:

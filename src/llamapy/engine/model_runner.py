@@ -26,6 +26,33 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()  # most likely first, n_probs of them
 
 
+class PendingStep:
+    """A launched decode step whose greedy tokens are not read back yet (async scheduling).
+
+    `device_tokens` (rows in batch order) feed the next step's input ids on the device;
+    `tokens()` waits for this step alone (an event recorded after it, before anything
+    launched later) and returns the ids from a pinned host copy.
+    """
+
+    def __init__(
+        self,
+        seq_ids: list[int],
+        device_tokens: torch.Tensor,
+        host_tokens: torch.Tensor,
+        event: torch.cuda.Event | None,
+    ) -> None:
+        self.seq_ids = seq_ids
+        self.rows = {sid: row for row, sid in enumerate(seq_ids)}
+        self.device_tokens = device_tokens
+        self._host = host_tokens
+        self._event = event
+
+    def tokens(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 def _with_logprobs(out: SamplerOutput, row: int, p: SamplingParams) -> SampledToken:
     top_ids = out.top_token_ids[row, : p.n_probs].tolist()
     top_lps = out.top_logprobs[row, : p.n_probs].tolist()
@@ -37,7 +64,7 @@ def _with_logprobs(out: SamplerOutput, row: int, p: SamplingParams) -> SampledTo
     )
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
+def plain_greedy(p: SamplingParams) -> bool:
     """Rows the captured graph samples itself: argmax with, at most, the EOG ban."""
     return (
         p.picks_argmax
@@ -76,6 +103,9 @@ class ModelRunner:
         self.sampler = Sampler(sorted(eog_token_ids), dry_vocab)
         self._generators: dict[int, SamplerState] = {}  # per sequence: generator, mirostat mu
         self.grammar_masks = MaskWorker(model.config.vocab_size)
+        self._eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=self.device)
+        self._launches = 0  # async steps launched: which pinned token buffer is next
+        self._host_tokens: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and cuda_graphs:
@@ -90,6 +120,9 @@ class ModelRunner:
                 block_size=block_size,
                 eog_token_ids=sorted(eog_token_ids),
             )
+            self._host_tokens = [
+                torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)
+            ]
             self.prefill_graphs = PrefillGraphs(
                 model,
                 self.kv_caches,
@@ -174,7 +207,7 @@ class ModelRunner:
         masks = self.grammar_masks.submit([item.seq.grammar for item in sampled_items])
         if self.graphs is not None and self.graphs.fits(batch):
             logits, greedy = self.graphs.run(batch, block_manager)
-            if all(_plain_greedy(item.seq.params) for item in sampled_items):
+            if all(plain_greedy(item.seq.params) for item in sampled_items):
                 tokens = greedy.tolist()  # the step's only device-to-host copy
                 return {
                     it.seq.seq_id: SampledToken(t)
@@ -211,6 +244,52 @@ class ModelRunner:
             for row, it in enumerate(sampled_items)
         }
 
+    # -- async scheduling --------------------------------------------------------------------
+
+    def can_launch(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether `launch` can run this batch: one sampled token per sequence, every
+        sequence greedy with nothing applied outside the graph (`plain_greedy`), and on
+        CUDA a batch the decode graphs take."""
+        if not all(
+            item.num_new_tokens == 1 and item.needs_sample and plain_greedy(item.seq.params)
+            for item in batch
+        ):
+            return False
+        return self.graphs.fits(batch) if self.graphs is not None else True
+
+    @torch.inference_mode()
+    def launch(
+        self, batch: list[ScheduledSeq], block_manager: BlockManager, prev: PendingStep | None
+    ) -> PendingStep:
+        """Start a greedy decode step without waiting for it (`can_launch(batch)` holds).
+
+        A sequence whose last token is still PENDING takes it from `prev` (launched just
+        before) on the device. The result is read back by `PendingStep.tokens()`."""
+        src = [-1] * len(batch)
+        for row, item in enumerate(batch):
+            if item.seq.last_token_pending:
+                if prev is None or item.seq.seq_id not in prev.rows:
+                    raise RuntimeError(f"sequence {item.seq.seq_id}: pending token unknown")
+                src[row] = prev.rows[item.seq.seq_id]
+        seq_ids = [item.seq.seq_id for item in batch]
+        if self.graphs is not None:
+            _, greedy = self.graphs.run(batch, block_manager, src)
+            host = self._host_tokens[self._launches % 2][: len(batch)]
+            self._launches += 1
+            host.copy_(greedy, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return PendingStep(seq_ids, greedy, host, event)
+        input_ids, positions, meta, _ = self.prepare(batch, block_manager)
+        if prev is not None:
+            rows = torch.tensor(src, device=self.device)
+            from_prev = prev.device_tokens[rows.clamp(min=0)]
+            input_ids = torch.where(rows >= 0, from_prev, input_ids)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        ban = torch.tensor([item.seq.params.ignore_eos for item in batch], device=self.device)
+        greedy = greedy_pick(self.model.compute_logits(hidden), ban, self._eog)
+        return PendingStep(seq_ids, greedy, greedy.cpu(), None)
+
     def _generator(self, seq_id: int, params: SamplingParams) -> SamplerState:
         gen = self._generators.get(seq_id)
         if gen is None:
@@ -219,6 +298,15 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
+
+
+def greedy_pick(logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row: argmax after banning the end-of-generation ids `eog` in
+    the rows where `ban_eog` is set (`ignore_eos`); `logits` itself is left as it is."""
+    x = logits.to(torch.float32, copy=True)
+    if eog.numel():
+        x[:, eog] = x[:, eog].masked_fill(ban_eog[:, None].bool(), float("-inf"))
+    return argmax_rows(x)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -265,11 +353,19 @@ class DecodeGraphs:
         dev = kv_caches[0][0].device
         n = self.max_batch = self.buckets[-1]
         self.max_blocks = max_blocks
-        # layout of the int32 input buffer: ids, positions, slots, seq_lens, ban_eog (n each),
-        # then the block tables (n, max_blocks)
-        self.width = 5 * n + n * max_blocks
-        self.staging = torch.zeros(self.width, dtype=torch.int32, pin_memory=True)
+        # layout of the int32 input buffer: ids, positions, slots, seq_lens, ban_eog, and the
+        # row of the previous step's pick that is the id (-1: the id field is) (n each), then
+        # the block tables (n, max_blocks)
+        self.width = _FIELDS * n + n * max_blocks
+        # two host buffers, used in turn: a step fills one while the copy of the step
+        # before may still be queued (async scheduling launches without waiting)
+        self.staging = [
+            torch.zeros(self.width, dtype=torch.int32, pin_memory=True) for _ in range(2)
+        ]
+        self._runs = 0
         self.inputs = torch.zeros(self.width, dtype=torch.int32, device=dev)
+        # each graph's greedy picks, in batch order: the next step's ids (async scheduling)
+        self.last_tokens = torch.zeros(n, dtype=torch.int64, device=dev)
         self.eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # by (batch bucket, attention splits)
@@ -298,7 +394,7 @@ class DecodeGraphs:
         return max(1, min(32, 1 << max(0, (2048 // (bs * self.num_kv_heads)) - 1).bit_length()))
 
     def _forward(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tables = self.inputs[5 * self.max_batch :].view(self.max_batch, self.max_blocks)
+        tables = self.inputs[_FIELDS * self.max_batch :].view(self.max_batch, self.max_blocks)
         meta = AttentionMetadata(
             slot_mapping=self._field(2, bs),
             block_tables=tables[:bs],
@@ -308,13 +404,13 @@ class DecodeGraphs:
             max_seq_len=self.max_blocks * self.block_size,
             decode_splits=splits,
         )
-        hidden = self.model(self._field(0, bs), self._field(1, bs), meta, self.kv_caches)
+        src = self._field(5, bs)
+        ids = torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], self._field(0, bs))
+        hidden = self.model(ids, self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        x = logits.to(torch.float32, copy=True)  # the returned logits stay unbanned
-        if self.eog.numel():
-            banned = self._field(4, bs)[:, None].bool()
-            x[:, self.eog] = x[:, self.eog].masked_fill(banned, float("-inf"))
-        return logits, argmax_rows(x)
+        greedy = greedy_pick(logits, self._field(4, bs), self.eog)
+        self.last_tokens[:bs].copy_(greedy)
+        return logits, greedy
 
     def _capture(
         self, bs: int, splits: int
@@ -333,29 +429,62 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, batch: list[ScheduledSeq], block_manager: BlockManager
+        self,
+        batch: list[ScheduledSeq],
+        block_manager: BlockManager,
+        src_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the step: (logits (n, V), greedy token ids (n,)) on the device."""
+        """Replay the step: (logits (n, V), greedy token ids (n,)) on the device. Row r's
+        input id is the previous replay's pick in row src_rows[r] where that is >= 0."""
         n, cap, width = len(batch), self.max_batch, self.max_blocks
         bs = next(b for b in self.buckets if b >= n)
-        host = self.staging.numpy()
-        host[3 * cap : 3 * cap + bs] = 1  # padded rows: length 1 ...
-        host[2 * cap + n : 2 * cap + bs] = self.scratch_block * self.block_size  # ... scratch
-        tables = host[5 * cap :].reshape(cap, width)
-        tables[:bs] = self.scratch_block
-        for row, item in enumerate(batch):
-            seq = item.seq
-            pos = seq.num_computed_tokens
-            host[row] = seq.tokens_between(pos, pos + 1)[0]
-            host[cap + row] = pos
-            host[2 * cap + row] = block_manager.slot(seq, pos)
-            host[3 * cap + row] = pos + 1
-            host[4 * cap + row] = seq.params.ignore_eos
-            tables[row, : len(seq.block_table)] = seq.block_table
-        self.inputs.copy_(self.staging, non_blocking=True)
+        staging = self.staging[self._runs % 2]
+        self._runs += 1
+        fill_decode_inputs(staging.numpy(), batch, block_manager, cap, width, bs,
+                           self.scratch_block, src_rows)  # fmt: skip
+        self.inputs.copy_(staging, non_blocking=True)
         key = (bs, self.splits_for(bs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, logits, greedy = self.graphs[key]
         graph.replay()
         return logits[:n], greedy[:n]
+
+
+_FIELDS = 6  # per-row int32 fields of the decode graphs' input buffer
+
+
+def fill_decode_inputs(
+    host,  # numpy int32 (_FIELDS * cap + cap * width,)
+    batch: list[ScheduledSeq],
+    block_manager: BlockManager,
+    cap: int,
+    width: int,
+    bs: int,
+    scratch_block: int,
+    src_rows: list[int] | None = None,
+) -> None:
+    """The decode graphs' input buffer for `batch` padded to `bs` rows: ids, positions,
+    slots, sequence lengths, ban_eog, source rows (fields of `cap` each), block tables
+    (cap, width). Padded rows have length 1, write the scratch block and read it."""
+    n, block_size = len(batch), block_manager.block_size
+    seqs = [item.seq for item in batch]
+    pos = [seq.num_computed_tokens for seq in seqs]
+    tables = host[_FIELDS * cap :].reshape(cap, width)
+    tables[:bs] = scratch_block
+    slots = []
+    for row, (seq, p) in enumerate(zip(seqs, pos, strict=True)):
+        table = seq.block_table
+        tables[row, : len(table)] = table
+        slots.append(table[p // block_size] * block_size + p % block_size)
+    host[:n] = [max(seq.token_at(p), 0) for seq, p in zip(seqs, pos, strict=True)]
+    host[cap : cap + n] = pos
+    host[2 * cap : 2 * cap + n] = slots
+    host[2 * cap + n : 2 * cap + bs] = scratch_block * block_size
+    lengths = host[3 * cap : 3 * cap + bs]
+    lengths[:] = 1
+    lengths[:n] += pos
+    host[4 * cap : 4 * cap + n] = [seq.params.ignore_eos for seq in seqs]
+    host[5 * cap : 5 * cap + bs] = -1
+    if src_rows is not None:
+        host[5 * cap : 5 * cap + n] = src_rows

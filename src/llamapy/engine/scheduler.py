@@ -81,8 +81,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an earlier one
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below for an earlier one
                 continue
+            if seq.num_output_tokens >= seq.max_new_tokens:
+                continue  # its last token is still pending (async scheduling): no more
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
                 continue
@@ -127,10 +129,13 @@ class Scheduler:
     # -- after the model ran ---------------------------------------------------------------
 
     def postprocess(self, batch: list[ScheduledSeq], sampled: dict[int, int]) -> None:
-        """Advance computed counts, append sampled tokens (`seq_id -> token`), cache full
-        blocks. Finishing on stop conditions is the caller's: it calls `finish`."""
+        """Advance computed counts, append sampled tokens (`seq_id -> token`, PENDING for
+        one still on the device), cache full blocks. Finishing on stop conditions is the
+        caller's: it calls `finish`; sequences it finished while the step ran are skipped."""
         for item in batch:
             seq = item.seq
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_computed_blocks(seq)
             token = sampled.get(seq.seq_id)

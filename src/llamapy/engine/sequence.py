@@ -22,6 +22,11 @@ class FinishReason(enum.Enum):
 
 _seq_ids = itertools.count()
 
+# A sampled token still on the device: with async scheduling a decode step is launched before
+# the previous step's tokens reach the host; its slot in `output_token_ids` holds PENDING
+# until the engine reads the token back (the step after).
+PENDING = -1
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -69,9 +74,18 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    @property
+    def last_token_pending(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def tokens_between(self, start: int, end: int) -> list[int]:
-        return self.token_ids[start:end]
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
