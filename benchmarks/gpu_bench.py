@@ -53,7 +53,15 @@ def check_logits(path: Path, n_tokens: int, rng: random.Random) -> dict:
     return out
 
 
-def engine_for(path: Path, *, max_seqs: int, ctx: int, graphs: bool, batch_tokens: int):
+def engine_for(
+    path: Path,
+    *,
+    max_seqs: int,
+    ctx: int,
+    graphs: bool,
+    batch_tokens: int,
+    async_scheduling: bool = True,
+):
     mf = open_model_file(path)
     cfg = EngineConfig(
         max_model_len=ctx,
@@ -63,6 +71,7 @@ def engine_for(path: Path, *, max_seqs: int, ctx: int, graphs: bool, batch_token
         enable_prefix_caching=False,
         device="cuda",
         cuda_graphs=graphs,
+        async_scheduling=async_scheduling,
     )
     return LLMEngine(mf, Tokenizer.from_path(path), cfg), mf.config.vocab_size
 
@@ -94,6 +103,7 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
         ctx=args.pp + args.tg + 16,
         graphs=not args.no_graphs,
         batch_tokens=max(args.pp, 512),
+        async_scheduling=not args.no_async,
     )
     run_requests(engine, [random_tokens(args.pp, vocab, rng)], 4)  # warm-up, graph capture
     pp = [
@@ -110,7 +120,12 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     torch.cuda.empty_cache()
     for b in args.batch:
         engine, vocab = engine_for(
-            path, max_seqs=b, ctx=256 + 16, graphs=not args.no_graphs, batch_tokens=8192
+            path,
+            max_seqs=b,
+            ctx=256 + 16,
+            graphs=not args.no_graphs,
+            batch_tokens=8192,
+            async_scheduling=not args.no_async,
         )
         run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 4)
         pre, dec = run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 128)
@@ -122,11 +137,16 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     return rows
 
 
-def profile(path: Path, rng: random.Random, batch: int = 1) -> None:
+def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bool = True) -> None:
     """Where a decode step of `batch` sequences goes: graph replay alone, the whole engine
     step, and the kernels of one replay."""
     engine, vocab = engine_for(
-        path, max_seqs=batch, ctx=1024, graphs=True, batch_tokens=max(512, 256 * batch)
+        path,
+        max_seqs=batch,
+        ctx=1024,
+        graphs=True,
+        batch_tokens=max(512, 256 * batch),
+        async_scheduling=async_scheduling,
     )
     for _ in range(batch):
         engine.add_request(
@@ -183,6 +203,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument(
+        "--no-async", action="store_true", help="read each step's tokens back before the next"
+    )
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="only profile a decode step")
@@ -193,7 +216,7 @@ def main() -> None:
     rng = random.Random()
     if args.profile:
         for path in args.models:
-            profile(path, rng, args.profile_batch)
+            profile(path, rng, args.profile_batch, not args.no_async)
         return
     results = {}
     for path in args.models:
@@ -209,7 +232,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
     print(
         f"\n| model | test | llamapy t/s | ({torch.cuda.get_device_name()}, graphs "
-        f"{'off' if args.no_graphs else 'on'})"
+        f"{'off' if args.no_graphs else 'on'}, async scheduling {'off' if args.no_async else 'on'})"
     )
     print("| --- | --- | ---: |")
     for name, res in results.items():
