@@ -20,6 +20,10 @@ CASES = [
     ("benchmarks/gpu_bench.py", ["x.gguf", "--profile", "--profile-batch", "0"], ">= 1"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--variants", "x"], "unknown variant"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--ctx", "0"], "must be >= 1"),
+    ("benchmarks/host_step_bench.py", ["--batch", "0,64"], "positive integers"),
+    ("benchmarks/host_step_bench.py", ["--batch", "x"], "integers like 64,256"),
+    ("benchmarks/host_step_bench.py", ["--tokens", "1"], "--tokens must be >= 2"),
+    ("benchmarks/host_step_bench.py", ["--repeat", "0"], "--repeat must be >= 1"),
 ]
 
 

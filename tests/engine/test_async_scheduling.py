@@ -248,15 +248,25 @@ def test_fill_decode_inputs_layout() -> None:
     assert (tables[3] == scratch).all()
 
 
-def test_runner_can_launch_only_plain_greedy(tiny_gguf) -> None:
+def test_runner_can_launch_one_sampled_token(tiny_gguf) -> None:
+    from llamapy.engine.model_runner import plain_greedy
     from llamapy.engine.scheduler import ScheduledSeq
     from llamapy.engine.sequence import Sequence
 
     engine = _engine(tiny_gguf, True)
     runner: ModelRunner = engine.runner
-    greedy = Sequence([1, 2], 5, SamplingParams.greedy())
-    sampled = Sequence([1, 2], 5, SamplingParams(temperature=0.7))
-    assert runner.can_launch([ScheduledSeq(greedy, 1)]) is False  # not at its last token
-    greedy.num_computed_tokens = sampled.num_computed_tokens = 1
-    assert runner.can_launch([ScheduledSeq(greedy, 1)])
-    assert not runner.can_launch([ScheduledSeq(greedy, 1), ScheduledSeq(sampled, 1)])
+    seq = Sequence([1, 2, 3], 5, SamplingParams.greedy())
+    assert not runner.can_launch([ScheduledSeq(seq, 1)])  # not at its last token
+    assert not runner.can_launch([ScheduledSeq(seq, 3)])  # a prompt
+    seq.num_computed_tokens = 2
+    assert runner.can_launch([ScheduledSeq(seq, 1)])
+    # the engine's per-request check
+    assert plain_greedy(SamplingParams.greedy(ignore_eos=True, stop=["x"]))
+    for params in (
+        SamplingParams(temperature=0.7),
+        SamplingParams.greedy(repeat_penalty=1.2),
+        SamplingParams.greedy(logit_bias={3: 1.0}),
+        SamplingParams.greedy(n_probs=2),
+        SamplingParams.greedy(grammar='root ::= "a"'),
+    ):
+        assert not plain_greedy(params), params

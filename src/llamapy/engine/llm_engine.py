@@ -262,7 +262,11 @@ class LLMEngine:
             if self._pending is not None:
                 outputs += self._resolve()
             return outputs
-        if self.async_scheduling and self.runner.can_launch(batch):
+        if (
+            self.async_scheduling
+            and all(self.requests[item.seq.seq_id].async_ok for item in batch)
+            and self.runner.can_launch(batch)
+        ):
             launched = self.runner.launch(batch, self.block_manager, self._pending)
             if self._pending is not None:
                 outputs += self._resolve()

@@ -247,13 +247,10 @@ class ModelRunner:
     # -- async scheduling --------------------------------------------------------------------
 
     def can_launch(self, batch: list[ScheduledSeq]) -> bool:
-        """Whether `launch` can run this batch: one sampled token per sequence, every
-        sequence greedy with nothing applied outside the graph (`plain_greedy`), and on
-        CUDA a batch the decode graphs take."""
-        if not all(
-            item.num_new_tokens == 1 and item.needs_sample and plain_greedy(item.seq.params)
-            for item in batch
-        ):
+        """Whether `launch` can run this batch of sequences whose sampling parameters are
+        `plain_greedy` (the caller's check, made once per request): one sampled token per
+        sequence and, on CUDA, a batch the decode graphs take."""
+        if not all(item.num_new_tokens == 1 and item.needs_sample for item in batch):
             return False
         return self.graphs.fits(batch) if self.graphs is not None else True
 
@@ -364,8 +361,11 @@ class DecodeGraphs:
         ]
         self._runs = 0
         self.inputs = torch.zeros(self.width, dtype=torch.int32, device=dev)
-        # each graph's greedy picks, in batch order: the next step's ids (async scheduling)
+        # each graph's greedy picks, in batch order: the next step's ids (async scheduling).
+        # The graph reads a copy made before it runs, so running it again (the warm-up runs
+        # of a capture) reads the same ids.
         self.last_tokens = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=dev)
         self.eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # by (batch bucket, attention splits)
@@ -405,7 +405,7 @@ class DecodeGraphs:
             decode_splits=splits,
         )
         src = self._field(5, bs)
-        ids = torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], self._field(0, bs))
+        ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], self._field(0, bs))
         hidden = self.model(ids, self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
         greedy = greedy_pick(logits, self._field(4, bs), self.eog)
@@ -443,6 +443,8 @@ class DecodeGraphs:
         fill_decode_inputs(staging.numpy(), batch, block_manager, cap, width, bs,
                            self.scratch_block, src_rows)  # fmt: skip
         self.inputs.copy_(staging, non_blocking=True)
+        if src_rows is not None and max(src_rows) >= 0:
+            self.prev_tokens.copy_(self.last_tokens)
         key = (bs, self.splits_for(bs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
