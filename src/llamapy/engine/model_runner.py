@@ -105,7 +105,13 @@ class ModelRunner:
         self.grammar_masks = MaskWorker(model.config.vocab_size)
         self._eog = torch.tensor(sorted(eog_token_ids), dtype=torch.int64, device=self.device)
         self._launches = 0  # async steps launched: which pinned token buffer is next
-        self._host_tokens: list[torch.Tensor] = []
+        # pinned host buffers for launched steps' tokens, used in turn (a step's buffer is
+        # read back before the step after next is launched)
+        self._host_tokens = (
+            [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            if self.device.type == "cuda"
+            else []
+        )
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and cuda_graphs:
@@ -120,9 +126,6 @@ class ModelRunner:
                 block_size=block_size,
                 eog_token_ids=sorted(eog_token_ids),
             )
-            self._host_tokens = [
-                torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)
-            ]
             self.prefill_graphs = PrefillGraphs(
                 model,
                 self.kv_caches,
@@ -271,21 +274,24 @@ class ModelRunner:
         seq_ids = [item.seq.seq_id for item in batch]
         if self.graphs is not None:
             _, greedy = self.graphs.run(batch, block_manager, src)
-            host = self._host_tokens[self._launches % 2][: len(batch)]
-            self._launches += 1
-            host.copy_(greedy, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return PendingStep(seq_ids, greedy, host, event)
-        input_ids, positions, meta, _ = self.prepare(batch, block_manager)
-        if prev is not None:
-            rows = torch.tensor(src, device=self.device)
-            from_prev = prev.device_tokens[rows.clamp(min=0)]
-            input_ids = torch.where(rows >= 0, from_prev, input_ids)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        ban = torch.tensor([item.seq.params.ignore_eos for item in batch], device=self.device)
-        greedy = greedy_pick(self.model.compute_logits(hidden), ban, self._eog)
-        return PendingStep(seq_ids, greedy, greedy.cpu(), None)
+        else:
+            input_ids, positions, meta, _ = self.prepare(batch, block_manager)
+            if prev is not None:
+                rows = torch.tensor(src, device=self.device)
+                from_prev = prev.device_tokens[rows.clamp(min=0)]
+                input_ids = torch.where(rows >= 0, from_prev, input_ids)
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)
+            ban = torch.tensor([item.seq.params.ignore_eos for item in batch], device=self.device)
+            greedy = greedy_pick(self.model.compute_logits(hidden), ban, self._eog)
+        if self.device.type != "cuda":
+            return PendingStep(seq_ids, greedy, greedy, None)
+        # a pinned copy queued behind the step, and an event to wait for it alone
+        host = self._host_tokens[self._launches % 2][: len(batch)]
+        self._launches += 1
+        host.copy_(greedy, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(seq_ids, greedy, host, event)
 
     def _generator(self, seq_id: int, params: SamplingParams) -> SamplerState:
         gen = self._generators.get(seq_id)
