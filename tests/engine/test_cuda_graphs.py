@@ -33,14 +33,20 @@ def _generate(path, graphs: bool, prompts, params, async_on: bool = False):
     return [tokens[i] for i in ids]
 
 
-def _generate_each(path, prompts, params_list, async_on: bool):
-    """Generations with graphs, each prompt with its params, with or without async
-    scheduling (a count of the steps launched async)."""
+def _generate_each(path, prompts, params_list, async_on: bool, graphs: bool = True):
+    """Generations, each prompt with its params, with or without async scheduling and
+    graphs (and a count of the steps launched async)."""
     from llamapy.engine.llm_engine import EngineConfig, LLMEngine
     from llamapy.formats import open_model_file
     from llamapy.tokenizer import Tokenizer
 
-    cfg = EngineConfig(max_model_len=256, max_num_seqs=4, device="cuda", async_scheduling=async_on)
+    cfg = EngineConfig(
+        max_model_len=256,
+        max_num_seqs=4,
+        device="cuda",
+        async_scheduling=async_on,
+        cuda_graphs=graphs,
+    )
     engine = LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
     ids = [engine.add_request(p, q) for p, q in zip(prompts, params_list, strict=True)]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
@@ -75,6 +81,9 @@ def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
     got, launched = _generate_each(tiny_gguf, prompts, ragged, async_on=True)
     assert launched > 10, "no decode step was launched async"
     assert got == _generate_each(tiny_gguf, prompts, ragged, async_on=False)[0]
+    got, launched = _generate_each(tiny_gguf, prompts, ragged, async_on=True, graphs=False)
+    assert launched > 10, "no eager decode step was launched async"
+    assert got == _generate_each(tiny_gguf, prompts, ragged, async_on=False, graphs=False)[0]
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
     assert _generate(tiny_gguf, True, prompts, seeded) == _generate(
         tiny_gguf, False, prompts, seeded
