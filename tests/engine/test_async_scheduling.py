@@ -149,17 +149,32 @@ def test_stop_strings_and_prefix_cache(tiny_gguf, monkeypatch) -> None:
     assert launches > 0
 
 
-def test_sampled_requests_fall_back_to_sync_steps(tiny_gguf, monkeypatch) -> None:
-    # a seeded sampling request in the batch: those steps run synchronously (its sampler
-    # needs the host's token history); once it finishes, the greedy ones go async
+def test_seeded_sampling_async(tiny_gguf, monkeypatch) -> None:
+    # sampled rows (temperature, top-k/p, min-p, logit bias) run async too: the sampler on
+    # the launched step's logits, each row's uniform drawn from its own generator at launch
     requests = {
         "greedy": ([1, 2, 3], SamplingParams.greedy(max_tokens=25, ignore_eos=True)),
-        "sampled": ([3, 2], SamplingParams(temperature=0.9, seed=3, max_tokens=6)),
-        "penalty": ([5], SamplingParams.greedy(max_tokens=4, repeat_penalty=1.3)),
+        "hot": ([3, 2], SamplingParams(temperature=1.5, seed=3, max_tokens=20, ignore_eos=True)),
+        "biased": ([3, 2], SamplingParams(seed=11, logit_bias={4: 3.0}, max_tokens=12)),
+        "min_p": ([7], SamplingParams(temperature=0.7, min_p=0.2, seed=5, max_tokens=16)),
     }
     sync, got, launches = _both(tiny_gguf, monkeypatch, requests)
     assert got == sync
-    assert 0 < launches < 24
+    assert len(set(map(tuple, (sync["hot"].tokens, sync["greedy"].tokens)))) == 2
+    assert launches >= 15
+
+
+def test_host_history_samplers_fall_back_to_sync_steps(tiny_gguf, monkeypatch) -> None:
+    # a penalty reads the token history on the host: while it runs, steps are synchronous;
+    # once it finishes, the others go async
+    requests = {
+        "greedy": ([1, 2, 3], SamplingParams.greedy(max_tokens=25, ignore_eos=True)),
+        "sampled": ([3, 2], SamplingParams(temperature=0.9, seed=3, max_tokens=20)),
+        "penalty": ([5], SamplingParams.greedy(max_tokens=6, repeat_penalty=1.3)),
+    }
+    sync, got, launches = _both(tiny_gguf, monkeypatch, requests)
+    assert got == sync
+    assert 0 < launches < 22
 
 
 def test_tight_cache_preemption(tiny_gguf, monkeypatch) -> None:
@@ -249,7 +264,7 @@ def test_fill_decode_inputs_layout() -> None:
 
 
 def test_runner_can_launch_one_sampled_token(tiny_gguf) -> None:
-    from llamapy.engine.model_runner import plain_greedy
+    from llamapy.engine.model_runner import launchable, plain_greedy
     from llamapy.engine.scheduler import ScheduledSeq
     from llamapy.engine.sequence import Sequence
 
@@ -260,13 +275,16 @@ def test_runner_can_launch_one_sampled_token(tiny_gguf) -> None:
     assert not runner.can_launch([ScheduledSeq(seq, 3)])  # a prompt
     seq.num_computed_tokens = 2
     assert runner.can_launch([ScheduledSeq(seq, 1)])
-    # the engine's per-request check
+    # the engine's per-request checks
     assert plain_greedy(SamplingParams.greedy(ignore_eos=True, stop=["x"]))
+    for params in (SamplingParams(temperature=0.7), SamplingParams.greedy(logit_bias={3: 1.0})):
+        assert launchable(params) and not plain_greedy(params), params
     for params in (
-        SamplingParams(temperature=0.7),
         SamplingParams.greedy(repeat_penalty=1.2),
-        SamplingParams.greedy(logit_bias={3: 1.0}),
+        SamplingParams(presence_penalty=0.5),
+        SamplingParams(dry_multiplier=0.8),
+        SamplingParams(mirostat=2),
         SamplingParams.greedy(n_probs=2),
         SamplingParams.greedy(grammar='root ::= "a"'),
     ):
-        assert not plain_greedy(params), params
+        assert not launchable(params) and not plain_greedy(params), params

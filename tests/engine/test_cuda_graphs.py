@@ -84,6 +84,13 @@ def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
     got, launched = _generate_each(tiny_gguf, prompts, ragged, async_on=True, graphs=False)
     assert launched > 10, "no eager decode step was launched async"
     assert got == _generate_each(tiny_gguf, prompts, ragged, async_on=False, graphs=False)[0]
+    # seeded sampling async: the sampler on the graph's logits, its picks the next ids
+    hot = [
+        SamplingParams(temperature=1.2, seed=s, max_tokens=n) for s, n in ((1, 9), (2, 24), (3, 17))
+    ]
+    got, launched = _generate_each(tiny_gguf, prompts, hot, async_on=True)
+    assert launched > 10, "no sampled decode step was launched async"
+    assert got == _generate_each(tiny_gguf, prompts, hot, async_on=False)[0]
     seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
     assert _generate(tiny_gguf, True, prompts, seeded) == _generate(
         tiny_gguf, False, prompts, seeded

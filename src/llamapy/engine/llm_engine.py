@@ -15,7 +15,13 @@ import torch
 
 from llamapy.engine.block_manager import BlockManager
 from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE
-from llamapy.engine.model_runner import ModelRunner, PendingStep, SampledToken, plain_greedy
+from llamapy.engine.model_runner import (
+    ModelRunner,
+    PendingStep,
+    SampledToken,
+    launchable,
+    plain_greedy,
+)
 from llamapy.engine.output import TextStream
 from llamapy.engine.scheduler import Scheduler, SchedulerConfig
 from llamapy.engine.sequence import PENDING, FinishReason, Sequence
@@ -67,7 +73,7 @@ class EngineConfig:
     cpu_compile: bool = field(default_factory=lambda: compile_enabled_by_default())
     # a `llamapy quantize` type (Q4_0, Q4_K_M, ...): weights are quantized as they load
     quantize: str | None = None
-    # launch a greedy decode step before the previous step's tokens are read back, so the
+    # launch a decode step before the previous step's tokens are read back, so the
     # host's work on them (detokenizing, stop checks, scheduling) overlaps the GPU's step
     # (vLLM's --async-scheduling); None: on for CUDA, off on the CPU (nothing to overlap)
     async_scheduling: bool | None = None
@@ -123,7 +129,8 @@ class _Request:
     seq: Sequence
     stream: TextStream
     params: SamplingParams
-    async_ok: bool = False  # greedy with nothing applied outside the decode graph
+    async_ok: bool = False  # sampled without host history or state (`launchable`)
+    greedy: bool = False  # the decode graph's own pick is the token (`plain_greedy`)
 
 
 class LLMEngine:
@@ -226,7 +233,12 @@ class LLMEngine:
         if params.constraint is not None:
             seq.grammar = self.grammars.matcher(*params.constraint)
         req = _Request(
-            request_id, seq, TextStream(self.tokenizer, params), params, plain_greedy(params)
+            request_id,
+            seq,
+            TextStream(self.tokenizer, params),
+            params,
+            async_ok=launchable(params),
+            greedy=plain_greedy(params),
         )
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = req
@@ -250,10 +262,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; the outputs it produced.
 
-        With async scheduling, a batch of greedy decodes is launched and the previous
-        step's tokens are read back and processed while it runs: its outputs come from this
-        call, one step late. Sequences scheduled with a token still pending take it on the
-        device; one that the token finishes has its launched step discarded."""
+        With async scheduling, a batch of decodes (`launchable` sampling) is launched and the
+        previous step's tokens are read back and processed while it runs: its outputs come
+        from this call, one step late. Sequences scheduled with a token still pending take it
+        on the device; one that the token finishes has its launched step discarded."""
         outputs, self._ready = self._ready, []
         if self._pending is not None and not self._may_continue():
             outputs += self._resolve()
@@ -267,7 +279,8 @@ class LLMEngine:
             and all(self.requests[item.seq.seq_id].async_ok for item in batch)
             and self.runner.can_launch(batch)
         ):
-            launched = self.runner.launch(batch, self.block_manager, self._pending)
+            greedy = all(self.requests[item.seq.seq_id].greedy for item in batch)
+            launched = self.runner.launch(batch, self.block_manager, self._pending, greedy)
             if self._pending is not None:
                 outputs += self._resolve()
             self.scheduler.postprocess(batch, dict.fromkeys(launched.seq_ids, PENDING))
@@ -288,8 +301,8 @@ class LLMEngine:
 
     def _may_continue(self) -> bool:
         """Whether the next batch can be scheduled with the pending tokens unread: it can
-        only be more greedy decodes (nothing waits to be admitted, no sequence needs a
-        sampler outside the graph) and needs no preemption (a free block per sequence)."""
+        only be more decodes that need no token on the host (nothing waits to be admitted,
+        every sequence `launchable`) and no preemption (a free block per sequence)."""
         sched = self.scheduler
         return (
             not sched.waiting

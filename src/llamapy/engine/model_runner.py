@@ -76,6 +76,19 @@ def plain_greedy(p: SamplingParams) -> bool:
     )
 
 
+def launchable(p: SamplingParams) -> bool:
+    """Rows a step can sample without waiting for the step before (async scheduling): no
+    sampler that reads the token history on the host (penalties, DRY), keeps host state per
+    token (mirostat's mu) or applies a grammar mask, and no log-probabilities to report."""
+    return (
+        not p.has_penalties
+        and not p.has_dry
+        and not p.mirostat
+        and not p.n_probs
+        and p.constraint is None
+    )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -251,7 +264,7 @@ class ModelRunner:
 
     def can_launch(self, batch: list[ScheduledSeq]) -> bool:
         """Whether `launch` can run this batch of sequences whose sampling parameters are
-        `plain_greedy` (the caller's check, made once per request): one sampled token per
+        `launchable` (the caller's check, made once per request): one sampled token per
         sequence and, on CUDA, a batch the decode graphs take."""
         if not all(item.num_new_tokens == 1 and item.needs_sample for item in batch):
             return False
@@ -259,12 +272,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, batch: list[ScheduledSeq], block_manager: BlockManager, prev: PendingStep | None
+        self,
+        batch: list[ScheduledSeq],
+        block_manager: BlockManager,
+        prev: PendingStep | None,
+        greedy_only: bool = False,
     ) -> PendingStep:
-        """Start a greedy decode step without waiting for it (`can_launch(batch)` holds).
+        """Start a decode step without waiting for it (`can_launch(batch)` holds).
 
         A sequence whose last token is still PENDING takes it from `prev` (launched just
-        before) on the device. The result is read back by `PendingStep.tokens()`."""
+        before) on the device. `greedy_only`: every row is `plain_greedy` (the pick inside
+        the graph is the token; otherwise the sampler runs on the step's logits, its
+        uniforms drawn now from each sequence's generator). The result is read back by
+        `PendingStep.tokens()`."""
         src = [-1] * len(batch)
         for row, item in enumerate(batch):
             if item.seq.last_token_pending:
@@ -273,7 +293,7 @@ class ModelRunner:
                 src[row] = prev.rows[item.seq.seq_id]
         seq_ids = [item.seq.seq_id for item in batch]
         if self.graphs is not None:
-            _, greedy = self.graphs.run(batch, block_manager, src)
+            logits, tokens = self.graphs.run(batch, block_manager, src)
         else:
             input_ids, positions, meta, _ = self.prepare(batch, block_manager)
             if prev is not None:
@@ -281,22 +301,35 @@ class ModelRunner:
                 from_prev = prev.device_tokens[rows.clamp(min=0)]
                 input_ids = torch.where(rows >= 0, from_prev, input_ids)
             hidden = self.model(input_ids, positions, meta, self.kv_caches)
-            ban = torch.tensor([item.seq.params.ignore_eos for item in batch], device=self.device)
-            greedy = greedy_pick(self.model.compute_logits(hidden), ban, self._eog)
+            logits = self.model.compute_logits(hidden)
+            if greedy_only:
+                ban = torch.tensor([it.seq.params.ignore_eos for it in batch], device=self.device)
+                tokens = greedy_pick(logits, ban, self._eog)
+        if not greedy_only:
+            tokens = self.sampler(
+                logits,
+                [item.seq.params for item in batch],
+                None,  # no row reads the history (launchable)
+                [self._generator(item.seq.seq_id, item.seq.params) for item in batch],
+            )
+            if self.graphs is not None:  # the next graph takes its ids from here
+                self.graphs.last_tokens[: len(batch)].copy_(tokens)
         if self.device.type != "cuda":
-            return PendingStep(seq_ids, greedy, greedy, None)
+            return PendingStep(seq_ids, tokens, tokens, None)
         # a pinned copy queued behind the step, and an event to wait for it alone
         host = self._host_tokens[self._launches % 2][: len(batch)]
         self._launches += 1
-        host.copy_(greedy, non_blocking=True)
+        host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(seq_ids, greedy, host, event)
+        return PendingStep(seq_ids, tokens, host, event)
 
     def _generator(self, seq_id: int, params: SamplingParams) -> SamplerState:
         gen = self._generators.get(seq_id)
         if gen is None:
-            gen = self._generators[seq_id] = make_state(params, self.device)
+            # a CPU generator on every device: a row's uniform costs no kernel launch, and a
+            # seed draws the same numbers on the CPU and the GPU
+            gen = self._generators[seq_id] = make_state(params)
         return gen
 
     def release(self, seq_id: int) -> None:

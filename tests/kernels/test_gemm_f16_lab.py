@@ -1,0 +1,267 @@
+"""The fp16 fused dequantize-GEMM lab (benchmarks/kernels/gemm_f16_lab.py) against float64
+torch references, on fresh random blocks and activations each run (the seed is printed).
+
+Error bounds, from the arithmetic (u = 2^-11, fp16's unit roundoff):
+- x is scaled per row by s = 2^e (max |x / s| <= 2^14) and rounded to fp16: |dx| <= u |x|,
+  or s 2^-25 where x / s falls below fp16's normal range; each weight is one fp16 rounding
+  of ggml's value (Q4_0 / Q8_0: d (q - 8) or d q is one correctly rounded product; Q4_1: one
+  fp16 FMA, within u of ggml's float32 d q + m): |dw| <= u |w|, or 2^-25 when subnormal.
+  So |y - x W^T| <= sum_k |x_k| |w_k| (2 u) (1.01 for u^2 terms) + the subnormal terms +
+  float32 accumulation (K 2^-23 sum_k |x_k w_k|, twice the textbook constant: tensor cores).
+- Against an fp16 emulation (x and W rounded as above by torch, products in float64) only
+  the float32 accumulation differs; on CUDA, Q4_1's FMA may also differ from ggml's double
+  rounding by one fp16 ulp of a weight.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import llamapy.kernels.triton as kt
+from llamapy.quant.dequant import dequantize
+from llamapy.quant.types import QuantType, row_nbytes, type_size
+
+pytestmark = pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "kernels"))
+if kt.HAS_TRITON:
+    import gemm_f16_lab as lab
+
+    from llamapy.kernels.triton.qmatmul import pack_weight
+
+ON_GPU = torch.cuda.is_available() and not kt.INTERPRET
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T = QuantType
+TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q8_0: (0,)}  # byte offsets of d (and m)
+U = 2.0**-11  # fp16 unit roundoff
+SUBNORMAL = 2.0**-25  # half of fp16's subnormal spacing: the rounding error below 2^-14
+
+
+def random_blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
+    """(n, row_bytes) uint8 blocks: every quant equally likely, fp16 scales ~ N(0, 0.01^2)
+    (weights ~0.1, as in trained models)."""
+    blocks = rng.integers(0, 256, (n * k // 32, type_size(qtype)), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        vals = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
+        blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def random_x(rng: np.random.Generator, m: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(DEVICE)
+
+
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """s = 2^(ceil(log2 max|x_row|) - 14) per row, float64 (M, 1)."""
+    amax = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.exp2(torch.ceil(torch.log2(amax)) - 14).double()
+
+
+def check_exact(x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType, y: torch.Tensor) -> None:
+    """y against x @ W^T in float64 (W: the blocks dequantized), within the bound above."""
+    k = x.shape[1]
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], blocks.shape[0])
+    x64 = x.double()
+    w64 = dequantize(blocks, qtype, torch.float64)  # (N, K)
+    ax, aw = x64.abs(), w64.abs()
+    mag = ax @ aw.T  # sum_k |x_k| |w_k|
+    bound = mag * (2 * U * 1.01 + k * 2.0**-23) + SUBNORMAL * (
+        row_scales(x) * aw.sum(1)[None, :] + ax.sum(1)[:, None]
+    )
+    err = (y.double() - x64 @ w64.T).abs()
+    worst = int(torch.argmax(err - bound))
+    assert bool((err <= bound).all()), (
+        f"{qtype.name}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} "
+        f"at {divmod(worst, y.shape[1])}"
+    )
+
+
+def check_emulated(
+    x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType, y: torch.Tensor
+) -> None:
+    """y against the fp16 operands emulated by torch, products summed in float64: only the
+    float32 accumulation (and on CUDA Q4_1's single-rounding FMA) may differ."""
+    s = row_scales(x)
+    x16 = (x.double() / s).half().double()  # power-of-two scaling: exact, then one rounding
+    w16 = dequantize(blocks, qtype, torch.float32).half().double()  # ggml float32 -> fp16
+    mag = (x16.abs() @ w16.abs().T) * s
+    bound = mag * x.shape[1] * 2.0**-23
+    if qtype == T.Q4_1 and ON_GPU:
+        bound = bound + mag * U
+    err = (y.double() - (x16 @ w16.T) * s).abs()
+    assert bool((err <= bound).all()), f"{qtype.name}: {float((err - bound).max()):.3g} over"
+
+
+def run(rng, qtype, m, n, k, config=None, x=None):
+    blocks = random_blocks(rng, qtype, n, k)
+    w = pack_weight(blocks, qtype, (n, k))
+    x = random_x(rng, m, k) if x is None else x
+    y = lab.gemm_f16(x, w, config)
+    return x, blocks, y
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("k", [64, 128])
+@pytest.mark.parametrize("n", [16, 48])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_matches_float64_reference(rng, qtype: QuantType, m: int, n: int, k: int) -> None:
+    """The rule's tiles: one partial row tile (BLOCK_M >= 16 > M, or 17 over two), one
+    partial weight tile (BLOCK_N = 128 > N)."""
+    x, blocks, y = run(rng, qtype, m, n, k)
+    check_exact(x, blocks, qtype, y)
+    check_emulated(x, blocks, qtype, y)
+
+
+# GROUP_M=2 over 3 x 3 tiles: the grouped order's short last group; SWAP_AB: the transposed
+# dot and store; BLOCK_B=1: one block per K step (4 steps at K=128)
+CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=1, GROUP_M=2),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=2, GROUP_M=2, SWAP_AB=1),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_B=4, GROUP_M=1, SWAP_AB=1),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_B=2, SWAP_AB=0),
+]
+
+
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
+)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_tile_configs(rng, qtype: QuantType, config: dict[str, int]) -> None:
+    x, blocks, y = run(rng, qtype, 40, 48, 128, config)
+    check_exact(x, blocks, qtype, y)
+    check_emulated(x, blocks, qtype, y)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_rows_of_very_different_magnitude(rng, qtype: QuantType) -> None:
+    """Each row gets its own power-of-two scale: 1e5 would overflow fp16 and 1e-6 lose most
+    of its bits as a subnormal, yet every row keeps fp16's relative precision."""
+    mags = torch.tensor([1e4, 1e-4, 1e5, 1e-6, 1.0, 1e-4, 1e4], device=DEVICE)
+    x = random_x(rng, len(mags), 128) * mags[:, None]
+    x, blocks, y = run(rng, qtype, len(mags), 48, 128, x=x)
+    check_exact(x, blocks, qtype, y)
+    check_emulated(x, blocks, qtype, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_x(rng, dtype: torch.dtype) -> None:
+    x = random_x(rng, 5, 64).to(dtype)
+    x, blocks, y = run(rng, T.Q4_0, 5, 16, 64, x=x)
+    check_exact(x, blocks, T.Q4_0, y)
+
+
+def test_strided_rows_and_empty_batch(rng) -> None:
+    """x rows with a stride above K (a view of a wider buffer); M = 0."""
+    wide = random_x(rng, 5, 96)
+    x, blocks, y = run(rng, T.Q8_0, 5, 16, 64, x=wide[:, :64])
+    check_exact(x, blocks, T.Q8_0, y)
+    w = pack_weight(blocks, T.Q8_0, (16, 64))
+    assert lab.gemm_f16(wide[:0, :64], w).shape == (0, 16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes need a GPU")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (576, 1536), (960, 576)])
+def test_model_shapes_on_gpu(rng, qtype: QuantType, n: int, k: int) -> None:
+    for m in (16, 64, 256):
+        for swap in (0, 1):
+            x, blocks, y = run(rng, qtype, m, n, k, {"SWAP_AB": swap})
+            check_exact(x, blocks, qtype, y)
+            check_emulated(x, blocks, qtype, y)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.fixture
+def q4_weight(rng):
+    return pack_weight(random_blocks(rng, T.Q4_0, 16, 128), T.Q4_0, (16, 128))
+
+
+@pytest.mark.parametrize(
+    ("make_x", "message"),
+    [
+        (lambda: torch.ones(2, 128, dtype=torch.float64), "float16, bfloat16 or float32"),
+        (lambda: torch.ones(2, 128, dtype=torch.int32), "float16, bfloat16 or float32"),
+        (lambda: torch.ones(2, 64), "K=64 columns"),
+        (lambda: torch.ones(128), "2-D"),
+        (lambda: torch.ones(128, 2).t(), "contiguous"),
+    ],
+    ids=["float64", "int32", "k-mismatch", "1-d", "column-major"],
+)
+def test_bad_x(q4_weight, make_x, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lab.gemm_f16(make_x().to(DEVICE), q4_weight)
+
+
+def test_unsupported_weight_type(rng) -> None:
+    blocks = torch.from_numpy(rng.integers(0, 256, (16, row_nbytes(T.Q5_0, 64)), dtype=np.uint8))
+    w = pack_weight(blocks.to(DEVICE), T.Q5_0, (16, 64))
+    with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0 weights, got Q5_0"):
+        lab.gemm_f16(torch.ones(2, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="PackedWeight"):
+        lab.gemm_f16(torch.ones(2, 64, device=DEVICE), blocks)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"BLOCK_K": 64}, "config takes"),
+        ({"BLOCK_B": 8}, "multiple of 32 \\* BLOCK_B = 256"),
+        ({"BLOCK_N": 48}, "power of two"),
+        ({"BLOCK_M": 8}, ">= 16"),
+        ({"SWAP_AB": 2}, "SWAP_AB 0 or 1"),
+    ],
+)
+def test_bad_config(q4_weight, config: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lab.gemm_f16(torch.ones(2, 128, device=DEVICE), q4_weight, config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch(q4_weight) -> None:
+    with pytest.raises(ValueError, match="is on"):
+        lab.gemm_f16(torch.ones(2, 128, device="cpu" if DEVICE == "cuda" else "cuda"), q4_weight)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--types", "Q5_0"], "no gemm_f16 kernel for Q5_0"),
+        (["--types", "Q9_9"], "ggml type names"),
+        (["--m", "0"], "--m values must be >= 1"),
+        (["--m", "x"], "--m takes integers"),
+        (["--workers", "-1"], "--workers must be >= 0"),
+    ],
+)
+def test_benchmark_arguments(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        lab.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the message on a machine without a usable GPU")
+def test_benchmark_needs_a_gpu() -> None:
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        lab.main(["--quick"])
+
+
+def test_sweep_grid_is_pruned() -> None:
+    """BLOCK_M follows M; every config fits the register budget the grid promises."""
+    for m, top in ((16, 16), (64, 64), (256, 128)):
+        grid = lab.sweep_grid(m)
+        assert max(c["BLOCK_M"] for c in grid) == top
+        for c in grid:
+            threads = 32 * c["num_warps"]
+            assert c["BLOCK_N"] * c["BLOCK_B"] * 32 <= 128 * threads
+            assert 8 * threads <= c["BLOCK_M"] * c["BLOCK_N"] <= 128 * threads
+    assert all(c["BLOCK_B"] <= 2 for c in lab.sweep_grid(64) if lab.fits(c, 576))
