@@ -18,10 +18,17 @@ Weights must fit fp16 (|w| <= 65504), as on the dequant path. Like `_gemm_step`,
 tiles take x in ggml's nibble order: two dots per K step, x[32 b + j] against the low
 nibbles and x[32 b + 16 + j] against the high ones.
 
-GPU benchmark (checks against the dequant path, sweeps tiles, prints a markdown table):
+Split-K (config SPLIT_K > 1): a 2048-wide output is only 16-32 tiles at M <= 256, for 132
+SMs; SPLIT_K programs per tile each sum a contiguous range of whole K steps into a float32
+workspace, and a second kernel adds the splits in order (deterministic, no atomics). The
+rule aims at about 2 x 132 programs.
+
+GPU benchmark (checks against the dequant path, sweeps tiles and splits at M = 64, carries
+the best 5 to the other M, prints a markdown table):
 
     PYTHONPATH=src python benchmarks/kernels/gemm_f16_lab.py [--types Q4_0,Q8_0,Q4_1]
-        [--m 16,32,64,128,256] [--quick] [--workers 14] [--budget-s 220]
+        [--m 16,32,64,128,256] [--split 1,2,4,8,16] [--quick] [--workers 14]
+        [--budget-s 220]
 """
 
 from __future__ import annotations
@@ -47,7 +54,11 @@ if HAS_TRITON:
     import triton.language as tl
 
 TYPES: dict[QuantType, int] = {QuantType.Q4_0: 0, QuantType.Q4_1: 1, QuantType.Q8_0: 2}
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_B", "GROUP_M", "SWAP_AB", "num_warps", "num_stages")
+CONFIG_KEYS = (
+    "BLOCK_M", "BLOCK_N", "BLOCK_B", "GROUP_M", "SWAP_AB", "num_warps", "num_stages", "SPLIT_K"
+)  # fmt: skip
+SMS = 132  # an H100 / H200 SXM: the rule's split-K aims at 2 SMS programs
+MAX_SPLIT = 65535  # the grid's axis 1
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -97,19 +108,28 @@ if HAS_TRITON:
         else:
             return _dot16(x, tl.trans(w), acc, INTERP)
 
-    @triton.jit
+    # SPLIT is SPLIT_K > 1 and steps_per_split is not specialized: one binary serves every
+    # SPLIT_K > 1 (the count is the grid's axis 1), which halves the sweep's compiles
+    @triton.jit(do_not_specialize=["steps_per_split"])
     def _gemm_f16_kernel(
         x_ptr, s_ptr, qs_ptr, d_ptr, m_ptr, out_ptr,
-        M, N, K, stride_xm, stride_qs, stride_d,
+        M, N, K, stride_xm, stride_qs, stride_d, steps_per_split,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
-        INTERP: tl.constexpr,
+        SPLIT: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """out (M, N) float32 = (x16 @ W^T) * s[:, None] for fp16 x16 (M, K), float32 s (M,),
         W (N, K) as PackedWeight tensors (QT 0 Q4_0, 1 Q4_1: qs (N, K/2) uint8; 2 Q8_0: qs
         (N, K) int8; d, m (N, K/32) fp16). K is a multiple of 32 BLOCK_B. Edge rows of x and
         W are clamped to the last row (loads stay in bounds, no masks in the loop); the
-        store is masked."""
+        store is masked.
+
+        SPLIT (SPLIT_K > 1 programs on axis 1): program (tile, k) sums the K steps (BLOCK_B
+        blocks each) [k steps_per_split, (k + 1) steps_per_split) cut at K, so the last splits
+        may be short or empty (an empty one stores zeros), and stores its partial tile, times
+        s as the whole sum would be, into out as a (SPLIT_K, M, N) float32 workspace
+        (`_sum_splits_kernel` adds them up). s is a power of two: the scaled partials add up
+        to the scaled sum."""
         # grouped tile order (as qmatmul._gemm_kernel): GROUP_M row tiles share a W tile in L2
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -132,19 +152,28 @@ if HAS_TRITON:
         d_base = w_rows[:, None] * stride_d + blk[None, :]  # (BN, BB) element offsets
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), tl.float32)
         nb = K // 32
+        if not SPLIT:
+            b_start = 0
+            b_end = nb
+            o_rows = offs_m.to(tl.int64)
+        else:  # this split's blocks, whole K steps; its rows of the (SPLIT_K, M, N) workspace
+            pid_k = tl.program_id(1)
+            b_start = pid_k * steps_per_split * BLOCK_B
+            b_end = tl.minimum(b_start + steps_per_split * BLOCK_B, nb)
+            o_rows = (pid_k * M + offs_m).to(tl.int64)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
-            b0 = 0
-            while b0 < nb:
+            b0 = b_start
+            while b0 < b_end:
                 acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT,
                                      BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
                 b0 += BLOCK_B
         else:
-            for b0 in range(0, nb, BLOCK_B):
+            for b0 in range(b_start, b_end, BLOCK_B):
                 acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT,
                                      BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
         s = tl.load(s_ptr + x_rows)  # (BM,) the rows' powers of two: exact products
         o_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        o_ptr = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        o_ptr = out_ptr + o_rows[:, None] * N + offs_n[None, :]
         if SWAP_AB:
             tl.store(o_ptr, tl.trans(acc * s[None, :]), mask=o_mask)
         else:
@@ -181,17 +210,56 @@ if HAS_TRITON:
                        tl.reshape(w, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
         return acc
 
+    @triton.jit
+    def _sum_splits_kernel(ws_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """out (M N,) = ws[0] + ws[1] + ... + ws[SPLIT_K - 1] for a (SPLIT_K, M N) float32
+        workspace, added in that order (deterministic: no atomics)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        ptr = ws_ptr + offs
+        y = tl.load(ptr, mask=mask, other=0.0)
+        for _ in tl.static_range(SPLIT_K - 1):
+            ptr += MN
+            y += tl.load(ptr, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, y, mask=mask)
+
 
 # --------------------------------------------------------------------------- launcher
 
 
-def default_config(m: int, k: int) -> dict[str, int]:
+def default_config(m: int, k: int, n: int) -> dict[str, int]:
     """The rule: row tiles follow M (16..128), 128 weight rows by 4 blocks (128 weights) per
-    K step, halved to 2 blocks when K is not a multiple of 128, 8 warps for 128-row tiles."""
+    K step, halved to 2 blocks when K is not a multiple of 128, 8 warps for 128-row tiles;
+    SPLIT_K from `rule_split`."""
     block_m = min(128, max(16, 1 << (m - 1).bit_length()))
     block_b = 4 if k % 128 == 0 else 2 if k % 64 == 0 else 1
-    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_B": block_b, "GROUP_M": 8,
-            "SWAP_AB": 0, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}  # fmt: skip
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_B": block_b, "GROUP_M": 8,
+           "SWAP_AB": 0, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}  # fmt: skip
+    cfg["SPLIT_K"] = rule_split(m, n, k, cfg)
+    return cfg
+
+
+def tiles(m: int, n: int, cfg: dict[str, int]) -> int:
+    """Output tiles of an (m, n) product under cfg: the grid without split-K."""
+    return -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+
+
+def used_splits(k: int, cfg: dict[str, int], split: int) -> int:
+    """How many of `split` splits get K steps (cfg's BLOCK_B blocks each); the rest are
+    empty."""
+    steps = k // (32 * cfg["BLOCK_B"])
+    return -(-steps // -(-steps // split)) if steps else 0
+
+
+def rule_split(m: int, n: int, k: int, cfg: dict[str, int]) -> int:
+    """SPLIT_K for cfg's tiles: the power of two nearest (in log2) 2 SMS / tiles, so that
+    tiles * SPLIT_K is about two programs per SM; then no more splits than K steps, and
+    none empty (9 steps in 8 splits of 2 each would leave 3 empty: 5 splits)."""
+    if m == 0 or n == 0:
+        return 1
+    split = 1 << max(0, round(math.log2(2 * SMS / tiles(m, n, cfg))))
+    steps = k // (32 * cfg["BLOCK_B"])
+    return max(1, used_splits(k, cfg, min(split, steps)))
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> None:
@@ -215,8 +283,8 @@ def _check(x: torch.Tensor, w: PackedWeight) -> None:
         raise ValueError(f"gemm_f16 runs on CUDA (CPU with TRITON_INTERPRET=1), x on {x.device}")
 
 
-def _resolve(config: dict[str, int] | None, m: int, k: int) -> dict[str, int]:
-    cfg = default_config(m, k)
+def _resolve(config: dict[str, int] | None, m: int, n: int, k: int) -> dict[str, int]:
+    cfg = default_config(m, k, n)
     if config is not None:
         unknown = set(config) - set(CONFIG_KEYS)
         if unknown:
@@ -232,6 +300,11 @@ def _resolve(config: dict[str, int] | None, m: int, k: int) -> dict[str, int]:
         raise ValueError(f"GROUP_M, num_stages must be >= 1 and SWAP_AB 0 or 1, got {cfg}")
     if k % (32 * cfg["BLOCK_B"]):
         raise ValueError(f"K={k} must be a multiple of 32 * BLOCK_B = {32 * cfg['BLOCK_B']}")
+    if config is not None and "SPLIT_K" not in config:  # the rule's split for these tiles
+        cfg["SPLIT_K"] = rule_split(m, n, k, cfg)
+    v = cfg["SPLIT_K"]
+    if not (isinstance(v, int) and 1 <= v <= MAX_SPLIT):
+        raise ValueError(f"config SPLIT_K must be an integer in [1, {MAX_SPLIT}], got {v!r}")
     return cfg
 
 
@@ -242,11 +315,18 @@ def gemm_f16(
 
     x is rounded to fp16 after a per-row power-of-two scaling, W's tiles are built in fp16
     (see the module docstring), products are summed in float32. config overrides
-    `default_config`'s BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, SWAP_AB, num_warps, num_stages.
+    `default_config`'s BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, SWAP_AB, num_warps, num_stages,
+    SPLIT_K (a config without SPLIT_K gets `rule_split` for its tiles).
+
+    SPLIT_K > 1 cuts K into SPLIT_K ranges of whole K steps (ceil(steps / SPLIT_K) each, the
+    last ones shorter or empty), run as separate programs that write float32 partials to a
+    (SPLIT_K, M, N) workspace, summed in split order by a second kernel (deterministic).
+    The workspace is allocated on every call (a lab: no caching; under CUDA graphs it comes
+    from the graph's pool).
     """
     _check(x, w)
     m, n, k = x.shape[0], w.n, w.k
-    cfg = _resolve(config, m, k)
+    cfg = _resolve(config, m, n, k)
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0:
         return out
@@ -256,11 +336,20 @@ def gemm_f16(
     t = w.tensors
     qs, d = t["qs"], t["d"]
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    split = cfg.pop("SPLIT_K")
+    steps = k // (32 * cfg["BLOCK_B"])
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (tiles(m, n, cfg), split)
     _gemm_f16_kernel[grid](
-        x16, s, qs, d, t.get("m", d), out, m, n, k, x16.stride(0), qs.stride(0), d.stride(0),
-        QT=TYPES[w.qtype], INTERP=INTERPRET, **cfg, num_warps=num_warps, num_stages=num_stages,
+        x16, s, qs, d, t.get("m", d), dest, m, n, k, x16.stride(0), qs.stride(0), d.stride(0),
+        triton.cdiv(steps, split), QT=TYPES[w.qtype], SPLIT=split > 1, INTERP=INTERPRET,
+        **cfg, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            dest, out, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
+        )
     return out
 
 
@@ -278,32 +367,63 @@ SHAPES = [  # (name, N, K): Llama-3.2-1B, then SmolLM2-135M (QKV and gate/up fus
 ]
 SWEEP_M = 64  # the full sweep runs at this M; other M try its best TOP configs and the rule
 TOP = 5
+SPLITS = (1, 2, 4, 8, 16)  # SPLIT_K values the sweep picks from (--split)
 MAX_REL_ERR = 1e-2  # against the dequant path (both round x and W to fp16: ~1e-3 expected)
 ROTATE_BYTES = 80 << 20  # weight bytes per timed graph: more than an H100's 50 MB L2
 MAX_COPIES = 512  # calls per graph (SmolLM2's 576x576 Q4_0 needs 440)
 
 
-def sweep_grid(m: int) -> list[dict[str, int]]:
-    """Configs for M rows: BLOCK_M <= M's power of two (>= 16); tiles that hold at most 128
-    fp16 weights (64 registers) and 128 accumulators per thread, and at least 8
-    accumulators (a tile too small for 8 warps is dropped)."""
+def sweep_tiles(m: int) -> list[dict[str, int]]:
+    """Tiles for M rows (SPLIT_K 1): BLOCK_M <= M's power of two (>= 16), BLOCK_N 64 or 128,
+    BLOCK_B 2, 4 or 8, 3 or 4 stages, either operand order; the fewer warps (4, else 8) that
+    keep at most 128 fp16 weights (64 registers) and 128 accumulators per thread, and at
+    least 8 accumulators."""
     top_m = max(16, 1 << (m - 1).bit_length())
     out = []
-    for bm, bn, bb, warps, stages, swap in itertools.product(
-        (16, 32, 64, 128), (64, 128, 256), (2, 4, 8), (4, 8), (2, 3, 4), (0, 1)
+    for bm, bn, bb, stages, swap in itertools.product(
+        (16, 32, 64, 128), (64, 128), (2, 4, 8), (3, 4), (0, 1)
     ):
-        threads = 32 * warps
-        if bm > top_m or bn * bb * 32 / threads > 128:
+        if bm > top_m:
             continue
-        if not 8 <= bm * bn / threads <= 128:
+        for warps in (4, 8):
+            threads = 32 * warps
+            if bn * bb * 32 <= 128 * threads and 8 * threads <= bm * bn <= 128 * threads:
+                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": bb, "GROUP_M": 8,
+                            "SWAP_AB": swap, "num_warps": warps, "num_stages": stages,
+                            "SPLIT_K": 1})  # fmt: skip
+                break
+    return out
+
+
+def sweep_grid(
+    m: int, n: int, k: int, splits: tuple[int, ...] | list[int] = SPLITS
+) -> list[dict[str, int]]:
+    """Configs for an (M, N, K) product: each of `sweep_tiles` whose K step divides K, at
+    SPLIT_K 1 (if in splits) and at the value of splits nearest (in log2) to 2 SMS / tiles,
+    the rule's target, if that is not 1. Values that would leave a split empty (more splits
+    than K steps, or 8 splits of 9 steps: 2 steps each, 5 used) are not tried. One split per
+    tile keeps the sweep to about twice the tiles."""
+    out = []
+    for tile in sweep_tiles(m):
+        if not fits(tile, k):
             continue
-        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": bb, "GROUP_M": 8,
-                    "SWAP_AB": swap, "num_warps": warps, "num_stages": stages})  # fmt: skip
+        cands = [v for v in splits if used_splits(k, tile, v) == v]
+        if not cands:
+            continue
+        target = 2 * SMS / tiles(m, n, tile)
+        best = min(cands, key=lambda v: (abs(math.log2(v / target)), v))
+        out += [{**tile, "SPLIT_K": v} for v in sorted({best} | ({1} & set(cands)))]
     return out
 
 
 def label(cfg: dict[str, int]) -> str:
     return "/".join(str(cfg[k]) for k in CONFIG_KEYS if k != "GROUP_M")
+
+
+def binary(cfg: dict[str, int]) -> dict[str, int]:
+    """cfg with SPLIT_K 2 for any SPLIT_K > 1: the config that builds the same GEMM binary
+    (the kernel sees only whether K is split)."""
+    return {**cfg, "SPLIT_K": min(cfg["SPLIT_K"], 2)}
 
 
 def _random_packed(qtype: QuantType, n: int, k: int, device: str) -> PackedWeight:
@@ -320,7 +440,8 @@ def _copy(w: PackedWeight) -> PackedWeight:
 
 
 def fits(cfg: dict[str, int], k: int) -> bool:
-    """Whether cfg's K step divides K (SmolLM2's K = 576 = 18 blocks takes BLOCK_B <= 2)."""
+    """Whether cfg's K step divides K (SmolLM2's K = 576 = 18 blocks takes BLOCK_B <= 2);
+    any SPLIT_K runs (splits past the last K step are empty)."""
     return k % (32 * cfg["BLOCK_B"]) == 0
 
 
@@ -404,6 +525,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="compile processes (0: compile in this one)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=220.0,
                     help="after this many seconds, time only the top configs")  # fmt: skip
+    ap.add_argument("--split", default=",".join(map(str, SPLITS)),
+                    help="SPLIT_K values the sweep picks from, comma-separated (the rule's "
+                         "config keeps its own)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         args.types = [QuantType[name] for name in args.types.split(",")]
@@ -418,17 +542,23 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--m takes integers like 16,64, got {args.m!r}")
     if min(args.m) < 1:
         ap.error("--m values must be >= 1")
+    try:
+        args.split = sorted({int(v) for v in args.split.split(",")})
+    except ValueError:
+        ap.error(f"--split takes integers like 1,4,16, got {args.split!r}")
+    if not 1 <= min(args.split) <= max(args.split) <= MAX_SPLIT:
+        ap.error(f"--split values must be in [1, {MAX_SPLIT}]")
     if args.workers < 0 or not args.budget_s > 0:
         ap.error("--workers must be >= 0 and --budget-s > 0")
     return args
 
 
-def planned(args: argparse.Namespace, m: int, k: int) -> list[dict[str, int]]:
-    """Configs timed at (M, K) before the sweep's top ones join: the rule's first, then
-    (unless --quick) the sweep grid at SWEEP_M; those whose K step divides K."""
-    rule = default_config(m, k)
-    grid = [] if args.quick or m != SWEEP_M else sweep_grid(m)
-    return [rule] + [c for c in grid if c != rule and fits(c, k)]
+def planned(args: argparse.Namespace, m: int, n: int, k: int) -> list[dict[str, int]]:
+    """Configs timed at (M, N, K) before the sweep's top ones join: the rule's first, then
+    (unless --quick) the sweep grid at SWEEP_M with --split's values."""
+    rule = default_config(m, k, n)
+    grid = [] if args.quick or m != SWEEP_M else sweep_grid(m, n, k, args.split)
+    return [rule] + [c for c in grid if c != rule]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,15 +569,15 @@ def main(argv: list[str] | None = None) -> None:
     from tune_decode import graph_time  # CUDA-graph replays of a list of calls
 
     t0 = time.time()
-    plans = {(m, k): planned(args, m, k) for m in args.m for _, _, k in SHAPES}
-    todo = {(q.name, label(c)): (q.name, c) for q in args.types for cfgs in plans.values()
-            for c in cfgs}  # fmt: skip
-    status = precompile(list(todo.values()), args.workers)
+    plans = {(m, n, k): planned(args, m, n, k) for m in args.m for _, n, k in SHAPES}
+    todo = {(q.name, label(binary(c))): (q.name, binary(c)) for q in args.types
+            for cfgs in plans.values() for c in cfgs}  # fmt: skip
+    status = precompile(list(todo.values()), args.workers)  # by binary: SPLIT_K 1 or 2
     failed = sum(s != "ok" for s in status.values())
     print(f"{torch.cuda.get_device_name()}: {len(status) - failed}/{len(status)} kernels built, "
           f"{failed} failed to compile or run ({time.time() - t0:.0f} s)")  # fmt: skip
-    print("config: BLOCK_M/BLOCK_N/BLOCK_B/SWAP_AB/num_warps/num_stages; speedup: the better "
-          "of dequant and gemm over f16\n")  # fmt: skip
+    print("config: BLOCK_M/BLOCK_N/BLOCK_B/SWAP_AB/num_warps/num_stages/SPLIT_K; speedup: the "
+          "better of dequant and gemm over f16\n")  # fmt: skip
     print("| type | N x K | M | best config | f16 us | dequant us | gemm us | speedup | rel err |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for qtype in args.types:
@@ -458,7 +588,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = {}
             ranking: list[dict[str, int]] = []  # the sweep's configs, fastest first
             for m in sorted(args.m, key=lambda v: v != SWEEP_M):  # the sweep first
-                configs = [c for c in plans[(m, k)] if status[(qtype.name, label(c))] == "ok"]
+                configs = [c for c in plans[(m, n, k)]
+                           if status[(qtype.name, label(binary(c)))] == "ok"]  # fmt: skip
                 if time.time() - t0 > args.budget_s:
                     configs = configs[:1]  # out of time: the rule's config (and the top ones)
                 top_m = max(16, 1 << (m - 1).bit_length())

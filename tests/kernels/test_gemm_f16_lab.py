@@ -11,6 +11,8 @@ Error bounds, from the arithmetic (u = 2^-11, fp16's unit roundoff):
 - Against an fp16 emulation (x and W rounded as above by torch, products in float64) only
   the float32 accumulation differs; on CUDA, Q4_1's FMA may also differ from ggml's double
   rounding by one fp16 ulp of a weight.
+- Split-K sums SPLIT_K float32 partials (each scaled by the row's power of two: exact) in
+  order: a float32 sum of K products in another association, within the same K 2^-23 term.
 """
 
 from __future__ import annotations
@@ -122,12 +124,13 @@ def test_matches_float64_reference(rng, qtype: QuantType, m: int, n: int, k: int
 
 
 # GROUP_M=2 over 3 x 3 tiles: the grouped order's short last group; SWAP_AB: the transposed
-# dot and store; BLOCK_B=1: one block per K step (4 steps at K=128)
+# dot and store; BLOCK_B=1: one block per K step (4 steps at K=128). SPLIT_K=1: the kernel
+# without split-K (without it the rule would split these K loops)
 CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=1, GROUP_M=2),
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=2, GROUP_M=2, SWAP_AB=1),
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_B=4, GROUP_M=1, SWAP_AB=1),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_B=2, SWAP_AB=0),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=1, GROUP_M=2, SPLIT_K=1),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=2, GROUP_M=2, SWAP_AB=1, SPLIT_K=1),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_B=4, GROUP_M=1, SWAP_AB=1, SPLIT_K=1),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_B=2, SWAP_AB=0, SPLIT_K=1),
 ]
 
 
@@ -139,6 +142,63 @@ def test_tile_configs(rng, qtype: QuantType, config: dict[str, int]) -> None:
     x, blocks, y = run(rng, qtype, 40, 48, 128, config)
     check_exact(x, blocks, qtype, y)
     check_emulated(x, blocks, qtype, y)
+
+
+# (M, N, K, tiles): K steps per split at SPLIT_K 2 / 3 in the comments
+SPLIT_CASES = {
+    # 4 steps: 2 + 2 / 2 + 2 + an empty split; 3 x 3 tiles, GROUP_M=2
+    "even": (40, 48, 128, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=1, GROUP_M=2)),
+    # 5 steps: 3 + 2 / 2 + 2 + 1; partial row and weight tiles (17 rows of 16, 48 of 32),
+    # the transposed dot
+    "edges": (17, 48, 160, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_B=1, SWAP_AB=1)),
+    # 1 step: more splits than K steps, 1 + empty / 1 + empty + empty
+    "empty": (5, 16, 64, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=2)),
+}
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_split_k(rng, qtype: QuantType, split: int, case: str) -> None:
+    """Split-K within the same bounds, reproducible to the bit; where only one split gets K
+    steps, bit-identical to SPLIT_K=1 (the empty splits add zeros)."""
+    m, n, k, tile = SPLIT_CASES[case]
+    config = {**tile, "SPLIT_K": split}
+    x, blocks, y = run(rng, qtype, m, n, k, config)
+    check_exact(x, blocks, qtype, y)
+    check_emulated(x, blocks, qtype, y)
+    w = pack_weight(blocks, qtype, (n, k))
+    assert torch.equal(lab.gemm_f16(x, w, config), y)  # deterministic: no atomics
+    if lab.used_splits(k, tile, split) == 1:  # the others are empty: exactly SPLIT_K=1's sums
+        assert torch.equal(y, lab.gemm_f16(x, w, {**tile, "SPLIT_K": 1}))
+
+
+def test_split_cases_cover_short_and_empty_splits() -> None:
+    """The cases above do what their comments say (used_splits: splits that get K steps)."""
+    used = {
+        c: [lab.used_splits(k, t, s) for s in (2, 3)] for c, (_, _, k, t) in SPLIT_CASES.items()
+    }
+    assert used == {"even": [2, 2], "edges": [2, 3], "empty": [1, 1]}
+
+
+def test_rule_split() -> None:
+    """The rule's SPLIT_K makes about 2 x 132 programs, never more splits than K steps and
+    none empty; a config without SPLIT_K gets the rule's split for its own tiles."""
+    for m in (16, 64, 256):
+        for n, k in ((3072, 2048), (2048, 2048), (2048, 8192), (16384, 2048)):
+            cfg = lab.default_config(m, k, n)
+            programs = lab.tiles(m, n, cfg) * cfg["SPLIT_K"]
+            assert 2 * lab.SMS / 2**0.5 <= programs <= 2 * lab.SMS * 2**0.5, (m, n, k, cfg)
+    assert lab.default_config(64, 2048, 2048)["SPLIT_K"] == 16  # 16 tiles of 64 x 128
+    assert lab.default_config(64, 2048, 16384)["SPLIT_K"] == 2
+    assert lab.default_config(256, 2048, 16384)["SPLIT_K"] == 1  # 256 tiles: no split
+    cfg = lab.default_config(64, 576, 576)  # 5 tiles, 9 K steps: 9 splits of one step
+    assert (cfg["BLOCK_B"], cfg["SPLIT_K"]) == (2, 9)
+    assert lab.rule_split(64, 576, 576, dict(cfg, BLOCK_M=16, BLOCK_N=64)) == 5  # 36 tiles: 8 -> 5
+    assert lab.default_config(5, 64, 16)["SPLIT_K"] == 1  # one K step
+    tile = SPLIT_CASES["even"][3]
+    assert lab._resolve(tile, 40, 48, 128)["SPLIT_K"] == 4  # 9 tiles, 4 K steps
+    assert lab._resolve(None, 0, 48, 128)["SPLIT_K"] == 1
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -174,9 +234,10 @@ def test_strided_rows_and_empty_batch(rng) -> None:
 def test_model_shapes_on_gpu(rng, qtype: QuantType, n: int, k: int) -> None:
     for m in (16, 64, 256):
         for swap in (0, 1):
-            x, blocks, y = run(rng, qtype, m, n, k, {"SWAP_AB": swap})
-            check_exact(x, blocks, qtype, y)
-            check_emulated(x, blocks, qtype, y)
+            for split in ({}, {"SPLIT_K": 1}, {"SPLIT_K": 7}):  # the rule's, none, uneven
+                x, blocks, y = run(rng, qtype, m, n, k, {"SWAP_AB": swap, **split})
+                check_exact(x, blocks, qtype, y)
+                check_emulated(x, blocks, qtype, y)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -220,6 +281,10 @@ def test_unsupported_weight_type(rng) -> None:
         ({"BLOCK_N": 48}, "power of two"),
         ({"BLOCK_M": 8}, ">= 16"),
         ({"SWAP_AB": 2}, "SWAP_AB 0 or 1"),
+        ({"SPLIT_K": 0}, "SPLIT_K must be an integer in \\[1, 65535\\], got 0"),
+        ({"SPLIT_K": -2}, "SPLIT_K must be an integer"),
+        ({"SPLIT_K": 2.0}, "SPLIT_K must be an integer"),
+        ({"SPLIT_K": 1 << 16}, "SPLIT_K must be an integer"),
     ],
 )
 def test_bad_config(q4_weight, config: dict[str, int], message: str) -> None:
@@ -241,6 +306,8 @@ def test_device_mismatch(q4_weight) -> None:
         (["--m", "0"], "--m values must be >= 1"),
         (["--m", "x"], "--m takes integers"),
         (["--workers", "-1"], "--workers must be >= 0"),
+        (["--split", "0,4"], "--split values must be in [1, 65535]"),
+        (["--split", "4,x"], "--split takes integers"),
     ],
 )
 def test_benchmark_arguments(capsys, argv: list[str], message: str) -> None:
@@ -256,12 +323,45 @@ def test_benchmark_needs_a_gpu() -> None:
 
 
 def test_sweep_grid_is_pruned() -> None:
-    """BLOCK_M follows M; every config fits the register budget the grid promises."""
+    """BLOCK_M follows M; every config fits the register budget the grid promises; each
+    tile at SPLIT_K 1 and at most one split, never leaving a split empty."""
     for m, top in ((16, 16), (64, 64), (256, 128)):
-        grid = lab.sweep_grid(m)
-        assert max(c["BLOCK_M"] for c in grid) == top
-        for c in grid:
-            threads = 32 * c["num_warps"]
-            assert c["BLOCK_N"] * c["BLOCK_B"] * 32 <= 128 * threads
-            assert 8 * threads <= c["BLOCK_M"] * c["BLOCK_N"] <= 128 * threads
-    assert all(c["BLOCK_B"] <= 2 for c in lab.sweep_grid(64) if lab.fits(c, 576))
+        for n, k in ((2048, 2048), (576, 576), (16384, 2048)):
+            grid = lab.sweep_grid(m, n, k)
+            assert max(c["BLOCK_M"] for c in grid) == top
+            per_tile: dict[str, list[int]] = {}
+            for c in grid:
+                threads = 32 * c["num_warps"]
+                assert c["BLOCK_N"] * c["BLOCK_B"] * 32 <= 128 * threads
+                assert 8 * threads <= c["BLOCK_M"] * c["BLOCK_N"] <= 128 * threads
+                assert lab.fits(c, k) and c["SPLIT_K"] in lab.SPLITS
+                assert lab.used_splits(k, c, c["SPLIT_K"]) == c["SPLIT_K"]
+                per_tile.setdefault(lab.label({**c, "SPLIT_K": 0}), []).append(c["SPLIT_K"])
+            assert all(s[0] == 1 and len(s) <= 2 for s in per_tile.values())
+            assert len(per_tile) == sum(lab.fits(t, k) for t in lab.sweep_tiles(m))
+    assert all(c["BLOCK_B"] <= 2 for c in lab.sweep_grid(64, 576, 576))
+    # 2048 x 2048 at M = 64: 16 tiles of 64 x 128 want 16.5 splits, 128 tiles of 16 x 64 two
+    grid = lab.sweep_grid(64, 2048, 2048)
+    tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_B=4, SWAP_AB=0, num_stages=3)
+    assert [c["SPLIT_K"] for c in grid if tile.items() <= c.items()] == [1, 16]
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_B=2, SWAP_AB=1, num_stages=4)
+    assert [c["SPLIT_K"] for c in grid if tile.items() <= c.items()] == [1, 2]
+    # --split: only the listed values (the nearest of them)
+    assert {c["SPLIT_K"] for c in lab.sweep_grid(64, 2048, 2048, [1])} == {1}
+    assert {c["SPLIT_K"] for c in lab.sweep_grid(64, 2048, 2048, [4])} == {4}
+    assert {c["SPLIT_K"] for c in lab.sweep_grid(64, 2048, 2048, [4, 8])} == {4, 8}
+
+
+def test_benchmark_plan() -> None:
+    """The sweep at M = 64 (the rule's config first), the rule alone at other M; configs that
+    differ only in SPLIT_K > 1 share a binary (one compile)."""
+    args = lab._parse(["--split", "1,8"])
+    plan = lab.planned(args, 64, 2048, 2048)
+    assert plan[0] == lab.default_config(64, 2048, 2048) and len(plan) > 20
+    assert {c["SPLIT_K"] for c in plan[1:]} == {1, 8}
+    assert lab.planned(args, 16, 2048, 2048) == [lab.default_config(16, 2048, 2048)]
+    assert lab.planned(lab._parse(["--quick"]), 64, 2048, 2048) == plan[:1]
+    rule = plan[0]
+    assert lab.binary({**rule, "SPLIT_K": 3}) == lab.binary({**rule, "SPLIT_K": 16}) != rule
+    assert lab.binary({**rule, "SPLIT_K": 1}) == {**rule, "SPLIT_K": 1}
+    assert {lab.binary(c)["SPLIT_K"] for c in plan} == {1, 2}
