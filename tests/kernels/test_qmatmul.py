@@ -45,7 +45,7 @@ def tolerance(dtype: torch.dtype, path: str, qtype: QuantType | None = None) -> 
     u = UNIT_ROUNDOFF[dtype]
     if path == "gemv":
         return u + ACC
-    if path == "dequant":  # x and W rounded to float16 (x scaled per row); BF16 W: x to bf16
+    if path in ("dequant", "f16"):  # x, W rounded to float16 (x scaled per row); BF16 W: bf16
         if qtype == T.BF16 or dtype == torch.bfloat16:
             return u + 2.0**-8 + 2.0**-11 + ACC
         return u + 2 * 2.0**-11 + ACC
@@ -172,6 +172,41 @@ def test_dequant_path_in_row_chunks(qtype, rng, poisoned, monkeypatch):
     big = torch.zeros(qm.DEQUANT_MM_MIN_M, k, device=DEVICE)
     assert qm._dequant_pays(big, w) == (ON_GPU and qtype != T.F32)
     assert not qm._dequant_pays(big[:-1], w)
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_f16_path(qtype, dtype, rng, poisoned):
+    """The fp16-tile split-K GEMM through qmatmul_with: bias, the output buffer in x's dtype,
+    rows of very different magnitude (per-row float16 scaling)."""
+    n, k, m = N_SMALL, 256, 17
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = random_x(rng, m, k, dtype)
+    big = 16.0 if dtype == torch.float16 else 1e4  # a float16 output holds <= 65504
+    x[1] *= big
+    x[2] /= big
+    bias = random_bias(rng, n, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = qm.qmatmul_with(x, w, bias, path="f16", out=out)
+    assert y is out
+    for r in range(m):
+        row = slice(r, r + 1)
+        tol = tolerance(dtype, "f16", qtype)
+        check(x[row], data, qtype, (n, k), bias, y[row], tol, f"{qtype.name} f16 row {r}")
+    with pytest.raises(ValueError, match="path 'f16' takes"):
+        qm.qmatmul_with(x, qm.pack_weight(random_blocks(rng, T.Q5_0, n, k), T.Q5_0, (n, k)),
+                        path="f16")  # fmt: skip
+
+
+def test_f16_gemm_dispatch_rule():
+    pays = qm.f16_gemm_pays
+    assert pays("cuda", T.Q4_0, 64, 3072, 2048) and pays("cuda", T.Q8_0, 16, 2048, 8192)
+    assert not pays("cpu", T.Q4_0, 64, 3072, 2048)  # the interpreter keeps the old paths
+    assert not pays("cuda", T.Q4_1, 64, 3072, 2048)  # not measured on a GPU
+    assert not pays("cuda", T.Q4_0, 15, 3072, 2048) and not pays("cuda", T.Q4_0, 65, 3072, 2048)
+    assert not pays("cuda", T.Q4_0, 64, 960, 576)  # small K: a wash
+    assert not pays("cuda", T.Q4_0, 64, 128256, 2048)  # the vocabulary-sized output
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.BF16], ids=lambda t: t.name)
@@ -391,7 +426,12 @@ def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
     for dtype in (torch.bfloat16, torch.float16) if m != 16 else X_DTYPES:
         x = random_x(rng, m, k, dtype)
         bias = random_bias(rng, n, dtype)
-        path = "gemv" if m <= qm.GEMV_MAX_M else "dequant" if qm._dequant_pays(x, w) else "gemm"
+        if m <= qm.GEMV_MAX_M:
+            path = "gemv"
+        elif qm.f16_gemm_pays("cuda", qtype, m, n, k):
+            path = "f16"
+        else:
+            path = "dequant" if qm._dequant_pays(x, w) else "gemm"
         y = qm.qmatmul(x, w, bias)
         tol = tolerance(dtype, path, qtype)
         check(x, data, qtype, shape, bias, y, tol, f"{qtype.name} {dtype} {path}")

@@ -76,6 +76,13 @@ GEMV_MAX_M = 4
 # by a power of two (no overflow; bf16 x and W for BF16 weights), products summed in float32.
 DEQUANT_MM_MIN_M = 64
 DEQUANT_SCRATCH = 1 << 25
+# Between these row counts, Q4_0 / Q8_0 weights with K >= F16_GEMM_MIN_K (not vocabulary-
+# sized) take the fp16-tile GEMM with split-K (`qgemm_f16`): it reads the blocks once, where
+# dequant + cuBLAS writes and re-reads a 16-bit copy and the TF32 GEMM is ALU-bound. H200,
+# Llama-3.2-1B shapes (benchmarks/kernels/gemm_f16_lab.py): 1.1-1.6x over the better of the
+# two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
+F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
+_F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q8_0})
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -302,7 +309,9 @@ def qmatmul_with(
     benchmarks and static CUDA-graph buffers).
 
     path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
-    weights) or "auto" (GEMV for M <= GEMV_MAX_M, dequant from DEQUANT_MM_MIN_M
+    weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0, K a
+    multiple of 64) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
+    to "f16", dequant from DEQUANT_MM_MIN_M
     rows on CUDA, else GEMM). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
@@ -315,8 +324,10 @@ def qmatmul_with(
     """
     _check_inputs(x, w, bias, act)
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
-    if path not in ("auto", "gemv", "gemm", "dequant"):
-        raise ValueError(f"path must be 'auto', 'gemv', 'gemm' or 'dequant', got {path!r}")
+    if path not in ("auto", "gemv", "gemm", "dequant", "f16"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'dequant' or 'f16', got {path!r}")
+    if path == "f16" and w.qtype not in (*_F16_GEMM_TYPES, QuantType.Q4_1):
+        raise ValueError(f"path 'f16' takes Q4_0, Q4_1 or Q8_0 weights, got {w.qtype.name}")
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
     if gemm_config is not None and (fused or path == "gemv"):
@@ -357,11 +368,43 @@ def qmatmul_with(
     if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M and gemm_config is None):
         pro = _prologue_code(norm_weight, act)
         _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual)
+    elif path == "f16" or (
+        path == "auto"
+        and gemm_config is None
+        and f16_gemm_pays(x.device.type, w.qtype, m, w.n, w.k)
+    ):
+        _f16_gemm(x, w, bias, out)
     elif path == "dequant" or (path == "auto" and _dequant_pays(x, w) and gemm_config is None):
         _dequant_mm(x, w, bias, out)
     else:
         _launch_gemm(x, w, bias, out, gemm_config)
     return out
+
+
+def f16_gemm_pays(device_type: str, qtype: QuantType, m: int, n: int, k: int) -> bool:
+    """Whether the automatic choice for an (m x k) @ (n x k)^T product is `qgemm_f16`."""
+    return (
+        device_type == "cuda"
+        and qtype in _F16_GEMM_TYPES
+        and F16_GEMM_MIN_M <= m <= F16_GEMM_MAX_M
+        and k >= F16_GEMM_MIN_K
+        and k % 64 == 0  # whole K steps of 2 blocks
+        and n < 65536
+    )
+
+
+def _f16_gemm(
+    x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    from llamapy.kernels.triton import qgemm_f16  # imports this module
+
+    cfg = qgemm_f16.decode_config(x.shape[0], w.n, w.k, _num_sms(x.device))
+    if out.dtype == torch.float32:
+        qgemm_f16.gemm_f16(x, w, cfg, out=out)
+    else:
+        out.copy_(qgemm_f16.gemm_f16(x, w, cfg))
+    if bias is not None:
+        out.add_(bias)
 
 
 def _dequant_pays(x: torch.Tensor, w: PackedWeight) -> bool:
