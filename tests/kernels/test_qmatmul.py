@@ -203,7 +203,8 @@ def test_f16_gemm_dispatch_rule():
     pays = qm.f16_gemm_pays
     assert pays("cuda", T.Q4_0, 64, 3072, 2048) and pays("cuda", T.Q8_0, 16, 2048, 8192)
     assert not pays("cpu", T.Q4_0, 64, 3072, 2048)  # the interpreter keeps the old paths
-    assert not pays("cuda", T.Q4_1, 64, 3072, 2048)  # not measured on a GPU
+    assert pays("cuda", T.Q4_1, 32, 16384, 2048)
+    assert not pays("cuda", T.Q5_0, 64, 3072, 2048)  # no fp16-tile kernel
     assert not pays("cuda", T.Q4_0, 15, 3072, 2048) and not pays("cuda", T.Q4_0, 65, 3072, 2048)
     assert not pays("cuda", T.Q4_0, 64, 960, 576)  # small K: a wash
     assert not pays("cuda", T.Q4_0, 64, 128256, 2048)  # the vocabulary-sized output

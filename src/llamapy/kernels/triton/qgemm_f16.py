@@ -1,5 +1,5 @@
 """Fused dequantize-GEMM for batched decode that keeps the weight side in fp16 (Q4_0, Q4_1,
-Q8_0), with split-K. `qmatmul` routes 16..64-row products of large-K Q4_0 / Q8_0 weights
+Q8_0), with split-K. `qmatmul` routes 16..64-row products of large-K weights of these types
 here on CUDA (`qmatmul.F16_GEMM_*`); its sweep and timings: benchmarks/kernels/gemm_f16_lab.py.
 
 `qmatmul._gemm_kernel` converts every weight through float32 (`_exact_f32`, float32 FMAs,

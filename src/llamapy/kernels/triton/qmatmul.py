@@ -76,13 +76,13 @@ GEMV_MAX_M = 4
 # by a power of two (no overflow; bf16 x and W for BF16 weights), products summed in float32.
 DEQUANT_MM_MIN_M = 64
 DEQUANT_SCRATCH = 1 << 25
-# Between these row counts, Q4_0 / Q8_0 weights with K >= F16_GEMM_MIN_K (not vocabulary-
+# Between these row counts, Q4_0 / Q4_1 / Q8_0 weights with K >= F16_GEMM_MIN_K (not vocabulary-
 # sized) take the fp16-tile GEMM with split-K (`qgemm_f16`): it reads the blocks once, where
 # dequant + cuBLAS writes and re-reads a 16-bit copy and the TF32 GEMM is ALU-bound. H200,
 # Llama-3.2-1B shapes (benchmarks/kernels/gemm_f16_lab.py): 1.1-1.6x over the better of the
 # two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
 F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
-_F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q8_0})
+_F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0})
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -326,7 +326,7 @@ def qmatmul_with(
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
     if path not in ("auto", "gemv", "gemm", "dequant", "f16"):
         raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'dequant' or 'f16', got {path!r}")
-    if path == "f16" and w.qtype not in (*_F16_GEMM_TYPES, QuantType.Q4_1):
+    if path == "f16" and w.qtype not in _F16_GEMM_TYPES:
         raise ValueError(f"path 'f16' takes Q4_0, Q4_1 or Q8_0 weights, got {w.qtype.name}")
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
