@@ -1,30 +1,7 @@
 """Lab: the fp16-tile fused dequantize-GEMM (src/llamapy/kernels/triton/qgemm_f16.py) swept
 and timed against dequantize + cuBLAS and the TF32 fused GEMM.
 
-The kernel, as its module describes it:
-
-`qmatmul._gemm_kernel` converts every weight through float32 (`_exact_f32`, float32 FMAs,
-TF32 dots for float32 x); the dequant path (`qmatmul._dequant_mm`) writes a 16-bit copy of W
-that cuBLAS then reads again. This kernel reads the ggml blocks once and builds fp16 tiles
-with fp16 arithmetic only, for fp16 tensor cores with float32 sums:
-
-- 4-bit: nibble q -> fp16 1024 + q by the magic number (0x6400 | q is 1024 + q exactly),
-  minus 1032 (Q4_0: q - 8) or 1024 (Q4_1), exact; times d (fp16). Q4_1 adds m in one fp16
-  FMA (d q + m rounded once), where ggml rounds d q + m to float32 first and the dequant path
-  then to fp16: the two can differ by one fp16 ulp, rarely (double rounding). Q4_0 and Q8_0
-  tiles are bit-identical to the dequant path's (d (q - 8) is one correctly rounded product).
-- Q8_0: int8 q -> fp16 q by the same trick on q + 128 (exact), times d.
-- x rows are scaled into fp16 by powers of two (`qmatmul._scale_rows_kernel`: x = s y,
-  |y| <= 2^14) and the sums are multiplied by s at the end, so no row overflows.
-
-Weights must fit fp16 (|w| <= 65504), as on the dequant path. Like `_gemm_step`, the 4-bit
-tiles take x in ggml's nibble order: two dots per K step, x[32 b + j] against the low
-nibbles and x[32 b + 16 + j] against the high ones.
-
-Split-K (config SPLIT_K > 1): a 2048-wide output is only 16-32 tiles at M <= 256, for 132
-SMs; SPLIT_K programs per tile each sum a contiguous range of whole K steps into a float32
-workspace, and a second kernel adds the splits in order (deterministic, no atomics). The
-rule aims at about 2 x 132 programs.
+How the kernel builds fp16 tiles, scales x and splits K: the module's docstring.
 
 GPU benchmark (checks against the dequant path, sweeps tiles and splits at M = 64, carries
 the best 5 to the other M, prints a markdown table):

@@ -10,32 +10,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _generate(path, graphs: bool, prompts, params, async_on: bool = False):
-    from llamapy.engine.llm_engine import EngineConfig, LLMEngine
-    from llamapy.formats import open_model_file
-    from llamapy.tokenizer import Tokenizer
-
-    cfg = EngineConfig(
-        max_model_len=256,
-        max_num_seqs=4,
-        device="cuda",
-        cuda_graphs=graphs,
-        async_scheduling=async_on,
-    )
-    engine = LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
-    ids = [engine.add_request(p, params) for p in prompts]
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens[out.request_id] += out.token_ids
-    if graphs:
-        assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
-    return [tokens[i] for i in ids]
-
-
 def _generate_each(path, prompts, params_list, async_on: bool, graphs: bool = True):
     """Generations, each prompt with its params, with or without async scheduling and
-    graphs (and a count of the steps launched async)."""
+    graphs, and a count of the steps launched async."""
     from llamapy.engine.llm_engine import EngineConfig, LLMEngine
     from llamapy.formats import open_model_file
     from llamapy.tokenizer import Tokenizer
@@ -55,7 +32,14 @@ def _generate_each(path, prompts, params_list, async_on: bool, graphs: bool = Tr
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
         launched += engine._pending is not None
+    if graphs:
+        assert engine.runner.graphs.graphs, "no decode step was replayed from a graph"
     return [tokens[i] for i in ids], launched
+
+
+def _generate(path, graphs: bool, prompts, params):
+    """Synchronous generations, every prompt with the same params."""
+    return _generate_each(path, prompts, [params] * len(prompts), False, graphs)[0]
 
 
 def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
@@ -85,8 +69,10 @@ def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
     assert launched > 10, "no eager decode step was launched async"
     assert got == _generate_each(tiny_gguf, prompts, ragged, async_on=False, graphs=False)[0]
     # seeded sampling async: the sampler on the graph's logits, its picks the next ids
+    # (ignore_eos: every sequence runs its length, whatever this random model's EOS odds)
     hot = [
-        SamplingParams(temperature=1.2, seed=s, max_tokens=n) for s, n in ((1, 9), (2, 24), (3, 17))
+        SamplingParams(temperature=1.2, seed=s, max_tokens=n, ignore_eos=True)
+        for s, n in ((1, 9), (2, 24), (3, 17))
     ]
     got, launched = _generate_each(tiny_gguf, prompts, hot, async_on=True)
     assert launched > 10, "no sampled decode step was launched async"

@@ -118,14 +118,7 @@ if HAS_TRITON:
         s as the whole sum would be, into out as a (SPLIT_K, M, N) float32 workspace
         (`_sum_splits_kernel` adds them up). s is a power of two: the scaled partials add up
         to the scaled sum."""
-        # grouped tile order (as qmatmul._gemm_kernel): GROUP_M row tiles share a W tile in L2
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        first_m = pid // (GROUP_M * num_n) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        pid_m, pid_n = qm._grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

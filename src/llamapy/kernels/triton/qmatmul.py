@@ -994,6 +994,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP_M: tl.constexpr):  # fmt: skip
+        """Program pid's (row tile, column tile) in grouped order: GROUP_M row tiles run
+        together over each weight column tile, so it is read from L2 by all of them."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        return pid_m, pid_n
+
+    @triton.jit
     def _gemm_kernel(
         x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm,
@@ -1003,14 +1016,7 @@ if HAS_TRITON:
     ):  # fmt: skip
         """out = x W^T (+ bias) by (BLOCK_M, BLOCK_N) tiles; W tiles dequantized in registers
         and rounded to x's dtype (16-bit x) or kept float32 for a TF32 dot (float32 x)."""
-        # grouped tile order: GROUP_M row tiles share each weight column tile in L2
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        first_m = pid // (GROUP_M * num_n) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
