@@ -81,3 +81,22 @@ def test_graph_decode_matches_eager(tiny_gguf, monkeypatch) -> None:
     assert _generate(tiny_gguf, True, prompts, seeded) == _generate(
         tiny_gguf, False, prompts, seeded
     )
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="PDL needs a Hopper (sm_90) or newer GPU",
+)
+def test_decode_with_pdl_matches_pdl_off(tiny_gguf, monkeypatch) -> None:
+    """Whole decode steps (rope + cache write, paged attention, fused GEMVs, graphs, async
+    scheduling) launched with programmatic dependent launch: the same greedy tokens as
+    without it (kernels/triton/pdl.py)."""
+    from llamapy.sampling.params import SamplingParams
+
+    prompts = [[1, 5, 9], [2, 7, 3, 3, 8] * 8, [4]]
+    params = [SamplingParams.greedy(max_tokens=n, ignore_eos=True) for n in (7, 32, 19)]
+    got = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("LLAMAPY_PDL", on)
+        got[on] = _generate_each(tiny_gguf, prompts, params, async_on=True)[0]
+    assert got["1"] == got["0"]

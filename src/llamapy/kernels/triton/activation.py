@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llamapy.kernels.triton import HAS_TRITON
+from llamapy.kernels.triton import HAS_TRITON, pdl
 from llamapy.kernels.triton.norm import check_device, check_float, row_strides
 
 if HAS_TRITON:
@@ -90,7 +90,7 @@ def _act_and_mul(op: str, gate: torch.Tensor, up: torch.Tensor, act: int) -> tor
     block = min(1024, triton.next_power_of_2(n))
     _act_and_mul_kernel[(n_rows, triton.cdiv(n, block))](
         gate, up, out, n, g_inner, sga, sgb, u_inner, sua, sub,
-        ACT=act, BLOCK=block, num_warps=4,
+        ACT=act, BLOCK=block, **pdl.launch_options(pdl.pdl_enabled(gate.device)), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -100,8 +100,10 @@ if HAS_TRITON:
     @triton.jit
     def _act_and_mul_kernel(
         gate_ptr, up_ptr, out_ptr, N, g_inner, sga, sgb, u_inner, sua, sub,
-        ACT: tl.constexpr, BLOCK: tl.constexpr,
+        ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamapy.kernels.triton import INTERPRET
+from llamapy.kernels.triton import INTERPRET, pdl
 from llamapy.layers.attention import AttentionMetadata
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -189,11 +189,14 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
     ROUND_Q: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
     16-bit type, so both dots run on tensor cores in that type (probabilities rounded to it
-    too), sums in float32."""
+    too), sums in float32. PDL: see `pdl` (everything read here comes from earlier kernels)."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -258,8 +261,11 @@ def _combine_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Merge the splits of one (sequence, head) by their log-sum-exp (flash-decoding)."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b.to(tl.int64) * tl.num_programs(1) + h
@@ -507,6 +513,7 @@ def paged_attention_decode(
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
+    pdl_on = pdl.pdl_enabled(q.device)
     # fmt: off
     _decode_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
@@ -519,14 +526,16 @@ def paged_attention_decode(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
-        LOOP_WHILE=INTERPRET, ROUND_Q=round_q, num_warps=warps, num_stages=stages,
+        LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on),
+        num_warps=warps, num_stages=stages,
     )
     # fmt: on
     if num_splits > 1:
         _combine_kernel[(batch, n_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4 if block_d <= 128 else 8,
+            BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch_options(pdl_on),
+            num_warps=4 if block_d <= 128 else 8,
         )  # fmt: skip
     return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, pdl, triton_usable
 
 if HAS_TRITON:
     import triton
@@ -108,7 +108,8 @@ def _launch(op: str, x, residual, weight, out, eps: float) -> None:
         x, residual if residual is not None else x, weight if weight is not None else x, out,
         n_rows, inner, sxa, sxb, r_inner, sra, srb, d, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+        ROWS=rows, BLOCK_D=block_d, **pdl.launch_options(pdl.pdl_enabled(x.device)),
+        num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -149,8 +150,10 @@ if HAS_TRITON:
         x_ptr, res_ptr, w_ptr, out_ptr,
         n_rows, x_inner, sxa, sxb, r_inner, sra, srb, D, eps,
         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
 from llamapy.kernels.triton import qmatmul as qm
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.types import QuantType
@@ -104,7 +104,7 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_qs, stride_d, steps_per_split,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
-        SPLIT: tl.constexpr, INTERP: tl.constexpr,
+        SPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out (M, N) float32 = (x16 @ W^T) * s[:, None] for fp16 x16 (M, K), float32 s (M,),
         W (N, K) as PackedWeight tensors (QT 0 Q4_0, 1 Q4_1: qs (N, K/2) uint8; 2 Q8_0: qs
@@ -118,6 +118,8 @@ if HAS_TRITON:
         s as the whole sum would be, into out as a (SPLIT_K, M, N) float32 workspace
         (`_sum_splits_kernel` adds them up). s is a power of two: the scaled partials add up
         to the scaled sum."""
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         pid_m, pid_n = qm._grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,9 +194,12 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _sum_splits_kernel(ws_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(ws_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
         """out (M N,) = ws[0] + ws[1] + ... + ws[SPLIT_K - 1] for a (SPLIT_K, M N) float32
         workspace, added in that order (deterministic: no atomics)."""
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         ptr = ws_ptr + offs
@@ -347,7 +352,10 @@ def gemm_f16(
         return out
     x16 = torch.empty(m, k, dtype=torch.float16, device=x.device)  # x = s x16, |x16| <= 2^14
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    qm._scale_rows_kernel[(m,)](x, x16, s, x.stride(0), K=k, BLOCK_K=1024, num_warps=4)
+    pdl_on = pdl.pdl_enabled(x.device)
+    qm._scale_rows_kernel[(m,)](
+        x, x16, s, x.stride(0), K=k, BLOCK_K=1024, **pdl.launch_options(pdl_on), num_warps=4
+    )
     t = w.tensors
     qs, d = t["qs"], t["d"]
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -358,11 +366,12 @@ def gemm_f16(
     _gemm_f16_kernel[grid](
         x16, s, qs, d, t.get("m", d), dest, m, n, k, x16.stride(0), qs.stride(0), d.stride(0),
         triton.cdiv(steps, split), QT=TYPES[w.qtype], SPLIT=split > 1, INTERP=INTERPRET,
-        **cfg, num_warps=num_warps, num_stages=num_stages,
+        **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
-            dest, out, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
-        )
+            dest, out, m * n, SPLIT_K=split, BLOCK=block, **pdl.launch_options(pdl_on),
+            num_warps=4,
+        )  # fmt: skip
     return out

@@ -31,7 +31,7 @@ import logging
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes
@@ -422,7 +422,10 @@ def _dequant_mm(
     if wdt == torch.float16:  # x / 2^e per row, |x / 2^e| <= 2^14: fits float16's range
         xs = torch.empty(m, k, dtype=torch.float16, device=x.device)
         scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-        _scale_rows_kernel[(m,)](x, xs, scale, x.stride(0), K=k, BLOCK_K=1024, num_warps=4)
+        _scale_rows_kernel[(m,)](
+            x, xs, scale, x.stride(0), K=k, BLOCK_K=1024,
+            **pdl.launch_options(pdl.pdl_enabled(x.device)), num_warps=4,
+        )  # fmt: skip
     else:
         xs, scale = x.to(torch.bfloat16), None
     tile = _DEQUANT_BLOCK_N
@@ -640,19 +643,27 @@ def _launch_gemv(
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
     has_res = residual is not None
+    operands = _operands(w)
+    pdl_on = pdl.pdl_enabled(x.device)
+    # qs elements per 32-weight block; the program's share of each row goes to L2 before the
+    # PDL wait (weights are never written by an earlier kernel)
+    block_width = 16 if w.qtype in _NIBBLE_TYPES else QK
+    nbytes = steps_per_split * cfg["BLOCK_B"] * block_width * operands[0].element_size()
+    lines = pdl.prefetch_lines(nbytes) if pdl_on else 0
     _gemv_kernel[grid](
-        x, *_operands(w), bias if bias is not None else out,
+        x, *operands, bias if bias is not None else out,
         norm_weight if norm_weight is not None else out, dest,
         m, n, k, x.stride(0), steps_per_split, float(eps or 0.0),
         QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, PRO=pro,
-        HAS_RES=has_res and split == 1, INTERP=INTERPRET, **cfg, num_warps=num_warps,
+        HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines,
+        **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
             dest, bias if bias is not None else out, out, m * n, n,
             SPLIT=split, HAS_BIAS=bias is not None, HAS_RES=has_res, BLOCK=block,
-            INTERP=INTERPRET, num_warps=4,
+            INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=4,
         )  # fmt: skip
 
 
@@ -890,10 +901,12 @@ if HAS_TRITON:
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
+        WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
-        with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y."""
+        with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y.
+        PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -901,6 +914,11 @@ if HAS_TRITON:
         n_mask = offs_n < N
         nb = K // 32
         b_start = pid_k * steps_per_split * BLOCK_B  # splits are whole steps: stop at K only
+        pdl.launch_dependents(PDL)
+        if PDL:
+            b_stop = tl.minimum(b_start + steps_per_split * BLOCK_B, nb)
+            pdl.prefetch_rows(qs_ptr, rows, n_mask, nb * WB, b_start * WB, b_stop * WB, PF)
+        pdl.wait(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), tl.float32)
         args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
@@ -933,10 +951,12 @@ if HAS_TRITON:
     def _reduce_kernel(
         ws_ptr, bias_ptr, out_ptr, MN, N,
         SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK: tl.constexpr, INTERP: tl.constexpr,
+        BLOCK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out = sum over s of ws[s] (+ bias) (+ out: the residual, added once, here), added
         in order s = 0, 1, ... (deterministic)."""
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         y = tl.zeros((BLOCK,), tl.float32)
@@ -1078,9 +1098,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _scale_rows_kernel(x_ptr, y_ptr, s_ptr, stride_xm, K: tl.constexpr,
-                           BLOCK_K: tl.constexpr):  # fmt: skip
+                           BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """Row r of x (float) -> y = x / s as float16 and s = 2^e (float32), the power of two
         with max |x| <= 2^14 s (y then fits float16 exactly as x's scaled values round)."""
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         amax = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
 from llamapy.quant.grids import table
 from llamapy.quant.kquants import _k_scale_min, _q3_k_scales
 from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
@@ -522,6 +522,7 @@ def launch(
     if m == 0 or n == 0:
         return
     cfg = config
+    pdl_on = not cfg.gemm and pdl.pdl_enabled(x.device)
     units, unit = k // block_size(qtype), block_size(qtype)
     step = cfg.nsb if not cfg.gemm else 1
     per_split = triton.cdiv(triton.cdiv(units, step), cfg.split) * step  # units per split
@@ -548,16 +549,30 @@ def launch(
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
         g = norm_weight if norm_weight is not None else x  # never read without the norm
+        # the split's share of the first two fields' rows goes to L2 before the PDL wait
+        widths = [_unit_width(f, unit) for f in _FIELDS[qtype][:2]]
+        sizes = [t.element_size() for t in ptrs[:2]]
+        lines = [
+            pdl.prefetch_lines(per_split * w * e) if pdl_on else 0
+            for w, e in zip(widths, sizes, strict=True)
+        ]
         _gemv_kernel[grid](
             *args, g, float(eps), **consts, NSB=cfg.nsb, MODE=mode,
-            HAS_RES=accumulate and split == 1, num_warps=cfg.num_warps,
+            HAS_RES=accumulate and split == 1, AW=widths[0], BW=widths[1], PA=lines[0],
+            PB=lines[1], **pdl.launch_options(pdl_on), num_warps=cfg.num_warps,
         )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
             dest, out, m, n, out.stride(0), SPLIT=split, HAS_RES=accumulate, BLOCK=block,
-            INTERP=INTERPRET, num_warps=4,
+            INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=4,
         )  # fmt: skip
+
+
+def _unit_width(field: tuple[str, torch.dtype, int], unit: int) -> int:
+    """Elements of a `_FIELDS` entry per unit (super-block) of weights; 0 for a shared table."""
+    weights_per_element = field[2]
+    return unit // weights_per_element if weights_per_element else 0
 
 
 def dequantize_rows(
@@ -820,10 +835,12 @@ if HAS_TRITON:
                      QTYPE: tl.constexpr, UNIT: tl.constexpr, L: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, NSB: tl.constexpr,
                      MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                     INTERP: tl.constexpr):  # fmt: skip
+                     INTERP: tl.constexpr, AW: tl.constexpr, BW: tl.constexpr,
+                     PA: tl.constexpr, PB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """out[split, m, n] = x[m] . W[n] over the split's units; grid (N/BN, M/BM, splits).
         MODE: the prologue on x (see `_consume`; 2: RMSNorm, its 1/rms applied to the sums);
-        HAS_RES: out += the result (no split)."""
+        HAS_RES: out += the result (no split). PDL: PA / PB lines of the split's share of the
+        rows of fields A / B (AW / BW elements a unit) go to L2 before the wait."""
         pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_n * BN + tl.arange(0, BN)
         row = rows.to(tl.int64)[:, None, None]  # (BN, 1, 1)
@@ -833,6 +850,12 @@ if HAS_TRITON:
         m_ok = (ms < M)[:, None, None, None]
         u_lo = pid_s * per_split
         u_hi = tl.minimum(u_lo + per_split, U)
+        pdl.launch_dependents(PDL)
+        if PDL:
+            r64 = rows.to(tl.int64)
+            pdl.prefetch_rows(A, r64, rows < N, sA, u_lo * AW, u_hi * AW, PA)
+            pdl.prefetch_rows(B, r64, rows < N, sB, u_lo * BW, u_hi * BW, PB)
+        pdl.wait(PDL)
         acc = tl.zeros((BM, BN, NSB, L), dtype=tl.float32)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             u0 = u_lo
@@ -905,9 +928,11 @@ if HAS_TRITON:
     @triton.jit
     def _reduce_kernel(ws_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-                       INTERP: tl.constexpr):  # fmt: skip
+                       INTERP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """out[m, n] = the sum of the float32 partials ws[s, m, n], in order s = 0, 1, ...
         (HAS_RES: plus out[m, n], the residual stream, added once, here)."""
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M * N
         acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON
+from llamapy.kernels.triton import HAS_TRITON, pdl
 from llamapy.kernels.triton.norm import check_device, check_float
 
 if HAS_TRITON:
@@ -198,7 +198,7 @@ def _launch(q, k, v, cos, sin, q_out, k_out, v_out, slot_mapping, rot_dim, inter
         COPY_REST=write_cache and rot_dim < head_dim, HEADS=heads,
         BLOCK_HALF=triton.next_power_of_2(rot_dim // 2), BLOCK_D=block_d,
         BLOCK_DV=triton.next_power_of_2(v.shape[2]) if write_cache else 1,
-        num_warps=4,
+        **pdl.launch_options(pdl.pdl_enabled(q.device)), num_warps=4,
     )  # fmt: skip
 
 
@@ -244,7 +244,10 @@ if HAS_TRITON:
         ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr,
         COPY_REST: tl.constexpr, HEADS: tl.constexpr,
         BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl.launch_dependents(PDL)
+        pdl.wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         i = tl.arange(0, BLOCK_HALF)

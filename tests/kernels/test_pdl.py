@@ -1,0 +1,109 @@
+"""Programmatic dependent launch (`kernels/triton/pdl.py`): where it is on, and that kernels
+launched with it compute exactly what they compute without it.
+
+A kernel that read an activation (or wrote anything) before its PDL wait would race with the
+kernel before it; the GPU tests chain dependent kernels (each reads what the previous one
+wrote) in a CUDA graph, as a decode step does, and compare bit for bit with PDL off. Whole
+decode steps with PDL on and off: tests/engine/test_cuda_graphs.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import llamapy.kernels.triton as kt
+from llamapy.kernels.triton import pdl
+from llamapy.quant.types import QuantType
+
+pytestmark = pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def test_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    assert pdl.launch_options(False) == {"PDL": False}
+    assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        monkeypatch.delenv("LLAMAPY_PDL", raising=False)
+        assert not pdl.pdl_enabled(cuda)  # opt-in
+        monkeypatch.setenv("LLAMAPY_PDL", "0")
+        assert not pdl.pdl_enabled(cuda)
+        monkeypatch.setenv("LLAMAPY_PDL", "1")
+        assert pdl.pdl_enabled(cuda) == (ON_HOPPER and not kt.INTERPRET)
+
+
+def test_prefetch_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pdl.prefetch_lines(0) == 0
+    assert pdl.prefetch_lines(1) == 1
+    assert pdl.prefetch_lines(128) == 1
+    assert pdl.prefetch_lines(129) == 2
+    assert pdl.prefetch_lines(3 * 128) == 4  # a power of two (a constexpr tile width)
+    assert pdl.prefetch_lines(1 << 20) == 64  # capped: longer runs are prefetched in part
+    assert pdl.prefetch_lines(1 << 20, cap=8) == 8
+    monkeypatch.setattr(pdl, "PREFETCH", False)
+    assert pdl.prefetch_lines(4096) == 0
+
+
+def _chain(x, layers, eps=1e-5):
+    """A decode step's kernel sequence: per layer a normed GEMV, a residual GEMV, a normed
+    gate_up GEMV and the activated down GEMV into the residual; every kernel reads the
+    previous one's output."""
+    from llamapy.kernels.triton import qmatmul as qm
+
+    stream = x.clone()
+    for g, w_in, w_out, w_gu, w_down in layers:
+        h = qm.qmatmul(stream, w_in, norm_weight=g, eps=eps)
+        qm.qmatmul(h, w_out, residual=stream)
+        gu = qm.qmatmul(stream, w_gu, norm_weight=g, eps=eps)
+        qm.qmatmul(gu, w_down, act="silu", residual=stream)
+    return stream
+
+
+def _layers(rng: np.random.Generator, qtype: QuantType, d: int, ffn: int, n: int):
+    from llamapy.kernels.triton import qmatmul as qm
+    from llamapy.quant.quantize import quantize
+
+    def weight(rows: int, cols: int):
+        w = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
+        return qm.pack_weight(quantize(w.cuda(), qtype), qtype, (rows, cols))
+
+    layers = []
+    for _ in range(n):
+        g = torch.from_numpy(rng.uniform(0.5, 1.5, d).astype(np.float32)).cuda()
+        layers.append((g, weight(d, d), weight(d, d), weight(2 * ffn, d), weight(d, ffn)))
+    return layers
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="PDL needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q8_0, QuantType.Q4_K])
+@pytest.mark.parametrize("m", [1, 4])
+def test_graph_chain_matches_pdl_off(qtype, m, rng, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real decode widths (2048, ffn 8192: split-K for the down projection), 4 layers in a
+    CUDA graph, replayed on fresh inputs: identical with PDL on and off."""
+    layers = _layers(rng, qtype, 2048, 8192, 4)
+    x = torch.from_numpy(rng.standard_normal((m, 2048), dtype=np.float32)).cuda()
+    results = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("LLAMAPY_PDL", on)
+        _chain(x, layers)  # compiles before capture
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            y = _chain(static_x, layers)
+        outs = []
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            outs.append((static_x.clone(), y.clone()))
+        torch.cuda.synchronize()
+        results[on] = outs
+    # eager with PDL off is the reference for each replay's inputs
+    monkeypatch.setenv("LLAMAPY_PDL", "0")
+    for (x_off, y_off), (x_on, y_on) in zip(results["0"], results["1"], strict=True):
+        assert torch.isfinite(y_on).all()
+        assert torch.equal(_chain(x_on, layers), y_on)
+        assert torch.equal(_chain(x_off, layers), y_off)
