@@ -6,9 +6,13 @@ How the kernel builds fp16 tiles, scales x and splits K: the module's docstring.
 GPU benchmark (checks against the dequant path, sweeps tiles and splits at M = 64, carries
 the best 5 to the other M, prints a markdown table):
 
-    PYTHONPATH=src python benchmarks/kernels/gemm_f16_lab.py [--types Q4_0,Q8_0,Q4_1]
-        [--m 16,32,64,128,256] [--split 1,2,4,8,16] [--quick] [--workers 14]
+    PYTHONPATH=src python benchmarks/kernels/gemm_f16_lab.py [--types Q4_0,Q8_0,Q4_1,Q4_K]
+        [--m 1,4,16,32,64,128,256] [--split 1,2,4,8,16] [--quick] [--workers 14]
         [--budget-s 220]
+
+At M <= 4 the decode GEMV is timed too (is a tensor-core tile, 16 rows of which only M are
+used, cheaper than the GEMV's CUDA-core arithmetic?). Q4_K runs the shapes whose K is a
+multiple of its 256-weight super-blocks.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from llamapy.kernels.triton.qgemm_f16 import (  # noqa: F401  (re-exported for t
     gemm_f16,
     rule_split,
     tiles,
+    unit,
     used_splits,
 )
 from llamapy.quant.types import QuantType, row_nbytes
@@ -84,7 +89,7 @@ def sweep_tiles(m: int) -> list[dict[str, int]]:
 
 
 def sweep_grid(
-    m: int, n: int, k: int, splits: tuple[int, ...] | list[int] = SPLITS
+    m: int, n: int, k: int, splits: tuple[int, ...] | list[int] = SPLITS, unit_size: int = 32
 ) -> list[dict[str, int]]:
     """Configs for an (M, N, K) product: each of `sweep_tiles` whose K step divides K, at
     SPLIT_K 1 (if in splits) and at the value of splits nearest (in log2) to 2 SMS / tiles,
@@ -93,9 +98,9 @@ def sweep_grid(
     tile keeps the sweep to about twice the tiles."""
     out = []
     for tile in sweep_tiles(m):
-        if not fits(tile, k):
+        if not fits(tile, k, unit_size):
             continue
-        cands = [v for v in splits if used_splits(k, tile, v) == v]
+        cands = [v for v in splits if used_splits(k, tile, v, unit_size) == v]
         if not cands:
             continue
         target = 2 * SMS / tiles(m, n, tile)
@@ -127,10 +132,16 @@ def _copy(w: PackedWeight) -> PackedWeight:
     return PackedWeight(w.qtype, w.n, w.k, {name: t.clone() for name, t in w.tensors.items()})
 
 
-def fits(cfg: dict[str, int], k: int) -> bool:
+def fits(cfg: dict[str, int], k: int, unit_size: int = 32) -> bool:
     """Whether cfg's K step divides K (SmolLM2's K = 576 = 18 blocks takes BLOCK_B <= 2);
     any SPLIT_K runs (splits past the last K step are empty)."""
-    return k % (32 * cfg["BLOCK_B"]) == 0
+    return k % (unit_size * cfg["BLOCK_B"]) == 0
+
+
+def shapes_for(qtype: QuantType) -> list[tuple[str, int, int]]:
+    """SHAPES whose K the type can hold (Q4_K: whole 256-weight super-blocks)."""
+    whole = 256 if qtype == QuantType.Q4_K else 32
+    return [s for s in SHAPES if s[2] % whole == 0]
 
 
 def _warm(qtype_name: str, cfg: dict[str, int]) -> tuple[str, dict[str, int], str]:
@@ -139,8 +150,8 @@ def _warm(qtype_name: str, cfg: dict[str, int]) -> tuple[str, dict[str, int], st
     which fills Triton's disk cache for the timing process -> (type, cfg, "ok" or why not)."""
     try:
         qtype = QuantType[qtype_name]
-        for k in (1024, 576):
-            if fits(cfg, k):
+        for k in sorted({k for _, _, k in shapes_for(qtype)}):
+            if fits(cfg, k, unit(qtype)):
                 gemm_f16(torch.randn(64, k, device="cuda"), _random_packed(qtype, 256, k, "cuda"),
                          cfg)  # fmt: skip
         torch.cuda.synchronize()
@@ -185,10 +196,10 @@ def _rel_err(x: torch.Tensor, w: PackedWeight, cfg: dict[str, int] | None) -> fl
 
 def bench_cell(
     graph_time, ws: list[PackedWeight], m: int, configs: list[dict[str, int]]
-) -> tuple[list[tuple[float, dict[str, int]]], float, float, float]:
-    """At M rows: checks gemm_f16 (rule) against the dequant path, times `configs` and both
+) -> tuple[list[tuple[float, dict[str, int]]], float, float, float, float]:
+    """At M rows: checks gemm_f16 (rule) against the dequant path, times `configs` and the
     current paths, checks the fastest config too -> ((us, cfg) fastest first, dequant us,
-    fused gemm us, the larger relative error)."""
+    fused gemm us, GEMV us (M <= 4, else inf), the larger relative error)."""
     x = torch.randn(m, ws[0].k, device="cuda")
     rel = _rel_err(x, ws[0], None)
     times = []
@@ -201,12 +212,15 @@ def bench_cell(
         rel = max(rel, _rel_err(x, ws[0], times[0][1]))
     dq = _timed(graph_time, ws, lambda w: qm.qmatmul_with(x, w, path="dequant"))
     old = _timed(graph_time, ws, lambda w: qm.qmatmul_with(x, w, path="gemm"))
-    return times, dq, old, rel
+    gv = math.inf
+    if m <= qm.GEMV_MAX_M:
+        gv = _timed(graph_time, ws, lambda w: qm.qmatmul_with(x, w, path="gemv"))
+    return times, dq, old, gv, rel
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_1", help="of Q4_0, Q4_1, Q8_0")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_1", help="of Q4_0, Q4_1, Q8_0, Q4_K")
     ap.add_argument("--m", default="16,32,64,128,256", help="rows of x, comma-separated")
     ap.add_argument("--quick", action="store_true", help="time the rule's config only")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1),
@@ -220,10 +234,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.types = [QuantType[name] for name in args.types.split(",")]
     except KeyError as exc:
-        ap.error(f"--types takes ggml type names among Q4_0,Q4_1,Q8_0, got {exc}")
+        ap.error(f"--types takes ggml type names among Q4_0,Q4_1,Q8_0,Q4_K, got {exc}")
     bad = [t.name for t in args.types if t not in TYPES]
     if bad:
-        ap.error(f"--types: no gemm_f16 kernel for {','.join(bad)} (Q4_0, Q4_1, Q8_0 only)")
+        ap.error(f"--types: no gemm_f16 kernel for {','.join(bad)} (Q4_0, Q4_1, Q8_0, Q4_K only)")
     try:
         args.m = [int(v) for v in args.m.split(",")]
     except ValueError:
@@ -241,11 +255,13 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def planned(args: argparse.Namespace, m: int, n: int, k: int) -> list[dict[str, int]]:
+def planned(
+    args: argparse.Namespace, m: int, n: int, k: int, unit_size: int = 32
+) -> list[dict[str, int]]:
     """Configs timed at (M, N, K) before the sweep's top ones join: the rule's first, then
     (unless --quick) the sweep grid at SWEEP_M with --split's values."""
-    rule = default_config(m, k, n)
-    grid = [] if args.quick or m != SWEEP_M else sweep_grid(m, n, k, args.split)
+    rule = default_config(m, k, n, unit_size)
+    grid = [] if args.quick or m != SWEEP_M else sweep_grid(m, n, k, args.split, unit_size)
     return [rule] + [c for c in grid if c != rule]
 
 
@@ -257,39 +273,41 @@ def main(argv: list[str] | None = None) -> None:
     from tune_decode import graph_time  # CUDA-graph replays of a list of calls
 
     t0 = time.time()
-    plans = {(m, n, k): planned(args, m, n, k) for m in args.m for _, n, k in SHAPES}
-    todo = {(q.name, label(binary(c))): (q.name, binary(c)) for q in args.types
-            for cfgs in plans.values() for c in cfgs}  # fmt: skip
+    plans = {(q, m, n, k): planned(args, m, n, k, unit(q))
+             for q in args.types for m in args.m for _, n, k in shapes_for(q)}  # fmt: skip
+    todo = {(q.name, label(binary(c))): (q.name, binary(c))
+            for (q, *_), cfgs in plans.items() for c in cfgs}  # fmt: skip
     status = precompile(list(todo.values()), args.workers)  # by binary: SPLIT_K 1 or 2
     failed = sum(s != "ok" for s in status.values())
     print(f"{torch.cuda.get_device_name()}: {len(status) - failed}/{len(status)} kernels built, "
           f"{failed} failed to compile or run ({time.time() - t0:.0f} s)")  # fmt: skip
     print("config: BLOCK_M/BLOCK_N/BLOCK_B/SWAP_AB/num_warps/num_stages/SPLIT_K; speedup: the "
-          "better of dequant and gemm over f16\n")  # fmt: skip
-    print("| type | N x K | M | best config | f16 us | dequant us | gemm us | speedup | rel err |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+          "best of dequant, gemm and (M <= 4) gemv over f16\n")  # fmt: skip
+    print("| type | N x K | M | best config | f16 us | dequant us | gemm us | gemv us | speedup "
+          "| rel err |")  # fmt: skip
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for qtype in args.types:
-        for _, n, k in SHAPES:
+        for _, n, k in shapes_for(qtype):
             copies = min(MAX_COPIES, math.ceil(ROTATE_BYTES / (n * row_nbytes(qtype, k))))
             w = _random_packed(qtype, n, k, "cuda")
             ws = [w] + [_copy(w) for _ in range(copies - 1)]
             rows = {}
             ranking: list[dict[str, int]] = []  # the sweep's configs, fastest first
             for m in sorted(args.m, key=lambda v: v != SWEEP_M):  # the sweep first
-                configs = [c for c in plans[(m, n, k)]
+                configs = [c for c in plans[(qtype, m, n, k)]
                            if status[(qtype.name, label(binary(c)))] == "ok"]  # fmt: skip
                 if time.time() - t0 > args.budget_s:
                     configs = configs[:1]  # out of time: the rule's config (and the top ones)
                 top_m = max(16, 1 << (m - 1).bit_length())
                 top = [c for c in ranking if c["BLOCK_M"] <= top_m][:TOP]
                 configs += [c for c in top if c not in configs]
-                times, dq, old, rel = bench_cell(graph_time, ws, m, configs)
+                times, dq, old, gv, rel = bench_cell(graph_time, ws, m, configs)
                 if m == SWEEP_M:
                     ranking = [c for _, c in times]
                 best_t, best = times[0] if times else (math.inf, None)
                 rows[m] = (f"| {qtype.name} | {n}x{k} | {m} | {label(best) if best else '-'} | "
-                           f"{best_t:.1f} | {dq:.1f} | {old:.1f} | "
-                           f"{min(dq, old) / best_t:.2f}x | {rel:.1e} |")  # fmt: skip
+                           f"{best_t:.1f} | {dq:.1f} | {old:.1f} | {gv:.1f} | "
+                           f"{min(dq, old, gv) / best_t:.2f}x | {rel:.1e} |")  # fmt: skip
             print("\n".join(rows[m] for m in sorted(rows)), flush=True)
             del w, ws
     print(f"\n({time.time() - t0:.0f} s; {failed} configs skipped: they did not compile)")

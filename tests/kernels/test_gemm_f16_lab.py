@@ -267,7 +267,7 @@ def test_bad_x(q4_weight, make_x, message: str) -> None:
 def test_unsupported_weight_type(rng) -> None:
     blocks = torch.from_numpy(rng.integers(0, 256, (16, row_nbytes(T.Q5_0, 64)), dtype=np.uint8))
     w = pack_weight(blocks.to(DEVICE), T.Q5_0, (16, 64))
-    with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0 weights, got Q5_0"):
+    with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0, Q4_K weights, got Q5_0"):
         lab.gemm_f16(torch.ones(2, 64, device=DEVICE), w)
     with pytest.raises(ValueError, match="PackedWeight"):
         lab.gemm_f16(torch.ones(2, 64, device=DEVICE), blocks)
@@ -365,3 +365,152 @@ def test_benchmark_plan() -> None:
     assert lab.binary({**rule, "SPLIT_K": 3}) == lab.binary({**rule, "SPLIT_K": 16}) != rule
     assert lab.binary({**rule, "SPLIT_K": 1}) == {**rule, "SPLIT_K": 1}
     assert {lab.binary(c)["SPLIT_K"] for c in plan} == {1, 2}
+
+
+# --------------------------------------------------------------------------- Q4_K
+# Q4_K tiles: w = fp16(q D16 - M16), one fp16 FMA of the sub-block's D = d sc and M = dmin mn
+# each rounded to fp16 first (ggml: float32 D q - M). So |dw| <= u (|w| + q |D| + |M|)
+# <= u (2 |w| + 2 |M|) (q D = w + M), plus 17 2^-25 where D, M or w fall below fp16's normal
+# range (q <= 15). Units are 64 weights (32 bytes of qs: two sub-blocks).
+
+
+def random_q4_k(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
+    """(n, row_bytes) Q4_K blocks: random quants and 6-bit scales / mins, d and dmin fp16
+    ~ N(0, 0.01^2) (|w| up to ~10: within fp16)."""
+    blocks = rng.integers(0, 256, (n * k // 256, type_size(T.Q4_K)), dtype=np.uint8)
+    for off in (0, 2):
+        vals = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
+        blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def q4_k_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per weight (N, K) float64: the quant q, D = d sc and M = dmin mn of its sub-block,
+    from the packed tensors (qs in ggml's order: unit u's low nibbles are weights 64u + j,
+    its high nibbles 64u + 32 + j)."""
+    t = {name: v.cpu() for name, v in w.tensors.items()}
+    n, k = w.n, w.k
+    qs = t["qs"].reshape(n, k // 64, 32).long()
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, k).double()
+    sub = torch.arange(k) // 32
+    d = t["d"].double()[:, torch.arange(k) // 256]
+    dmin = t["dmin"].double()[:, torch.arange(k) // 256]
+    return q, d * t["sc"].double()[:, sub], dmin * t["mn"].double()[:, sub]
+
+
+def check_q4_k(x: torch.Tensor, blocks: torch.Tensor, y: torch.Tensor) -> None:
+    """y against float64 x @ W^T within the bound above, and against the fp16 tiles emulated
+    in torch (q D16 - M16 rounded once) within float32 accumulation."""
+    n, k = blocks.shape[0], x.shape[1]
+    w = pack_weight(blocks, T.Q4_K, (n, k))
+    q, big_d, big_m = q4_k_parts(w)
+    w64 = q * big_d - big_m  # exact; ggml's float32 D q - M is within 2^-24 of each term
+    ggml = dequantize(blocks, T.Q4_K, torch.float64).cpu()
+    assert bool(((ggml - w64).abs() <= 2.0**-23 * ((q * big_d).abs() + big_m.abs())).all())
+    x64, y64 = x.double().cpu(), y.double().cpu()
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], n)
+    ax, aw = x64.abs(), w64.abs()
+    mag = ax @ (aw + (2 * aw + 2 * big_m.abs())).T  # x's rounding + the weight's
+    bound = mag * U * 1.01 + (ax @ aw.T) * k * 2.0**-23
+    bound += SUBNORMAL * (row_scales(x64) * aw.sum(1)[None, :] + 17 * ax.sum(1)[:, None])
+    err = (y64 - x64 @ w64.T).abs()
+    worst = int(torch.argmax(err - bound))
+    assert bool((err <= bound).all()), (
+        f"Q4_K: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+    )
+    s = row_scales(x64)
+    x16 = (x64 / s).half().double()
+    w16 = (q * big_d.half().double() - big_m.half().double()).half().double()
+    mag16 = (x16.abs() @ w16.abs().T) * s
+    # float32 accumulation; and one fp16 ulp of a weight where float32 q D16 - M16 rounds
+    # before fp16 (the interpreter's emulation of the FMA)
+    bound16 = mag16 * (k * 2.0**-23 + U)
+    err16 = (y64 - (x16 @ w16.T) * s).abs()
+    assert bool((err16 <= bound16).all()), f"Q4_K: {float((err16 - bound16).max()):.3g} over"
+
+
+def run_q4_k(rng, m, n, k, config=None, x=None):
+    blocks = random_q4_k(rng, n, k)
+    w = pack_weight(blocks, T.Q4_K, (n, k))
+    x = random_x(rng, m, k) if x is None else x
+    return x, blocks, lab.gemm_f16(x, w, config)
+
+
+@pytest.mark.parametrize("k", [256, 512])
+@pytest.mark.parametrize("n", [16, 48])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_q4_k_matches_float64_reference(rng, m: int, n: int, k: int) -> None:
+    x, blocks, y = run_q4_k(rng, m, n, k)
+    check_q4_k(x, blocks, y)
+
+
+# BLOCK_B 1 and 2: K steps that start inside a super-block (its d, dmin per unit); splits of
+# 3 and 5 steps: short and empty ones; SWAP_AB: the transposed dot
+Q4_K_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=1, GROUP_M=2, SPLIT_K=1),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_B=2, SWAP_AB=1, SPLIT_K=3),
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_B=1, SWAP_AB=1, SPLIT_K=5),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_B=4, SPLIT_K=2),
+]
+
+
+@pytest.mark.parametrize(
+    "config", Q4_K_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
+)
+def test_q4_k_tiles_and_splits(rng, config: dict[str, int]) -> None:
+    x, blocks, y = run_q4_k(rng, 40, 48, 768, config)  # 3 super-blocks, 12 units
+    check_q4_k(x, blocks, y)
+    w = pack_weight(blocks, T.Q4_K, (48, 768))
+    assert torch.equal(lab.gemm_f16(x, w, config), y)  # deterministic
+
+
+def test_q4_k_unit_rule() -> None:
+    """Q4_K's units are 64 weights: K = 2048 is 32 units, 8 K steps of 4."""
+    from llamapy.kernels.triton import qgemm_f16
+
+    assert qgemm_f16.unit(T.Q4_K) == 64 and qgemm_f16.unit(T.Q4_0) == 32
+    cfg = lab.default_config(64, 2048, 2048, unit_size=64)
+    assert cfg["BLOCK_B"] == 4 and lab.used_splits(2048, cfg, 8, unit_size=64) == 8
+    assert lab.used_splits(2048, cfg, 16, unit_size=64) == 8  # no more splits than steps
+    with pytest.raises(ValueError, match="multiple of 64 \\* BLOCK_B = 256"):
+        lab._resolve({"BLOCK_B": 4}, 16, 16, 192, unit_size=64)
+
+
+def test_q4_k_through_qmatmul(rng) -> None:
+    """qmatmul's path "f16" takes Q4_K (not routed there automatically yet): float32,
+    bfloat16 x, a bias, and fused forms run unfused around it."""
+    from llamapy.kernels.triton import qmatmul as qm
+
+    n, k = 48, 512
+    blocks = random_q4_k(rng, n, k)
+    w = pack_weight(blocks, T.Q4_K, (n, k))
+    x = random_x(rng, 5, k)
+    y = qm.qmatmul_with(x, w, path="f16")
+    check_q4_k(x, blocks, y)
+    bias = random_x(rng, 1, n)[0]
+    assert torch.equal(qm.qmatmul_with(x, w, bias, path="f16"), y + bias)
+    residual = random_x(rng, 5, n)
+    expected = residual + y
+    got = qm.qmatmul_with(x, w, path="f16", residual=residual.clone())
+    assert torch.equal(got, expected)
+    assert not qm.f16_gemm_pays("cuda", T.Q4_K, 64, 2048, 2048)  # not routed yet
+
+
+def test_q4_k_in_the_lab() -> None:
+    assert lab._parse(["--types", "Q4_K,Q4_0"]).types == [T.Q4_K, T.Q4_0]
+    with pytest.raises(SystemExit):
+        lab._parse(["--types", "Q5_0"])
+    ks = {k for _, _, k in lab.shapes_for(T.Q4_K)}
+    assert ks == {2048, 8192, 1536}  # SmolLM2's K = 576 has no whole super-blocks
+    assert all(lab.fits(c, 2048, 64) for c in lab.sweep_grid(64, 2048, 2048, unit_size=64))
+    plan = lab.planned(lab._parse(["--quick"]), 64, 2048, 2048, unit_size=64)
+    assert plan == [lab.default_config(64, 2048, 2048, 64)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="model shapes need a GPU")
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (16384, 2048), (2048, 8192)])
+def test_q4_k_model_shapes_on_gpu(rng, n: int, k: int) -> None:
+    for m in (1, 16, 64):
+        for swap in (0, 1):
+            x, blocks, y = run_q4_k(rng, m, n, k, {"SWAP_AB": swap})
+            check_q4_k(x, blocks, y)

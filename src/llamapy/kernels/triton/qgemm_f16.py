@@ -1,6 +1,7 @@
 """Fused dequantize-GEMM for batched decode that keeps the weight side in fp16 (Q4_0, Q4_1,
-Q8_0), with split-K. `qmatmul` routes 16..64-row products of large-K weights of these types
-here on CUDA (`qmatmul.F16_GEMM_*`); its sweep and timings: benchmarks/kernels/gemm_f16_lab.py.
+Q8_0, Q4_K), with split-K. `qmatmul` routes 16..64-row products of large-K weights of the
+legacy types here on CUDA (`qmatmul.F16_GEMM_*`; Q4_K only through path="f16" until it is
+measured); its sweep and timings: benchmarks/kernels/gemm_f16_lab.py.
 
 `qmatmul._gemm_kernel` converts every weight through float32 (`_exact_f32`, float32 FMAs,
 TF32 dots for float32 x); the dequant path (`qmatmul._dequant_mm`) writes a 16-bit copy of W
@@ -13,6 +14,11 @@ with fp16 arithmetic only, for fp16 tensor cores with float32 sums:
   then to fp16: the two can differ by one fp16 ulp, rarely (double rounding). Q4_0 and Q8_0
   tiles are bit-identical to the dequant path's (d (q - 8) is one correctly rounded product).
 - Q8_0: int8 q -> fp16 q by the same trick on q + 128 (exact), times d.
+- Q4_K: the K loop steps over 64-weight units (32 bytes of qs in ggml's order: low nibbles
+  weights 0..31 of the unit, sub-block 2u; high nibbles 32..63, sub-block 2u + 1); per
+  sub-block D = d sc and M = dmin mn in float32 (as ggml) rounded to fp16, then one fp16 FMA
+  q D - M per weight. Up to about two fp16 ulps of (|w| + |M|) from ggml's float32 value
+  (the tests' bound), where the dequant path rounds once.
 - x rows are scaled into fp16 by powers of two (`qmatmul._scale_rows_kernel`: x = s y,
   |y| <= 2^14) and the sums are multiplied by s at the end, so no row overflows.
 
@@ -41,7 +47,20 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-TYPES: dict[QuantType, int] = {QuantType.Q4_0: 0, QuantType.Q4_1: 1, QuantType.Q8_0: 2}
+TYPES: dict[QuantType, int] = {
+    QuantType.Q4_0: 0,
+    QuantType.Q4_1: 1,
+    QuantType.Q8_0: 2,
+    QuantType.Q4_K: 3,
+}
+
+
+def unit(qtype: QuantType) -> int:
+    """Weights per block unit of the kernel's K loop (BLOCK_B units a K step): a 32-weight
+    block of the legacy types, a 64-weight run of Q4_K (32 bytes: two sub-blocks)."""
+    return 64 if qtype == QuantType.Q4_K else 32
+
+
 CONFIG_KEYS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_B", "GROUP_M", "SWAP_AB", "num_warps", "num_stages", "SPLIT_K"
 )  # fmt: skip
@@ -100,16 +119,18 @@ if HAS_TRITON:
     # SPLIT_K > 1 (the count is the grid's axis 1), which halves the sweep's compiles
     @triton.jit(do_not_specialize=["steps_per_split"])
     def _gemm_f16_kernel(
-        x_ptr, s_ptr, qs_ptr, d_ptr, m_ptr, out_ptr,
-        M, N, K, stride_xm, stride_qs, stride_d, steps_per_split,
+        x_ptr, s_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, out_ptr,
+        M, N, K, stride_xm, stride_qs, stride_d, stride_sc, steps_per_split,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
         SPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out (M, N) float32 = (x16 @ W^T) * s[:, None] for fp16 x16 (M, K), float32 s (M,),
         W (N, K) as PackedWeight tensors (QT 0 Q4_0, 1 Q4_1: qs (N, K/2) uint8; 2 Q8_0: qs
-        (N, K) int8; d, m (N, K/32) fp16). K is a multiple of 32 BLOCK_B. Edge rows of x and
-        W are clamped to the last row (loads stay in bounds, no masks in the loop); the
+        (N, K) int8; d, m (N, K/32) fp16; 3 Q4_K: qs (N, K/2) uint8 in ggml's order, sc, mn
+        (N, K/32) uint8 sub-block scales and mins, d, dmin (N, K/256) fp16 as d_ptr, m_ptr).
+        K is a multiple of BLOCK_B units (`unit`: 32 weights, 64 for Q4_K). Edge rows of x
+        and W are clamped to the last row (loads stay in bounds, no masks in the loop); the
         store is masked.
 
         SPLIT (SPLIT_K > 1 programs on axis 1): program (tile, k) sums the K steps (BLOCK_B
@@ -126,15 +147,21 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         x_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
         w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-        W: tl.constexpr = 16 if QT < 2 else 32  # weights per block in one dot's K range
+        W: tl.constexpr = 16 if QT < 2 else 32  # weights per unit in one dot's K range
+        UNIT: tl.constexpr = 64 if QT == 3 else 32  # weights per unit (qs bytes: W)
         blk = tl.arange(0, BLOCK_B)
         j = tl.arange(0, W)
-        # (rows, BB, W) pointers at K step 0; step b0 adds b0 * 32 (x), b0 * W (qs), b0 (d, m)
-        x_base = x_ptr + x_rows[:, None, None] * stride_xm + blk[None, :, None] * 32 + j
+        # (rows, BB, W) pointers at K step 0; step b0 adds b0 * UNIT (x), b0 * W (qs), b0 (d, m)
+        x_base = x_ptr + x_rows[:, None, None] * stride_xm + blk[None, :, None] * UNIT + j
         qs_base = qs_ptr + w_rows[:, None, None] * stride_qs + blk[None, :, None] * W + j
         d_base = w_rows[:, None] * stride_d + blk[None, :]  # (BN, BB) element offsets
+        if QT == 3:  # Q4_K: unit u holds sub-blocks 2u, 2u + 1 of super-block u // 4
+            d_base = w_rows[:, None] * stride_d  # (BN, 1); the step adds (b0 + blk) // 4
+            sc_base = w_rows[:, None] * stride_sc + 2 * blk[None, :]
+        else:
+            sc_base = d_base
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), tl.float32)
-        nb = K // 32
+        nb = K // UNIT
         if not SPLIT:
             b_start = 0
             b_end = nb
@@ -147,13 +174,15 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             b0 = b_start
             while b0 < b_end:
-                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT,
-                                     BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base,
+                                     sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB,
+                                     INTERP)  # fmt: skip
                 b0 += BLOCK_B
         else:
             for b0 in range(b_start, b_end, BLOCK_B):
-                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT,
-                                     BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base,
+                                     sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB,
+                                     INTERP)  # fmt: skip
         s = tl.load(s_ptr + x_rows)  # (BM,) the rows' powers of two: exact products
         o_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         o_ptr = out_ptr + o_rows[:, None] * N + offs_n[None, :]
@@ -163,12 +192,41 @@ if HAS_TRITON:
             tl.store(o_ptr, acc * s[:, None], mask=o_mask)
 
     @triton.jit
+    def _k_scale(d, sc):
+        """fp16 d * sc (or dmin * mn) of a Q4_K sub-block: the float32 product ggml's
+        dequantizer uses, rounded once."""
+        return (d.to(tl.float32) * sc.to(tl.float32)).to(tl.float16)
+
+    @triton.jit
     def _gemm_f16_step(
-        acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0,
+        acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
-        """acc + x[:, blocks b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
+        """acc + x[:, units b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
+        if QT == 3:
+            # Q4_K unit u (32 bytes): low nibbles weights 64u + j (sub-block 2u), high
+            # nibbles 64u + 32 + j (2u + 1); w = d sc q - dmin mn as one fp16 FMA of the
+            # rounded d sc and dmin mn
+            sb = ((b0 + tl.arange(0, BLOCK_B)) // 4)[None, :]  # the units' super-blocks
+            d = tl.load(d_ptr + d_base + sb)  # (BN, BB) fp16
+            dmin = tl.load(m_ptr + d_base + sb)
+            sc_lo = tl.load(sc_ptr + sc_base + 2 * b0)
+            sc_hi = tl.load(sc_ptr + sc_base + 2 * b0 + 1)
+            mn_lo = tl.load(mn_ptr + sc_base + 2 * b0)
+            mn_hi = tl.load(mn_ptr + sc_base + 2 * b0 + 1)
+            qs = tl.load(qs_base + b0 * 32)  # (BN, BB, 32)
+            wl = _scale_f16(_magic_f16(qs & 0xF), _k_scale(d, sc_lo), -_k_scale(dmin, mn_lo),
+                            1024.0, 1, INTERP)  # fmt: skip
+            wh = _scale_f16(_magic_f16(qs >> 4), _k_scale(d, sc_hi), -_k_scale(dmin, mn_hi),
+                            1024.0, 1, INTERP)  # fmt: skip
+            xl = tl.load(x_base + b0 * 64)  # (BM, BB, 32): x[64 u + j]
+            xh = tl.load(x_base + b0 * 64 + 32)  # x[64 u + 32 + j]
+            acc = _mma(acc, tl.reshape(xl, (BLOCK_M, BLOCK_B * 32)),
+                       tl.reshape(wl, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+            acc = _mma(acc, tl.reshape(xh, (BLOCK_M, BLOCK_B * 32)),
+                       tl.reshape(wh, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+            return acc
         d = tl.load(d_ptr + d_base + b0)  # (BN, BB) fp16
         m = d
         if QT == 1:
@@ -213,15 +271,15 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------- launcher
 
 
-def default_config(m: int, k: int, n: int) -> dict[str, int]:
-    """The rule: row tiles follow M (16..128), 128 weight rows by 4 blocks (128 weights) per
-    K step, halved to 2 blocks when K is not a multiple of 128, 8 warps for 128-row tiles;
-    SPLIT_K from `rule_split`."""
+def default_config(m: int, k: int, n: int, unit_size: int = 32) -> dict[str, int]:
+    """The rule: row tiles follow M (16..128), 128 weight rows by 4 units (128 weights; Q4_K
+    256) per K step, halved to 2 units when K is not a multiple of 4 units, 8 warps for
+    128-row tiles; SPLIT_K from `rule_split`."""
     block_m = min(128, max(16, 1 << (m - 1).bit_length()))
-    block_b = 4 if k % 128 == 0 else 2 if k % 64 == 0 else 1
+    block_b = 4 if k % (4 * unit_size) == 0 else 2 if k % (2 * unit_size) == 0 else 1
     cfg = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_B": block_b, "GROUP_M": 8,
            "SWAP_AB": 0, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}  # fmt: skip
-    cfg["SPLIT_K"] = rule_split(m, n, k, cfg)
+    cfg["SPLIT_K"] = rule_split(m, n, k, cfg, unit_size=unit_size)
     return cfg
 
 
@@ -230,22 +288,24 @@ def tiles(m: int, n: int, cfg: dict[str, int]) -> int:
     return -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
 
 
-def used_splits(k: int, cfg: dict[str, int], split: int) -> int:
-    """How many of `split` splits get K steps (cfg's BLOCK_B blocks each); the rest are
+def used_splits(k: int, cfg: dict[str, int], split: int, unit_size: int = 32) -> int:
+    """How many of `split` splits get K steps (cfg's BLOCK_B units each); the rest are
     empty."""
-    steps = k // (32 * cfg["BLOCK_B"])
+    steps = k // (unit_size * cfg["BLOCK_B"])
     return -(-steps // -(-steps // split)) if steps else 0
 
 
-def rule_split(m: int, n: int, k: int, cfg: dict[str, int], sms: int = SMS) -> int:
+def rule_split(
+    m: int, n: int, k: int, cfg: dict[str, int], sms: int = SMS, unit_size: int = 32
+) -> int:
     """SPLIT_K for cfg's tiles: the power of two nearest (in log2) 2 SMS / tiles, so that
     tiles * SPLIT_K is about two programs per SM; then no more splits than K steps, and
     none empty (9 steps in 8 splits of 2 each would leave 3 empty: 5 splits)."""
     if m == 0 or n == 0:
         return 1
     split = 1 << max(0, round(math.log2(2 * sms / tiles(m, n, cfg))))
-    steps = k // (32 * cfg["BLOCK_B"])
-    return max(1, used_splits(k, cfg, min(split, steps)))
+    steps = k // (unit_size * cfg["BLOCK_B"])
+    return max(1, used_splits(k, cfg, min(split, steps), unit_size))
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> None:
@@ -269,8 +329,10 @@ def _check(x: torch.Tensor, w: PackedWeight) -> None:
         raise ValueError(f"gemm_f16 runs on CUDA (CPU with TRITON_INTERPRET=1), x on {x.device}")
 
 
-def _resolve(config: dict[str, int] | None, m: int, n: int, k: int) -> dict[str, int]:
-    cfg = default_config(m, k, n)
+def _resolve(
+    config: dict[str, int] | None, m: int, n: int, k: int, unit_size: int = 32
+) -> dict[str, int]:
+    cfg = default_config(m, k, n, unit_size)
     if config is not None:
         unknown = set(config) - set(CONFIG_KEYS)
         if unknown:
@@ -284,17 +346,19 @@ def _resolve(config: dict[str, int] | None, m: int, n: int, k: int) -> dict[str,
         raise ValueError(f"BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got {cfg}")
     if cfg["GROUP_M"] < 1 or cfg["num_stages"] < 1 or cfg["SWAP_AB"] not in (0, 1):
         raise ValueError(f"GROUP_M, num_stages must be >= 1 and SWAP_AB 0 or 1, got {cfg}")
-    if k % (32 * cfg["BLOCK_B"]):
-        raise ValueError(f"K={k} must be a multiple of 32 * BLOCK_B = {32 * cfg['BLOCK_B']}")
+    if k % (unit_size * cfg["BLOCK_B"]):
+        raise ValueError(
+            f"K={k} must be a multiple of {unit_size} * BLOCK_B = {unit_size * cfg['BLOCK_B']}"
+        )
     if config is not None and "SPLIT_K" not in config:  # the rule's split for these tiles
-        cfg["SPLIT_K"] = rule_split(m, n, k, cfg)
+        cfg["SPLIT_K"] = rule_split(m, n, k, cfg, unit_size=unit_size)
     v = cfg["SPLIT_K"]
     if not (isinstance(v, int) and 1 <= v <= MAX_SPLIT):
         raise ValueError(f"config SPLIT_K must be an integer in [1, {MAX_SPLIT}], got {v!r}")
     return cfg
 
 
-def decode_config(m: int, n: int, k: int, sms: int = SMS) -> dict[str, int]:
+def decode_config(m: int, n: int, k: int, sms: int = SMS, unit_size: int = 32) -> dict[str, int]:
     """Tiles for 16..64 rows: what the sweep of an H200 picked at the Llama-3.2-1B shapes
     (benchmarks/RESULTS.md, sixth session): BLOCK_M follows M up to 64, 128 weight rows a
     tile, 2 blocks per K step (4 for 16-row tiles), the weight as tl.dot's wide operand
@@ -303,13 +367,13 @@ def decode_config(m: int, n: int, k: int, sms: int = SMS) -> dict[str, int]:
     cfg = {
         "BLOCK_M": block_m,
         "BLOCK_N": 128,
-        "BLOCK_B": 4 if block_m == 16 and k % 128 == 0 else 2,
+        "BLOCK_B": 4 if block_m == 16 and k % (4 * unit_size) == 0 else 2,
         "GROUP_M": 8,
         "SWAP_AB": int(block_m > 16),
         "num_warps": 4,
         "num_stages": 4 if block_m == 32 else 3,
     }
-    cfg["SPLIT_K"] = rule_split(m, n, k, cfg, sms)
+    cfg["SPLIT_K"] = rule_split(m, n, k, cfg, sms, unit_size)
     return cfg
 
 
@@ -319,7 +383,7 @@ def gemm_f16(
     config: dict[str, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) float32, W a Q4_0 / Q4_1 / Q8_0 PackedWeight.
+    """x (M, K) @ W^T -> (M, N) float32, W a Q4_0 / Q4_1 / Q8_0 / Q4_K PackedWeight.
 
     x is rounded to fp16 after a per-row power-of-two scaling, W's tiles are built in fp16
     (see the module docstring), products are summed in float32. config overrides
@@ -335,7 +399,7 @@ def gemm_f16(
     """
     _check(x, w)
     m, n, k = x.shape[0], w.n, w.k
-    cfg = _resolve(config, m, n, k)
+    cfg = _resolve(config, m, n, k, unit(w.qtype))
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32, device=x.device)
     elif (
@@ -358,14 +422,17 @@ def gemm_f16(
     )
     t = w.tensors
     qs, d = t["qs"], t["d"]
+    m_or_dmin = t.get("m", t.get("dmin", d))
+    sc, mn = t.get("sc", d), t.get("mn", d)  # Q4_K's sub-block scales and mins
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     split = cfg.pop("SPLIT_K")
-    steps = k // (32 * cfg["BLOCK_B"])
+    steps = k // (unit(w.qtype) * cfg["BLOCK_B"])
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (tiles(m, n, cfg), split)
     _gemm_f16_kernel[grid](
-        x16, s, qs, d, t.get("m", d), dest, m, n, k, x16.stride(0), qs.stride(0), d.stride(0),
-        triton.cdiv(steps, split), QT=TYPES[w.qtype], SPLIT=split > 1, INTERP=INTERPRET,
+        x16, s, qs, d, m_or_dmin, sc, mn, dest, m, n, k, x16.stride(0), qs.stride(0),
+        d.stride(0), sc.stride(0), triton.cdiv(steps, split), QT=TYPES[w.qtype],
+        SPLIT=split > 1, INTERP=INTERPRET,
         **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split > 1:

@@ -83,6 +83,8 @@ DEQUANT_SCRATCH = 1 << 25
 # two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
 F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
 _F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0})
+# Types `qgemm_f16` has tiles for (path="f16"); Q4_K is not routed there until measured.
+_F16_KERNEL_TYPES = _F16_GEMM_TYPES | {QuantType.Q4_K}
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -309,8 +311,8 @@ def qmatmul_with(
     benchmarks and static CUDA-graph buffers).
 
     path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
-    weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0, K a
-    multiple of 64) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
+    weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0 with K a
+    multiple of 64, Q4_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
     to "f16", dequant from DEQUANT_MM_MIN_M
     rows on CUDA, else GEMM). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
@@ -326,8 +328,8 @@ def qmatmul_with(
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
     if path not in ("auto", "gemv", "gemm", "dequant", "f16"):
         raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'dequant' or 'f16', got {path!r}")
-    if path == "f16" and w.qtype not in _F16_GEMM_TYPES:
-        raise ValueError(f"path 'f16' takes Q4_0, Q4_1 or Q8_0 weights, got {w.qtype.name}")
+    if path == "f16" and w.qtype not in _F16_KERNEL_TYPES:
+        raise ValueError(f"path 'f16' takes Q4_0, Q4_1, Q8_0 or Q4_K weights, got {w.qtype.name}")
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
     if gemm_config is not None and (fused or path == "gemv"):
@@ -351,6 +353,12 @@ def qmatmul_with(
         cfg = _kquants.gemm_config(w.qtype, m, w.n, w.k, _num_sms(x.device), gemm_config)
         _kquants.launch(x, w.tensors, w.qtype, w.n, w.k, out, cfg)
         return out if bias is None else out.add_(bias)
+    if w.qtype in _KQUANT_TYPES and (
+        path == "f16"
+        or (path == "auto" and not fused and f16_gemm_pays(x.device.type, w.qtype, m, w.n, w.k))
+    ):
+        _f16_gemm(x, w, bias, out)
+        return out
     if w.qtype in _KQUANT_TYPES and (
         path == "dequant" or (path == "auto" and not fused and _dequant_pays(x, w))
     ):
@@ -398,7 +406,8 @@ def _f16_gemm(
 ) -> None:
     from llamapy.kernels.triton import qgemm_f16  # imports this module
 
-    cfg = qgemm_f16.decode_config(x.shape[0], w.n, w.k, _num_sms(x.device))
+    unit = qgemm_f16.unit(w.qtype)
+    cfg = qgemm_f16.decode_config(x.shape[0], w.n, w.k, _num_sms(x.device), unit)
     if out.dtype == torch.float32:
         qgemm_f16.gemm_f16(x, w, cfg, out=out)
     else:
@@ -524,7 +533,7 @@ def _prologue_code(norm_weight: torch.Tensor | None, act: str | None) -> int:
 def _fuses(qtype: QuantType, m: int, path: str) -> bool:
     """Whether this call's kernel is a GEMV, which computes the fused forms itself."""
     if qtype in _KQUANT_TYPES:
-        return path != "gemm" and m <= _kquants.GEMV_MAX_M
+        return path in ("auto", "gemv") and m <= _kquants.GEMV_MAX_M
     return path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
 
 
