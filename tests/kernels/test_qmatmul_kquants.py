@@ -348,3 +348,23 @@ def test_dequant_path_matches_float64(
     for r in range(5):
         err = rel_error(out[r], ref[r])
         assert err < TOL[F16], f"{qtype.name} row {r}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("path", ["dequant", "gemm"])
+def test_forced_paths_run_fused_forms_unfused(path: str, rng: np.random.Generator) -> None:
+    """A decode-sized batch (M <= GEMV_MAX_M) forced onto another path still gets the fused
+    forms: residual += x W^T (not out = x W^T), the norm and activation prologues."""
+    from llamapy.kernels.triton import qmatmul as qm
+
+    qtype, n, k = QuantType.Q4_K, 40, 256
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = torch.from_numpy(rng.standard_normal((2, k), dtype=np.float32)).to(DEVICE)
+    residual = torch.from_numpy(rng.standard_normal((2, n), dtype=np.float32)).to(DEVICE)
+    plain = qm.qmatmul_with(x, w, path=path)
+    got = qm.qmatmul_with(x, w, path=path, residual=residual.clone())
+    assert torch.equal(got, residual + plain)
+    g = torch.from_numpy(rng.uniform(0.5, 1.5, k).astype(np.float32)).to(DEVICE)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+    got = qm.qmatmul_with(x, w, path=path, norm_weight=g, eps=1e-6)
+    assert rel_error(got, qm.qmatmul_with(normed, w, path=path)) < TOL[F32] * 10
