@@ -69,7 +69,7 @@ class StubRunner:
     def can_launch(self, batch) -> bool:
         return all(item.num_new_tokens == 1 and item.needs_sample for item in batch)
 
-    def launch(self, batch, block_manager, prev) -> PendingStep:
+    def launch(self, batch, block_manager, prev, greedy_only: bool = False) -> PendingStep:
         src = [prev.rows[item.seq.seq_id] if item.seq.last_token_pending else -1 for item in batch]
         self._fill(batch, src)
         tokens = torch.tensor(self._tokens(len(batch)))

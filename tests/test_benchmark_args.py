@@ -41,3 +41,17 @@ def test_bad_arguments_are_usage_errors(script: str, args: list[str], message: s
     assert done.returncode == 2, done.stderr
     assert message in done.stderr.strip().splitlines()[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.models
+def test_host_step_bench_runs(smollm2_path) -> None:
+    """The stub runner keeps up with ModelRunner's interface (a tiny run, async and sync)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for extra in ([], ["--no-async"]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/host_step_bench.py"), str(smollm2_path),
+             "--batch", "4", "--tokens", "4", "--repeat", "1", *extra],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "| 4 |" in done.stdout
