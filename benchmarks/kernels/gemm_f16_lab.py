@@ -6,13 +6,13 @@ How the kernel builds fp16 tiles, scales x and splits K: the module's docstring.
 GPU benchmark (checks against the dequant path, sweeps tiles and splits at M = 64, carries
 the best 5 to the other M, prints a markdown table):
 
-    PYTHONPATH=src python benchmarks/kernels/gemm_f16_lab.py [--types Q4_0,Q8_0,Q4_1,Q4_K]
+    PYTHONPATH=src python benchmarks/kernels/gemm_f16_lab.py [--types Q4_0,Q8_0,Q4_1,Q4_K,Q6_K]
         [--m 1,4,16,32,64,128,256] [--split 1,2,4,8,16] [--quick] [--workers 14]
         [--budget-s 220]
 
 At M <= 4 the decode GEMV is timed too (is a tensor-core tile, 16 rows of which only M are
 used, cheaper than the GEMV's CUDA-core arithmetic?). Q4_K runs the shapes whose K is a
-multiple of its 256-weight super-blocks.
+multiple of their 256-weight super-blocks (Q4_K, Q6_K).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def fits(cfg: dict[str, int], k: int, unit_size: int = 32) -> bool:
 
 
 def shapes_for(qtype: QuantType) -> list[tuple[str, int, int]]:
-    """SHAPES whose K the type can hold (Q4_K: whole 256-weight super-blocks)."""
-    whole = 256 if qtype == QuantType.Q4_K else 32
+    """SHAPES whose K the type can hold (K-quants: whole 256-weight super-blocks)."""
+    whole = 256 if qtype in (QuantType.Q4_K, QuantType.Q6_K) else 32
     return [s for s in SHAPES if s[2] % whole == 0]
 
 
@@ -220,7 +220,7 @@ def bench_cell(
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_1", help="of Q4_0, Q4_1, Q8_0, Q4_K")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_1", help="of Q4_0, Q4_1, Q8_0, Q4_K, Q6_K")
     ap.add_argument("--m", default="16,32,64,128,256", help="rows of x, comma-separated")
     ap.add_argument("--quick", action="store_true", help="time the rule's config only")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1),
@@ -234,10 +234,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.types = [QuantType[name] for name in args.types.split(",")]
     except KeyError as exc:
-        ap.error(f"--types takes ggml type names among Q4_0,Q4_1,Q8_0,Q4_K, got {exc}")
+        ap.error(f"--types takes ggml type names among Q4_0,Q4_1,Q8_0,Q4_K,Q6_K, got {exc}")
     bad = [t.name for t in args.types if t not in TYPES]
     if bad:
-        ap.error(f"--types: no gemm_f16 kernel for {','.join(bad)} (Q4_0, Q4_1, Q8_0, Q4_K only)")
+        ap.error(
+            f"--types: no gemm_f16 kernel for {','.join(bad)} (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K only)"
+        )
     try:
         args.m = [int(v) for v in args.m.split(",")]
     except ValueError:

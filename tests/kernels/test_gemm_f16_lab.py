@@ -267,7 +267,7 @@ def test_bad_x(q4_weight, make_x, message: str) -> None:
 def test_unsupported_weight_type(rng) -> None:
     blocks = torch.from_numpy(rng.integers(0, 256, (16, row_nbytes(T.Q5_0, 64)), dtype=np.uint8))
     w = pack_weight(blocks.to(DEVICE), T.Q5_0, (16, 64))
-    with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0, Q4_K weights, got Q5_0"):
+    with pytest.raises(ValueError, match="Q4_0, Q4_1, Q8_0, Q4_K, Q6_K weights, got Q5_0"):
         lab.gemm_f16(torch.ones(2, 64, device=DEVICE), w)
     with pytest.raises(ValueError, match="PackedWeight"):
         lab.gemm_f16(torch.ones(2, 64, device=DEVICE), blocks)
@@ -496,8 +496,96 @@ def test_q4_k_through_qmatmul(rng) -> None:
     assert not qm.f16_gemm_pays("cuda", T.Q4_K, 64, 2048, 2048)  # not routed yet
 
 
+# --------------------------------------------------------------------------- Q6_K
+# Q6_K tiles: w = fp16((q - 32) D16), D16 = fp16(d sc) per 16 weights, so |dw| <= 2 u |w|
+# plus 33 2^-25 where D or w is subnormal (|q - 32| <= 32). Units are 128 weights.
+
+
+def random_q6_k(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
+    """(n, row_bytes) Q6_K blocks: random quants and int8 scales, d fp16 ~ N(0, 0.001^2)
+    (|w| up to ~130 at sc = -128, q = -32: within fp16)."""
+    blocks = rng.integers(0, 256, (n * k // 256, type_size(T.Q6_K)), dtype=np.uint8)
+    vals = (rng.standard_normal(blocks.shape[0]) * 0.001).astype(np.float16)
+    blocks[:, 208:210] = vals.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
+
+
+def q6_k_parts(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight (N, K) float64: q - 32 and D = d sc, from the packed ql, qh, sc, d (unit u:
+    ql[64u..], qh[32u..]; run r of it: weights 128u + 32r + l, scale sc[k // 16])."""
+    t = {name: v.cpu() for name, v in w.tensors.items()}
+    n, k = w.n, w.k
+    ql = t["ql"].reshape(n, k // 128, 64).long()
+    qh = t["qh"].reshape(n, k // 128, 32).long()
+    a, b = ql[..., :32], ql[..., 32:]
+    runs = [(a & 0xF), (b & 0xF), (a >> 4), (b >> 4)]
+    q = torch.cat([lo | (((qh >> (2 * r)) & 3) << 4) for r, lo in enumerate(runs)], dim=2)
+    q = q.reshape(n, k).double() - 32
+    kk = torch.arange(k)
+    return q, t["d"].double()[:, kk // 256] * t["sc"].double()[:, kk // 16]
+
+
+def check_q6_k(x: torch.Tensor, blocks: torch.Tensor, y: torch.Tensor) -> None:
+    n, k = blocks.shape[0], x.shape[1]
+    w = pack_weight(blocks, T.Q6_K, (n, k))
+    q, big_d = q6_k_parts(w)
+    w64 = q * big_d
+    ggml = dequantize(blocks, T.Q6_K, torch.float64).cpu()
+    assert bool(((ggml - w64).abs() <= 2.0**-23 * w64.abs()).all())  # the parts are W
+    x64, y64 = x.double().cpu(), y.double().cpu()
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], n)
+    ax, aw = x64.abs(), w64.abs()
+    bound = (ax @ aw.T) * (3 * U * 1.01 + k * 2.0**-23)
+    bound += SUBNORMAL * (row_scales(x64) * aw.sum(1)[None, :] + 33 * ax.sum(1)[:, None])
+    err = (y64 - x64 @ w64.T).abs()
+    worst = int(torch.argmax(err - bound))
+    assert bool((err <= bound).all()), (
+        f"Q6_K: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+    )
+    s = row_scales(x64)
+    x16 = (x64 / s).half().double()
+    w16 = (q * big_d.half().double()).half().double()  # one rounding of an exact product
+    bound16 = (x16.abs() @ w16.abs().T) * s * k * 2.0**-23
+    err16 = (y64 - (x16 @ w16.T) * s).abs()
+    assert bool((err16 <= bound16).all()), f"Q6_K: {float((err16 - bound16).max()):.3g} over"
+
+
+def run_q6_k(rng, m, n, k, config=None, x=None):
+    blocks = random_q6_k(rng, n, k)
+    w = pack_weight(blocks, T.Q6_K, (n, k))
+    x = random_x(rng, m, k) if x is None else x
+    return x, blocks, lab.gemm_f16(x, w, config)
+
+
+@pytest.mark.parametrize("k", [256, 512])
+@pytest.mark.parametrize("m", [1, 17])
+def test_q6_k_matches_float64_reference(rng, m: int, k: int) -> None:
+    x, blocks, y = run_q6_k(rng, m, 48, k)
+    check_q6_k(x, blocks, y)
+
+
+@pytest.mark.parametrize(
+    "config", Q4_K_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
+)
+def test_q6_k_tiles_and_splits(rng, config: dict[str, int]) -> None:
+    """BLOCK_B 1: steps that start in the second half of a super-block."""
+    x, blocks, y = run_q6_k(rng, 40, 48, 1024, config)  # 4 super-blocks, 8 units
+    check_q6_k(x, blocks, y)
+
+
+def test_q6_k_through_qmatmul(rng) -> None:
+    from llamapy.kernels.triton import qmatmul as qm
+
+    n, k = 48, 512
+    blocks = random_q6_k(rng, n, k)
+    w = pack_weight(blocks, T.Q6_K, (n, k))
+    x = random_x(rng, 3, k)
+    check_q6_k(x, blocks, qm.qmatmul_with(x, w, path="f16"))
+    assert not qm.f16_gemm_pays("cuda", T.Q6_K, 64, 2048, 8192)  # not routed yet
+
+
 def test_q4_k_in_the_lab() -> None:
-    assert lab._parse(["--types", "Q4_K,Q4_0"]).types == [T.Q4_K, T.Q4_0]
+    assert lab._parse(["--types", "Q4_K,Q6_K,Q4_0"]).types == [T.Q4_K, T.Q6_K, T.Q4_0]
     with pytest.raises(SystemExit):
         lab._parse(["--types", "Q5_0"])
     ks = {k for _, _, k in lab.shapes_for(T.Q4_K)}
@@ -509,8 +597,10 @@ def test_q4_k_in_the_lab() -> None:
 
 @pytest.mark.skipif(not ON_GPU, reason="model shapes need a GPU")
 @pytest.mark.parametrize(("n", "k"), [(3072, 2048), (16384, 2048), (2048, 8192)])
-def test_q4_k_model_shapes_on_gpu(rng, n: int, k: int) -> None:
+def test_k_quant_model_shapes_on_gpu(rng, n: int, k: int) -> None:
     for m in (1, 16, 64):
         for swap in (0, 1):
             x, blocks, y = run_q4_k(rng, m, n, k, {"SWAP_AB": swap})
             check_q4_k(x, blocks, y)
+            x, blocks, y = run_q6_k(rng, m, n, k, {"SWAP_AB": swap})
+            check_q6_k(x, blocks, y)

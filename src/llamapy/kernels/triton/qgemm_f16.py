@@ -1,7 +1,7 @@
 """Fused dequantize-GEMM for batched decode that keeps the weight side in fp16 (Q4_0, Q4_1,
-Q8_0, Q4_K), with split-K. `qmatmul` routes 16..64-row products of large-K weights of the
-legacy types here on CUDA (`qmatmul.F16_GEMM_*`; Q4_K only through path="f16" until it is
-measured); its sweep and timings: benchmarks/kernels/gemm_f16_lab.py.
+Q8_0, Q4_K, Q6_K), with split-K. `qmatmul` routes 16..64-row products of large-K weights of the
+legacy types here on CUDA (`qmatmul.F16_GEMM_*`; the K-quants only through path="f16"
+until measured); its sweep and timings: benchmarks/kernels/gemm_f16_lab.py.
 
 `qmatmul._gemm_kernel` converts every weight through float32 (`_exact_f32`, float32 FMAs,
 TF32 dots for float32 x); the dequant path (`qmatmul._dequant_mm`) writes a 16-bit copy of W
@@ -19,6 +19,9 @@ with fp16 arithmetic only, for fp16 tensor cores with float32 sums:
   sub-block D = d sc and M = dmin mn in float32 (as ggml) rounded to fp16, then one fp16 FMA
   q D - M per weight. Up to about two fp16 ulps of (|w| + |M|) from ggml's float32 value
   (the tests' bound), where the dequant path rounds once.
+- Q6_K: 128-weight units (a half super-block: 64 bytes of ql, 32 of qh), four runs of 32
+  weights each; 6-bit q -> 1024 + q by the magic number, minus 1056 (q - 32, exact), times
+  fp16(d sc) per 16 weights: within two fp16 ulps of ggml's value.
 - x rows are scaled into fp16 by powers of two (`qmatmul._scale_rows_kernel`: x = s y,
   |y| <= 2^14) and the sums are multiplied by s at the end, so no row overflows.
 
@@ -52,13 +55,15 @@ TYPES: dict[QuantType, int] = {
     QuantType.Q4_1: 1,
     QuantType.Q8_0: 2,
     QuantType.Q4_K: 3,
+    QuantType.Q6_K: 4,
 }
 
 
 def unit(qtype: QuantType) -> int:
     """Weights per block unit of the kernel's K loop (BLOCK_B units a K step): a 32-weight
-    block of the legacy types, a 64-weight run of Q4_K (32 bytes: two sub-blocks)."""
-    return 64 if qtype == QuantType.Q4_K else 32
+    block of the legacy types, a 64-weight run of Q4_K (32 bytes: two sub-blocks), a
+    128-weight half super-block of Q6_K (64 bytes of ql, 32 of qh)."""
+    return {QuantType.Q4_K: 64, QuantType.Q6_K: 128}.get(qtype, 32)
 
 
 CONFIG_KEYS = (
@@ -120,7 +125,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["steps_per_split"])
     def _gemm_f16_kernel(
         x_ptr, s_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, out_ptr,
-        M, N, K, stride_xm, stride_qs, stride_d, stride_sc, steps_per_split,
+        M, N, K, stride_xm, stride_qs, stride_d, stride_m, stride_sc, steps_per_split,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
         SPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
@@ -128,10 +133,11 @@ if HAS_TRITON:
         """out (M, N) float32 = (x16 @ W^T) * s[:, None] for fp16 x16 (M, K), float32 s (M,),
         W (N, K) as PackedWeight tensors (QT 0 Q4_0, 1 Q4_1: qs (N, K/2) uint8; 2 Q8_0: qs
         (N, K) int8; d, m (N, K/32) fp16; 3 Q4_K: qs (N, K/2) uint8 in ggml's order, sc, mn
-        (N, K/32) uint8 sub-block scales and mins, d, dmin (N, K/256) fp16 as d_ptr, m_ptr).
-        K is a multiple of BLOCK_B units (`unit`: 32 weights, 64 for Q4_K). Edge rows of x
-        and W are clamped to the last row (loads stay in bounds, no masks in the loop); the
-        store is masked.
+        (N, K/32) uint8 sub-block scales and mins, d, dmin (N, K/256) fp16 as d_ptr, m_ptr;
+        4 Q6_K: ql (N, K/2) as qs_ptr, qh (N, K/4) uint8 as m_ptr, sc (N, K/16) int8, d (N,
+        K/256) fp16). K is a multiple of BLOCK_B units (`unit`: 32 weights, 64 for Q4_K, 128
+        for Q6_K). Edge rows of x and W are clamped to the last row (loads stay in bounds,
+        no masks in the loop); the store is masked.
 
         SPLIT (SPLIT_K > 1 programs on axis 1): program (tile, k) sums the K steps (BLOCK_B
         blocks each) [k steps_per_split, (k + 1) steps_per_split) cut at K, so the last splits
@@ -148,16 +154,22 @@ if HAS_TRITON:
         x_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
         w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
         W: tl.constexpr = 16 if QT < 2 else 32  # weights per unit in one dot's K range
-        UNIT: tl.constexpr = 64 if QT == 3 else 32  # weights per unit (qs bytes: W)
+        UNIT: tl.constexpr = 64 if QT == 3 else 128 if QT == 4 else 32  # weights per unit
+        QB: tl.constexpr = 16 if QT < 2 else 64 if QT == 4 else 32  # qs bytes per unit
         blk = tl.arange(0, BLOCK_B)
         j = tl.arange(0, W)
-        # (rows, BB, W) pointers at K step 0; step b0 adds b0 * UNIT (x), b0 * W (qs), b0 (d, m)
+        # (rows, BB, W) pointers at K step 0; step b0 adds b0 * UNIT (x), b0 * QB (qs), b0 (d, m)
         x_base = x_ptr + x_rows[:, None, None] * stride_xm + blk[None, :, None] * UNIT + j
-        qs_base = qs_ptr + w_rows[:, None, None] * stride_qs + blk[None, :, None] * W + j
+        qs_base = qs_ptr + w_rows[:, None, None] * stride_qs + blk[None, :, None] * QB + j
         d_base = w_rows[:, None] * stride_d + blk[None, :]  # (BN, BB) element offsets
+        h_base = qs_base  # Q6_K's qh (unused otherwise)
         if QT == 3:  # Q4_K: unit u holds sub-blocks 2u, 2u + 1 of super-block u // 4
             d_base = w_rows[:, None] * stride_d  # (BN, 1); the step adds (b0 + blk) // 4
             sc_base = w_rows[:, None] * stride_sc + 2 * blk[None, :]
+        elif QT == 4:  # Q6_K: unit u is half u % 2 of super-block u // 2, scales 8u..8u+7
+            d_base = w_rows[:, None] * stride_d
+            sc_base = w_rows[:, None] * stride_sc + 8 * blk[None, :]
+            h_base = m_ptr + w_rows[:, None, None] * stride_m + blk[None, :, None] * 32 + j
         else:
             sc_base = d_base
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), tl.float32)
@@ -174,15 +186,15 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             b0 = b_start
             while b0 < b_end:
-                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base,
-                                     sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB,
-                                     INTERP)  # fmt: skip
+                acc = _gemm_f16_step(acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr,
+                                     d_base, sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B,
+                                     SWAP_AB, INTERP)  # fmt: skip
                 b0 += BLOCK_B
         else:
             for b0 in range(b_start, b_end, BLOCK_B):
-                acc = _gemm_f16_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base,
-                                     sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB,
-                                     INTERP)  # fmt: skip
+                acc = _gemm_f16_step(acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr,
+                                     d_base, sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B,
+                                     SWAP_AB, INTERP)  # fmt: skip
         s = tl.load(s_ptr + x_rows)  # (BM,) the rows' powers of two: exact products
         o_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         o_ptr = out_ptr + o_rows[:, None] * N + offs_n[None, :]
@@ -198,12 +210,43 @@ if HAS_TRITON:
         return (d.to(tl.float32) * sc.to(tl.float32)).to(tl.float16)
 
     @triton.jit
+    def _q6_k_step(
+        acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """Q6_K units b0..b0+BB: unit u (128 weights) is ql[64u..64u+64), qh[32u..32u+32);
+        its run r = 0..3 is weights 128u + 32r + l (ggml's q1..q4: low / high nibbles of
+        ql[l] / ql[32 + l], bits 2r, 2r + 1 of qh[l]), scale sc[8u + 2r + l // 16]. w = (q - 32)
+        times fp16(d sc): one fp16 product."""
+        sb = ((b0 + tl.arange(0, BLOCK_B)) // 2)[None, :]  # the units' super-blocks
+        d = tl.load(d_ptr + d_base + sb).to(tl.float32)[:, :, None]  # (BN, BB, 1)
+        ql_a = tl.load(qs_base + b0 * 64)  # (BN, BB, 32): ql[64u + l]
+        ql_b = tl.load(qs_base + b0 * 64 + 32)  # ql[64u + 32 + l]
+        qh = tl.load(h_base + b0 * 32)  # qh[32u + l]
+        half = (tl.arange(0, 32) // 16)[None, None, :]
+        for r in tl.static_range(4):
+            ql = ql_a if r % 2 == 0 else ql_b
+            low = ql & 0xF if r < 2 else ql >> 4
+            q = low | (((qh >> (2 * r)) & 3) << 4)  # 0..63
+            sc = tl.load(sc_ptr + sc_base[:, :, None] + 8 * b0 + 2 * r + half)  # (BN, BB, 32)
+            scale = (d * sc.to(tl.float32)).to(tl.float16)  # ggml's float32 d sc, rounded
+            w = (_magic_f16(q) - 1056.0) * scale  # q - 32 exactly, then one fp16 rounding
+            xt = tl.load(x_base + b0 * 128 + 32 * r)  # (BM, BB, 32)
+            acc = _mma(acc, tl.reshape(xt, (BLOCK_M, BLOCK_B * 32)),
+                       tl.reshape(w, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+        return acc
+
+    @triton.jit
     def _gemm_f16_step(
-        acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
+        acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """acc + x[:, units b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
+        if QT == 4:
+            return _q6_k_step(acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
+                              BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
         if QT == 3:
             # Q4_K unit u (32 bytes): low nibbles weights 64u + j (sub-block 2u), high
             # nibbles 64u + 32 + j (2u + 1); w = d sc q - dmin mn as one fp16 FMA of the
@@ -383,7 +426,7 @@ def gemm_f16(
     config: dict[str, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) float32, W a Q4_0 / Q4_1 / Q8_0 / Q4_K PackedWeight.
+    """x (M, K) @ W^T -> (M, N) float32, W a Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K PackedWeight.
 
     x is rounded to fp16 after a per-row power-of-two scaling, W's tiles are built in fp16
     (see the module docstring), products are summed in float32. config overrides
@@ -421,17 +464,17 @@ def gemm_f16(
         x, x16, s, x.stride(0), K=k, BLOCK_K=1024, **pdl.launch_options(pdl_on), num_warps=4
     )
     t = w.tensors
-    qs, d = t["qs"], t["d"]
-    m_or_dmin = t.get("m", t.get("dmin", d))
-    sc, mn = t.get("sc", d), t.get("mn", d)  # Q4_K's sub-block scales and mins
+    qs, d = t.get("qs", t.get("ql")), t["d"]
+    aux = t.get("m", t.get("dmin", t.get("qh", d)))  # Q4_1's m, Q4_K's dmin, Q6_K's qh
+    sc, mn = t.get("sc", d), t.get("mn", d)  # the K-quants' sub-block scales (and mins)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     split = cfg.pop("SPLIT_K")
     steps = k // (unit(w.qtype) * cfg["BLOCK_B"])
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (tiles(m, n, cfg), split)
     _gemm_f16_kernel[grid](
-        x16, s, qs, d, m_or_dmin, sc, mn, dest, m, n, k, x16.stride(0), qs.stride(0),
-        d.stride(0), sc.stride(0), triton.cdiv(steps, split), QT=TYPES[w.qtype],
+        x16, s, qs, d, aux, sc, mn, dest, m, n, k, x16.stride(0), qs.stride(0),
+        d.stride(0), aux.stride(0), sc.stride(0), triton.cdiv(steps, split), QT=TYPES[w.qtype],
         SPLIT=split > 1, INTERP=INTERPRET,
         **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

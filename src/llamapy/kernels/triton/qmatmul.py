@@ -83,8 +83,9 @@ DEQUANT_SCRATCH = 1 << 25
 # two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
 F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
 _F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0})
-# Types `qgemm_f16` has tiles for (path="f16"); Q4_K is not routed there until measured.
-_F16_KERNEL_TYPES = _F16_GEMM_TYPES | {QuantType.Q4_K}
+# Types `qgemm_f16` has tiles for (path="f16"); the K-quants are not routed there until
+# measured.
+_F16_KERNEL_TYPES = _F16_GEMM_TYPES | {QuantType.Q4_K, QuantType.Q6_K}
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -312,7 +313,7 @@ def qmatmul_with(
 
     path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
     weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0 with K a
-    multiple of 64, Q4_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
+    multiple of 64, Q4_K, Q6_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
     to "f16", dequant from DEQUANT_MM_MIN_M
     rows on CUDA, else GEMM). split_k: the GEMV's K
     split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
@@ -329,7 +330,9 @@ def qmatmul_with(
     if path not in ("auto", "gemv", "gemm", "dequant", "f16"):
         raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'dequant' or 'f16', got {path!r}")
     if path == "f16" and w.qtype not in _F16_KERNEL_TYPES:
-        raise ValueError(f"path 'f16' takes Q4_0, Q4_1, Q8_0 or Q4_K weights, got {w.qtype.name}")
+        raise ValueError(
+            f"path 'f16' takes Q4_0, Q4_1, Q8_0, Q4_K or Q6_K weights, got {w.qtype.name}"
+        )
     m = x.shape[0]
     fused = norm_weight is not None or act is not None or residual is not None
     if gemm_config is not None and (fused or path == "gemv"):
