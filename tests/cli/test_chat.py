@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -32,6 +33,9 @@ def _take_controlling_tty() -> None:
     # Runs in the child after setsid(): the pty on fd 0 becomes its controlling terminal, so
     # a typed Ctrl-C reaches it as SIGINT through the line discipline, as in a real terminal.
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # As a shell does for a foreground job: pytest run as a background job (`pytest &`) has
+    # SIGINT ignored, which exec keeps, and Python then leaves Ctrl-C ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
