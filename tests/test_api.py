@@ -83,6 +83,7 @@ def test_generation_stops_at_context_limit(smollm2_path) -> None:
         ({"n_threads": 0}, "n_threads"),
         ({"device": "tpu"}, "device"),
         ({"n_ctx": 0}, "max_model_len"),
+        ({"async_scheduling": "yes"}, "async_scheduling"),
     ],
 )
 def test_bad_options(smollm2_path, kwargs, match) -> None:

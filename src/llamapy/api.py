@@ -73,6 +73,8 @@ class LLM:
         enforce_eager: no compiled CPU decode step (models/cpu_compile.py; on by default
             where a C++ compiler is found, unless LLAMAPY_CPU_COMPILE=0) and no CUDA graphs.
         cpu_compile: compile the CPU decode step or not (None: that default).
+        async_scheduling: launch each decode step before the previous one's tokens are read
+            back (the host's work overlaps the GPU's); None: on for CUDA, off on the CPU.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LLM:
         pooling: str | None = None,
         enforce_eager: bool = False,
         cpu_compile: bool | None = None,
+        async_scheduling: bool | None = None,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -122,6 +125,7 @@ class LLM:
                     enable_prefix_caching=enable_prefix_caching,
                     device=device,
                     quantize=quantize,
+                    async_scheduling=async_scheduling,
                     **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
                     # no compiled CPU decode step, no CUDA graphs
                     **({"cpu_compile": False, "cuda_graphs": False} if enforce_eager else {}),

@@ -233,6 +233,34 @@ def test_cli_compile_flags(monkeypatch):
         parser.parse_args(["embed", "--compile", "x"])
 
 
+def test_cli_async_scheduling_flag(monkeypatch):
+    """--no-async-scheduling reaches LLM (and serve's config); without it LLM keeps its
+    default (None: on for CUDA)."""
+    import llamapy.api
+    from llamapy.cli.common import load_llm
+    from llamapy.cli.main import build_parser
+
+    parser = build_parser()
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(llamapy.api, "LLM", FakeLLM)
+    for argv, expected in [
+        (["run", "hi"], None),
+        (["run", "--no-async-scheduling", "hi"], False),
+        (["chat", "--no-async-scheduling"], False),
+        (["perplexity", "-f", "x.txt"], None),
+    ]:
+        seen.clear()
+        load_llm(parser.parse_args(argv))
+        assert seen["async_scheduling"] is expected, argv
+    assert parser.parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
+    assert parser.parse_args(["serve"]).async_scheduling is None
+
+
 @needs_compiler
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_compiled_layer_matches_eager(model, request, rng):

@@ -82,6 +82,14 @@ def add_model_args(
         help="run every step eagerly: no torch.compile of the CPU decode step, no CUDA graphs "
         "(as vLLM's flag)",
     )
+    p.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        default=None,
+        help="GPU: read each decode step's tokens back before launching the next (default: "
+        "the next step launches first, the host's work overlapping the GPU's)",
+    )
     if not compile_default:
         p.add_argument(
             "--compile",
@@ -301,6 +309,7 @@ def load_llm(args: argparse.Namespace):
         quantize=quantize_from_args(args),
         enforce_eager=args.enforce_eager,
         cpu_compile=getattr(args, "compile", False) and not args.enforce_eager,
+        async_scheduling=getattr(args, "async_scheduling", None),
     )
 
 

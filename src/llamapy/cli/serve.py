@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         quantize=quantize_from_args(args),
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
     app = create_app(config)
     logging.getLogger("llamapy").setLevel(logging.INFO)

@@ -64,6 +64,7 @@ class ServerConfig:
     device: str = "cpu"
     quantize: str | None = None  # quantize the weights as they load (Q4_0, Q4_K_M, ...)
     enforce_eager: bool = False  # no compiled CPU decode step, no CUDA graphs
+    async_scheduling: bool | None = None  # None: on for CUDA (see EngineConfig)
     embedding: bool = False  # embeddings only (server/embeddings.py); no generation engine
     reranking: bool = False  # reranking (and embeddings) only: pooling rank
     pooling: str | None = None
@@ -132,6 +133,7 @@ def load_model(state: ServerState) -> None:
             device=cfg.device,
             quantize=cfg.quantize,
             enforce_eager=cfg.enforce_eager,
+            async_scheduling=cfg.async_scheduling,
             embedding=cfg.embedding or cfg.reranking or None,
             pooling="rank" if cfg.reranking else cfg.pooling,
         )
