@@ -11,8 +11,10 @@ from vocab_data import vocab_path
 
 from llamapy.tokenizer import IncrementalDetokenizer, Tokenizer
 
-# byte-level BPE with clean_spaces, SPM with byte fallback and a space prefix, WordPiece
-VOCABS = ("gpt-2", "llama-spm", "bert-bge", "llama-bpe")
+# byte-level BPE with clean_spaces, SPM with byte fallback and a space prefix, WordPiece;
+# byte-level BPE without clean_spaces (qwen2: the incremental UTF-8 decoder's path, as
+# llama-spm)
+VOCABS = ("gpt-2", "llama-spm", "bert-bge", "llama-bpe", "qwen2")
 TRICKY = "😀👍🏽👨‍👩‍👧 日本語の中文한국어 café e\u0301 ' 's 're ?!., ' \n\t  x"
 
 

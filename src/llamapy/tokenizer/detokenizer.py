@@ -40,16 +40,25 @@ class IncrementalDetokenizer:
         self._count = 0  # tokens seen
         self._remove_space = tokenizer.vocab.add_space_prefix
         self.ids: list[int] = []
+        # Without clean_spaces no later byte changes earlier text but an unfinished UTF-8
+        # sequence: one incremental decoder does it all, at a cost per token that does not
+        # grow with the window (the host's per-token work of a large decode batch).
+        self._utf8 = None if self._clean else codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly final text (possibly "")."""
-        self._raw += self._piece(token_id)
+        piece = self._piece(token_id)
         self.ids.append(token_id)
         self._count += 1
+        if self._utf8 is not None:
+            return self._utf8.decode(piece)
+        self._raw += piece
         return self._emit(final=False)
 
     def flush(self) -> str:
         """The rest of the text (an unfinished UTF-8 sequence becomes U+FFFD)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         return self._emit(final=True)
 
     def _piece(self, token_id: int) -> bytes:
