@@ -35,6 +35,7 @@ class Tokenizer:
         self._hf_pipeline = hf_pipeline
         self._byte_level = vocab.kind == "bpe" and (vocab.pre is None or vocab.pre.byte_encode)
         self._pieces: list[bytes] | None = None
+        self._visible: list[bytes] | None = None
 
     # construction
 
@@ -107,15 +108,22 @@ class Tokenizer:
     def token_bytes(self, token_id: int, special: bool = True) -> bytes:
         """What the token decodes to on its own (llama_token_to_piece, lstrip 0)."""
         self._check(token_id)
-        if not special and self.vocab.attrs[token_id] & _HIDDEN:
-            return b""
-        return self.pieces[token_id]
+        return (self.pieces if special else self.visible_pieces)[token_id]
 
     @property
     def pieces(self) -> list[bytes]:
         if self._pieces is None:
             self._pieces = piece_table(self.vocab, self._byte_level)
         return self._pieces
+
+    @property
+    def visible_pieces(self) -> list[bytes]:
+        """`pieces` with control and unknown tokens as b"" (decoding with skip_special),
+        built once: the per-token test of an enum flag costs more than the lookup."""
+        if self._visible is None:
+            attrs = self.vocab.attrs
+            self._visible = [b"" if attrs[i] & _HIDDEN else p for i, p in enumerate(self.pieces)]
+        return self._visible
 
     def _check(self, token_id: int) -> int:
         if not 0 <= token_id < self.vocab.size:
@@ -226,9 +234,8 @@ class Tokenizer:
             ids = ids[1:]
         if skip_special and vocab.add_eos and ids and ids[-1] == vocab.ids.get("eos"):
             ids = ids[:-1]
-        pieces = self.pieces
-        attrs = vocab.attrs
-        parts = [b"" if skip_special and attrs[i] & _HIDDEN else pieces[i] for i in ids]
+        pieces = self.visible_pieces if skip_special else self.pieces
+        parts = [pieces[i] for i in ids]
         if remove_space and parts and parts[0][:1] == b" ":
             parts[0] = parts[0][1:]
         text = b"".join(parts)
