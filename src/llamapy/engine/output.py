@@ -27,6 +27,8 @@ class TextStream:
     def add(self, token_id: int) -> tuple[str, FinishReason | None]:
         if self.tokenizer.is_eog(token_id) and not self.params.ignore_eos:
             return self._finish(FinishReason.STOP, flush=True)
+        if not self.stops:  # nothing held back: the new text is final as it comes
+            return self._emit(self.detok.add(token_id)), None
         buf = self.pending + self.detok.add(token_id)
         hit = self._find_stop(buf)
         if hit is not None:

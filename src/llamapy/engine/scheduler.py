@@ -111,6 +111,8 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Blocks for `n` more tokens of running `seq`, preempting others (latest first)."""
         total = seq.num_computed_tokens + n
+        if self.block_manager.blocks_needed(seq, total) == 0:  # most decode steps
+            return True
         while not self.block_manager.can_allocate(seq, total):
             victim = self.running[-1]
             self._preempt(victim)
