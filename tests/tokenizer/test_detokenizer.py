@@ -63,7 +63,7 @@ def test_emoji_bytes_wait_for_the_whole_character(vocab: str) -> None:
     assert all("\ufffd" not in p for p in parts)
 
 
-def test_long_stream_slides_window() -> None:
+def test_long_stream() -> None:
     tok = _tok("gpt-2")
     text = ("It's a test, isn't it? Yes ' it is. " * 200) + "😀"
     ids = tok.encode(text, add_special=False)

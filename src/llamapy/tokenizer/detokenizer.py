@@ -14,7 +14,6 @@ from llamapy.tokenizer.pieces import clean_spaces
 from llamapy.tokenizer.tokenizer import Tokenizer
 
 _TOUCHY = b" '"  # the bytes clean_spaces patterns are built around
-_WINDOW = 256  # bytes kept before trying to move the window forward
 
 
 def _safe_cut(raw: bytes | bytearray, c: int) -> bool:
@@ -29,37 +28,45 @@ def _safe_cut(raw: bytes | bytearray, c: int) -> bool:
 
 
 class IncrementalDetokenizer:
-    """Feed token ids one by one with `add`; call `flush` at the end of the stream."""
+    """Feed token ids one by one with `add`; call `flush` at the end of the stream.
+
+    Bytes go through one incremental UTF-8 decoder (it holds an unfinished character back).
+    With clean_spaces, only the tail after the last safe cut waits (`_safe_cut`: no pattern
+    spans it); the two bytes before the tail stay as context for the next cut. The cost of a
+    token does not grow with the text (the host's per-token work of a large decode batch).
+    """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special
         self._clean = tokenizer.vocab.clean_spaces
-        self._raw = bytearray()  # pieces since the window start
-        self._emitted = 0  # characters of the window's text already returned
+        self._tail = b""  # bytes not final yet (clean_spaces: after the last safe cut)
+        self._ctx = b""  # the last (up to) 2 final bytes: the left side of the next cut
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._count = 0  # tokens seen
         self._remove_space = tokenizer.vocab.add_space_prefix
         self.ids: list[int] = []
-        # Without clean_spaces no later byte changes earlier text but an unfinished UTF-8
-        # sequence: one incremental decoder does it all, at a cost per token that does not
-        # grow with the window (the host's per-token work of a large decode batch).
-        self._utf8 = None if self._clean else codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly final text (possibly "")."""
         piece = self._piece(token_id)
         self.ids.append(token_id)
         self._count += 1
-        if self._utf8 is not None:
+        if not self._clean:
             return self._utf8.decode(piece)
-        self._raw += piece
-        return self._emit(final=False)
+        raw = self._ctx + self._tail + piece
+        cut = self._stable_cut(raw, len(self._ctx))
+        stable = raw[len(self._ctx) : cut]
+        self._tail = raw[cut:]
+        if not stable:
+            return ""
+        self._ctx = raw[max(0, cut - 2) : cut]
+        return self._utf8.decode(clean_spaces(stable))
 
     def flush(self) -> str:
         """The rest of the text (an unfinished UTF-8 sequence becomes U+FFFD)."""
-        if self._utf8 is not None:
-            return self._utf8.decode(b"", final=True)
-        return self._emit(final=True)
+        rest, self._tail, self._ctx = self._tail, b"", b""
+        return self._utf8.decode(clean_spaces(rest) if self._clean else rest, final=True)
 
     def _piece(self, token_id: int) -> bytes:
         """The token's bytes as llama_detokenize adds them (BOS removal, first-space strip)."""
@@ -75,46 +82,14 @@ class IncrementalDetokenizer:
             self._remove_space = False
         return piece
 
-    def _emit(self, final: bool) -> str:
-        raw = bytes(self._raw)
-        if final or not self._clean:
-            stable, complete = raw, final
-        else:
-            cut = self._stable_cut(raw)
-            stable, complete = raw[:cut], cut < len(raw)
-        data = clean_spaces(stable) if self._clean else stable
-        text = self._decode(data, complete)
-        new = text[self._emitted :]
-        self._emitted = max(self._emitted, len(text))
-        if final:
-            self._raw.clear()
-            self._emitted = 0
-        elif len(raw) > _WINDOW:
-            self._slide(raw)
-        return new
-
-    def _stable_cut(self, raw: bytes) -> int:
-        """How many leading bytes of `raw` no later token can change (clean_spaces on)."""
+    @staticmethod
+    def _stable_cut(raw: bytes, lo: int) -> int:
+        """How many leading bytes of `raw` no later token can change: all of them when its
+        end holds no space or quote, else the last safe cut at or after `lo` (`lo`: the
+        context bytes, already final)."""
         if not any(b in _TOUCHY for b in raw[-4:]):
             return len(raw)
-        for c in range(len(raw) - 2, 1, -1):
+        for c in range(len(raw) - 2, max(lo, 2) - 1, -1):
             if _safe_cut(raw, c):
                 return c
-        return 0
-
-    @staticmethod
-    def _decode(data: bytes, complete: bool) -> str:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return decoder.decode(data, final=complete)
-
-    def _slide(self, raw: bytes) -> None:
-        """Drop an already emitted head of the window, at a cut that cannot change."""
-        for c in range(len(raw) - _WINDOW // 2, 1, -1):
-            boundary = not 0x80 <= raw[c] < 0xC0
-            if _safe_cut(raw, c) if self._clean else boundary:
-                head = clean_spaces(raw[:c]) if self._clean else raw[:c]
-                head_len = len(self._decode(head, True))
-                if head_len <= self._emitted:
-                    del self._raw[:c]
-                    self._emitted -= head_len
-                return
+        return lo
