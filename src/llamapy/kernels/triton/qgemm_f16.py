@@ -238,38 +238,41 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _gemm_f16_step(
-        acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
+    def _q4_k_step(
+        acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """Q4_K units b0..b0+BB: unit u (32 bytes) holds weights 64u + j in its low nibbles
+        (sub-block 2u) and 64u + 32 + j in its high ones (2u + 1); w = d sc q - dmin mn as
+        one fp16 FMA of the rounded d sc and dmin mn."""
+        sb = ((b0 + tl.arange(0, BLOCK_B)) // 4)[None, :]  # the units' super-blocks
+        d = tl.load(d_ptr + d_base + sb)  # (BN, BB) fp16
+        dmin = tl.load(m_ptr + d_base + sb)
+        sc_lo = tl.load(sc_ptr + sc_base + 2 * b0)
+        sc_hi = tl.load(sc_ptr + sc_base + 2 * b0 + 1)
+        mn_lo = tl.load(mn_ptr + sc_base + 2 * b0)
+        mn_hi = tl.load(mn_ptr + sc_base + 2 * b0 + 1)
+        qs = tl.load(qs_base + b0 * 32)  # (BN, BB, 32)
+        wl = _scale_f16(_magic_f16(qs & 0xF), _k_scale(d, sc_lo), -_k_scale(dmin, mn_lo),
+                        1024.0, 1, INTERP)  # fmt: skip
+        wh = _scale_f16(_magic_f16(qs >> 4), _k_scale(d, sc_hi), -_k_scale(dmin, mn_hi),
+                        1024.0, 1, INTERP)  # fmt: skip
+        xl = tl.load(x_base + b0 * 64)  # (BM, BB, 32): x[64 u + j]
+        xh = tl.load(x_base + b0 * 64 + 32)  # x[64 u + 32 + j]
+        acc = _mma(acc, tl.reshape(xl, (BLOCK_M, BLOCK_B * 32)),
+                   tl.reshape(wl, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+        acc = _mma(acc, tl.reshape(xh, (BLOCK_M, BLOCK_B * 32)),
+                   tl.reshape(wh, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+        return acc
+
+    @triton.jit
+    def _legacy_step(
+        acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
-        """acc + x[:, units b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
-        if QT == 4:
-            return _q6_k_step(acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
-                              BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
-        if QT == 3:
-            # Q4_K unit u (32 bytes): low nibbles weights 64u + j (sub-block 2u), high
-            # nibbles 64u + 32 + j (2u + 1); w = d sc q - dmin mn as one fp16 FMA of the
-            # rounded d sc and dmin mn
-            sb = ((b0 + tl.arange(0, BLOCK_B)) // 4)[None, :]  # the units' super-blocks
-            d = tl.load(d_ptr + d_base + sb)  # (BN, BB) fp16
-            dmin = tl.load(m_ptr + d_base + sb)
-            sc_lo = tl.load(sc_ptr + sc_base + 2 * b0)
-            sc_hi = tl.load(sc_ptr + sc_base + 2 * b0 + 1)
-            mn_lo = tl.load(mn_ptr + sc_base + 2 * b0)
-            mn_hi = tl.load(mn_ptr + sc_base + 2 * b0 + 1)
-            qs = tl.load(qs_base + b0 * 32)  # (BN, BB, 32)
-            wl = _scale_f16(_magic_f16(qs & 0xF), _k_scale(d, sc_lo), -_k_scale(dmin, mn_lo),
-                            1024.0, 1, INTERP)  # fmt: skip
-            wh = _scale_f16(_magic_f16(qs >> 4), _k_scale(d, sc_hi), -_k_scale(dmin, mn_hi),
-                            1024.0, 1, INTERP)  # fmt: skip
-            xl = tl.load(x_base + b0 * 64)  # (BM, BB, 32): x[64 u + j]
-            xh = tl.load(x_base + b0 * 64 + 32)  # x[64 u + 32 + j]
-            acc = _mma(acc, tl.reshape(xl, (BLOCK_M, BLOCK_B * 32)),
-                       tl.reshape(wl, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
-            acc = _mma(acc, tl.reshape(xh, (BLOCK_M, BLOCK_B * 32)),
-                       tl.reshape(wh, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
-            return acc
+        """Q4_0 / Q4_1 / Q8_0 blocks b0..b0+BB."""
         d = tl.load(d_ptr + d_base + b0)  # (BN, BB) fp16
         m = d
         if QT == 1:
@@ -292,6 +295,24 @@ if HAS_TRITON:
             xt = tl.load(x_base + b0 * 32)  # (BM, BB, 32)
             acc = _mma(acc, tl.reshape(xt, (BLOCK_M, BLOCK_B * 32)),
                        tl.reshape(w, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+        return acc
+
+    @triton.jit
+    def _gemm_f16_step(
+        acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
+        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """acc + x[:, units b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
+        if QT == 4:
+            acc = _q6_k_step(acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
+                             BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+        elif QT == 3:
+            acc = _q4_k_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base,
+                             b0, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+        else:
+            acc = _legacy_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT, BLOCK_M,
+                               BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
         return acc
 
     @triton.jit

@@ -313,10 +313,10 @@ def qmatmul_with(
 
     path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
     weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0 with K a
-    multiple of 64, Q4_K, Q6_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA
-    to "f16", dequant from DEQUANT_MM_MIN_M
-    rows on CUDA, else GEMM). split_k: the GEMV's K
-    split (None: from the shape table). out: (M, N) contiguous, x.dtype, x's device.
+    multiple of 64, Q4_K, Q6_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays`
+    shapes on CUDA to "f16", dequant from DEQUANT_MM_MIN_M rows on CUDA, else GEMM).
+    split_k: the GEMV's K split (None: from the shape table). out: (M, N) contiguous,
+    x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
     gemm_config: explicit GEMM tiles for a plain (unfused) GEMM call (benchmarks/kernels/
     tune_gemm.py's hook): BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, num_warps, num_stages (keys
