@@ -121,8 +121,9 @@ class Tokenizer:
         """`pieces` with control and unknown tokens as b"" (decoding with skip_special),
         built once: the per-token test of an enum flag costs more than the lookup."""
         if self._visible is None:
+            hidden = int(_HIDDEN)  # a plain int: IntFlag's & is a Python call per token
             attrs = self.vocab.attrs
-            self._visible = [b"" if attrs[i] & _HIDDEN else p for i, p in enumerate(self.pieces)]
+            self._visible = [b"" if attrs[i] & hidden else p for i, p in enumerate(self.pieces)]
         return self._visible
 
     def _check(self, token_id: int) -> int:
