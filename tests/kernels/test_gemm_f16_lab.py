@@ -26,7 +26,7 @@ import torch
 
 import llamapy.kernels.triton as kt
 from llamapy.quant.dequant import dequantize
-from llamapy.quant.types import QuantType, row_nbytes, type_size
+from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
 
 pytestmark = pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
 
@@ -40,17 +40,26 @@ ON_GPU = torch.cuda.is_available() and not kt.INTERPRET
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = QuantType
 TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
-FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q8_0: (0,)}  # byte offsets of d (and m)
+# byte offsets of each block's fp16 scales (d, and m / dmin) and their spread: weights ~0.1
+# for the legacy types; Q4_K's |w| up to ~10, Q6_K's ~130 (sc = -128, q = -32): within fp16
+FP16_FIELDS = {
+    T.Q4_0: ((0,), 0.01),
+    T.Q4_1: ((0, 2), 0.01),
+    T.Q8_0: ((0,), 0.01),
+    T.Q4_K: ((0, 2), 0.01),
+    T.Q6_K: ((208,), 0.001),
+}
 U = 2.0**-11  # fp16 unit roundoff
 SUBNORMAL = 2.0**-25  # half of fp16's subnormal spacing: the rounding error below 2^-14
 
 
 def random_blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
-    """(n, row_bytes) uint8 blocks: every quant equally likely, fp16 scales ~ N(0, 0.01^2)
-    (weights ~0.1, as in trained models)."""
-    blocks = rng.integers(0, 256, (n * k // 32, type_size(qtype)), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:
-        vals = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
+    """(n, row_bytes) uint8 blocks: every quant (and K-quant sub-block scale) equally likely,
+    fp16 scales ~ N(0, spread^2) (`FP16_FIELDS`)."""
+    offsets, spread = FP16_FIELDS[qtype]
+    blocks = rng.integers(0, 256, (n * k // block_size(qtype), type_size(qtype)), dtype=np.uint8)
+    for off in offsets:
+        vals = (rng.standard_normal(blocks.shape[0]) * spread).astype(np.float16)
         blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
 
@@ -76,11 +85,15 @@ def check_exact(x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType, y: torc
     bound = mag * (2 * U * 1.01 + k * 2.0**-23) + SUBNORMAL * (
         row_scales(x) * aw.sum(1)[None, :] + ax.sum(1)[:, None]
     )
-    err = (y.double() - x64 @ w64.T).abs()
+    assert_within(qtype.name, (y.double() - x64 @ w64.T).abs(), bound)
+
+
+def assert_within(name: str, err: torch.Tensor, bound: torch.Tensor) -> None:
+    """Every |error| of an (M, N) result within its bound; the worst cell named if not."""
     worst = int(torch.argmax(err - bound))
     assert bool((err <= bound).all()), (
-        f"{qtype.name}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} "
-        f"at {divmod(worst, y.shape[1])}"
+        f"{name}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} "
+        f"at {divmod(worst, err.shape[1])}"
     )
 
 
@@ -96,8 +109,7 @@ def check_emulated(
     bound = mag * x.shape[1] * 2.0**-23
     if qtype == T.Q4_1 and ON_GPU:
         bound = bound + mag * U
-    err = (y.double() - (x16 @ w16.T) * s).abs()
-    assert bool((err <= bound).all()), f"{qtype.name}: {float((err - bound).max()):.3g} over"
+    assert_within(f"{qtype.name} (fp16 emulation)", (y.double() - (x16 @ w16.T) * s).abs(), bound)
 
 
 def run(rng, qtype, m, n, k, config=None, x=None):
@@ -374,16 +386,6 @@ def test_benchmark_plan() -> None:
 # range (q <= 15). Units are 64 weights (32 bytes of qs: two sub-blocks).
 
 
-def random_q4_k(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
-    """(n, row_bytes) Q4_K blocks: random quants and 6-bit scales / mins, d and dmin fp16
-    ~ N(0, 0.01^2) (|w| up to ~10: within fp16)."""
-    blocks = rng.integers(0, 256, (n * k // 256, type_size(T.Q4_K)), dtype=np.uint8)
-    for off in (0, 2):
-        vals = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
-        blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
-
-
 def q4_k_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per weight (N, K) float64: the quant q, D = d sc and M = dmin mn of its sub-block,
     from the packed tensors (qs in ggml's order: unit u's low nibbles are weights 64u + j,
@@ -413,11 +415,7 @@ def check_q4_k(x: torch.Tensor, blocks: torch.Tensor, y: torch.Tensor) -> None:
     mag = ax @ (aw + (2 * aw + 2 * big_m.abs())).T  # x's rounding + the weight's
     bound = mag * U * 1.01 + (ax @ aw.T) * k * 2.0**-23
     bound += SUBNORMAL * (row_scales(x64) * aw.sum(1)[None, :] + 17 * ax.sum(1)[:, None])
-    err = (y64 - x64 @ w64.T).abs()
-    worst = int(torch.argmax(err - bound))
-    assert bool((err <= bound).all()), (
-        f"Q4_K: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
-    )
+    assert_within("Q4_K", (y64 - x64 @ w64.T).abs(), bound)
     s = row_scales(x64)
     x16 = (x64 / s).half().double()
     w16 = (q * big_d.half().double() - big_m.half().double()).half().double()
@@ -425,22 +423,14 @@ def check_q4_k(x: torch.Tensor, blocks: torch.Tensor, y: torch.Tensor) -> None:
     # float32 accumulation; and one fp16 ulp of a weight where float32 q D16 - M16 rounds
     # before fp16 (the interpreter's emulation of the FMA)
     bound16 = mag16 * (k * 2.0**-23 + U)
-    err16 = (y64 - (x16 @ w16.T) * s).abs()
-    assert bool((err16 <= bound16).all()), f"Q4_K: {float((err16 - bound16).max()):.3g} over"
-
-
-def run_q4_k(rng, m, n, k, config=None, x=None):
-    blocks = random_q4_k(rng, n, k)
-    w = pack_weight(blocks, T.Q4_K, (n, k))
-    x = random_x(rng, m, k) if x is None else x
-    return x, blocks, lab.gemm_f16(x, w, config)
+    assert_within("Q4_K (fp16 emulation)", (y64 - (x16 @ w16.T) * s).abs(), bound16)
 
 
 @pytest.mark.parametrize("k", [256, 512])
 @pytest.mark.parametrize("n", [16, 48])
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_q4_k_matches_float64_reference(rng, m: int, n: int, k: int) -> None:
-    x, blocks, y = run_q4_k(rng, m, n, k)
+    x, blocks, y = run(rng, T.Q4_K, m, n, k)
     check_q4_k(x, blocks, y)
 
 
@@ -458,7 +448,7 @@ Q4_K_CONFIGS = [
     "config", Q4_K_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
 )
 def test_q4_k_tiles_and_splits(rng, config: dict[str, int]) -> None:
-    x, blocks, y = run_q4_k(rng, 40, 48, 768, config)  # 3 super-blocks, 12 units
+    x, blocks, y = run(rng, T.Q4_K, 40, 48, 768, config)  # 3 super-blocks, 12 units
     check_q4_k(x, blocks, y)
     w = pack_weight(blocks, T.Q4_K, (48, 768))
     assert torch.equal(lab.gemm_f16(x, w, config), y)  # deterministic
@@ -482,7 +472,7 @@ def test_q4_k_through_qmatmul(rng) -> None:
     from llamapy.kernels.triton import qmatmul as qm
 
     n, k = 48, 512
-    blocks = random_q4_k(rng, n, k)
+    blocks = random_blocks(rng, T.Q4_K, n, k)
     w = pack_weight(blocks, T.Q4_K, (n, k))
     x = random_x(rng, 5, k)
     y = qm.qmatmul_with(x, w, path="f16")
@@ -499,15 +489,6 @@ def test_q4_k_through_qmatmul(rng) -> None:
 # --------------------------------------------------------------------------- Q6_K
 # Q6_K tiles: w = fp16((q - 32) D16), D16 = fp16(d sc) per 16 weights, so |dw| <= 2 u |w|
 # plus 33 2^-25 where D or w is subnormal (|q - 32| <= 32). Units are 128 weights.
-
-
-def random_q6_k(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
-    """(n, row_bytes) Q6_K blocks: random quants and int8 scales, d fp16 ~ N(0, 0.001^2)
-    (|w| up to ~130 at sc = -128, q = -32: within fp16)."""
-    blocks = rng.integers(0, 256, (n * k // 256, type_size(T.Q6_K)), dtype=np.uint8)
-    vals = (rng.standard_normal(blocks.shape[0]) * 0.001).astype(np.float16)
-    blocks[:, 208:210] = vals.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(blocks.reshape(n, -1)).to(DEVICE)
 
 
 def q6_k_parts(w) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,30 +518,18 @@ def check_q6_k(x: torch.Tensor, blocks: torch.Tensor, y: torch.Tensor) -> None:
     ax, aw = x64.abs(), w64.abs()
     bound = (ax @ aw.T) * (3 * U * 1.01 + k * 2.0**-23)
     bound += SUBNORMAL * (row_scales(x64) * aw.sum(1)[None, :] + 33 * ax.sum(1)[:, None])
-    err = (y64 - x64 @ w64.T).abs()
-    worst = int(torch.argmax(err - bound))
-    assert bool((err <= bound).all()), (
-        f"Q6_K: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
-    )
+    assert_within("Q6_K", (y64 - x64 @ w64.T).abs(), bound)
     s = row_scales(x64)
     x16 = (x64 / s).half().double()
     w16 = (q * big_d.half().double()).half().double()  # one rounding of an exact product
     bound16 = (x16.abs() @ w16.abs().T) * s * k * 2.0**-23
-    err16 = (y64 - (x16 @ w16.T) * s).abs()
-    assert bool((err16 <= bound16).all()), f"Q6_K: {float((err16 - bound16).max()):.3g} over"
-
-
-def run_q6_k(rng, m, n, k, config=None, x=None):
-    blocks = random_q6_k(rng, n, k)
-    w = pack_weight(blocks, T.Q6_K, (n, k))
-    x = random_x(rng, m, k) if x is None else x
-    return x, blocks, lab.gemm_f16(x, w, config)
+    assert_within("Q6_K (fp16 emulation)", (y64 - (x16 @ w16.T) * s).abs(), bound16)
 
 
 @pytest.mark.parametrize("k", [256, 512])
 @pytest.mark.parametrize("m", [1, 17])
 def test_q6_k_matches_float64_reference(rng, m: int, k: int) -> None:
-    x, blocks, y = run_q6_k(rng, m, 48, k)
+    x, blocks, y = run(rng, T.Q6_K, m, 48, k)
     check_q6_k(x, blocks, y)
 
 
@@ -569,7 +538,7 @@ def test_q6_k_matches_float64_reference(rng, m: int, k: int) -> None:
 )
 def test_q6_k_tiles_and_splits(rng, config: dict[str, int]) -> None:
     """BLOCK_B 1: steps that start in the second half of a super-block."""
-    x, blocks, y = run_q6_k(rng, 40, 48, 1024, config)  # 4 super-blocks, 8 units
+    x, blocks, y = run(rng, T.Q6_K, 40, 48, 1024, config)  # 4 super-blocks, 8 units
     check_q6_k(x, blocks, y)
 
 
@@ -577,7 +546,7 @@ def test_q6_k_through_qmatmul(rng) -> None:
     from llamapy.kernels.triton import qmatmul as qm
 
     n, k = 48, 512
-    blocks = random_q6_k(rng, n, k)
+    blocks = random_blocks(rng, T.Q6_K, n, k)
     w = pack_weight(blocks, T.Q6_K, (n, k))
     x = random_x(rng, 3, k)
     check_q6_k(x, blocks, qm.qmatmul_with(x, w, path="f16"))
@@ -600,7 +569,7 @@ def test_q4_k_in_the_lab() -> None:
 def test_k_quant_model_shapes_on_gpu(rng, n: int, k: int) -> None:
     for m in (1, 16, 64):
         for swap in (0, 1):
-            x, blocks, y = run_q4_k(rng, m, n, k, {"SWAP_AB": swap})
+            x, blocks, y = run(rng, T.Q4_K, m, n, k, {"SWAP_AB": swap})
             check_q4_k(x, blocks, y)
-            x, blocks, y = run_q6_k(rng, m, n, k, {"SWAP_AB": swap})
+            x, blocks, y = run(rng, T.Q6_K, m, n, k, {"SWAP_AB": swap})
             check_q6_k(x, blocks, y)

@@ -199,7 +199,7 @@ def test_enforce_eager_flag(smollm2_path, monkeypatch):
 
 def test_cli_compile_flags(monkeypatch):
     """One-shot commands start eagerly unless --compile; serve compiles unless
-    --enforce-eager; load_llm hands the choice to LLM."""
+    --enforce-eager; load_llm hands the choice to LLM, and --no-async-scheduling too."""
     import llamapy.api
     from llamapy.cli.common import load_llm
     from llamapy.cli.main import build_parser
@@ -216,7 +216,7 @@ def test_cli_compile_flags(monkeypatch):
         (["run", "hi"], False),
         (["run", "--compile", "hi"], True),
         (["run", "--compile", "--enforce-eager", "hi"], False),
-        (["chat", "--compile"], True),
+        (["chat", "--compile", "--no-async-scheduling"], True),
         (["perplexity", "-f", "x.txt"], False),
     ]:
         args = parser.parse_args(argv)
@@ -224,6 +224,11 @@ def test_cli_compile_flags(monkeypatch):
         load_llm(args)
         assert seen["cpu_compile"] is compile_, argv
         assert seen["enforce_eager"] is ("--enforce-eager" in argv), argv
+        # None: LLM's default (async scheduling on for CUDA)
+        expected = False if "--no-async-scheduling" in argv else None
+        assert seen["async_scheduling"] is expected, argv
+    assert parser.parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
+    assert parser.parse_args(["serve"]).async_scheduling is None
     serve = parser.parse_args(["serve"])
     assert serve.enforce_eager is False and not hasattr(serve, "compile")
     assert parser.parse_args(["serve", "--enforce-eager"]).enforce_eager is True
@@ -231,34 +236,6 @@ def test_cli_compile_flags(monkeypatch):
         parser.parse_args(["serve", "--compile"])
     with pytest.raises(SystemExit):
         parser.parse_args(["embed", "--compile", "x"])
-
-
-def test_cli_async_scheduling_flag(monkeypatch):
-    """--no-async-scheduling reaches LLM (and serve's config); without it LLM keeps its
-    default (None: on for CUDA)."""
-    import llamapy.api
-    from llamapy.cli.common import load_llm
-    from llamapy.cli.main import build_parser
-
-    parser = build_parser()
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, *args, **kwargs):
-            seen.update(kwargs)
-
-    monkeypatch.setattr(llamapy.api, "LLM", FakeLLM)
-    for argv, expected in [
-        (["run", "hi"], None),
-        (["run", "--no-async-scheduling", "hi"], False),
-        (["chat", "--no-async-scheduling"], False),
-        (["perplexity", "-f", "x.txt"], None),
-    ]:
-        seen.clear()
-        load_llm(parser.parse_args(argv))
-        assert seen["async_scheduling"] is expected, argv
-    assert parser.parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
-    assert parser.parse_args(["serve"]).async_scheduling is None
 
 
 @needs_compiler

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl
 from llamapy.kernels.triton import qmatmul as qm
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.types import QuantType
@@ -112,9 +112,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _mma(acc, x, w, SWAP_AB: tl.constexpr, INTERP: tl.constexpr):
-        """acc + x @ w^T (BM, BN), or with SWAP_AB acc^T + w @ x^T (BN, BM): the weight tile
+        """acc + x @ w^T (BM, BN) for tiles x (BM, BB, W) and w (BN, BB, W) (their units
+        flattened into one K range), or with SWAP_AB acc^T + w @ x^T (BN, BM): the weight tile
         as the MMA's A operand (its M side is BLOCK_N, so a 16-row x tile still fills a
         64-row Hopper wgmma)."""
+        x = tl.reshape(x, (x.shape[0], x.shape[1] * x.shape[2]))
+        w = tl.reshape(w, (w.shape[0], w.shape[1] * w.shape[2]))
         if SWAP_AB:
             return _dot16(w, tl.trans(x), acc, INTERP)
         else:
@@ -187,14 +190,14 @@ if HAS_TRITON:
             b0 = b_start
             while b0 < b_end:
                 acc = _gemm_f16_step(acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr,
-                                     d_base, sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B,
-                                     SWAP_AB, INTERP)  # fmt: skip
+                                     d_base, sc_base, b0, QT, BLOCK_B, SWAP_AB,
+                                     INTERP)  # fmt: skip
                 b0 += BLOCK_B
         else:
             for b0 in range(b_start, b_end, BLOCK_B):
                 acc = _gemm_f16_step(acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr,
-                                     d_base, sc_base, b0, QT, BLOCK_M, BLOCK_N, BLOCK_B,
-                                     SWAP_AB, INTERP)  # fmt: skip
+                                     d_base, sc_base, b0, QT, BLOCK_B, SWAP_AB,
+                                     INTERP)  # fmt: skip
         s = tl.load(s_ptr + x_rows)  # (BM,) the rows' powers of two: exact products
         o_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         o_ptr = out_ptr + o_rows[:, None] * N + offs_n[None, :]
@@ -212,8 +215,7 @@ if HAS_TRITON:
     @triton.jit
     def _q6_k_step(
         acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+        BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """Q6_K units b0..b0+BB: unit u (128 weights) is ql[64u..64u+64), qh[32u..32u+32);
         its run r = 0..3 is weights 128u + 32r + l (ggml's q1..q4: low / high nibbles of
@@ -233,15 +235,13 @@ if HAS_TRITON:
             scale = (d * sc.to(tl.float32)).to(tl.float16)  # ggml's float32 d sc, rounded
             w = (_magic_f16(q) - 1056.0) * scale  # q - 32 exactly, then one fp16 rounding
             xt = tl.load(x_base + b0 * 128 + 32 * r)  # (BM, BB, 32)
-            acc = _mma(acc, tl.reshape(xt, (BLOCK_M, BLOCK_B * 32)),
-                       tl.reshape(w, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+            acc = _mma(acc, xt, w, SWAP_AB, INTERP)
         return acc
 
     @triton.jit
     def _q4_k_step(
         acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+        BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """Q4_K units b0..b0+BB: unit u (32 bytes) holds weights 64u + j in its low nibbles
         (sub-block 2u) and 64u + 32 + j in its high ones (2u + 1); w = d sc q - dmin mn as
@@ -260,17 +260,14 @@ if HAS_TRITON:
                         1024.0, 1, INTERP)  # fmt: skip
         xl = tl.load(x_base + b0 * 64)  # (BM, BB, 32): x[64 u + j]
         xh = tl.load(x_base + b0 * 64 + 32)  # x[64 u + 32 + j]
-        acc = _mma(acc, tl.reshape(xl, (BLOCK_M, BLOCK_B * 32)),
-                   tl.reshape(wl, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
-        acc = _mma(acc, tl.reshape(xh, (BLOCK_M, BLOCK_B * 32)),
-                   tl.reshape(wh, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+        acc = _mma(acc, xl, wl, SWAP_AB, INTERP)
+        acc = _mma(acc, xh, wh, SWAP_AB, INTERP)
         return acc
 
     @triton.jit
     def _legacy_step(
         acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0,
-        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+        QT: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """Q4_0 / Q4_1 / Q8_0 blocks b0..b0+BB."""
         d = tl.load(d_ptr + d_base + b0)  # (BN, BB) fp16
@@ -284,35 +281,32 @@ if HAS_TRITON:
             wh = _scale_f16(_magic_f16(qs >> 4), d, m, off, QT, INTERP)
             xl = tl.load(x_base + b0 * 32)  # (BM, BB, 16): x[32 b + j]
             xh = tl.load(x_base + b0 * 32 + 16)  # x[32 b + 16 + j]
-            acc = _mma(acc, tl.reshape(xl, (BLOCK_M, BLOCK_B * 16)),
-                       tl.reshape(wl, (BLOCK_N, BLOCK_B * 16)), SWAP_AB, INTERP)  # fmt: skip
-            acc = _mma(acc, tl.reshape(xh, (BLOCK_M, BLOCK_B * 16)),
-                       tl.reshape(wh, (BLOCK_N, BLOCK_B * 16)), SWAP_AB, INTERP)  # fmt: skip
+            acc = _mma(acc, xl, wl, SWAP_AB, INTERP)
+            acc = _mma(acc, xh, wh, SWAP_AB, INTERP)
         else:
             # int8 q -> q + 128 in [0, 256) by flipping the sign bit, then 1152 + q
             w = _scale_f16(_magic_f16(qs.to(tl.uint8, bitcast=True) ^ 0x80), d, m, 1152.0, QT,
                            INTERP)  # fmt: skip
             xt = tl.load(x_base + b0 * 32)  # (BM, BB, 32)
-            acc = _mma(acc, tl.reshape(xt, (BLOCK_M, BLOCK_B * 32)),
-                       tl.reshape(w, (BLOCK_N, BLOCK_B * 32)), SWAP_AB, INTERP)  # fmt: skip
+            acc = _mma(acc, xt, w, SWAP_AB, INTERP)
         return acc
 
     @triton.jit
     def _gemm_f16_step(
         acc, x_base, qs_base, h_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base, b0,
-        QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr, INTERP: tl.constexpr,
+        QT: tl.constexpr, BLOCK_B: tl.constexpr, SWAP_AB: tl.constexpr,
+        INTERP: tl.constexpr,
     ):  # fmt: skip
         """acc + x[:, units b0..b0+BB) @ W[:, same]^T, the W tile built in fp16."""
         if QT == 4:
             acc = _q6_k_step(acc, x_base, qs_base, h_base, d_ptr, sc_ptr, d_base, sc_base, b0,
-                             BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+                             BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
         elif QT == 3:
             acc = _q4_k_step(acc, x_base, qs_base, d_ptr, m_ptr, sc_ptr, mn_ptr, d_base, sc_base,
-                             b0, BLOCK_M, BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+                             b0, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
         else:
-            acc = _legacy_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT, BLOCK_M,
-                               BLOCK_N, BLOCK_B, SWAP_AB, INTERP)  # fmt: skip
+            acc = _legacy_step(acc, x_base, qs_base, d_ptr, m_ptr, d_base, b0, QT, SWAP_AB,
+                               INTERP)  # fmt: skip
         return acc
 
     @triton.jit
@@ -373,24 +367,13 @@ def rule_split(
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> None:
-    if not isinstance(w, PackedWeight):
-        raise ValueError(f"expected a PackedWeight (see qmatmul.pack_weight), got {type(w)}")
-    if w.qtype not in TYPES:
+    """The weight's type, then qmatmul's checks of x against the weight."""
+    if isinstance(w, PackedWeight) and w.qtype not in TYPES:
         names = ", ".join(t.name for t in TYPES)
         raise ValueError(f"gemm_f16 takes {names} weights, got {w.qtype.name}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a 2-D (M, K) tensor, got {got}")
-    if x.shape[1] != w.k:
-        raise ValueError(f"x has K={x.shape[1]} columns but the weight is {w.n}x{w.k}")
-    if x.dtype not in _X_DTYPES:
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
-        raise ValueError(f"x rows must be contiguous, got strides {x.stride()}")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
-    if not triton_usable(x.device):
-        raise ValueError(f"gemm_f16 runs on CUDA (CPU with TRITON_INTERPRET=1), x on {x.device}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a 2-D (M, K) tensor, got {type(x).__name__}")
+    qm._check_inputs(x, w, None)
 
 
 def _resolve(
