@@ -72,13 +72,19 @@ def random_packed(qtype: QuantType, n: int, k: int, copies: int) -> list:
     return out
 
 
-def legacy_variants(n: int) -> list[dict[str, int]]:
+def legacy_variants(n: int, k: int, wide: bool = False, q8x: bool = False) -> list[dict[str, int]]:
+    """The legacy GEMV's tiles; `wide` sweeps 1-2 row tiles, 64-256 blocks a step (a whole
+    row of a 2048-wide matrix in one step: more loads in flight) and 1-2 warp programs;
+    `q8x` times them with int8 activations (`qmatmul.GEMV_INT8_X`)."""
     out = []
     grid = itertools.product((4, 8, 16, 32), (8, 16, 32), (4, 8), (1, 2, 4))
+    if wide:
+        grid = itertools.product((1, 2, 4, 8), (32, 64, 128, 256), (1, 2, 4), (1, 2))
     for bn, bb, warps, split in grid:
-        if bn > n:
+        if bn > n or bb > k // 32 or split * bb > k // 32:
             continue
-        out.append({"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split})
+        cfg = {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
+        out.append(cfg | ({"Q8X": 1} if q8x else {}))
     return out
 
 
@@ -96,9 +102,17 @@ def kquant_variants(qtype: QuantType, k: int) -> list[qmatmul_kquants.KernelConf
 
 
 def tune_gemv(
-    qtype: QuantType, dtype: torch.dtype, results: list[dict], json_path: str | None
+    qtype: QuantType,
+    dtype: torch.dtype,
+    results: list[dict],
+    json_path: str | None,
+    shapes: str | None = None,
+    wide: bool = False,
+    q8x: bool = False,
 ) -> None:
     for name, n, k in SHAPES:
+        if shapes is not None and not name.startswith(shapes):
+            continue
         if k % 256 and qtype in qmatmul_kquants.TYPES:
             continue
         nbytes = n * row_nbytes(qtype, k)
@@ -122,7 +136,7 @@ def tune_gemv(
                                 "us": t})  # fmt: skip
                 best = min(best, (t, label))
         else:
-            for cfg in legacy_variants(n):
+            for cfg in legacy_variants(n, k, wide, q8x):
                 calls = [
                     functools.partial(qmatmul_with, x, w, out=out, gemv_config=cfg) for w in ws
                 ]
@@ -198,6 +212,9 @@ def main() -> None:
     parser.add_argument("--types", default="Q4_0,Q4_K,Q8_0,Q6_K")
     parser.add_argument("--no-attention", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--shapes", help="only the matrices whose name starts with this (smol, 1b)")
+    parser.add_argument("--wide", action="store_true", help="a wider tile space (legacy types)")
+    parser.add_argument("--q8x", action="store_true", help="legacy variants with int8 activations")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
@@ -208,7 +225,9 @@ def main() -> None:
         tune_attention(results)
     print("| type | matrix | bytes | current us | best us | gain | best GB/s | best |")
     for name in args.types.split(","):
-        tune_gemv(QuantType[name], torch.float32, results, args.json)  # activations are float32
+        tune_gemv(
+            QuantType[name], torch.float32, results, args.json, args.shapes, args.wide, args.q8x
+        )  # activations are float32
     print(f"({time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -69,6 +69,14 @@ SUPPORTED_TYPES: frozenset[QuantType] = frozenset(_CODES) | _KQUANT_TYPES
 # H100 issues while streaming ~3 TB/s; beyond it `tl.dot` (tensor cores, tile dequantized
 # once for 16 rows) is cheaper. `benchmarks/kernels/bench_qmatmul.py --crossover` checks it.
 GEMV_MAX_M = 4
+# The decode GEMV of the legacy quantized types can quantize x to int8 per 32-block on the
+# fly (scale amax / 127, as llama.cpp's q8_1 activations) and take integer dot products (one
+# dp4a per four weights) instead of converting every weight to float32: fewer ALU operations
+# per weight byte. Its results differ from the float32 path by x's rounding (|x - x~| <=
+# amax / 254 per element). gemv_config={"Q8X": 0 / 1} overrides it per call.
+GEMV_INT8_X = False
+_Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
+                        QuantType.Q8_0})  # fmt: skip
 # From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
 # weight is dequantized to a 16-bit scratch (at most DEQUANT_SCRATCH weights at a time) and
 # multiplied by cuBLAS: the fused GEMM dequantizes every weight tile once per row tile and
@@ -317,7 +325,8 @@ def qmatmul_with(
     shapes on CUDA to "f16", dequant from DEQUANT_MM_MIN_M rows on CUDA, else GEMM).
     split_k: the GEMV's K split (None: from the shape table). out: (M, N) contiguous,
     x.dtype, x's device.
-    gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook).
+    gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook)
+        and Q8X (0 / 1: int8 activations, see GEMV_INT8_X).
     gemm_config: explicit GEMM tiles for a plain (unfused) GEMM call (benchmarks/kernels/
     tune_gemm.py's hook): BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, num_warps, num_stages (keys
     left out keep `_gemm_config`'s value); for K-quant weights `qmatmul_kquants.gemm_config`'s
@@ -649,6 +658,7 @@ def _launch_gemv(
             raise ValueError(f"split_k must be >= 1, got {split_k}")
         cfg["SPLIT"] = split_k
     split = cfg["SPLIT"]
+    q8x = bool(cfg.pop("Q8X", GEMV_INT8_X)) and w.qtype in _Q8X_TYPES
     nb = k // QK
     steps_per_split = triton.cdiv(triton.cdiv(nb, cfg["BLOCK_B"]), split)
     # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
@@ -656,10 +666,12 @@ def _launch_gemv(
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
     has_res = residual is not None
     operands = _operands(w)
+    if q8x:  # the int8-activation step reads the quants as int32 words
+        operands = (operands[0].view(torch.int32), *operands[1:])
     pdl_on = pdl.pdl_enabled(x.device)
     # qs elements per 32-weight block; the program's share of each row goes to L2 before the
     # PDL wait (weights are never written by an earlier kernel)
-    block_width = 16 if w.qtype in _NIBBLE_TYPES else QK
+    block_width = (16 if w.qtype in _NIBBLE_TYPES else QK) // (4 if q8x else 1)
     nbytes = steps_per_split * cfg["BLOCK_B"] * block_width * operands[0].element_size()
     lines = pdl.prefetch_lines(nbytes) if pdl_on else 0
     _gemv_kernel[grid](
@@ -667,7 +679,7 @@ def _launch_gemv(
         norm_weight if norm_weight is not None else out, dest,
         m, n, k, x.stride(0), steps_per_split, float(eps or 0.0),
         QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, PRO=pro,
-        HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines,
+        HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
         **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
@@ -866,6 +878,127 @@ if HAS_TRITON:
             return tl.where((ids_m == i)[:, None, None], acc + part[None, :, :], acc)
 
     @triton.jit
+    def _dp4a(a, b, c, SIGNED_A: tl.constexpr, INTERP: tl.constexpr):
+        """c + the dot product of the four bytes of int32 words a and b (b's bytes signed,
+        a's signed or unsigned), element-wise: one `dp4a` instruction a word on the GPU."""
+        if INTERP:
+            for t in tl.static_range(4):
+                bt = (b << (24 - 8 * t)) >> 24  # arithmetic shift: the signed byte
+                at = (a >> (8 * t)) & 0xFF
+                if SIGNED_A:
+                    at = (a << (24 - 8 * t)) >> 24
+                c += at * bt
+            return c
+        elif SIGNED_A:
+            return tl.inline_asm_elementwise(
+                "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise(
+                "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+
+    @triton.jit
+    def _rint(v):
+        """float32 v with |v| < 2^22 -> the nearest integer (ties to even) as int32: adding
+        1.5 * 2^23 leaves the rounded integer in the low mantissa bits."""
+        return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+    @triton.jit
+    def _pack_bytes(q):
+        """(BB, 16) int32 codes in [-127, 127] -> (BB, 4) int32 words, four codes a word,
+        the first in the low byte (the byte order a block's quants have)."""
+        q4 = tl.reshape(q & 0xFF, (q.shape[0], 4, 4))
+        return tl.sum(q4 << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # disjoint bytes
+
+    @triton.jit
+    def _quantize_x(xl, xh):
+        """One row's x blocks as halves (BB, 16) float32 (x[32b + j], x[32b + 16 + j]) ->
+        int8 codes q = rint(x * 127 / a) packed in words (BB, 4) per half, the scale a / 127
+        (BB,) and the codes' sum (BB,), a = max(amax, 2^-60) (no overflow for tiny blocks;
+        all-zero blocks get zero codes): llama.cpp's q8_1 activations."""
+        amax = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
+        amax = tl.maximum(amax, 8.673617379884035e-19)  # 2^-60
+        inv = 127.0 / amax
+        ql = _rint(xl * inv[:, None])
+        qh = _rint(xh * inv[:, None])
+        total = tl.sum(ql, axis=1) + tl.sum(qh, axis=1)
+        return _pack_bytes(ql), _pack_bytes(qh), amax / 127.0, total
+
+    @triton.jit
+    def _words(ptr, rows, n_mask, b_first, nb, PER_BLOCK: tl.constexpr, OFFSET: tl.constexpr,
+               BLOCK_B: tl.constexpr):  # fmt: skip
+        """Words [OFFSET, OFFSET + 4) of blocks [b_first, +BLOCK_B) of rows `rows` of an
+        (N, nb * PER_BLOCK) int32 array -> (BN, BB, 4)."""
+        b = b_first + tl.arange(0, BLOCK_B)
+        c = b[:, None] * PER_BLOCK + OFFSET + tl.arange(0, 4)[None, :]
+        mask = n_mask[:, None, None] & (b < nb)[None, :, None]
+        ptrs = ptr + rows[:, None, None] * (nb * PER_BLOCK) + c[None, :, :]
+        return tl.load(ptrs, mask=mask, other=0)
+
+    @triton.jit
+    def _high_bits(qh, FIRST: tl.constexpr):
+        """Bits FIRST + 4i .. +3 of a Q5 block's qh (BN, BB) -> (BN, BB, 4) words with them at
+        bit 4 of bytes 0..3 (the fifth bit of the weights word i of qs holds)."""
+        i = tl.arange(0, 4)[None, None, :]
+        v = (qh[:, :, None] >> (FIRST + 4 * i)) & 0xF
+        return ((v * 0x00204081) & 0x01010101) << 4  # bit t of v -> bit 8t, then bit 8t + 4
+
+    @triton.jit
+    def _gemv_step_q8x(
+        acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
+        g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+        PRO: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """`_gemv_step` with x quantized to int8 per 32-block (`_quantize_x`) and integer dot
+        products (`_dp4a`): qs_ptr is the quants viewed as int32 words. Per block and row,
+        sum_j w_j x_j ~ d * sx * sum_j q_j c_j (+ the offset's m * sx * sum_j c_j, or
+        -8 / -16 codes folded into the integer sum), c the codes, sx the x scale."""
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        blk = rows[:, None] * nb + offs_b[None, :]  # (BN, BB) block index in W
+        mask = n_mask[:, None] & (offs_b < nb)[None, :]
+        d = tl.load(d_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+        if QT < 4:
+            w = _words(qs_ptr, rows, n_mask, b_first, nb, 4, 0, BLOCK_B)
+            lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of word i
+            hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
+            if QT == 2 or QT == 3:
+                qh = tl.load(qh_ptr + blk, mask=mask, other=0)
+                lo = lo | _high_bits(qh, 0)
+                hi = hi | _high_bits(qh, 16)
+            if QT == 1 or QT == 3:
+                c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+        else:  # Q8_0: words 0-3 hold weights 0-15, words 4-7 weights 16-31
+            lo = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 0, BLOCK_B)
+            hi = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 4, BLOCK_B)
+        if PRO == 1:
+            gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
+            gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
+        zero = tl.zeros(lo.shape, tl.int32)
+        for i in tl.static_range(BLOCK_M):
+            x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
+            xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
+            xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
+            if PRO == 1:
+                xl = xl * gl
+                xh = xh * gh
+            cl, ch, sx, total = _quantize_x(xl, xh)
+            dot = _dp4a(lo, cl[None, :, :], zero, QT == 4, INTERP)
+            dot = _dp4a(hi, ch[None, :, :], dot, QT == 4, INTERP)
+            isum = tl.sum(dot, axis=2)  # (BN, BB), |.| <= 32 * 31 * 127: exact in float32
+            if QT == 0:
+                isum -= 8 * total[None, :]
+            elif QT == 2:
+                isum -= 16 * total[None, :]
+            part = isum.to(tl.float32) * (d * sx[None, :])
+            if QT == 1 or QT == 3:
+                part += c * (sx * total.to(tl.float32))[None, :]
+            acc = _accumulate_row(acc, part, i, BLOCK_M)
+        return acc
+
+    @triton.jit
     def _gemv_step(
         acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
         g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -907,18 +1040,34 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _gemv_any_step(
+        acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
+        g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+        PRO: tl.constexpr, INTERP: tl.constexpr, Q8X: tl.constexpr,
+    ):  # fmt: skip
+        """One K step of the GEMV, float32 (`_gemv_step`) or int8 activations (Q8X)."""
+        args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M)
+        if Q8X:
+            acc = _gemv_step_q8x(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP)
+        else:
+            acc = _gemv_step(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO)
+        return acc
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, g_ptr, out_ptr,
         M, N, K, stride_xm, steps_per_split, eps,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
-        WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr,
+        WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr, Q8X: tl.constexpr,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
         with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y.
-        PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait."""
+        PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait.
+        Q8X: x quantized to int8 blocks, integer dot products (`_gemv_step_q8x`; qs_ptr the
+        quants as int32 words)."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -936,13 +1085,13 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
             while step < steps_per_split:
-                acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                 g_ptr, QT, BLOCK_M, BLOCK_B, PRO)  # fmt: skip
+                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M,
+                                     stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
                 step += 1
         else:
             for step in range(0, steps_per_split):
-                acc = _gemv_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                 g_ptr, QT, BLOCK_M, BLOCK_B, PRO)  # fmt: skip
+                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M,
+                                     stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
         y = tl.sum(acc, axis=2)  # (BM, BN)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         o_mask = (offs_m[:, None] < M) & n_mask[None, :]
