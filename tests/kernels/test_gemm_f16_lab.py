@@ -455,13 +455,16 @@ def test_q4_k_tiles_and_splits(rng, config: dict[str, int]) -> None:
 
 
 def test_q4_k_unit_rule() -> None:
-    """Q4_K's units are 64 weights: K = 2048 is 32 units, 8 K steps of 4."""
+    """Q4_K's units are 64 weights: K = 2048 is 32 units, 16 K steps of 2 (128 weights a
+    step, as the legacy types' 4 blocks; Q6_K's 128-weight units go one a step)."""
     from llamapy.kernels.triton import qgemm_f16
 
     assert qgemm_f16.unit(T.Q4_K) == 64 and qgemm_f16.unit(T.Q4_0) == 32
     cfg = lab.default_config(64, 2048, 2048, unit_size=64)
-    assert cfg["BLOCK_B"] == 4 and lab.used_splits(2048, cfg, 8, unit_size=64) == 8
-    assert lab.used_splits(2048, cfg, 16, unit_size=64) == 8  # no more splits than steps
+    assert cfg["BLOCK_B"] == 2 and lab.used_splits(2048, cfg, 8, unit_size=64) == 8
+    assert lab.used_splits(2048, cfg, 32, unit_size=64) == 16  # no more splits than steps
+    assert lab.default_config(64, 2048, 2048, unit_size=128)["BLOCK_B"] == 1
+    assert lab.default_config(64, 576, 576)["BLOCK_B"] == 2  # 18 blocks: steps of 2
     with pytest.raises(ValueError, match="multiple of 64 \\* BLOCK_B = 256"):
         lab._resolve({"BLOCK_B": 4}, 16, 16, 192, unit_size=64)
 

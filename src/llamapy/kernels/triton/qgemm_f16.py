@@ -330,11 +330,14 @@ if HAS_TRITON:
 
 
 def default_config(m: int, k: int, n: int, unit_size: int = 32) -> dict[str, int]:
-    """The rule: row tiles follow M (16..128), 128 weight rows by 4 units (128 weights; Q4_K
-    256) per K step, halved to 2 units when K is not a multiple of 4 units, 8 warps for
-    128-row tiles; SPLIT_K from `rule_split`."""
+    """The rule: row tiles follow M (16..128), 128 weight rows by 128 weights per K step
+    (4 legacy blocks, 2 Q4_K units, 1 Q6_K unit; fewer where K is not a multiple: a 128 x 256
+    fp16 tile in 3 stages overflows the SM's shared memory), 8 warps for 128-row tiles;
+    SPLIT_K from `rule_split`."""
     block_m = min(128, max(16, 1 << (m - 1).bit_length()))
-    block_b = 4 if k % (4 * unit_size) == 0 else 2 if k % (2 * unit_size) == 0 else 1
+    block_b = max(1, 128 // unit_size)
+    while block_b > 1 and k % (block_b * unit_size):
+        block_b //= 2
     cfg = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_B": block_b, "GROUP_M": 8,
            "SWAP_AB": 0, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}  # fmt: skip
     cfg["SPLIT_K"] = rule_split(m, n, k, cfg, unit_size=unit_size)
