@@ -84,7 +84,7 @@ def legacy_variants(n: int, k: int, wide: bool = False, q8x: bool = False) -> li
         if bn > n or bb > k // 32 or split * bb > k // 32:
             continue
         cfg = {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
-        out.append(cfg | ({"Q8X": 1} if q8x else {}))
+        out.append(cfg | {"Q8X": int(q8x)})
     return out
 
 

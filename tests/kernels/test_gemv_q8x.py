@@ -221,3 +221,22 @@ def test_model_shapes_on_gpu(qtype, n, k, m, rng):
     wt, x = setup(rng, qtype, m, n, k)
     y = qm.qmatmul_with(x, wt.packed, path="gemv", gemv_config={"Q8X": 1})
     check(y, x.float(), wt, f"{qtype.name} {n}x{k} M={m}")
+
+
+def test_tile_rule_and_default() -> None:
+    """The int8 GEMV's tiles per shape class (the sweep's winners), K steps clamped to K's
+    blocks; on by default on CUDA only, and the switch turns it off."""
+    rule = qm._q8x_config
+    assert rule(128256, 2048, 1) == {
+        "BLOCK_M": 1, "SPLIT": 1, "Q8X": 1, "BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1
+    }  # fmt: skip
+    assert (rule(2048, 8192, 1)["BLOCK_B"], rule(2048, 8192, 1)["num_warps"]) == (256, 2)
+    assert (rule(16384, 2048, 1)["BLOCK_N"], rule(16384, 2048, 1)["num_warps"]) == (8, 1)
+    assert rule(3072, 2048, 4)["BLOCK_B"] == 64 and rule(3072, 2048, 4)["BLOCK_M"] == 4
+    assert rule(960, 576, 1)["BLOCK_B"] == 32  # 18 blocks: one masked step
+    assert rule(5, 96, 1)["BLOCK_B"] == 4
+    assert qm._gemv_config(T.Q8_0, 1, 960, 576, 132, q8x=True)["Q8X"] == 1
+    assert "Q8X" not in qm._gemv_config(T.F16, 1, 960, 576, 132, q8x=True)
+    assert not qm.gemv_int8_x(torch.device("cpu"))
+    if ON_GPU:
+        assert qm.gemv_int8_x(torch.device("cuda")) == qm.GEMV_INT8_X

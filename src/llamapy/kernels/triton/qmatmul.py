@@ -7,7 +7,9 @@ memory: each kernel dequantizes tiles in registers. Two kernels per type:
 - GEMV (decode, M <= GEMV_MAX_M): each program owns BLOCK_N output rows and walks K reading
   whole 32-weight blocks; the block sums use the factored form
   `sum_j (d q_j + c) x_j = d * sum_j q_j x_j + c * sum_j x_j` (c = m, or -8d / -16d for the
-  `_0` types), in float32 from the exact float32 weights. Small-N, large-K shapes split K
+  `_0` types), in float32 from the exact float32 weights; or, by default on CUDA
+  (GEMV_INT8_X), with x quantized to int8 per block in the prologue and the block sums taken
+  as integer dot products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
   over programs that write float32 partials to a workspace; a second tiny kernel adds them
   in a fixed order (deterministic, no atomics).
 - GEMM (prefill): the dequantized tile (bit-identical to `dequantize` in float32) is rounded
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -73,8 +76,10 @@ GEMV_MAX_M = 4
 # fly (scale amax / 127, as llama.cpp's q8_1 activations) and take integer dot products (one
 # dp4a per four weights) instead of converting every weight to float32: fewer ALU operations
 # per weight byte. Its results differ from the float32 path by x's rounding (|x - x~| <=
-# amax / 254 per element). gemv_config={"Q8X": 0 / 1} overrides it per call.
-GEMV_INT8_X = False
+# amax / 254 per element), as llama.cpp's CUDA decode kernels' do. On by default on CUDA
+# (H200, Llama-3.2-1B shape Q4_0: the token's GEMVs ~25% faster; benchmarks/RESULTS.md);
+# LLAMAPY_GEMV_INT8_X=0 keeps float32 activations; gemv_config={"Q8X": 0 / 1} sets it per call.
+GEMV_INT8_X = os.environ.get("LLAMAPY_GEMV_INT8_X", "1") != "0"
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
 # From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
@@ -576,6 +581,12 @@ def _unfused(
     return y if residual is None else residual.add_(y)
 
 
+def gemv_int8_x(device: torch.device) -> bool:
+    """Whether the decode GEMV quantizes x to int8 by default on this device: CUDA only (the
+    interpreter runs the float32 GEMV unless a call asks for Q8X)."""
+    return GEMV_INT8_X and device.type == "cuda" and not INTERPRET
+
+
 def _operands(w: PackedWeight) -> tuple[torch.Tensor, ...]:
     """(qs, qh, d, m) pointers for the kernels; absent fields alias qs (never read)."""
     t = w.tensors
@@ -596,7 +607,29 @@ _NIBBLE_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, Quant
 SMALL_GEMV_BYTES = 4 << 20
 
 
-def _gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
+def _q8x_config(n: int, k: int, block_m: int) -> dict[str, int]:
+    """Tiles of the int8-activation GEMV, from an H200 sweep (`tune_decode.py --wide --q8x`,
+    Q4_0, Llama-3.2-1B shapes): vocabulary-sized outputs 4 rows x 32 blocks on one warp
+    (64.6 vs 84.6 us for the float32 GEMV's best), long-K matrices a whole 8192-wide row
+    segment a step on two warps (down: 7.0 vs 10.4 us), wide-N ones 8 rows on one warp
+    (gate_up: 11.1 vs 14.0 us), else 4 rows x 64 blocks on four warps (qkv 3.9 vs 4.8 us,
+    o 3.4 vs 4.0 us). Blocks per step never exceed K's (rounded up to a power of two)."""
+    nb_pow2 = 1 << max(0, (k // QK - 1).bit_length())
+    if n >= 65536:
+        cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1}
+    elif k >= 4096:
+        cfg = {"BLOCK_N": 4, "BLOCK_B": 256, "num_warps": 2}
+    elif n >= 8192:
+        cfg = {"BLOCK_N": 8, "BLOCK_B": 32, "num_warps": 1}
+    else:
+        cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 4}
+    cfg["BLOCK_B"] = min(cfg["BLOCK_B"], nb_pow2)
+    return {"BLOCK_M": block_m, "SPLIT": 1, "Q8X": 1, **cfg}
+
+
+def _gemv_config(
+    qtype: QuantType, m: int, n: int, k: int, num_sms: int, q8x: bool = False
+) -> dict[str, int]:
     """Tile sizes of the GEMV, from an H100 sweep at the decode shapes of SmolLM2 and
     Llama-3.2-1B (benchmarks/kernels/tune_decode.py: CUDA-graph replays over rotating weight
     copies, float32 activations).
@@ -608,6 +641,8 @@ def _gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> dict
     step, K split until the grid covers about two waves of the SMs, no split for small
     (latency-bound) matrices."""
     block_m = 1 << (m - 1).bit_length()
+    if q8x and qtype in _Q8X_TYPES:
+        return _q8x_config(n, k, block_m)
     small = n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES
     if qtype in _NIBBLE_TYPES:
         if n >= 65536:
@@ -647,7 +682,8 @@ def _launch_gemv(
 ) -> None:
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
-    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device))
+    q8x = (config or {}).get("Q8X", gemv_int8_x(x.device))
+    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(q8x))
     if config is not None:
         cfg.update(config)
     num_warps = cfg.pop("num_warps", 4)
@@ -658,7 +694,7 @@ def _launch_gemv(
             raise ValueError(f"split_k must be >= 1, got {split_k}")
         cfg["SPLIT"] = split_k
     split = cfg["SPLIT"]
-    q8x = bool(cfg.pop("Q8X", GEMV_INT8_X)) and w.qtype in _Q8X_TYPES
+    q8x = bool(cfg.pop("Q8X", 0)) and w.qtype in _Q8X_TYPES
     nb = k // QK
     steps_per_split = triton.cdiv(triton.cdiv(nb, cfg["BLOCK_B"]), split)
     # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
@@ -1085,13 +1121,13 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
             while step < steps_per_split:
-                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M,
-                                     stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
+                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
+                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
                 step += 1
         else:
             for step in range(0, steps_per_split):
-                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M,
-                                     stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
+                acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
+                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
         y = tl.sum(acc, axis=2)  # (BM, BN)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         o_mask = (offs_m[:, None] < M) & n_mask[None, :]
