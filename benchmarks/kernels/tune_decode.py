@@ -101,6 +101,32 @@ def kquant_variants(qtype: QuantType, k: int) -> list[qmatmul_kquants.KernelConf
     return out
 
 
+def fused_form(name: str, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """x and the qmatmul keywords of a matrix's fused decode form (`DecoderLayer.
+    forward_fused`): QKV / gate_up take the RMSNorm prologue, o adds into the residual,
+    down takes the SiLU gating of a [gate | up] x and adds into the residual; the output
+    matrix stays plain."""
+    dev = "cuda"
+    role = name.split()[-1]
+    if role in ("qkv", "gate_up"):
+        g = torch.rand(k, device=dev, dtype=dtype) + 0.5
+        out = torch.empty(1, n, device=dev, dtype=dtype)
+        return torch.randn(1, k, device=dev, dtype=dtype), {
+            "out": out,
+            "norm_weight": g,
+            "eps": 1e-5,
+        }
+    residual = torch.randn(1, n, device=dev, dtype=dtype)
+    if role == "o":
+        return torch.randn(1, k, device=dev, dtype=dtype), {"residual": residual}
+    if role == "down":
+        gu = torch.randn(1, 2 * k, device=dev, dtype=dtype)
+        return gu, {"act": "silu", "residual": residual}
+    return torch.randn(1, k, device=dev, dtype=dtype), {
+        "out": torch.empty(1, n, device=dev, dtype=dtype)
+    }
+
+
 def tune_gemv(
     qtype: QuantType,
     dtype: torch.dtype,
@@ -109,6 +135,7 @@ def tune_gemv(
     shapes: str | None = None,
     wide: bool = False,
     q8x: bool = False,
+    fused: bool = False,
 ) -> None:
     for name, n, k in SHAPES:
         if shapes is not None and not name.startswith(shapes):
@@ -120,7 +147,10 @@ def tune_gemv(
         ws = random_packed(qtype, n, k, copies)
         x = torch.randn(1, k, device="cuda", dtype=dtype)
         out = torch.empty(1, n, device="cuda", dtype=dtype)
-        base = graph_time([functools.partial(qmatmul_with, x, w, out=out) for w in ws])
+        kw = {"out": out}
+        if fused:  # the decode step's form of this matrix (legacy types)
+            x, kw = fused_form(name, n, k, dtype)
+        base = graph_time([functools.partial(qmatmul_with, x, w, **kw) for w in ws])
         best = (base, "current")
         if qtype in qmatmul_kquants.TYPES:
             for cfg in kquant_variants(qtype, k):
@@ -137,9 +167,7 @@ def tune_gemv(
                 best = min(best, (t, label))
         else:
             for cfg in legacy_variants(n, k, wide, q8x):
-                calls = [
-                    functools.partial(qmatmul_with, x, w, out=out, gemv_config=cfg) for w in ws
-                ]
+                calls = [functools.partial(qmatmul_with, x, w, **kw, gemv_config=cfg) for w in ws]
                 try:
                     t = graph_time(calls)
                 except Exception as exc:
@@ -215,6 +243,7 @@ def main() -> None:
     parser.add_argument("--shapes", help="only the matrices whose name starts with this (smol, 1b)")
     parser.add_argument("--wide", action="store_true", help="a wider tile space (legacy types)")
     parser.add_argument("--q8x", action="store_true", help="legacy variants with int8 activations")
+    parser.add_argument("--fused", action="store_true", help="the decode step's fused forms")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
@@ -226,7 +255,14 @@ def main() -> None:
     print("| type | matrix | bytes | current us | best us | gain | best GB/s | best |")
     for name in args.types.split(","):
         tune_gemv(
-            QuantType[name], torch.float32, results, args.json, args.shapes, args.wide, args.q8x
+            QuantType[name],
+            torch.float32,
+            results,
+            args.json,
+            args.shapes,
+            args.wide,
+            args.q8x,
+            args.fused,
         )  # activations are float32
     print(f"({time.time() - t0:.0f} s)")
     if args.json:
