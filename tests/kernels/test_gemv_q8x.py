@@ -224,17 +224,20 @@ def test_model_shapes_on_gpu(qtype, n, k, m, rng):
 
 
 def test_tile_rule_and_default() -> None:
-    """The int8 GEMV's tiles per shape class (the sweep's winners), K steps clamped to K's
-    blocks; on by default on CUDA only, and the switch turns it off."""
+    """The int8 GEMV's tiles per type and shape class (the sweeps' winners), K steps clamped
+    to K's blocks; off by default, CUDA only when on."""
     rule = qm._q8x_config
-    assert rule(128256, 2048, 1) == {
-        "BLOCK_M": 1, "SPLIT": 1, "Q8X": 1, "BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1
+    assert rule(T.Q4_0, 128256, 2048, 1) == {
+        "BLOCK_M": 1, "Q8X": 1, "BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1
     }  # fmt: skip
-    assert (rule(2048, 8192, 1)["BLOCK_B"], rule(2048, 8192, 1)["num_warps"]) == (256, 2)
-    assert (rule(16384, 2048, 1)["BLOCK_N"], rule(16384, 2048, 1)["num_warps"]) == (8, 1)
-    assert rule(3072, 2048, 4)["BLOCK_B"] == 64 and rule(3072, 2048, 4)["BLOCK_M"] == 4
-    assert rule(960, 576, 1)["BLOCK_B"] == 32  # 18 blocks: one masked step
-    assert rule(5, 96, 1)["BLOCK_B"] == 4
+    down = rule(T.Q4_0, 2048, 8192, 1)
+    assert (down["BLOCK_N"], down["BLOCK_B"], down["num_warps"]) == (8, 256, 4)
+    assert rule(T.Q5_1, 16384, 2048, 1)["BLOCK_B"] == 64
+    assert rule(T.Q4_0, 3072, 2048, 4)["BLOCK_M"] == 4
+    assert rule(T.Q4_0, 960, 576, 1)["BLOCK_B"] == 32  # 18 blocks: one masked step
+    assert rule(T.Q4_0, 5, 96, 1)["BLOCK_B"] == 4
+    assert rule(T.Q8_0, 2048, 8192, 1)["SPLIT"] == 2 and rule(T.Q8_0, 2048, 2048, 1)["SPLIT"] == 1
+    assert rule(T.Q8_0, 2048, 2048, 1)["BLOCK_N"] == 2
     assert qm._gemv_config(T.Q8_0, 1, 960, 576, 132, q8x=True)["Q8X"] == 1
     assert "Q8X" not in qm._gemv_config(T.F16, 1, 960, 576, 132, q8x=True)
     assert not qm.gemv_int8_x(torch.device("cpu"))

@@ -7,9 +7,9 @@ memory: each kernel dequantizes tiles in registers. Two kernels per type:
 - GEMV (decode, M <= GEMV_MAX_M): each program owns BLOCK_N output rows and walks K reading
   whole 32-weight blocks; the block sums use the factored form
   `sum_j (d q_j + c) x_j = d * sum_j q_j x_j + c * sum_j x_j` (c = m, or -8d / -16d for the
-  `_0` types), in float32 from the exact float32 weights; or, by default on CUDA
-  (GEMV_INT8_X), with x quantized to int8 per block in the prologue and the block sums taken
-  as integer dot products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
+  `_0` types), in float32 from the exact float32 weights; or, opt-in on CUDA (GEMV_INT8_X),
+  with x quantized to int8 per block in the prologue and the block sums taken as integer dot
+  products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
   over programs that write float32 partials to a workspace; a second tiny kernel adds them
   in a fixed order (deterministic, no atomics).
 - GEMM (prefill): the dequantized tile (bit-identical to `dequantize` in float32) is rounded
@@ -76,10 +76,11 @@ GEMV_MAX_M = 4
 # fly (scale amax / 127, as llama.cpp's q8_1 activations) and take integer dot products (one
 # dp4a per four weights) instead of converting every weight to float32: fewer ALU operations
 # per weight byte. Its results differ from the float32 path by x's rounding (|x - x~| <=
-# amax / 254 per element), as llama.cpp's CUDA decode kernels' do. On by default on CUDA
-# (H200, Llama-3.2-1B shape Q4_0: the token's GEMVs ~25% faster; benchmarks/RESULTS.md);
-# LLAMAPY_GEMV_INT8_X=0 keeps float32 activations; gemv_config={"Q8X": 0 / 1} sets it per call.
-GEMV_INT8_X = os.environ.get("LLAMAPY_GEMV_INT8_X", "1") != "0"
+# amax / 254 per element), as llama.cpp's CUDA decode kernels' do. Off by default: at the
+# 1B shapes it saves ~7% of a token's GEMV time in the fused forms the decode step runs, and
+# moves the logits away from the float32 path (benchmarks/RESULTS.md, eighth session);
+# LLAMAPY_GEMV_INT8_X=1 turns it on for CUDA; gemv_config={"Q8X": 0 / 1} sets it per call.
+GEMV_INT8_X = os.environ.get("LLAMAPY_GEMV_INT8_X", "0") == "1"
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
 # From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
@@ -607,24 +608,37 @@ _NIBBLE_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, Quant
 SMALL_GEMV_BYTES = 4 << 20
 
 
-def _q8x_config(n: int, k: int, block_m: int) -> dict[str, int]:
-    """Tiles of the int8-activation GEMV, from an H200 sweep (`tune_decode.py --wide --q8x`,
-    Q4_0, Llama-3.2-1B shapes): vocabulary-sized outputs 4 rows x 32 blocks on one warp
-    (64.6 vs 84.6 us for the float32 GEMV's best), long-K matrices a whole 8192-wide row
-    segment a step on two warps (down: 7.0 vs 10.4 us), wide-N ones 8 rows on one warp
-    (gate_up: 11.1 vs 14.0 us), else 4 rows x 64 blocks on four warps (qkv 3.9 vs 4.8 us,
-    o 3.4 vs 4.0 us). Blocks per step never exceed K's (rounded up to a power of two)."""
+def _q8x_config(qtype: QuantType, n: int, k: int, block_m: int) -> dict[str, int]:
+    """Tiles of the int8-activation GEMV, from H200 sweeps at the Llama-3.2-1B shapes in the
+    forms the decode step runs them (`tune_decode.py --wide --q8x --fused`: QKV / gate_up
+    with the norm prologue, o / down adding into the residual, down with the gating
+    prologue; the output matrix plain). Q4_0 (the other nibble types follow it): output
+    4 rows x 32 blocks on one warp (64.6 us vs 84.6 for the float32 GEMV), long-K (down)
+    8 rows x 256 blocks on four warps (9.0 vs 12.7), wide-N (gate_up) 8 rows x 64 blocks
+    on one warp (14.3 vs 17.8), else 4 rows x 64 blocks on four warps. Q8_0: output 4 x 32
+    on two warps, down 4 x 64 on two warps with K split in two (11.1 vs 13.3), gate_up
+    4 x 32 on one warp (16.6 vs 23.9), o and smaller 2 x 32 on four warps. Blocks per step
+    never exceed K's (rounded up to a power of two)."""
     nb_pow2 = 1 << max(0, (k // QK - 1).bit_length())
-    if n >= 65536:
-        cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1}
+    if qtype == QuantType.Q8_0:
+        if n >= 65536:
+            cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 2, "SPLIT": 1}
+        elif k >= 4096:
+            cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 2, "SPLIT": 2}
+        elif n >= 8192:
+            cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1}
+        else:
+            cfg = {"BLOCK_N": 2, "BLOCK_B": 32, "num_warps": 4, "SPLIT": 1}
+    elif n >= 65536:
+        cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1}
     elif k >= 4096:
-        cfg = {"BLOCK_N": 4, "BLOCK_B": 256, "num_warps": 2}
+        cfg = {"BLOCK_N": 8, "BLOCK_B": 256, "num_warps": 4, "SPLIT": 1}
     elif n >= 8192:
-        cfg = {"BLOCK_N": 8, "BLOCK_B": 32, "num_warps": 1}
+        cfg = {"BLOCK_N": 8, "BLOCK_B": 64, "num_warps": 1, "SPLIT": 1}
     else:
-        cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 4}
-    cfg["BLOCK_B"] = min(cfg["BLOCK_B"], nb_pow2)
-    return {"BLOCK_M": block_m, "SPLIT": 1, "Q8X": 1, **cfg}
+        cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 4, "SPLIT": 1}
+    cfg["BLOCK_B"] = min(cfg["BLOCK_B"], nb_pow2)  # (K >= 4096 keeps 2 steps for SPLIT 2)
+    return {"BLOCK_M": block_m, "Q8X": 1, **cfg}
 
 
 def _gemv_config(
@@ -642,7 +656,7 @@ def _gemv_config(
     (latency-bound) matrices."""
     block_m = 1 << (m - 1).bit_length()
     if q8x and qtype in _Q8X_TYPES:
-        return _q8x_config(n, k, block_m)
+        return _q8x_config(qtype, n, k, block_m)
     small = n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES
     if qtype in _NIBBLE_TYPES:
         if n >= 65536:
