@@ -131,6 +131,13 @@ def check(y, case: Case, data, qtype, n, k, tol_u: float, what: str) -> None:
     assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} ({err / exact.norm():.3g} rel)"
 
 
+@pytest.fixture(autouse=True)
+def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests hold the GEMV to float32 activations (their tolerances are float32's); the
+    int8-activation GEMV, on by default for Q4_0 on CUDA, has tests/kernels/test_gemv_q8x.py."""
+    monkeypatch.setattr(qm, "GEMV_INT8_X", False)
+
+
 @pytest.fixture
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every float tensor the launchers allocate (outputs, split-K workspace) starts as NaN."""

@@ -225,7 +225,7 @@ def test_model_shapes_on_gpu(qtype, n, k, m, rng):
 
 def test_tile_rule_and_default() -> None:
     """The int8 GEMV's tiles per type and shape class (the sweeps' winners), K steps clamped
-    to K's blocks; off by default, CUDA only when on."""
+    to K's blocks."""
     rule = qm._q8x_config
     assert rule(T.Q4_0, 128256, 2048, 1) == {
         "BLOCK_M": 1, "Q8X": 1, "BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1
@@ -240,6 +240,20 @@ def test_tile_rule_and_default() -> None:
     assert rule(T.Q8_0, 2048, 2048, 1)["BLOCK_N"] == 2
     assert qm._gemv_config(T.Q8_0, 1, 960, 576, 132, q8x=True)["Q8X"] == 1
     assert "Q8X" not in qm._gemv_config(T.F16, 1, 960, 576, 132, q8x=True)
-    assert not qm.gemv_int8_x(torch.device("cpu"))
-    if ON_GPU:
-        assert qm.gemv_int8_x(torch.device("cuda")) == qm.GEMV_INT8_X
+    assert not qm.gemv_int8_x(torch.device("cpu"), T.Q4_0)
+
+
+def test_default_switch(monkeypatch) -> None:
+    """Unset, the measured types only (Q4_0); set, every legacy type; never a float type,
+    never off CUDA (the interpreter included)."""
+    cuda = torch.device("cuda")
+    if kt.INTERPRET:  # the interpreter never defaults to it; the rule itself is device-free
+        monkeypatch.setattr(qm, "INTERPRET", False)
+    monkeypatch.setattr(qm, "GEMV_INT8_X", None)
+    assert qm.gemv_int8_x(cuda, T.Q4_0) and not qm.gemv_int8_x(cuda, T.Q8_0)
+    assert not qm.gemv_int8_x(torch.device("cpu"), T.Q4_0)
+    monkeypatch.setattr(qm, "GEMV_INT8_X", True)
+    assert qm.gemv_int8_x(cuda, T.Q8_0) and qm.gemv_int8_x(cuda, T.Q5_1)
+    assert not qm.gemv_int8_x(cuda, T.F16)
+    monkeypatch.setattr(qm, "GEMV_INT8_X", False)
+    assert not qm.gemv_int8_x(cuda, T.Q4_0)

@@ -85,6 +85,13 @@ def random_bias(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.T
     return torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).to(DEVICE, dtype)
 
 
+@pytest.fixture(autouse=True)
+def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests hold the GEMV to float32 activations (their tolerances are float32's); the
+    int8-activation GEMV, on by default for Q4_0 on CUDA, has tests/kernels/test_gemv_q8x.py."""
+    monkeypatch.setattr(qm, "GEMV_INT8_X", False)
+
+
 @pytest.fixture
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every float tensor the launchers allocate (outputs, split-K workspace) starts as NaN,

@@ -7,9 +7,9 @@ memory: each kernel dequantizes tiles in registers. Two kernels per type:
 - GEMV (decode, M <= GEMV_MAX_M): each program owns BLOCK_N output rows and walks K reading
   whole 32-weight blocks; the block sums use the factored form
   `sum_j (d q_j + c) x_j = d * sum_j q_j x_j + c * sum_j x_j` (c = m, or -8d / -16d for the
-  `_0` types), in float32 from the exact float32 weights; or, opt-in on CUDA (GEMV_INT8_X),
-  with x quantized to int8 per block in the prologue and the block sums taken as integer dot
-  products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
+  `_0` types), in float32 from the exact float32 weights; or (CUDA, by default for Q4_0:
+  GEMV_INT8_X) with x quantized to int8 per block in the prologue and the block sums taken
+  as integer dot products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
   over programs that write float32 partials to a workspace; a second tiny kernel adds them
   in a fixed order (deterministic, no atomics).
 - GEMM (prefill): the dequantized tile (bit-identical to `dequantize` in float32) is rounded
@@ -76,11 +76,13 @@ GEMV_MAX_M = 4
 # fly (scale amax / 127, as llama.cpp's q8_1 activations) and take integer dot products (one
 # dp4a per four weights) instead of converting every weight to float32: fewer ALU operations
 # per weight byte. Its results differ from the float32 path by x's rounding (|x - x~| <=
-# amax / 254 per element), as llama.cpp's CUDA decode kernels' do. Off by default: at the
-# 1B shapes it saves ~7% of a token's GEMV time in the fused forms the decode step runs, and
-# moves the logits away from the float32 path (benchmarks/RESULTS.md, eighth session);
-# LLAMAPY_GEMV_INT8_X=1 turns it on for CUDA; gemv_config={"Q8X": 0 / 1} sets it per call.
-GEMV_INT8_X = os.environ.get("LLAMAPY_GEMV_INT8_X", "0") == "1"
+# amax / 254 per element), as llama.cpp's CUDA decode kernels' do. By default it runs where
+# it was measured to pay: Q4_0 on CUDA (H200, Llama-3.2-1B shape: tg128 1079 -> 1253 t/s;
+# Q8_0 unchanged, 1089 -> 1088; benchmarks/RESULTS.md). LLAMAPY_GEMV_INT8_X=1 / =0 turns it
+# on / off for every legacy type (None: that default); gemv_config={"Q8X": 0 / 1} per call.
+_INT8_X_ENV = os.environ.get("LLAMAPY_GEMV_INT8_X", "")
+GEMV_INT8_X: bool | None = None if _INT8_X_ENV == "" else _INT8_X_ENV == "1"
+_Q8X_DEFAULT_TYPES = frozenset({QuantType.Q4_0})
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
 # From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
@@ -582,10 +584,13 @@ def _unfused(
     return y if residual is None else residual.add_(y)
 
 
-def gemv_int8_x(device: torch.device) -> bool:
-    """Whether the decode GEMV quantizes x to int8 by default on this device: CUDA only (the
-    interpreter runs the float32 GEMV unless a call asks for Q8X)."""
-    return GEMV_INT8_X and device.type == "cuda" and not INTERPRET
+def gemv_int8_x(device: torch.device, qtype: QuantType) -> bool:
+    """Whether the decode GEMV quantizes x to int8 by default for this weight type and
+    device: CUDA only (the interpreter runs the float32 GEMV unless a call asks for Q8X),
+    then GEMV_INT8_X, or where unset the measured types."""
+    if device.type != "cuda" or INTERPRET or qtype not in _Q8X_TYPES:
+        return False
+    return qtype in _Q8X_DEFAULT_TYPES if GEMV_INT8_X is None else GEMV_INT8_X
 
 
 def _operands(w: PackedWeight) -> tuple[torch.Tensor, ...]:
@@ -696,7 +701,7 @@ def _launch_gemv(
 ) -> None:
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
-    q8x = (config or {}).get("Q8X", gemv_int8_x(x.device))
+    q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
     cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(q8x))
     if config is not None:
         cfg.update(config)
