@@ -486,7 +486,10 @@ def test_q4_k_through_qmatmul(rng) -> None:
     expected = residual + y
     got = qm.qmatmul_with(x, w, path="f16", residual=residual.clone())
     assert torch.equal(got, expected)
-    assert not qm.f16_gemm_pays("cuda", T.Q4_K, 64, 2048, 2048)  # not routed yet
+    # routed at 64 rows only (measured: the dequantize path wins at 16-32)
+    assert qm.f16_gemm_pays("cuda", T.Q4_K, 64, 2048, 2048)
+    assert not qm.f16_gemm_pays("cuda", T.Q4_K, 32, 2048, 2048)
+    assert not qm.f16_gemm_pays("cpu", T.Q4_K, 64, 2048, 2048)
 
 
 # --------------------------------------------------------------------------- Q6_K
@@ -553,7 +556,8 @@ def test_q6_k_through_qmatmul(rng) -> None:
     w = pack_weight(blocks, T.Q6_K, (n, k))
     x = random_x(rng, 3, k)
     check_q6_k(x, blocks, qm.qmatmul_with(x, w, path="f16"))
-    assert not qm.f16_gemm_pays("cuda", T.Q6_K, 64, 2048, 8192)  # not routed yet
+    assert qm.f16_gemm_pays("cuda", T.Q6_K, 64, 2048, 8192)
+    assert not qm.f16_gemm_pays("cuda", T.Q6_K, 63, 2048, 8192)
 
 
 def test_q4_k_in_the_lab() -> None:

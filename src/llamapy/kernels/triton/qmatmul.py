@@ -7,8 +7,8 @@ memory: each kernel dequantizes tiles in registers. Two kernels per type:
 - GEMV (decode, M <= GEMV_MAX_M): each program owns BLOCK_N output rows and walks K reading
   whole 32-weight blocks; the block sums use the factored form
   `sum_j (d q_j + c) x_j = d * sum_j q_j x_j + c * sum_j x_j` (c = m, or -8d / -16d for the
-  `_0` types), in float32 from the exact float32 weights; or (CUDA, by default for Q4_0:
-  GEMV_INT8_X) with x quantized to int8 per block in the prologue and the block sums taken
+  `_0` types), in float32 from the exact float32 weights; or (CUDA, by default for Q4_0 and
+  Q4_1: GEMV_INT8_X) with x quantized to int8 per block in the prologue and the block sums taken
   as integer dot products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
   over programs that write float32 partials to a workspace; a second tiny kernel adds them
   in a fixed order (deterministic, no atomics).
@@ -77,12 +77,13 @@ GEMV_MAX_M = 4
 # dp4a per four weights) instead of converting every weight to float32: fewer ALU operations
 # per weight byte. Its results differ from the float32 path by x's rounding (|x - x~| <=
 # amax / 254 per element), as llama.cpp's CUDA decode kernels' do. By default it runs where
-# it was measured to pay: Q4_0 on CUDA (H200, Llama-3.2-1B shape: tg128 1079 -> 1253 t/s;
-# Q8_0 unchanged, 1089 -> 1088; benchmarks/RESULTS.md). LLAMAPY_GEMV_INT8_X=1 / =0 turns it
-# on / off for every legacy type (None: that default); gemv_config={"Q8X": 0 / 1} per call.
+# it was measured to pay: Q4_0 and Q4_1 on CUDA (H200, Llama-3.2-1B shape, tg128: Q4_0
+# 1068 -> 1243 t/s, Q4_1 1044 -> 1191; Q8_0 unchanged, 1089 -> 1088; Q5 types not measured;
+# benchmarks/RESULTS.md). LLAMAPY_GEMV_INT8_X=1 / =0 turns it on / off for every legacy type
+# (None: that default); gemv_config={"Q8X": 0 / 1} sets it per call.
 _INT8_X_ENV = os.environ.get("LLAMAPY_GEMV_INT8_X", "")
 GEMV_INT8_X: bool | None = None if _INT8_X_ENV == "" else _INT8_X_ENV == "1"
-_Q8X_DEFAULT_TYPES = frozenset({QuantType.Q4_0})
+_Q8X_DEFAULT_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1})
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
 # From this many rows of x on (prefill, large decode batches), a quantized or F16/BF16
@@ -99,9 +100,12 @@ DEQUANT_SCRATCH = 1 << 25
 # two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
 F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
 _F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0})
-# Types `qgemm_f16` has tiles for (path="f16"); the K-quants are not routed there until
-# measured.
-_F16_KERNEL_TYPES = _F16_GEMM_TYPES | {QuantType.Q4_K, QuantType.Q6_K}
+# Q4_K / Q6_K have tiles too (path="f16") and are routed there at F16_GEMM_MAX_M rows only:
+# H200, a 1B Q4_K_M file's batched decode (S_TG, one call, `gpu_bench.py --batch`): B = 64
+# 19.8k -> 21.7k t/s, but B = 16 7.7k -> 6.3k and B = 32 13.8k -> 12.6k (the dequantize
+# path wins there).
+_F16_KQUANT_TYPES = frozenset({QuantType.Q4_K, QuantType.Q6_K})
+_F16_KERNEL_TYPES = _F16_GEMM_TYPES | _F16_KQUANT_TYPES
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FALLBACK_CHUNK_ROWS = 4096  # rows dequantized at once on the fallback path (bounds scratch)
@@ -411,10 +415,11 @@ def qmatmul_with(
 
 def f16_gemm_pays(device_type: str, qtype: QuantType, m: int, n: int, k: int) -> bool:
     """Whether the automatic choice for an (m x k) @ (n x k)^T product is `qgemm_f16`."""
+    min_m = F16_GEMM_MAX_M if qtype in _F16_KQUANT_TYPES else F16_GEMM_MIN_M
     return (
         device_type == "cuda"
-        and qtype in _F16_GEMM_TYPES
-        and F16_GEMM_MIN_M <= m <= F16_GEMM_MAX_M
+        and qtype in _F16_KERNEL_TYPES
+        and min_m <= m <= F16_GEMM_MAX_M
         and k >= F16_GEMM_MIN_K
         and k % 64 == 0  # whole K steps of 2 blocks
         and n < 65536
