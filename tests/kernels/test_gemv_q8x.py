@@ -258,3 +258,15 @@ def test_default_switch(monkeypatch) -> None:
     assert not qm.gemv_int8_x(cuda, T.F16)
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
     assert not qm.gemv_int8_x(cuda, T.Q4_0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("1", True), ("on", True), ("0", False), (" False ", False), ("maybe", None)],
+)
+def test_environment_switch(value, expected, monkeypatch, caplog) -> None:
+    """LLAMAPY_GEMV_INT8_X: on / off words, unset, and a typo ignored with a warning."""
+    monkeypatch.setenv("LLAMAPY_GEMV_INT8_X", value)
+    with caplog.at_level("WARNING", logger=qm.logger.name):
+        assert qm._switch_from_env("LLAMAPY_GEMV_INT8_X") is expected
+    assert ("not 0 or 1" in caplog.text) == (value == "maybe")

@@ -50,6 +50,21 @@ if HAS_TRITON:
 
 logger = logging.getLogger(__name__)
 
+
+def _switch_from_env(name: str) -> bool | None:
+    """An on / off environment switch: unset or empty None; 1/true/on/yes True; 0/false/
+    off/no False; anything else is ignored with a warning naming it (an import must not
+    fail on a typo)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value:
+        logger.warning("%s=%r is not 0 or 1: ignored", name, os.environ[name])
+    return None
+
+
 QK = 32  # weights per block of the legacy types (and the unit the float kernels step by)
 
 # Kernel type codes (constexpr); the nibble types come first.
@@ -81,8 +96,7 @@ GEMV_MAX_M = 4
 # 1068 -> 1243 t/s, Q4_1 1044 -> 1191; Q8_0 unchanged, 1089 -> 1088; Q5 types not measured;
 # benchmarks/RESULTS.md). LLAMAPY_GEMV_INT8_X=1 / =0 turns it on / off for every legacy type
 # (None: that default); gemv_config={"Q8X": 0 / 1} sets it per call.
-_INT8_X_ENV = os.environ.get("LLAMAPY_GEMV_INT8_X", "")
-GEMV_INT8_X: bool | None = None if _INT8_X_ENV == "" else _INT8_X_ENV == "1"
+GEMV_INT8_X: bool | None = _switch_from_env("LLAMAPY_GEMV_INT8_X")
 _Q8X_DEFAULT_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1})
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
@@ -706,8 +720,8 @@ def _launch_gemv(
 ) -> None:
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
-    q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
-    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(q8x))
+    want_q8x = bool((config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype)))
+    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), want_q8x)
     if config is not None:
         cfg.update(config)
     num_warps = cfg.pop("num_warps", 4)
