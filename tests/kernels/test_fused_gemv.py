@@ -133,8 +133,8 @@ def check(y, case: Case, data, qtype, n, k, tol_u: float, what: str) -> None:
 
 @pytest.fixture(autouse=True)
 def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests hold the GEMV to float32 activations (their tolerances are float32's); the
-    int8-activation GEMV, on by default for Q4_0 on CUDA, has tests/kernels/test_gemv_q8x.py."""
+    """These tests hold the GEMV to float32 activations (their tolerances are float32's)
+    whatever LLAMAPY_GEMV_INT8_X says; the int8-activation GEMV has test_gemv_q8x.py."""
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
 
 

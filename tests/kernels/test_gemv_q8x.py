@@ -244,20 +244,21 @@ def test_tile_rule_and_default() -> None:
 
 
 def test_default_switch(monkeypatch) -> None:
-    """Unset, the measured types only (Q4_0, Q4_1); set, every legacy type; never a float
-    type, never off CUDA (the interpreter included)."""
+    """Unset, the types in _Q8X_DEFAULT_TYPES only (none today: the fidelity bar); set,
+    every legacy type; never a float type, never off CUDA (the interpreter included)."""
     cuda = torch.device("cuda")
     if kt.INTERPRET:  # the interpreter never defaults to it; the rule itself is device-free
         monkeypatch.setattr(qm, "INTERPRET", False)
     monkeypatch.setattr(qm, "GEMV_INT8_X", None)
-    assert qm.gemv_int8_x(cuda, T.Q4_0) and qm.gemv_int8_x(cuda, T.Q4_1)
-    assert not qm.gemv_int8_x(cuda, T.Q8_0) and not qm.gemv_int8_x(cuda, T.Q5_0)
-    assert not qm.gemv_int8_x(torch.device("cpu"), T.Q4_0)
+    assert not qm.gemv_int8_x(cuda, T.Q4_0) and not qm.gemv_int8_x(cuda, T.Q8_0)
+    monkeypatch.setattr(qm, "_Q8X_DEFAULT_TYPES", frozenset({T.Q4_1}))
+    assert qm.gemv_int8_x(cuda, T.Q4_1) and not qm.gemv_int8_x(cuda, T.Q4_0)
+    assert not qm.gemv_int8_x(torch.device("cpu"), T.Q4_1)
     monkeypatch.setattr(qm, "GEMV_INT8_X", True)
     assert qm.gemv_int8_x(cuda, T.Q8_0) and qm.gemv_int8_x(cuda, T.Q5_1)
     assert not qm.gemv_int8_x(cuda, T.F16)
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
-    assert not qm.gemv_int8_x(cuda, T.Q4_0)
+    assert not qm.gemv_int8_x(cuda, T.Q4_1)
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,8 @@ def random_bias(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.T
 
 @pytest.fixture(autouse=True)
 def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests hold the GEMV to float32 activations (their tolerances are float32's); the
-    int8-activation GEMV, on by default for Q4_0 on CUDA, has tests/kernels/test_gemv_q8x.py."""
+    """These tests hold the GEMV to float32 activations (their tolerances are float32's)
+    whatever LLAMAPY_GEMV_INT8_X says; the int8-activation GEMV has test_gemv_q8x.py."""
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
 
 
