@@ -634,6 +634,14 @@ _NIBBLE_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, Quant
 SMALL_GEMV_BYTES = 4 << 20
 
 
+# The int8-activation GEMV's (BLOCK_N, BLOCK_B, num_warps, SPLIT) per shape class: a
+# vocabulary-sized output, long K (down), wide N (gate_up), the rest (see `_q8x_config`).
+_Q8X_TILES = {
+    "nibble": ((4, 32, 1, 1), (8, 256, 4, 1), (8, 64, 1, 1), (4, 64, 4, 1)),
+    "Q8_0": ((4, 32, 2, 1), (4, 64, 2, 2), (4, 32, 1, 1), (2, 32, 4, 1)),
+}
+
+
 def _q8x_config(qtype: QuantType, n: int, k: int, block_m: int) -> dict[str, int]:
     """Tiles of the int8-activation GEMV, from H200 sweeps at the Llama-3.2-1B shapes in the
     forms the decode step runs them (`tune_decode.py --wide --q8x --fused`: QKV / gate_up
@@ -645,26 +653,12 @@ def _q8x_config(qtype: QuantType, n: int, k: int, block_m: int) -> dict[str, int
     on two warps, down 4 x 64 on two warps with K split in two (11.1 vs 13.3), gate_up
     4 x 32 on one warp (16.6 vs 23.9), o and smaller 2 x 32 on four warps. Blocks per step
     never exceed K's (rounded up to a power of two)."""
-    nb_pow2 = 1 << max(0, (k // QK - 1).bit_length())
-    if qtype == QuantType.Q8_0:
-        if n >= 65536:
-            cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 2, "SPLIT": 1}
-        elif k >= 4096:
-            cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 2, "SPLIT": 2}
-        elif n >= 8192:
-            cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1}
-        else:
-            cfg = {"BLOCK_N": 2, "BLOCK_B": 32, "num_warps": 4, "SPLIT": 1}
-    elif n >= 65536:
-        cfg = {"BLOCK_N": 4, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1}
-    elif k >= 4096:
-        cfg = {"BLOCK_N": 8, "BLOCK_B": 256, "num_warps": 4, "SPLIT": 1}
-    elif n >= 8192:
-        cfg = {"BLOCK_N": 8, "BLOCK_B": 64, "num_warps": 1, "SPLIT": 1}
-    else:
-        cfg = {"BLOCK_N": 4, "BLOCK_B": 64, "num_warps": 4, "SPLIT": 1}
-    cfg["BLOCK_B"] = min(cfg["BLOCK_B"], nb_pow2)  # (K >= 4096 keeps 2 steps for SPLIT 2)
-    return {"BLOCK_M": block_m, "Q8X": 1, **cfg}
+    tiles = _Q8X_TILES["Q8_0" if qtype == QuantType.Q8_0 else "nibble"]
+    shape_class = 0 if n >= 65536 else 1 if k >= 4096 else 2 if n >= 8192 else 3
+    block_n, block_b, num_warps, split = tiles[shape_class]
+    nb_pow2 = 1 << max(0, (k // QK - 1).bit_length())  # (K >= 4096 keeps 2 steps a split)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": min(block_b, nb_pow2),
+            "num_warps": num_warps, "SPLIT": split, "Q8X": 1}  # fmt: skip
 
 
 def _gemv_config(
