@@ -72,10 +72,10 @@ def random_packed(qtype: QuantType, n: int, k: int, copies: int) -> list:
     return out
 
 
-def legacy_variants(n: int, k: int, wide: bool = False, q8x: bool = False) -> list[dict[str, int]]:
+def legacy_variants(n: int, k: int, wide: bool = False, q8x: int = 0) -> list[dict[str, int]]:
     """The legacy GEMV's tiles; `wide` sweeps 1-2 row tiles, 64-256 blocks a step (a whole
     row of a 2048-wide matrix in one step: more loads in flight) and 1-2 warp programs;
-    `q8x` times them with int8 activations (`qmatmul.GEMV_INT8_X`)."""
+    `q8x` times them with int8 activations in that many levels (`qmatmul.GEMV_INT8_X`)."""
     out = []
     grid = itertools.product((4, 8, 16, 32), (8, 16, 32), (4, 8), (1, 2, 4))
     if wide:
@@ -84,7 +84,7 @@ def legacy_variants(n: int, k: int, wide: bool = False, q8x: bool = False) -> li
         if bn > n or bb > k // 32 or split * bb > k // 32:
             continue
         cfg = {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
-        out.append(cfg | {"Q8X": int(q8x)})
+        out.append(cfg | {"Q8X": q8x})
     return out
 
 
@@ -134,7 +134,7 @@ def tune_gemv(
     json_path: str | None,
     shapes: str | None = None,
     wide: bool = False,
-    q8x: bool = False,
+    q8x: int = 0,
     fused: bool = False,
 ) -> None:
     for name, n, k in SHAPES:
@@ -242,7 +242,10 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--shapes", help="only the matrices whose name starts with this (smol, 1b)")
     parser.add_argument("--wide", action="store_true", help="a wider tile space (legacy types)")
-    parser.add_argument("--q8x", action="store_true", help="legacy variants with int8 activations")
+    parser.add_argument(
+        "--q8x", nargs="?", type=int, const=1, default=0, choices=(0, 1, 2),
+        help="legacy variants with int8 activations (1 or 2 levels; bare: 1)",
+    )  # fmt: skip
     parser.add_argument("--fused", action="store_true", help="the decode step's fused forms")
     args = parser.parse_args()
     torch.manual_seed(0)

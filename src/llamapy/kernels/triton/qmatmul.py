@@ -51,17 +51,16 @@ if HAS_TRITON:
 logger = logging.getLogger(__name__)
 
 
-def _switch_from_env(name: str) -> bool | None:
-    """An on / off environment switch: unset or empty None; 1/true/on/yes True; 0/false/
-    off/no False; anything else is ignored with a warning naming it (an import must not
-    fail on a typo)."""
+def _level_from_env(name: str) -> int | None:
+    """An int8-activation switch from the environment: unset or empty None; 0/false/off/no
+    0; 1/true/on/yes 1; 2 (two levels); anything else is ignored with a warning naming it
+    (an import must not fail on a typo)."""
     value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
+    levels = {"0": 0, "false": 0, "off": 0, "no": 0, "1": 1, "true": 1, "on": 1, "yes": 1, "2": 2}
+    if value in levels:
+        return levels[value]
     if value:
-        logger.warning("%s=%r is not 0 or 1: ignored", name, os.environ[name])
+        logger.warning("%s=%r is not 0, 1 or 2: ignored", name, os.environ[name])
     return None
 
 
@@ -95,10 +94,12 @@ GEMV_MAX_M = 4
 # Llama-3.2-1B shape, tg128): Q4_0 1068 -> 1243 t/s, Q4_1 1044 -> 1191, Q8_0 1089 -> 1088;
 # but decoding then agrees with the CPU's float32 logits on top-1 for only 85-94% of the
 # tokens of a random-weight 1B model (KL ~9e-4; float32 x: 100%, KL 3e-7), under issue 6's
-# 99% bar, so no type takes it by default (benchmarks/RESULTS.md, eighth session).
-# LLAMAPY_GEMV_INT8_X=1 / =0 turns it on / off for every legacy type on CUDA (unset: the
-# types in _Q8X_DEFAULT_TYPES); gemv_config={"Q8X": 0 / 1} sets it per call.
-GEMV_INT8_X: bool | None = _switch_from_env("LLAMAPY_GEMV_INT8_X")
+# 99% bar, so no type takes it by default (benchmarks/RESULTS.md, eighth session). Level 2
+# also quantizes the residual x - s c (x's error ~254 times smaller, twice the integer work;
+# not measured on a GPU yet). LLAMAPY_GEMV_INT8_X=1 / 2 / 0 turns it on (levels) / off for
+# every legacy type on CUDA (unset: the types in _Q8X_DEFAULT_TYPES, level 1);
+# gemv_config={"Q8X": 0 / 1 / 2} sets it per call.
+GEMV_INT8_X: int | None = _level_from_env("LLAMAPY_GEMV_INT8_X")
 _Q8X_DEFAULT_TYPES: frozenset[QuantType] = frozenset()
 _Q8X_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, QuantType.Q5_1,
                         QuantType.Q8_0})  # fmt: skip
@@ -354,7 +355,7 @@ def qmatmul_with(
     split_k: the GEMV's K split (None: from the shape table). out: (M, N) contiguous,
     x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook)
-        and Q8X (0 / 1: int8 activations, see GEMV_INT8_X).
+        and Q8X (0 / 1 / 2: float32 x, or int8 activations in 1 / 2 levels; GEMV_INT8_X).
     gemm_config: explicit GEMM tiles for a plain (unfused) GEMM call (benchmarks/kernels/
     tune_gemm.py's hook): BLOCK_M, BLOCK_N, BLOCK_B, GROUP_M, num_warps, num_stages (keys
     left out keep `_gemm_config`'s value); for K-quant weights `qmatmul_kquants.gemm_config`'s
@@ -605,13 +606,15 @@ def _unfused(
     return y if residual is None else residual.add_(y)
 
 
-def gemv_int8_x(device: torch.device, qtype: QuantType) -> bool:
-    """Whether the decode GEMV quantizes x to int8 by default for this weight type and
-    device: CUDA only (the interpreter runs the float32 GEMV unless a call asks for Q8X),
-    then GEMV_INT8_X, or where unset the measured types."""
+def gemv_int8_x(device: torch.device, qtype: QuantType) -> int:
+    """The int8 levels (0: float32 x) the decode GEMV uses by default for this weight type
+    and device: CUDA only (the interpreter runs the float32 GEMV unless a call asks for
+    Q8X), then GEMV_INT8_X, or where unset level 1 for the types in _Q8X_DEFAULT_TYPES."""
     if device.type != "cuda" or INTERPRET or qtype not in _Q8X_TYPES:
-        return False
-    return qtype in _Q8X_DEFAULT_TYPES if GEMV_INT8_X is None else GEMV_INT8_X
+        return 0
+    if GEMV_INT8_X is None:
+        return int(qtype in _Q8X_DEFAULT_TYPES)
+    return int(GEMV_INT8_X)
 
 
 def _operands(w: PackedWeight) -> tuple[torch.Tensor, ...]:
@@ -716,8 +719,10 @@ def _launch_gemv(
 ) -> None:
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
-    want_q8x = bool((config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype)))
-    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), want_q8x)
+    want_q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
+    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(want_q8x))
+    if want_q8x:  # the level the caller or the switch asked for
+        cfg["Q8X"] = int(want_q8x)
     if config is not None:
         cfg.update(config)
     num_warps = cfg.pop("num_warps", 4)
@@ -728,7 +733,9 @@ def _launch_gemv(
             raise ValueError(f"split_k must be >= 1, got {split_k}")
         cfg["SPLIT"] = split_k
     split = cfg["SPLIT"]
-    q8x = bool(cfg.pop("Q8X", 0)) and w.qtype in _Q8X_TYPES
+    q8x = int(cfg.pop("Q8X", 0)) if w.qtype in _Q8X_TYPES else 0
+    if q8x not in (0, 1, 2):
+        raise ValueError(f"Q8X must be 0, 1 or 2 (int8 levels), got {q8x}")
     nb = k // QK
     steps_per_split = triton.cdiv(triton.cdiv(nb, cfg["BLOCK_B"]), split)
     # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
@@ -984,18 +991,36 @@ if HAS_TRITON:
         return tl.sum(q4 << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # disjoint bytes
 
     @triton.jit
-    def _quantize_x(xl, xh):
+    def _codes(xl, xh):
         """One row's x blocks as halves (BB, 16) float32 (x[32b + j], x[32b + 16 + j]) ->
-        int8 codes q = rint(x * 127 / a) packed in words (BB, 4) per half, the scale a / 127
-        (BB,) and the codes' sum (BB,), a = max(amax, 2^-60) (no overflow for tiny blocks;
-        all-zero blocks get zero codes): llama.cpp's q8_1 activations."""
+        int8 codes q = rint(x * 127 / a) (BB, 16) int32 per half, the scale a / 127 (BB,) and
+        the codes' sum (BB,), a = max(amax, 2^-60) (no overflow for tiny blocks; all-zero
+        blocks get zero codes): llama.cpp's q8_1 activations."""
         amax = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
         amax = tl.maximum(amax, 8.673617379884035e-19)  # 2^-60
         inv = 127.0 / amax
         ql = _rint(xl * inv[:, None])
         qh = _rint(xh * inv[:, None])
         total = tl.sum(ql, axis=1) + tl.sum(qh, axis=1)
-        return _pack_bytes(ql), _pack_bytes(qh), amax / 127.0, total
+        return ql, qh, amax / 127.0, total
+
+    @triton.jit
+    def _q8_part(lo, hi, ql, qh, scale, total, d, c, QT: tl.constexpr, INTERP: tl.constexpr):
+        """The block sums (BN, BB) of the weight words lo / hi (`_gemv_step_q8x`) with one
+        row's codes ql / qh (BB, 16), their scale and sum: d * scale * sum_j q_j c_j, with the
+        -8 / -16 offsets folded into the integer sum, or + m * scale * sum_j c_j (c = m)."""
+        zero = tl.zeros(lo.shape, tl.int32)
+        dot = _dp4a(lo, _pack_bytes(ql)[None, :, :], zero, QT == 4, INTERP)
+        dot = _dp4a(hi, _pack_bytes(qh)[None, :, :], dot, QT == 4, INTERP)
+        isum = tl.sum(dot, axis=2)  # |.| <= 32 * 31 * 127: exact in float32
+        if QT == 0:
+            isum -= 8 * total[None, :]
+        elif QT == 2:
+            isum -= 16 * total[None, :]
+        part = isum.to(tl.float32) * (d * scale[None, :])
+        if QT == 1 or QT == 3:
+            part += c * (scale * total.to(tl.float32))[None, :]
+        return part
 
     @triton.jit
     def _words(ptr, rows, n_mask, b_first, nb, PER_BLOCK: tl.constexpr, OFFSET: tl.constexpr,
@@ -1020,12 +1045,14 @@ if HAS_TRITON:
     def _gemv_step_q8x(
         acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
         g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-        PRO: tl.constexpr, INTERP: tl.constexpr,
+        PRO: tl.constexpr, INTERP: tl.constexpr, LEVELS: tl.constexpr,
     ):  # fmt: skip
-        """`_gemv_step` with x quantized to int8 per 32-block (`_quantize_x`) and integer dot
-        products (`_dp4a`): qs_ptr is the quants viewed as int32 words. Per block and row,
+        """`_gemv_step` with x quantized to int8 per 32-block (`_codes`) and integer dot
+        products (`_q8_part`): qs_ptr is the quants viewed as int32 words. Per block and row,
         sum_j w_j x_j ~ d * sx * sum_j q_j c_j (+ the offset's m * sx * sum_j c_j, or
-        -8 / -16 codes folded into the integer sum), c the codes, sx the x scale."""
+        -8 / -16 codes folded into the integer sum), c the codes, sx the x scale. LEVELS 2
+        adds the residual x - sx c quantized the same way (x ~ sx c + sr cr: x's rounding
+        error ~254 times smaller, twice the integer work)."""
         offs_b = b_first + tl.arange(0, BLOCK_B)
         blk = rows[:, None] * nb + offs_b[None, :]  # (BN, BB) block index in W
         mask = n_mask[:, None] & (offs_b < nb)[None, :]
@@ -1038,15 +1065,15 @@ if HAS_TRITON:
                 qh = tl.load(qh_ptr + blk, mask=mask, other=0)
                 lo = lo | _high_bits(qh, 0)
                 hi = hi | _high_bits(qh, 16)
-            if QT == 1 or QT == 3:
-                c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
         else:  # Q8_0: words 0-3 hold weights 0-15, words 4-7 weights 16-31
             lo = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 0, BLOCK_B)
             hi = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 4, BLOCK_B)
+        c = d  # the offsets m (Q4_1, Q5_1); unread by the other types
+        if QT == 1 or QT == 3:
+            c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
         if PRO == 1:
             gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
             gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
-        zero = tl.zeros(lo.shape, tl.int32)
         for i in tl.static_range(BLOCK_M):
             x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
             xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
@@ -1054,17 +1081,13 @@ if HAS_TRITON:
             if PRO == 1:
                 xl = xl * gl
                 xh = xh * gh
-            cl, ch, sx, total = _quantize_x(xl, xh)
-            dot = _dp4a(lo, cl[None, :, :], zero, QT == 4, INTERP)
-            dot = _dp4a(hi, ch[None, :, :], dot, QT == 4, INTERP)
-            isum = tl.sum(dot, axis=2)  # (BN, BB), |.| <= 32 * 31 * 127: exact in float32
-            if QT == 0:
-                isum -= 8 * total[None, :]
-            elif QT == 2:
-                isum -= 16 * total[None, :]
-            part = isum.to(tl.float32) * (d * sx[None, :])
-            if QT == 1 or QT == 3:
-                part += c * (sx * total.to(tl.float32))[None, :]
+            cl, ch, sx, total = _codes(xl, xh)
+            part = _q8_part(lo, hi, cl, ch, sx, total, d, c, QT, INTERP)
+            if LEVELS == 2:
+                rl = xl - cl.to(tl.float32) * sx[:, None]
+                rh = xh - ch.to(tl.float32) * sx[:, None]
+                cl, ch, sx, total = _codes(rl, rh)
+                part += _q8_part(lo, hi, cl, ch, sx, total, d, c, QT, INTERP)
             acc = _accumulate_row(acc, part, i, BLOCK_M)
         return acc
 
@@ -1115,10 +1138,11 @@ if HAS_TRITON:
         g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
         PRO: tl.constexpr, INTERP: tl.constexpr, Q8X: tl.constexpr,
     ):  # fmt: skip
-        """One K step of the GEMV, float32 (`_gemv_step`) or int8 activations (Q8X)."""
+        """One K step of the GEMV, float32 (`_gemv_step`) or int8 activations (Q8X levels)."""
         args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M)
-        if Q8X:
-            acc = _gemv_step_q8x(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP)
+        if Q8X > 0:
+            acc = _gemv_step_q8x(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP,
+                                 Q8X)  # fmt: skip
         else:
             acc = _gemv_step(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO)
         return acc
@@ -1136,8 +1160,8 @@ if HAS_TRITON:
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
         with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y.
         PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait.
-        Q8X: x quantized to int8 blocks, integer dot products (`_gemv_step_q8x`; qs_ptr the
-        quants as int32 words)."""
+        Q8X 1 / 2: x quantized to int8 blocks in 1 / 2 levels, integer dot products
+        (`_gemv_step_q8x`; qs_ptr the quants as int32 words)."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
