@@ -306,7 +306,13 @@ def test_environment_switch(value, expected, monkeypatch, caplog) -> None:
     assert ("is not 0, 1 or 2" in caplog.text) == (value == "maybe")
 
 
-def test_bad_level_is_refused(rng) -> None:
+def test_bad_level_is_refused_and_float_weights_ignore_it(rng) -> None:
     wt, x = setup(rng, T.Q4_0, 1, 4, 64)
     with pytest.raises(ValueError, match="Q8X must be 0, 1 or 2"):
         qm.qmatmul_with(x, wt.packed, path="gemv", gemv_config={"Q8X": 3})
+    w16 = torch.from_numpy(rng.standard_normal((4, 64), dtype=np.float32)).half().to(DEVICE)
+    packed = qm.pack_weight(w16.view(torch.uint8), T.F16, (4, 64))
+    y = qm.qmatmul_with(x, packed, path="gemv", gemv_config={"Q8X": 1})  # float32 x: exact
+    exact = x.cpu().double() @ w16.cpu().double().T
+    bound = (x.cpu().double().abs() @ w16.cpu().double().abs().T) * (64 + 8) * U32
+    assert bool(((y.cpu().double() - exact).abs() <= bound).all())

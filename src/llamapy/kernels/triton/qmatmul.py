@@ -733,9 +733,11 @@ def _launch_gemv(
             raise ValueError(f"split_k must be >= 1, got {split_k}")
         cfg["SPLIT"] = split_k
     split = cfg["SPLIT"]
-    q8x = int(cfg.pop("Q8X", 0)) if w.qtype in _Q8X_TYPES else 0
+    q8x = int(cfg.pop("Q8X", 0))
     if q8x not in (0, 1, 2):
         raise ValueError(f"Q8X must be 0, 1 or 2 (int8 levels), got {q8x}")
+    if w.qtype not in _Q8X_TYPES:  # float weights: float32 x always
+        q8x = 0
     nb = k // QK
     steps_per_split = triton.cdiv(triton.cdiv(nb, cfg["BLOCK_B"]), split)
     # split > 1: float32 partials (SPLIT, M, N), summed in order by _reduce_kernel
