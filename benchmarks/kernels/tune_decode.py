@@ -80,8 +80,10 @@ def legacy_variants(n: int, k: int, wide: bool = False, q8x: int = 0) -> list[di
     grid = itertools.product((4, 8, 16, 32), (8, 16, 32), (4, 8), (1, 2, 4))
     if wide:
         grid = itertools.product((1, 2, 4, 8), (32, 64, 128, 256), (1, 2, 4), (1, 2))
+    nb = k // 32
+    nb_pow2 = 1 << max(0, (nb - 1).bit_length())  # a step may be masked past K
     for bn, bb, warps, split in grid:
-        if bn > n or bb > k // 32 or split * bb > k // 32:
+        if bn > n or (wide and (bb > nb_pow2 or (split > 1 and split * bb > nb))):
             continue
         cfg = {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
         out.append(cfg | {"Q8X": q8x})
