@@ -948,6 +948,28 @@ if HAS_TRITON:
         return tl.reshape(gv.to(tl.float32), (BLOCK_B, WIDTH))
 
     @triton.jit
+    def _g_halves(g_ptr, b_first, nb, BLOCK_B: tl.constexpr, PRO: tl.constexpr):
+        """The norm weight's halves (BB, 16) at the elements `_x_halves` loads, once per step
+        for all rows (PRO 1); ones otherwise (unread)."""
+        gl, gh = 1.0, 1.0
+        if PRO == 1:
+            gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
+            gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
+        return gl, gh
+
+    @triton.jit
+    def _x_halves(x_row, row_ok, b_first, nb, gl, gh, BLOCK_B: tl.constexpr, PRO: tl.constexpr):
+        """One row's x[32b + j] and x[32b + 16 + j] (BB, 16) float32 with the prologue
+        applied (PRO 1: times the norm weight's halves gl / gh, the 1 / rms comes at the end;
+        other PRO: gl / gh unread)."""
+        xl = _x_tile(x_row, b_first, nb, row_ok, BLOCK_B, 16, PRO)
+        xh = _x_tile(x_row + 16, b_first, nb, row_ok, BLOCK_B, 16, PRO)
+        if PRO == 1:
+            xl = xl * gl
+            xh = xh * gh
+        return xl, xh
+
+    @triton.jit
     def _accumulate_row(acc, part, i, BLOCK_M: tl.constexpr):
         """acc[i] += part for a static row i of the (BLOCK_M, BN, BB) accumulator."""
         if BLOCK_M == 1:
@@ -1073,16 +1095,10 @@ if HAS_TRITON:
         c = d  # the offsets m (Q4_1, Q5_1); unread by the other types
         if QT == 1 or QT == 3:
             c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
-        if PRO == 1:
-            gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
-            gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
+        gl, gh = _g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
         for i in tl.static_range(BLOCK_M):
             x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-            xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
-            xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
-            if PRO == 1:
-                xl = xl * gl
-                xh = xh * gh
+            xl, xh = _x_halves(x_row, m0 + i < M, b_first, nb, gl, gh, BLOCK_B, PRO)
             cl, ch, sx, total = _codes(xl, xh)
             part = _q8_part(lo, hi, cl, ch, sx, total, d, c, QT, INTERP)
             if LEVELS == 2:
@@ -1106,16 +1122,10 @@ if HAS_TRITON:
             lo, hi, d, c = _nibble_tile(
                 qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
             )
-            if PRO == 1:  # loaded once per step for all rows
-                gl = _g_tile(g_ptr, b_first, nb, BLOCK_B, 16)
-                gh = _g_tile(g_ptr + 16, b_first, nb, BLOCK_B, 16)
+            gl, gh = _g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
             for i in tl.static_range(BLOCK_M):
                 x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-                xl = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
-                xh = _x_tile(x_row + 16, b_first, nb, m0 + i < M, BLOCK_B, 16, PRO)
-                if PRO == 1:
-                    xl = xl * gl
-                    xh = xh * gh
+                xl, xh = _x_halves(x_row, m0 + i < M, b_first, nb, gl, gh, BLOCK_B, PRO)
                 sq = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # (BN, BB)
                 sx = tl.sum(xl + xh, axis=1)  # (BB,)
                 acc = _accumulate_row(acc, d * sq + c * sx[None, :], i, BLOCK_M)
