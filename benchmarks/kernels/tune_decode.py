@@ -140,7 +140,7 @@ def tune_gemv(
     fused: bool = False,
 ) -> None:
     for name, n, k in SHAPES:
-        if shapes is not None and not name.startswith(shapes):
+        if shapes is not None and not any(name.startswith(s) for s in shapes.split(",")):
             continue
         if k % 256 and qtype in qmatmul_kquants.TYPES:
             continue
@@ -242,7 +242,10 @@ def main() -> None:
     parser.add_argument("--types", default="Q4_0,Q4_K,Q8_0,Q6_K")
     parser.add_argument("--no-attention", action="store_true")
     parser.add_argument("--json")
-    parser.add_argument("--shapes", help="only the matrices whose name starts with this (smol, 1b)")
+    parser.add_argument(
+        "--shapes", help="only the matrices whose name starts with one of these (comma-separated: "
+        "smol, 1b, '1b qkv,1b down')",
+    )  # fmt: skip
     parser.add_argument("--wide", action="store_true", help="a wider tile space (legacy types)")
     parser.add_argument(
         "--q8x", nargs="?", type=int, const=1, default=0, choices=(0, 1, 2),
