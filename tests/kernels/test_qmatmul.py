@@ -218,8 +218,8 @@ def test_f16_gemm_dispatch_rule():
 
 
 def test_gemv_tile_rule():
-    """Q4_0 at K >= 2048 takes the fused-form sweep's 8 x 64 tiles, except the wide-N class
-    (gate_up) and the vocabulary-sized output; the other nibble types keep the old rule."""
+    """Q4_0 / Q4_1 at K >= 2048 take the fused-form sweep's 8 x 64 tiles, except the wide-N
+    class (gate_up) and the vocabulary-sized output; the Q5 types keep the old rule."""
     def tiles(qtype, n, k):
         cfg = qm._gemv_config(qtype, 1, n, k, 132)
         return cfg["BLOCK_N"], cfg["BLOCK_B"], cfg.get("num_warps", 4)
@@ -228,27 +228,29 @@ def test_gemv_tile_rule():
     assert tiles(T.Q4_0, 16384, 2048) == (16, 32, 4)  # gate_up
     assert tiles(T.Q4_0, 128256, 2048) == (32, 8, 4)  # the output matrix
     assert tiles(T.Q4_0, 960, 576) == (8, 32, 4)  # short K: the old rule
-    assert tiles(T.Q4_1, 3072, 2048) == (4, 32, 4)
+    assert tiles(T.Q4_1, 3072, 2048) == (8, 64, 4)
+    assert tiles(T.Q5_0, 2048, 2048) == (4, 32, 4)  # not swept: the old rule
 
 
 @pytest.mark.parametrize("k", [2048, 4096])
-def test_gemv_q4_0_long_k_tiles(k, rng, poisoned):
-    """The default tiles of Q4_0 at K >= 2048 (8 rows x 64 blocks a step), fused norm
-    prologue and residual forms included, against float64."""
-    n = 16 if DEVICE == "cpu" else 2048
-    data = random_blocks(rng, T.Q4_0, n, k)
-    w = qm.pack_weight(data, T.Q4_0, (n, k))
-    assert qm._gemv_config(T.Q4_0, 1, n, k, 132)["BLOCK_B"] == 64
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
+    """The default tiles of Q4_0 / Q4_1 at K >= 2048 (8 rows x 64 blocks a step), fused
+    norm prologue and residual forms included, against float64."""
+    n = 16 if DEVICE == "cpu" else 1024  # (1024 x 4096: under the wide-N class's 4 MiB)
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    assert qm._gemv_config(qtype, 1, n, k, 132)["BLOCK_B"] == 64
     x = random_x(rng, 1, k, torch.float32)
     y = qm.qmatmul_with(x, w, out=torch.full((1, n), float("nan"), device=DEVICE))
-    check(x, data, T.Q4_0, (n, k), None, y, tolerance(torch.float32, "gemv", T.Q4_0), "plain")
+    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "plain")
     g = torch.rand(k, device=DEVICE) + 0.5
     res = random_x(rng, 1, n, torch.float32)
     got = qm.qmatmul(x, w, norm_weight=g, eps=1e-5, residual=res.clone())
     normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
-    exact = res.double() + qm.qmatmul_reference(normed, data, T.Q4_0, (n, k), None)
+    exact = res.double() + qm.qmatmul_reference(normed, data, qtype, (n, k), None)
     err = relative_error(got, exact)
-    assert err <= tolerance(torch.float32, "gemv", T.Q4_0), f"norm + residual: {err:.3g}"
+    assert err <= tolerance(torch.float32, "gemv", qtype), f"norm + residual: {err:.3g}"
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.BF16], ids=lambda t: t.name)

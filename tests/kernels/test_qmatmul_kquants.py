@@ -285,6 +285,22 @@ def test_configs_are_valid_launches() -> None:
                 assert c.gemm == (m > qk.GEMV_MAX_M)
 
 
+def test_q4_k_gemv_tiles(rng: np.random.Generator) -> None:
+    # H200 sweep: the 2048-row matrices of the 1B shape read 8 super-blocks a step on two
+    # warps, the others keep one warp and 4 super-blocks; the 8-unit step against float64.
+    q4k = QuantType.Q4_K
+    assert qk.gemv_config(q4k, 1, 2048, 8192, 132) == qk.KernelConfig(False, 1, 1, 8, 1, 2)
+    assert qk.gemv_config(q4k, 1, 2048, 2048, 132).nsb == 8
+    assert qk.gemv_config(q4k, 1, 3072, 2048, 132) == qk.KernelConfig(False, 1, 1, 4, 1, 1)
+    assert qk.gemv_config(q4k, 1, 576, 1536, 132).nsb == 4  # 6 units: under one 8-unit step
+    n, k = 24, 2048
+    data = random_weight(rng, q4k, n, k)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    out = run(x, qk.pack(data, q4k, n, k), q4k, n, k, qk.gemv_config(q4k, 1, 2048, k, 132))
+    err = rel_error(out, x.double() @ dequantize(data, q4k).double().T)
+    assert err < TOL[F32], f"error {err:.2e}"
+
+
 # --------------------------------------------------------------------------- model shapes
 
 REAL_SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 8192), (8192, 2048)]

@@ -685,10 +685,11 @@ def _gemv_config(
         if n >= 65536:
             return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
         wide_n = not small and k <= 4096  # gate_up
-        if qtype == QuantType.Q4_0 and k >= 2048 and not wide_n:
-            # H200 sweep of the decode step's fused forms (tune_decode.py --wide --fused, 1B
-            # shapes): 8 rows x 64 blocks on four warps, qkv 6.26 -> 5.41 us, o 4.27 -> 4.14,
-            # down 12.53 -> 10.27; tg128 1,071 -> 1,126 t/s. Q4_1 gained nothing from them.
+        if qtype in (QuantType.Q4_0, QuantType.Q4_1) and k >= 2048 and not wide_n:
+            # H200 sweeps of the decode step's fused forms (tune_decode.py --wide --fused, 1B
+            # shapes): 8 rows x 64 blocks on four warps, Q4_0 qkv 6.26 -> 5.41 us, o 4.27 ->
+            # 4.14, down 12.53 -> 10.27 (tg128 1,071 -> 1,126 t/s); Q4_1 qkv 6.28 -> 5.68, o
+            # 4.27 -> 4.24, down 12.71 -> 10.65. (The Q5 types were not swept.)
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
         block_n = 16 if wide_n else 8 if n < 2048 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
