@@ -7,6 +7,7 @@ context) under variants of `models/cpu_compile.py`, interleaved in one process:
 
 default   the engine's compiled step (one graph per kind of layer, INDUCTOR_OPTIONS)
 asserts   the same with Inductor's input size / stride / scalar / alignment asserts back on
+cpp       the same with Inductor's C++ wrapper
 stack     every layer in one graph (its own compile: tens of seconds cold)
 stack-cpp the same with Inductor's C++ wrapper
 
@@ -28,7 +29,7 @@ from llamapy.cli.bench import BenchSettings, BenchTest, EngineBench
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models import cpu_compile
 
-VARIANTS = ("default", "asserts", "stack", "stack-cpp")
+VARIANTS = ("default", "asserts", "cpp", "stack", "stack-cpp")
 
 
 def _stack_step(layers, h, residual, cos_sins, meta, kvs):
@@ -46,7 +47,7 @@ class _Variant(cpu_compile.CompiledDecode):
         self.options = dict(cpu_compile.INDUCTOR_OPTIONS)
         if name == "asserts":
             self.options.update(size_asserts=True, scalar_asserts=True, alignment_asserts=True)
-        if name == "stack-cpp":
+        if name in ("cpp", "stack-cpp"):
             self.options["cpp_wrapper"] = True
         self._stacked = None
 

@@ -33,6 +33,7 @@ from llamapy.embedding.batch import (
 from llamapy.embedding.pooling import POOLING_TYPES, normalize, pool, split_tokens
 from llamapy.errors import ContextLengthError, LlamapyError, UnsupportedError
 from llamapy.formats import GGUFFile, HFFolder
+from llamapy.kernels.cpu.malloc import tune_malloc
 from llamapy.layers.linear import QLinear
 from llamapy.layers.norm import rms_norm
 from llamapy.models import CAUSAL_LM_CLASSES, build_causal_lm
@@ -92,6 +93,8 @@ class EmbeddingEngine:
         self.config = cfg = model_file.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # batch scratch from a warm heap (kernels/cpu/malloc)
+            tune_malloc()
         self.is_encoder = cfg.arch in ENCODER_ARCHS
         if not self.is_encoder and cfg.arch not in CAUSAL_LM_CLASSES:
             raise UnsupportedError(f"architecture {cfg.arch!r} cannot embed")

@@ -11,6 +11,7 @@ from llamapy.engine.block_manager import BlockManager
 from llamapy.engine.kv_cache import allocate_kv_cache
 from llamapy.engine.prefill_graphs import PrefillGraphs
 from llamapy.engine.scheduler import ScheduledSeq
+from llamapy.kernels.cpu.malloc import tune_malloc
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models.llama import LlamaForCausalLM
 from llamapy.sampling.dry import DryVocab
@@ -108,6 +109,8 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
+        if self.device.type == "cpu":  # prefill scratch from a warm heap (kernels/cpu/malloc)
+            tune_malloc()
         # One block more than the block manager hands out: padded rows of a captured decode
         # step write their K/V there.
         self.kv_caches = allocate_kv_cache(

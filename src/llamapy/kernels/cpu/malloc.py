@@ -1,0 +1,69 @@
+"""glibc malloc settings for the CPU path: no page faults on every prefill's scratch.
+
+A prefill allocates tens of MB of short-lived tensors per matmul (bf16 weight chunks, float32
+outputs, activations). With glibc's defaults, blocks over the dynamic mmap threshold are
+fresh `mmap`s returned to the OS on free, and freed heap tops over the trim threshold are
+given back too, so the next prefill touches every page again: a 512-token prefill of a 1B
+Q4_0 model took ~250,000 minor page faults (~1 GB of zeroed pages, a fifth of its time).
+Serving blocks up to 32 MB from the heap (glibc's largest mmap threshold), keeping up to
+256 MB of freed heap, and growing it 64 MB at a time removes them; the peak resident set is
+unchanged (the same buffers, reused instead of re-faulted). benchmarks/RESULTS.md (issue 7,
+ninth session) has the figures.
+
+`mallopt` is reached through ctypes (standard library): glibc only; elsewhere, or with
+`LLAMAPY_MALLOC_TUNE=0`, nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+SETTINGS = (
+    (M_MMAP_THRESHOLD, 32 << 20),  # glibc's maximum (HEAP_MAX_SIZE / 2 on 64-bit)
+    (M_TRIM_THRESHOLD, 256 << 20),
+    (M_TOP_PAD, 64 << 20),
+)
+
+_applied: bool | None = None
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    gnu = getattr(libc, "gnu_get_libc_version", None)  # musl and others: not glibc
+    return libc if gnu is not None and hasattr(libc, "mallopt") else None
+
+
+def tune_malloc() -> bool:
+    """Apply SETTINGS once per process; True when they are in effect."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get("LLAMAPY_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    ok = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
+    if not ok:
+        log.debug("mallopt refused a setting; glibc malloc defaults kept for the rest")
+    _applied = ok
+    return ok

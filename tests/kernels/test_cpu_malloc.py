@@ -1,0 +1,74 @@
+"""kernels/cpu/malloc.py: glibc settings that keep a prefill's scratch pages mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamapy.kernels.cpu import malloc
+
+GLIBC = malloc._libc() is not None
+
+# One 20 MB tensor allocated, touched and freed: where it came from (mmapped bytes while it
+# lives) and what the heap keeps free after it (glibc's mallinfo2, 2.33+).
+PROBE = """
+import ctypes, json, torch
+from llamapy.kernels.cpu.malloc import _libc, tune_malloc
+applied = tune_malloc()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = _libc()
+libc.mallinfo2.restype = Info
+before = libc.mallinfo2().hblkhd
+t = torch.empty(5 << 20, dtype=torch.float32).fill_(1.0)
+mapped = libc.mallinfo2().hblkhd - before
+del t
+print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2().fordblks}))
+"""
+
+
+def probe(tune: str) -> dict:
+    env = dict(os.environ, LLAMAPY_MALLOC_TUNE=tune)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+    not GLIBC or not hasattr(malloc._libc(), "mallinfo2"), reason="glibc >= 2.33 (mallinfo2)"
+)
+def test_tuned_heap_keeps_scratch_pages():
+    off, on = probe("0"), probe("1")
+    assert off["applied"] is False and on["applied"] is True
+    mb = 1 << 20
+    # defaults: a fresh mapping, unmapped again on free (the next one faults its pages in)
+    assert off["mapped"] >= 20 * mb and off["kept"] < 20 * mb, off
+    # tuned: from the heap, and the heap keeps the freed pages for the next prefill
+    assert on["mapped"] < mb and on["kept"] >= 20 * mb, on
+
+
+def test_switch_off_and_idempotence(monkeypatch):
+    monkeypatch.setattr(malloc, "_applied", None)
+    monkeypatch.setenv("LLAMAPY_MALLOC_TUNE", "off")
+    assert malloc.tune_malloc() is False
+    monkeypatch.setenv("LLAMAPY_MALLOC_TUNE", "1")
+    assert malloc.tune_malloc() is False  # decided once per process
+    monkeypatch.setattr(malloc, "_applied", None)
+    assert malloc.tune_malloc() is GLIBC
+    assert malloc.tune_malloc() is GLIBC
+
+
+def test_not_glibc_changes_nothing(monkeypatch):
+    monkeypatch.setattr(malloc, "_applied", None)
+    monkeypatch.setattr(malloc, "_libc", lambda: None)
+    monkeypatch.delenv("LLAMAPY_MALLOC_TUNE", raising=False)
+    assert malloc.tune_malloc() is False
