@@ -285,20 +285,29 @@ def test_configs_are_valid_launches() -> None:
                 assert c.gemm == (m > qk.GEMV_MAX_M)
 
 
-def test_q4_k_gemv_tiles(rng: np.random.Generator) -> None:
-    # H200 sweep: the 2048-row matrices of the 1B shape read 8 super-blocks a step on two
-    # warps, the others keep one warp and 4 super-blocks; the 8-unit step against float64.
-    q4k = QuantType.Q4_K
-    assert qk.gemv_config(q4k, 1, 2048, 8192, 132) == qk.KernelConfig(False, 1, 1, 8, 1, 2)
-    assert qk.gemv_config(q4k, 1, 2048, 2048, 132).nsb == 8
-    assert qk.gemv_config(q4k, 1, 3072, 2048, 132) == qk.KernelConfig(False, 1, 1, 4, 1, 1)
-    assert qk.gemv_config(q4k, 1, 576, 1536, 132).nsb == 4  # 6 units: under one 8-unit step
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q6_K], ids=lambda t: t.name)
+def test_measured_gemv_tiles(qtype: QuantType, rng: np.random.Generator) -> None:
+    # H200 sweeps: the 2048-row matrices of the 1B shape read 8 super-blocks a step on two
+    # warps; Q6_K's vocabulary-sized output 4 rows x 4 super-blocks on one warp (one row of
+    # x only); each measured config against float64 (the interpreter: 24 rows).
+    cfg = qk.KernelConfig
+    assert qk.gemv_config(qtype, 1, 2048, 8192, 132) == cfg(False, 1, 1, 8, 1, 2)
+    assert qk.gemv_config(qtype, 1, 2048, 2048, 132).nsb == 8
+    assert qk.gemv_config(qtype, 4, 2048, 8192, 132).nsb == 8
+    if qtype == QuantType.Q4_K:  # the others keep one warp and 4 super-blocks
+        assert qk.gemv_config(qtype, 1, 3072, 2048, 132) == cfg(False, 1, 1, 4, 1, 1)
+        assert qk.gemv_config(qtype, 1, 576, 1536, 132) == cfg(False, 1, 1, 4, 1, 1)
+    else:
+        assert qk.gemv_config(qtype, 1, 128256, 2048, 132) == cfg(False, 1, 4, 4, 1, 1)
+        assert qk.gemv_config(qtype, 2, 128256, 2048, 132) != cfg(False, 2, 4, 4, 1, 1)
     n, k = 24, 2048
-    data = random_weight(rng, q4k, n, k)
+    data = random_weight(rng, qtype, n, k)
+    tensors = qk.pack(data, qtype, n, k)
     x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
-    out = run(x, qk.pack(data, q4k, n, k), q4k, n, k, qk.gemv_config(q4k, 1, 2048, k, 132))
-    err = rel_error(out, x.double() @ dequantize(data, q4k).double().T)
-    assert err < TOL[F32], f"error {err:.2e}"
+    ref = x.double() @ dequantize(data, qtype).double().T
+    for measured in (qk.gemv_config(qtype, 1, 2048, k, 132), cfg(False, 1, 4, 4, 1, 1)):
+        err = rel_error(run(x, tensors, qtype, n, k, measured), ref)
+        assert err < TOL[F32], f"{measured}: error {err:.2e}"
 
 
 # --------------------------------------------------------------------------- model shapes
