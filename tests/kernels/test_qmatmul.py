@@ -231,17 +231,25 @@ def test_gemv_tile_rule():
     assert tiles(T.Q4_0, 960, 576) == (8, 32, 4)  # short K: the old rule
     assert tiles(T.Q4_1, 3072, 2048) == (8, 64, 4)
     assert tiles(T.Q5_0, 2048, 2048) == (4, 32, 4)  # not swept: the old rule
+    assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
+    assert qm._gemv_config(T.Q8_0, 1, 2048, 8192, 132)["SPLIT"] == 2
+    assert tiles(T.Q8_0, 16384, 2048) == (16, 8, 4)  # gate_up: the general rule
 
 
 @pytest.mark.parametrize("k", [2048, 4096])
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
 def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
-    """The default tiles of Q4_0 / Q4_1 at K >= 2048 (8 rows x 64 blocks a step), fused
-    norm prologue and residual forms included, against float64."""
+    """The swept default tiles at K >= 2048 (Q4_0 / Q4_1 8 rows x 64 blocks a step; Q8_0
+    2 x 64, or 8 x 32 split in two at K >= 4096), fused norm prologue and residual forms
+    included, against float64."""
     n = 16 if DEVICE == "cpu" else 1024  # (1024 x 4096: under the wide-N class's 4 MiB)
     data = random_blocks(rng, qtype, n, k)
     w = qm.pack_weight(data, qtype, (n, k))
-    assert qm._gemv_config(qtype, 1, n, k, 132)["BLOCK_B"] == 64
+    cfg = qm._gemv_config(qtype, 1, n, k, 132)
+    if qtype == T.Q8_0:
+        assert (cfg["BLOCK_B"], cfg["SPLIT"]) == ((32, 2) if k >= 4096 else (64, 1))
+    else:
+        assert cfg["BLOCK_B"] == 64
     x = random_x(rng, 1, k, torch.float32)
     y = qm.qmatmul_with(x, w, out=torch.full((1, n), float("nan"), device=DEVICE))
     check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "plain")

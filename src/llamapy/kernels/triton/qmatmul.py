@@ -674,9 +674,10 @@ def _gemv_config(
     4/5-bit types: 32 blocks (1024 weights) per K step and narrow row tiles (4-8 rows, 16 for
     wide-K-short matrices), no split: 1.1-1.5x over 8 blocks x 32 rows; vocabulary-sized
     outputs keep 32-row tiles of 8 blocks (thousands of programs already).
-    Q8_0 and float types (not swept yet): ~8 KiB of weights per program and step, 8 blocks per
-    step, K split until the grid covers about two waves of the SMs, no split for small
-    (latency-bound) matrices."""
+    Q8_0 at K >= 2048 below 8192 rows: the H200 sweep's tiles (below). Other Q8_0 shapes and
+    float types (not swept): ~8 KiB of weights per program and step, 8 blocks per step, K
+    split until the grid covers about two waves of the SMs, no split for small (latency-
+    bound) matrices."""
     block_m = 1 << (m - 1).bit_length()
     if q8x and qtype in _Q8X_TYPES:
         return _q8x_config(qtype, n, k, block_m)
@@ -693,6 +694,16 @@ def _gemv_config(
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
         block_n = 16 if wide_n else 8 if n < 2048 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
+    if qtype == QuantType.Q8_0 and k >= 2048 and n < 8192:
+        # H200 sweep of the fused forms (tune_decode.py --types Q8_0 --wide --fused, 1B
+        # shapes; gate_up kept the rule below): down 8 rows x 32 blocks, K split in two
+        # (11.44 -> 10.70 us), o 2 x 64 (5.55 -> 3.77), qkv 8 x 32 (7.24 -> 5.04); 1B Q8_0
+        # tg128 1,091 -> 1,186 t/s
+        if k >= 4096:
+            return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 2, "num_warps": 4}
+        if n <= 2048:
+            return {"BLOCK_M": block_m, "BLOCK_N": 2, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
+        return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
     block_b = 8
     tile_rows = 8192 // (block_b * row_nbytes(qtype, QK))
     block_n = max(4, min(64, 1 << (tile_rows.bit_length() - 1)))  # power of two
