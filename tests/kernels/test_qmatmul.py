@@ -234,6 +234,8 @@ def test_gemv_tile_rule():
     assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
     assert qm._gemv_config(T.Q8_0, 1, 2048, 8192, 132)["SPLIT"] == 2
     assert tiles(T.Q8_0, 16384, 2048) == (16, 8, 4)  # gate_up: the general rule
+    for qtype in (T.Q4_0, T.Q8_0):  # measured with one row of x; batches keep the old rule
+        assert qm._gemv_config(qtype, 4, 3072, 2048, 132)["BLOCK_N"] in (4, 16)
 
 
 @pytest.mark.parametrize("k", [2048, 4096])

@@ -674,7 +674,7 @@ def _gemv_config(
     4/5-bit types: 32 blocks (1024 weights) per K step and narrow row tiles (4-8 rows, 16 for
     wide-K-short matrices), no split: 1.1-1.5x over 8 blocks x 32 rows; vocabulary-sized
     outputs keep 32-row tiles of 8 blocks (thousands of programs already).
-    Q8_0 at K >= 2048 below 8192 rows: the H200 sweep's tiles (below). Other Q8_0 shapes and
+    Q8_0 at K >= 2048 below 8192 rows, one row of x: the H200 sweep's tiles. Other Q8_0 and
     float types (not swept): ~8 KiB of weights per program and step, 8 blocks per step, K
     split until the grid covers about two waves of the SMs, no split for small (latency-
     bound) matrices."""
@@ -686,19 +686,20 @@ def _gemv_config(
         if n >= 65536:
             return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
         wide_n = not small and k <= 4096  # gate_up
-        if qtype in (QuantType.Q4_0, QuantType.Q4_1) and k >= 2048 and not wide_n:
+        if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k >= 2048 and not wide_n:
             # H200 sweeps of the decode step's fused forms (tune_decode.py --wide --fused, 1B
             # shapes): 8 rows x 64 blocks on four warps, Q4_0 qkv 6.26 -> 5.41 us, o 4.27 ->
             # 4.14, down 12.53 -> 10.27 (tg128 1,071 -> 1,126 t/s); Q4_1 qkv 6.28 -> 5.68, o
-            # 4.27 -> 4.24, down 12.71 -> 10.65. (The Q5 types were not swept.)
+            # 4.27 -> 4.24, down 12.71 -> 10.65. One row of x only (as measured; the Q5 types
+            # were not swept).
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
         block_n = 16 if wide_n else 8 if n < 2048 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
-    if qtype == QuantType.Q8_0 and k >= 2048 and n < 8192:
+    if qtype == QuantType.Q8_0 and block_m == 1 and k >= 2048 and n < 8192:
         # H200 sweep of the fused forms (tune_decode.py --types Q8_0 --wide --fused, 1B
-        # shapes; gate_up kept the rule below): down 8 rows x 32 blocks, K split in two
-        # (11.44 -> 10.70 us), o 2 x 64 (5.55 -> 3.77), qkv 8 x 32 (7.24 -> 5.04); 1B Q8_0
-        # tg128 1,091 -> 1,186 t/s
+        # shapes, one row of x; gate_up kept the rule below): down 8 rows x 32 blocks, K split
+        # in two (11.44 -> 10.70 us), o 2 x 64 (5.55 -> 3.77), qkv 8 x 32 (7.24 -> 5.04); 1B
+        # Q8_0 tg128 1,091 -> 1,186 t/s
         if k >= 4096:
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 2, "num_warps": 4}
         if n <= 2048:

@@ -361,15 +361,16 @@ def gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
     unit, lanes = block_size(qtype), _LANES[qtype]
     units = k // unit
     block_m = min(_pow2(m), GEMV_MAX_M)
-    if qtype in (QuantType.Q4_K, QuantType.Q6_K) and units >= 8 and n <= 2048 and num_sms > 1:
+    measured = block_m == 1 and num_sms > 1  # the H200 sweeps below: one row of x
+    if qtype in (QuantType.Q4_K, QuantType.Q6_K) and measured and units >= 8 and n <= 2048:
         # H200 sweeps (tune_decode.py, 1B shapes): the 2048-row matrices (o, down) read 8
         # super-blocks a step on two warps (the same weights per thread as the Q4_K rule
         # below): Q4_K o 4.69 -> 4.43 us, down 12.65 -> 11.68; Q6_K o 5.55 -> 4.98, down
         # 15.97 -> 13.67
         return KernelConfig(False, block_m, 1, 8, 1, 2)
-    if qtype == QuantType.Q6_K and block_m == 1 and n >= 65536 and units >= 4 and num_sms > 1:
+    if qtype == QuantType.Q6_K and measured and n >= 65536 and units >= 4:
         # the vocabulary-sized output of Q4_K_M files: 4 rows x 4 super-blocks on one warp,
-        # 155.5 -> 146.7 us at 128256 x 2048 (one token at a time only: 128 weights a thread)
+        # 155.5 -> 146.7 us at 128256 x 2048 (128 weights a thread)
         return KernelConfig(False, block_m, 4, 4, 1, 1)
     if qtype == QuantType.Q4_K and units >= 4 and num_sms > 1:
         # H100 sweep (benchmarks/kernels/tune_decode.py) at the SmolLM2 / Llama-3.2-1B decode
