@@ -218,8 +218,9 @@ def test_f16_gemm_dispatch_rule():
 
 
 def test_gemv_tile_rule():
-    """Q4_0 / Q4_1 at K >= 2048 take the fused-form sweep's 8 x 64 tiles, except the wide-N
-    class (gate_up) and the vocabulary-sized output; the Q5 types keep the old rule."""
+    """One row of x: Q4_0 / Q4_1 at K >= 2048 take the fused-form sweep's 8 x 64 tiles,
+    except the wide-N class (gate_up) and the vocabulary-sized output, Q8_0 below 8192 rows
+    its per-shape tiles; the Q5 types and batches of rows keep the old rules."""
 
     def tiles(qtype, n, k):
         cfg = qm._gemv_config(qtype, 1, n, k, 132)
