@@ -4,7 +4,8 @@ A prefill allocates tens of MB of short-lived tensors per matmul (bf16 weight ch
 outputs, activations). With glibc's defaults, blocks over the dynamic mmap threshold are
 fresh `mmap`s returned to the OS on free, and freed heap tops over the trim threshold are
 given back too, so the next prefill touches every page again: a 512-token prefill of a 1B
-Q4_0 model took ~250,000 minor page faults (~1 GB of zeroed pages, a fifth of its time).
+Q4_0 model took ~250,000 minor page faults (~1 GB of zeroed pages; 107-112 t/s with them,
+134-143 without, on the 2-core development machine).
 Serving blocks up to 32 MB from the heap (glibc's largest mmap threshold), keeping up to
 256 MB of freed heap, and growing it 64 MB at a time removes them; the peak resident set is
 unchanged (the same buffers, reused instead of re-faulted). benchmarks/RESULTS.md (issue 7,
