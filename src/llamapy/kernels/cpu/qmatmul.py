@@ -1,6 +1,11 @@
 """Quantized matmul on the CPU: y = x @ W.T (+ b) with W kept as (repacked) ggml blocks.
 
 Methods, per weight type (chosen by measurement, see benchmarks/kernels/CPU_NOTES.md):
+  vnni            Q4_0, Q4_1, Q8_0 with K a multiple of 64, where AVX512-VNNI and numba are
+                  (vnni.py): the GGUF blocks as they lie in the file, x quantized to 8 bits
+                  per 32-block and integer dot products, as llama.cpp's CPU matmul. From
+                  `VNNI_PREFILL_MIN_M` rows of x on, the blocks are dequantized to bf16 in
+                  row chunks for oneDNN's bf16 GEMM instead (as int4pack below).
   int4pack        Q4_0, Q4_1, Q4_K directly; Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS
                   with each quant split into two nibbles (see int4pack.py): ATen's
                   AVX512-BF16 int4 GEMM. x is rounded to bf16, scales/zeros are bf16, sums
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamapy.kernels.cpu import int4pack
+from llamapy.kernels.cpu import int4pack, vnni
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, row_nbytes
 
@@ -33,6 +38,9 @@ CHUNK_ROWS = 2048
 PREFILL_MIN_M = 160
 PREFILL_MIN_M_SPLIT = 80
 DEQUANT_CHUNK_WEIGHTS = 1 << 20
+# From this many rows of x on, a vnni weight goes through bf16 chunks and oneDNN (measured
+# crossover: benchmarks/kernels/CPU_NOTES.md).
+VNNI_PREFILL_MIN_M = 16
 DENSE_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
 
 
@@ -43,8 +51,8 @@ class CpuWeight:
     qtype: QuantType
     n: int
     k: int
-    method: str  # "int4pack", "dense" or "dequant-chunks"
-    tensors: tuple[torch.Tensor, ...]  # int4pack: (nibbles, scales_and_zeros)
+    method: str  # "vnni", "int4pack", "dense" or "dequant-chunks"
+    tensors: tuple[torch.Tensor, ...]  # int4pack: (nibbles, scales_and_zeros); vnni: (blocks,)
     int4: int4pack.Packed | None = None
 
     @property
@@ -60,6 +68,8 @@ def pack_weight_cpu(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]
             f"expected uint8 blocks of shape ({n}, {row_nbytes(qtype, k)}) for a {qtype.name} "
             f"({n}, {k}) weight, got {data.dtype} {tuple(data.shape)}"
         )
+    if vnni.supported(qtype, k):
+        return CpuWeight(qtype, n, k, "vnni", (data,))
     if qtype in int4pack.PACKERS and n % int4pack.ROW_MULTIPLE == 0:
         packed = _pack_int4_in_chunks(data, qtype, n, k)
         return CpuWeight(qtype, n, k, "int4pack", (packed.packed, packed.sz), packed)
@@ -103,7 +113,11 @@ def qmatmul_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None)
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"expected x of shape (M, {w.k}), got {tuple(x.shape)}")
     x = x.to(torch.float32)
-    if w.int4 is not None and x.shape[0] >= prefill_min_m(w):
+    if w.method == "vnni" and x.shape[0] >= VNNI_PREFILL_MIN_M:
+        y = vnni.dequant_mm(x, w.tensors[0], w.qtype, w.n, dequant_chunk_rows(w.k))
+    elif w.method == "vnni":
+        y = vnni.vnni_mm(x, w.tensors[0], w.qtype, w.n)
+    elif w.int4 is not None and x.shape[0] >= prefill_min_m(w):
         y = int4pack.dequant_mm(x, w.int4, w.n, dequant_chunk_rows(w.k))
     elif w.int4 is not None:
         y = int4pack.int4pack_mm(x, w.int4)
