@@ -10,6 +10,10 @@ with moderate fp16 super-block scales. Tolerances (relative Frobenius error vs f
   From PREFILL_MIN_M rows of x on (prefill), int4pack weights are dequantized to bf16 for a
   bf16 GEMM, and F16/BF16 weights multiply in bf16: the same four bf16 roundings at most
   (x, the weight, its bf16 scale / zero where it has them, the output), the same bound.
+
+Where the AVX512-VNNI kernels run, Q4_0 / Q4_1 / Q8_0 take them instead (tested in
+test_cpu_vnni.py); this file switches them off to test the int4pack path those types take
+elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from llamapy.kernels.cpu.int4pack import pack_nibbles
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.quantize import quantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
+
+
+@pytest.fixture(autouse=True)
+def _int4pack_path(monkeypatch) -> None:
+    monkeypatch.setenv("LLAMAPY_CPU_VNNI", "0")
+
 
 SHAPES = [(96, 512), (80, 256)]  # N % 64 = 32 and 16: full 64-row tiles plus each tail kind
 FP32_TOL = 1e-5

@@ -1,13 +1,14 @@
-"""numba code of kernels/cpu/vnni.py (imported only where numba and AVX512-VNNI are; see
-there for the arithmetic).
+"""numba code of kernels/cpu/vnni.py (imported only where numba and AVX512-VNNI are; the
+arithmetic and the weight layout are described there).
 
-`_row_dot(qtype, mt)` builds the one-weight-row kernel as an LLVM IR loop over 64-weight
-steps (two 32-blocks): load the two blocks' quants as 64 unsigned bytes (4-bit types: low
-nibbles of both blocks, then high nibbles; Q8_0: both blocks' bytes + 128), then for each of
-`mt` rows of x: one `vpdpbusd` (16 int32 lanes: lanes 0-7 block a, 8-15 block b for Q8_0;
-0-3 a, 4-7 b, 8-11 a, 12-15 b for the nibbles), int -> float, times the lane's
-dw * dx, into 16 float32 accumulators; cw * cx of both blocks into two more. The row's
-outputs are the accumulators' sums, stored at y, y + ys, ... .
+`_tile_kernel(qtype, mt)` builds, as an LLVM IR loop over the 32-blocks of K, the dots of
+one 16-row weight tile with `mt` rows of x. Per block: the tile's quants are 64-byte
+vectors, one per 4-byte quad of the block (lane i: row i's four quants), each `vpdpbusd`ed
+with x's matching four int8 quants broadcast to all lanes, into int32 lanes that start at
+the block's offset term (`bias`); two chains (even and odd quads) for latency. Then
+int -> float, times the rows' fp16 scales (one 32-byte load) times dx, into 16 float32
+accumulators (Q4_1: plus the rows' fp16 mins times cx). The 16 lanes are the tile's 16
+outputs: no horizontal sums.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import ctypes
 
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, types
+from numba import cfunc, njit, types
 from numba.core.extending import intrinsic
 
-from llamapy.kernels.cpu.vnni import BLOCK_N, GOMP_PATH, LAYOUTS, TILE_M
+from llamapy.kernels.cpu.vnni import GOMP_PATH, LAYOUTS, TILE_M, TILE_N, tile_layout
 from llamapy.quant.types import QuantType
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -37,190 +38,94 @@ def _declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) ->
         return ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
-def _at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, ty: ir.Type) -> ir.Value:
-    """A `ty*` pointer to the address base + offset (both i64 byte addresses)."""
-    return builder.inttoptr(builder.add(base, offset), ty.as_pointer())
-
-
-def _tree_sum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """The sum of a float vector's lanes by halving (log2 n vector adds; LLVM's ordered
-    `vector.reduce.fadd` is n dependent scalar adds)."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(lo, hi)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
-def _tile_dot(qtype: QuantType, rows: int, mt: int):
-    """numba intrinsic (w, ws, x, xs, scales, ss, npairs, y, ys) -> None: the dots of `rows`
-    weight rows (from address w, ws bytes apart) with `mt` rows of x (int8 quants, xs bytes
-    apart; their scales: per row dx then cx, K/32 float32 each, ss bytes apart), stored at
-    y + t * ys + r * 4. Each weight step is unpacked once for the mt rows of x, each x step
-    loaded once for the `rows` weight rows."""
-    bs, d_off, m_off, q_off = LAYOUTS[qtype]
+def _tile_kernel(qtype: QuantType, mt: int):
+    """numba intrinsic (w, kb, x, xs, sc, ss, y, ys) -> None, addresses and strides in
+    bytes: the tile at w (kb tile-blocks) against mt rows of x (int8 quants at x, xs apart;
+    their per-block float32 dx, int32 bias and float32 cx at sc, sc + 4 kb, sc + 8 kb, ss
+    apart); the 16 outputs of x row t are stored as float32 at y + t * ys."""
+    tb, d_off, m_off, q_off, quads = tile_layout(qtype)
     nibbles = qtype != QuantType.Q8_0
-    lane_block = [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4 if nibbles else [0] * 8 + [1] * 8
-    sig = types.none(*([types.int64] * 9))
+    sig = types.none(*([types.int64] * 8))
 
     def codegen(context, builder, signature, args):
-        w, ws, x, xs, sc, ss, npairs, y, ys = args
-        module = builder.module
+        w, kb, x, xs, sc, ss, y, ys = args
         dpbusd = _declare(
-            module, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [_vec(_I32, 16)] * 3
+            builder.module, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [_vec(_I32, 16)] * 3
         )
-        fma16 = _declare(module, "llvm.fma.v16f32", _vec(_F32, 16), [_vec(_F32, 16)] * 3)
-        fma2 = _declare(module, "llvm.fma.v2f32", _vec(_F32, 2), [_vec(_F32, 2)] * 3)
+        fma = _declare(builder.module, "llvm.fma.v16f32", _vec(_F32, 16), [_vec(_F32, 16)] * 3)
         i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        kb4 = builder.mul(npairs, i64(8))  # bytes of one row's dx (K/32 float32)
-        lanes = ir.Constant(_vec(_I32, 16), lane_block)
-        zero_i = ir.Constant(_vec(_I32, 16), None)
+        splat16 = ir.Constant(_vec(_I32, 16), [0] * 16)
 
-        def half_pair(base: ir.Value, off: int) -> ir.Value:
-            """<2 x float> of the fp16 at `off` in the blocks a, b at `base`."""
-            pair = ir.Constant(_vec(_F32, 2), None)
-            for lane, block in enumerate((0, bs)):
-                h = builder.load(_at(builder, base, i64(block + off), _I16), align=1)
-                f = builder.fpext(builder.bitcast(h, _F16), _F32)
-                pair = builder.insert_element(pair, f, ir.Constant(_I32, lane))
-            return pair
+        def ptr(addr: ir.Value, ty: ir.Type) -> ir.Value:
+            return builder.inttoptr(addr, ty.as_pointer())
 
-        def unpack(base: ir.Value) -> ir.Value:
-            """The 64 unsigned quants of blocks a, b at `base`, as <16 x i32>."""
-            if nibbles:
-                a = builder.load(_at(builder, base, i64(q_off), _vec(_I8, 16)), align=1)
-                b = builder.load(
-                    _at(builder, base, i64(bs + q_off), _vec(_I8, 16)), align=1
-                )
-                ab = builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, 32), list(range(32))))
-                lo = builder.and_(ab, ir.Constant(_vec(_I8, 32), [0x0F] * 32))
-                hi = builder.lshr(ab, ir.Constant(_vec(_I8, 32), [4] * 32))
-                u = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 64), list(range(64))))
-            else:
-                a = builder.load(_at(builder, base, i64(q_off), _vec(_I8, 32)), align=1)
-                b = builder.load(
-                    _at(builder, base, i64(bs + q_off), _vec(_I8, 32)), align=1
-                )
-                ab = builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, 64), list(range(64))))
-                u = builder.xor(ab, ir.Constant(_vec(_I8, 64), [0x80] * 64))
-            return builder.bitcast(u, _vec(_I32, 16))
+        def splat(value: ir.Value, ty: ir.Type) -> ir.Value:
+            one = builder.insert_element(ir.Constant(_vec(ty, 1), None), value, i64(0))
+            return builder.shuffle_vector(one, one, splat16)
 
         entry = builder.block
-        loop = builder.append_basic_block("vnni.loop")
-        done = builder.append_basic_block("vnni.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        j = builder.phi(_I64)
-        j.add_incoming(i64(0), entry)
-        acc = {}
-        for key in [(r, t) for r in range(rows) for t in range(mt)]:
-            acc[key] = (builder.phi(_vec(_F32, 16)), builder.phi(_vec(_F32, 2)))
-            acc[key][0].add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
-            acc[key][1].add_incoming(ir.Constant(_vec(_F32, 2), None), entry)
-
-        x_step, s_step = builder.mul(j, i64(64)), builder.mul(j, i64(8))
-        xv, dx, cx = [], [], []
-        for t in range(mt):
-            xt = builder.add(builder.add(x, builder.mul(xs, i64(t))), x_step)
-            xv.append(builder.load(builder.inttoptr(xt, _vec(_I32, 16).as_pointer()), align=1))
-            st = builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_step)
-            dx.append(builder.load(builder.inttoptr(st, _vec(_F32, 2).as_pointer()), align=4))
-            cx.append(builder.load(_at(builder, st, kb4, _vec(_F32, 2)), align=4))
-        w_step = builder.mul(j, i64(2 * bs))
-        new = {}
-        for r in range(rows):
-            base = builder.add(builder.add(w, builder.mul(ws, i64(r))), w_step)
-            u = unpack(base)
-            dw = half_pair(base, d_off)
-            cw = half_pair(base, m_off) if m_off >= 0 else dw
-            for t in range(mt):
-                isum = builder.call(dpbusd, [zero_i, u, xv[t]])
-                scale = builder.shuffle_vector(builder.fmul(dw, dx[t]), dx[t], lanes)
-                a, c = acc[r, t]
-                new[r, t] = (
-                    builder.call(fma16, [builder.sitofp(isum, _vec(_F32, 16)), scale, a]),
-                    builder.call(fma2, [cw, cx[t], c]),
-                )
-        j_next = builder.add(j, i64(1))
-        j.add_incoming(j_next, builder.block)
-        for key, (a, c) in acc.items():
-            a.add_incoming(new[key][0], builder.block)
-            c.add_incoming(new[key][1], builder.block)
-        builder.cbranch(builder.icmp_signed("<", j_next, npairs), loop, done)
-
-        builder.position_at_end(done)
-        for (r, t), (a, c) in new.items():
-            total = builder.fadd(_tree_sum(builder, a), _tree_sum(builder, c))
-            yt = builder.add(builder.add(y, builder.mul(ys, i64(t))), i64(4 * r))
-            builder.store(total, builder.inttoptr(yt, _F32.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    def typer(typingctx, w, ws, x, xs, sc, ss, npairs, y, ys):
-        return sig, codegen
-
-    return intrinsic(typer)
-
-
-def _row_to_bf16(qtype: QuantType):
-    """numba intrinsic: (w_row, kb, out) -> None: the row's kb 32-blocks dequantized as
-    float32 ((u - 8) d, d u + m, d q: exact products, Q4_1's + m rounded once, as
-    `quant.dequant`) and rounded to nearest-even bf16, stored at `out` (2 bytes a weight)."""
-    bs, d_off, m_off, q_off = LAYOUTS[qtype]
-    nibbles = qtype != QuantType.Q8_0
-    sig = types.none(types.int64, types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        w, kb, out = args
-        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        v32 = lambda t, v: ir.Constant(_vec(t, 32), [v] * 32)  # noqa: E731
-
-        def splat(f: ir.Value) -> ir.Value:
-            one = builder.insert_element(ir.Constant(_vec(_F32, 1), None), f, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(one, one, ir.Constant(_vec(_I32, 32), [0] * 32))
-
-        def half(base: ir.Value, off: int) -> ir.Value:
-            h = builder.load(_at(builder, base, i64(off), _I16), align=1)
-            return builder.fpext(builder.bitcast(h, _F16), _F32)
-
-        entry = builder.block
-        loop = builder.append_basic_block("bf16.loop")
-        done = builder.append_basic_block("bf16.done")
+        loop = builder.append_basic_block("tile.loop")
+        done = builder.append_basic_block("tile.done")
         builder.branch(loop)
         builder.position_at_end(loop)
         b = builder.phi(_I64)
         b.add_incoming(i64(0), entry)
-        base = builder.add(w, builder.mul(b, i64(bs)))
-        d = splat(half(base, d_off))
-        if nibbles:
-            qs = builder.load(_at(builder, base, i64(q_off), _vec(_I8, 16)), align=1)
-            lo = builder.and_(qs, ir.Constant(_vec(_I8, 16), [0x0F] * 16))
-            hi = builder.lshr(qs, ir.Constant(_vec(_I8, 16), [4] * 16))
-            u = builder.uitofp(
-                builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, 32), list(range(32)))),
-                _vec(_F32, 32),
-            )
-            if m_off >= 0:
-                wf = builder.fadd(builder.fmul(u, d), splat(half(base, m_off)))
+        accs = []
+        for _ in range(mt):
+            acc = builder.phi(_vec(_F32, 16))
+            acc.add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
+            accs.append(acc)
+
+        base = builder.add(w, builder.mul(b, i64(tb)))
+        # the tile-block's quants as (vector, x offset of its four quants) pairs
+        operands = []
+        for q in range(quads):
+            v = builder.load(ptr(builder.add(base, i64(q_off + 64 * q)), _vec(_I8, 64)), align=1)
+            if nibbles:
+                lo = builder.and_(v, ir.Constant(_vec(_I8, 64), [0x0F] * 64))
+                hi = builder.lshr(v, ir.Constant(_vec(_I8, 64), [4] * 64))
+                operands += [(lo, 4 * q), (hi, 16 + 4 * q)]
             else:
-                wf = builder.fmul(builder.fsub(u, v32(_F32, 8.0)), d)
-        else:
-            qs = builder.load(_at(builder, base, i64(q_off), _vec(_I8, 32)), align=1)
-            wf = builder.fmul(builder.sitofp(qs, _vec(_F32, 32)), d)
-        bits = builder.bitcast(wf, _vec(_I32, 32))
-        odd = builder.and_(builder.lshr(bits, v32(_I32, 16)), v32(_I32, 1))
-        rounded = builder.add(builder.add(bits, v32(_I32, 0x7FFF)), odd)
-        bf = builder.trunc(builder.lshr(rounded, v32(_I32, 16)), _vec(_I16, 32))
-        dst = builder.add(out, builder.mul(b, i64(64)))
-        builder.store(bf, builder.inttoptr(dst, _vec(_I16, 32).as_pointer()), align=2)
+                operands.append((builder.xor(v, ir.Constant(_vec(_I8, 64), [0x80] * 64)), 4 * q))
+        d = builder.load(ptr(builder.add(base, i64(d_off)), _vec(_F16, 16)))
+        d = builder.fpext(d, _vec(_F32, 16))
+        if m_off >= 0:
+            mins = builder.load(ptr(builder.add(base, i64(m_off)), _vec(_F16, 16)))
+            mins = builder.fpext(mins, _vec(_F32, 16))
+
+        x_block = builder.mul(b, i64(32))
+        s_block = builder.mul(b, i64(4))
+        kb4 = builder.mul(kb, i64(4))
+        new = []
+        for t in range(mt):
+            xt = builder.add(builder.add(x, builder.mul(xs, i64(t))), x_block)
+            st = builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_block)
+            dx = builder.load(ptr(st, _F32), align=4)
+            bias = builder.load(ptr(builder.add(st, kb4), _I32), align=4)
+            chains = [splat(bias, _I32), ir.Constant(_vec(_I32, 16), None)]
+            for i, (u, off) in enumerate(operands):
+                xq = splat(builder.load(ptr(builder.add(xt, i64(off)), _I32), align=1), _I32)
+                u32 = builder.bitcast(u, _vec(_I32, 16))
+                chains[i % 2] = builder.call(dpbusd, [chains[i % 2], u32, xq])
+            isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
+            acc = builder.call(fma, [isum, builder.fmul(d, splat(dx, _F32)), accs[t]])
+            if m_off >= 0:
+                cx = builder.load(ptr(builder.add(st, builder.mul(kb, i64(8))), _F32), align=4)
+                acc = builder.call(fma, [mins, splat(cx, _F32), acc])
+            new.append(acc)
         b_next = builder.add(b, i64(1))
         b.add_incoming(b_next, builder.block)
+        for acc, value in zip(accs, new, strict=True):
+            acc.add_incoming(value, builder.block)
         builder.cbranch(builder.icmp_signed("<", b_next, kb), loop, done)
+
         builder.position_at_end(done)
+        for t, value in enumerate(new):
+            yt = builder.add(y, builder.mul(ys, i64(t)))
+            builder.store(value, ptr(yt, _vec(_F32, 16)), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, w, kb, out):
+    def typer(typingctx, w, kb, x, xs, sc, ss, y, ys):
         return sig, codegen
 
     return intrinsic(typer)
@@ -242,6 +147,10 @@ _num_threads.restype, _num_threads.argtypes = ctypes.c_int, []
 _parallel = _GOMP.GOMP_parallel
 _parallel.restype = None
 _parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+# the same entry point declared with integer addresses, for calls from numba code
+_parallel_int = _GOMP["GOMP_parallel"]
+_parallel_int.restype = None
+_parallel_int.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
 _ARGS = types.void(types.CPointer(types.int64))
 
 
@@ -250,56 +159,48 @@ def launch(worker, args: np.ndarray, threads: int) -> None:
     _parallel(worker.address, args.ctypes.data, threads, 0)
 
 
+def _launcher(worker):
+    """An njit function (w, tiles, q, m, k, s, y, threads) that runs `worker` on them: one
+    numba call (~0.5 us) where ctypes from Python costs ~2.5 us."""
+    address = worker.address
+
+    @njit(nogil=True)
+    def run(w, tiles, q, m, k, s, y, threads):  # pragma: no cover - compiled by numba
+        a = np.empty(7, np.int64)
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6] = w, tiles, q, m, k, s, y
+        _parallel_int(address, a.ctypes.data, threads, 0)
+
+    return run
+
+
 def _matmul_worker(qtype: QuantType):
-    # One weight row per tile, against up to TILE_M rows of x. Tiles of several weight rows
-    # share each x load but read the rows as interleaved streams, which measured slower
-    # (SmolLM2's layer shapes, one row of x, 2 threads: Q4_0 17.6 -> 14.2 GB/s with two rows,
-    # Q8_0 24.1 -> 12.0; benchmarks/kernels/CPU_NOTES.md).
-    dots = [_tile_dot(qtype, 1, mt) for mt in range(1, TILE_M + 1)]
-    d1, d2, d3, d4 = dots
+    k1, k2, k3, k4 = (_tile_kernel(qtype, mt) for mt in range(1, TILE_M + 1))
+    tb = tile_layout(qtype)[0]
 
     @cfunc(_ARGS, nopython=True)
     def work(a):  # pragma: no cover - compiled by numba
-        w, ws, n, q, m, k, s, y = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+        w, tiles, q, m, k, s, y = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
         kb = k // 32
-        npairs = kb // 2
-        ss = 2 * kb * 4
-        ys = n * 4
-        tasks = (n + BLOCK_N - 1) // BLOCK_N
+        ss = 12 * kb
+        ys = tiles * TILE_N * 4
         tid, nt = _thread_num(), _num_threads()
-        for task in range(tasks * tid // nt, tasks * (tid + 1) // nt):
-            r0 = task * BLOCK_N
-            r1 = min(r0 + BLOCK_N, n)
+        for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
+            wt = w + tile * kb * tb
             for m0 in range(0, m, TILE_M):
                 mt = min(TILE_M, m - m0)
-                xq = q + m0 * k
-                sc = s + m0 * ss
-                for r in range(r0, r1):
-                    wr, yp = w + r * ws, y + (m0 * n + r) * 4
-                    if mt == 4:
-                        d4(wr, ws, xq, k, sc, ss, npairs, yp, ys)
-                    elif mt == 3:
-                        d3(wr, ws, xq, k, sc, ss, npairs, yp, ys)
-                    elif mt == 2:
-                        d2(wr, ws, xq, k, sc, ss, npairs, yp, ys)
-                    else:
-                        d1(wr, ws, xq, k, sc, ss, npairs, yp, ys)
-
-    return work
-
-
-def _dequant_worker(row_to_bf16):
-    @cfunc(_ARGS, nopython=True)
-    def work(a):  # pragma: no cover - compiled by numba
-        w, ws, r0, r1, k, out = a[0], a[1], a[2], a[3], a[4], a[5]
-        kb = k // 32
-        rows = r1 - r0
-        tid, nt = _thread_num(), _num_threads()
-        for r in range(r0 + rows * tid // nt, r0 + rows * (tid + 1) // nt):
-            row_to_bf16(w + r * ws, kb, out + (r - r0) * k * 2)
+                xq, sc = q + m0 * k, s + m0 * ss
+                yp = y + (m0 * tiles + tile) * TILE_N * 4
+                if mt == 4:
+                    k4(wt, kb, xq, k, sc, ss, yp, ys)
+                elif mt == 3:
+                    k3(wt, kb, xq, k, sc, ss, yp, ys)
+                elif mt == 2:
+                    k2(wt, kb, xq, k, sc, ss, yp, ys)
+                else:
+                    k1(wt, kb, xq, k, sc, ss, yp, ys)
 
     return work
 
 
 MATMUL = {qtype: _matmul_worker(qtype) for qtype in LAYOUTS}
-DEQUANT = {qtype: _dequant_worker(_row_to_bf16(qtype)) for qtype in LAYOUTS}
+RUN = {int(qtype): _launcher(worker) for qtype, worker in MATMUL.items()}

@@ -1,11 +1,9 @@
 """Quantized matmul on the CPU: y = x @ W.T (+ b) with W kept as (repacked) ggml blocks.
 
 Methods, per weight type (chosen by measurement, see benchmarks/kernels/CPU_NOTES.md):
-  vnni            Q4_0, Q4_1, Q8_0 with K a multiple of 64, where AVX512-VNNI and numba are
-                  (vnni.py): the GGUF blocks as they lie in the file, x quantized to 8 bits
-                  per 32-block and integer dot products, as llama.cpp's CPU matmul. From
-                  `VNNI_PREFILL_MIN_M` rows of x on, the blocks are dequantized to bf16 in
-                  row chunks for oneDNN's bf16 GEMM instead (as int4pack below).
+  vnni            Q4_0, Q4_1, Q8_0 where AVX512-VNNI and numba are (vnni.py): the blocks
+                  repacked into 16-row tiles, x quantized to 8 bits per 32-block and integer
+                  dot products, as llama.cpp's CPU matmul; every M (decode and prefill).
   int4pack        Q4_0, Q4_1, Q4_K directly; Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS
                   with each quant split into two nibbles (see int4pack.py): ATen's
                   AVX512-BF16 int4 GEMM. x is rounded to bf16, scales/zeros are bf16, sums
@@ -38,9 +36,6 @@ CHUNK_ROWS = 2048
 PREFILL_MIN_M = 160
 PREFILL_MIN_M_SPLIT = 80
 DEQUANT_CHUNK_WEIGHTS = 1 << 20
-# From this many rows of x on, a vnni weight goes through bf16 chunks and oneDNN (measured
-# crossover: benchmarks/kernels/CPU_NOTES.md).
-VNNI_PREFILL_MIN_M = 16
 DENSE_TYPES = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16})
 
 
@@ -52,7 +47,7 @@ class CpuWeight:
     n: int
     k: int
     method: str  # "vnni", "int4pack", "dense" or "dequant-chunks"
-    tensors: tuple[torch.Tensor, ...]  # int4pack: (nibbles, scales_and_zeros); vnni: (blocks,)
+    tensors: tuple[torch.Tensor, ...]  # int4pack: (nibbles, scales_and_zeros); vnni: (tiles,)
     int4: int4pack.Packed | None = None
 
     @property
@@ -68,8 +63,8 @@ def pack_weight_cpu(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]
             f"expected uint8 blocks of shape ({n}, {row_nbytes(qtype, k)}) for a {qtype.name} "
             f"({n}, {k}) weight, got {data.dtype} {tuple(data.shape)}"
         )
-    if vnni.supported(qtype, k):
-        return CpuWeight(qtype, n, k, "vnni", (data,))
+    if vnni.supported(qtype):
+        return CpuWeight(qtype, n, k, "vnni", (_pack_vnni_in_chunks(data, qtype, n, k),))
     if qtype in int4pack.PACKERS and n % int4pack.ROW_MULTIPLE == 0:
         packed = _pack_int4_in_chunks(data, qtype, n, k)
         return CpuWeight(qtype, n, k, "int4pack", (packed.packed, packed.sz), packed)
@@ -104,6 +99,22 @@ def _pack_int4_in_chunks(
     return int4pack.Packed(packed, sz, first.group, first.block, first.xmul, first.hi_mult)
 
 
+def _pack_vnni_in_chunks(
+    data: torch.Tensor, qtype: QuantType, n: int, k: int, chunk: int = PACK_CHUNK_ROWS
+) -> torch.Tensor:
+    """vnni.pack over row chunks (a multiple of its 16-row tiles): bounded temporaries."""
+    if n <= chunk:
+        return vnni.pack(data, qtype, n, k)
+    assert chunk % vnni.TILE_N == 0
+    tiles = torch.empty(-(-n // vnni.TILE_N), vnni.tile_row_bytes(qtype, k), dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        first = start // vnni.TILE_N
+        part = vnni.pack(data[start : start + rows], qtype, rows, k)
+        tiles[first : first + part.shape[0]] = part
+    return tiles
+
+
 def _float_dtype(qtype: QuantType) -> torch.dtype:
     return torch.float16 if qtype == QuantType.F16 else torch.bfloat16
 
@@ -113,9 +124,7 @@ def qmatmul_cpu(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None)
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"expected x of shape (M, {w.k}), got {tuple(x.shape)}")
     x = x.to(torch.float32)
-    if w.method == "vnni" and x.shape[0] >= VNNI_PREFILL_MIN_M:
-        y = vnni.dequant_mm(x, w.tensors[0], w.qtype, w.n, dequant_chunk_rows(w.k))
-    elif w.method == "vnni":
+    if w.method == "vnni":
         y = vnni.vnni_mm(x, w.tensors[0], w.qtype, w.n)
     elif w.int4 is not None and x.shape[0] >= prefill_min_m(w):
         y = int4pack.dequant_mm(x, w.int4, w.n, dequant_chunk_rows(w.k))

@@ -37,20 +37,19 @@ from __future__ import annotations
 import functools
 import os
 
-import numpy as np
 import torch
 
 from llamapy.quant.types import QuantType
 
-# Weight types this module multiplies, with their block layout: bytes per 32-block, the
+# Weight types this module multiplies, with their ggml block layout: bytes per 32-block, the
 # offsets of the fp16 scale d, of the second fp16 (Q4_1's m; -1: none) and of the quants.
 LAYOUTS: dict[QuantType, tuple[int, int, int, int]] = {
     QuantType.Q4_0: (18, 0, -1, 2),
     QuantType.Q4_1: (20, 0, 2, 4),
     QuantType.Q8_0: (34, 0, -1, 2),
 }
-TILE_M = 4  # rows of x per weight-row step
-BLOCK_N = 16  # weight rows per parallel task of a many-row x (they stay in L1 across x tiles)
+TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
+TILE_M = 4  # rows of x per pass over a tile
 _OFF_VALUES = ("0", "false", "no", "off")
 # torch's own OpenMP runtime: the kernels run on its thread pool (see _vnni_numba.py).
 GOMP_PATH = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
@@ -82,26 +81,57 @@ def _numba_imports() -> bool:
 def available() -> bool:
     """Whether the VNNI kernels can run here (numba, AVX512-VNNI, torch's libgomp, not
     switched off)."""
-    return (
-        _switched_on() and os.path.exists(GOMP_PATH) and _numba_imports() and _host_has_vnni()
-    )
+    return _switched_on() and os.path.exists(GOMP_PATH) and _numba_imports() and _host_has_vnni()
 
 
-def supported(qtype: QuantType, k: int) -> bool:
-    """Whether a (N, k) weight of `qtype` can take these kernels (here, now)."""
-    return qtype in LAYOUTS and k % 64 == 0 and available()
+def supported(qtype: QuantType) -> bool:
+    """Whether a weight of `qtype` can take these kernels (here, now)."""
+    return qtype in LAYOUTS and available()
+
+
+# -- the weight layout ---------------------------------------------------------------------
+
+
+def tile_layout(qtype: QuantType) -> tuple[int, int, int, int, int]:
+    """(bytes per tile-block, offset of the 16 fp16 d, of the 16 fp16 m (-1: none), of the
+    quant quads, number of 4-byte quads per block) of `qtype`'s repacked tiles."""
+    bs, _, m_off, _ = LAYOUTS[qtype]
+    quads = 8 if qtype == QuantType.Q8_0 else 4
+    return TILE_N * bs, 0, 32 if m_off >= 0 else -1, 64 if m_off >= 0 else 32, quads
+
+
+def tile_row_bytes(qtype: QuantType, k: int) -> int:
+    """Bytes of one 16-row tile of a K-wide weight (16 rows' ggml blocks)."""
+    return k // 32 * TILE_N * LAYOUTS[qtype][0]
+
+
+def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
+    """W's ggml blocks (N, row bytes) uint8 -> tiles (ceil(N/16), K/32 * 16 * block bytes):
+    per 16 rows and 32-block, the rows' 16 fp16 d, (Q4_1) their 16 fp16 m, then per 4-byte
+    quad of the block's quants 64 bytes: the quad of row 0, of row 1, ... (rows past N are
+    zero). The bytes are the blocks', rearranged; nothing is rounded."""
+    bs, d_off, m_off, q_off = LAYOUTS[qtype]
+    kb = k // 32
+    tiles = -(-n // TILE_N)
+    blocks = data.view(n, kb, bs)
+    if tiles * TILE_N != n:
+        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, bs)])
+    blocks = blocks.view(tiles, TILE_N, kb, bs).transpose(1, 2)  # (tiles, kb, 16, bs)
+    parts = [blocks[..., d_off : d_off + 2]]
+    if m_off >= 0:
+        parts.append(blocks[..., m_off : m_off + 2])
+    quads = blocks[..., q_off:].reshape(tiles, kb, TILE_N, -1, 4).transpose(2, 3)
+    parts.append(quads)
+    flat = [p.reshape(tiles, kb, -1) for p in parts]
+    return torch.cat(flat, dim=2).reshape(tiles, kb * TILE_N * bs).contiguous()
 
 
 # -- x: llama.cpp's Q8_0 / Q8_1 activations ----------------------------------------------
 
 
 def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float32 -> (q (M, K) int8 in the kernel's order, scales (M, 2, K/32) float32:
-    dx and cx of every 32-block, see the module docstring).
-
-    Order: Q8_0 keeps x's; the 4-bit types take per pair of blocks (a, b) the quants
-    [a[0:16], b[0:16], a[16:32], b[16:32]], the order the kernel unpacks the two blocks'
-    low and high nibbles in."""
+    """x (M, K) float32 -> (q (M, K) int8, scales (M, 3, K/32) float32: per 32-block dx,
+    the int32 offset term `bias` (its bits), cx; see the module docstring)."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32).float()
     amax = xb.abs().amax(-1)
@@ -111,86 +141,49 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     dx = d.to(torch.float16).float()
     qsum = q.sum(-1)  # exact in float32: |sum| <= 32 * 127
     if qtype == QuantType.Q4_1:
-        cx = (d * qsum).to(torch.float16).float()
+        # llama.cpp's Q8_1 stores fp16(d * qsum), which overflows once a block's amax
+        # passes ~2047; dx * qsum (float32) is the exact sum of the quantized x instead
+        bias = torch.zeros_like(qsum, dtype=torch.int32)
+        cx = dx * qsum
     else:
-        cx = (-8.0 if qtype == QuantType.Q4_0 else -128.0) * dx * qsum
-    q8 = q.to(torch.int8)
-    if qtype != QuantType.Q8_0:
-        q8 = q8.view(m, k // 64, 2, 2, 16).transpose(2, 3)
-    return q8.reshape(m, k), torch.stack([dx, cx], dim=1)
+        bias = ((-8 if qtype == QuantType.Q4_0 else -128) * qsum).to(torch.int32)
+        cx = torch.zeros_like(dx)
+    scales = torch.stack([dx, bias.view(torch.float32), cx], dim=1)
+    return q.to(torch.int8).view(m, k), scales
 
 
-def vnni_mm(x: torch.Tensor, data: torch.Tensor, qtype: QuantType, n: int) -> torch.Tensor:
-    """x (M, K) float32 @ W.T for W's ggml blocks `data` (N, row bytes) uint8 -> (M, N)
-    float32: llama.cpp's quantized dot products (see the module docstring)."""
+def vnni_mm(x: torch.Tensor, tiles: torch.Tensor, qtype: QuantType, n: int) -> torch.Tensor:
+    """x (M, K) float32 @ W.T for W packed by `pack` -> (M, N) float32: llama.cpp's
+    quantized dot products (see the module docstring)."""
     q, scales = quantize_x(x, qtype)
-    return torch.ops.llamapy.vnni_mm(q, scales, data, int(qtype), n)
-
-
-def dequantize_rows_bf16(
-    data: torch.Tensor, qtype: QuantType, start: int, stop: int, out: torch.Tensor
-) -> torch.Tensor:
-    """Rows start:stop of W's ggml blocks `data` as bf16 into `out` (at least (stop - start)
-    * K elements, contiguous): the float32 weights `quant.dequant` gives, rounded to
-    nearest-even bf16. Returns the (stop - start, K) view."""
-    k = data.shape[1] // LAYOUTS[qtype][0] * 32
-    rows = stop - start
-    if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < rows * k:
-        raise ValueError(f"out must be contiguous bf16 with >= {rows * k} elements")
-    if not 0 <= start <= stop <= data.shape[0]:
-        raise ValueError(f"rows {start}:{stop} out of range for {data.shape[0]} rows")
-    if rows:
-        nb = _numba()
-        args = np.array([data.data_ptr(), data.stride(0), start, stop, k, out.data_ptr()])
-        nb.launch(nb.DEQUANT[qtype], args, torch.get_num_threads())
-    return out[: rows * k].view(rows, k)
-
-
-def dequant_mm(
-    x: torch.Tensor, data: torch.Tensor, qtype: QuantType, n: int, chunk_rows: int
-) -> torch.Tensor:
-    """x (M, K) float32 @ W.T through bf16 chunks of W (at most `chunk_rows` rows) and
-    oneDNN's bf16 GEMM (the prefill path, as int4pack.dequant_mm): x and W rounded to bf16,
-    sums in float32, the output rounded to bf16 and returned as float32."""
-    m, k = x.shape
-    xb = x.to(torch.bfloat16)
-    y = torch.empty(m, n, dtype=torch.float32)
-    rows = min(chunk_rows, n)
-    scratch = torch.empty(rows * k, dtype=torch.bfloat16)
-    yb = torch.empty(m * rows, dtype=torch.bfloat16)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        part = yb[: m * (stop - start)].view(m, stop - start)
-        w = dequantize_rows_bf16(data, qtype, start, stop, scratch)
-        torch.mm(xb, w.T, out=part)
-        y[:, start:stop].copy_(part)
-    return y
+    return torch.ops.llamapy.vnni_mm(q, scales, tiles, int(qtype), n)
 
 
 # A plain library op, not `torch.library.custom_op`: its dispatch costs ~3 us a call instead
 # of ~10 (measured), which counts at ~120 matmuls a decoded token.
 _LIB = torch.library.Library("llamapy", "FRAGMENT")
-_LIB.define("vnni_mm(Tensor q, Tensor scales, Tensor data, int qtype, int n) -> Tensor")
+_LIB.define("vnni_mm(Tensor q, Tensor scales, Tensor tiles, int qtype, int n) -> Tensor")
 
 
 def _vnni_mm_cpu(
-    q: torch.Tensor, scales: torch.Tensor, data: torch.Tensor, qtype: int, n: int
+    q: torch.Tensor, scales: torch.Tensor, tiles: torch.Tensor, qtype: int, n: int
 ) -> torch.Tensor:
+    # a decoded token makes ~120 of these calls: the Python here is kept to a few us
     m, k = q.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0 or n == 0:
-        return y
-    q, scales = q.contiguous(), scales.contiguous()
-    nb = _numba()
-    args = np.array(
-        [data.data_ptr(), data.stride(0), n, q.data_ptr(), m, k, scales.data_ptr(), y.data_ptr()]
-    )
-    nb.launch(nb.MATMUL[QuantType(qtype)], args, torch.get_num_threads())
-    return y
+    t = tiles.shape[0]
+    y = torch.empty(m, t * TILE_N, dtype=torch.float32)
+    if m and t:
+        if not (q.is_contiguous() and scales.is_contiguous()):
+            q, scales = q.contiguous(), scales.contiguous()
+        _numba().RUN[qtype](
+            tiles.data_ptr(), t, q.data_ptr(), m, k, scales.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return y if t * TILE_N == n else y[:, :n].contiguous()
 
 
 def _vnni_mm_fake(
-    q: torch.Tensor, scales: torch.Tensor, data: torch.Tensor, qtype: int, n: int
+    q: torch.Tensor, scales: torch.Tensor, tiles: torch.Tensor, qtype: int, n: int
 ) -> torch.Tensor:
     return q.new_empty(q.shape[0], n, dtype=torch.float32)
 

@@ -1,0 +1,178 @@
+"""The AVX512-VNNI CPU matmul (kernels/cpu/vnni.py) against float64 oracles, fresh inputs.
+
+Oracle: W from gguf-py's own quantizer and dequantizer (`gguf.quants`), x through
+llama.cpp's activation quantizers as kernels/cpu/ggml_numerics.py emulates them (checked
+there against llama.cpp's compiled ones), the product in float64. The kernel's integer dots
+are exact; what is left is float32 arithmetic: per block one product of fp16 scales and a
+float32 multiply-add into 16 lanes, then lane sums. Bound: 1e-5 x (|x_q| @ |W|^T), some
+50 float32 roundings of the terms' magnitudes at these sizes (a wrong nibble, quad, scale or
+offset moves an output by ~1e-2 of it or more).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from llamapy.kernels.cpu import vnni
+from llamapy.kernels.cpu.ggml_numerics import quantize_q8_0
+from llamapy.quant.types import QuantType
+
+pytestmark = pytest.mark.skipif(
+    not vnni.available(),
+    reason="needs numba and an x86 CPU with AVX512-VNNI (the kernels are that instruction)",
+)
+
+TYPES = [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0]
+REL_TOL = 1e-5
+
+
+def _blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
+    """gguf-py's blocks of a random (N, K) weight, rows of different magnitudes."""
+    w = rng.standard_normal((n, k)).astype(np.float32) * 10.0 ** rng.uniform(-3, 0, (n, 1))
+    q = gguf_quants.quantize(w, GGMLQuantizationType[qtype.name])
+    return torch.from_numpy(np.ascontiguousarray(q)).view(torch.uint8).view(n, -1)
+
+
+def _oracle(x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType) -> tuple:
+    """(float64 x_q @ W^T, |x_q| @ |W|^T) with x_q llama.cpp's 8-bit x (Q8_0's values; Q8_1
+    has the same quants and scales)."""
+    n = blocks.shape[0]
+    w = gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[qtype.name])
+    w = torch.from_numpy(w).double().view(n, -1)
+    m, k = x.shape
+    q, d = quantize_q8_0(x)
+    xq = (q.double() * d.double()[:, None]).view(m, k)
+    return xq @ w.T, xq.abs() @ w.abs().T
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType) -> None:
+    exact, scale = _oracle(x, blocks, qtype)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    excess = ((y.double() - exact).abs() - REL_TOL * scale).max().item()
+    assert excess <= 0, f"an output is {excess:.3g} past its bound"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 16, 32), (1, 17, 96), (2, 40, 640), (3, 33, 256), (4, 48, 64), (5, 1, 128), (9, 64, 576)],
+)
+def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
+    """Every tile kernel (1-4 rows of x, and 5 / 9 rows as 4 + 1), a partial last tile
+    (N % 16), one block (K = 32) and an odd number of blocks."""
+    blocks = _blocks(rng, qtype, n, k)
+    x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
+    y = vnni.vnni_mm(x, vnni.pack(blocks, qtype, n, k), qtype, n)
+    _check(y, x, blocks, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_extreme_activations(rng, qtype) -> None:
+    """Zero rows (amax 0: q = 0, dx = 0), a row of one spike per block, large and tiny
+    magnitudes: the 8-bit quantization of x is per block, so each scale is its own."""
+    n, k = 32, 256
+    blocks = _blocks(rng, qtype, n, k)
+    x = torch.from_numpy(rng.standard_normal((4, k), dtype=np.float32))
+    x[0] = 0
+    x[1] = 0
+    x[1, ::32] = 3.0
+    x[2] *= 1e4
+    x[3] *= 1e-4
+    y = vnni.vnni_mm(x, vnni.pack(blocks, qtype, n, k), qtype, n)
+    assert torch.equal(y[0], torch.zeros(n))
+    _check(y, x, blocks, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_pack_moves_bytes_only(rng, qtype) -> None:
+    """The tiles hold the blocks' bytes, rearranged as documented: rebuilt here by an
+    independent loop over rows and blocks (rows past N are zero)."""
+    n, k = 21, 96
+    blocks = _blocks(rng, qtype, n, k).numpy()
+    tiles = vnni.pack(torch.from_numpy(blocks), qtype, n, k).numpy()
+    bs, d_off, m_off, q_off = vnni.LAYOUTS[qtype]
+    tb, td, tm, tq, quads = vnni.tile_layout(qtype)
+    assert tiles.shape == (2, k // 32 * tb)
+    for row in range(32):
+        t, i = divmod(row, 16)
+        for b in range(k // 32):
+            rec = tiles[t, b * tb : (b + 1) * tb]
+            blk = blocks[row, b * bs : (b + 1) * bs] if row < n else np.zeros(bs, np.uint8)
+            assert (rec[td + 2 * i : td + 2 * i + 2] == blk[d_off : d_off + 2]).all()
+            if m_off >= 0:
+                assert (rec[tm + 2 * i : tm + 2 * i + 2] == blk[m_off : m_off + 2]).all()
+            for quad in range(quads):
+                got = rec[tq + 64 * quad + 4 * i : tq + 64 * quad + 4 * i + 4]
+                assert (got == blk[q_off + 4 * quad : q_off + 4 * quad + 4]).all()
+
+
+def test_threads_do_not_change_results(rng) -> None:
+    """Tiles are split across torch's threads; each output is one tile's sums, so any
+    thread count gives the same bits."""
+    n, k = 160, 512
+    blocks = _blocks(rng, QuantType.Q4_0, n, k)
+    tiles = vnni.pack(blocks, QuantType.Q4_0, n, k)
+    x = torch.from_numpy(rng.standard_normal((3, k), dtype=np.float32))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(vnni.vnni_mm(x, tiles, QuantType.Q4_0, n))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_compiled_graph_calls_the_op(rng) -> None:
+    """Inside torch.compile (the CPU decode step) the op is one opaque call: the eager
+    result for the same quantized x. Inductor's fused quantization of x may differ from the
+    eager one by an fp16 ulp of a block's dx (it multiplies by 1/127 where eager divides),
+    so the whole compiled matmul is held to the oracle's bound instead."""
+    n, k = 48, 128
+    blocks = _blocks(rng, QuantType.Q8_0, n, k)
+    tiles = vnni.pack(blocks, QuantType.Q8_0, n, k)
+    x = torch.from_numpy(rng.standard_normal((2, k), dtype=np.float32))
+    q, scales = vnni.quantize_x(x, QuantType.Q8_0)
+
+    def op(q, scales):
+        return torch.ops.llamapy.vnni_mm(q, scales, tiles, int(QuantType.Q8_0), n) + 1.0
+
+    def whole(x):
+        return vnni.vnni_mm(x, tiles, QuantType.Q8_0, n)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(op, fullgraph=True)(q, scales), op(q, scales))
+    y = torch.compile(whole, fullgraph=True, dynamic=False)(x)
+    exact, scale = _oracle(x, blocks, QuantType.Q8_0)
+    assert ((y.double() - exact).abs() <= 2.0**-10 * scale).all()
+
+
+def test_qmatmul_takes_vnni_and_the_switch_turns_it_off(rng, monkeypatch) -> None:
+    from llamapy.kernels.cpu.qmatmul import pack_weight_cpu, qmatmul_cpu
+
+    n, k = 32, 128
+    blocks = _blocks(rng, QuantType.Q4_1, n, k)
+    w = pack_weight_cpu(blocks, QuantType.Q4_1, (n, k))
+    assert w.method == "vnni" and w.nbytes == blocks.nbytes  # 16-row tiles: no padding here
+    x = torch.from_numpy(rng.standard_normal((3, k), dtype=np.float32))
+    bias = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    y = qmatmul_cpu(x, w, bias)
+    exact, scale = _oracle(x, blocks, QuantType.Q4_1)
+    assert ((y.double() - exact - bias.double()).abs() <= REL_TOL * scale + 1e-6).all()
+    monkeypatch.setenv("LLAMAPY_CPU_VNNI", "0")
+    assert not vnni.available()
+    assert pack_weight_cpu(blocks, QuantType.Q4_1, (n, k)).method == "int4pack"
+
+
+def test_packing_in_row_chunks_gives_the_same_bytes(rng) -> None:
+    from llamapy.kernels.cpu.qmatmul import _pack_vnni_in_chunks
+
+    n, k = 16 * 9 + 5, 64
+    blocks = _blocks(rng, QuantType.Q8_0, n, k)
+    whole = vnni.pack(blocks, QuantType.Q8_0, n, k)
+    assert torch.equal(_pack_vnni_in_chunks(blocks, QuantType.Q8_0, n, k, chunk=32), whole)
