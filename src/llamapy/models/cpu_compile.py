@@ -63,6 +63,10 @@ def compiler_available() -> bool:
 # checked before the call: off, they save ~0.4 ms per SmolLM2 token (10.43 -> 10.03 ms, one
 # decode step at 128 keys; Gemma 3 19.07 -> 18.73 ms).
 INDUCTOR_OPTIONS = {
+    # keep eager's roundings of low-precision casts: the 8-bit quantization of matmul inputs
+    # (kernels/cpu/vnni.py) rounds each block's scale to fp16 as llama.cpp does; by default
+    # Inductor drops a float32 -> float16 -> float32 round trip
+    "emulate_precision_casts": True,
     "cpp.threads": 1,
     "size_asserts": False,
     "scalar_asserts": False,
