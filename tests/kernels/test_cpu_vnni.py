@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs numba and an x86 CPU with AVX512-VNNI (the kernels are that instruction)",
 )
 
-TYPES = [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0]
+TYPES = list(vnni.LAYOUTS)
 REL_TOL = 1e-5
 
 
@@ -90,12 +90,13 @@ def test_extreme_activations(rng, qtype) -> None:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_pack_moves_bytes_only(rng, qtype) -> None:
     """The tiles hold the blocks' bytes, rearranged as documented: rebuilt here by an
-    independent loop over rows and blocks (rows past N are zero)."""
+    independent loop over rows and blocks (rows past N are zero), the 5-bit types' high
+    bits bit by bit."""
     n, k = 21, 96
     blocks = _blocks(rng, qtype, n, k).numpy()
     tiles = vnni.pack(torch.from_numpy(blocks), qtype, n, k).numpy()
-    bs, d_off, m_off, q_off = vnni.LAYOUTS[qtype]
-    tb, td, tm, tq, quads = vnni.tile_layout(qtype)
+    bs, d_off, m_off, h_off, q_off = vnni.LAYOUTS[qtype]
+    tb, td, tm, th, tq, quads = vnni.tile_layout(qtype)
     assert tiles.shape == (2, k // 32 * tb)
     for row in range(32):
         t, i = divmod(row, 16)
@@ -105,6 +106,12 @@ def test_pack_moves_bytes_only(rng, qtype) -> None:
             assert (rec[td + 2 * i : td + 2 * i + 2] == blk[d_off : d_off + 2]).all()
             if m_off >= 0:
                 assert (rec[tm + 2 * i : tm + 2 * i + 2] == blk[m_off : m_off + 2]).all()
+            if h_off >= 0:
+                qh = int.from_bytes(blk[h_off : h_off + 4].tobytes(), "little")
+                word = int.from_bytes(rec[th + 4 * i : th + 4 * i + 4].tobytes(), "little")
+                for j in range(32):  # weight j's fifth bit: byte e of quad q, low or high
+                    q, e = divmod(j % 16, 4)
+                    assert (word >> (8 * e + 4 * (j >= 16) + q)) & 1 == (qh >> j) & 1
             for quad in range(quads):
                 got = rec[tq + 64 * quad + 4 * i : tq + 64 * quad + 4 * i + 4]
                 assert (got == blk[q_off + 4 * quad : q_off + 4 * quad + 4]).all()

@@ -43,7 +43,7 @@ def _tile_kernel(qtype: QuantType, mt: int):
     bytes: the tile at w (kb tile-blocks) against mt rows of x (int8 quants at x, xs apart;
     their per-block float32 dx, int32 bias and float32 cx at sc, sc + 4 kb, sc + 8 kb, ss
     apart); the 16 outputs of x row t are stored as float32 at y + t * ys."""
-    tb, d_off, m_off, q_off, quads = tile_layout(qtype)
+    tb, d_off, m_off, h_off, q_off, quads = tile_layout(qtype)
     nibbles = qtype != QuantType.Q8_0
     sig = types.none(*([types.int64] * 8))
 
@@ -79,11 +79,19 @@ def _tile_kernel(qtype: QuantType, mt: int):
         base = builder.add(w, builder.mul(b, i64(tb)))
         # the tile-block's quants as (vector, x offset of its four quants) pairs
         operands = []
+        if h_off >= 0:
+            words = builder.load(ptr(builder.add(base, i64(h_off)), _vec(_I32, 16)), align=1)
+            bit4 = ir.Constant(_vec(_I32, 16), [0x10101010] * 16)
         for q in range(quads):
             v = builder.load(ptr(builder.add(base, i64(q_off + 64 * q)), _vec(_I8, 64)), align=1)
             if nibbles:
                 lo = builder.and_(v, ir.Constant(_vec(_I8, 64), [0x0F] * 64))
                 hi = builder.lshr(v, ir.Constant(_vec(_I8, 64), [4] * 64))
+                if h_off >= 0:  # fifth bits: see vnni.high_bit_words
+                    shl = builder.shl(words, ir.Constant(_vec(_I32, 16), [4 - q] * 16))
+                    shr = builder.lshr(words, ir.Constant(_vec(_I32, 16), [q] * 16))
+                    lo = builder.or_(lo, builder.bitcast(builder.and_(shl, bit4), _vec(_I8, 64)))
+                    hi = builder.or_(hi, builder.bitcast(builder.and_(shr, bit4), _vec(_I8, 64)))
                 operands += [(lo, 4 * q), (hi, 16 + 4 * q)]
             else:
                 operands.append((builder.xor(v, ir.Constant(_vec(_I8, 64), [0x80] * 64)), 4 * q))

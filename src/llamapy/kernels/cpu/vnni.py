@@ -1,35 +1,36 @@
 """Integer dot-product matmuls on x86 CPUs with AVX512-VNNI, compiled by numba from Python.
 
 llama.cpp's CPU matmul quantizes each row of x to 8 bits per 32-block (its `vec_dot_type`,
-Q8_0 or Q8_1) and multiplies the weight's integer quants with it in integer arithmetic:
-`vpdpbusd` takes 64 unsigned-by-signed byte products per instruction, 4x the float32 FMAs
-ATen's int4 kernel converts every weight into. This module does the same, reading the GGUF
-blocks where they lie (the memory-mapped file; no repacked copy):
+Q8_0 or Q8_1) and multiplies the weight's integer quants with it in integer arithmetic.
+This module does the same with `vpdpbusd` (64 unsigned-by-signed byte products into 16
+int32 lanes per instruction; ATen's int4 kernel instead converts every weight to float):
 
-    y[m, n] = sum_b  dw[n, b] * dx[m, b] * isum[m, n, b]  +  cw[n, b] * cx[m, b]
+    y[m, n] = sum_b  dw[n, b] * dx[m, b] * (isum[m, n, b] + bias[m, b])  +  cw[n, b] * cx[m, b]
 
-with `isum` the exact integer dot of block b's unsigned quants u with x's int8 quants q,
-and the second term folding each type's offset into one float per block:
+with `isum` the exact integer dot of block b's unsigned weight codes u with x's int8 quants
+q, and the weight type's offset folded into the integer `bias` or the float `cx` term:
 
-    type   u (weight codes, unsigned)   cw   cx (per x block)
-    Q4_0   nibble (w = d (u - 8))       d    -8 * dx * sum(q)
-    Q4_1   nibble (w = d u + m)         m    fp16(d_x * sum(q))  (llama.cpp's Q8_1 `s`)
-    Q8_0   q + 128 (w = d q)            d    -128 * dx * sum(q)
+    type          u (weight codes, unsigned)           bias              cw   cx
+    Q4_0 / Q5_0   4 / 5-bit code, w = d (u - 8 / 16)   -8 / -16 sum(q)   -    0
+    Q4_1 / Q5_1   4 / 5-bit code, w = d u + m          0                 m    dx sum(q)
+    Q8_0          q + 128, w = d q                     -128 sum(q)       -    0
 
-x is quantized as llama.cpp's x86 `quantize_row_q8_0` / `quantize_row_q8_1` do
-(kernels/cpu/ggml_numerics.py, which checks them against llama.cpp's own quantizers):
-dx = fp16(amax / 127), q = round-half-even(x * 127 / amax). So the matmul is llama.cpp's,
-up to float32 summation order: each 64-byte step is two blocks' integer dots as 16 int32
-lanes, scaled per lane in float32 and accumulated in 16 float32 lanes.
+x is quantized as llama.cpp's x86 `quantize_row_q8_0` does (kernels/cpu/ggml_numerics.py,
+checked there against llama.cpp's own quantizer): dx = fp16(amax / 127),
+q = round-half-even(x * 127 / amax). (For Q4_1 / Q5_1 llama.cpp's Q8_1 adds m times an
+fp16 `s` = d * sum(q), which overflows at |x| > ~2047; cx here is float32 dx * sum(q).)
+So the matmul is llama.cpp's up to float32 summation order.
 
-The kernel of one weight row against up to 4 rows of x is written in LLVM IR through
-numba's `intrinsic` (the x86 VNNI intrinsic has no Python spelling; everything else is
-numba-compiled Python): 4 rows of x share each unpacked 64-byte weight step. Weight rows
-run in parallel on torch's own OpenMP threads (as many as `torch.get_num_threads()`).
+Weights are repacked once at load (`pack`) into tiles of 16 rows: per 32-block, the 16
+rows' fp16 scales (and mins, and the 5-bit types' high bits) side by side, then the quants
+as 64-byte vectors of one 4-byte quad from each row. The kernel (_vnni_numba.py, LLVM IR
+built in Python through numba's `intrinsic`: the VNNI instruction has no Python spelling)
+`vpdpbusd`s each quad vector with x's matching quad broadcast to all lanes, so the 16 lanes
+are the tile's 16 outputs: no horizontal sums, and one pass over a tile serves up to 4 rows
+of x. Tiles run in parallel on torch's own OpenMP threads (`torch.get_num_threads()`).
 
-Available where numba imports and the host CPU has AVX512-VNNI, -BW and -VL
-(`available()`); `LLAMAPY_CPU_VNNI=0` turns it off. Weights whose K is not a multiple of
-64 (an odd number of 32-blocks) keep the int4pack path (`supported`).
+Available where numba imports, torch ships its libgomp and the host CPU has AVX512-VNNI,
+-BW and -VL (`available()`); `LLAMAPY_CPU_VNNI=0` turns it off (then the int4pack path).
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ import torch
 from llamapy.quant.types import QuantType
 
 # Weight types this module multiplies, with their ggml block layout: bytes per 32-block, the
-# offsets of the fp16 scale d, of the second fp16 (Q4_1's m; -1: none) and of the quants.
-LAYOUTS: dict[QuantType, tuple[int, int, int, int]] = {
-    QuantType.Q4_0: (18, 0, -1, 2),
-    QuantType.Q4_1: (20, 0, 2, 4),
-    QuantType.Q8_0: (34, 0, -1, 2),
+# offsets of the fp16 scale d, of the fp16 min m (-1: none), of the 32 high bits qh of the
+# 5-bit types (-1: none) and of the quants.
+LAYOUTS: dict[QuantType, tuple[int, int, int, int, int]] = {
+    QuantType.Q4_0: (18, 0, -1, -1, 2),
+    QuantType.Q4_1: (20, 0, 2, -1, 4),
+    QuantType.Q5_0: (22, 0, -1, 2, 6),
+    QuantType.Q5_1: (24, 0, 2, 4, 8),
+    QuantType.Q8_0: (34, 0, -1, -1, 2),
 }
+# the offset term per 32-block of x (times sum(q)) of the types whose weights are d (u - o)
+OFFSETS = {QuantType.Q4_0: -8, QuantType.Q5_0: -16, QuantType.Q8_0: -128}
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
 TILE_M = 4  # rows of x per pass over a tile
 _OFF_VALUES = ("0", "false", "no", "off")
@@ -92,12 +98,30 @@ def supported(qtype: QuantType) -> bool:
 # -- the weight layout ---------------------------------------------------------------------
 
 
-def tile_layout(qtype: QuantType) -> tuple[int, int, int, int, int]:
-    """(bytes per tile-block, offset of the 16 fp16 d, of the 16 fp16 m (-1: none), of the
-    quant quads, number of 4-byte quads per block) of `qtype`'s repacked tiles."""
-    bs, _, m_off, _ = LAYOUTS[qtype]
+def tile_layout(qtype: QuantType) -> tuple[int, int, int, int, int, int]:
+    """(bytes per tile-block, offsets of the 16 fp16 d, of the 16 fp16 m (-1: none), of the
+    16 rows' high-bit words (-1: none), of the quant quads, number of 4-byte quads)."""
+    bs, _, m_off, h_off, _ = LAYOUTS[qtype]
+    m_tile = 32 if m_off >= 0 else -1
+    h_tile = 32 + 32 * (m_off >= 0) if h_off >= 0 else -1
+    q_tile = 32 + 32 * (m_off >= 0) + 64 * (h_off >= 0)
     quads = 8 if qtype == QuantType.Q8_0 else 4
-    return TILE_N * bs, 0, 32 if m_off >= 0 else -1, 64 if m_off >= 0 else 32, quads
+    return TILE_N * bs, 0, m_tile, h_tile, q_tile, quads
+
+
+def high_bit_words(qh: torch.Tensor) -> torch.Tensor:
+    """Q5 blocks' qh (..., 4) uint8 (bit j: the fifth bit of weight j) -> the tiles' form
+    (..., 4) uint8: bit 8e + j of the word holds weight 4j + e's bit (j < 4, the low nibbles
+    of quad j) and bit 8e + 4 + j weight 16 + 4j + e's (the high nibbles), so that the kernel
+    moves quad j's bits to bit 4 of each byte with one shift and one mask."""
+    h = qh.to(torch.int64)
+    h = h[..., 0] | h[..., 1] << 8 | h[..., 2] << 16 | h[..., 3] << 24
+    out = torch.zeros_like(h)
+    for j in range(4):
+        for e in range(4):
+            out |= ((h >> (4 * j + e)) & 1) << (8 * e + j)
+            out |= ((h >> (16 + 4 * j + e)) & 1) << (8 * e + 4 + j)
+    return torch.stack([(out >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
 
 
 def tile_row_bytes(qtype: QuantType, k: int) -> int:
@@ -107,10 +131,11 @@ def tile_row_bytes(qtype: QuantType, k: int) -> int:
 
 def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     """W's ggml blocks (N, row bytes) uint8 -> tiles (ceil(N/16), K/32 * 16 * block bytes):
-    per 16 rows and 32-block, the rows' 16 fp16 d, (Q4_1) their 16 fp16 m, then per 4-byte
-    quad of the block's quants 64 bytes: the quad of row 0, of row 1, ... (rows past N are
-    zero). The bytes are the blocks', rearranged; nothing is rounded."""
-    bs, d_off, m_off, q_off = LAYOUTS[qtype]
+    per 16 rows and 32-block, the rows' 16 fp16 d, (Q4_1, Q5_1) their 16 fp16 m, (Q5_0,
+    Q5_1) their high bits as 16 words (`high_bit_words`), then per 4-byte quad of the
+    block's quants 64 bytes: the quad of row 0, of row 1, ... (rows past N are zero). The
+    bytes are the blocks' (the high bits permuted within each word); nothing is rounded."""
+    bs, d_off, m_off, h_off, q_off = LAYOUTS[qtype]
     kb = k // 32
     tiles = -(-n // TILE_N)
     blocks = data.view(n, kb, bs)
@@ -120,6 +145,8 @@ def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     parts = [blocks[..., d_off : d_off + 2]]
     if m_off >= 0:
         parts.append(blocks[..., m_off : m_off + 2])
+    if h_off >= 0:
+        parts.append(high_bit_words(blocks[..., h_off : h_off + 4]))
     quads = blocks[..., q_off:].reshape(tiles, kb, TILE_N, -1, 4).transpose(2, 3)
     parts.append(quads)
     flat = [p.reshape(tiles, kb, -1) for p in parts]
@@ -140,14 +167,14 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     d = amax / 127.0
     dx = d.to(torch.float16).float()
     qsum = q.sum(-1)  # exact in float32: |sum| <= 32 * 127
-    if qtype == QuantType.Q4_1:
+    if qtype in OFFSETS:
+        bias = (OFFSETS[qtype] * qsum).to(torch.int32)
+        cx = torch.zeros_like(dx)
+    else:
         # llama.cpp's Q8_1 stores fp16(d * qsum), which overflows once a block's amax
         # passes ~2047; dx * qsum (float32) is the exact sum of the quantized x instead
         bias = torch.zeros_like(qsum, dtype=torch.int32)
         cx = dx * qsum
-    else:
-        bias = ((-8 if qtype == QuantType.Q4_0 else -128) * qsum).to(torch.int32)
-        cx = torch.zeros_like(dx)
     scales = torch.stack([dx, bias.view(torch.float32), cx], dim=1)
     return q.to(torch.int8).view(m, k), scales
 
