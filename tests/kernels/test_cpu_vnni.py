@@ -26,12 +26,20 @@ pytestmark = pytest.mark.skipif(
     reason="needs numba and an x86 CPU with AVX512-VNNI (the kernels are that instruction)",
 )
 
-TYPES = list(vnni.LAYOUTS)
+TYPES = [*vnni.LAYOUTS, QuantType.Q4_K]
+LEGACY = list(vnni.LAYOUTS)
 REL_TOL = 1e-5
 
 
 def _blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
-    """gguf-py's blocks of a random (N, K) weight, rows of different magnitudes."""
+    """gguf-py's blocks of a random (N, K) weight, rows of different magnitudes; Q4_K
+    (gguf-py does not quantize it): random bytes with moderate fp16 d and dmin."""
+    if qtype == QuantType.Q4_K:
+        blocks = rng.integers(0, 256, (n * k // 256, 144), dtype=np.uint8)
+        for off in (0, 2):
+            d = (rng.standard_normal(blocks.shape[0]) * 1e-2).astype(np.float16)
+            blocks[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+        return torch.from_numpy(blocks).view(n, -1)
     w = rng.standard_normal((n, k)).astype(np.float32) * 10.0 ** rng.uniform(-3, 0, (n, 1))
     q = gguf_quants.quantize(w, GGMLQuantizationType[qtype.name])
     return torch.from_numpy(np.ascontiguousarray(q)).view(torch.uint8).view(n, -1)
@@ -63,7 +71,10 @@ def _check(y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, qtype: QuantT
 )
 def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
     """Every tile kernel (1-4 rows of x, and 5 / 9 rows as 4 + 1), a partial last tile
-    (N % 16), one block (K = 32) and an odd number of blocks."""
+    (N % 16), one block (K = 32) and an odd number of blocks (Q4_K: K scaled to its
+    256-weight super-blocks, 1 to 3 of them)."""
+    if qtype == QuantType.Q4_K:
+        k = 256 * (1 + k % 3)
     blocks = _blocks(rng, qtype, n, k)
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
     y = vnni.vnni_mm(x, vnni.pack(blocks, qtype, n, k), qtype, n)
@@ -74,7 +85,7 @@ def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
 def test_extreme_activations(rng, qtype) -> None:
     """Zero rows (amax 0: q = 0, dx = 0), a row of one spike per block, large and tiny
     magnitudes: the 8-bit quantization of x is per block, so each scale is its own."""
-    n, k = 32, 256
+    n, k = 32, 512
     blocks = _blocks(rng, qtype, n, k)
     x = torch.from_numpy(rng.standard_normal((4, k), dtype=np.float32))
     x[0] = 0
@@ -87,7 +98,7 @@ def test_extreme_activations(rng, qtype) -> None:
     _check(y, x, blocks, qtype)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
 def test_pack_moves_bytes_only(rng, qtype) -> None:
     """The tiles hold the blocks' bytes, rearranged as documented: rebuilt here by an
     independent loop over rows and blocks (rows past N are zero), the 5-bit types' high

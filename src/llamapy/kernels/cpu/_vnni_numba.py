@@ -14,13 +14,14 @@ outputs: no horizontal sums.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 from llvmlite import ir
 from numba import cfunc, njit, types
 from numba.core.extending import intrinsic
 
-from llamapy.kernels.cpu.vnni import GOMP_PATH, LAYOUTS, TILE_M, TILE_N, tile_layout
+from llamapy.kernels.cpu.vnni import GOMP_PATH, Q4K_TILE, TILE_M, TILE_N, tile_layout
 from llamapy.quant.types import QuantType
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -139,6 +140,100 @@ def _tile_kernel(qtype: QuantType, mt: int):
     return intrinsic(typer)
 
 
+def _q4k_tile_kernel(mt: int):
+    """`_tile_kernel` for Q4_K: kb counts 256-weight super-blocks. Per sub-block j of 32
+    weights: its 8 quads' dots with x (dx and cx per 32-block of x, as the legacy types),
+    times the rows' d * sc_j and dx_j, minus the rows' dmin * m_j times cx_j."""
+    tb, d_off, dmin_off, sc_off, m_off, q_off = Q4K_TILE
+    sig = types.none(*([types.int64] * 8))
+
+    def codegen(context, builder, signature, args):
+        w, kb, x, xs, sc, ss, y, ys = args
+        dpbusd = _declare(
+            builder.module, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [_vec(_I32, 16)] * 3
+        )
+        fma = _declare(builder.module, "llvm.fma.v16f32", _vec(_F32, 16), [_vec(_F32, 16)] * 3)
+        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        splat16 = ir.Constant(_vec(_I32, 16), [0] * 16)
+
+        def ptr(addr: ir.Value, ty: ir.Type) -> ir.Value:
+            return builder.inttoptr(addr, ty.as_pointer())
+
+        def splat(value: ir.Value, ty: ir.Type) -> ir.Value:
+            one = builder.insert_element(ir.Constant(_vec(ty, 1), None), value, i64(0))
+            return builder.shuffle_vector(one, one, splat16)
+
+        def halves(off: int) -> ir.Value:
+            v = builder.load(ptr(builder.add(base, i64(off)), _vec(_F16, 16)), align=2)
+            return builder.fpext(v, _vec(_F32, 16))
+
+        def bytes16(off: int) -> ir.Value:
+            v = builder.load(ptr(builder.add(base, i64(off)), _vec(_I8, 16)), align=1)
+            return builder.uitofp(v, _vec(_F32, 16))
+
+        entry = builder.block
+        loop = builder.append_basic_block("q4k.loop")
+        done = builder.append_basic_block("q4k.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        sb = builder.phi(_I64)
+        sb.add_incoming(i64(0), entry)
+        accs = []
+        for _ in range(mt):
+            acc = builder.phi(_vec(_F32, 16))
+            acc.add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
+            accs.append(acc)
+        base = builder.add(w, builder.mul(sb, i64(tb)))
+        d, dmin = halves(d_off), halves(dmin_off)
+        scale = [builder.fmul(d, bytes16(sc_off + 16 * j)) for j in range(8)]
+        mins = [builder.fmul(dmin, bytes16(m_off + 16 * j)) for j in range(8)]
+        low = ir.Constant(_vec(_I8, 64), [0x0F] * 64)
+        four = ir.Constant(_vec(_I8, 64), [4] * 64)
+        quads = [[] for _ in range(8)]  # per sub-block j: its 8 quad vectors as <16 x i32>
+        for c in range(4):
+            for q in range(8):
+                off = q_off + 64 * (8 * c + q)
+                v = builder.load(ptr(builder.add(base, i64(off)), _vec(_I8, 64)), align=1)
+                quads[2 * c].append(builder.bitcast(builder.and_(v, low), _vec(_I32, 16)))
+                quads[2 * c + 1].append(builder.bitcast(builder.lshr(v, four), _vec(_I32, 16)))
+        kb32 = builder.mul(kb, i64(8))
+        x_sb = builder.mul(sb, i64(256))
+        s_sb = builder.mul(sb, i64(32))
+        new = []
+        for t in range(mt):
+            xt = builder.add(builder.add(x, builder.mul(xs, i64(t))), x_sb)
+            st = builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_sb)
+            acc = accs[t]
+            for j in range(8):
+                chains = [ir.Constant(_vec(_I32, 16), None)] * 2
+                for q, u in enumerate(quads[j]):
+                    xq = builder.load(ptr(builder.add(xt, i64(32 * j + 4 * q)), _I32), align=1)
+                    chains[q % 2] = builder.call(dpbusd, [chains[q % 2], u, splat(xq, _I32)])
+                isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
+                dx = builder.load(ptr(builder.add(st, i64(4 * j)), _F32), align=4)
+                cx_at = builder.add(builder.add(st, builder.mul(kb32, i64(8))), i64(4 * j))
+                cx = builder.load(ptr(cx_at, _F32), align=4)
+                acc = builder.call(fma, [isum, builder.fmul(scale[j], splat(dx, _F32)), acc])
+                acc = builder.call(fma, [builder.fneg(mins[j]), splat(cx, _F32), acc])
+            new.append(acc)
+        sb_next = builder.add(sb, i64(1))
+        sb.add_incoming(sb_next, builder.block)
+        for acc, value in zip(accs, new, strict=True):
+            acc.add_incoming(value, builder.block)
+        builder.cbranch(builder.icmp_signed("<", sb_next, kb), loop, done)
+
+        builder.position_at_end(done)
+        for t, value in enumerate(new):
+            yt = builder.add(y, builder.mul(ys, i64(t)))
+            builder.store(value, ptr(yt, _vec(_F32, 16)), align=4)
+        return context.get_dummy_value()
+
+    def typer(typingctx, w, kb, x, xs, sc, ss, y, ys):
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
 # -- workers: run inside torch's OpenMP thread pool ----------------------------------------
 #
 # numba's own parallel loops start a second OpenMP runtime (the system's libgomp) beside the
@@ -152,24 +247,17 @@ _thread_num = _GOMP.omp_get_thread_num
 _thread_num.restype, _thread_num.argtypes = ctypes.c_int, []
 _num_threads = _GOMP.omp_get_num_threads
 _num_threads.restype, _num_threads.argtypes = ctypes.c_int, []
-_parallel = _GOMP.GOMP_parallel
-_parallel.restype = None
-_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-# the same entry point declared with integer addresses, for calls from numba code
+# GOMP_parallel(fn, data, num_threads, flags), addresses as integers for calls from numba
 _parallel_int = _GOMP["GOMP_parallel"]
 _parallel_int.restype = None
 _parallel_int.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
 _ARGS = types.void(types.CPointer(types.int64))
 
 
-def launch(worker, args: np.ndarray, threads: int) -> None:
-    """Run `worker(args)` on `threads` threads of torch's OpenMP pool (args: int64 array)."""
-    _parallel(worker.address, args.ctypes.data, threads, 0)
-
-
 def _launcher(worker):
     """An njit function (w, tiles, q, m, k, s, y, threads) that runs `worker` on them: one
-    numba call (~0.5 us) where ctypes from Python costs ~2.5 us."""
+    numba call (~1 us in all) where building the arguments and calling GOMP_parallel
+    through ctypes from Python costs ~3.5 us."""
     address = worker.address
 
     @njit(nogil=True)
@@ -182,14 +270,18 @@ def _launcher(worker):
 
 
 def _matmul_worker(qtype: QuantType):
-    k1, k2, k3, k4 = (_tile_kernel(qtype, mt) for mt in range(1, TILE_M + 1))
-    tb = tile_layout(qtype)[0]
+    if qtype == QuantType.Q4_K:
+        k1, k2, k3, k4 = (_q4k_tile_kernel(mt) for mt in range(1, TILE_M + 1))
+        tb, block = Q4K_TILE[0], 256
+    else:
+        k1, k2, k3, k4 = (_tile_kernel(qtype, mt) for mt in range(1, TILE_M + 1))
+        tb, block = tile_layout(qtype)[0], 32
 
     @cfunc(_ARGS, nopython=True)
     def work(a):  # pragma: no cover - compiled by numba
         w, tiles, q, m, k, s, y = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
-        kb = k // 32
-        ss = 12 * kb
+        kb = k // block  # tile-blocks per tile
+        ss = 12 * (k // 32)
         ys = tiles * TILE_N * 4
         tid, nt = _thread_num(), _num_threads()
         for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
@@ -210,5 +302,8 @@ def _matmul_worker(qtype: QuantType):
     return work
 
 
-MATMUL = {qtype: _matmul_worker(qtype) for qtype in LAYOUTS}
-RUN = {int(qtype): _launcher(worker) for qtype, worker in MATMUL.items()}
+@functools.cache
+def runner(qtype: int):
+    """The njit launcher of `qtype`'s matmul (see `_launcher`), compiled on first use:
+    ~0.3 s a type, so a model compiles only the types it has."""
+    return _launcher(_matmul_worker(QuantType(qtype)))

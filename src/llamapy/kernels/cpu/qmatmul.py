@@ -1,9 +1,10 @@
 """Quantized matmul on the CPU: y = x @ W.T (+ b) with W kept as (repacked) ggml blocks.
 
 Methods, per weight type (chosen by measurement, see benchmarks/kernels/CPU_NOTES.md):
-  vnni            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 where AVX512-VNNI and numba are (vnni.py): the blocks
-                  repacked into 16-row tiles, x quantized to 8 bits per 32-block and integer
-                  dot products, as llama.cpp's CPU matmul; every M (decode and prefill).
+  vnni            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K where AVX512-VNNI and numba are
+                  (vnni.py): the blocks repacked into 16-row tiles, x quantized to 8 bits
+                  per 32-block and integer dot products, as llama.cpp's CPU matmul; every M
+                  (decode and prefill).
   int4pack        Q4_0, Q4_1, Q4_K directly; Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, IQ4_NL, IQ4_XS
                   with each quant split into two nibbles (see int4pack.py): ATen's
                   AVX512-BF16 int4 GEMM. x is rounded to bf16, scales/zeros are bf16, sums

@@ -14,12 +14,15 @@ q, and the weight type's offset folded into the integer `bias` or the float `cx`
     Q4_0 / Q5_0   4 / 5-bit code, w = d (u - 8 / 16)   -8 / -16 sum(q)   -    0
     Q4_1 / Q5_1   4 / 5-bit code, w = d u + m          0                 m    dx sum(q)
     Q8_0          q + 128, w = d q                     -128 sum(q)       -    0
+    Q4_K          nibble, w = d sc_j u - dmin m_j      0                 per sub-block j:
+                  (dw = d sc_j per 32-weight sub-block)                  -dmin m_j, dx sum(q)
 
 x is quantized as llama.cpp's x86 `quantize_row_q8_0` does (kernels/cpu/ggml_numerics.py,
 checked there against llama.cpp's own quantizer): dx = fp16(amax / 127),
 q = round-half-even(x * 127 / amax). (For Q4_1 / Q5_1 llama.cpp's Q8_1 adds m times an
 fp16 `s` = d * sum(q), which overflows at |x| > ~2047; cx here is float32 dx * sum(q).)
-So the matmul is llama.cpp's up to float32 summation order.
+So the matmul is llama.cpp's up to float32 summation order (Q4_K: llama.cpp quantizes x
+per 256 as Q8_K; here per 32, a finer grid).
 
 Weights are repacked once at load (`pack`) into tiles of 16 rows: per 32-block, the 16
 rows' fp16 scales (and mins, and the 5-bit types' high bits) side by side, then the quants
@@ -40,6 +43,7 @@ import os
 
 import torch
 
+from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
 
 # Weight types this module multiplies, with their ggml block layout: bytes per 32-block, the
@@ -52,6 +56,9 @@ LAYOUTS: dict[QuantType, tuple[int, int, int, int, int]] = {
     QuantType.Q5_1: (24, 0, 2, 4, 8),
     QuantType.Q8_0: (34, 0, -1, -1, 2),
 }
+# Q4_K: per 256-weight super-block, 16 rows' fp16 d and dmin, their 8 six-bit sub-block
+# scales and mins unpacked to bytes, then the quants' quads (4 chunks x 8 quads x 64 bytes)
+Q4K_TILE = (32 + 32 + 128 + 128 + 2048, 0, 32, 64, 192, 320)  # bytes, d, dmin, sc, m, qs
 # the offset term per 32-block of x (times sum(q)) of the types whose weights are d (u - o)
 OFFSETS = {QuantType.Q4_0: -8, QuantType.Q5_0: -16, QuantType.Q8_0: -128}
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
@@ -92,7 +99,7 @@ def available() -> bool:
 
 def supported(qtype: QuantType) -> bool:
     """Whether a weight of `qtype` can take these kernels (here, now)."""
-    return qtype in LAYOUTS and available()
+    return (qtype in LAYOUTS or qtype == QuantType.Q4_K) and available()
 
 
 # -- the weight layout ---------------------------------------------------------------------
@@ -125,7 +132,10 @@ def high_bit_words(qh: torch.Tensor) -> torch.Tensor:
 
 
 def tile_row_bytes(qtype: QuantType, k: int) -> int:
-    """Bytes of one 16-row tile of a K-wide weight (16 rows' ggml blocks)."""
+    """Bytes of one 16-row tile of a K-wide weight (16 rows' ggml blocks; Q4_K: plus the
+    sub-block scales unpacked, 64 bytes a tile's super-block)."""
+    if qtype == QuantType.Q4_K:
+        return k // 256 * Q4K_TILE[0]
     return k // 32 * TILE_N * LAYOUTS[qtype][0]
 
 
@@ -135,6 +145,8 @@ def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     Q5_1) their high bits as 16 words (`high_bit_words`), then per 4-byte quad of the
     block's quants 64 bytes: the quad of row 0, of row 1, ... (rows past N are zero). The
     bytes are the blocks' (the high bits permuted within each word); nothing is rounded."""
+    if qtype == QuantType.Q4_K:
+        return _pack_q4_k(data, n, k)
     bs, d_off, m_off, h_off, q_off = LAYOUTS[qtype]
     kb = k // 32
     tiles = -(-n // TILE_N)
@@ -151,6 +163,26 @@ def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     parts.append(quads)
     flat = [p.reshape(tiles, kb, -1) for p in parts]
     return torch.cat(flat, dim=2).reshape(tiles, kb * TILE_N * bs).contiguous()
+
+
+def _pack_q4_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Q4_K blocks (N, K/256 * 144) -> tiles (ceil(N/16), K/256 * Q4K_TILE[0]): per 16 rows
+    and super-block their fp16 d, their fp16 dmin, their sub-block scales (8 x 16 bytes:
+    sub-block j of rows 0..15), their mins (likewise), then for each 32-byte chunk c of the
+    quants (low nibbles: sub-block 2c, high: 2c + 1) and quad q, the quad of rows 0..15."""
+    kb = k // 256
+    tiles = -(-n // TILE_N)
+    blocks = data.view(n, kb, 144)
+    if tiles * TILE_N != n:
+        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, 144)])
+    blocks = blocks.view(tiles, TILE_N, kb, 144).transpose(1, 2)  # (tiles, kb, 16, 144)
+    sc, mn = _k_scale_min(blocks[..., 4:16].reshape(-1, 12))
+    sc = sc.to(torch.uint8).view(tiles, kb, TILE_N, 8).transpose(2, 3)
+    mn = mn.to(torch.uint8).view(tiles, kb, TILE_N, 8).transpose(2, 3)
+    quads = blocks[..., 16:].reshape(tiles, kb, TILE_N, 4, 8, 4).permute(0, 1, 3, 4, 2, 5)
+    parts = [blocks[..., 0:2], blocks[..., 2:4], sc, mn, quads]
+    flat = [p.reshape(tiles, kb, -1) for p in parts]
+    return torch.cat(flat, dim=2).reshape(tiles, kb * Q4K_TILE[0]).contiguous()
 
 
 # -- x: llama.cpp's Q8_0 / Q8_1 activations ----------------------------------------------
@@ -202,7 +234,7 @@ def _vnni_mm_cpu(
     if m and t:
         if not (q.is_contiguous() and scales.is_contiguous()):
             q, scales = q.contiguous(), scales.contiguous()
-        _numba().RUN[qtype](
+        _numba().runner(qtype)(
             tiles.data_ptr(), t, q.data_ptr(), m, k, scales.data_ptr(), y.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
