@@ -67,18 +67,49 @@ def _check(y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, qtype: QuantT
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 16, 32), (1, 17, 96), (2, 40, 640), (3, 33, 256), (4, 48, 64), (5, 1, 128), (9, 64, 576)],
-)
+    [
+        (1, 16, 32), (1, 17, 96), (2, 40, 640), (3, 33, 256), (4, 48, 64), (5, 1, 128),
+        (9, 64, 576), (17, 24, 64), (40, 33, 128),
+    ],
+)  # fmt: skip
 def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
     """Every tile kernel (1-4 rows of x, and 5 / 9 rows as 4 + 1), a partial last tile
     (N % 16), one block (K = 32) and an odd number of blocks (Q4_K: K scaled to its
-    256-weight super-blocks, 1 to 3 of them)."""
+    256-weight super-blocks, 1 to 3 of them); x quantized inside the op (up to
+    X_IN_OP_MAX_M rows) and by `quantize_x` (17 and 40 rows)."""
     if qtype == QuantType.Q4_K:
         k = 256 * (1 + k % 3)
     blocks = _blocks(rng, qtype, n, k)
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
     y = vnni.vnni_mm(x, vnni.pack(blocks, qtype, n, k), qtype, n)
     _check(y, x, blocks, qtype)
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q4_1], ids=lambda q: q.name)
+def test_in_op_quantization_is_quantize_x(rng, qtype) -> None:
+    """The op's own quantization of x (numba, decode) gives the bits of `quantize_x` (torch,
+    checked against llama.cpp's quantizer in test_ggml_numerics): the same outputs, over
+    rows whose block scales fall in fp16's subnormal range, at its largest finite values,
+    on fp16 ties, on rounding ties of x * 127 / amax, and for zeros."""
+    n, k = 16, 32 * 40
+    tiles = vnni.pack(_blocks(rng, qtype, n, k), qtype, n, k)
+    x = torch.from_numpy(rng.standard_normal((8, k), dtype=np.float32))
+    x[0] *= 1e-4  # dx = amax / 127 below 2^-14: fp16 subnormals
+    x[1] *= 1e-7
+    x[2] = torch.from_numpy(rng.uniform(6e6, 8.3e6, k).astype(np.float32))  # dx near 65504
+    x[3] = torch.from_numpy(rng.integers(-254, 255, k).astype(np.float32) / 2)  # .5 ties
+    x[3, ::32] = 127.0  # amax 127: x * 127 / amax = x, so the halves are exact ties
+    x[4] = 0
+    x[5, :64] = 0
+    x[6] *= 1e3
+    x[7, :64] = x[7, :64].clamp(-100, 100)  # fp16 ties of dx = amax / 127: half to even
+    x[7, 0] = 127.0 * (1 + 2.0**-11)  # -> 1.0
+    x[7, 32] = 127.0 * (1 + 3 * 2.0**-11)  # -> 1 + 2^-9
+    want = torch.ops.llamapy.vnni_mm(*vnni.quantize_x(x, qtype), tiles, int(qtype), n)
+    for rows in (x, x[:1], x[3:5]):
+        got = torch.ops.llamapy.vnni_mm_x(rows.contiguous(), tiles, int(qtype), n)
+        lo = 0 if rows is x else (0 if rows.shape[0] == 1 else 3)
+        assert torch.equal(got, want[lo : lo + rows.shape[0]])
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)

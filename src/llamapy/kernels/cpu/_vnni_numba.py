@@ -18,10 +18,10 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, njit, types
+from numba import carray, cfunc, njit, types
 from numba.core.extending import intrinsic
 
-from llamapy.kernels.cpu.vnni import GOMP_PATH, Q4K_TILE, TILE_M, TILE_N, tile_layout
+from llamapy.kernels.cpu.vnni import GOMP_PATH, OFFSETS, Q4K_TILE, TILE_M, TILE_N, tile_layout
 from llamapy.quant.types import QuantType
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -251,7 +251,77 @@ _num_threads.restype, _num_threads.argtypes = ctypes.c_int, []
 _parallel_int = _GOMP["GOMP_parallel"]
 _parallel_int.restype = None
 _parallel_int.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
+_barrier = _GOMP["GOMP_barrier"]
+_barrier.restype, _barrier.argtypes = None, []
 _ARGS = types.void(types.CPointer(types.int64))
+
+
+# -- x's 8-bit quantization inside the op (one-row decode: see vnni.vnni_mm) ---------------
+
+
+def _cast_intrinsic(src, dst):
+    """numba intrinsic: an address (int64) as a typed pointer, or a scalar's bits."""
+    sig = dst(src)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(dst)
+        if isinstance(dst, types.CPointer):
+            return builder.inttoptr(args[0], ty)
+        return builder.bitcast(args[0], ty)
+
+    def typer(typingctx, value):
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_f32_ptr = _cast_intrinsic(types.int64, types.CPointer(types.float32))
+_i32_ptr = _cast_intrinsic(types.int64, types.CPointer(types.int32))
+_i8_ptr = _cast_intrinsic(types.int64, types.CPointer(types.int8))
+_f32_bits = _cast_intrinsic(types.float32, types.int32)
+_bits_f32 = _cast_intrinsic(types.int32, types.float32)
+
+
+@njit(inline="always")
+def _round_fp16(v):  # pragma: no cover - compiled by numba
+    """float32 v >= 0 rounded to the nearest fp16 value (ties to even), as float32: what
+    `v.to(torch.float16).float()` gives (fp16 subnormals below 2^-14, inf from 65520)."""
+    if v >= np.float32(65520.0):
+        return np.float32(np.inf)
+    if v < np.float32(2.0**-14):
+        return np.rint(v * np.float32(2.0**24)) * np.float32(2.0**-24)
+    b = _f32_bits(v)
+    b = (b + np.int32(0xFFF) + ((b >> np.int32(13)) & np.int32(1))) & np.int32(-8192)
+    return _bits_f32(b)
+
+
+@njit(inline="always")
+def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - numba
+    """Rows m0:m1 of x (float32 at address x, K wide) as vnni.quantize_x quantizes them:
+    int8 quants at q, per row (dx, bias, cx) per 32-block at s (the same bits)."""
+    kb = k // 32
+    for r in range(m0, m1):
+        xr = carray(_f32_ptr(x + r * k * 4), (k,))
+        qr = carray(_i8_ptr(q + r * k), (k,))
+        dx_row = carray(_f32_ptr(s + r * 12 * kb), (kb,))
+        bias_row = carray(_i32_ptr(s + r * 12 * kb + 4 * kb), (kb,))
+        cx_row = carray(_f32_ptr(s + r * 12 * kb + 8 * kb), (kb,))
+        for b in range(kb):
+            amax = np.float32(0.0)
+            for i in range(32 * b, 32 * b + 32):
+                a = abs(xr[i])
+                if a > amax:
+                    amax = a
+            inv = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+            qsum = 0
+            for i in range(32 * b, 32 * b + 32):
+                v = np.rint(xr[i] * inv)
+                qr[i] = np.int8(v)
+                qsum += np.int32(v)
+            dx = _round_fp16(amax / np.float32(127.0))
+            dx_row[b] = dx
+            bias_row[b] = np.int32(offset * qsum)
+            cx_row[b] = dx * np.float32(qsum) if with_min else np.float32(0.0)
 
 
 def _launcher(worker):
@@ -261,10 +331,17 @@ def _launcher(worker):
     address = worker.address
 
     @njit(nogil=True)
-    def run(w, tiles, q, m, k, s, y, threads):  # pragma: no cover - compiled by numba
-        a = np.empty(7, np.int64)
-        a[0], a[1], a[2], a[3], a[4], a[5], a[6] = w, tiles, q, m, k, s, y
+    def run(w, tiles, q, m, k, s, y, x, threads):  # pragma: no cover - compiled by numba
+        """x = 0: q and s hold x's quantization; else x is float32 x's address, and q, s
+        0: scratch for its quantization is allocated here."""
+        a = np.empty(8, np.int64)
+        qbuf = np.empty(m * k if x != 0 else 0, np.int8)
+        sbuf = np.empty(m * 3 * (k // 32) if x != 0 else 0, np.float32)
+        if x != 0:
+            q, s = qbuf.ctypes.data, sbuf.ctypes.data
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7] = w, tiles, q, m, k, s, y, x
         _parallel_int(address, a.ctypes.data, threads, 0)
+        return qbuf.size + sbuf.size  # keeps the scratch alive through the call
 
     return run
 
@@ -277,13 +354,19 @@ def _matmul_worker(qtype: QuantType):
         k1, k2, k3, k4 = (_tile_kernel(qtype, mt) for mt in range(1, TILE_M + 1))
         tb, block = tile_layout(qtype)[0], 32
 
+    offset = OFFSETS.get(qtype, 0)
+    with_min = qtype not in OFFSETS
+
     @cfunc(_ARGS, nopython=True)
     def work(a):  # pragma: no cover - compiled by numba
-        w, tiles, q, m, k, s, y = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+        w, tiles, q, m, k, s, y, x = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
         kb = k // block  # tile-blocks per tile
         ss = 12 * (k // 32)
         ys = tiles * TILE_N * 4
         tid, nt = _thread_num(), _num_threads()
+        if x != 0:  # float x given: quantize it first, each thread its rows
+            _quantize_rows(x, q, s, m * tid // nt, m * (tid + 1) // nt, k, offset, with_min)
+            _barrier()
         for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
             wt = w + tile * kb * tb
             for m0 in range(0, m, TILE_M):

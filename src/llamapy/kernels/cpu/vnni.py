@@ -211,9 +211,17 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     return q.to(torch.int8).view(m, k), scales
 
 
+# Up to this many rows of x (decode), the op quantizes x itself (numba, ~1-3 us a row)
+# instead of `quantize_x`'s torch ops, which Inductor fuses into single-threaded loops of
+# ~7 us per matmul (measured in the compiled SmolLM2 decode step: 4 a layer).
+X_IN_OP_MAX_M = 16
+
+
 def vnni_mm(x: torch.Tensor, tiles: torch.Tensor, qtype: QuantType, n: int) -> torch.Tensor:
     """x (M, K) float32 @ W.T for W packed by `pack` -> (M, N) float32: llama.cpp's
     quantized dot products (see the module docstring)."""
+    if x.shape[0] <= X_IN_OP_MAX_M:
+        return torch.ops.llamapy.vnni_mm_x(x.float().contiguous(), tiles, int(qtype), n)
     q, scales = quantize_x(x, qtype)
     return torch.ops.llamapy.vnni_mm(q, scales, tiles, int(qtype), n)
 
@@ -222,6 +230,7 @@ def vnni_mm(x: torch.Tensor, tiles: torch.Tensor, qtype: QuantType, n: int) -> t
 # of ~10 (measured), which counts at ~120 matmuls a decoded token.
 _LIB = torch.library.Library("llamapy", "FRAGMENT")
 _LIB.define("vnni_mm(Tensor q, Tensor scales, Tensor tiles, int qtype, int n) -> Tensor")
+_LIB.define("vnni_mm_x(Tensor x, Tensor tiles, int qtype, int n) -> Tensor")
 
 
 def _vnni_mm_cpu(
@@ -235,9 +244,22 @@ def _vnni_mm_cpu(
         if not (q.is_contiguous() and scales.is_contiguous()):
             q, scales = q.contiguous(), scales.contiguous()
         _numba().runner(qtype)(
-            tiles.data_ptr(), t, q.data_ptr(), m, k, scales.data_ptr(), y.data_ptr(),
+            tiles.data_ptr(), t, q.data_ptr(), m, k, scales.data_ptr(), y.data_ptr(), 0,
             torch.get_num_threads(),
         )  # fmt: skip
+    return y if t * TILE_N == n else y[:, :n].contiguous()
+
+
+def _vnni_mm_x_cpu(x: torch.Tensor, tiles: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    m, k = x.shape
+    t = tiles.shape[0]
+    y = torch.empty(m, t * TILE_N, dtype=torch.float32)
+    if m and t:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        _numba().runner(qtype)(
+            tiles.data_ptr(), t, 0, m, k, 0, y.data_ptr(), x.data_ptr(), torch.get_num_threads()
+        )
     return y if t * TILE_N == n else y[:, :n].contiguous()
 
 
@@ -247,8 +269,14 @@ def _vnni_mm_fake(
     return q.new_empty(q.shape[0], n, dtype=torch.float32)
 
 
+def _vnni_mm_x_fake(x: torch.Tensor, tiles: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
 _LIB.impl("vnni_mm", _vnni_mm_cpu, "CPU")
+_LIB.impl("vnni_mm_x", _vnni_mm_x_cpu, "CPU")
 torch.library.register_fake("llamapy::vnni_mm", _vnni_mm_fake, lib=_LIB)
+torch.library.register_fake("llamapy::vnni_mm_x", _vnni_mm_x_fake, lib=_LIB)
 
 
 # -- the kernels ---------------------------------------------------------------------------
