@@ -7,8 +7,14 @@ vectors, one per 4-byte quad of the block (lane i: row i's four quants), each `v
 with x's matching four int8 quants broadcast to all lanes, into int32 lanes that start at
 the block's offset term (`bias`); two chains (even and odd quads) for latency. Then
 int -> float, times the rows' fp16 scales (one 32-byte load) times dx, into 16 float32
-accumulators (Q4_1: plus the rows' fp16 mins times cx). The 16 lanes are the tile's 16
-outputs: no horizontal sums.
+accumulators (Q4_1 / Q5_1: plus the rows' fp16 mins times cx; Q5_0 / Q5_1: each quad's
+fifth bits OR-ed in from the rows' high-bit words). The 16 lanes are the tile's 16 outputs:
+no horizontal sums. `_q4k_tile_kernel(mt)` is the same over Q4_K's 256-weight super-blocks,
+scaled per 32-weight sub-block.
+
+The workers (`_matmul_worker`) split a matrix's tiles over torch's OpenMP threads; given
+float x (the decode-size op) they first quantize it, each thread its rows, as
+vnni.quantize_x does, bit for bit (`_quantize_rows`).
 """
 
 from __future__ import annotations
@@ -189,33 +195,35 @@ def _q4k_tile_kernel(mt: int):
         mins = [builder.fmul(dmin, bytes16(m_off + 16 * j)) for j in range(8)]
         low = ir.Constant(_vec(_I8, 64), [0x0F] * 64)
         four = ir.Constant(_vec(_I8, 64), [4] * 64)
-        quads = [[] for _ in range(8)]  # per sub-block j: its 8 quad vectors as <16 x i32>
+        kb32 = builder.mul(kb, i64(8))
+        x_sb = builder.mul(sb, i64(256))
+        s_sb = builder.mul(sb, i64(32))
+        xts = [builder.add(builder.add(x, builder.mul(xs, i64(t))), x_sb) for t in range(mt)]
+        sts = [builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_sb) for t in range(mt)]
+        new = list(accs)
+        # chunk by chunk (its 8 quads: sub-blocks 2c and 2c + 1), so that 16 unpacked quad
+        # vectors are live at a time, not the super-block's 64 (register spills at 4 rows)
         for c in range(4):
+            quads = {2 * c: [], 2 * c + 1: []}  # sub-block j: its 8 quads as <16 x i32>
             for q in range(8):
                 off = q_off + 64 * (8 * c + q)
                 v = builder.load(ptr(builder.add(base, i64(off)), _vec(_I8, 64)), align=1)
                 quads[2 * c].append(builder.bitcast(builder.and_(v, low), _vec(_I32, 16)))
                 quads[2 * c + 1].append(builder.bitcast(builder.lshr(v, four), _vec(_I32, 16)))
-        kb32 = builder.mul(kb, i64(8))
-        x_sb = builder.mul(sb, i64(256))
-        s_sb = builder.mul(sb, i64(32))
-        new = []
-        for t in range(mt):
-            xt = builder.add(builder.add(x, builder.mul(xs, i64(t))), x_sb)
-            st = builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_sb)
-            acc = accs[t]
-            for j in range(8):
-                chains = [ir.Constant(_vec(_I32, 16), None)] * 2
-                for q, u in enumerate(quads[j]):
-                    xq = builder.load(ptr(builder.add(xt, i64(32 * j + 4 * q)), _I32), align=1)
-                    chains[q % 2] = builder.call(dpbusd, [chains[q % 2], u, splat(xq, _I32)])
-                isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
-                dx = builder.load(ptr(builder.add(st, i64(4 * j)), _F32), align=4)
-                cx_at = builder.add(builder.add(st, builder.mul(kb32, i64(8))), i64(4 * j))
-                cx = builder.load(ptr(cx_at, _F32), align=4)
-                acc = builder.call(fma, [isum, builder.fmul(scale[j], splat(dx, _F32)), acc])
-                acc = builder.call(fma, [builder.fneg(mins[j]), splat(cx, _F32), acc])
-            new.append(acc)
+            for t in range(mt):
+                for j, vectors in quads.items():
+                    chains = [ir.Constant(_vec(_I32, 16), None)] * 2
+                    for q, u in enumerate(vectors):
+                        at = builder.add(xts[t], i64(32 * j + 4 * q))
+                        xq = splat(builder.load(ptr(at, _I32), align=1), _I32)
+                        chains[q % 2] = builder.call(dpbusd, [chains[q % 2], u, xq])
+                    isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
+                    dx = builder.load(ptr(builder.add(sts[t], i64(4 * j)), _F32), align=4)
+                    cx_at = builder.add(builder.add(sts[t], builder.mul(kb32, i64(8))), i64(4 * j))
+                    cx = builder.load(ptr(cx_at, _F32), align=4)
+                    step = builder.fmul(scale[j], splat(dx, _F32))
+                    new[t] = builder.call(fma, [isum, step, new[t]])
+                    new[t] = builder.call(fma, [builder.fneg(mins[j]), splat(cx, _F32), new[t]])
         sb_next = builder.add(sb, i64(1))
         sb.add_incoming(sb_next, builder.block)
         for acc, value in zip(accs, new, strict=True):
