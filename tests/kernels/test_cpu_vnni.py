@@ -4,9 +4,9 @@ Oracle: W from gguf-py's own quantizer and dequantizer (`gguf.quants`), x throug
 llama.cpp's activation quantizers as kernels/cpu/ggml_numerics.py emulates them (checked
 there against llama.cpp's compiled ones), the product in float64. The kernel's integer dots
 are exact; what is left is float32 arithmetic: per block one product of fp16 scales and a
-float32 multiply-add into 16 lanes, then lane sums. Bound: 1e-5 x (|x_q| @ |W|^T), some
-50 float32 roundings of the terms' magnitudes at these sizes (a wrong nibble, quad, scale or
-offset moves an output by ~1e-2 of it or more).
+float32 multiply-add into the output's lane. Bound: 1e-5 x (|x_q| @ |W|^T), some 50 float32
+roundings of the terms' magnitudes at these sizes (a wrong nibble, quad, scale or offset
+moves an output by ~1e-2 of it or more).
 """
 
 from __future__ import annotations
