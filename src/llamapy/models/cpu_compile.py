@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from llamapy.kernels.cpu.switches import switched_off
 from llamapy.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 def compile_enabled_by_default() -> bool:
     """`LLAMAPY_CPU_COMPILE` (default on) and a C++ compiler on the PATH for Inductor."""
-    if os.environ.get("LLAMAPY_CPU_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("LLAMAPY_CPU_COMPILE"):
         return False
     return compiler_available()
 

@@ -45,201 +45,172 @@ def _declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) ->
         return ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
-def _tile_kernel(qtype: QuantType, mt: int):
+class _Emit:
+    """IR helpers for a tile kernel's body: addresses, loads, splats, the VNNI dot."""
+
+    def __init__(self, builder: ir.IRBuilder) -> None:
+        self.b = builder
+        v16 = _vec(_I32, 16)
+        self._dpbusd = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.512", v16, [v16] * 3)
+        f16 = _vec(_F32, 16)
+        self._fma = _declare(builder.module, "llvm.fma.v16f32", f16, [f16] * 3)
+
+    @staticmethod
+    def i64(v: int) -> ir.Constant:
+        return ir.Constant(_I64, v)
+
+    def addr(self, base: ir.Value, off: int | ir.Value) -> ir.Value:
+        return self.b.add(base, self.i64(off) if isinstance(off, int) else off)
+
+    def load(self, base: ir.Value, off: int | ir.Value, ty: ir.Type, align: int = 1):
+        return self.b.load(self.b.inttoptr(self.addr(base, off), ty.as_pointer()), align=align)
+
+    def splat(self, value: ir.Value, ty: ir.Type) -> ir.Value:
+        one = self.b.insert_element(ir.Constant(_vec(ty, 1), None), value, self.i64(0))
+        return self.b.shuffle_vector(one, one, ir.Constant(_vec(_I32, 16), [0] * 16))
+
+    def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.call(self._fma, [a, b, c])
+
+    def dot(self, init: ir.Value, codes: list, xt: ir.Value, offsets: list[int]) -> ir.Value:
+        """float32 <16>: init (int32 lanes) + the codes' (64 unsigned bytes each) dots with
+        x's int8 quads at xt + offset, broadcast to every lane; two chains for latency."""
+        chains = [init, ir.Constant(_vec(_I32, 16), None)]
+        for i, (u, off) in enumerate(zip(codes, offsets, strict=True)):
+            xq = self.splat(self.load(xt, off, _I32), _I32)
+            u32 = self.b.bitcast(u, _vec(_I32, 16))
+            chains[i % 2] = self.b.call(self._dpbusd, [chains[i % 2], u32, xq])
+        return self.b.sitofp(self.b.add(chains[0], chains[1]), _vec(_F32, 16))
+
+
+def _tile_intrinsic(tb: int, block: int, mt: int, body):
     """numba intrinsic (w, kb, x, xs, sc, ss, y, ys) -> None, addresses and strides in
-    bytes: the tile at w (kb tile-blocks) against mt rows of x (int8 quants at x, xs apart;
-    their per-block float32 dx, int32 bias and float32 cx at sc, sc + 4 kb, sc + 8 kb, ss
-    apart); the 16 outputs of x row t are stored as float32 at y + t * ys."""
-    tb, d_off, m_off, h_off, q_off, quads = tile_layout(qtype)
-    nibbles = qtype != QuantType.Q8_0
+    bytes: the tile at w (kb tile-blocks of tb bytes, `block` weights of K each) against mt
+    rows of x (int8 quants at x, xs apart; their per-32-block float32 dx, int32 bias and
+    float32 cx planes at sc, ss apart); the 16 outputs of x row t are stored as float32 at
+    y + t * ys. `body(e, base, xts, sts, kb32, accs)` emits one tile-block (base: its
+    address; xts / sts: x row t's quants and scales at the block) and returns the new
+    accumulators."""
     sig = types.none(*([types.int64] * 8))
 
     def codegen(context, builder, signature, args):
         w, kb, x, xs, sc, ss, y, ys = args
-        dpbusd = _declare(
-            builder.module, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [_vec(_I32, 16)] * 3
-        )
-        fma = _declare(builder.module, "llvm.fma.v16f32", _vec(_F32, 16), [_vec(_F32, 16)] * 3)
-        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        splat16 = ir.Constant(_vec(_I32, 16), [0] * 16)
-
-        def ptr(addr: ir.Value, ty: ir.Type) -> ir.Value:
-            return builder.inttoptr(addr, ty.as_pointer())
-
-        def splat(value: ir.Value, ty: ir.Type) -> ir.Value:
-            one = builder.insert_element(ir.Constant(_vec(ty, 1), None), value, i64(0))
-            return builder.shuffle_vector(one, one, splat16)
-
+        e = _Emit(builder)
         entry = builder.block
         loop = builder.append_basic_block("tile.loop")
         done = builder.append_basic_block("tile.done")
         builder.branch(loop)
         builder.position_at_end(loop)
-        b = builder.phi(_I64)
-        b.add_incoming(i64(0), entry)
+        blk = builder.phi(_I64)
+        blk.add_incoming(e.i64(0), entry)
         accs = []
         for _ in range(mt):
             acc = builder.phi(_vec(_F32, 16))
             acc.add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
             accs.append(acc)
-
-        base = builder.add(w, builder.mul(b, i64(tb)))
-        # the tile-block's quants as (vector, x offset of its four quants) pairs
-        operands = []
-        if h_off >= 0:
-            words = builder.load(ptr(builder.add(base, i64(h_off)), _vec(_I32, 16)), align=1)
-            bit4 = ir.Constant(_vec(_I32, 16), [0x10101010] * 16)
-        for q in range(quads):
-            v = builder.load(ptr(builder.add(base, i64(q_off + 64 * q)), _vec(_I8, 64)), align=1)
-            if nibbles:
-                lo = builder.and_(v, ir.Constant(_vec(_I8, 64), [0x0F] * 64))
-                hi = builder.lshr(v, ir.Constant(_vec(_I8, 64), [4] * 64))
-                if h_off >= 0:  # fifth bits: see vnni.high_bit_words
-                    shl = builder.shl(words, ir.Constant(_vec(_I32, 16), [4 - q] * 16))
-                    shr = builder.lshr(words, ir.Constant(_vec(_I32, 16), [q] * 16))
-                    lo = builder.or_(lo, builder.bitcast(builder.and_(shl, bit4), _vec(_I8, 64)))
-                    hi = builder.or_(hi, builder.bitcast(builder.and_(shr, bit4), _vec(_I8, 64)))
-                operands += [(lo, 4 * q), (hi, 16 + 4 * q)]
-            else:
-                operands.append((builder.xor(v, ir.Constant(_vec(_I8, 64), [0x80] * 64)), 4 * q))
-        d = builder.load(ptr(builder.add(base, i64(d_off)), _vec(_F16, 16)))
-        d = builder.fpext(d, _vec(_F32, 16))
-        if m_off >= 0:
-            mins = builder.load(ptr(builder.add(base, i64(m_off)), _vec(_F16, 16)))
-            mins = builder.fpext(mins, _vec(_F32, 16))
-
-        x_block = builder.mul(b, i64(32))
-        s_block = builder.mul(b, i64(4))
-        kb4 = builder.mul(kb, i64(4))
-        new = []
-        for t in range(mt):
-            xt = builder.add(builder.add(x, builder.mul(xs, i64(t))), x_block)
-            st = builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_block)
-            dx = builder.load(ptr(st, _F32), align=4)
-            bias = builder.load(ptr(builder.add(st, kb4), _I32), align=4)
-            chains = [splat(bias, _I32), ir.Constant(_vec(_I32, 16), None)]
-            for i, (u, off) in enumerate(operands):
-                xq = splat(builder.load(ptr(builder.add(xt, i64(off)), _I32), align=1), _I32)
-                u32 = builder.bitcast(u, _vec(_I32, 16))
-                chains[i % 2] = builder.call(dpbusd, [chains[i % 2], u32, xq])
-            isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
-            acc = builder.call(fma, [isum, builder.fmul(d, splat(dx, _F32)), accs[t]])
-            if m_off >= 0:
-                cx = builder.load(ptr(builder.add(st, builder.mul(kb, i64(8))), _F32), align=4)
-                acc = builder.call(fma, [mins, splat(cx, _F32), acc])
-            new.append(acc)
-        b_next = builder.add(b, i64(1))
-        b.add_incoming(b_next, builder.block)
+        base = e.addr(w, builder.mul(blk, e.i64(tb)))
+        x_blk = builder.mul(blk, e.i64(block))
+        s_blk = builder.mul(blk, e.i64(block // 32 * 4))
+        xts = [e.addr(e.addr(x, builder.mul(xs, e.i64(t))), x_blk) for t in range(mt)]
+        sts = [e.addr(e.addr(sc, builder.mul(ss, e.i64(t))), s_blk) for t in range(mt)]
+        kb32 = builder.mul(kb, e.i64(block // 32))
+        new = body(e, base, xts, sts, kb32, list(accs))
+        blk_next = builder.add(blk, e.i64(1))
+        blk.add_incoming(blk_next, builder.block)
         for acc, value in zip(accs, new, strict=True):
             acc.add_incoming(value, builder.block)
-        builder.cbranch(builder.icmp_signed("<", b_next, kb), loop, done)
+        builder.cbranch(builder.icmp_signed("<", blk_next, kb), loop, done)
 
         builder.position_at_end(done)
         for t, value in enumerate(new):
-            yt = builder.add(y, builder.mul(ys, i64(t)))
-            builder.store(value, ptr(yt, _vec(_F32, 16)), align=4)
+            yt = builder.add(y, builder.mul(ys, e.i64(t)))
+            builder.store(value, builder.inttoptr(yt, _vec(_F32, 16).as_pointer()), align=4)
         return context.get_dummy_value()
 
     def typer(typingctx, w, kb, x, xs, sc, ss, y, ys):
         return sig, codegen
 
     return intrinsic(typer)
+
+
+def _tile_kernel(qtype: QuantType, mt: int):
+    """The legacy types' tile kernel (`_tile_intrinsic` over 32-blocks)."""
+    tb, d_off, m_off, h_off, q_off, quads = tile_layout(qtype)
+    nibbles = qtype != QuantType.Q8_0
+
+    def body(e: _Emit, base, xts, sts, kb32, accs):
+        b = e.b
+        c8 = lambda v: ir.Constant(_vec(_I8, 64), [v] * 64)  # noqa: E731
+        codes, offsets = [], []  # the tile-block's quants and the x offset of their quads
+        if h_off >= 0:
+            words = e.load(base, h_off, _vec(_I32, 16))
+            bit4 = ir.Constant(_vec(_I32, 16), [0x10101010] * 16)
+        for q in range(quads):
+            v = e.load(base, q_off + 64 * q, _vec(_I8, 64))
+            if nibbles:
+                lo, hi = b.and_(v, c8(0x0F)), b.lshr(v, c8(4))
+                if h_off >= 0:  # fifth bits: see vnni.high_bit_words
+                    shl = b.shl(words, ir.Constant(_vec(_I32, 16), [4 - q] * 16))
+                    shr = b.lshr(words, ir.Constant(_vec(_I32, 16), [q] * 16))
+                    lo = b.or_(lo, b.bitcast(b.and_(shl, bit4), _vec(_I8, 64)))
+                    hi = b.or_(hi, b.bitcast(b.and_(shr, bit4), _vec(_I8, 64)))
+                codes += [lo, hi]
+                offsets += [4 * q, 16 + 4 * q]
+            else:
+                codes.append(b.xor(v, c8(0x80)))
+                offsets.append(4 * q)
+        d = b.fpext(e.load(base, d_off, _vec(_F16, 16), align=2), _vec(_F32, 16))
+        if m_off >= 0:
+            mins = b.fpext(e.load(base, m_off, _vec(_F16, 16), align=2), _vec(_F32, 16))
+        bias_off, cx_off = b.mul(kb32, e.i64(4)), b.mul(kb32, e.i64(8))
+        for t in range(len(accs)):
+            dx = e.load(sts[t], 0, _F32, align=4)
+            bias = e.splat(e.load(sts[t], bias_off, _I32, align=4), _I32)
+            isum = e.dot(bias, codes, xts[t], offsets)
+            accs[t] = e.fma(isum, b.fmul(d, e.splat(dx, _F32)), accs[t])
+            if m_off >= 0:
+                cx = e.load(sts[t], cx_off, _F32, align=4)
+                accs[t] = e.fma(mins, e.splat(cx, _F32), accs[t])
+        return accs
+
+    return _tile_intrinsic(tb, 32, mt, body)
 
 
 def _q4k_tile_kernel(mt: int):
-    """`_tile_kernel` for Q4_K: kb counts 256-weight super-blocks. Per sub-block j of 32
-    weights: its 8 quads' dots with x (dx and cx per 32-block of x, as the legacy types),
-    times the rows' d * sc_j and dx_j, minus the rows' dmin * m_j times cx_j."""
+    """The Q4_K tile kernel (`_tile_intrinsic` over 256-weight super-blocks). Per sub-block
+    j of 32 weights: its 8 quads' dots with x (dx and cx per 32-block of x, as the legacy
+    types), times the rows' d * sc_j and dx_j, minus the rows' dmin * m_j times cx_j."""
     tb, d_off, dmin_off, sc_off, m_off, q_off = Q4K_TILE
-    sig = types.none(*([types.int64] * 8))
 
-    def codegen(context, builder, signature, args):
-        w, kb, x, xs, sc, ss, y, ys = args
-        dpbusd = _declare(
-            builder.module, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [_vec(_I32, 16)] * 3
-        )
-        fma = _declare(builder.module, "llvm.fma.v16f32", _vec(_F32, 16), [_vec(_F32, 16)] * 3)
-        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        splat16 = ir.Constant(_vec(_I32, 16), [0] * 16)
-
-        def ptr(addr: ir.Value, ty: ir.Type) -> ir.Value:
-            return builder.inttoptr(addr, ty.as_pointer())
-
-        def splat(value: ir.Value, ty: ir.Type) -> ir.Value:
-            one = builder.insert_element(ir.Constant(_vec(ty, 1), None), value, i64(0))
-            return builder.shuffle_vector(one, one, splat16)
-
-        def halves(off: int) -> ir.Value:
-            v = builder.load(ptr(builder.add(base, i64(off)), _vec(_F16, 16)), align=2)
-            return builder.fpext(v, _vec(_F32, 16))
-
-        def bytes16(off: int) -> ir.Value:
-            v = builder.load(ptr(builder.add(base, i64(off)), _vec(_I8, 16)), align=1)
-            return builder.uitofp(v, _vec(_F32, 16))
-
-        entry = builder.block
-        loop = builder.append_basic_block("q4k.loop")
-        done = builder.append_basic_block("q4k.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        sb = builder.phi(_I64)
-        sb.add_incoming(i64(0), entry)
-        accs = []
-        for _ in range(mt):
-            acc = builder.phi(_vec(_F32, 16))
-            acc.add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
-            accs.append(acc)
-        base = builder.add(w, builder.mul(sb, i64(tb)))
+    def body(e: _Emit, base, xts, sts, kb32, accs):
+        b = e.b
+        halves = lambda off: b.fpext(e.load(base, off, _vec(_F16, 16), align=2), _vec(_F32, 16))  # noqa: E731
+        bytes16 = lambda off: b.uitofp(e.load(base, off, _vec(_I8, 16)), _vec(_F32, 16))  # noqa: E731
         d, dmin = halves(d_off), halves(dmin_off)
-        scale = [builder.fmul(d, bytes16(sc_off + 16 * j)) for j in range(8)]
-        mins = [builder.fmul(dmin, bytes16(m_off + 16 * j)) for j in range(8)]
+        scale = [b.fmul(d, bytes16(sc_off + 16 * j)) for j in range(8)]
+        mins = [b.fneg(b.fmul(dmin, bytes16(m_off + 16 * j))) for j in range(8)]
         low = ir.Constant(_vec(_I8, 64), [0x0F] * 64)
         four = ir.Constant(_vec(_I8, 64), [4] * 64)
-        kb32 = builder.mul(kb, i64(8))
-        x_sb = builder.mul(sb, i64(256))
-        s_sb = builder.mul(sb, i64(32))
-        xts = [builder.add(builder.add(x, builder.mul(xs, i64(t))), x_sb) for t in range(mt)]
-        sts = [builder.add(builder.add(sc, builder.mul(ss, i64(t))), s_sb) for t in range(mt)]
-        new = list(accs)
+        zero = ir.Constant(_vec(_I32, 16), None)
+        cx_plane = b.mul(kb32, e.i64(8))
         # chunk by chunk (its 8 quads: sub-blocks 2c and 2c + 1), so that 16 unpacked quad
         # vectors are live at a time, not the super-block's 64 (register spills at 4 rows)
         for c in range(4):
-            quads = {2 * c: [], 2 * c + 1: []}  # sub-block j: its 8 quads as <16 x i32>
-            for q in range(8):
-                off = q_off + 64 * (8 * c + q)
-                v = builder.load(ptr(builder.add(base, i64(off)), _vec(_I8, 64)), align=1)
-                quads[2 * c].append(builder.bitcast(builder.and_(v, low), _vec(_I32, 16)))
-                quads[2 * c + 1].append(builder.bitcast(builder.lshr(v, four), _vec(_I32, 16)))
-            for t in range(mt):
-                for j, vectors in quads.items():
-                    chains = [ir.Constant(_vec(_I32, 16), None)] * 2
-                    for q, u in enumerate(vectors):
-                        at = builder.add(xts[t], i64(32 * j + 4 * q))
-                        xq = splat(builder.load(ptr(at, _I32), align=1), _I32)
-                        chains[q % 2] = builder.call(dpbusd, [chains[q % 2], u, xq])
-                    isum = builder.sitofp(builder.add(chains[0], chains[1]), _vec(_F32, 16))
-                    dx = builder.load(ptr(builder.add(sts[t], i64(4 * j)), _F32), align=4)
-                    cx_at = builder.add(builder.add(sts[t], builder.mul(kb32, i64(8))), i64(4 * j))
-                    cx = builder.load(ptr(cx_at, _F32), align=4)
-                    step = builder.fmul(scale[j], splat(dx, _F32))
-                    new[t] = builder.call(fma, [isum, step, new[t]])
-                    new[t] = builder.call(fma, [builder.fneg(mins[j]), splat(cx, _F32), new[t]])
-        sb_next = builder.add(sb, i64(1))
-        sb.add_incoming(sb_next, builder.block)
-        for acc, value in zip(accs, new, strict=True):
-            acc.add_incoming(value, builder.block)
-        builder.cbranch(builder.icmp_signed("<", sb_next, kb), loop, done)
+            quads = [e.load(base, q_off + 64 * (8 * c + q), _vec(_I8, 64)) for q in range(8)]
+            codes = {
+                2 * c: [b.and_(v, low) for v in quads],
+                2 * c + 1: [b.lshr(v, four) for v in quads],
+            }
+            for t in range(len(accs)):
+                for j, vectors in codes.items():
+                    isum = e.dot(zero, vectors, xts[t], [32 * j + 4 * q for q in range(8)])
+                    dx = e.load(sts[t], 4 * j, _F32, align=4)
+                    cx = e.load(e.addr(sts[t], cx_plane), 4 * j, _F32, align=4)
+                    accs[t] = e.fma(isum, b.fmul(scale[j], e.splat(dx, _F32)), accs[t])
+                    accs[t] = e.fma(mins[j], e.splat(cx, _F32), accs[t])
+        return accs
 
-        builder.position_at_end(done)
-        for t, value in enumerate(new):
-            yt = builder.add(y, builder.mul(ys, i64(t)))
-            builder.store(value, ptr(yt, _vec(_F32, 16)), align=4)
-        return context.get_dummy_value()
-
-    def typer(typingctx, w, kb, x, xs, sc, ss, y, ys):
-        return sig, codegen
-
-    return intrinsic(typer)
+    return _tile_intrinsic(tb, 256, mt, body)
 
 
 # -- workers: run inside torch's OpenMP thread pool ----------------------------------------

@@ -20,8 +20,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import sys
+
+from llamapy.kernels.cpu.switches import switched_off
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def tune_malloc() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("LLAMAPY_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("LLAMAPY_MALLOC_TUNE"):
         return False
     libc = _libc()
     if libc is None:

@@ -43,6 +43,7 @@ import os
 
 import torch
 
+from llamapy.kernels.cpu.switches import switched_off
 from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
 
@@ -63,13 +64,12 @@ Q4K_TILE = (32 + 32 + 128 + 128 + 2048, 0, 32, 64, 192, 320)  # bytes, d, dmin, 
 OFFSETS = {QuantType.Q4_0: -8, QuantType.Q5_0: -16, QuantType.Q8_0: -128}
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
 TILE_M = 4  # rows of x per pass over a tile
-_OFF_VALUES = ("0", "false", "no", "off")
 # torch's own OpenMP runtime: the kernels run on its thread pool (see _vnni_numba.py).
 GOMP_PATH = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
 
 
 def _switched_on() -> bool:
-    return os.environ.get("LLAMAPY_CPU_VNNI", "1").strip().lower() not in _OFF_VALUES
+    return not switched_off("LLAMAPY_CPU_VNNI")
 
 
 @functools.cache
