@@ -221,3 +221,40 @@ def test_packing_in_row_chunks_gives_the_same_bytes(rng) -> None:
     blocks = _blocks(rng, QuantType.Q8_0, n, k)
     whole = vnni.pack(blocks, QuantType.Q8_0, n, k)
     assert torch.equal(_pack_vnni_in_chunks(blocks, QuantType.Q8_0, n, k, chunk=32), whole)
+
+
+def test_kernels_are_loaded_from_numba_disk_cache(tmp_path) -> None:
+    """The compiled kernels carry no process-specific address (libgomp is called by name),
+    so a second process loads them from numba's cache instead of compiling (~1 s a type):
+    a ctypes pointer compiled in again would make numba refuse to cache them."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from numba.core import caching\n"
+        "from llamapy.kernels.cpu import _vnni_numba as kernels\n"
+        "from llamapy.quant.types import QuantType\n"
+        "loads = []\n"
+        "original = caching.Cache.load_overload\n"
+        "def load(self, *args, **kwargs):\n"
+        "    out = original(self, *args, **kwargs)\n"
+        "    loads.append(out is not None)\n"
+        "    return out\n"
+        "caching.Cache.load_overload = load\n"
+        "kernels.runner(int(QuantType.Q4_0))\n"
+        "kernels._launch.compile('(' + ','.join(['int64'] * 10) + ')')\n"
+        "print(sum(loads), len(loads))\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run() -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        hits, lookups = map(int, out.stdout.split()[-2:])
+        return hits, lookups
+
+    assert run() == (0, 2)  # the worker and the launcher: compiled and stored
+    assert any(tmp_path.rglob("*.nbc")), "numba stored no compiled kernel"
+    assert run() == (2, 2)  # a new process: both loaded

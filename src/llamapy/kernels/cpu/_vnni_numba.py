@@ -12,9 +12,11 @@ fifth bits OR-ed in from the rows' high-bit words). The 16 lanes are the tile's 
 no horizontal sums. `_q4k_tile_kernel(mt)` is the same over Q4_K's 256-weight super-blocks,
 scaled per 32-weight sub-block.
 
-The workers (`_matmul_worker`) split a matrix's tiles over torch's OpenMP threads; given
-float x (the decode-size op) they first quantize it, each thread its rows, as
-vnni.quantize_x does, bit for bit (`_quantize_rows`).
+The workers (`_worker(qtype)`, one cfunc per type, `_tile(qtype, mt, ...)` their
+intrinsic) split a matrix's tiles over torch's OpenMP threads; given float x (the
+decode-size op) they first quantize it, each thread its rows, as vnni.quantize_x does, bit
+for bit (`_quantize_rows`). Compiled code is cached on disk by numba (next to this file, or
+in NUMBA_CACHE_DIR): a new process loads a type's kernels in milliseconds.
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ import ctypes
 import functools
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core.errors import TypingError
 from numba.core.extending import intrinsic
 
-from llamapy.kernels.cpu.vnni import GOMP_PATH, OFFSETS, Q4K_TILE, TILE_M, TILE_N, tile_layout
+from llamapy.kernels.cpu.vnni import (
+    GOMP_PATH,
+    LAYOUTS,
+    OFFSETS,
+    Q4K_TILE,
+    TILE_M,
+    TILE_N,
+    tile_layout,
+)
 from llamapy.quant.types import QuantType
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -83,18 +95,16 @@ class _Emit:
         return self.b.sitofp(self.b.add(chains[0], chains[1]), _vec(_F32, 16))
 
 
-def _tile_intrinsic(tb: int, block: int, mt: int, body):
-    """numba intrinsic (w, kb, x, xs, sc, ss, y, ys) -> None, addresses and strides in
-    bytes: the tile at w (kb tile-blocks of tb bytes, `block` weights of K each) against mt
-    rows of x (int8 quants at x, xs apart; their per-32-block float32 dx, int32 bias and
-    float32 cx planes at sc, ss apart); the 16 outputs of x row t are stored as float32 at
-    y + t * ys. `body(e, base, xts, sts, kb32, accs)` emits one tile-block (base: its
-    address; xts / sts: x row t's quants and scales at the block) and returns the new
-    accumulators."""
-    sig = types.none(*([types.int64] * 8))
+def _tile_codegen(tb: int, block: int, mt: int, body):
+    """Codegen of `_tile` (w, kb, x, xs, sc, ss, y, ys; addresses and strides in bytes):
+    the tile at w (kb tile-blocks of tb bytes, `block` weights of K each) against mt rows of
+    x (int8 quants at x, xs apart; their per-32-block float32 dx, int32 bias and float32 cx
+    planes at sc, ss apart); the 16 outputs of x row t are stored as float32 at y + t * ys.
+    `body(e, base, xts, sts, kb32, accs)` emits one tile-block (base: its address; xts /
+    sts: x row t's quants and scales at the block) and returns the new accumulators."""
 
     def codegen(context, builder, signature, args):
-        w, kb, x, xs, sc, ss, y, ys = args
+        w, kb, x, xs, sc, ss, y, ys = args[2:]
         e = _Emit(builder)
         entry = builder.block
         loop = builder.append_basic_block("tile.loop")
@@ -127,14 +137,11 @@ def _tile_intrinsic(tb: int, block: int, mt: int, body):
             builder.store(value, builder.inttoptr(yt, _vec(_F32, 16).as_pointer()), align=4)
         return context.get_dummy_value()
 
-    def typer(typingctx, w, kb, x, xs, sc, ss, y, ys):
-        return sig, codegen
-
-    return intrinsic(typer)
+    return codegen
 
 
 def _tile_kernel(qtype: QuantType, mt: int):
-    """The legacy types' tile kernel (`_tile_intrinsic` over 32-blocks)."""
+    """The legacy types' tile kernel (`_tile_codegen` over 32-blocks)."""
     tb, d_off, m_off, h_off, q_off, quads = tile_layout(qtype)
     nibbles = qtype != QuantType.Q8_0
 
@@ -173,11 +180,11 @@ def _tile_kernel(qtype: QuantType, mt: int):
                 accs[t] = e.fma(mins, e.splat(cx, _F32), accs[t])
         return accs
 
-    return _tile_intrinsic(tb, 32, mt, body)
+    return _tile_codegen(tb, 32, mt, body)
 
 
 def _q4k_tile_kernel(mt: int):
-    """The Q4_K tile kernel (`_tile_intrinsic` over 256-weight super-blocks). Per sub-block
+    """The Q4_K tile kernel (`_tile_codegen` over 256-weight super-blocks). Per sub-block
     j of 32 weights: its 8 quads' dots with x (dx and cx per 32-block of x, as the legacy
     types), times the rows' d * sc_j and dx_j, minus the rows' dmin * m_j times cx_j."""
     tb, d_off, dmin_off, sc_off, m_off, q_off = Q4K_TILE
@@ -210,7 +217,41 @@ def _q4k_tile_kernel(mt: int):
                     accs[t] = e.fma(mins[j], e.splat(cx, _F32), accs[t])
         return accs
 
-    return _tile_intrinsic(tb, 256, mt, body)
+    return _tile_codegen(tb, 256, mt, body)
+
+
+@functools.cache
+def _tile_kernel_of(qtype: int, mt: int):
+    if qtype == QuantType.Q4_K:
+        return _q4k_tile_kernel(mt)
+    return _tile_kernel(QuantType(qtype), mt)
+
+
+@intrinsic(prefer_literal=True)
+def _tile(typingctx, qt, mt, w, kb, x, xs, sc, ss, y, ys):
+    """_tile(qtype, mt, w, kb, x, xs, sc, ss, y, ys): one tile's dots with mt rows of x (see
+    `_tile_codegen`); qtype and mt are compile-time constants."""
+    if not (isinstance(qt, types.IntegerLiteral) and isinstance(mt, types.IntegerLiteral)):
+        raise TypingError(f"_tile takes a constant qtype and row count, not {qt}, {mt}")
+    sig = types.none(qt, mt, *([types.int64] * 8))
+    return sig, _tile_kernel_of(qt.literal_value, mt.literal_value)
+
+
+@intrinsic(prefer_literal=True)
+def _params(typingctx, qt):
+    """(bytes per tile-block, weights of K per tile-block, x's offset term, with mins) of
+    the constant qtype."""
+    if not isinstance(qt, types.IntegerLiteral):
+        raise TypingError(f"_params takes a constant qtype, not {qt}")
+    qtype = QuantType(qt.literal_value)
+    tb, block = (Q4K_TILE[0], 256) if qtype == QuantType.Q4_K else (tile_layout(qtype)[0], 32)
+    values = (tb, block, OFFSETS.get(qtype, 0), int(qtype not in OFFSETS))
+    ret = types.UniTuple(types.int64, 4)
+
+    def codegen(context, builder, signature, args):
+        return context.make_tuple(builder, ret, [ir.Constant(_I64, v) for v in values])
+
+    return ret(qt), codegen
 
 
 # -- workers: run inside torch's OpenMP thread pool ----------------------------------------
@@ -220,18 +261,56 @@ def _q4k_tile_kernel(mt: int):
 # cores then carry four busy threads (a SmolLM2 decode step measured 10.1 -> 14.7 ms). So the
 # kernels are numba `cfunc`s launched with torch's libgomp's own `GOMP_parallel` (the call a
 # `#pragma omp parallel` compiles to): the same threads as torch's kernels, one pool.
+#
+# The runtime's entry points are called by name (llamapy_GOMP_parallel, ...), names that
+# llvmlite's symbol table maps to torch's libgomp when this module is imported: no
+# process-specific address is compiled in, so numba caches the compiled kernels on disk
+# (cache=True) and a new process loads them instead of compiling (~0.6-1.1 s a type).
 
 _GOMP = ctypes.CDLL(GOMP_PATH)
-_thread_num = _GOMP.omp_get_thread_num
-_thread_num.restype, _thread_num.argtypes = ctypes.c_int, []
-_num_threads = _GOMP.omp_get_num_threads
-_num_threads.restype, _num_threads.argtypes = ctypes.c_int, []
-# GOMP_parallel(fn, data, num_threads, flags), addresses as integers for calls from numba
-_parallel_int = _GOMP["GOMP_parallel"]
-_parallel_int.restype = None
-_parallel_int.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
-_barrier = _GOMP["GOMP_barrier"]
-_barrier.restype, _barrier.argtypes = None, []
+_GOMP_SYMBOLS = {  # name -> (return type, argument types)
+    "GOMP_parallel": (ir.VoidType(), [_I64, _I64, _I32, _I32]),  # fn, data, threads, flags
+    "GOMP_barrier": (ir.VoidType(), []),
+    "omp_get_thread_num": (_I32, []),
+    "omp_get_num_threads": (_I32, []),
+}
+for _name in _GOMP_SYMBOLS:
+    llvm.add_symbol("llamapy_" + _name, ctypes.cast(_GOMP[_name], ctypes.c_void_p).value)
+
+
+def _gomp_codegen(name: str):
+    """Codegen of a call of torch's libgomp's `name` (see above), int64 arguments."""
+    ret, params = _GOMP_SYMBOLS[name]
+
+    def codegen(context, builder, signature, args):
+        fn = _declare(builder.module, "llamapy_" + name, ret, params)
+        pairs = zip(args, params, strict=True)
+        out = builder.call(fn, [a if p == _I64 else builder.trunc(a, p) for a, p in pairs])
+        return context.get_dummy_value() if isinstance(ret, ir.VoidType) else out
+
+    return codegen
+
+
+@intrinsic
+def _gomp_parallel(typingctx, fn, data, threads, flags):
+    return types.none(*([types.int64] * 4)), _gomp_codegen("GOMP_parallel")
+
+
+@intrinsic
+def _barrier(typingctx):
+    return types.none(), _gomp_codegen("GOMP_barrier")
+
+
+@intrinsic
+def _thread_num(typingctx):
+    return types.int32(), _gomp_codegen("omp_get_thread_num")
+
+
+@intrinsic
+def _num_threads(typingctx):
+    return types.int32(), _gomp_codegen("omp_get_num_threads")
+
+
 _ARGS = types.void(types.CPointer(types.int64))
 
 
@@ -303,69 +382,80 @@ def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - 
             cx_row[b] = dx * np.float32(qsum) if with_min else np.float32(0.0)
 
 
-def _launcher(worker):
-    """An njit function (w, tiles, q, m, k, s, y, threads) that runs `worker` on them: one
-    numba call (~1 us in all) where building the arguments and calling GOMP_parallel
-    through ctypes from Python costs ~3.5 us."""
-    address = worker.address
-
-    @njit(nogil=True)
-    def run(w, tiles, q, m, k, s, y, x, threads):  # pragma: no cover - compiled by numba
-        """x = 0: q and s hold x's quantization; else x is float32 x's address, and q, s
-        0: scratch for its quantization is allocated here."""
-        a = np.empty(8, np.int64)
-        qbuf = np.empty(m * k if x != 0 else 0, np.int8)
-        sbuf = np.empty(m * 3 * (k // 32) if x != 0 else 0, np.float32)
-        if x != 0:
-            q, s = qbuf.ctypes.data, sbuf.ctypes.data
-        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7] = w, tiles, q, m, k, s, y, x
-        _parallel_int(address, a.ctypes.data, threads, 0)
-        return qbuf.size + sbuf.size  # keeps the scratch alive through the call
-
-    return run
+@njit(nogil=True, cache=True)
+def _launch(worker, w, tiles, q, m, k, s, y, x, threads):  # pragma: no cover - numba
+    """Runs `worker` (a `_worker` cfunc's address) on torch's threads: one numba call (~1 us
+    in all) where building the arguments and calling GOMP_parallel from Python costs ~3.5.
+    x = 0: q and s hold x's quantization; else x is float32 x's address, and q, s 0:
+    scratch for its quantization is allocated here."""
+    a = np.empty(8, np.int64)
+    qbuf = np.empty(m * k if x != 0 else 0, np.int8)
+    sbuf = np.empty(m * 3 * (k // 32) if x != 0 else 0, np.float32)
+    if x != 0:
+        q, s = qbuf.ctypes.data, sbuf.ctypes.data
+    a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7] = w, tiles, q, m, k, s, y, x
+    _gomp_parallel(worker, a.ctypes.data, threads, 0)
+    return qbuf.size + sbuf.size  # keeps the scratch alive through the call
 
 
-def _matmul_worker(qtype: QuantType):
-    if qtype == QuantType.Q4_K:
-        k1, k2, k3, k4 = (_q4k_tile_kernel(mt) for mt in range(1, TILE_M + 1))
-        tb, block = Q4K_TILE[0], 256
-    else:
-        k1, k2, k3, k4 = (_tile_kernel(qtype, mt) for mt in range(1, TILE_M + 1))
-        tb, block = tile_layout(qtype)[0], 32
+@njit(inline="always")
+def _work(a, qt):  # pragma: no cover - compiled by numba
+    """One thread's share of a matmul of the constant qtype qt (see `_worker`)."""
+    tb, block, offset, with_min = _params(qt)
+    w, tiles, q, m, k, s, y, x = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    kb = k // block  # tile-blocks per tile
+    ss = 12 * (k // 32)
+    ys = tiles * TILE_N * 4
+    tid, nt = _thread_num(), _num_threads()
+    if x != 0:  # float x given: quantize it first, each thread its rows
+        _quantize_rows(x, q, s, m * tid // nt, m * (tid + 1) // nt, k, offset, with_min != 0)
+        _barrier()
+    for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
+        wt = w + tile * kb * tb
+        for m0 in range(0, m, TILE_M):
+            mt = min(TILE_M, m - m0)
+            xq, sc = q + m0 * k, s + m0 * ss
+            yp = y + (m0 * tiles + tile) * TILE_N * 4
+            if mt == 4:
+                _tile(qt, 4, wt, kb, xq, k, sc, ss, yp, ys)
+            elif mt == 3:
+                _tile(qt, 3, wt, kb, xq, k, sc, ss, yp, ys)
+            elif mt == 2:
+                _tile(qt, 2, wt, kb, xq, k, sc, ss, yp, ys)
+            else:
+                _tile(qt, 1, wt, kb, xq, k, sc, ss, yp, ys)
 
-    offset = OFFSETS.get(qtype, 0)
-    with_min = qtype not in OFFSETS
 
-    @cfunc(_ARGS, nopython=True)
+# What the compiled kernels depend on outside this file (vnni.py's layout constants): a
+# cached kernel is reused only while this file is unchanged (numba's rule) and this key,
+# part of each worker's cache key, equals the one it was compiled with.
+_LAYOUT_KEY = (
+    tuple((int(t), tile_layout(t)) for t in LAYOUTS),
+    Q4K_TILE,
+    tuple((int(t), o) for t, o in OFFSETS.items()),
+    TILE_M,
+    TILE_N,
+)
+
+
+@functools.cache
+def _worker(qtype: int) -> int:
+    """The address of qtype's worker: a cfunc (a[8]) -> None, a = (w, tiles, q, m, k, s, y,
+    x), that splits the tiles over the calling OpenMP team (and, given float x, quantizes
+    it first, each thread its rows, as vnni.quantize_x does, bit for bit). Loaded from
+    numba's disk cache, else compiled (~0.6-1.1 s)."""
+    qt, key = int(qtype), _LAYOUT_KEY
+
+    @cfunc(_ARGS, nopython=True, cache=True)
     def work(a):  # pragma: no cover - compiled by numba
-        w, tiles, q, m, k, s, y, x = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-        kb = k // block  # tile-blocks per tile
-        ss = 12 * (k // 32)
-        ys = tiles * TILE_N * 4
-        tid, nt = _thread_num(), _num_threads()
-        if x != 0:  # float x given: quantize it first, each thread its rows
-            _quantize_rows(x, q, s, m * tid // nt, m * (tid + 1) // nt, k, offset, with_min)
-            _barrier()
-        for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
-            wt = w + tile * kb * tb
-            for m0 in range(0, m, TILE_M):
-                mt = min(TILE_M, m - m0)
-                xq, sc = q + m0 * k, s + m0 * ss
-                yp = y + (m0 * tiles + tile) * TILE_N * 4
-                if mt == 4:
-                    k4(wt, kb, xq, k, sc, ss, yp, ys)
-                elif mt == 3:
-                    k3(wt, kb, xq, k, sc, ss, yp, ys)
-                elif mt == 2:
-                    k2(wt, kb, xq, k, sc, ss, yp, ys)
-                else:
-                    k1(wt, kb, xq, k, sc, ss, yp, ys)
+        if key:  # a closure variable: part of numba's cache key
+            _work(a, qt)
 
-    return work
+    return work.address
 
 
 @functools.cache
 def runner(qtype: int):
-    """The njit launcher of `qtype`'s matmul (see `_launcher`), compiled on first use:
-    ~0.3 s a type, so a model compiles only the types it has."""
-    return _launcher(_matmul_worker(QuantType(qtype)))
+    """`qtype`'s matmul launcher: runner(qtype)(w, tiles, q, m, k, s, y, x, threads) (see
+    `_launch`)."""
+    return functools.partial(_launch, _worker(qtype))

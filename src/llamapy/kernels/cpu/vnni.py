@@ -284,7 +284,8 @@ torch.library.register_fake("llamapy::vnni_mm_x", _vnni_mm_x_fake, lib=_LIB)
 
 @functools.cache
 def _numba():
-    """The numba kernels (kernels/cpu/_vnni_numba.py), compiled on first use."""
+    """The numba kernels (kernels/cpu/_vnni_numba.py): each type's loaded from numba's disk
+    cache or compiled at its first use."""
     if not available():
         raise RuntimeError(
             "the VNNI CPU kernels need numba, torch's bundled libgomp and a CPU with "
