@@ -170,10 +170,12 @@ def _measure(request, cpu_kernels: str | None) -> Fidelity:
     return result
 
 
-def _models(xfail: dict[str, str]) -> list:
-    """The models, those in `xfail` as strict xfails with the reason given."""
+def _models(xfail: dict[str, str], strict: bool = True) -> list:
+    """The models, those in `xfail` as xfails (strict unless told) with the reason given."""
     return [
-        pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=xfail[a])) if a in xfail else a
+        pytest.param(a, marks=pytest.mark.xfail(strict=strict, reason=xfail[a]))
+        if a in xfail
+        else a
         for a in FIXTURES
     ]
 
@@ -279,10 +281,13 @@ GGML_GREEDY_XFAIL = {
     "gemma3-270m": "measured 2/5 identical in ggml mode, divergences at llama.cpp margins of "
     f"0.03-0.09 nats ({GGML_CHAOS})",
 }
+# Not strict: which side of 0.5% this lands on depends on the host CPU's GEMM kernels (oneDNN
+# picks AMX tiles where the CPU has them, another summation order): -0.80% on an AVX512-BF16
+# host, +0.23% on an AMX host (same code, 2026-11-25 and -26).
 GGML_PPL_XFAIL = {
-    "gemma3-270m": "measured -0.80% in ggml mode (llama.cpp 17.088, llamapy 16.952; the "
-    "default path is within 0.5% here, the float32 reference path -0.58%): perplexity moves "
-    f"by this much with summation order alone ({GGML_CHAOS})",
+    "gemma3-270m": "measured -0.80% in ggml mode on an AVX512-BF16 host (llama.cpp 17.088, "
+    "llamapy 16.952), +0.23% on an AMX host; the default path is within 0.5% on both: "
+    f"perplexity moves by this much with summation order alone ({GGML_CHAOS})",
 }
 
 
@@ -291,7 +296,7 @@ def test_ggml_kl_divergence(fidelity_ggml: Fidelity) -> None:
     assert fidelity_ggml.kl_topk <= KL_TARGET, str(fidelity_ggml)
 
 
-@pytest.mark.parametrize("fidelity_ggml", _models(GGML_PPL_XFAIL), indirect=True)
+@pytest.mark.parametrize("fidelity_ggml", _models(GGML_PPL_XFAIL, strict=False), indirect=True)
 def test_ggml_perplexity_within_half_percent(fidelity_ggml: Fidelity) -> None:
     assert abs(fidelity_ggml.ppl_rel) <= PPL_REL_TARGET, str(fidelity_ggml)
 

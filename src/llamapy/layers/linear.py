@@ -34,7 +34,9 @@ class QLinear(torch.nn.Module):
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"QLinear needs a 2-D weight, got shape {weight.shape}")
-        self.weight = weight
+        self._weight = weight
+        # a fused layer's parts, concatenated into `weight` at its first use (see `fused`)
+        self._parts: list[torch.Tensor] | None = None
         self.bias = bias
         self.out_features, self.in_features = weight.shape
         # kernel-specific form of `weight`, set by prepare(), which then empties `weight`
@@ -54,10 +56,29 @@ class QLinear(torch.nn.Module):
             return None
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return None
-        data = torch.cat([w.data for w in weights])
         shape = (sum(w.shape[0] for w in weights), first.shape[1])
         bias = None if biases[0] is None else torch.cat(list(biases))
-        return cls(QTensor(data, first.qtype, shape), bias)
+        # The stacked blocks are built when first needed (by `prepare`, or a reference-path
+        # call), not here: a model builds all its layers before preparing any, and copies
+        # made here would all be resident at once, and the file's pages they were read from.
+        layer = cls(QTensor(first.data[:0], first.qtype, (0, shape[1])), bias)
+        layer.out_features = shape[0]
+        layer._parts = [w.data for w in weights]
+        return layer
+
+    @property
+    def weight(self) -> QTensor:
+        """The ggml blocks (empty once `prepare` has repacked them)."""
+        if self._parts is not None:
+            data = torch.cat(self._parts)
+            shape = (self.out_features, self.in_features)
+            self._weight = QTensor(data, self._weight.qtype, shape)
+            self._parts = None
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: QTensor) -> None:
+        self._weight, self._parts = value, None
 
     def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:
         """Move the weight to `device` in the form its kernels read (once, at load)."""
@@ -66,7 +87,7 @@ class QLinear(torch.nn.Module):
             # a float32 matrix and torch's matmul instead.
             self.packed = self.dense_weight().to(device)
             self.kernel = "dense"
-            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+            self._drop_blocks()
         elif device.type == "cuda":
             from llamapy.kernels.triton.qmatmul import pack_weight
 
@@ -74,21 +95,28 @@ class QLinear(torch.nn.Module):
             self.packed = pack_weight(data, self.weight.qtype, self.weight.shape)
             self.kernel = "triton"
             # the packed arrays are the weight now: keep no second copy on the GPU
-            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+            self._drop_blocks()
         elif cpu_kernels == "fast":
             from llamapy.kernels.cpu.qmatmul import pack_weight_cpu
 
             self.packed = pack_weight_cpu(self.weight.data, self.weight.qtype, self.weight.shape)
             self.kernel = "cpu"
-            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+            self._drop_blocks()
         elif cpu_kernels == "ggml":
             from llamapy.kernels.cpu.ggml_numerics import pack_weight_ggml
 
             self.packed = pack_weight_ggml(self.weight.data, self.weight.qtype, self.weight.shape)
             self.kernel = "ggml"
-            self.weight = QTensor(self.weight.data[:0], self.weight.qtype, (0, self.in_features))
+            self._drop_blocks()
         if self.bias is not None:
             self.bias = self.bias.to(device)
+
+    def _drop_blocks(self) -> None:
+        """The packed copy is the weight now: keep no reference to the ggml blocks (a view
+        of them, even empty, would keep a fused layer's concatenated copy alive)."""
+        data = self.weight.data
+        empty = torch.empty((0, *data.shape[1:]), dtype=data.dtype, device=data.device)
+        self.weight = QTensor(empty, self.weight.qtype, (0, self.in_features))
 
     def dense_weight(
         self, rows: slice | None = None, dtype: torch.dtype = torch.float32
