@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llamapy.kernels.cpu import vnni
-from llamapy.kernels.cpu.ggml_numerics import quantize_q8_0
+from llamapy.kernels.cpu.ggml_numerics import quantize_q8_0, quantize_q8_K
 from llamapy.quant.types import QuantType
 
 pytestmark = pytest.mark.skipif(
@@ -26,17 +26,19 @@ pytestmark = pytest.mark.skipif(
     reason="needs numba and an x86 CPU with AVX512-VNNI (the kernels are that instruction)",
 )
 
-TYPES = [*vnni.LAYOUTS, QuantType.Q4_K]
+TYPES = [*vnni.LAYOUTS, QuantType.Q4_K, QuantType.Q6_K]
+K_QUANTS = (QuantType.Q4_K, QuantType.Q6_K)
 LEGACY = list(vnni.LAYOUTS)
 REL_TOL = 1e-5
 
 
 def _blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch.Tensor:
-    """gguf-py's blocks of a random (N, K) weight, rows of different magnitudes; Q4_K
-    (gguf-py does not quantize it): random bytes with moderate fp16 d and dmin."""
-    if qtype == QuantType.Q4_K:
-        blocks = rng.integers(0, 256, (n * k // 256, 144), dtype=np.uint8)
-        for off in (0, 2):
+    """gguf-py's blocks of a random (N, K) weight, rows of different magnitudes; Q4_K and
+    Q6_K (gguf-py does not quantize them): random bytes with moderate fp16 d (and dmin)."""
+    if qtype in K_QUANTS:
+        size, d_offsets = (144, (0, 2)) if qtype == QuantType.Q4_K else (210, (208,))
+        blocks = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+        for off in d_offsets:
             d = (rng.standard_normal(blocks.shape[0]) * 1e-2).astype(np.float16)
             blocks[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
         return torch.from_numpy(blocks).view(n, -1)
@@ -47,12 +49,15 @@ def _blocks(rng: np.random.Generator, qtype: QuantType, n: int, k: int) -> torch
 
 def _oracle(x: torch.Tensor, blocks: torch.Tensor, qtype: QuantType) -> tuple:
     """(float64 x_q @ W^T, |x_q| @ |W|^T) with x_q llama.cpp's 8-bit x (Q8_0's values; Q8_1
-    has the same quants and scales)."""
+    has the same quants and scales; the K-quants': Q8_K's)."""
     n = blocks.shape[0]
     w = gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[qtype.name])
     w = torch.from_numpy(w).double().view(n, -1)
     m, k = x.shape
-    q, d = quantize_q8_0(x)
+    if qtype in vnni.Q8_K_X:  # llama.cpp's Q8_K activations (per 256)
+        q, d, _ = quantize_q8_K(x)
+    else:
+        q, d = quantize_q8_0(x)
     xq = (q.double() * d.double()[:, None]).view(m, k)
     return xq @ w.T, xq.abs() @ w.abs().T
 
@@ -74,10 +79,10 @@ def _check(y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, qtype: QuantT
 )  # fmt: skip
 def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
     """Every tile kernel (1-4 rows of x, and 5 / 9 rows as 4 + 1), a partial last tile
-    (N % 16), one block (K = 32) and an odd number of blocks (Q4_K: K scaled to its
-    256-weight super-blocks, 1 to 3 of them); x quantized inside the op (up to
+    (N % 16), one block (K = 32) and an odd number of blocks (Q4_K, Q6_K: K scaled to
+    their 256-weight super-blocks, 1 to 3 of them); x quantized inside the op (up to
     X_IN_OP_MAX_M rows) and by `quantize_x` (17 and 40 rows)."""
-    if qtype == QuantType.Q4_K:
+    if qtype in K_QUANTS:
         k = 256 * (1 + k % 3)
     blocks = _blocks(rng, qtype, n, k)
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
@@ -85,7 +90,9 @@ def test_matches_llama_cpp_dot_products(rng, qtype, m, n, k) -> None:
     _check(y, x, blocks, qtype)
 
 
-@pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype", [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K, QuantType.Q6_K], ids=lambda q: q.name
+)
 def test_in_op_quantization_is_quantize_x(rng, qtype) -> None:
     """The op's own quantization of x (numba, decode) gives the bits of `quantize_x` (torch,
     checked against llama.cpp's quantizer in test_ggml_numerics): the same outputs, over
@@ -110,6 +117,28 @@ def test_in_op_quantization_is_quantize_x(rng, qtype) -> None:
         got = torch.ops.llamapy.vnni_mm_x(rows.contiguous(), tiles, int(qtype), n)
         lo = 0 if rows is x else (0 if rows.shape[0] == 1 else 3)
         assert torch.equal(got, want[lo : lo + rows.shape[0]])
+
+
+@pytest.mark.parametrize("qtype", vnni.Q8_K_X, ids=lambda q: q.name)
+def test_k_quant_activations_are_llama_cpp_q8_k(rng, qtype) -> None:
+    """The K-quants' x is llama.cpp's Q8_K (ggml_numerics.quantize_q8_K, checked there
+    against llama.cpp's quantizer): the same quants, d in every 32-block's dx, and the
+    per-16 sums (bsums) in the offset planes (Q6_K) or per 32 in cx (Q4_K)."""
+    x = torch.from_numpy(rng.standard_normal((3, 512), dtype=np.float32))
+    x[1, :256] = 0  # a zero super-block: d 0
+    x[2, 7] = -x[2, :256].abs().max() * 2  # the largest magnitude negative: q -127
+    q, scales = vnni.quantize_x(x, qtype)
+    want_q, want_d, bsums = quantize_q8_K(x)
+    assert torch.equal(q.view(-1, 256), want_q)
+    dx, bias, cx = scales[:, 0], scales[:, 1].view(torch.int32), scales[:, 2]
+    assert torch.equal(dx.reshape(-1, 8), want_d[:, None].expand(-1, 8))
+    halves = bsums.view(3, -1, 2).int()  # per 32-block: its two 16s
+    if qtype == QuantType.Q6_K:
+        assert torch.equal(bias, -32 * halves[..., 0])
+        assert torch.equal(cx, (-32 * halves[..., 1]).float())
+    else:
+        assert torch.equal(bias, torch.zeros_like(bias))
+        assert torch.equal(cx, dx * halves.sum(-1).float())
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -212,6 +241,22 @@ def test_qmatmul_takes_vnni_and_the_switch_turns_it_off(rng, monkeypatch) -> Non
     monkeypatch.setenv("LLAMAPY_CPU_VNNI", "0")
     assert not vnni.available()
     assert pack_weight_cpu(blocks, QuantType.Q4_1, (n, k)).method == "int4pack"
+
+
+def test_q6_k_takes_the_tiles_only_when_switched_on(rng, monkeypatch) -> None:
+    """Q6_K tiles are opt-in (LLAMAPY_CPU_VNNI_Q6K=1: see vnni.K_QUANTS for why); on, a
+    Q6_K weight packs to tiles and multiplies as the oracle does."""
+    from llamapy.kernels.cpu.qmatmul import pack_weight_cpu, qmatmul_cpu
+
+    n, k = 40, 512
+    blocks = _blocks(rng, QuantType.Q6_K, n, k)
+    monkeypatch.delenv("LLAMAPY_CPU_VNNI_Q6K", raising=False)
+    assert pack_weight_cpu(blocks, QuantType.Q6_K, (n, k)).method != "vnni"
+    monkeypatch.setenv("LLAMAPY_CPU_VNNI_Q6K", "1")
+    w = pack_weight_cpu(blocks, QuantType.Q6_K, (n, k))
+    assert w.method == "vnni"
+    x = torch.from_numpy(rng.standard_normal((2, k), dtype=np.float32))
+    _check(qmatmul_cpu(x, w), x, blocks, QuantType.Q6_K)
 
 
 def test_packing_in_row_chunks_gives_the_same_bytes(rng) -> None:

@@ -36,6 +36,9 @@ from llamapy.kernels.cpu.vnni import (
     LAYOUTS,
     OFFSETS,
     Q4K_TILE,
+    Q6K_OFFSET,
+    Q6K_TILE,
+    Q8_K_X,
     TILE_M,
     TILE_N,
     tile_layout,
@@ -220,10 +223,67 @@ def _q4k_tile_kernel(mt: int):
     return _tile_codegen(tb, 256, mt, body)
 
 
+def _q6k_tile_kernel(mt: int):
+    """The Q6_K tile kernel (`_tile_codegen` over 256-weight super-blocks). Per half of 128
+    weights and pair p of its quads: the 6-bit codes are ql's nibbles OR-ed with their high
+    bits from the pair's word (see vnni.q6k_high_words); low nibbles are weights 8p.. and
+    8p + 4.. (group p // 2 of 16 weights), high nibbles the same + 64 (group 4 + p // 2).
+    Each 16-weight group's dots start at x's -32 sum(q) of that 16 (the 32-block's bias
+    plane for its first 16, cx for its second), then times the rows' d * scale and dx."""
+    tb, d_off, sc_off, pair_off = Q6K_TILE
+
+    def body(e: _Emit, base, xts, sts, kb32, accs):
+        b = e.b
+        d = b.fpext(e.load(base, d_off, _vec(_F16, 16), align=2), _vec(_F32, 16))
+        low = ir.Constant(_vec(_I8, 64), [0x0F] * 64)
+        four = ir.Constant(_vec(_I8, 64), [4] * 64)
+        mask = ir.Constant(_vec(_I32, 16), [0x30303030] * 16)
+
+        def shifted(word, n: int):  # each byte's bits 4 - n, 5 - n at bits 4-5
+            count = ir.Constant(_vec(_I32, 16), [abs(n)] * 16)
+            w = b.shl(word, count) if n > 0 else b.lshr(word, count) if n < 0 else word
+            return b.bitcast(b.and_(w, mask), _vec(_I8, 64))
+
+        bias_plane, cx_plane = b.mul(kb32, e.i64(4)), b.mul(kb32, e.i64(8))
+        for h in range(2):
+            for gg in range(4):  # groups gg (low nibbles) and 4 + gg (high) of half h
+                lo, hi = [], []
+                for p in (2 * gg, 2 * gg + 1):
+                    off = pair_off + 192 * (8 * h + p)
+                    word = e.load(base, off, _vec(_I32, 16))
+                    v0 = e.load(base, off + 64, _vec(_I8, 64))
+                    v1 = e.load(base, off + 128, _vec(_I8, 64))
+                    lo += [b.or_(b.and_(v0, low), shifted(word, 4))]
+                    hi += [b.or_(b.lshr(v0, four), shifted(word, 2))]
+                    lo += [b.or_(b.and_(v1, low), shifted(word, 0))]
+                    hi += [b.or_(b.lshr(v1, four), shifted(word, -2))]
+                for g, codes in ((gg, lo), (4 + gg, hi)):
+                    group = 8 * h + g  # of the super-block's 16
+                    sc = b.sitofp(e.load(base, sc_off + 16 * group, _vec(_I8, 16)), _vec(_F32, 16))
+                    scale = b.fmul(d, sc)
+                    x_off = 16 * group
+                    offsets = [x_off + 4 * j for j in range(4)]
+                    blk = 4 * (group // 2)  # byte offset of its 32-block in each plane
+                    for t in range(len(accs)):
+                        if group % 2 == 0:
+                            init = e.load(e.addr(sts[t], bias_plane), blk, _I32, align=4)
+                        else:
+                            cx = e.load(e.addr(sts[t], cx_plane), blk, _F32, align=4)
+                            init = b.fptosi(cx, _I32)
+                        isum = e.dot(e.splat(init, _I32), codes, xts[t], offsets)
+                        dx = e.load(sts[t], blk, _F32, align=4)
+                        accs[t] = e.fma(isum, b.fmul(scale, e.splat(dx, _F32)), accs[t])
+        return accs
+
+    return _tile_codegen(tb, 256, mt, body)
+
+
 @functools.cache
 def _tile_kernel_of(qtype: int, mt: int):
     if qtype == QuantType.Q4_K:
         return _q4k_tile_kernel(mt)
+    if qtype == QuantType.Q6_K:
+        return _q6k_tile_kernel(mt)
     return _tile_kernel(QuantType(qtype), mt)
 
 
@@ -239,13 +299,18 @@ def _tile(typingctx, qt, mt, w, kb, x, xs, sc, ss, y, ys):
 
 @intrinsic(prefer_literal=True)
 def _params(typingctx, qt):
-    """(bytes per tile-block, weights of K per tile-block, x's offset term, with mins) of
-    the constant qtype."""
+    """(bytes per tile-block, weights of K per tile-block, x's offset term, how x is
+    quantized: 0 per 32 with the offset term, 1 per 32 with cx (`_quantize_rows`), 2 / 3
+    as Q8_K for Q6_K / Q4_K (`_quantize_rows_k`)) of the constant qtype."""
     if not isinstance(qt, types.IntegerLiteral):
         raise TypingError(f"_params takes a constant qtype, not {qt}")
     qtype = QuantType(qt.literal_value)
-    tb, block = (Q4K_TILE[0], 256) if qtype == QuantType.Q4_K else (tile_layout(qtype)[0], 32)
-    values = (tb, block, OFFSETS.get(qtype, 0), int(qtype not in OFFSETS))
+    if qtype == QuantType.Q6_K:
+        values = (Q6K_TILE[0], 256, Q6K_OFFSET, 2)
+    elif qtype == QuantType.Q4_K:
+        values = (Q4K_TILE[0], 256, 0, 3 if qtype in Q8_K_X else 1)
+    else:
+        values = (tile_layout(qtype)[0], 32, OFFSETS.get(qtype, 0), int(qtype not in OFFSETS))
     ret = types.UniTuple(types.int64, 4)
 
     def codegen(context, builder, signature, args):
@@ -355,8 +420,9 @@ def _round_fp16(v):  # pragma: no cover - compiled by numba
 
 @njit(inline="always")
 def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - numba
-    """Rows m0:m1 of x (float32 at address x, K wide) as vnni.quantize_x quantizes them:
-    int8 quants at q, per row (dx, bias, cx) per 32-block at s (the same bits)."""
+    """Rows m0:m1 of x (float32 at address x, K wide) as vnni.quantize_x quantizes them for
+    the legacy types: int8 quants at q, per row (dx, bias, cx) per 32-block at s (the same
+    bits)."""
     kb = k // 32
     for r in range(m0, m1):
         xr = carray(_f32_ptr(x + r * k * 4), (k,))
@@ -382,6 +448,47 @@ def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - 
             cx_row[b] = dx * np.float32(qsum) if with_min else np.float32(0.0)
 
 
+@njit(inline="always")
+def _quantize_rows_k(x, q, s, m0, m1, k, q6k):  # pragma: no cover - numba
+    """Rows m0:m1 of x as vnni.quantize_x quantizes them for the K-quants (llama.cpp's Q8_K,
+    per 256; see vnni._quantize_x_q8_k), the same bits: Q4_K (q6k 0) cx = d * sum(q) per
+    32; Q6_K bias and cx -32 sum(q) of each 32-block's two 16s."""
+    kb = k // 32
+    for r in range(m0, m1):
+        xr = carray(_f32_ptr(x + r * k * 4), (k,))
+        qr = carray(_i8_ptr(q + r * k), (k,))
+        dx_row = carray(_f32_ptr(s + r * 12 * kb), (kb,))
+        bias_row = carray(_i32_ptr(s + r * 12 * kb + 4 * kb), (kb,))
+        cx_row = carray(_f32_ptr(s + r * 12 * kb + 8 * kb), (kb,))
+        for sb in range(k // 256):
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for i in range(256 * sb, 256 * sb + 256):
+                a = abs(xr[i])
+                if a > amax:
+                    amax = a
+                    mx = xr[i]
+            iscale = np.float32(-127.0) / mx if mx != np.float32(0.0) else np.float32(0.0)
+            d = np.float32(1.0) / iscale if mx != np.float32(0.0) else np.float32(0.0)
+            for b in range(8 * sb, 8 * sb + 8):
+                lo = 0
+                hi = 0
+                for i in range(32 * b, 32 * b + 32):
+                    v = min(np.rint(xr[i] * iscale), np.float32(127.0))
+                    qr[i] = np.int8(v)
+                    if i < 32 * b + 16:
+                        lo += np.int32(v)
+                    else:
+                        hi += np.int32(v)
+                dx_row[b] = d
+                if q6k:
+                    bias_row[b] = np.int32(Q6K_OFFSET * lo)
+                    cx_row[b] = np.float32(Q6K_OFFSET * hi)
+                else:
+                    bias_row[b] = 0
+                    cx_row[b] = d * np.float32(lo + hi)
+
+
 @njit(nogil=True, cache=True)
 def _launch(worker, w, tiles, q, m, k, s, y, x, threads):  # pragma: no cover - numba
     """Runs `worker` (a `_worker` cfunc's address) on torch's threads: one numba call (~1 us
@@ -401,14 +508,18 @@ def _launch(worker, w, tiles, q, m, k, s, y, x, threads):  # pragma: no cover - 
 @njit(inline="always")
 def _work(a, qt):  # pragma: no cover - compiled by numba
     """One thread's share of a matmul of the constant qtype qt (see `_worker`)."""
-    tb, block, offset, with_min = _params(qt)
+    tb, block, offset, mode = _params(qt)  # mode: x's quantization (`_params`)
     w, tiles, q, m, k, s, y, x = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
     kb = k // block  # tile-blocks per tile
     ss = 12 * (k // 32)
     ys = tiles * TILE_N * 4
     tid, nt = _thread_num(), _num_threads()
     if x != 0:  # float x given: quantize it first, each thread its rows
-        _quantize_rows(x, q, s, m * tid // nt, m * (tid + 1) // nt, k, offset, with_min != 0)
+        m0, m1 = m * tid // nt, m * (tid + 1) // nt
+        if mode >= 2:
+            _quantize_rows_k(x, q, s, m0, m1, k, mode == 2)
+        else:
+            _quantize_rows(x, q, s, m0, m1, k, offset, mode == 1)
         _barrier()
     for tile in range(tiles * tid // nt, tiles * (tid + 1) // nt):
         wt = w + tile * kb * tb
@@ -432,6 +543,9 @@ def _work(a, qt):  # pragma: no cover - compiled by numba
 _LAYOUT_KEY = (
     tuple((int(t), tile_layout(t)) for t in LAYOUTS),
     Q4K_TILE,
+    Q6K_TILE,
+    Q6K_OFFSET,
+    tuple(int(t) for t in Q8_K_X),
     tuple((int(t), o) for t, o in OFFSETS.items()),
     TILE_M,
     TILE_N,

@@ -21,8 +21,9 @@ x is quantized as llama.cpp's x86 `quantize_row_q8_0` does (kernels/cpu/ggml_num
 checked there against llama.cpp's own quantizer): dx = fp16(amax / 127),
 q = round-half-even(x * 127 / amax). (For Q4_1 / Q5_1 llama.cpp's Q8_1 adds m times an
 fp16 `s` = d * sum(q), which overflows at |x| > ~2047; cx here is float32 dx * sum(q).)
-So the matmul is llama.cpp's up to float32 summation order (Q4_K: llama.cpp quantizes x
-per 256 as Q8_K; here per 32, a finer grid).
+For Q6_K x is llama.cpp's Q8_K instead: one float32 scale per 256 (`_quantize_x_q8_k`).
+So the matmul is llama.cpp's up to float32 summation order, except Q4_K's x, quantized per
+32 here (llama.cpp: Q8_K; see Q8_K_X).
 
 Weights are repacked once at load (`pack`) into tiles of 16 rows: per 32-block, the 16
 rows' fp16 scales (and mins, and the 5-bit types' high bits) side by side, then the quants
@@ -43,7 +44,7 @@ import os
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off
+from llamapy.kernels.cpu.switches import switched_off, switched_on
 from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
 
@@ -60,8 +61,25 @@ LAYOUTS: dict[QuantType, tuple[int, int, int, int, int]] = {
 # Q4_K: per 256-weight super-block, 16 rows' fp16 d and dmin, their 8 six-bit sub-block
 # scales and mins unpacked to bytes, then the quants' quads (4 chunks x 8 quads x 64 bytes)
 Q4K_TILE = (32 + 32 + 128 + 128 + 2048, 0, 32, 64, 192, 320)  # bytes, d, dmin, sc, m, qs
+# Q6_K: per 256-weight super-block, 16 rows' fp16 d, their 16 int8 scales (one per 16
+# weights: group g of rows 0..15 at 16 g), then per half of 128 weights and pair p of its
+# low-bit quads 64 bytes of the pair's fifth and sixth bits (`q6k_high_words`), the two
+# quads of the 4-bit parts (ql as stored: low nibbles weights b.., high nibbles b + 64..)
+Q6K_TILE = (32 + 256 + 2 * 8 * (64 + 2 * 64), 0, 32, 288)  # bytes, d, scales, first pair
 # the offset term per 32-block of x (times sum(q)) of the types whose weights are d (u - o)
 OFFSETS = {QuantType.Q4_0: -8, QuantType.Q5_0: -16, QuantType.Q8_0: -128}
+# Q6_K's weights are d sc (u - 32) per 16: its x planes hold -32 sum(q) of each 16-half
+Q6K_OFFSET = -32
+K_QUANTS = (QuantType.Q4_K, QuantType.Q6_K)
+# Q6_K's x is quantized per 256, as llama.cpp's Q8_K (`quantize_x`). Q4_K's stays per 32
+# (finer than llama.cpp's Q8_K): measured on Gemma 3, Q8_K for Q4_K moved perplexity
+# against llama.cpp from -0.40% to -0.55%, KL 5.97e-3 -> 6.11e-3, greedy 3/5 -> 2/5.
+Q8_K_X = (QuantType.Q6_K,)
+# Q6_K weights take the tiles only with LLAMAPY_CPU_VNNI_Q6K=1 (else int4pack): measured on
+# Gemma 3 (ffn_down Q6_K) decode +0-10%, prefill no faster (its int4pack prefill is a bf16
+# GEMM, on AMX where the CPU has it), and perplexity against llama.cpp -0.40% -> -0.86%:
+# this path's attention is float32 where llama.cpp rounds K, V, Q and the probabilities to
+# F16, and with Q6_K exact the gap shows (benchmarks/kernels/CPU_NOTES.md).
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
 TILE_M = 4  # rows of x per pass over a tile
 # torch's own OpenMP runtime: the kernels run on its thread pool (see _vnni_numba.py).
@@ -99,7 +117,9 @@ def available() -> bool:
 
 def supported(qtype: QuantType) -> bool:
     """Whether a weight of `qtype` can take these kernels (here, now)."""
-    return (qtype in LAYOUTS or qtype == QuantType.Q4_K) and available()
+    if qtype == QuantType.Q6_K and not switched_on("LLAMAPY_CPU_VNNI_Q6K"):
+        return False  # opt-in (see K_QUANTS)
+    return (qtype in LAYOUTS or qtype in K_QUANTS) and available()
 
 
 # -- the weight layout ---------------------------------------------------------------------
@@ -136,6 +156,8 @@ def tile_row_bytes(qtype: QuantType, k: int) -> int:
     sub-block scales unpacked, 64 bytes a tile's super-block)."""
     if qtype == QuantType.Q4_K:
         return k // 256 * Q4K_TILE[0]
+    if qtype == QuantType.Q6_K:
+        return k // 256 * Q6K_TILE[0]
     return k // 32 * TILE_N * LAYOUTS[qtype][0]
 
 
@@ -147,6 +169,8 @@ def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     bytes are the blocks' (the high bits permuted within each word); nothing is rounded."""
     if qtype == QuantType.Q4_K:
         return _pack_q4_k(data, n, k)
+    if qtype == QuantType.Q6_K:
+        return _pack_q6_k(data, n, k)
     bs, d_off, m_off, h_off, q_off = LAYOUTS[qtype]
     kb = k // 32
     tiles = -(-n // TILE_N)
@@ -185,6 +209,40 @@ def _pack_q4_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat(flat, dim=2).reshape(tiles, kb * Q4K_TILE[0]).contiguous()
 
 
+def q6k_high_words(qh: torch.Tensor) -> torch.Tensor:
+    """Q6_K's qh (..., 2, 32) uint8 (per 128-weight half: weight 32 c + l's two high bits at
+    bits 2c, 2c + 1 of qh[l]) -> (..., 2, 8, 4) uint8: per half and pair p of low-bit quads
+    (weights 8p.. and 8p + 4.. in the low nibbles, + 64 in the high), byte i holds the high
+    bits of weights 8p + i (bits 0-1), 8p + 64 + i (2-3), 8p + 4 + i (4-5) and 8p + 68 + i
+    (6-7): each quad's codes are its nibbles OR-ed with one shift and mask of the word."""
+    bits = (qh[..., None, :].to(torch.int32) >> (2 * torch.arange(4)[:, None])) & 3
+    hi2 = bits.reshape(*qh.shape[:-1], 128)  # [.., 32 c + l]: weight 32 c + l's bits
+    p, i = torch.arange(8)[:, None], torch.arange(4)[None, :]
+    parts = [
+        hi2[..., 8 * p + i + off] << shift for off, shift in ((0, 0), (64, 2), (4, 4), (68, 6))
+    ]
+    return (parts[0] | parts[1] | parts[2] | parts[3]).to(torch.uint8)
+
+
+def _pack_q6_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Q6_K blocks (N, K/256 * 210: ql[128], qh[64], 16 int8 scales, fp16 d) -> tiles
+    (ceil(N/16), K/256 * Q6K_TILE[0]), see Q6K_TILE. The quads are ql's bytes as stored."""
+    kb = k // 256
+    tiles = -(-n // TILE_N)
+    blocks = data.view(n, kb, 210)
+    if tiles * TILE_N != n:
+        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, 210)])
+    blocks = blocks.view(tiles, TILE_N, kb, 210).transpose(1, 2)  # (tiles, kb, 16, 210)
+    scales = blocks[..., 192:208].transpose(2, 3)  # (tiles, kb, 16 groups, 16 rows)
+    words = q6k_high_words(blocks[..., 128:192].reshape(tiles, kb, TILE_N, 2, 32))
+    words = words.permute(0, 1, 3, 4, 2, 5)  # (tiles, kb, half, pair, 16 rows, 4)
+    quads = blocks[..., :128].reshape(tiles, kb, TILE_N, 2, 8, 2, 4).permute(0, 1, 3, 4, 5, 2, 6)
+    pairs = torch.cat([words.unsqueeze(4), quads], dim=4)  # (tiles, kb, 2, 8, 3, 16, 4)
+    parts = [blocks[..., 208:210], scales, pairs]
+    flat = [p.reshape(tiles, kb, -1) for p in parts]
+    return torch.cat(flat, dim=2).reshape(tiles, kb * Q6K_TILE[0]).contiguous()
+
+
 # -- x: llama.cpp's Q8_0 / Q8_1 activations ----------------------------------------------
 
 
@@ -192,6 +250,8 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     """x (M, K) float32 -> (q (M, K) int8, scales (M, 3, K/32) float32: per 32-block dx,
     the int32 offset term `bias` (its bits), cx; see the module docstring)."""
     m, k = x.shape
+    if qtype in Q8_K_X:
+        return _quantize_x_q8_k(x, qtype)
     xb = x.reshape(m, k // 32, 32).float()
     amax = xb.abs().amax(-1)
     inv = torch.where(amax != 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
@@ -207,6 +267,29 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
         # passes ~2047; dx * qsum (float32) is the exact sum of the quantized x instead
         bias = torch.zeros_like(qsum, dtype=torch.int32)
         cx = dx * qsum
+    scales = torch.stack([dx, bias.view(torch.float32), cx], dim=1)
+    return q.to(torch.int8).view(m, k), scales
+
+
+def _quantize_x_q8_k(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_x` for Q6_K: llama.cpp's Q8_K, one scale per 256 (the element of largest
+    magnitude, the first one, maps to -127; d = 1 / (-127 / max); q = min(127,
+    round-half-even(x * -127 / max))), d repeated in each 32-block's dx, bias and cx
+    -32 sum(q) of the 32-block's two 16s. (For Q4_K, cx = d * sum(q) per 32, bias 0.)"""
+    m, k = x.shape
+    xb = x.reshape(m, k // 256, 256).float()
+    idx = xb.abs().argmax(-1, keepdim=True)  # the first largest, as the C loop's `>`
+    mx = xb.gather(-1, idx)[..., 0]
+    nonzero = mx != 0
+    iscale = torch.where(nonzero, torch.full_like(mx, -127.0) / mx, torch.zeros_like(mx))
+    q = torch.round(xb * iscale[..., None]).clamp_max(127).view(m, k // 32, 32)
+    d = torch.where(nonzero, torch.ones_like(mx) / iscale, torch.zeros_like(mx))
+    dx = d.repeat_interleave(8, dim=-1)
+    if qtype == QuantType.Q6_K:  # per 16: the two halves' offset terms
+        halves = q.view(m, k // 32, 2, 16).sum(-1) * Q6K_OFFSET
+        bias, cx = halves[..., 0].to(torch.int32), halves[..., 1]
+    else:
+        bias, cx = torch.zeros_like(dx, dtype=torch.int32), dx * q.sum(-1)
     scales = torch.stack([dx, bias.view(torch.float32), cx], dim=1)
     return q.to(torch.int8).view(m, k), scales
 
