@@ -6,7 +6,7 @@
 
 Per weight type, random blocks at model shapes:
   decode   one row of x through 120 matrices of a layer's shapes (SmolLM2's 960x576,
-           576x576, 3072x576, 576x1536, 30 copies each; Q4_K with K = 768 for 576: ~60-110
+           576x576, 3072x576, 576x1536, 30 copies each; Q4_K, Q6_K with K = 768 for 576: ~60-110
            MB, past the 32 MB L3, as a decoded token reads them): GB/s of GGUF block
            bytes; vnni's op (x quantized beforehand), the int4pack op (its bf16 x included)
   prefill  512 rows of x through 1B-shaped 3072x2048 and 2048x8192 matrices: GOP/s, vnni
@@ -28,14 +28,15 @@ from llamapy.quant.quantize import quantize
 from llamapy.quant.types import QuantType, row_nbytes
 
 DECODE_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
-DECODE_SHAPES_K = [(960, 768), (768, 768), (3072, 768), (768, 1536)]  # Q4_K: K % 256 == 0
+DECODE_SHAPES_K = [(960, 768), (768, 768), (3072, 768), (768, 1536)]  # K-quants: K % 256 == 0
 PREFILL_SHAPES = [(3072, 2048), (2048, 8192)]
 
 
 def blocks(qtype: QuantType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
-    if qtype == QuantType.Q4_K:  # no Q4_K quantizer needed: random bytes, sane fp16 d/dmin
-        b = rng.integers(0, 256, (n * k // 256, 144), dtype=np.uint8)
-        for off in (0, 2):
+    if qtype in vnni.K_QUANTS:  # no quantizer needed: random bytes, sane fp16 d (and dmin)
+        size, d_offsets = (144, (0, 2)) if qtype == QuantType.Q4_K else (210, (208,))
+        b = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+        for off in d_offsets:
             d = (rng.standard_normal(b.shape[0]) * 1e-2).astype(np.float16)
             b[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
         return torch.from_numpy(b).view(n, -1)
@@ -56,7 +57,7 @@ def best(fns: dict, reps: int) -> dict[str, float]:
 
 
 def decode_row(qtype: QuantType, reps: int, rng: np.random.Generator) -> str:
-    shapes = DECODE_SHAPES_K if qtype == QuantType.Q4_K else DECODE_SHAPES
+    shapes = DECODE_SHAPES_K if qtype in vnni.K_QUANTS else DECODE_SHAPES
     base = {s: blocks(qtype, *s, rng) for s in shapes}
     mats = []
     for _ in range(30):
@@ -125,7 +126,7 @@ def call_row(qtype: QuantType, rng: np.random.Generator, n_calls: int = 2000) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q8_0,Q4_K")
+    ap.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q8_0,Q4_K,Q6_K")
     ap.add_argument("--reps", type=int, default=8)
     args = ap.parse_args()
     if not vnni.available():

@@ -60,6 +60,13 @@ def _declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) ->
         return ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
+# Each tile-block's loop iteration prefetches the tile's bytes this far ahead: on a
+# Sapphire-Rapids-class VM (2 threads) a decode sweep streamed 13.3 -> 15.5 GB/s and the 1B
+# Q4_0 decode went 23.6-25.5 -> 27.8-28.8 t/s (512: 27.3, 2048: 26.7); on an EPYC (Zen 4)
+# host earlier, prefetching changed nothing measurable.
+PREFETCH_AHEAD = 1024
+
+
 class _Emit:
     """IR helpers for a tile kernel's body: addresses, loads, splats, the VNNI dot."""
 
@@ -69,6 +76,10 @@ class _Emit:
         self._dpbusd = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.512", v16, [v16] * 3)
         f16 = _vec(_F32, 16)
         self._fma = _declare(builder.module, "llvm.fma.v16f32", f16, [f16] * 3)
+        p8 = ir.PointerType(_I8)
+        self._prefetch = _declare(
+            builder.module, "llvm.prefetch.p0", ir.VoidType(), [p8, *[_I32] * 3]
+        )
 
     @staticmethod
     def i64(v: int) -> ir.Constant:
@@ -79,6 +90,14 @@ class _Emit:
 
     def load(self, base: ir.Value, off: int | ir.Value, ty: ir.Type, align: int = 1):
         return self.b.load(self.b.inttoptr(self.addr(base, off), ty.as_pointer()), align=align)
+
+    def prefetch(self, base: ir.Value, off: int) -> None:
+        """A read prefetch of the cache line at base + off into all cache levels (a hint:
+        past the end of the tiles it reads nothing and cannot fault)."""
+        ptr = self.b.inttoptr(self.addr(base, off), ir.PointerType(_I8))
+        self.b.call(
+            self._prefetch, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)]
+        )
 
     def splat(self, value: ir.Value, ty: ir.Type) -> ir.Value:
         one = self.b.insert_element(ir.Constant(_vec(ty, 1), None), value, self.i64(0))
@@ -122,6 +141,8 @@ def _tile_codegen(tb: int, block: int, mt: int, body):
             acc.add_incoming(ir.Constant(_vec(_F32, 16), None), entry)
             accs.append(acc)
         base = e.addr(w, builder.mul(blk, e.i64(tb)))
+        for line in range(0, tb, 64):  # the stream ahead: see PREFETCH_AHEAD
+            e.prefetch(base, PREFETCH_AHEAD + line)
         x_blk = builder.mul(blk, e.i64(block))
         s_blk = builder.mul(blk, e.i64(block // 32 * 4))
         xts = [e.addr(e.addr(x, builder.mul(xs, e.i64(t))), x_blk) for t in range(mt)]
