@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off, switched_on
+from llamapy.kernels.cpu.switches import switched_off
 from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
 
@@ -75,11 +75,10 @@ K_QUANTS = (QuantType.Q4_K, QuantType.Q6_K)
 # (finer than llama.cpp's Q8_K): measured on Gemma 3, Q8_K for Q4_K moved perplexity
 # against llama.cpp from -0.40% to -0.55%, KL 5.97e-3 -> 6.11e-3, greedy 3/5 -> 2/5.
 Q8_K_X = (QuantType.Q6_K,)
-# Q6_K weights take the tiles only with LLAMAPY_CPU_VNNI_Q6K=1 (else int4pack): measured on
-# Gemma 3 (ffn_down Q6_K) decode +0-10%, prefill no faster (its int4pack prefill is a bf16
-# GEMM, on AMX where the CPU has it), and perplexity against llama.cpp -0.40% -> -0.86%:
-# this path's attention is float32 where llama.cpp rounds K, V, Q and the probabilities to
-# F16, and with Q6_K exact the gap shows (benchmarks/kernels/CPU_NOTES.md).
+# LLAMAPY_CPU_VNNI_Q6K=0 keeps Q6_K weights on int4pack. With them on the tiles, Gemma 3
+# Q4_K_M (ffn_down Q6_K) on an AMX host: decode +0-10%, prefill unchanged (int4pack's is a
+# bf16 GEMM, on AMX there), perplexity against llama.cpp -0.40% -> -0.10%, KL unchanged
+# (5.97e-3), top-1 95.80% -> 95.61%, greedy 3/5 -> 1/5 (divergences at near-ties).
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
 TILE_M = 4  # rows of x per pass over a tile
 # torch's own OpenMP runtime: the kernels run on its thread pool (see _vnni_numba.py).
@@ -117,8 +116,8 @@ def available() -> bool:
 
 def supported(qtype: QuantType) -> bool:
     """Whether a weight of `qtype` can take these kernels (here, now)."""
-    if qtype == QuantType.Q6_K and not switched_on("LLAMAPY_CPU_VNNI_Q6K"):
-        return False  # opt-in (see K_QUANTS)
+    if qtype == QuantType.Q6_K and switched_off("LLAMAPY_CPU_VNNI_Q6K"):
+        return False
     return (qtype in LAYOUTS or qtype in K_QUANTS) and available()
 
 
