@@ -175,7 +175,9 @@ class QLinear(torch.nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.weight.qtype.name}, {self.kernel}"
+        return (
+            f"{self.in_features} -> {self.out_features}, {self._weight.qtype.name}, {self.kernel}"
+        )
 
 
 def embedding_lookup(weight: QTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

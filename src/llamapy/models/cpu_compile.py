@@ -138,7 +138,7 @@ class CompiledDecode:
             return None
         dense = dense_decode_metadata(meta)
         residual = torch.zeros_like(x)  # 0 + x == x: layer 0 takes the same graph
-        kind = _call_kind(x)
+        kind = _call_kind(x, kv_caches)
         stance = _skip_guards() if kind in self._checked else contextlib.nullcontext()
         try:
             with stance:
@@ -156,14 +156,17 @@ class CompiledDecode:
         return residual + x
 
 
-def _call_kind(x: torch.Tensor) -> tuple:
+def _call_kind(x: torch.Tensor, kv_caches: list[KVCache]) -> tuple:
     """What may differ between two calls of one model's compiled steps: the batch size
     (torch specializes 1, and compiles 2 statically before it makes it dynamic), the
-    autograd modes, the activations' dtype. Everything else a guard checks is fixed per
+    autograd modes, the activations' dtype, the KV cache's geometry (an engine allocates
+    one; another caller could pass its own). Everything else a guard checks is fixed per
     model: the layers of one step share their tensors' shapes and dtypes (`layer_signature`),
-    the KV cache is allocated once, the metadata is normalized (`dense_decode_metadata`,
-    the block tables' width dynamic from the first call)."""
-    return (x.shape[0], torch.is_grad_enabled(), torch.is_inference_mode_enabled(), x.dtype)
+    the metadata is normalized (`dense_decode_metadata`, the block tables' width dynamic
+    from the first call)."""
+    caches = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in kv_caches)
+    grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    return (x.shape[0], x.dtype, grad, caches)
 
 
 # Once a kind of call has run with every guard checked (compiling what it needed), its

@@ -38,7 +38,6 @@ from llamapy.kernels.cpu.vnni import (
     Q4K_TILE,
     Q6K_OFFSET,
     Q6K_TILE,
-    Q8_K_X,
     TILE_M,
     TILE_N,
     tile_layout,
@@ -321,15 +320,15 @@ def _tile(typingctx, qt, mt, w, kb, x, xs, sc, ss, y, ys):
 @intrinsic(prefer_literal=True)
 def _params(typingctx, qt):
     """(bytes per tile-block, weights of K per tile-block, x's offset term, how x is
-    quantized: 0 per 32 with the offset term, 1 per 32 with cx (`_quantize_rows`), 2 / 3
-    as Q8_K for Q6_K / Q4_K (`_quantize_rows_k`)) of the constant qtype."""
+    quantized: 0 per 32 with the offset term, 1 per 32 with cx (`_quantize_rows`), 2 as
+    Q8_K for Q6_K (`_quantize_rows_q8_k`)) of the constant qtype."""
     if not isinstance(qt, types.IntegerLiteral):
         raise TypingError(f"_params takes a constant qtype, not {qt}")
     qtype = QuantType(qt.literal_value)
     if qtype == QuantType.Q6_K:
         values = (Q6K_TILE[0], 256, Q6K_OFFSET, 2)
     elif qtype == QuantType.Q4_K:
-        values = (Q4K_TILE[0], 256, 0, 3 if qtype in Q8_K_X else 1)
+        values = (Q4K_TILE[0], 256, 0, 1)
     else:
         values = (tile_layout(qtype)[0], 32, OFFSETS.get(qtype, 0), int(qtype not in OFFSETS))
     ret = types.UniTuple(types.int64, 4)
@@ -470,10 +469,10 @@ def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - 
 
 
 @njit(inline="always")
-def _quantize_rows_k(x, q, s, m0, m1, k, q6k):  # pragma: no cover - numba
-    """Rows m0:m1 of x as vnni.quantize_x quantizes them for the K-quants (llama.cpp's Q8_K,
-    per 256; see vnni._quantize_x_q8_k), the same bits: Q4_K (q6k 0) cx = d * sum(q) per
-    32; Q6_K bias and cx -32 sum(q) of each 32-block's two 16s."""
+def _quantize_rows_q8_k(x, q, s, m0, m1, k):  # pragma: no cover - numba
+    """Rows m0:m1 of x as vnni.quantize_x quantizes them for Q6_K (llama.cpp's Q8_K, per
+    256; see vnni._quantize_x_q8_k), the same bits: d in each 32-block's dx, bias and cx
+    -32 sum(q) of the 32-block's two 16s."""
     kb = k // 32
     for r in range(m0, m1):
         xr = carray(_f32_ptr(x + r * k * 4), (k,))
@@ -483,7 +482,7 @@ def _quantize_rows_k(x, q, s, m0, m1, k, q6k):  # pragma: no cover - numba
         cx_row = carray(_f32_ptr(s + r * 12 * kb + 8 * kb), (kb,))
         for sb in range(k // 256):
             amax = np.float32(0.0)
-            mx = np.float32(0.0)
+            mx = np.float32(0.0)  # the first element of largest magnitude, signed
             for i in range(256 * sb, 256 * sb + 256):
                 a = abs(xr[i])
                 if a > amax:
@@ -502,12 +501,8 @@ def _quantize_rows_k(x, q, s, m0, m1, k, q6k):  # pragma: no cover - numba
                     else:
                         hi += np.int32(v)
                 dx_row[b] = d
-                if q6k:
-                    bias_row[b] = np.int32(Q6K_OFFSET * lo)
-                    cx_row[b] = np.float32(Q6K_OFFSET * hi)
-                else:
-                    bias_row[b] = 0
-                    cx_row[b] = d * np.float32(lo + hi)
+                bias_row[b] = np.int32(Q6K_OFFSET * lo)
+                cx_row[b] = np.float32(Q6K_OFFSET * hi)
 
 
 @njit(nogil=True, cache=True)
@@ -537,8 +532,8 @@ def _work(a, qt):  # pragma: no cover - compiled by numba
     tid, nt = _thread_num(), _num_threads()
     if x != 0:  # float x given: quantize it first, each thread its rows
         m0, m1 = m * tid // nt, m * (tid + 1) // nt
-        if mode >= 2:
-            _quantize_rows_k(x, q, s, m0, m1, k, mode == 2)
+        if mode == 2:
+            _quantize_rows_q8_k(x, q, s, m0, m1, k)
         else:
             _quantize_rows(x, q, s, m0, m1, k, offset, mode == 1)
         _barrier()
@@ -566,7 +561,6 @@ _LAYOUT_KEY = (
     Q4K_TILE,
     Q6K_TILE,
     Q6K_OFFSET,
-    tuple(int(t) for t in Q8_K_X),
     tuple((int(t), o) for t, o in OFFSETS.items()),
     TILE_M,
     TILE_N,

@@ -23,7 +23,7 @@ q = round-half-even(x * 127 / amax). (For Q4_1 / Q5_1 llama.cpp's Q8_1 adds m ti
 fp16 `s` = d * sum(q), which overflows at |x| > ~2047; cx here is float32 dx * sum(q).)
 For Q6_K x is llama.cpp's Q8_K instead: one float32 scale per 256 (`_quantize_x_q8_k`).
 So the matmul is llama.cpp's up to float32 summation order, except Q4_K's x, quantized per
-32 here (llama.cpp: Q8_K; see Q8_K_X).
+32 here (llama.cpp: Q8_K; see K_QUANTS).
 
 Weights are repacked once at load (`pack`) into tiles of 16 rows: per 32-block, the 16
 rows' fp16 scales (and mins, and the 5-bit types' high bits) side by side, then the quants
@@ -74,7 +74,6 @@ K_QUANTS = (QuantType.Q4_K, QuantType.Q6_K)
 # Q6_K's x is quantized per 256, as llama.cpp's Q8_K (`quantize_x`). Q4_K's stays per 32
 # (finer than llama.cpp's Q8_K): measured on Gemma 3, Q8_K for Q4_K moved perplexity
 # against llama.cpp from -0.40% to -0.55%, KL 5.97e-3 -> 6.11e-3, greedy 3/5 -> 2/5.
-Q8_K_X = (QuantType.Q6_K,)
 # LLAMAPY_CPU_VNNI_Q6K=0 keeps Q6_K weights on int4pack. With them on the tiles, Gemma 3
 # Q4_K_M (ffn_down Q6_K) on an AMX host: decode +0-10%, prefill unchanged (int4pack's is a
 # bf16 GEMM, on AMX there), perplexity against llama.cpp -0.40% -> -0.10%, KL unchanged
@@ -249,8 +248,8 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     """x (M, K) float32 -> (q (M, K) int8, scales (M, 3, K/32) float32: per 32-block dx,
     the int32 offset term `bias` (its bits), cx; see the module docstring)."""
     m, k = x.shape
-    if qtype in Q8_K_X:
-        return _quantize_x_q8_k(x, qtype)
+    if qtype == QuantType.Q6_K:
+        return _quantize_x_q8_k(x)
     xb = x.reshape(m, k // 32, 32).float()
     amax = xb.abs().amax(-1)
     inv = torch.where(amax != 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
@@ -270,25 +269,22 @@ def quantize_x(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.T
     return q.to(torch.int8).view(m, k), scales
 
 
-def _quantize_x_q8_k(x: torch.Tensor, qtype: QuantType) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_x_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_x` for Q6_K: llama.cpp's Q8_K, one scale per 256 (the element of largest
     magnitude, the first one, maps to -127; d = 1 / (-127 / max); q = min(127,
     round-half-even(x * -127 / max))), d repeated in each 32-block's dx, bias and cx
-    -32 sum(q) of the 32-block's two 16s. (For Q4_K, cx = d * sum(q) per 32, bias 0.)"""
+    -32 sum(q) of the 32-block's two 16s (Q6K_OFFSET)."""
     m, k = x.shape
     xb = x.reshape(m, k // 256, 256).float()
     idx = xb.abs().argmax(-1, keepdim=True)  # the first largest, as the C loop's `>`
     mx = xb.gather(-1, idx)[..., 0]
     nonzero = mx != 0
     iscale = torch.where(nonzero, torch.full_like(mx, -127.0) / mx, torch.zeros_like(mx))
-    q = torch.round(xb * iscale[..., None]).clamp_max(127).view(m, k // 32, 32)
+    q = torch.round(xb * iscale[..., None]).clamp_max(127)
     d = torch.where(nonzero, torch.ones_like(mx) / iscale, torch.zeros_like(mx))
     dx = d.repeat_interleave(8, dim=-1)
-    if qtype == QuantType.Q6_K:  # per 16: the two halves' offset terms
-        halves = q.view(m, k // 32, 2, 16).sum(-1) * Q6K_OFFSET
-        bias, cx = halves[..., 0].to(torch.int32), halves[..., 1]
-    else:
-        bias, cx = torch.zeros_like(dx, dtype=torch.int32), dx * q.sum(-1)
+    halves = q.view(m, k // 32, 2, 16).sum(-1) * Q6K_OFFSET  # per 16: its offset term
+    bias, cx = halves[..., 0].to(torch.int32), halves[..., 1]
     scales = torch.stack([dx, bias.view(torch.float32), cx], dim=1)
     return q.to(torch.int8).view(m, k), scales
 
