@@ -89,6 +89,22 @@ def bench(model: str, threads: int, repeat: int, n_prompt: int, n_gen: int) -> I
     ours.close()
 
 
+def host_cpu() -> str:
+    """The CPU's model name and the features the CPU paths (and llama.cpp) choose by: the
+    figures move with them (benchmarks/RESULTS.md names each sitting's host)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown CPU"
+    pairs = (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {key.strip(): value for key, value in pairs}
+    name = fields.get("model name", "unknown CPU").strip()
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"{name}; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
@@ -99,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or args.n_prompt < 0 or args.n_gen < 0:
         p.error("--threads and --repeat must be >= 1, -p and -n >= 0")
+    print(f"host: {host_cpu()}")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
         "ratio = llamapy / llama.cpp"
