@@ -238,20 +238,20 @@ def test_qmatmul_takes_vnni_and_the_switch_turns_it_off(rng, monkeypatch) -> Non
     assert pack_weight_cpu(blocks, QuantType.Q4_1, (n, k)).method == "int4pack"
 
 
-def test_q6_k_takes_the_tiles_unless_switched_off(rng, monkeypatch) -> None:
-    """A Q6_K weight packs to tiles and multiplies as the oracle does;
-    LLAMAPY_CPU_VNNI_Q6K=0 leaves it on the int4pack path."""
+def test_q6_k_takes_the_tiles_only_when_switched_on(rng, monkeypatch) -> None:
+    """Q6_K tiles are opt-in (LLAMAPY_CPU_VNNI_Q6K=1: see vnni.K_QUANTS for why); on, a
+    Q6_K weight packs to tiles and multiplies as the oracle does."""
     from llamapy.kernels.cpu.qmatmul import pack_weight_cpu, qmatmul_cpu
 
     n, k = 40, 512
     blocks = _blocks(rng, QuantType.Q6_K, n, k)
     monkeypatch.delenv("LLAMAPY_CPU_VNNI_Q6K", raising=False)
+    assert pack_weight_cpu(blocks, QuantType.Q6_K, (n, k)).method != "vnni"
+    monkeypatch.setenv("LLAMAPY_CPU_VNNI_Q6K", "1")
     w = pack_weight_cpu(blocks, QuantType.Q6_K, (n, k))
     assert w.method == "vnni"
     x = torch.from_numpy(rng.standard_normal((2, k), dtype=np.float32))
     _check(qmatmul_cpu(x, w), x, blocks, QuantType.Q6_K)
-    monkeypatch.setenv("LLAMAPY_CPU_VNNI_Q6K", "0")
-    assert pack_weight_cpu(blocks, QuantType.Q6_K, (n, k)).method != "vnni"
 
 
 def test_packing_in_row_chunks_gives_the_same_bytes(rng) -> None:

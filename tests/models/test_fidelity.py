@@ -187,9 +187,9 @@ def test_kl_divergence(fidelity: Fidelity) -> None:
 
 
 # Measured on the default CPU path. With the VNNI kernels (kernels/cpu/vnni.py: 8-bit x for
-# Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K weights, as llama.cpp) both models are within
-# the target: SmolLM2 +0.36% (EPYC host) / -0.24% (AMX host), Gemma 3 -0.28% (EPYC, Q6_K
-# then on int4pack) / -0.10% (AMX; -0.40% with Q6_K on int4pack). Without them (int4pack:
+# Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K weights, as llama.cpp) both models are within the
+# target: SmolLM2 +0.36% (EPYC host) / -0.24% (AMX host), Gemma 3 -0.28% (EPYC) / -0.40%
+# (AMX; -0.10% with LLAMAPY_CPU_VNNI_Q6K=1). Without them (int4pack:
 # bf16 activations and scales, bf16 weights in the prefill GEMMs) Gemma 3 is not; the float32
 # reference path (LLAMAPY_CPU_KERNELS=reference) gives -0.40% (SmolLM2) and -0.58% (Gemma 3).
 PPL_XFAIL = {}
@@ -219,11 +219,11 @@ GREEDY_XFAIL = {
     "reference path): the divergences fall "
     "where llama.cpp's own log-prob margin between the two tokens is 0.06-0.33 nats, inside "
     "its 8-bit activation noise (it flips 2.4% of top-1s against itself, n_batch 512 vs 1)",
-    "gemma3-270m": "measured 1/5 identical (Gemma 3 Q4_K_M, fast CPU path with all its "
-    "types on the VNNI kernels, AMX host; 3/5 with Q6_K on int4pack there and on an EPYC "
-    "host; 2/5 with int4pack, 3/5 on the float32 reference path), divergences at llama.cpp "
-    "margins of 0.03-0.44 nats; llama.cpp agrees with itself (prompt batched vs one token at "
-    "a time) on only 3/5 of these prompts",
+    "gemma3-270m": "measured 3/5 identical (Gemma 3 Q4_K_M, fast CPU path with the VNNI "
+    "kernels, on an EPYC and on an AMX host; 1/5 there with LLAMAPY_CPU_VNNI_Q6K=1; 2/5 with "
+    "int4pack, 3/5 on the float32 reference path), divergences at llama.cpp margins of "
+    "0.03-0.44 nats; llama.cpp agrees with itself (prompt batched vs one token at a time) on "
+    "only 3/5 of these prompts",
 }
 
 

@@ -1,6 +1,6 @@
-"""On/off environment switches of the CPU paths (LLAMAPY_CPU_COMPILE, LLAMAPY_CPU_VNNI,
-LLAMAPY_CPU_VNNI_Q6K, LLAMAPY_MALLOC_TUNE): on by default, off for 0 / false / no / off
-(any case)."""
+"""On/off environment switches of the CPU paths: LLAMAPY_CPU_COMPILE, LLAMAPY_CPU_VNNI and
+LLAMAPY_MALLOC_TUNE on by default, off for 0 / false / no / off (any case);
+LLAMAPY_CPU_VNNI_Q6K off by default, on for 1 / true / yes / on."""
 
 from __future__ import annotations
 
@@ -12,3 +12,11 @@ OFF_VALUES = ("0", "false", "no", "off")
 def switched_off(name: str) -> bool:
     """Whether the environment variable `name` turns its feature off."""
     return os.environ.get(name, "1").strip().lower() in OFF_VALUES
+
+
+ON_VALUES = ("1", "true", "yes", "on")
+
+
+def switched_on(name: str) -> bool:
+    """Whether the environment variable `name` turns its (default off) feature on."""
+    return os.environ.get(name, "0").strip().lower() in ON_VALUES

@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off
+from llamapy.kernels.cpu.switches import switched_off, switched_on
 from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
 
@@ -74,10 +74,13 @@ K_QUANTS = (QuantType.Q4_K, QuantType.Q6_K)
 # Q6_K's x is quantized per 256, as llama.cpp's Q8_K (`quantize_x`). Q4_K's stays per 32
 # (finer than llama.cpp's Q8_K): measured on Gemma 3, Q8_K for Q4_K moved perplexity
 # against llama.cpp from -0.40% to -0.55%, KL 5.97e-3 -> 6.11e-3, greedy 3/5 -> 2/5.
-# LLAMAPY_CPU_VNNI_Q6K=0 keeps Q6_K weights on int4pack. With them on the tiles, Gemma 3
-# Q4_K_M (ffn_down Q6_K) on an AMX host: decode +0-10%, prefill unchanged (int4pack's is a
-# bf16 GEMM, on AMX there), perplexity against llama.cpp -0.40% -> -0.10%, KL unchanged
-# (5.97e-3), top-1 95.80% -> 95.61%, greedy 3/5 -> 1/5 (divergences at near-ties).
+# Q6_K weights take the tiles only with LLAMAPY_CPU_VNNI_Q6K=1 (else int4pack). With them on
+# the tiles, Gemma 3 Q4_K_M (ffn_down Q6_K) on an AMX host: decode +0-10%, prefill unchanged
+# (int4pack's is a bf16 GEMM, on AMX there), perplexity against llama.cpp -0.40% -> -0.10%,
+# KL unchanged (5.97e-3), top-1 95.80% -> 95.61%, greedy 3/5 -> 1/5. Not the default: its
+# per-256 activation scales make a quantization flip larger, and the compiled decode step's
+# final hidden states then differ from eager ones by up to 0.10 (relative; 1 of 3 runs of
+# test_compiled_decode_matches_eager, bound 0.05) where they stay within 0.019-0.035 without.
 TILE_N = 16  # weight rows per tile: the 16 int32 / float32 lanes of a 512-bit register
 TILE_M = 4  # rows of x per pass over a tile
 # torch's own OpenMP runtime: the kernels run on its thread pool (see _vnni_numba.py).
@@ -115,8 +118,8 @@ def available() -> bool:
 
 def supported(qtype: QuantType) -> bool:
     """Whether a weight of `qtype` can take these kernels (here, now)."""
-    if qtype == QuantType.Q6_K and switched_off("LLAMAPY_CPU_VNNI_Q6K"):
-        return False
+    if qtype == QuantType.Q6_K and not switched_on("LLAMAPY_CPU_VNNI_Q6K"):
+        return False  # opt-in: see K_QUANTS
     return (qtype in LAYOUTS or qtype in K_QUANTS) and available()
 
 
