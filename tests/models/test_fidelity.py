@@ -148,7 +148,25 @@ def fidelity_ggml(request) -> Fidelity:
     return _measure(request, cpu_kernels="ggml")
 
 
+# torch's thread count as the process started (read at collection, before any test can
+# change it): the figures are the default configuration's. On an AMX host Gemma 3's figures
+# depend on it (its Q6_K ffn_down on int4pack prefills through oneDNN's bf16 GEMM): at one
+# thread its perplexity is -0.69% against -0.40% at two (one CI run measured it at one,
+# after some earlier test had left torch at one thread); LLAMAPY_CPU_VNNI_Q6K=1 (integer
+# dots, the same at any thread count) gives -0.10%.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def _measure(request, cpu_kernels: str | None) -> Fidelity:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        return _measure_at_default_threads(request, cpu_kernels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_at_default_threads(request, cpu_kernels: str | None) -> Fidelity:
     alias = request.param
     path = request.getfixturevalue(FIXTURES[alias])
     with np.load(DATA / f"fidelity-{alias}.npz") as f:
