@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off
+from llamapy.kernels.cpu.switches import switched_off, switched_on
 from llamapy.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _call_kind(x: torch.Tensor, kv_caches: list[KVCache]) -> tuple:
 # weights cost ~30 us a layer call: ~0.9 ms of a ~8.5 ms SmolLM2 token (tg64 114-117 ->
 # 126 t/s on this machine). LLAMAPY_CPU_GUARDS=1 checks every guard on every call.
 def _skip_guards() -> contextlib.AbstractContextManager:
-    if os.environ.get("LLAMAPY_CPU_GUARDS", "0") == "1":
+    if switched_on("LLAMAPY_CPU_GUARDS"):
         return contextlib.nullcontext()
     # constructed here, not once: constructing it sets the stance (until its exit)
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)

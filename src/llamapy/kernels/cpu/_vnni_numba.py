@@ -439,17 +439,27 @@ def _round_fp16(v):  # pragma: no cover - compiled by numba
 
 
 @njit(inline="always")
+def _row_planes(x, q, s, r, k):  # pragma: no cover - compiled by numba
+    """Row r's float32 x, its int8 quants, and its dx, bias and cx planes (K / 32 each)."""
+    kb = k // 32
+    base = s + r * 12 * kb
+    return (
+        carray(_f32_ptr(x + r * k * 4), (k,)),
+        carray(_i8_ptr(q + r * k), (k,)),
+        carray(_f32_ptr(base), (kb,)),
+        carray(_i32_ptr(base + 4 * kb), (kb,)),
+        carray(_f32_ptr(base + 8 * kb), (kb,)),
+    )
+
+
+@njit(inline="always")
 def _quantize_rows(x, q, s, m0, m1, k, offset, with_min):  # pragma: no cover - numba
     """Rows m0:m1 of x (float32 at address x, K wide) as vnni.quantize_x quantizes them for
     the legacy types: int8 quants at q, per row (dx, bias, cx) per 32-block at s (the same
     bits)."""
     kb = k // 32
     for r in range(m0, m1):
-        xr = carray(_f32_ptr(x + r * k * 4), (k,))
-        qr = carray(_i8_ptr(q + r * k), (k,))
-        dx_row = carray(_f32_ptr(s + r * 12 * kb), (kb,))
-        bias_row = carray(_i32_ptr(s + r * 12 * kb + 4 * kb), (kb,))
-        cx_row = carray(_f32_ptr(s + r * 12 * kb + 8 * kb), (kb,))
+        xr, qr, dx_row, bias_row, cx_row = _row_planes(x, q, s, r, k)
         for b in range(kb):
             amax = np.float32(0.0)
             for i in range(32 * b, 32 * b + 32):
@@ -473,13 +483,8 @@ def _quantize_rows_q8_k(x, q, s, m0, m1, k):  # pragma: no cover - numba
     """Rows m0:m1 of x as vnni.quantize_x quantizes them for Q6_K (llama.cpp's Q8_K, per
     256; see vnni._quantize_x_q8_k), the same bits: d in each 32-block's dx, bias and cx
     -32 sum(q) of the 32-block's two 16s."""
-    kb = k // 32
     for r in range(m0, m1):
-        xr = carray(_f32_ptr(x + r * k * 4), (k,))
-        qr = carray(_i8_ptr(q + r * k), (k,))
-        dx_row = carray(_f32_ptr(s + r * 12 * kb), (kb,))
-        bias_row = carray(_i32_ptr(s + r * 12 * kb + 4 * kb), (kb,))
-        cx_row = carray(_f32_ptr(s + r * 12 * kb + 8 * kb), (kb,))
+        xr, qr, dx_row, bias_row, cx_row = _row_planes(x, q, s, r, k)
         for sb in range(k // 256):
             amax = np.float32(0.0)
             mx = np.float32(0.0)  # the first element of largest magnitude, signed

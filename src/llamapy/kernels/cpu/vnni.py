@@ -162,6 +162,15 @@ def tile_row_bytes(qtype: QuantType, k: int) -> int:
     return k // 32 * TILE_N * LAYOUTS[qtype][0]
 
 
+def _tile_blocks(data: torch.Tensor, n: int, kb: int, bs: int) -> torch.Tensor:
+    """W's blocks (N, kb * bs bytes) as (tiles, kb, 16 rows, bs), rows past N zero."""
+    tiles = -(-n // TILE_N)
+    blocks = data.view(n, kb, bs)
+    if tiles * TILE_N != n:
+        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, bs)])
+    return blocks.view(tiles, TILE_N, kb, bs).transpose(1, 2)
+
+
 def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
     """W's ggml blocks (N, row bytes) uint8 -> tiles (ceil(N/16), K/32 * 16 * block bytes):
     per 16 rows and 32-block, the rows' 16 fp16 d, (Q4_1, Q5_1) their 16 fp16 m, (Q5_0,
@@ -174,11 +183,8 @@ def pack(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> torch.Tensor:
         return _pack_q6_k(data, n, k)
     bs, d_off, m_off, h_off, q_off = LAYOUTS[qtype]
     kb = k // 32
-    tiles = -(-n // TILE_N)
-    blocks = data.view(n, kb, bs)
-    if tiles * TILE_N != n:
-        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, bs)])
-    blocks = blocks.view(tiles, TILE_N, kb, bs).transpose(1, 2)  # (tiles, kb, 16, bs)
+    blocks = _tile_blocks(data, n, kb, bs)  # (tiles, kb, 16, bs)
+    tiles = blocks.shape[0]
     parts = [blocks[..., d_off : d_off + 2]]
     if m_off >= 0:
         parts.append(blocks[..., m_off : m_off + 2])
@@ -196,11 +202,8 @@ def _pack_q4_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     sub-block j of rows 0..15), their mins (likewise), then for each 32-byte chunk c of the
     quants (low nibbles: sub-block 2c, high: 2c + 1) and quad q, the quad of rows 0..15."""
     kb = k // 256
-    tiles = -(-n // TILE_N)
-    blocks = data.view(n, kb, 144)
-    if tiles * TILE_N != n:
-        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, 144)])
-    blocks = blocks.view(tiles, TILE_N, kb, 144).transpose(1, 2)  # (tiles, kb, 16, 144)
+    blocks = _tile_blocks(data, n, kb, 144)  # (tiles, kb, 16, 144)
+    tiles = blocks.shape[0]
     sc, mn = _k_scale_min(blocks[..., 4:16].reshape(-1, 12))
     sc = sc.to(torch.uint8).view(tiles, kb, TILE_N, 8).transpose(2, 3)
     mn = mn.to(torch.uint8).view(tiles, kb, TILE_N, 8).transpose(2, 3)
@@ -229,11 +232,8 @@ def _pack_q6_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Q6_K blocks (N, K/256 * 210: ql[128], qh[64], 16 int8 scales, fp16 d) -> tiles
     (ceil(N/16), K/256 * Q6K_TILE[0]), see Q6K_TILE. The quads are ql's bytes as stored."""
     kb = k // 256
-    tiles = -(-n // TILE_N)
-    blocks = data.view(n, kb, 210)
-    if tiles * TILE_N != n:
-        blocks = torch.cat([blocks, blocks.new_zeros(tiles * TILE_N - n, kb, 210)])
-    blocks = blocks.view(tiles, TILE_N, kb, 210).transpose(1, 2)  # (tiles, kb, 16, 210)
+    blocks = _tile_blocks(data, n, kb, 210)  # (tiles, kb, 16, 210)
+    tiles = blocks.shape[0]
     scales = blocks[..., 192:208].transpose(2, 3)  # (tiles, kb, 16 groups, 16 rows)
     words = q6k_high_words(blocks[..., 128:192].reshape(tiles, kb, TILE_N, 2, 32))
     words = words.permute(0, 1, 3, 4, 2, 5)  # (tiles, kb, half, pair, 16 rows, 4)
