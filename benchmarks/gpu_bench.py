@@ -3,7 +3,8 @@ pp / tg / batched decode through the engine (CUDA graphs), like llama-bench and
 llama-batched-bench. Run on the GPU machine, in the same call as llama.cpp's baselines.
 
 usage: python benchmarks/gpu_bench.py MODEL.gguf [MODEL.gguf ...] [--check-tokens 256]
-           [--pp 512] [--tg 128] [--batch 1,16,64,256] [--no-graphs] [--json OUT]
+           [--cpu-kernels reference,fast] [--pp 512] [--tg 128] [--batch 1,16,64,256]
+           [--no-graphs] [--json OUT]
 """
 
 from __future__ import annotations
@@ -32,24 +33,35 @@ def random_tokens(n: int, vocab: int, rng: random.Random) -> list[int]:
     return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
 
-def check_logits(path: Path, n_tokens: int, rng: random.Random) -> dict:
-    """Teacher-forced logits of the GPU model vs the CPU torch reference (fp32)."""
+def check_logits(
+    path: Path, n_tokens: int, rng: random.Random, cpu_kernels: tuple[str, ...] = ("reference",)
+) -> dict:
+    """Teacher-forced logits of the GPU model vs the CPU's, once per CPU path in
+    `cpu_kernels`: "reference" (dequantize + float32 matmul, the oracle) and "fast" (the
+    default CPU path: on AVX512-VNNI CPUs llama.cpp's int8 activations, as its CUDA backend
+    computes them too). Keys: b512 / b1 (GPU prefill / one token at a time) for the
+    reference, b512@fast / b1@fast for the fast path."""
     mf = open_model_file(path)
     ids = random_tokens(n_tokens, mf.config.vocab_size, rng)
-    cpu = build_causal_lm(mf)
-    cpu.prepare("cpu", cpu_kernels="reference")
-    ref = score_tokens(cpu, ids).double()
-    del cpu
+    refs = {}
+    for kernels in cpu_kernels:
+        cpu = build_causal_lm(open_model_file(path))
+        cpu.prepare("cpu", cpu_kernels=kernels)
+        refs[kernels] = score_tokens(cpu, ids).double()
+        del cpu
     gpu = build_causal_lm(open_model_file(path))
     gpu.prepare("cuda")
     out = {}
     for batch in (512, 1):  # prefill GEMM path, and one token at a time (GEMV path)
         got = score_tokens(gpu, ids, batch_size=batch, kv_dtype=torch.float16).double()
-        rel = ((got - ref).norm() / ref.norm()).item()
-        top1 = (got.argmax(-1) == ref.argmax(-1)).double().mean().item()
-        lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
-        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-        out[f"b{batch}"] = {"rel_err": rel, "top1": top1, "kl": kl, "nan": bool(got.isnan().any())}
+        lq = got.log_softmax(-1)
+        for kernels, ref in refs.items():
+            rel = ((got - ref).norm() / ref.norm()).item()
+            top1 = (got.argmax(-1) == ref.argmax(-1)).double().mean().item()
+            lp = ref.log_softmax(-1)
+            kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+            key = f"b{batch}" if kernels == "reference" else f"b{batch}@{kernels}"
+            out[key] = {"rel_err": rel, "top1": top1, "kl": kl, "nan": bool(got.isnan().any())}
     return out
 
 
@@ -207,6 +219,12 @@ def main() -> None:
         "--no-async", action="store_true", help="read each step's tokens back before the next"
     )
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-bench", action="store_true", help="only check the logits")
+    ap.add_argument(
+        "--cpu-kernels",
+        default="reference",
+        help="CPU paths the GPU logits are checked against, comma-separated: reference, fast",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="only profile a decode step")
     ap.add_argument("--profile-batch", type=int, default=1, help="sequences in that step")
@@ -222,9 +240,10 @@ def main() -> None:
     for path in args.models:
         res = {}
         if not args.no_check:
-            res["check"] = check_logits(path, args.check_tokens, rng)
+            kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
+            res["check"] = check_logits(path, args.check_tokens, rng, kernels)
             print(path.name, "check", json.dumps(res["check"]), flush=True)
-        res["bench"] = bench(path, args, rng)
+        res["bench"] = [] if args.no_bench else bench(path, args, rng)
         for row in res["bench"]:
             print(path.name, json.dumps(row), flush=True)
         results[path.name] = res

@@ -12,6 +12,8 @@ from llamapy.engine.kv_cache import allocate_kv_cache
 from llamapy.engine.prefill_graphs import PrefillGraphs
 from llamapy.engine.scheduler import ScheduledSeq
 from llamapy.kernels.cpu.malloc import tune_malloc
+from llamapy.kernels.triton import HAS_TRITON
+from llamapy.kernels.triton import sampling as triton_sampling
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models.llama import LlamaForCausalLM
 from llamapy.sampling.dry import DryVocab
@@ -341,24 +343,11 @@ class ModelRunner:
 
 def greedy_pick(logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor) -> torch.Tensor:
     """The greedy token of each row: argmax after banning the end-of-generation ids `eog` in
-    the rows where `ban_eog` is set (`ignore_eos`); `logits` itself is left as it is."""
-    x = logits.to(torch.float32, copy=True)
-    if eog.numel():
-        x[:, eog] = x[:, eog].masked_fill(ban_eog[:, None].bool(), float("-inf"))
-    return argmax_rows(x)
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) (the first index of each row's maximum) in two passes over 256-column
-    chunks for large vocabularies: torch's one-pass argmax of a single 128k row runs on one
-    block (28 us on an H100, more than a layer of the model)."""
-    n, v = x.shape
-    if v < 65536 or v % 256:
-        return x.argmax(dim=-1)
-    width = v // 256
-    values, within = x.view(n, 256, width).max(dim=-1)  # first maximum in each chunk
-    chunk = values.argmax(dim=-1)  # first chunk holding the row's maximum
-    return chunk * width + within.gather(1, chunk[:, None])[:, 0]
+    the rows where `ban_eog` is set (`ignore_eos`); `logits` itself is left as it is. On
+    CUDA two Triton launches (kernels/triton/sampling.py), elsewhere its torch reference."""
+    if logits.is_cuda and HAS_TRITON and eog.numel() <= triton_sampling.MAX_EOG:
+        return triton_sampling.greedy_pick(logits, ban_eog, eog)
+    return triton_sampling.greedy_pick_reference(logits, ban_eog, eog)
 
 
 class DecodeGraphs:
@@ -446,8 +435,7 @@ class DecodeGraphs:
             max_seq_len=self.max_blocks * self.block_size,
             decode_splits=splits,
         )
-        src = self._field(5, bs)
-        ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], self._field(0, bs))
+        ids = triton_sampling.decode_ids(self._field(0, bs), self._field(5, bs), self.prev_tokens)
         hidden = self.model(ids, self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
         greedy = greedy_pick(logits, self._field(4, bs), self.eog)

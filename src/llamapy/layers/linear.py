@@ -180,6 +180,19 @@ class QLinear(torch.nn.Module):
         )
 
 
-def embedding_lookup(weight: QTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of a (vocab, dim) quantized table: only the looked-up rows are dequantized."""
-    return dequantize(weight.data[ids], weight.qtype, dtype)
+def embedding_lookup(
+    weight: QTensor, ids: torch.Tensor, dtype: torch.dtype, scale: float | None = None
+) -> torch.Tensor:
+    """Rows `ids` of a (vocab, dim) quantized table, times `scale` if given: only the
+    looked-up rows are dequantized (on CUDA in one Triton launch for the legacy and float
+    types, kernels/triton/embedding.py; the same float32 values)."""
+    if ids.is_cuda:
+        from llamapy.kernels.triton import HAS_TRITON
+        from llamapy.kernels.triton import embedding as triton_embedding
+
+        supported = weight.qtype in triton_embedding.SUPPORTED and weight.data.dim() == 2
+        if HAS_TRITON and supported and weight.data.is_contiguous():
+            x = triton_embedding.embedding_rows(weight.data, weight.qtype, ids.contiguous(), scale)
+            return x if dtype == torch.float32 else x.to(dtype)
+    x = dequantize(weight.data[ids], weight.qtype, dtype)
+    return x * scale if scale is not None else x

@@ -365,10 +365,7 @@ class LlamaForCausalLM(torch.nn.Module):
         return {False: global_rope, True: local_rope}
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = embedding_lookup(self.embed, input_ids, torch.float32)
-        if self.embedding_scale is not None:
-            x = x * self.embedding_scale
-        return x
+        return embedding_lookup(self.embed, input_ids, torch.float32, self.embedding_scale)
 
     def forward(
         self,

@@ -1,0 +1,118 @@
+"""Embedding rows from raw ggml blocks in one Triton launch (kernels/triton/embedding.py)
+against gguf-py's dequantizer (`gguf.quants`), bit for bit, and the torch path.
+
+Fresh random blocks each run (every quant byte pattern, fp16 scale fields finite: moderate,
+subnormal and signed zeros), random ids with repeats; the output comes out of a NaN-poisoned
+`torch.empty`. Real sizes on CUDA, small ones under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+
+from llamapy.kernels.triton import INTERPRET, embedding
+from llamapy.layers.linear import embedding_lookup
+from llamapy.quant.qtensor import QTensor
+from llamapy.quant.types import QuantType, type_size
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(
+    not (ON_GPU or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+
+# byte offsets of the fp16 fields of each block type (the ggml block_* structs)
+FP16_FIELDS = {
+    QuantType.Q4_0: (0,),
+    QuantType.Q4_1: (0, 2),
+    QuantType.Q5_0: (0,),
+    QuantType.Q5_1: (0, 2),
+    QuantType.Q8_0: (0,),
+}
+FLOATS = {QuantType.F16: np.float16, QuantType.F32: np.float32}
+VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 96)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def random_fp16(rng: np.random.Generator, n: int) -> np.ndarray:
+    moderate = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 1, n)
+    subnormal = rng.integers(1, 1024, n, dtype=np.uint16).view(np.float16).astype(np.float64)
+    kind = rng.choice(3, size=n, p=[0.9, 0.05, 0.05])
+    return np.choose(kind, [moderate, subnormal, np.where(rng.random(n) < 0.5, 0.0, -0.0)])
+
+
+def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
+    """(VOCAB, row_bytes) uint8: random quant bytes, finite fp16 fields (or float values)."""
+    if qtype in FLOATS:
+        values = rng.standard_normal((VOCAB, DIM)).astype(FLOATS[qtype])
+        return values.view(np.uint8).reshape(VOCAB, -1)
+    ts = type_size(qtype)
+    blocks = rng.integers(0, 256, (VOCAB * DIM // 32, ts), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        fp16 = random_fp16(rng, blocks.shape[0]).astype(np.float16)
+        blocks[:, off : off + 2] = fp16.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(VOCAB, -1)
+
+
+def gguf_rows(table: np.ndarray, qtype: QuantType, ids: np.ndarray) -> np.ndarray:
+    if qtype in FLOATS:
+        return table[ids].view(FLOATS[qtype]).astype(np.float32)
+    with np.errstate(all="ignore"):
+        return gguf.quants.dequantize(table[ids], qtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", [*FP16_FIELDS, *FLOATS], ids=lambda t: t.name)
+def test_rows_equal_gguf_py_bit_for_bit(rng: np.random.Generator, qtype: QuantType) -> None:
+    table = random_table(rng, qtype)
+    ids = rng.integers(0, VOCAB, 9)
+    ids[-1] = ids[0]  # a repeated id
+    ids[1] = VOCAB - 1  # the last row
+    data = torch.from_numpy(table).to(DEVICE)
+    ids_t = torch.from_numpy(ids).to(DEVICE)
+    got = embedding.embedding_rows(data, qtype, ids_t).cpu().numpy()
+    want = gguf_rows(table, qtype, ids)
+    assert got.shape == want.shape == (9, DIM)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    ref = embedding.embedding_rows_reference(data, qtype, ids_t).cpu().numpy()
+    np.testing.assert_array_equal(ref.view(np.uint32), want.view(np.uint32))
+
+
+def test_scale_and_layer_entry_point(rng: np.random.Generator) -> None:
+    """embedding_lookup (the models' entry) with Gemma's scale: float32 rows times the
+    float32 scale, as the torch path computes them."""
+    qtype = QuantType.Q4_1
+    table = random_table(rng, qtype)
+    ids = rng.integers(0, VOCAB, 5).astype(np.int32)
+    scale = math.sqrt(640)
+    weight = QTensor(torch.from_numpy(table).to(DEVICE), qtype, (VOCAB, DIM))
+    got = embedding_lookup(weight, torch.from_numpy(ids).to(DEVICE), torch.float32, scale)
+    want = torch.from_numpy(gguf_rows(table, qtype, ids)) * scale
+    assert torch.equal(got.cpu(), want)
+
+
+def test_bad_inputs_are_refused() -> None:
+    data = torch.zeros(4, 18, dtype=torch.uint8, device=DEVICE)
+    ids = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="no kernel for Q4_K"):
+        embedding.embedding_rows(data, QuantType.Q4_K, ids)
+    with pytest.raises(ValueError, match="whole number"):
+        embedding.embedding_rows(data[:, :17].contiguous(), QuantType.Q4_0, ids)
+    with pytest.raises(ValueError, match="uint8"):
+        embedding.embedding_rows(data.float(), QuantType.Q4_0, ids)
+    with pytest.raises(ValueError, match="ids must be"):
+        embedding.embedding_rows(data, QuantType.Q4_0, ids.float())
