@@ -163,7 +163,6 @@ def _decode_kernel(
     out_ptr,  # (B, n_heads, d), written when NUM_SPLITS == 1
     part_o_ptr,  # (B, n_heads, NUM_SPLITS, d) fp32: each split's normalized output
     part_lse_ptr,  # (B, n_heads, NUM_SPLITS) fp32: each split's log2-sum-exp2
-    counter_ptr,  # (>= B * n_kv,) int32, zero between launches: splits done (MERGE)
     scale,
     softcap,
     window,
@@ -191,16 +190,11 @@ def _decode_kernel(
     LOOP_WHILE: tl.constexpr,
     ROUND_Q: tl.constexpr = False,
     PDL: tl.constexpr = False,
-    MERGE: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 1,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
     16-bit type, so both dots run on tensor cores in that type (probabilities rounded to it
-    too), sums in float32. PDL: see `pdl` (everything read here comes from earlier kernels).
-    MERGE (NUM_SPLITS > 1): the split that finishes last for its (sequence, KV head), by an
-    atomic count, merges the GROUP heads' splits itself (no combine launch) and resets the
-    count for the next launch."""
+    too), sums in float32. PDL: see `pdl` (everything read here comes from earlier kernels)."""
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -254,52 +248,6 @@ def _decode_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_gd)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_g)
-        if MERGE:
-            # every thread's partials are written before one thread's release (CUTLASS's
-            # semaphore pattern); the last arriver's acquire then sees all splits' partials
-            tl.debug_barrier()
-            count_ptr = counter_ptr + b * tl.num_programs(1) + kv_head
-            done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:
-                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-                for g in tl.static_range(GROUP):
-                    head = kv_head * GROUP + g
-                    _merge_splits(
-                        part_o_ptr, part_lse_ptr, out_ptr + b.to(tl.int64) * stride_ob
-                        + head * stride_oh,
-                        b.to(tl.int64) * (GROUP * tl.num_programs(1)) + head,
-                        HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S, True,
-                    )
-
-
-@triton.jit
-def _merge_splits(
-    part_o_ptr, part_lse_ptr, out, row,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, UNCACHED: tl.constexpr,
-):
-    """out[:HEAD_DIM] = the splits of (sequence, head) `row` merged by their log-sum-exp
-    (flash-decoding). UNCACHED: the partials were written by other programs of the running
-    grid: read them from L2 (`.cg`), not a possibly stale L1."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < HEAD_DIM
-    modifier: tl.constexpr = ".cg" if UNCACHED else ""
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"),
-                  cache_modifier=modifier)
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-    w = tl.exp2(lse - m)
-    o = tl.load(
-        part_o_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-        cache_modifier=modifier,
-    )
-    total = tl.sum(w, 0)
-    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out + offs_d, o.to(out.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -321,9 +269,23 @@ def _combine_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b.to(tl.int64) * tl.num_programs(1) + h
-    out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
-    _merge_splits(part_o_ptr, part_lse_ptr, out, row, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S,
-                  False)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+    w = tl.exp2(lse - m)
+    o = tl.load(
+        part_o_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    total = tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -551,13 +513,10 @@ def paged_attention_decode(
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
-    block_s = triton.next_power_of_2(num_splits)
-    merge = num_splits > 1 and block_s * block_d <= MERGE_MAX_TILE
-    counters = _split_counters(q.device, batch * n_kv) if merge else part_lse
     pdl_on = pdl.pdl_enabled(q.device)
     # fmt: off
     _decode_kernel[(batch, n_kv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, counters,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -568,37 +527,17 @@ def paged_attention_decode(
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on),
-        MERGE=merge, BLOCK_S=block_s, num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     # fmt: on
-    if num_splits > 1 and not merge:
+    if num_splits > 1:
         _combine_kernel[(batch, n_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=block_s, **pdl.launch_options(pdl_on),
+            BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch_options(pdl_on),
             num_warps=4 if block_d <= 128 else 8,
         )  # fmt: skip
     return out
-
-
-# Splits x head dim (padded to powers of two) up to which the decode kernel merges the splits
-# itself (`_decode_kernel`'s MERGE: one head's partials at a time in registers); past it a
-# combine launch does (Gemma 3's 256-wide heads over 32+ splits).
-MERGE_MAX_TILE = 4096
-
-# Per device, the zeroed int32 split counters of the merging decode kernel, and every buffer
-# handed out before (CUDA graphs captured over an older one keep using it: never freed).
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed int32 counters on `device`; each launch leaves them zero (the
-    merging program resets its count)."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 4096, 2 * held[-1].numel() if held else 0),
-                                dtype=torch.int32, device=device))  # fmt: skip
-    return held[-1]
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
