@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llamapy.engine.model_runner import greedy_pick as runner_greedy_pick
 from llamapy.kernels.triton import INTERPRET, sampling
+from llamapy.sampling.greedy import greedy_pick as dispatched_greedy_pick
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -84,13 +84,13 @@ def test_greedy_pick_special_rows(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(torch.from_numpy(x).argmax(-1).numpy(), want)  # torch agrees
 
 
-def test_model_runner_greedy_pick_uses_the_same_definition(rng: np.random.Generator) -> None:
-    """The decode graphs' pick (model_runner.greedy_pick: the kernel on CUDA, torch
-    elsewhere) equals the oracle."""
+def test_dispatched_greedy_pick_uses_the_same_definition(rng: np.random.Generator) -> None:
+    """The engine's pick (sampling.greedy.greedy_pick: the kernel on CUDA, torch elsewhere)
+    equals the oracle."""
     x = make_logits(rng, 3, 1000)
     ban = np.array([1, 0, 1], np.int32)
     eog = np.array([int(np.argmax(x[0])), 5], np.int64)
-    got = runner_greedy_pick(
+    got = dispatched_greedy_pick(
         torch.from_numpy(x).to(DEVICE),
         torch.from_numpy(ban).to(DEVICE),
         torch.from_numpy(eog).to(DEVICE),

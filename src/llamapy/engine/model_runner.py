@@ -12,11 +12,10 @@ from llamapy.engine.kv_cache import allocate_kv_cache
 from llamapy.engine.prefill_graphs import PrefillGraphs
 from llamapy.engine.scheduler import ScheduledSeq
 from llamapy.kernels.cpu.malloc import tune_malloc
-from llamapy.kernels.triton import HAS_TRITON
-from llamapy.kernels.triton import sampling as triton_sampling
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models.llama import LlamaForCausalLM
 from llamapy.sampling.dry import DryVocab
+from llamapy.sampling.greedy import decode_ids, greedy_pick
 from llamapy.sampling.params import SamplingParams
 from llamapy.sampling.sampler import Sampler, SamplerOutput, SamplerState, make_state
 from llamapy.structured.matcher import MaskWorker
@@ -341,15 +340,6 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
 
 
-def greedy_pick(logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor) -> torch.Tensor:
-    """The greedy token of each row: argmax after banning the end-of-generation ids `eog` in
-    the rows where `ban_eog` is set (`ignore_eos`); `logits` itself is left as it is. On
-    CUDA two Triton launches (kernels/triton/sampling.py), elsewhere its torch reference."""
-    if logits.is_cuda and HAS_TRITON and eog.numel() <= triton_sampling.MAX_EOG:
-        return triton_sampling.greedy_pick(logits, ban_eog, eog)
-    return triton_sampling.greedy_pick_reference(logits, ban_eog, eog)
-
-
 class DecodeGraphs:
     """Decode steps (one new token per sequence) replayed from CUDA graphs.
 
@@ -435,7 +425,7 @@ class DecodeGraphs:
             max_seq_len=self.max_blocks * self.block_size,
             decode_splits=splits,
         )
-        ids = triton_sampling.decode_ids(self._field(0, bs), self._field(5, bs), self.prev_tokens)
+        ids = decode_ids(self._field(0, bs), self._field(5, bs), self.prev_tokens)
         hidden = self.model(ids, self._field(1, bs), meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
         greedy = greedy_pick(logits, self._field(4, bs), self.eog)

@@ -5,8 +5,8 @@ the rows that ask for it (`ignore_eos`), in two launches (per-chunk maxima, then
 chunk holding the row's maximum) where torch took ~10 (a float32 copy, the ban's index /
 masked_fill / index_put, two reductions and a gather). `decode_ids`: row r's input id is the
 previous step's pick in row src[r] where src[r] >= 0, else ids[r] (async scheduling), one
-launch where torch took four. Each has a torch reference of the same signature (the oracle
-and the CPU path).
+launch where torch took four. Their torch references (the oracle and the CPU path) are in
+sampling/greedy.py, which the CPU path imports without triton.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from llamapy.kernels.triton import HAS_TRITON, pdl
 from llamapy.kernels.triton.norm import FLOAT_DTYPES, check_device
+from llamapy.sampling.greedy import decode_ids_reference, greedy_pick_reference
 
 if HAS_TRITON:
     import triton
@@ -23,19 +24,6 @@ if HAS_TRITON:
 ARGMAX_CHUNK = 4096  # logits per program of the first pass
 MAX_EOG = 64  # end-of-generation ids a ban can hold (vocabularies have a handful)
 _INT_DTYPES = (torch.int32, torch.int64)
-
-
-def greedy_pick_reference(
-    logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor
-) -> torch.Tensor:
-    """(n, V) logits, (n,) ban flags (nonzero: ban), (E,) end-of-generation ids -> (n,) int64:
-    the first index of each row's maximum, the eog ids of banned rows excluded (-inf);
-    `logits` is left as it is. NaN counts as +inf (the first NaN wins, as torch.argmax)."""
-    x = logits.to(torch.float32, copy=True)
-    x = torch.where(x.isnan(), float("inf"), x)
-    if eog.numel():
-        x[:, eog] = x[:, eog].masked_fill(ban_eog[:, None].bool(), float("-inf"))
-    return x.argmax(dim=-1)
 
 
 def _check_greedy(logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor) -> None:
@@ -87,13 +75,6 @@ def greedy_pick(logits: torch.Tensor, ban_eog: torch.Tensor, eog: torch.Tensor) 
         num_warps=1,
     )  # fmt: skip
     return out
-
-
-def decode_ids_reference(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """(n,) ids, (n,) source rows, (P,) previous picks -> (n,) int64: prev[src[r]] where
-    src[r] >= 0, else ids[r]."""
-    picked = prev[src.clamp(min=0).long()]
-    return torch.where(src >= 0, picked, ids.to(picked.dtype))
 
 
 def decode_ids(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
