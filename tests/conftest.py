@@ -36,6 +36,21 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor from torch.empty (the kernels' outputs and workspaces) starts as
+    NaN, so an element a kernel forgets to write shows up."""
+    import torch
+
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture
 def tiny_gguf(tmp_path: Path, rng: np.random.Generator) -> Path:
     return write_tiny_llama(tmp_path / "tiny.gguf", rng=rng)
 

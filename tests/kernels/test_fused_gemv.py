@@ -138,18 +138,6 @@ def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
 
 
-@pytest.fixture
-def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float tensor the launchers allocate (outputs, split-K workspace) starts as NaN."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def fused_call(w, case: Case, **extra) -> torch.Tensor:
     kw = case.kwargs()
     y = qm.qmatmul_with(case.x, w, **kw, **extra)

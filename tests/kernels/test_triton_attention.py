@@ -57,15 +57,8 @@ def _nan_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float tensor from torch.empty (outputs, split workspaces) starts as NaN."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def _poisoned(poisoned: None) -> None:
+    """Every test here runs with conftest's NaN-poisoned torch.empty."""
 
 
 def make_batch(

@@ -39,14 +39,8 @@ VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 96)
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def _poisoned(poisoned: None) -> None:
+    """Every test here runs with conftest's NaN-poisoned torch.empty."""
 
 
 def random_fp16(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -55,16 +55,8 @@ def gen(rng: np.random.Generator) -> torch.Generator:
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float tensor from torch.empty (the launchers' outputs) starts as NaN, so an
-    element the kernel fails to write shows up."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def _poisoned(poisoned: None) -> None:
+    """Every test here runs with conftest's NaN-poisoned torch.empty."""
 
 
 def randn(gen: torch.Generator, *shape: int, dtype=torch.float32, scale: float = 1.0):
