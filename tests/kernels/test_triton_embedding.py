@@ -18,7 +18,7 @@ import torch
 from llamapy.kernels.triton import INTERPRET, embedding
 from llamapy.layers.linear import embedding_lookup
 from llamapy.quant.qtensor import QTensor
-from llamapy.quant.types import QuantType, type_size
+from llamapy.quant.types import QuantType, block_size, type_size
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -33,9 +33,11 @@ FP16_FIELDS = {
     QuantType.Q5_0: (0,),
     QuantType.Q5_1: (0, 2),
     QuantType.Q8_0: (0,),
+    QuantType.Q4_K: (0, 2),
+    QuantType.Q6_K: (208,),
 }
 FLOATS = {QuantType.F16: np.float16, QuantType.F32: np.float32}
-VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 96)
+VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 512)  # DIM: whole 256-blocks
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +58,7 @@ def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
         values = rng.standard_normal((VOCAB, DIM)).astype(FLOATS[qtype])
         return values.view(np.uint8).reshape(VOCAB, -1)
     ts = type_size(qtype)
-    blocks = rng.integers(0, 256, (VOCAB * DIM // 32, ts), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (VOCAB * DIM // block_size(qtype), ts), dtype=np.uint8)
     for off in FP16_FIELDS[qtype]:
         fp16 = random_fp16(rng, blocks.shape[0]).astype(np.float16)
         blocks[:, off : off + 2] = fp16.view(np.uint8).reshape(-1, 2)
@@ -102,8 +104,8 @@ def test_scale_and_layer_entry_point(rng: np.random.Generator) -> None:
 def test_bad_inputs_are_refused() -> None:
     data = torch.zeros(4, 18, dtype=torch.uint8, device=DEVICE)
     ids = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="no kernel for Q4_K"):
-        embedding.embedding_rows(data, QuantType.Q4_K, ids)
+    with pytest.raises(ValueError, match="no kernel for Q5_K"):
+        embedding.embedding_rows(data, QuantType.Q5_K, ids)
     with pytest.raises(ValueError, match="whole number"):
         embedding.embedding_rows(data[:, :17].contiguous(), QuantType.Q4_0, ids)
     with pytest.raises(ValueError, match="uint8"):

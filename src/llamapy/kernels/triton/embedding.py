@@ -1,6 +1,6 @@
 """Embedding lookup from raw ggml blocks: rows `ids` of a quantized (vocab, dim) table,
 dequantized in one launch (the torch path gathers the rows, then takes ~10 elementwise
-launches to unpack them). Legacy block types and float tables; bit-identical to
+launches to unpack them). Legacy block types, Q4_K, Q6_K and float tables; bit-identical to
 `quant.dequant.dequantize` (float32 products and sums as ggml's dequantize_row_*, no FMA
 contraction), times an optional float32 scale (Gemma's sqrt(d)).
 """
@@ -28,6 +28,8 @@ _CODES = {
     QuantType.F16: 5,
     QuantType.BF16: 6,
     QuantType.F32: 7,
+    QuantType.Q4_K: 8,
+    QuantType.Q6_K: 9,
 }
 _FLOAT_VIEWS = {
     QuantType.F16: torch.float16,
@@ -53,7 +55,8 @@ def embedding_rows(
     device, as torch's index on CUDA reports it only asynchronously)."""
     check_device("embedding_rows", data, ids)
     if qtype not in SUPPORTED:
-        raise ValueError(f"embedding_rows: no kernel for {qtype.name} (types: legacy and float)")
+        names = ", ".join(sorted(t.name for t in SUPPORTED))
+        raise ValueError(f"embedding_rows: no kernel for {qtype.name} (types: {names})")
     if data.dtype != torch.uint8 or data.dim() != 2 or not data.is_contiguous():
         raise ValueError(
             f"embedding_rows: data must be contiguous (V, row_bytes) uint8, got "
@@ -77,7 +80,7 @@ def embedding_rows(
     table = data.view(_FLOAT_VIEWS[qtype]) if qtype in _FLOAT_VIEWS else data
     _embedding_kernel[(ids.shape[0], triton.cdiv(dim, BLOCK))](
         table, ids, out, table.shape[1], dim, float(scale if scale is not None else 1.0),
-        QT=_CODES[qtype], TS=ts, HAS_SCALE=scale is not None, BLOCK=BLOCK,
+        QT=_CODES[qtype], TS=ts, BS=bs, HAS_SCALE=scale is not None, BLOCK=BLOCK,
         **pdl.launch_options(pdl.pdl_enabled(data.device)), num_warps=4,
         enable_fp_fusion=False,  # d * q + m rounds twice, as ggml's dequantize_row_*
     )  # fmt: skip
@@ -96,8 +99,8 @@ if HAS_TRITON:
     @triton.jit
     def _embedding_kernel(
         data_ptr, ids_ptr, out_ptr, row_len, dim, scale,
-        QT: tl.constexpr, TS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-        PDL: tl.constexpr,
+        QT: tl.constexpr, TS: tl.constexpr, BS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[r, k] for k in this program's BLOCK of row r: element k of table row ids[r]
         (row_len: the table's row length in its own elements, bytes for the block types)."""
@@ -107,8 +110,35 @@ if HAS_TRITON:
         k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = k < dim
         row = data_ptr + tl.load(ids_ptr + r).to(tl.int64) * row_len
-        if QT >= 5:  # float tables
+        if QT >= 5 and QT <= 7:  # float tables
             x = tl.load(row + k, mask=ok, other=0.0).to(tl.float32)
+        elif QT == 8:  # Q4_K {fp16 d, dmin; u8 scales[12]; u8 qs[128]}: (d sc) q - dmin m
+            e = k % 256
+            base = row + (k // 256) * TS
+            j = e // 32  # sub-block: its 6-bit scale and min (get_scale_min_k4)
+            i = j % 4
+            s0 = tl.load(base + 4 + i, mask=ok, other=0).to(tl.int32)  # scales[j % 4]
+            s4 = tl.load(base + 8 + i, mask=ok, other=0).to(tl.int32)  # scales[4 + j % 4]
+            s8 = tl.load(base + 12 + i, mask=ok, other=0).to(tl.int32)  # scales[8 + j % 4]
+            sc = tl.where(j < 4, s0 & 63, (s8 & 0xF) | ((s0 >> 6) << 4))
+            mn = tl.where(j < 4, s4 & 63, (s8 >> 4) | ((s4 >> 6) << 4))
+            byte = tl.load(base + 16 + 32 * (e // 64) + e % 32, mask=ok, other=0).to(tl.int32)
+            q = tl.where(e % 64 < 32, byte & 0xF, byte >> 4)
+            dl = _fp16_at(base, ok) * sc.to(tl.float32)
+            ml = _fp16_at(base + 2, ok) * mn.to(tl.float32)
+            x = dl * q.to(tl.float32) - ml
+        elif QT == 9:  # Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d}: (d sc) (q - 32)
+            e = k % 256
+            base = row + (k // 256) * TS
+            h = e // 128
+            w = e % 128  # within the 128-weight half
+            lo = tl.load(base + 64 * h + w % 64, mask=ok, other=0).to(tl.int32)
+            lo = tl.where(w < 64, lo & 0xF, lo >> 4)
+            hi = tl.load(base + 128 + 32 * h + w % 32, mask=ok, other=0).to(tl.int32)
+            hi = (hi >> (2 * (w // 32))) & 3
+            sc = tl.load(base + 192 + e // 16, mask=ok, other=0).to(tl.int8, bitcast=True)
+            dl = _fp16_at(base + 208, ok) * sc.to(tl.float32)
+            x = dl * ((lo | (hi << 4)) - 32).to(tl.float32)
         else:
             j = k % 32
             base = row + (k // 32) * TS  # each element's block
