@@ -184,9 +184,9 @@ def embedding_lookup(
     weight: QTensor, ids: torch.Tensor, dtype: torch.dtype, scale: float | None = None
 ) -> torch.Tensor:
     """Rows `ids` of a (vocab, dim) quantized table, times `scale` if given: only the
-    looked-up rows are dequantized (on CUDA in one Triton launch for the legacy and float
-    types, kernels/triton/embedding.py; the same float32 values)."""
-    if ids.is_cuda:
+    looked-up rows are dequantized (on CUDA in one Triton launch for the legacy, Q4_K, Q6_K and
+    float types, kernels/triton/embedding.py; the same float32 values)."""
+    if ids.is_cuda and weight.data.device == ids.device:
         from llamapy.kernels.triton import HAS_TRITON
         from llamapy.kernels.triton import embedding as triton_embedding
 
