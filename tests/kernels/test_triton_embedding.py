@@ -36,7 +36,7 @@ FP16_FIELDS = {
     QuantType.Q4_K: (0, 2),
     QuantType.Q6_K: (208,),
 }
-FLOATS = {QuantType.F16: np.float16, QuantType.F32: np.float32}
+FLOATS = {QuantType.F16: np.float16, QuantType.F32: np.float32, QuantType.BF16: None}
 VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 512)  # DIM: whole 256-blocks
 
 
@@ -54,6 +54,9 @@ def random_fp16(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
     """(VOCAB, row_bytes) uint8: random quant bytes, finite fp16 fields (or float values)."""
+    if qtype == QuantType.BF16:  # numpy has no bfloat16: its bits, the high half of float32
+        values = rng.standard_normal((VOCAB, DIM)).astype(np.float32)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(VOCAB, -1)
     if qtype in FLOATS:
         values = rng.standard_normal((VOCAB, DIM)).astype(FLOATS[qtype])
         return values.view(np.uint8).reshape(VOCAB, -1)
@@ -66,6 +69,8 @@ def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
 
 
 def gguf_rows(table: np.ndarray, qtype: QuantType, ids: np.ndarray) -> np.ndarray:
+    if qtype == QuantType.BF16:  # bfloat16 -> float32 is exact: the bits shifted up
+        return (table[ids].view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if qtype in FLOATS:
         return table[ids].view(FLOATS[qtype]).astype(np.float32)
     with np.errstate(all="ignore"):
