@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from llamapy.engine.scoring import score_tokens  # noqa: E402
 from llamapy.formats import open_model_file  # noqa: E402
+from llamapy.layers.linear import CPU_KERNELS  # noqa: E402
 from llamapy.models import build_causal_lm  # noqa: E402
 from llamapy.sampling.params import SamplingParams  # noqa: E402
 from llamapy.tokenizer import Tokenizer  # noqa: E402
@@ -231,6 +232,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile_batch < 1:
         ap.error("--profile-batch must be >= 1")
+    kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
+    if not kernels or any(k not in CPU_KERNELS for k in kernels):
+        ap.error(f"--cpu-kernels takes a comma-separated list of {', '.join(CPU_KERNELS)}")
     rng = random.Random()
     if args.profile:
         for path in args.models:
@@ -240,7 +244,6 @@ def main() -> None:
     for path in args.models:
         res = {}
         if not args.no_check:
-            kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
             res["check"] = check_logits(path, args.check_tokens, rng, kernels)
             print(path.name, "check", json.dumps(res["check"]), flush=True)
         res["bench"] = [] if args.no_bench else bench(path, args, rng)

@@ -1,8 +1,8 @@
 """Embedding rows from raw ggml blocks in one Triton launch (kernels/triton/embedding.py)
 against gguf-py's dequantizer (`gguf.quants`), bit for bit, and the torch path.
 
-Fresh random blocks each run (every quant byte pattern, fp16 scale fields finite: moderate,
-subnormal and signed zeros), random ids with repeats; the output comes out of a NaN-poisoned
+Fresh random blocks each run (tests/ggml_blocks.py: every quant byte pattern, finite fp16
+scale fields), random ids with repeats; the output comes out of a NaN-poisoned
 `torch.empty`. Real sizes on CUDA, small ones under TRITON_INTERPRET=1.
 """
 
@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from ggml_blocks import FP16_FIELDS, random_blocks
 from llamapy.kernels.triton import INTERPRET, embedding
 from llamapy.layers.linear import embedding_lookup
 from llamapy.quant.qtensor import QTensor
-from llamapy.quant.types import QuantType, block_size, type_size
+from llamapy.quant.types import QuantType, block_size
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -26,16 +27,8 @@ pytestmark = pytest.mark.skipif(
     not (ON_GPU or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 
-# byte offsets of the fp16 fields of each block type (the ggml block_* structs)
-FP16_FIELDS = {
-    QuantType.Q4_0: (0,),
-    QuantType.Q4_1: (0, 2),
-    QuantType.Q5_0: (0,),
-    QuantType.Q5_1: (0, 2),
-    QuantType.Q8_0: (0,),
-    QuantType.Q4_K: (0, 2),
-    QuantType.Q6_K: (208,),
-}
+# the block types the kernel reads (ggml_blocks.FP16_FIELDS has the K-quants it does not)
+BLOCK_TYPES = [t for t in FP16_FIELDS if t in embedding.SUPPORTED]
 FLOATS = {QuantType.F16: np.float16, QuantType.F32: np.float32, QuantType.BF16: None}
 VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 512)  # DIM: whole 256-blocks
 
@@ -43,13 +36,6 @@ VOCAB, DIM = (4096, 2048) if ON_GPU else (64, 512)  # DIM: whole 256-blocks
 @pytest.fixture(autouse=True)
 def _poisoned(poisoned: None) -> None:
     """Every test here runs with conftest's NaN-poisoned torch.empty."""
-
-
-def random_fp16(rng: np.random.Generator, n: int) -> np.ndarray:
-    moderate = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 1, n)
-    subnormal = rng.integers(1, 1024, n, dtype=np.uint16).view(np.float16).astype(np.float64)
-    kind = rng.choice(3, size=n, p=[0.9, 0.05, 0.05])
-    return np.choose(kind, [moderate, subnormal, np.where(rng.random(n) < 0.5, 0.0, -0.0)])
 
 
 def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
@@ -60,12 +46,7 @@ def random_table(rng: np.random.Generator, qtype: QuantType) -> np.ndarray:
     if qtype in FLOATS:
         values = rng.standard_normal((VOCAB, DIM)).astype(FLOATS[qtype])
         return values.view(np.uint8).reshape(VOCAB, -1)
-    ts = type_size(qtype)
-    blocks = rng.integers(0, 256, (VOCAB * DIM // block_size(qtype), ts), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:
-        fp16 = random_fp16(rng, blocks.shape[0]).astype(np.float16)
-        blocks[:, off : off + 2] = fp16.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(VOCAB, -1)
+    return random_blocks(rng, qtype, (VOCAB, DIM // block_size(qtype))).reshape(VOCAB, -1)
 
 
 def gguf_rows(table: np.ndarray, qtype: QuantType, ids: np.ndarray) -> np.ndarray:
@@ -77,7 +58,7 @@ def gguf_rows(table: np.ndarray, qtype: QuantType, ids: np.ndarray) -> np.ndarra
         return gguf.quants.dequantize(table[ids], qtype).astype(np.float32)
 
 
-@pytest.mark.parametrize("qtype", [*FP16_FIELDS, *FLOATS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*BLOCK_TYPES, *FLOATS], ids=lambda t: t.name)
 def test_rows_equal_gguf_py_bit_for_bit(rng: np.random.Generator, qtype: QuantType) -> None:
     table = random_table(rng, qtype)
     ids = rng.integers(0, VOCAB, 9)
