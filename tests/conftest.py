@@ -29,8 +29,10 @@ from gguf_factory import write_tiny_llama  # noqa: E402
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    """Fresh randomness each run; the seed is printed so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    """Fresh randomness each run; the seed is printed so a failure can be replayed
+    (LLAMAPY_TEST_SEED=<seed> pytest <test id>)."""
+    replay = os.environ.get("LLAMAPY_TEST_SEED")
+    seed = int(replay) if replay else int(np.random.SeedSequence().entropy % 2**32)
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
 
