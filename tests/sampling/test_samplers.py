@@ -16,6 +16,7 @@ from llamapy.sampling import (
     SamplerOutput,
     SamplerStage,
     SamplingParams,
+    filters,
     make_generator,
 )
 
@@ -235,10 +236,10 @@ def test_ties_at_the_top_k_cut(rng, force_sort):
     probs = Sampler().probs(x, params)
     for row in range(2):
         kept = probs[row] > 0
-        kth = x[row].sort(descending=True).values[k - 1]
-        assert int(kept.sum()) == k
-        assert bool((x[row][kept] >= kth).all())  # only tokens at least as good as the kth
-        assert bool(kept[x[row] > kth].all())  # every strictly better token
+        # the first k of a stable descending sort: among equal logits the lower ids, the
+        # same whether the row took the topk path or the sort path
+        first_k = x[row].sort(descending=True, stable=True).indices[:k]
+        assert kept.nonzero()[:, 0].tolist() == sorted(first_k.tolist())
         # against the exact softmax of the kept logits (float64): the float32 one rounds each
         # exp, the k-term sum and the division, within (k + 3) units of float32 rounding
         exact = x[row][kept].double().softmax(0).numpy()
@@ -359,6 +360,48 @@ def test_same_seed_same_tokens_alone_or_batched():
     others = (PLAIN, SamplingParams.greedy(), SamplingParams(top_k=3, typical_p=0.5))
     assert alone == _generate(steps, logits_seq, 0, params, 7, batch_others=others)
     assert alone != _generate(steps, logits_seq, 0, params, seed=8)
+
+
+def test_same_seed_same_tokens_alone_or_batched_with_tied_logits(rng):
+    """Many equal logits (integers): alone the row's candidates come from topk, beside a
+    top_k = 0 row from a full sort; both must keep and order the same tokens (lower id
+    first), or the seeded draw picks different tokens (it did: one CI run, on a float32
+    tie in the test above)."""
+    steps, n_vocab = 40, 300
+    logits_seq = [torch.from_numpy(rng.integers(-6, 6, n_vocab).astype(np.float32))
+                  for _ in range(steps)]  # fmt: skip
+    params = SamplingParams(top_k=50, top_p=0.95, min_p=0.0, temperature=2.0, seed=11)
+    alone = _generate(steps, logits_seq, 0, params, seed=11)
+    assert alone == _generate(steps, logits_seq, 0, params, 11, batch_others=(PLAIN,))
+
+
+@pytest.mark.parametrize("path", ["checked", "unique_keys"])
+def test_top_candidates_are_a_stable_sorts_first(rng, path):
+    """Both ways of taking a row's top candidates (the CPU's checked topk, the CUDA way of
+    unique keys, run here on the CPU) against a stable descending sort: the same values and
+    ids, on rows with many ties, ties across the cut, signed zeros, -inf and NaN."""
+    top = {"checked": filters._top_checked, "unique_keys": filters._top_by_unique_keys}[path]
+    n_vocab = 64
+    rows = [
+        rng.standard_normal(n_vocab),  # no tie (nearly surely)
+        rng.integers(-3, 3, n_vocab),  # ties everywhere
+        np.where(rng.random(n_vocab) < 0.5, -np.inf, rng.integers(0, 4, n_vocab)),
+        np.where(rng.random(n_vocab) < 0.5, 0.0, -0.0),  # +0.0 and -0.0 are equal
+        np.where(rng.random(n_vocab) < 0.1, np.nan, rng.integers(0, 4, n_vocab)),
+    ]
+    x = torch.from_numpy(np.stack(rows).astype(np.float32))
+    for width in (1, 5, 17, n_vocab):
+        cuts = []  # rows of distinct logits but for one tie across the cut: topk keeps
+        for _ in range(8 if width < n_vocab else 0):  # either token (each about half the time)
+            cut = torch.from_numpy(rng.permutation(n_vocab).astype(np.float32))
+            pair = cut.sort(descending=True).indices[width - 1 : width + 1]
+            cut[pair] = float(cut[pair[0]])
+            cuts.append(cut)
+        x = torch.cat([x[: len(rows)], *(c[None] for c in cuts)])
+        values, ids = top(x.clone(), width)
+        want = x.sort(dim=-1, descending=True, stable=True)
+        assert ids.tolist() == want.indices[:, :width].tolist(), width
+        torch.testing.assert_close(values, want.values[:, :width], equal_nan=True, rtol=0, atol=0)
 
 
 def test_unseeded_generators_differ():

@@ -50,7 +50,7 @@ class Candidates:
         if top_k_width is not None and self.token_ids is None:
             # all V ids, none dead yet (only filters kill, and they sort first)
             width = min(top_k_width, self.logits.shape[1])
-            self.logits, self.token_ids = self.logits.topk(width, dim=-1, sorted=True)
+            self.logits, self.token_ids = top_candidates(self.logits, width)
             self.alive = None
         else:
             key = self.logits if self.alive is None else self.masked()
@@ -76,6 +76,51 @@ class Candidates:
         edit(full)
         self.logits = full.gather(1, self.token_ids)
         self.is_sorted = False
+
+
+def top_candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first `width` logits and ids in the order of a stable descending sort
+    (equal logits: the lower id first), without sorting whole rows.
+
+    `torch.topk` leaves the order of equal logits, and which of them make the cut, to its
+    implementation, and that differs with the batch: a row alone (top-k, so topk) and the
+    same row beside a top_k = 0 row (a full stable sort) could keep different tokens, and a
+    seeded request's text would depend on what it was batched with. On CUDA the keys are
+    made unique (`_top_by_unique_keys`: no host sync); on the CPU topk's answer is checked
+    for ties and a row with one is sorted (`_top_checked`)."""
+    if logits.is_cuda:
+        return _top_by_unique_keys(logits, width)
+    return _top_checked(logits, width)
+
+
+def _top_checked(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # one more than kept: the first left out equal to the last kept is a tie across the cut
+    values, ids = logits.topk(min(width + 1, logits.shape[1]), dim=-1, sorted=True)
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=-1)
+    tied |= values.isnan().any(dim=-1)  # NaN compares unequal to itself: sort those too
+    values, ids = values[:, :width], ids[:, :width]
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        order = logits[rows].sort(dim=-1, descending=True, stable=True).indices[:, :width]
+        ids[rows] = order
+        values[rows] = logits[rows].gather(1, order)
+    return values, ids
+
+
+def _top_by_unique_keys(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # int64 key: the float32 bits mapped to an integer of the same order (one NaN above
+    # +inf, as sort places NaN first; -0.0 made +0.0, equal as in sort), then the id
+    # reversed in the low 32 bits, so that among equal logits the lower id is larger
+    x = logits.float()
+    x = torch.where(x.isnan(), float("nan"), x) + 0.0
+    bits = x.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    n = logits.shape[1]
+    rev_ids = torch.arange(n - 1, -1, -1, device=logits.device)
+    keys = (ordered.long() << 32) | rev_ids
+    top = keys.topk(width, dim=-1, sorted=True).values
+    ids = (n - 1) - (top & 0xFFFFFFFF)
+    return logits.gather(1, ids), ids
 
 
 def masked_softmax(logits: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
