@@ -139,8 +139,8 @@ def test_compiled_decode_matches_eager(model, request, rng):
         engine.step()
     assert not compiled.failed
     assert len(diffs) >= 29  # decode steps of 3, 2 and 1 sequences
-    # each batch size ran once with every guard, then with the differentiating ones only
-    assert {kind[0] for kind in compiled._checked} == {1, 2, 3}
+    # each batch size ran once through dynamo's guards, then as the compiled code they chose
+    assert {kind[0] for _, kind in compiled._direct} == {1, 2, 3}
     print(f"relative hidden-state difference: max {max(diffs):.2e}")
     # Roundings flipped by the different summation order compound over the layers (bf16 x of
     # int4pack: measured 5e-3 to 1.2e-2 at the last layer; the VNNI kernels' 8-bit x: 2.0e-2
@@ -151,6 +151,56 @@ def test_compiled_decode_matches_eager(model, request, rng):
     flips, rows = sum(f for _, f, _ in picks), sum(n for _, _, n in picks)
     print(f"greedy picks that differ: {flips} of {rows}")
     assert flips <= 0.1 * rows
+
+
+@needs_compiler
+def test_direct_calls_equal_guarded_calls(smollm2_path, rng, monkeypatch):
+    """Once a kind of call has run through dynamo, CompiledDecode runs the compiled code
+    dynamo chose directly (no guards): bit for bit what the guarded call computes, over batch
+    sizes 1 to 3 and block tables of different widths (the graphs' dynamic size)."""
+    engine = _engine(smollm2_path, compile_=True)
+    model_ = engine.runner.model
+    compiled = model_.compiled_decode
+    caches = engine.runner.kv_caches
+    bs, n_blocks = caches[0][0].shape[1], caches[0][0].shape[0]
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    for seq_lens in ([5], [40], [3, 70], [17, 1, 33], [200], [2, 90], [16]):
+        batch = len(seq_lens)
+        widths = [-(-n // bs) for n in seq_lens]
+        perm = torch.randperm(n_blocks - 1, generator=gen)[: sum(widths)].to(torch.int32)
+        tables = torch.zeros(batch, max(widths), dtype=torch.int32)
+        for b, row in enumerate(perm.split(widths)):
+            tables[b, : len(row)] = row
+        slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(seq_lens)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            block_tables=tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            seq_lens_host=tuple(seq_lens),
+            query_start_loc_host=tuple(range(batch + 1)),
+        )
+        ids = torch.from_numpy(rng.integers(0, vocab, batch))
+        positions = torch.tensor([n - 1 for n in seq_lens])
+        for k, v in caches:
+            k.normal_(generator=gen)
+            v.normal_(generator=gen)
+        before = [(k.clone(), v.clone()) for k, v in caches]
+        out = {}
+        for guards in ("0", "1", "0"):  # the second direct call: the code found by the first
+            for (k, v), (k0, v0) in zip(caches, before, strict=True):
+                k.copy_(k0)
+                v.copy_(v0)
+            monkeypatch.setenv("LLAMAPY_CPU_GUARDS", guards)
+            with torch.inference_mode():
+                out.setdefault(guards, []).append(model_(ids, positions, meta, caches))
+        assert not compiled.failed
+        assert torch.equal(out["0"][0], out["1"][0]), seq_lens
+        assert torch.equal(out["0"][1], out["1"][0]), seq_lens
+    assert {kind[0] for _, kind in compiled._direct} == {1, 2, 3}
 
 
 @needs_compiler
@@ -168,6 +218,7 @@ def test_compile_failure_falls_back_to_eager(smollm2_path, monkeypatch, caplog):
         return step
 
     monkeypatch.setattr(compiled, "_step_for", broken)
+    monkeypatch.setattr(compiled, "_direct", {})  # what the load-time compile found
     with caplog.at_level(logging.WARNING):
         got = _run(engine, [[1, 2, 3, 4]], 8)
     assert compiled.failed
