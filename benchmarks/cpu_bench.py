@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Prefill and decode speed on the CPU, llamapy against llama.cpp (llama-cpp-python).
+"""Prefill and decode speed on the CPU, llamapy against llama.cpp (llama-cpp-python), or
+against transformers.
 
     python benchmarks/cpu_bench.py [MODEL ...] [--threads 2] [--repeat 3] [-p 512] [-n 128]
+        [--baseline llama.cpp|transformers]
 
 Both engines read the same GGUF, with the same thread count, in one process, alternately
 (so both see the same machine load), measured as llama-bench measures: `ppP` is the prefill
@@ -10,6 +12,11 @@ of P random tokens on an empty context, `tgN` is N tokens decoded one at a time 
 (`EngineBench`: the real engine, prefix caching off, greedy); llama.cpp through
 `Llama.eval` with n_batch = n_ubatch = 512. Reported: mean ± sd tokens/s over --repeat runs
 and the ratio of the means (> 1: llamapy is faster).
+
+`--baseline transformers`: transformers in float32 (the GGUF dequantized through
+`from_pretrained(..., gguf_file=)`, as shared/tools/cpu/README.md measures it), eager, at
+the same torch thread count; its tgN is one `generate` of N new tokens after a 1-token
+prompt (greedy, KV cache on), its ppP one forward over P tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from llamapy.cli.bench import BenchSettings, BenchTest, EngineBench
 
@@ -53,6 +61,40 @@ class LlamaCpp:
         return time.perf_counter() - t0
 
 
+class Transformers:
+    """transformers, float32 weights from the GGUF, timed as `LlamaCpp`."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        p = Path(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            p.parent, gguf_file=p.name, dtype=torch.float32
+        ).eval()
+
+    def prefill(self, ids: list[int]) -> float:
+        import torch
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(torch.tensor([ids]))
+            return time.perf_counter() - t0
+
+    def generate(self, ids: list[int]) -> float:
+        """len(ids) new tokens after the first of `ids`."""
+        import torch
+
+        n = len(ids)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model.generate(
+                torch.tensor([ids[:1]]), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
+            return time.perf_counter() - t0
+
+
 def _rates(n_tokens: int, seconds: list[float]) -> tuple[float, float]:
     rates = [n_tokens / s for s in seconds]
     return statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0
@@ -69,13 +111,19 @@ def _measure(
     return t_ours, t_ref
 
 
-def bench(model: str, threads: int, repeat: int, n_prompt: int, n_gen: int) -> Iterator[tuple]:
-    """Rows (test, ours mean, ours sd, llama.cpp mean, llama.cpp sd) for one model."""
+def bench(
+    model: str, threads: int, repeat: int, n_prompt: int, n_gen: int, baseline: str = "llama.cpp"
+) -> Iterator[tuple]:
+    """Rows (test, ours mean, ours sd, baseline mean, baseline sd) for one model."""
     settings = BenchSettings(n_threads=threads, repetitions=repeat)
     tests = [BenchTest(n_prompt, 0), BenchTest(0, n_gen)]
     ours = EngineBench(model, settings, tests)
     path = str(ours.llm.resolved.path)
-    ref = LlamaCpp(path, threads, max(n_prompt, n_gen) + 16, settings.tokens_per_step)
+    ref: LlamaCpp | Transformers
+    if baseline == "transformers":
+        ref = Transformers(path, threads)
+    else:
+        ref = LlamaCpp(path, threads, max(n_prompt, n_gen) + 16, settings.tokens_per_step)
     if n_prompt:
         t_ours, t_ref = _measure(
             ours.prefill, lambda n: ref.prefill(ours.random_prompt(n)), n_prompt, n_prompt, repeat
@@ -112,19 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", "-r", type=int, default=3)
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("--baseline", choices=["llama.cpp", "transformers"], default="llama.cpp")
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or args.n_prompt < 0 or args.n_gen < 0:
         p.error("--threads and --repeat must be >= 1, -p and -n >= 0")
     print(f"host: {host_cpu()}")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
-        "ratio = llamapy / llama.cpp"
+        f"ratio = llamapy / {args.baseline}"
     )
-    print("| model | test | llamapy t/s | llama.cpp t/s | ratio |")
+    print(f"| model | test | llamapy t/s | {args.baseline} t/s | ratio |")
     print("| --- | --- | ---: | ---: | ---: |")
     for model in args.models:
         for test, ours, ours_sd, ref, ref_sd in bench(
-            model, args.threads, args.repeat, args.n_prompt, args.n_gen
+            model, args.threads, args.repeat, args.n_prompt, args.n_gen, args.baseline
         ):
             print(
                 f"| {model} | {test} | {ours:.1f} ± {ours_sd:.1f} | {ref:.1f} ± {ref_sd:.1f} "

@@ -151,10 +151,25 @@ def decode_attention_dense(
     turns them into C++ loops that read the cache blocks in place, where two `bmm` calls
     need the gathered keys and values materialized first (SmolLM2-135M, one compiled decode
     step, `benchmarks/kernels/bench_cpu_decode_step.py`: 9.60 -> 8.39 ms at 128 keys,
-    15.9 -> 11.3 at 1024, 89.8 -> 19.8 at 4096)."""
+    15.9 -> 11.3 at 1024, 89.8 -> 19.8 at 4096). Where numba is (float32 CPU tensors), the
+    attention after the write is one opaque op instead (kernels/cpu/attention.py), which
+    reads each key and value row once for all the query heads that share it."""
     n_seqs, n_heads, d = q.shape
     n_kv = k_cache.shape[2]
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    from llamapy.kernels.cpu import attention as cpu_attention
+
+    if cpu_attention.supports(q, k_cache, v_cache):  # one opaque op (kernels/cpu/attention.py)
+        return cpu_attention.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
     tables = meta.block_tables.long()
     keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # (B, W * block_size, n_kv, d)
     values = v_cache[tables].flatten(1, 2).to(q.dtype)

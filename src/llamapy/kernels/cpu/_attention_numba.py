@@ -1,0 +1,196 @@
+"""numba code of kernels/cpu/attention.py (imported only where numba is): decode attention
+over the paged float32 KV cache, one new query per sequence.
+
+Per (sequence, KV head), in two passes over the visible keys: the scores of the GROUP query
+heads that share the KV head (one read of each key row for all of them), then the softmax
+and the weighted sum of the value rows (each value row read once, added into GROUP
+accumulators). The dot products and the row updates are loops over head_dim that LLVM
+vectorizes; reassociating the sums (`fastmath` reassoc / contract only: no
+infinity or NaN assumptions) is what lets it. Arguments are addresses (int64) and sizes,
+not arrays: numba unboxes an array argument in ~1 us, and a decode step makes one call a
+layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.core.extending import intrinsic
+
+from llamapy.kernels.cpu._vnni_numba import (
+    _ARGS,
+    _barrier,
+    _bits_f32,
+    _f32_bits,
+    _gomp_parallel,
+    _num_threads,
+    _thread_num,
+)
+
+_FAST = {"reassoc", "contract"}
+
+
+def _cast_intrinsic(dst):
+    sig = dst(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(dst))
+
+    def typer(typingctx, value):
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_f32_ptr = _cast_intrinsic(types.CPointer(types.float32))
+_i32_ptr = _cast_intrinsic(types.CPointer(types.int32))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _part(a, b, t, nt, sp, ap, mp):  # pragma: no cover - compiled by numba
+    """Thread t's share of sequence b: keys [lo, hi) of its visible range; per query head
+    its scores (scratch at sp), their maximum and exp-sum (mp) and the exp-weighted sum of
+    the value rows (ap), not yet normalized."""
+    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr = a[0], a[1], a[2], a[3], a[4]
+    n_heads, n_kv, d, block_size, width = a[7], a[8], a[9], a[11], a[12]
+    scale, window, cap = _bits_f32(np.int32(a[13])), a[14], _bits_f32(np.int32(a[15]))
+    group = n_heads // n_kv
+    row_bytes = 4 * n_kv * d
+    end = _i32_ptr(seq_lens_ptr)[b]
+    start = max(end - window, 0) if window > 0 else 0
+    chunk = (end - start + nt - 1) // nt
+    lo = start + t * chunk
+    hi = min(lo + chunk, end)
+    n = max(hi - lo, 0)
+    table = _i32_ptr(tables_ptr + 4 * b * width)
+    q0 = q_ptr + 4 * b * n_heads * d
+    for i in range(n):  # scores: key rows in order, each (all KV heads) read once
+        p = lo + i
+        row = (table[p // block_size] * block_size + p % block_size) * row_bytes
+        for hq in range(n_heads):
+            kp = _f32_ptr(k_ptr + row + 4 * (hq // group) * d)
+            qp = _f32_ptr(q0 + 4 * hq * d)
+            s = np.float32(0.0)
+            for j in range(d):
+                s += qp[j] * kp[j]
+            s *= scale
+            if cap > 0:
+                s = cap * np.tanh(s / cap)
+            _f32_ptr(sp)[hq * n + i] = s
+    for hq in range(n_heads):
+        sg = _f32_ptr(sp + 4 * hq * n)
+        m = np.float32(-np.inf)
+        for i in range(n):
+            m = max(m, sg[i])
+        total = np.float32(0.0)
+        for i in range(n):
+            e = np.exp(sg[i] - m)
+            sg[i] = e
+            total += e
+        _f32_ptr(mp)[2 * hq] = m
+        _f32_ptr(mp)[2 * hq + 1] = total
+        acc = _f32_ptr(ap + 4 * hq * d)
+        for j in range(d):
+            acc[j] = 0.0
+    for i in range(n):  # the weighted sum: value rows in order, each read once
+        p = lo + i
+        row = (table[p // block_size] * block_size + p % block_size) * row_bytes
+        for hq in range(n_heads):
+            vp = _f32_ptr(v_ptr + row + 4 * (hq // group) * d)
+            w = _f32_ptr(sp)[hq * n + i]
+            acc = _f32_ptr(ap + 4 * hq * d)
+            for j in range(d):
+                acc[j] += w * vp[j]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride):  # pragma: no cover - numba
+    """Thread t's query heads of sequence b (every nt-th): the threads' parts combined by
+    their maxima (flash-decoding's merge) into out."""
+    out_ptr, n_heads, d = a[5], a[7], a[9]
+    for hq in range(t, n_heads, nt):
+        big = np.float32(-np.inf)
+        for u in range(nt):
+            if _f32_ptr(ml_ptr + u * ml_stride)[2 * hq + 1] > 0:
+                big = max(big, _f32_ptr(ml_ptr + u * ml_stride)[2 * hq])
+        op = _f32_ptr(out_ptr + 4 * (b * n_heads + hq) * d)
+        for j in range(d):
+            op[j] = 0.0
+        total = np.float32(0.0)
+        for u in range(nt):
+            m = _f32_ptr(ml_ptr + u * ml_stride)[2 * hq]
+            part = _f32_ptr(ml_ptr + u * ml_stride)[2 * hq + 1]
+            if part > 0:
+                f = np.exp(m - big)
+                total += part * f
+                acc = _f32_ptr(acc_ptr + u * acc_stride + 4 * hq * d)
+                for j in range(d):
+                    op[j] += f * acc[j]
+        inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)
+        for j in range(d):
+            op[j] *= inv
+
+
+@cfunc(_ARGS, nopython=True, cache=True, fastmath=_FAST)
+def _worker(ap):  # pragma: no cover - compiled by numba
+    """One thread of `decode`: for each sequence, its share of the keys, then (after every
+    thread's) its share of the query heads' merge. a: see `decode`."""
+    a = carray(ap, (21,))
+    n_seqs = a[6]
+    scores, accs, mls = a[16], a[17], a[18]
+    s_stride, acc_stride, ml_stride = a[19], a[20], 8 * a[7]
+    t, nt = np.int64(_thread_num()), np.int64(_num_threads())
+    for b in range(n_seqs):
+        _part(a, b, t, nt, scores + t * s_stride, accs + t * acc_stride, mls + t * ml_stride)
+        _barrier()
+        _merge(a, b, t, nt, accs, mls, acc_stride, ml_stride)
+        _barrier()
+
+
+@njit(nogil=True, cache=True)
+def decode(
+    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr,
+    n_seqs, n_heads, n_kv, head_dim, n_blocks, block_size, width, scale, window, softcap,
+    threads, worker,
+):  # fmt: skip  # pragma: no cover - compiled by numba
+    """out (B, n_heads, d) <- attention of q (B, n_heads, d) over the keys [start, seq_len)
+    of each sequence (start = seq_len - window with a window, else 0), read through its
+    block-table row (B, width) from the caches (n_blocks, block_size, n_kv, d); all float32
+    and contiguous, tables and seq_lens int32. softcap > 0: tanh(s / c) * c on the scaled
+    scores. A sequence with no visible key gets zeros. On `threads` of torch's OpenMP team
+    (as the matmuls, `_vnni_numba`), each a contiguous share of every sequence's keys, merged
+    by their maxima; `worker`: `_worker.address`. Returns 0; 1 when a seq_len lies outside
+    [0, width * block_size], 2 when a visible key's block number lies outside [0, n_blocks)
+    (nothing written for either).
+
+    Memory is read through typed pointers, not arrays: numba's array indexing wraps
+    negative indices, a select in every access that kept the loops scalar (4x slower)."""
+    seq_lens = _i32_ptr(seq_lens_ptr)
+    longest = 0
+    for b in range(n_seqs):
+        end = seq_lens[b]
+        if end < 0 or end > width * block_size:
+            return 1
+        start = max(end - window, 0) if window > 0 else 0
+        table = _i32_ptr(tables_ptr + 4 * b * width)
+        for p in range(start // block_size, (end + block_size - 1) // block_size):
+            if table[p] < 0 or table[p] >= n_blocks:
+                return 2
+        longest = max(longest, end - start)
+    nt = max(threads, 1)
+    s_len = n_heads * ((longest + nt - 1) // nt + 1)
+    scores = np.empty(nt * s_len, np.float32)
+    accs = np.empty(nt * n_heads * head_dim, np.float32)
+    mls = np.empty(nt * 2 * n_heads, np.float32)
+    a = np.empty(21, np.int64)
+    a[0], a[1], a[2], a[3], a[4], a[5] = q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr
+    a[6], a[7], a[8], a[9], a[10] = n_seqs, n_heads, n_kv, head_dim, n_blocks
+    a[11], a[12], a[14] = block_size, width, window
+    a[13], a[15] = _f32_bits(np.float32(scale)), _f32_bits(np.float32(softcap))
+    a[16], a[17], a[18] = scores.ctypes.data, accs.ctypes.data, mls.ctypes.data
+    a[19], a[20] = 4 * s_len, 4 * n_heads * head_dim
+    _gomp_parallel(worker, a.ctypes.data, nt, 0)
+    return 0 * (scores.size + accs.size + mls.size)  # (keeps the scratch alive until here)
+
+
+WORKER = _worker.address

@@ -1,0 +1,155 @@
+"""Decode attention on the CPU through the paged float32 KV cache: the torch op
+`llamapy::decode_attention`, a numba kernel (`_attention_numba.py`) that the compiled decode
+step (`layers.attention.decode_attention_dense`, `models/cpu_compile.py`) calls as one opaque
+op.
+
+Why: Inductor's C++ for the broadcast-and-sum formulation gathers each key and value row
+through the block table once per query head and reduces each score across a vector, ~0.37
+us per key and layer on SmolLM2-135M (~4 GB/s of cache): a 1000-token context added ~11
+ms to a ~7.5 ms token. The kernel reads each key and value row once per KV head for all the
+query heads that share it (`_attention_numba.decode`).
+
+`LLAMAPY_CPU_ATTENTION=0` turns it off (then the Inductor loops). The op checks what it is
+given (devices, dtypes, shapes, contiguity) and raises ValueError naming the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from llamapy.kernels.cpu.switches import switched_off
+
+# numba is looked up, not imported, here: the import (~0.3 s) waits for the first call
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def available() -> bool:
+    """Whether the kernel can run here (numba installed, not switched off). Plain code, no
+    cache wrapper: the compiled decode step's tracing calls it."""
+    return _HAS_NUMBA and not switched_off("LLAMAPY_CPU_ATTENTION")
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these (CPU, float32 caches and queries, equal head
+    dims): the caller's choice between it and the torch formulation."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+        and k_cache.shape == v_cache.shape
+        and available()
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q (B, n_heads, d), one query per sequence at position seq_lens[b] - 1, over the keys
+    of its block-table row (keys past seq_lens, and those out of the window, unseen) ->
+    (B, n_heads, d): `layers.attention.decode_attention_dense`'s result."""
+    window = 0 if sliding_window is None else int(sliding_window)
+    if window < 0 or (sliding_window is not None and window == 0):
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    return torch.ops.llamapy.decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, float(scale), window, float(softcap or 0.0)
+    )
+
+
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q (B, n_heads, d) and caches (blocks, block_size, n_kv, d), got "
+            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}: head dims must be "
+            "equal and n_heads a multiple of n_kv"
+        )
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the caches must be contiguous")
+    b = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
+        raise ValueError(
+            f"block_tables must be ({b}, width) int32, got {tuple(block_tables.shape)} "
+            f"{block_tables.dtype}"
+        )
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
+        raise ValueError(
+            f"seq_lens must be ({b},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+
+
+def _decode_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(q)
+    if q.shape[0]:
+        from llamapy.kernels.cpu import _attention_numba as kernel
+
+        n_blocks, block_size, n_kv, d = k_cache.shape
+        status = kernel.decode(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], n_kv, d, n_blocks,
+            block_size, tables.shape[1], scale, window, softcap, torch.get_num_threads(),
+            kernel.WORKER,
+        )  # fmt: skip
+        if status == 1:
+            raise ValueError(
+                f"seq_lens must lie in [0, {tables.shape[1] * block_size}] (the block tables' "
+                f"width times the block size), got {lens.tolist()}"
+            )
+        if status == 2:
+            raise ValueError(f"a block table names a block outside the caches' {n_blocks}")
+    return out
+
+
+def _decode_attention_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# A plain library op (as vnni.py's): a few us of dispatch where torch.library.custom_op costs
+# ~10, once per layer of a decoded token.
+_LIB = torch.library.Library("llamapy", "FRAGMENT")
+_LIB.define(
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale, int window, float softcap) -> Tensor"
+)
+_LIB.impl("decode_attention", _decode_attention_cpu, "CPU")
+torch.library.register_fake("llamapy::decode_attention", _decode_attention_fake, lib=_LIB)

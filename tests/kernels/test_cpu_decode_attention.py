@@ -1,0 +1,116 @@
+"""The CPU decode-attention kernel (kernels/cpu/attention.py, numba) against the float64
+paged-attention reference, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llamapy.kernels.cpu import attention as cpu_attention
+from llamapy.layers.attention import AttentionMetadata, paged_attention_reference
+
+pytestmark = pytest.mark.skipif(
+    not cpu_attention.available(), reason="numba is not installed (or LLAMAPY_CPU_ATTENTION=0)"
+)
+
+
+def _case(rng, seq_lens, n_heads, n_kv, d, block_size=16, spare_blocks=3):
+    """Caches of random rows, each sequence's blocks drawn in a shuffled order (the pool's
+    order), one padding column in the tables."""
+    n_blocks = sum(-(-n // block_size) for n in seq_lens) + spare_blocks
+    width = max(-(-n // block_size) for n in seq_lens) + 1
+    perm = rng.permutation(n_blocks)
+    tables = np.zeros((len(seq_lens), width), dtype=np.int32)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        k = -(-n // block_size)
+        tables[b, :k] = perm[used : used + k]
+        used += k
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    k_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
+    v_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
+    q = torch.randn(len(seq_lens), n_heads, d, generator=gen)
+    return q, k_cache, v_cache, torch.from_numpy(tables), torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def _reference(q, k_cache, v_cache, tables, seq_lens, scale, window, softcap):
+    b = q.shape[0]
+    lens = tuple(int(n) for n in seq_lens)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(b, dtype=torch.int64),
+        block_tables=tables,
+        seq_lens=seq_lens,
+        query_start_loc=torch.arange(b + 1, dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=max(lens),
+        seq_lens_host=lens,
+        query_start_loc_host=tuple(range(b + 1)),
+    )
+    return paged_attention_reference(
+        q.double(), k_cache.double(), v_cache.double(), meta,
+        scale=scale, sliding_window=window, softcap=softcap,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "d", "window", "softcap"),
+    [
+        (9, 3, 64, None, None),  # SmolLM2's heads
+        (4, 1, 256, 7, None),  # Gemma 3 270M's, a sliding layer
+        (8, 8, 32, None, 20.0),
+        (6, 2, 80, 40, 5.0),
+    ],
+)
+def test_matches_float64_reference(rng, threads, n_heads, n_kv, d, window, softcap):
+    # lengths across block boundaries, shorter than the threads' share, and one of 1
+    seq_lens = [int(rng.integers(100, 300)), 1, int(rng.integers(2, 16)), 16]
+    q, k_cache, v_cache, tables, lens = _case(rng, seq_lens, n_heads, n_kv, d)
+    scale = float(rng.uniform(0.05, 0.2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_attention.decode_attention(
+            q, k_cache, v_cache, tables, lens, scale=scale, sliding_window=window, softcap=softcap
+        )
+    finally:
+        torch.set_num_threads(before)
+    want = _reference(q, k_cache, v_cache, tables, lens, scale, window, softcap)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert torch.isfinite(got).all()
+    # float32 dots of d products and sums over a few hundred keys: a few units of float32
+    # rounding relative to the output's scale (about 1 here)
+    err = (got.double() - want).abs().max().item()
+    assert err < 2e-6, err
+
+
+def test_empty_sequence_gives_zeros(rng):
+    q, k_cache, v_cache, tables, lens = _case(rng, [0, 5], 4, 2, 64)
+    out = cpu_attention.decode_attention(q, k_cache, v_cache, tables, lens, scale=0.1)
+    assert out[0].abs().max().item() == 0.0
+    want = _reference(q[1:], k_cache, v_cache, tables[1:], lens[1:], 0.1, None, None)
+    assert (out[1].double() - want[0]).abs().max().item() < 2e-6
+
+
+def test_bad_input_raises_naming_it(rng):
+    q, k_cache, v_cache, tables, lens = _case(rng, [20, 5], 4, 2, 64)
+    width = tables.shape[1] * k_cache.shape[1]
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        cpu_attention.decode_attention(
+            q, k_cache, v_cache, tables, torch.tensor([20, width + 1], dtype=torch.int32), scale=1.0
+        )
+    bad = tables.clone()
+    bad[0, 0] = k_cache.shape[0]  # one past the last block
+    with pytest.raises(ValueError, match="block outside"):
+        cpu_attention.decode_attention(q, k_cache, v_cache, bad, lens, scale=1.0)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_attention.decode_attention(q.double(), k_cache, v_cache, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="int32"):
+        cpu_attention.decode_attention(q, k_cache, v_cache, tables.long(), lens, scale=1.0)
+    with pytest.raises(ValueError, match="head dims"):
+        cpu_attention.decode_attention(q[..., :32], k_cache, v_cache, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        cpu_attention.decode_attention(
+            q, k_cache, v_cache, tables, lens, scale=1.0, sliding_window=0
+        )
