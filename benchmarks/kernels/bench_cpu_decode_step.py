@@ -3,9 +3,11 @@
 context) under variants of `models/cpu_compile.py`, interleaved in one process:
 
     python benchmarks/kernels/bench_cpu_decode_step.py MODEL [--ctx 128] [--reps 30]
-        [--variants default,asserts,stack,stack-cpp]
+        [--variants default,asserts,stack,stack-cpp,inductor-attn]
 
 default   the engine's compiled step (one graph per kind of layer, INDUCTOR_OPTIONS)
+inductor-attn  the same with the attention left to Inductor (LLAMAPY_CPU_ATTENTION=0 while
+          it traces) instead of kernels/cpu/attention.py's op
 asserts   the same with Inductor's input size / stride / scalar / alignment asserts back on
 cpp       the same with Inductor's C++ wrapper
 stack     every layer in one graph (its own compile: tens of seconds cold)
@@ -18,6 +20,7 @@ largest logit difference against `default` (0 when the variants compute the same
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,7 +32,7 @@ from llamapy.cli.bench import BenchSettings, BenchTest, EngineBench
 from llamapy.layers.attention import AttentionMetadata
 from llamapy.models import cpu_compile
 
-VARIANTS = ("default", "asserts", "cpp", "stack", "stack-cpp")
+VARIANTS = ("default", "asserts", "cpp", "stack", "stack-cpp", "inductor-attn")
 
 
 def _stack_step(layers, h, residual, cos_sins, meta, kvs):
@@ -117,7 +120,16 @@ def main() -> int:
         for name, variant in variants.items():
             model.compiled_decode = variant
             t0 = time.perf_counter()
-            logits[name] = step()
+            switch = os.environ.get("LLAMAPY_CPU_ATTENTION")
+            if name == "inductor-attn":  # read when the layers are traced: this first step
+                os.environ["LLAMAPY_CPU_ATTENTION"] = "0"
+            try:
+                logits[name] = step()
+            finally:
+                if switch is None:
+                    os.environ.pop("LLAMAPY_CPU_ATTENTION", None)
+                else:
+                    os.environ["LLAMAPY_CPU_ATTENTION"] = switch
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for _ in range(args.reps):
             for name, variant in variants.items():

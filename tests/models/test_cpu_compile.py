@@ -11,6 +11,7 @@ import torch
 
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine
 from llamapy.formats import open_model_file
+from llamapy.kernels.cpu import attention as cpu_attention
 from llamapy.layers.attention import (
     AttentionMetadata,
     decode_attention_dense,
@@ -75,8 +76,8 @@ def test_decode_attention_dense_matches_reference(n_heads, n_kv, window, softcap
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def _engine(path, compile_: bool, max_num_seqs: int = 4) -> LLMEngine:
-    cfg = EngineConfig(max_model_len=256, max_num_seqs=max_num_seqs, cpu_compile=compile_)
+def _engine(path, compile_: bool, max_num_seqs: int = 4, max_model_len: int = 256) -> LLMEngine:
+    cfg = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, cpu_compile=compile_)
     return LLMEngine(open_model_file(path), Tokenizer.from_path(path), cfg)
 
 
@@ -157,15 +158,19 @@ def test_compiled_decode_matches_eager(model, request, rng):
 def test_direct_calls_equal_guarded_calls(smollm2_path, rng, monkeypatch):
     """Once a kind of call has run through dynamo, CompiledDecode runs the compiled code
     dynamo chose directly (no guards): bit for bit what the guarded call computes, over batch
-    sizes 1 to 3 and block tables of different widths (the graphs' dynamic size)."""
-    engine = _engine(smollm2_path, compile_=True)
+    sizes 1 to 3 and block tables of different widths (the graphs' dynamic size), on both
+    sides of the attention op's width test (kernels/cpu/attention.py's MIN_BLOCKS: two
+    graphs)."""
+    engine = _engine(smollm2_path, compile_=True, max_model_len=1024)
     model_ = engine.runner.model
     compiled = model_.compiled_decode
     caches = engine.runner.kv_caches
     bs, n_blocks = caches[0][0].shape[1], caches[0][0].shape[0]
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    for seq_lens in ([5], [40], [3, 70], [17, 1, 33], [200], [2, 90], [16]):
+    wide = cpu_attention.MIN_BLOCKS * bs
+    cases = ([5], [40], [wide + 9], [3, 70], [wide, 1], [17, 1, 33], [200], [2, 90], [16])
+    for seq_lens in cases:
         batch = len(seq_lens)
         widths = [-(-n // bs) for n in seq_lens]
         perm = torch.randperm(n_blocks - 1, generator=gen)[: sum(widths)].to(torch.int32)
@@ -200,7 +205,13 @@ def test_direct_calls_equal_guarded_calls(smollm2_path, rng, monkeypatch):
         assert not compiled.failed
         assert torch.equal(out["0"][0], out["1"][0]), seq_lens
         assert torch.equal(out["0"][1], out["1"][0]), seq_lens
-    assert {kind[0] for _, kind in compiled._direct} == {1, 2, 3}
+    assert {(kind[0], kind[-1]) for _, kind in compiled._direct} == {
+        (1, False),
+        (1, True),
+        (2, False),
+        (2, True),
+        (3, False),
+    }
 
 
 @needs_compiler
@@ -293,8 +304,9 @@ def test_cli_compile_flags(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_compiled_layer_matches_eager(model, request, rng, monkeypatch):
+def test_compiled_layer_matches_eager(model, wide, request, rng, monkeypatch):
     """One decoder layer, compiled against eager on the same inputs and caches (random hidden
     state, a cache of random keys and values across several blocks): the outputs differ by
     the bf16 roundings of the int4 matmuls' inputs only (Frobenius <= 2^-7 relative, a few
@@ -306,10 +318,11 @@ def test_compiled_layer_matches_eager(model, request, rng, monkeypatch):
     steps: such differences in 551 of a row's 640 inputs moved Gemma 3's gate_up output by
     9e-4 relative, and the layer's output by 1.1e-2 (seed 1010124787, one CI run). The
     compiled VNNI path is compared with eager over whole decode steps in
-    test_compiled_decode_matches_eager."""
+    test_compiled_decode_matches_eager. `wide`: a first sequence past the width from which
+    the attention is kernels/cpu/attention.py's op (with Gemma 3's windows, rope bases)."""
     monkeypatch.setenv("LLAMAPY_CPU_VNNI", "0")
     path = request.getfixturevalue(f"{model}_path")
-    engine = _engine(path, compile_=True, max_num_seqs=2)
+    engine = _engine(path, compile_=True, max_num_seqs=2, max_model_len=1024)
     model_ = engine.runner.model
     compiled = model_.compiled_decode
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -317,8 +330,9 @@ def test_compiled_layer_matches_eager(model, request, rng, monkeypatch):
     for il in (0, len(model_.layers) // 2, len(model_.layers) - 1):
         layer = model_.layers[il]
         k_cache, v_cache = engine.runner.kv_caches[il]
-        seq_lens = [int(rng.integers(20, 70)), int(rng.integers(1, 20))]
         bs = k_cache.shape[1]
+        first = int(rng.integers(20, 70)) + (cpu_attention.MIN_BLOCKS * bs if wide else 0)
+        seq_lens = [first, int(rng.integers(1, 20))]
         n_blocks = [-(-n // bs) for n in seq_lens]
         tables = torch.zeros(2, max(n_blocks), dtype=torch.int32)
         perm = torch.randperm(k_cache.shape[0] - 1, generator=gen)

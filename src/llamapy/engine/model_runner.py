@@ -110,6 +110,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
+        self.max_blocks_per_seq = -(-(max_model_len or num_blocks * block_size) // block_size)
         if self.device.type == "cpu":  # prefill scratch from a warm heap (kernels/cpu/malloc)
             tune_malloc()
         # One block more than the block manager hands out: padded rows of a captured decode
@@ -156,26 +157,32 @@ class ModelRunner:
     @torch.inference_mode()  # as `run`: graphs guard on it
     def compile_decode(self) -> None:
         """CPU: run decode steps through torch.compile (models/cpu_compile.py), the graphs
-        of a one-sequence step compiled now by a warm-up step that writes only the scratch
-        block (those of batched steps compile at the first one)."""
+        of a one-sequence step compiled now by warm-up steps that write only the scratch
+        block: one with a narrow block table, and, where the context can grow past it, one
+        as wide as the attention op takes (`cpu_attention.MIN_BLOCKS`: another graph, which
+        would otherwise compile in the middle of a generation). Those of batched steps
+        compile at the first one."""
+        from llamapy.kernels.cpu.attention import MIN_BLOCKS
         from llamapy.models.cpu_compile import CompiledDecode
 
         if not hasattr(self.model, "compiled_decode"):
             return
         self.model.compiled_decode = CompiledDecode()
         scratch = self.kv_caches[0][0].shape[0] - 1
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor([scratch * self.block_size]),
-            block_tables=torch.tensor([[scratch]], dtype=torch.int32),
-            seq_lens=torch.ones(1, dtype=torch.int32),
-            query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-            max_query_len=1,
-            max_seq_len=1,
-            seq_lens_host=(1,),
-            query_start_loc_host=(0, 1),
-        )
-        zero = torch.zeros(1, dtype=torch.long)
-        self.model(zero, zero, meta, self.kv_caches)
+        widths = [1] + ([MIN_BLOCKS] if self.max_blocks_per_seq >= MIN_BLOCKS else [])
+        for width in widths:
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor([scratch * self.block_size]),
+                block_tables=torch.full((1, width), scratch, dtype=torch.int32),
+                seq_lens=torch.ones(1, dtype=torch.int32),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                max_query_len=1,
+                max_seq_len=1,
+                seq_lens_host=(1,),
+                query_start_loc_host=(0, 1),
+            )
+            zero = torch.zeros(1, dtype=torch.long)
+            self.model(zero, zero, meta, self.kv_caches)
 
     def prepare(
         self, batch: list[ScheduledSeq], block_manager: BlockManager

@@ -151,7 +151,8 @@ def decode_attention_dense(
     turns them into C++ loops that read the cache blocks in place, where two `bmm` calls
     need the gathered keys and values materialized first (SmolLM2-135M, one compiled decode
     step, `benchmarks/kernels/bench_cpu_decode_step.py`: 9.60 -> 8.39 ms at 128 keys,
-    15.9 -> 11.3 at 1024, 89.8 -> 19.8 at 4096). Where numba is (float32 CPU tensors), the
+    15.9 -> 11.3 at 1024, 89.8 -> 19.8 at 4096). Past 256 tokens of context (block tables of
+    `cpu_attention.MIN_BLOCKS` columns or more), where numba is (float32 CPU tensors), the
     attention after the write is one opaque op instead (kernels/cpu/attention.py), which
     reads each key and value row once for all the query heads that share it."""
     n_seqs, n_heads, d = q.shape
@@ -159,7 +160,8 @@ def decode_attention_dense(
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     from llamapy.kernels.cpu import attention as cpu_attention
 
-    if cpu_attention.supports(q, k_cache, v_cache):  # one opaque op (kernels/cpu/attention.py)
+    # long contexts: one opaque op (kernels/cpu/attention.py)
+    if cpu_attention.supports(q, k_cache, v_cache, meta.block_tables):
         return cpu_attention.decode_attention(
             q,
             k_cache,

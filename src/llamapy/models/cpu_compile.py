@@ -138,7 +138,7 @@ class CompiledDecode:
             return None
         dense = dense_decode_metadata(meta)
         residual = torch.zeros_like(x)  # 0 + x == x: layer 0 takes the same graph
-        kind = _call_kind(x, kv_caches)
+        kind = _call_kind(x, kv_caches, dense)
         guarded = switched_on("LLAMAPY_CPU_GUARDS")
         try:
             for layer, cos_sin, kv in zip(layers, cos_sin_per_layer, kv_caches, strict=True):
@@ -162,17 +162,21 @@ class CompiledDecode:
         return residual + x
 
 
-def _call_kind(x: torch.Tensor, kv_caches: list[KVCache]) -> tuple:
+def _call_kind(x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata) -> tuple:
     """What may differ between two calls of one model's compiled steps: the batch size
     (torch specializes 1, and compiles 2 statically before it makes it dynamic), the
     autograd modes, the activations' dtype, the KV cache's geometry (an engine allocates
-    one; another caller could pass its own). Everything else a guard checks is fixed per
-    model: the layers of one step share their tensors' shapes and dtypes (`layer_signature`),
-    the metadata is normalized (`dense_decode_metadata`, the block tables' width dynamic
-    from the first call)."""
+    one; another caller could pass its own), which side of the attention's width test the
+    block tables fall on (`cpu_attention.supports`: a guard, so two graphs). Everything else
+    a guard checks is fixed per model: the layers of one step share their tensors' shapes
+    and dtypes (`layer_signature`), the metadata is normalized (`dense_decode_metadata`, the
+    block tables' width dynamic from the first call)."""
+    from llamapy.kernels.cpu.attention import MIN_BLOCKS
+
     caches = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in kv_caches)
     grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    return (x.shape[0], x.dtype, grad, caches)
+    wide = meta.block_tables.shape[1] >= MIN_BLOCKS
+    return (x.shape[0], x.dtype, grad, caches, wide)
 
 
 # Once a kind of call has run through dynamo with every guard checked (compiling what it

@@ -46,6 +46,33 @@ _f32_ptr = _cast_intrinsic(types.CPointer(types.float32))
 _i32_ptr = _cast_intrinsic(types.CPointer(types.int32))
 
 
+_LOG2E = np.float32(1.4426950408889634)
+# 2^f on [-1/2, 1/2]: Taylor coefficients of exp(f ln 2), degree 7 (relative error < 1e-8)
+_C = tuple(np.float32(c) for c in (1.0, 0.6931472, 0.2402265, 0.05550411, 0.009618129,
+                                    0.001333356, 1.540353e-4, 1.525273e-5))  # fmt: skip
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp_le0(x):  # pragma: no cover - compiled by numba
+    """exp(x) for float32 x <= 0 in arithmetic that vectorizes (libm's expf is a scalar
+    call): 2^n 2^f with t = x log2(e) = n + f, n an integer, |f| <= 1/2, 2^n put into the
+    exponent bits; below -87.3 (where float32 turns subnormal) 0. Within a few units in the
+    last place of expf."""
+    t = max(x, np.float32(-87.3)) * _LOG2E
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    p = _C[7]
+    p = p * f + _C[6]
+    p = p * f + _C[5]
+    p = p * f + _C[4]
+    p = p * f + _C[3]
+    p = p * f + _C[2]
+    p = p * f + _C[1]
+    p = p * f + _C[0]
+    two_n = _bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+    return np.float32(0.0) if x < np.float32(-87.3) else p * two_n
+
+
 @njit(inline="always", fastmath=_FAST)
 def _part(a, b, t, nt, sp, ap, mp):  # pragma: no cover - compiled by numba
     """Thread t's share of sequence b: keys [lo, hi) of its visible range; per query head
@@ -84,7 +111,7 @@ def _part(a, b, t, nt, sp, ap, mp):  # pragma: no cover - compiled by numba
             m = max(m, sg[i])
         total = np.float32(0.0)
         for i in range(n):
-            e = np.exp(sg[i] - m)
+            e = _exp_le0(sg[i] - m)
             sg[i] = e
             total += e
         _f32_ptr(mp)[2 * hq] = m
@@ -121,7 +148,7 @@ def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride):  # pragma: no c
             m = _f32_ptr(ml_ptr + u * ml_stride)[2 * hq]
             part = _f32_ptr(ml_ptr + u * ml_stride)[2 * hq + 1]
             if part > 0:
-                f = np.exp(m - big)
+                f = _exp_le0(m - big)
                 total += part * f
                 acc = _f32_ptr(acc_ptr + u * acc_stride + 4 * hq * d)
                 for j in range(d):

@@ -21,6 +21,14 @@ import torch
 
 from llamapy.kernels.cpu.switches import switched_off
 
+# Block tables at least this wide (contexts past 256 tokens in blocks of 16) take the op;
+# narrower ones Inductor's loops, whose fixed cost per call is lower: one SmolLM2-135M decode
+# step (benchmarks/kernels/bench_cpu_decode_step.py --variants default,inductor-attn), op /
+# Inductor, ms min: 6.91 / 6.43 at 16 keys, 6.27 / 5.79 at 64, 6.40 / 5.92 at 128, 7.19 /
+# 6.82 at 256, 6.89 / 6.83 at 512 (cache rows hot there); in the engine at 520-1032 tokens of
+# context 11.9-12.9 / 15.8-17.0 ms a token, at 264-520 9.6-10.5 / 11.5-12.6.
+MIN_BLOCKS = 17
+
 # numba is looked up, not imported, here: the import (~0.3 s) waits for the first call
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
@@ -31,11 +39,16 @@ def available() -> bool:
     return _HAS_NUMBA and not switched_off("LLAMAPY_CPU_ATTENTION")
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether `decode_attention` takes these (CPU, float32 caches and queries, equal head
-    dims): the caller's choice between it and the torch formulation."""
+def supports(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
+) -> bool:
+    """Whether `decode_attention` takes these and pays (CPU, float32 caches and queries, equal
+    head dims, tables of at least MIN_BLOCKS columns): the caller's choice between it and the
+    torch formulation. Under torch.compile the width test is a guard on the tables' dynamic
+    width: the two sides are two graphs (models/cpu_compile.py keeps their calls apart)."""
     return (
-        q.device.type == "cpu"
+        block_tables.shape[1] >= MIN_BLOCKS
+        and q.device.type == "cpu"
         and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
         and k_cache.shape == v_cache.shape
         and available()
@@ -59,6 +72,7 @@ def decode_attention(
     window = 0 if sliding_window is None else int(sliding_window)
     if window < 0 or (sliding_window is not None and window == 0):
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    _check(q, k_cache, v_cache, block_tables, seq_lens)  # (when compiled: at trace time)
     return torch.ops.llamapy.decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, float(scale), window, float(softcap or 0.0)
     )
@@ -108,7 +122,24 @@ def _decode_attention_cpu(
     window: int,
     softcap: float,
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    # the kernel reads raw memory: what it needs, checked cheaply (~1 us; `_check`, which
+    # names the problem, ran in `decode_attention`), else the full check raises
+    f32, i32 = torch.float32, torch.int32
+    if not (
+        q.dtype == k_cache.dtype == v_cache.dtype == f32
+        and block_tables.dtype == seq_lens.dtype == i32
+        and q.dim() == 3
+        and k_cache.dim() == 4
+        and k_cache.shape == v_cache.shape
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and q.shape[2] == k_cache.shape[3]
+        and q.shape[1] % k_cache.shape[2] == 0
+        and block_tables.dim() == 2
+        and block_tables.shape[0] == seq_lens.shape[0] == q.shape[0]
+    ):
+        _check(q, k_cache, v_cache, block_tables, seq_lens)
+        raise ValueError("decode_attention: unsupported inputs")  # (_check names most)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     if q.shape[0]:

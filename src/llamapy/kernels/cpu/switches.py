@@ -1,5 +1,6 @@
-"""On/off environment switches of the CPU paths: LLAMAPY_CPU_COMPILE, LLAMAPY_CPU_VNNI and
-LLAMAPY_MALLOC_TUNE on by default, off for 0 / false / no / off (any case);
+"""On/off environment switches of the CPU paths: LLAMAPY_CPU_COMPILE, LLAMAPY_CPU_VNNI,
+LLAMAPY_CPU_ATTENTION and LLAMAPY_MALLOC_TUNE on by default, off for 0 / false / no / off
+(any case);
 LLAMAPY_CPU_VNNI_Q6K and LLAMAPY_CPU_GUARDS off by default, on for 1 / true / yes / on."""
 
 from __future__ import annotations
