@@ -117,7 +117,7 @@ def _top_by_unique_keys(logits: torch.Tensor, width: int) -> tuple[torch.Tensor,
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     n = logits.shape[1]
     rev_ids = torch.arange(n - 1, -1, -1, device=logits.device)
-    keys = (ordered.long() << 32) | rev_ids
+    keys = ordered.long() * 2**32 + rev_ids  # (a product: no shift of a negative number)
     top = keys.topk(width, dim=-1, sorted=True).values
     ids = (n - 1) - (top & 0xFFFFFFFF)
     return logits.gather(1, ids), ids

@@ -6,8 +6,8 @@ op.
 Why: Inductor's C++ for the broadcast-and-sum formulation gathers each key and value row
 through the block table once per query head and reduces each score across a vector, ~0.37
 us per key and layer on SmolLM2-135M (~4 GB/s of cache): a 1000-token context added ~11
-ms to a ~7.5 ms token. The kernel reads each key and value row once per KV head for all the
-query heads that share it (`_attention_numba.decode`).
+ms to a ~7.5 ms token. The kernel reads each key and value row once, in order, for all the
+query heads (`_attention_numba.decode`); it takes over from MIN_BLOCKS of context.
 
 `LLAMAPY_CPU_ATTENTION=0` turns it off (then the Inductor loops). The op checks what it is
 given (devices, dtypes, shapes, contiguity) and raises ValueError naming the problem.
@@ -25,8 +25,9 @@ from llamapy.kernels.cpu.switches import switched_off
 # narrower ones Inductor's loops, whose fixed cost per call is lower: one SmolLM2-135M decode
 # step (benchmarks/kernels/bench_cpu_decode_step.py --variants default,inductor-attn), op /
 # Inductor, ms min: 6.91 / 6.43 at 16 keys, 6.27 / 5.79 at 64, 6.40 / 5.92 at 128, 7.19 /
-# 6.82 at 256, 6.89 / 6.83 at 512 (cache rows hot there); in the engine at 520-1032 tokens of
-# context 11.9-12.9 / 15.8-17.0 ms a token, at 264-520 9.6-10.5 / 11.5-12.6.
+# 6.82 at 256, 6.89 / 6.83 at 512 (cache rows hot there); in the engine
+# (benchmarks/cpu_context_bench.py) at 520-1032 tokens of context 10.9-11.3 / 15.1-15.7 ms a
+# token, at 264-520 9.1-9.2 / 11.1-11.3.
 MIN_BLOCKS = 17
 
 # numba is looked up, not imported, here: the import (~0.3 s) waits for the first call
