@@ -13,6 +13,7 @@ from llamapy.layers.attention import (
     paged_attention_reference,
     paged_attention_sdpa,
 )
+from paged_tables import shuffled_block_tables
 
 
 def _case(rng: np.random.Generator):
@@ -23,14 +24,7 @@ def _case(rng: np.random.Generator):
     v_cache = torch.randn(num_blocks, bs, n_kv, d, dtype=torch.float64)
     seq_lens = [int(rng.integers(1, 100)) for _ in range(int(rng.integers(1, 4)))]
     q_lens = [int(rng.choice([1, n, rng.integers(1, n + 1)])) for n in seq_lens]
-    width = max(-(-n // bs) for n in seq_lens)
-    perm = torch.from_numpy(rng.permutation(num_blocks))
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(seq_lens):
-        nb = -(-n // bs)
-        tables[b, :nb] = perm[used : used + nb]
-        used += nb
+    tables = shuffled_block_tables(rng, seq_lens, bs, num_blocks)
     starts = np.concatenate([[0], np.cumsum(q_lens)]).tolist()
     q = torch.randn(starts[-1], n_kv * group, d, dtype=torch.float64)
     meta = AttentionMetadata(

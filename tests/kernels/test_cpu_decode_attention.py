@@ -3,12 +3,12 @@ paged-attention reference, and its refusals of bad input."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from llamapy.kernels.cpu import attention as cpu_attention
 from llamapy.layers.attention import AttentionMetadata, paged_attention_reference
+from paged_tables import shuffled_block_tables
 
 pytestmark = pytest.mark.skipif(
     not cpu_attention.available(), reason="numba is not installed (or LLAMAPY_CPU_ATTENTION=0)"
@@ -20,18 +20,12 @@ def _case(rng, seq_lens, n_heads, n_kv, d, block_size=16, spare_blocks=3):
     order), one padding column in the tables."""
     n_blocks = sum(-(-n // block_size) for n in seq_lens) + spare_blocks
     width = max(-(-n // block_size) for n in seq_lens) + 1
-    perm = rng.permutation(n_blocks)
-    tables = np.zeros((len(seq_lens), width), dtype=np.int32)
-    used = 0
-    for b, n in enumerate(seq_lens):
-        k = -(-n // block_size)
-        tables[b, :k] = perm[used : used + k]
-        used += k
+    tables = shuffled_block_tables(rng, seq_lens, block_size, n_blocks, width)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     k_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
     v_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
     q = torch.randn(len(seq_lens), n_heads, d, generator=gen)
-    return q, k_cache, v_cache, torch.from_numpy(tables), torch.tensor(seq_lens, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32)
 
 
 def _reference(q, k_cache, v_cache, tables, seq_lens, scale, window, softcap):

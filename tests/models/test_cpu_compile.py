@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from llamapy.layers.attention import (
 from llamapy.models import cpu_compile
 from llamapy.sampling.params import SamplingParams
 from llamapy.tokenizer import Tokenizer
+from paged_tables import shuffled_block_tables
 
 needs_compiler = pytest.mark.skipif(
     not cpu_compile.compiler_available(), reason="Inductor needs a C++ compiler (none on PATH)"
@@ -33,14 +33,8 @@ needs_compiler = pytest.mark.skipif(
 def test_decode_attention_dense_matches_reference(n_heads, n_kv, window, softcap, rng):
     block_size, d, n_blocks = 4, 8, 24
     seq_lens = [int(x) for x in rng.integers(1, 19, size=3)]
-    perm = rng.permutation(n_blocks)  # blocks in a shuffled order, as the pool hands them out
     width = max(-(-n // block_size) for n in seq_lens) + 1  # one spare column: padding
-    tables = np.zeros((3, width), dtype=np.int32)
-    used = 0
-    for b, n in enumerate(seq_lens):
-        k = -(-n // block_size)
-        tables[b, :k] = perm[used : used + k]
-        used += k
+    tables = shuffled_block_tables(rng, seq_lens, block_size, n_blocks, width)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     k_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
     v_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=gen)
@@ -53,7 +47,7 @@ def test_decode_attention_dense_matches_reference(n_heads, n_kv, window, softcap
     ]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots),
-        block_tables=torch.from_numpy(tables),
+        block_tables=tables,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc=torch.arange(4, dtype=torch.int32),
         max_query_len=1,
