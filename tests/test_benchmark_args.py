@@ -25,6 +25,9 @@ CASES = [
     ("benchmarks/host_step_bench.py", ["--batch", "x"], "integers like 64,256"),
     ("benchmarks/host_step_bench.py", ["--tokens", "1"], "--tokens must be >= 2"),
     ("benchmarks/host_step_bench.py", ["--repeat", "0"], "--repeat must be >= 1"),
+    ("benchmarks/cpu_context_bench.py", ["--ranges", "x"], "comma-separated integers"),
+    ("benchmarks/cpu_context_bench.py", ["--ranges", "4,0"], "positive step counts"),
+    ("benchmarks/cpu_bench.py", ["--baseline", "vllm"], "invalid choice"),
 ]
 
 
@@ -56,3 +59,16 @@ def test_host_step_bench_runs(smollm2_path) -> None:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert "| 4 |" in done.stdout
+
+
+@pytest.mark.models
+def test_cpu_context_bench_runs(smollm2_path) -> None:
+    """A tiny run: one line of ms per step for each context range."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/cpu_context_bench.py"), str(smollm2_path),
+         "--ranges", "3,2"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "8-11: " in done.stdout and "11-13: " in done.stdout, done.stdout
