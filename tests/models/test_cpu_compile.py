@@ -315,7 +315,7 @@ def test_compiled_layer_matches_eager(model, wide, request, rng, monkeypatch):
     """One decoder layer, compiled against eager on the same inputs and caches (random hidden
     state, a cache of random keys and values across several blocks): the outputs differ by
     the bf16 roundings of the int4 matmuls' inputs only (Frobenius <= 2^-7 relative, a few
-    unit roundoffs of bf16), and the cache writes are identical.
+    unit roundoffs of bf16), and so do the cache writes (at the same slots).
 
     Run on the int4pack path (LLAMAPY_CPU_VNNI=0), whose claim this is: the VNNI kernels
     quantize x to int8 (a step of 1/127 of the block's largest value), and there the
@@ -371,6 +371,12 @@ def test_compiled_layer_matches_eager(model, wide, request, rng, monkeypatch):
             err = float((g - w).norm() / w.norm())
             print(f"layer {il}: relative difference {err:.2e}")
             assert err <= 2**-7, (il, err)
-        # K/V written at the same slots, equal up to the rope's float32 evaluation order
-        torch.testing.assert_close(cache[0], eager_cache[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cache[1], eager_cache[1], rtol=0, atol=0)
+        # K/V written at the same slots, the rest untouched; the written rows come from the
+        # same projections as the outputs and agree as they do (a bf16 flip of the normed x
+        # moves them too: 11 of 64 K elements by up to 0.8% on one CI seed, 3379911593)
+        written = torch.zeros(cache[0].shape[:2], dtype=torch.bool)
+        written.view(-1)[meta.slot_mapping] = True
+        for c, e in zip(cache, eager_cache, strict=True):
+            assert torch.equal(c[~written], e[~written])
+            err = float((c[written] - e[written]).norm() / e[written].norm())
+            assert err <= 2**-7, (il, "cache", err)
