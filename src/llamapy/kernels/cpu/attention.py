@@ -48,11 +48,11 @@ def supports(
     torch formulation. Under torch.compile the width test is a guard on the tables' dynamic
     width: the two sides are two graphs (models/cpu_compile.py keeps their calls apart)."""
     return (
-        block_tables.shape[1] >= MIN_BLOCKS
-        and q.device.type == "cpu"
+        q.device.type == "cpu"
         and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
         and k_cache.shape == v_cache.shape
         and available()
+        and block_tables.shape[1] >= MIN_BLOCKS  # last: no width guard where the op is off
     )
 
 
