@@ -1,49 +1,36 @@
 """numba code of kernels/cpu/attention.py (imported only where numba is): decode attention
 over the paged float32 KV cache, one new query per sequence.
 
-Per (sequence, KV head), in two passes over the visible keys: the scores of the GROUP query
-heads that share the KV head (one read of each key row for all of them), then the softmax
-and the weighted sum of the value rows (each value row read once, added into GROUP
-accumulators). The dot products and the row updates are loops over head_dim that LLVM
-vectorizes; reassociating the sums (`fastmath` reassoc / contract only: no
-infinity or NaN assumptions) is what lets it. Arguments are addresses (int64) and sizes,
-not arrays: numba unboxes an array argument in ~1 us, and a decode step makes one call a
-layer.
+Per sequence, each thread of torch's OpenMP team (launched as the vnni kernels are, through
+`GOMP_parallel`) takes a contiguous share of the visible keys (`_part`): the scores of every
+query head (each key row, all KV heads, read once), their maximum and exp-sum, and the
+exp-weighted sum of the value rows (each read once); after a barrier each thread merges its
+share of the query heads over the threads' parts by their maxima (`_merge`). The dot
+products and the row updates are loops over head_dim that LLVM vectorizes; reassociating
+the sums (`fastmath` reassoc / contract only: no infinity or NaN assumptions) is what lets
+it, and so does reading memory through typed pointers (numba's array indexing wraps
+negative indices). Arguments are addresses (int64) and sizes, not arrays: numba unboxes an
+array argument in ~1 us, and a decode step makes one call a layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, cfunc, njit, types
-from numba.core.extending import intrinsic
+from numba import carray, cfunc, njit
 
 from llamapy.kernels.cpu._vnni_numba import (
     _ARGS,
     _barrier,
     _bits_f32,
     _f32_bits,
+    _f32_ptr,
     _gomp_parallel,
+    _i32_ptr,
     _num_threads,
     _thread_num,
 )
 
 _FAST = {"reassoc", "contract"}
-
-
-def _cast_intrinsic(dst):
-    sig = dst(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(dst))
-
-    def typer(typingctx, value):
-        return sig, codegen
-
-    return intrinsic(typer)
-
-
-_f32_ptr = _cast_intrinsic(types.CPointer(types.float32))
-_i32_ptr = _cast_intrinsic(types.CPointer(types.int32))
 
 
 _LOG2E = np.float32(1.4426950408889634)
