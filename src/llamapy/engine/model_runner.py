@@ -133,13 +133,11 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and cuda_graphs:
-            max_len = max_model_len or num_blocks * block_size
-            max_blocks = -(-max_len // block_size)
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_caches,
                 max_batch=max_num_seqs,
-                max_blocks=max_blocks,
+                max_blocks=self.max_blocks_per_seq,
                 scratch_block=num_blocks,
                 block_size=block_size,
                 eog_token_ids=sorted(eog_token_ids),
@@ -149,7 +147,7 @@ class ModelRunner:
                 self.kv_caches,
                 max_tokens=max_num_batched_tokens,
                 max_seqs=max_num_seqs,
-                max_blocks=max_blocks,
+                max_blocks=self.max_blocks_per_seq,
                 scratch_block=num_blocks,
                 block_size=block_size,
             )

@@ -171,7 +171,7 @@ def _call_kind(x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadat
     a guard checks is fixed per model: the layers of one step share their tensors' shapes
     and dtypes (`layer_signature`), the metadata is normalized (`dense_decode_metadata`, the
     block tables' width dynamic from the first call)."""
-    from llamapy.kernels.cpu.attention import MIN_BLOCKS
+    from llamapy.kernels.cpu.attention import MIN_BLOCKS  # (here: not at every start-up)
 
     caches = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in kv_caches)
     grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
