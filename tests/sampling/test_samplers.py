@@ -375,12 +375,32 @@ def test_same_seed_same_tokens_alone_or_batched_with_tied_logits(rng):
     assert alone == _generate(steps, logits_seq, 0, params, 11, batch_others=(PLAIN,))
 
 
-@pytest.mark.parametrize("path", ["checked", "unique_keys"])
+def _cuda_top(sort_max_numel: int):
+    def top(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.cuda.is_available():
+            pytest.skip("the CUDA dispatch of top_candidates needs a GPU")
+        old, filters.CUDA_SORT_MAX_NUMEL = filters.CUDA_SORT_MAX_NUMEL, sort_max_numel
+        try:
+            values, ids = filters.top_candidates(x.cuda(), width)
+        finally:
+            filters.CUDA_SORT_MAX_NUMEL = old
+        return values.cpu(), ids.cpu()
+
+    return top
+
+
+@pytest.mark.parametrize("path", ["checked", "unique_keys", "cuda_sort", "cuda_unique_keys"])
 def test_top_candidates_are_a_stable_sorts_first(rng, path):
-    """Both ways of taking a row's top candidates (the CPU's checked topk, the CUDA way of
-    unique keys, run here on the CPU) against a stable descending sort: the same values and
-    ids, on rows with many ties, ties across the cut, signed zeros, -inf and NaN."""
-    top = {"checked": filters._top_checked, "unique_keys": filters._top_by_unique_keys}[path]
+    """Every way of taking a row's top candidates (the CPU's checked topk, the CUDA way of
+    unique keys run here on the CPU, and top_candidates' two CUDA dispatches on a GPU)
+    against a stable descending sort: the same values and ids, on rows with many ties, ties
+    across the cut, signed zeros, -inf and NaN."""
+    top = {
+        "checked": filters._top_checked,
+        "unique_keys": filters._top_by_unique_keys,
+        "cuda_sort": _cuda_top(1 << 30),
+        "cuda_unique_keys": _cuda_top(0),
+    }[path]
     n_vocab = 64
     rows = [
         rng.standard_normal(n_vocab),  # no tie (nearly surely)

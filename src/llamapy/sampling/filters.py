@@ -78,17 +78,29 @@ class Candidates:
         self.is_sorted = False
 
 
+# Up to this many logits (rows x vocabulary) CUDA takes top-k candidates from a full stable
+# sort: H200, torch 2.11, width 40, us a call (.gpu/topk_alt.py, fourteenth session): B=1
+# V=49,152 sort 94 / topk 140 / unique keys 441; B=4 130 / 132 / 429; B=64 301 / 136 / 444;
+# V=128,256 B=64 (8.2M logits) 626 / 159 / 583.
+CUDA_SORT_MAX_NUMEL = 1 << 22
+
+
 def top_candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's first `width` logits and ids in the order of a stable descending sort
-    (equal logits: the lower id first), without sorting whole rows.
+    (equal logits: the lower id first).
 
     `torch.topk` leaves the order of equal logits, and which of them make the cut, to its
     implementation, and that differs with the batch: a row alone (top-k, so topk) and the
     same row beside a top_k = 0 row (a full stable sort) could keep different tokens, and a
-    seeded request's text would depend on what it was batched with. On CUDA the keys are
-    made unique (`_top_by_unique_keys`: no host sync); on the CPU topk's answer is checked
-    for ties and a row with one is sorted (`_top_checked`)."""
+    seeded request's text would depend on what it was batched with. On CUDA small batches
+    take the stable sort itself (faster there than topk up to ~4M logits, H200), larger
+    ones a topk over keys made unique (`_top_by_unique_keys`); neither syncs with the host.
+    On the CPU topk's answer is checked for ties and a row with one is sorted
+    (`_top_checked`)."""
     if logits.is_cuda:
+        if logits.numel() <= CUDA_SORT_MAX_NUMEL:
+            top = logits.sort(dim=-1, descending=True, stable=True)
+            return top.values[:, :width], top.indices[:, :width]
         return _top_by_unique_keys(logits, width)
     return _top_checked(logits, width)
 
