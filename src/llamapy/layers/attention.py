@@ -72,6 +72,45 @@ def rope_and_write_kv(
     return q
 
 
+def rope_kv_attention(
+    rope,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`rope_and_write_kv` then `paged_attention` (causal): q (T, n_heads, d), k and v (T,
+    n_kv, d) -> (T, n_heads, d). A CUDA decode batch (one new token per sequence) runs it as
+    one Triton kernel with the rotation and the cache write inside (`rope_cache_attention_
+    decode`: a launch less a layer); everything else takes the two steps."""
+    is_decode = meta.max_query_len == 1 and q.shape[0] == meta.block_tables.shape[0]
+    d = q.shape[-1]
+    if FUSED_ROPE_DECODE and q.is_cuda and is_decode and d >= 16 and v.shape[-1] == d:
+        from llamapy.kernels.triton import attention
+
+        return attention.rope_cache_attention_decode(
+            q, k, v, *cos_sin, *kv_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
+            interleaved=rope.interleaved, scale=scale, sliding_window=sliding_window,
+            softcap=softcap, num_splits=meta.decode_splits,
+            round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH,
+        )  # fmt: skip
+    q = rope_and_write_kv(rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
+    return paged_attention(
+        q, *kv_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap
+    )
+
+
+# CUDA decode fuses the rotary embedding and the cache write into the attention kernel
+# (`rope_kv_attention`); tests and benchmarks switch it off to compare.
+FUSED_ROPE_DECODE = True
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

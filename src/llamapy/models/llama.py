@@ -19,8 +19,7 @@ from llamapy.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from llamapy.layers.attention import (
     AttentionMetadata,
     decode_attention_dense,
-    paged_attention,
-    rope_and_write_kv,
+    rope_kv_attention,
 )
 from llamapy.layers.linear import QLinear, embedding_lookup
 from llamapy.layers.norm import add_rms_norm, rms_norm
@@ -104,10 +103,13 @@ class Attention(torch.nn.Module):
                 softcap=self.softcap,
             )
             return self.o_proj(out.reshape(T, -1))
-        q = rope_and_write_kv(self.rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
-        out = paged_attention(
+        out = rope_kv_attention(
+            self.rope,
             q,
-            *kv_cache,
+            k,
+            v,
+            cos_sin,
+            kv_cache,
             meta,
             scale=self.scale,
             sliding_window=self.sliding_window,
@@ -140,10 +142,13 @@ class Attention(torch.nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.eps)
-        q = rope_and_write_kv(self.rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
-        out = paged_attention(
+        out = rope_kv_attention(
+            self.rope,
             q,
-            *kv_cache,
+            k,
+            v,
+            cos_sin,
+            kv_cache,
             meta,
             scale=self.scale,
             sliding_window=self.sliding_window,

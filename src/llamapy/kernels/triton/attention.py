@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamapy.kernels.triton import INTERPRET, pdl
+from llamapy.kernels.triton import INTERPRET, pdl, rotary
 from llamapy.layers.attention import AttentionMetadata
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -154,6 +154,78 @@ def _attend_range(
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """float32 x -> dtype, rounded to nearest even. The interpreter's own float32 ->
+    bfloat16 cast truncates, so there the bits are rounded first (finite x)."""
+    if INTERP and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _rotated(ptr, offs_d, mask, cos_ptr, sin_ptr, ROT_HALF: tl.constexpr,
+             INTERLEAVED: tl.constexpr):
+    """Rows at `ptr` (+ offs_d) rotated by the token's cos / sin (rot_dim / 2 each) in
+    float32, as `rotary._rope_heads` rotates them: pairs (x[i], x[i + rot/2]), or (x[2i],
+    x[2i + 1]) when INTERLEAVED; features past rot_dim pass through."""
+    rot = offs_d < 2 * ROT_HALF
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+        c = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    else:
+        partner = tl.where(offs_d < ROT_HALF, offs_d + ROT_HALF, offs_d - ROT_HALF)
+        c = tl.where(offs_d < ROT_HALF, offs_d, offs_d - ROT_HALF)
+        sign = tl.where(offs_d < ROT_HALF, -1.0, 1.0)
+    x = tl.load(ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(ptr + partner, mask=mask & rot, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + c, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + c, mask=rot, other=0.0).to(tl.float32)
+    return x * cos + sign * (xp * sin)
+
+
+@triton.jit
+def _attend_new_key(
+    q, m_i, l_i, acc, owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr,
+    k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb, stride_kt,
+    stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, BLOCK_SIZE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """The new key and value of a fused decode step (`_decode_kernel`'s NEW_KV): rotated,
+    rounded to the cache's type as the cache would return them, added to the online softmax
+    of the split that owns position seq_len - 1 and stored at their slot by it; a no-op in
+    the other splits."""
+    dtype = q.dtype
+    row_k = new_k_ptr + b.to(tl.int64) * stride_nkb + kv_head * stride_nkh
+    k = _rotated(row_k, offs_d, mask_d, cs, sn, ROT_HALF, INTERLEAVED)
+    k = _round_to(k, k_ptr.dtype.element_ty, INTERP)
+    row_v = new_v_ptr + b.to(tl.int64) * stride_nvb + kv_head * stride_nvh
+    v = tl.load(row_v + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    v = _round_to(v, v_ptr.dtype.element_ty, INTERP)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    store = owner & (slot >= 0) & mask_d
+    page, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    tl.store(k_ptr + page * stride_kb + off * stride_kt + kv_head * stride_kh + offs_d, k,
+             mask=store)
+    tl.store(v_ptr + page * stride_vb + off * stride_vt + kv_head * stride_vh + offs_d, v,
+             mask=store)
+    qk = tl.sum(q.to(tl.float32) * k.to(dtype).to(tl.float32)[None, :], 1)  # (BLOCK_G,)
+    s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
+    s = tl.where(owner, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe)
+    l_i = l_i * alpha + p
+    pv = p.to(dtype).to(tl.float32)[:, None] * v.to(dtype).to(tl.float32)[None, :]
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # (B, n_heads, d)
     k_ptr,  # (num_blocks, block_size, n_kv, d)
@@ -190,11 +262,29 @@ def _decode_kernel(
     LOOP_WHILE: tl.constexpr,
     ROUND_Q: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    new_k_ptr=None,  # NEW_KV: (B, n_kv, d) this step's keys, not rotated yet
+    new_v_ptr=None,  # (B, n_kv, d) its values
+    cos_ptr=None,  # (B, rot_dim / 2)
+    sin_ptr=None,
+    slot_ptr=None,  # (B,) the cache slot of each new key (< 0: not stored)
+    stride_nkb=0,
+    stride_nkh=0,
+    stride_nvb=0,
+    stride_nvh=0,
+    stride_cb=0,
+    stride_sb=0,
+    NEW_KV: tl.constexpr = False,
+    ROT_HALF: tl.constexpr = 0,
+    INTERLEAVED: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
     16-bit type, so both dots run on tensor cores in that type (probabilities rounded to it
-    too), sums in float32. PDL: see `pdl` (everything read here comes from earlier kernels)."""
+    too), sums in float32. PDL: see `pdl` (everything read here comes from earlier kernels).
+    NEW_KV: rotary embedding and cache write fused in (`rope_cache_attention_decode`): q
+    and this step's key arrive unrotated, the key and value of position seq_len - 1 are not
+    in the cache yet; the split that owns that position takes them from registers and
+    stores them at their slot (no other program reads it)."""
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -206,11 +296,16 @@ def _decode_kernel(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-    q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    if NEW_KV:
+        cs = cos_ptr + b.to(tl.int64) * stride_cb
+        sn = sin_ptr + b.to(tl.int64) * stride_sb
+        q = _rotated(q_rows, offs_d[None, :], mask_gd, cs, sn, ROT_HALF, INTERLEAVED)
+        # as the rotary kernel stores it (LOOP_WHILE: set under the interpreter only)
+        q = _round_to(q, q_ptr.dtype.element_ty, LOOP_WHILE)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=mask_gd, other=0.0)
     if ROUND_Q:
         q = q.to(k_ptr.dtype.element_ty)
 
@@ -229,17 +324,29 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    last = seq_len - 1
+    owner = (lo <= last) & (last < hi)  # NEW_KV: this split's keys end with the new one
+    hi_cached = hi
+    if NEW_KV:
+        hi_cached = tl.where(owner, last, hi)
     m_i, l_i, acc = _attend_range(
-        q, seq_len - 1, m_i, l_i, acc, lo, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
+        q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
         LOOP_WHILE,
     )
+    if NEW_KV:
+        m_i, l_i, acc = _attend_new_key(
+            q, m_i, l_i, acc, owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr,
+            cos_ptr + b.to(tl.int64) * stride_cb, sin_ptr + b.to(tl.int64) * stride_sb,
+            slot_ptr, k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb,
+            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, BLOCK_SIZE,
+            USE_SOFTCAP, ROT_HALF, INTERLEAVED, LOOP_WHILE,
+        )
 
     # An empty split (or sequence) has l_i == 0: output 0, log-sum-exp -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    mask_gd = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
         out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_gd)
@@ -491,6 +598,71 @@ def paged_attention_decode(
     round_q: a float32 q over a 16-bit cache is rounded to the cache's type for the dots
     (tensor cores instead of float32 FMA dots; `_decode_kernel`)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
+    return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                   num_splits, out, tiles, round_q, {})  # fmt: skip
+
+
+def rope_cache_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    interleaved: bool,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
+    round_q: bool = False,
+) -> torch.Tensor:
+    """A decode step's attention in one kernel (two with split merging): the result of
+    `rotary.rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)` followed by
+    `paged_attention_decode` over the rotated q, without the rotary launch. q (B, n_heads,
+    d), k (B, n_kv, d), v (B, n_kv, d): this step's projections, one token per sequence at
+    position seq_lens[b] - 1, whose slot is slot_mapping[b] (< 0: not stored; a sequence of
+    length 0 stores nothing). The caches are written as the rotary kernel writes them."""
+    op = "rope_cache_attention_decode"
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
+    rot_dim = rotary.check_rope(op, q, k, cos, sin)
+    rotary.check_cache(op, k, v, k_cache, v_cache, slot_mapping)
+    if k.shape[0] != block_tables.shape[0] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} need one row per sequence "
+            f"({block_tables.shape[0]}) and q's head dim ({q.shape[-1]})"
+        )
+    new_kv = dict(
+        new_k_ptr=k, new_v_ptr=v, cos_ptr=cos, sin_ptr=sin, slot_ptr=slot_mapping,
+        stride_nkb=k.stride(0), stride_nkh=k.stride(1), stride_nvb=v.stride(0),
+        stride_nvh=v.stride(1), stride_cb=cos.stride(0), stride_sb=sin.stride(0),
+        NEW_KV=True, ROT_HALF=rot_dim // 2, INTERLEAVED=interleaved,
+    )  # fmt: skip
+    return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                   num_splits, out, tiles, round_q, new_kv)  # fmt: skip
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    num_splits: int | None,
+    out: torch.Tensor | None,
+    tiles: tuple[int, int, int] | None,
+    round_q: bool,
+    new_kv: dict,
+) -> torch.Tensor:
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
             f"decode takes one query per sequence: q has {q.shape[0]} rows, "
@@ -526,7 +698,7 @@ def paged_attention_decode(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
-        LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on),
+        LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
@@ -669,4 +841,5 @@ __all__ = [
     "paged_attention",
     "paged_attention_decode",
     "paged_attention_prefill",
+    "rope_cache_attention_decode",
 ]

@@ -82,7 +82,7 @@ def apply_rotary(
     """Rotates the first rot_dim = 2 * cos.shape[1] features of every head of q (T, nh, d)
     and k (T, nkv, d) IN PLACE, one launch for both; cos/sin (T, rot_dim/2) as
     `RotaryEmbedding.cos_sin(positions)` gives them. Returns (q, k)."""
-    rot_dim = _check_rope("apply_rotary", q, k, cos, sin)
+    rot_dim = check_rope("apply_rotary", q, k, cos, sin)
     check_device("apply_rotary", q, k, cos, sin)
     if q.shape[0] == 0:
         return q, k
@@ -108,9 +108,9 @@ def rotary_and_cache(
     in range (not checked: that would sync). Returns rotated q as a new contiguous
     (T, nh, d) tensor; q, k, v are not modified."""
     op = "rotary_and_cache"
-    rot_dim = _check_rope(op, q, k, cos, sin)
+    rot_dim = check_rope(op, q, k, cos, sin)
     check_device(op, q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    _check_cache(op, k, v, k_cache, v_cache, slot_mapping)
+    check_cache(op, k, v, k_cache, v_cache, slot_mapping)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return q_out
@@ -120,7 +120,7 @@ def rotary_and_cache(
     return q_out
 
 
-def _check_rope(op: str, q, k, cos, sin) -> int:
+def check_rope(op: str, q, k, cos, sin) -> int:
     for name, t in (("q", q), ("k", k)):
         check_float(op, name, t)
         if t.dim() != 3 or (t.stride(-1) != 1 and t.shape[-1] > 1):
@@ -147,7 +147,7 @@ def _check_rope(op: str, q, k, cos, sin) -> int:
     return rot_dim
 
 
-def _check_cache(op: str, k, v, k_cache, v_cache, slot_mapping) -> None:
+def check_cache(op: str, k, v, k_cache, v_cache, slot_mapping) -> None:
     check_float(op, "v", v)
     if v.dim() != 3 or v.shape[:2] != k.shape[:2] or (v.stride(-1) != 1 and v.shape[-1] > 1):
         raise ValueError(

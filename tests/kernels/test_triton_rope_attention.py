@@ -1,0 +1,223 @@
+"""The fused decode attention (`attention.rope_cache_attention_decode`: rotary embedding, cache
+write and split-KV decode attention in one kernel) against the two-step reference: the
+rotary reference (`rotary.rotary_and_cache_reference`) then the float64 attention reference,
+and its cache writes against the reference's. Small shapes under TRITON_INTERPRET=1, real
+shapes on CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tests.kernels.test_triton_attention import (
+    DEVICE,
+    ON_GPU,
+    check_against_reference,
+    make_batch,
+)
+
+from llamapy.kernels.triton import INTERPRET, rotary
+from llamapy.kernels.triton.attention import rope_cache_attention_decode
+from llamapy.layers import attention as attention_layer
+from llamapy.layers.rotary import RotaryEmbedding
+
+pytestmark = [
+    pytest.mark.skipif(not (ON_GPU or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+]
+
+# one ulp of the cache's type, relative: the rotated key is rounded to it once, by the kernel
+# from float32 and by the reference from its own float32 rotation (near a midpoint the two
+# roundings can land one ulp apart)
+CACHE_ULP = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture
+def gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(poisoned: None) -> None:
+    """Every test here runs with conftest's NaN-poisoned torch.empty."""
+
+
+# (seq_lens, n_heads, n_kv, head_dim, block_size, num_splits, rot_dim, options). Interpreter
+# tiles are 16 keys: 17 and 33 put the new key first in a tile, 1 is the new key alone,
+# 5 with 8 splits leaves 7 empty, and windows cut the cached keys.
+CASES = {
+    "one-split": ([5, 30, 47], 2, 2, 32, 16, 1, 32, {}),
+    "splits3-gqa3": ([37, 1, 64], 3, 1, 64, 16, 3, 64, {}),
+    "empty-splits": ([5, 17], 4, 1, 32, 16, 8, 32, {}),
+    "tile-edges": ([17, 33, 16], 2, 1, 32, 16, 2, 32, {}),
+    "window-partial-rot": ([70, 6, 33], 4, 1, 32, 16, 4, 16, {"sliding_window": 20}),
+    "softcap-window-d80": ([45, 19], 6, 2, 80, 32, 3, 48, {"softcap": 4.0, "sliding_window": 17}),
+}
+if ON_GPU:
+    CASES |= {
+        "gpu-1b-long": ([4096, 129, 1000, 17], 32, 8, 64, 16, None, 64, {}),
+        "gpu-smollm2": ([300, 1, 64], 9, 3, 64, 16, 32, 64, {}),
+        "gpu-gemma3": ([4000, 3333], 4, 1, 256, 16, None, 256, {"sliding_window": 512}),
+        "gpu-many-splits": ([2049, 5], 9, 3, 64, 32, 64, 64, {"softcap": 30.0}),
+    }
+
+
+def new_token_inputs(gen, meta, n_heads, n_kv, d, rot_dim, interleaved):
+    """This step's q, k, v (float32, the model's dtype; views of one fused projection, as
+    the QKV GEMV returns them), cos / sin of position seq_len - 1 and that position's slot."""
+    batch = len(meta.seq_lens_host)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv) * d, generator=gen).to(DEVICE)
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    q, k, v = q.view(batch, n_heads, d), k.view(batch, n_kv, d), v.view(batch, n_kv, d)
+    rope = RotaryEmbedding(rot_dim, 10_000.0, interleaved=interleaved)
+    positions = torch.tensor([max(n - 1, 0) for n in meta.seq_lens_host])
+    cos, sin = (t.to(DEVICE) for t in rope.cos_sin(positions))
+    return q, k, v, cos, sin, meta.block_tables.cpu().long()
+
+
+def slots_of_last(tables: torch.Tensor, seq_lens: list[int], block_size: int) -> torch.Tensor:
+    p = torch.tensor([max(n - 1, 0) for n in seq_lens])
+    rows = torch.arange(len(seq_lens))
+    return (tables[rows, p // block_size] * block_size + p % block_size).to(DEVICE)
+
+
+def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None):
+    lens, n_heads, n_kv, d, block_size, num_splits, rot, kw = CASES[case]
+    lens = seq_lens or lens
+    _, kc, vc, meta = make_batch(
+        gen, [1] * len(lens), [max(n, 1) for n in lens], n_heads=n_heads, n_kv=n_kv,
+        head_dim=d, block_size=block_size, dtype=cache_dtype,
+    )  # fmt: skip
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, rot, interleaved)
+    if slots is None:
+        slots = slots_of_last(tables, lens, block_size)
+    # the new token's slot holds no key yet: NaN there, as everywhere outside the sequences
+    for cache in (kc, vc):
+        live = slots[slots >= 0]
+        cache.view(-1, n_kv, d)[live] = math.nan
+    seq_lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    q_ref = rotary.rotary_and_cache_reference(
+        q, k, v, cos, sin, k_ref, v_ref, slots, interleaved=interleaved
+    )
+    before = [t.clone() for t in (q, k, v, kc, vc)]
+    out = torch.full((len(lens), n_heads, d), math.nan, device=DEVICE)
+    got = rope_cache_attention_decode(
+        q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens_t, slots,
+        interleaved=interleaved, scale=d**-0.5, num_splits=num_splits, out=out, **kw,
+    )  # fmt: skip
+    assert got is out
+    for x, x0 in zip((q, k, v), before[:3], strict=True):
+        assert torch.equal(x, x0), "inputs are left unchanged"
+    return got, q_ref, (kc, vc), (k_ref, v_ref), before[3:], slots, meta, kw, d
+
+
+def check_caches(caches, refs, olds, slots, d) -> None:
+    """The new rows: k within one cache ulp of the reference's, v bit for bit; every other
+    element as it was (NaN included)."""
+    written = torch.zeros(caches[0].shape[0] * caches[0].shape[1], dtype=torch.bool)
+    written[slots.cpu()[slots.cpu() >= 0]] = True
+    for name, got, ref, old in zip(("k", "v"), caches, refs, olds, strict=True):
+        flat, ref_flat, old_flat = (t.flatten(0, 1).cpu() for t in (got, ref, old))
+        assert torch.equal(flat[~written].nan_to_num(7.0), old_flat[~written].nan_to_num(7.0)), (
+            f"{name} cache: stray writes"
+        )
+        new, want = flat[written].double(), ref_flat[written].double()
+        assert not new.isnan().any(), f"{name} cache: new rows not written"
+        if name == "v":
+            assert torch.equal(new, want)
+        else:
+            ulp = CACHE_ULP[got.dtype]
+            assert ((new - want).abs() <= ulp * want.abs() + 1e-30).all(), (
+                f"k cache: {(new - want).abs().max().item():.3g} from the reference"
+            )
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "norm"])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interleaved):
+    got, q_ref, caches, refs, olds, slots, meta, kw, d = run_case(
+        gen, case, cache_dtype, interleaved
+    )
+    check_caches(caches, refs, olds, slots, d)
+    # the attention over the caches as written (the new key as the kernel rounded it) and
+    # the reference's rotated q
+    check_against_reference("fused decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
+
+
+def test_fused_decode_padding_rows(gen):
+    """A slot < 0 stores nothing and still attends to the new key (a length-1 row: its
+    value, rounded to the cache's type); a row of length 0 stores nothing and gives 0."""
+    got, _, caches, _, olds, slots, meta, _, d = run_case(
+        gen, "splits3-gqa3", torch.float16, False, seq_lens=[37, 1, 0],
+        slots=None,
+    )  # fmt: skip
+    # rerun with row 1's slot unmapped
+    got2, _, caches2, _, olds2, slots2, _, _, _ = run_case(
+        gen, "splits3-gqa3", torch.float16, False, seq_lens=[37, 1, 0],
+        slots=torch.tensor([0, -1, 0], device=DEVICE),
+    )  # fmt: skip
+    for g in (got, got2):
+        assert not g.isnan().any()
+        assert (g[2] == 0).all(), "a length-0 row gives zeros"
+    # a length-0 row writes nothing: its slot (that of position 0) keeps its old value
+    row2 = int(slots[2])
+    for cache, old in zip(caches, olds, strict=True):
+        flat, old_flat = cache.flatten(0, 1), old.flatten(0, 1)
+        assert torch.equal(flat[row2].nan_to_num(7.0), old_flat[row2].nan_to_num(7.0))
+    # the row with slot -1 wrote nowhere: only row 0's slot changed
+    for cache, old in zip(caches2, olds2, strict=True):
+        changed = (cache.nan_to_num(7.0) != old.nan_to_num(7.0)).flatten(0, 1).any(-1).any(-1)
+        assert changed.nonzero().flatten().tolist() == [0]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the layer dispatches to the fused kernel on CUDA only")
+@pytest.mark.parametrize("window", [None, 24])
+def test_layer_dispatch_fused_equals_two_steps(gen, window, monkeypatch):
+    """`rope_kv_attention` on a CUDA decode batch: fused and two-step give the same caches
+    (within one ulp) and outputs within the attention bound."""
+    lens, n_heads, n_kv, d = [40, 7, 129], 8, 2, 64
+    _, kc, vc, meta = make_batch(
+        gen, [1] * 3, lens, n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
+        dtype=torch.float16,
+    )  # fmt: skip
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
+    slots = slots_of_last(tables, lens, 16)
+    rope = RotaryEmbedding(d, 10_000.0, interleaved=False)
+    meta = attention_layer.AttentionMetadata(
+        slots, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1, max(lens),
+        meta.seq_lens_host, meta.query_start_loc_host,
+    )  # fmt: skip
+    outs, caches = [], []
+    for fused in (True, False):
+        monkeypatch.setattr(attention_layer, "FUSED_ROPE_DECODE", fused)
+        cache = (kc.clone(), vc.clone())
+        outs.append(
+            attention_layer.rope_kv_attention(
+                rope, q, k, v, (cos, sin), cache, meta, scale=d**-0.5, sliding_window=window
+            )
+        )
+        caches.append(cache)
+    for a, b in zip(*caches, strict=True):
+        torch.testing.assert_close(a, b, rtol=2.0**-10, atol=0, equal_nan=True)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_bad_inputs(gen):
+    _, kc, vc, meta = make_batch(
+        gen, [1, 1], [5, 9], n_heads=2, n_kv=1, head_dim=32, block_size=16, dtype=torch.float16
+    )
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, 2, 1, 32, 32, False)
+    slots = slots_of_last(tables, [5, 9], 16)
+    args = (kc, vc, meta.block_tables, meta.seq_lens, slots)
+    kw = {"interleaved": False, "scale": 0.1}
+    with pytest.raises(ValueError, match="cos"):
+        rope_cache_attention_decode(q, k, v, cos[:1], sin[:1], *args, **kw)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope_cache_attention_decode(q, k, v, cos, sin, *args[:4], slots[:1], **kw)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        rope_cache_attention_decode(q[:1], k[:1], v[:1], cos[:1], sin[:1], *args[:4], slots[:1],
+                                    **kw)  # fmt: skip
