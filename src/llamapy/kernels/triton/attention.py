@@ -187,18 +187,16 @@ def _rotated(ptr, offs_d, mask, cos_ptr, sin_ptr, ROT_HALF: tl.constexpr,
 
 
 @triton.jit
-def _attend_new_key(
-    q, m_i, l_i, acc, owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr,
-    k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb, stride_kt,
-    stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, BLOCK_SIZE: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-    INTERP: tl.constexpr,
+def _store_new_key(
+    owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb, stride_kt, stride_kh, stride_vb,
+    stride_vt, stride_vh, BLOCK_SIZE: tl.constexpr, ROT_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """The new key and value of a fused decode step (`_decode_kernel`'s NEW_KV): rotated,
-    rounded to the cache's type as the cache would return them, added to the online softmax
-    of the split that owns position seq_len - 1 and stored at their slot by it; a no-op in
-    the other splits."""
-    dtype = q.dtype
+    """The new key (rotated) and value of a fused decode step (`_decode_kernel`'s NEW_KV),
+    rounded to the cache's types as the cache would return them; the split that owns
+    position seq_len - 1 stores them at their slot. Loaded before the key loop, so that
+    their latency hides behind it."""
     row_k = new_k_ptr + b.to(tl.int64) * stride_nkb + kv_head * stride_nkh
     k = _rotated(row_k, offs_d, mask_d, cs, sn, ROT_HALF, INTERLEAVED)
     k = _round_to(k, k_ptr.dtype.element_ty, INTERP)
@@ -212,6 +210,14 @@ def _attend_new_key(
              mask=store)
     tl.store(v_ptr + page * stride_vb + off * stride_vt + kv_head * stride_vh + offs_d, v,
              mask=store)
+    return k, v
+
+
+@triton.jit
+def _attend_new_key(q, m_i, l_i, acc, owner, k, v, scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """Online-softmax update of the owner split's rows with the new key k and value v (as
+    `_store_new_key` returns them); a no-op in the other splits."""
+    dtype = q.dtype
     qk = tl.sum(q.to(tl.float32) * k.to(dtype).to(tl.float32)[None, :], 1)  # (BLOCK_G,)
     s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
     s = tl.where(owner, s, float("-inf"))
@@ -329,6 +335,13 @@ def _decode_kernel(
     hi_cached = hi
     if NEW_KV:
         hi_cached = tl.where(owner, last, hi)
+        new_k, new_v = _store_new_key(
+            owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr,
+            cos_ptr + b.to(tl.int64) * stride_cb, sin_ptr + b.to(tl.int64) * stride_sb,
+            slot_ptr, k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb,
+            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, ROT_HALF,
+            INTERLEAVED, LOOP_WHILE,
+        )
     m_i, l_i, acc = _attend_range(
         q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
@@ -337,11 +350,7 @@ def _decode_kernel(
     )
     if NEW_KV:
         m_i, l_i, acc = _attend_new_key(
-            q, m_i, l_i, acc, owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr,
-            cos_ptr + b.to(tl.int64) * stride_cb, sin_ptr + b.to(tl.int64) * stride_sb,
-            slot_ptr, k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb,
-            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, BLOCK_SIZE,
-            USE_SOFTCAP, ROT_HALF, INTERLEAVED, LOOP_WHILE,
+            q, m_i, l_i, acc, owner, new_k, new_v, scale, softcap, USE_SOFTCAP
         )
 
     # An empty split (or sequence) has l_i == 0: output 0, log-sum-exp -inf.
