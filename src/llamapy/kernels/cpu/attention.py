@@ -20,6 +20,7 @@ import importlib.util
 import torch
 
 from llamapy.kernels.cpu.switches import switched_off
+from llamapy.layers.attention import check_paged_shapes
 
 # Block tables at least this wide (contexts past 256 tokens in blocks of 16) take the op;
 # narrower ones Inductor's loops, whose fixed cost per call is lower: one SmolLM2-135M decode
@@ -89,28 +90,9 @@ def _check(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.device.type != "cpu" or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"expected q (B, n_heads, d) and caches (blocks, block_size, n_kv, d), got "
-            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    if k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(
-            f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}: head dims must be "
-            "equal and n_heads a multiple of n_kv"
-        )
+    check_paged_shapes(q, k_cache, v_cache, block_tables, seq_lens, batch=q.shape[0])
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the caches must be contiguous")
-    b = q.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
-        raise ValueError(
-            f"block_tables must be ({b}, width) int32, got {tuple(block_tables.shape)} "
-            f"{block_tables.dtype}"
-        )
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
-        raise ValueError(
-            f"seq_lens must be ({b},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
-        )
 
 
 def _decode_attention_cpu(

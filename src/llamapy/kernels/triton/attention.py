@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from llamapy.kernels.triton import INTERPRET, pdl, rotary
-from llamapy.layers.attention import AttentionMetadata
+from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -512,29 +512,11 @@ def _check_inputs(
     for t in (k_cache, v_cache, block_tables, seq_lens):
         if t.device != q.device:
             raise ValueError(f"all tensors must be on q's device {q.device}, got {t.device}")
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"expected q (T, n_heads, d) and caches (blocks, block_size, n_kv, d), got "
-            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
+    check_paged_shapes(q, k_cache, v_cache, block_tables, seq_lens)
     if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES or v_cache.dtype not in _DTYPES:
         raise ValueError(f"unsupported dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"head dims differ: q {q.shape[2]}, caches {k_cache.shape[3]}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"n_heads {q.shape[1]} is not a multiple of n_kv {k_cache.shape[2]}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
-    batch = block_tables.shape[0]
-    if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
-        raise ValueError(
-            f"block_tables must be (B, max_blocks) int32 with contiguous rows, got "
-            f"{tuple(block_tables.shape)} {block_tables.dtype}"
-        )
-    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1:
-        raise ValueError(
-            f"seq_lens must be ({batch},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
-        )
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
 
