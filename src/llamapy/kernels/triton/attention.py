@@ -84,10 +84,11 @@ def _attend_tile(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False,
 ):
     """Online-softmax update of rows `q` (queries at `q_pos`) with keys
-    [tile_start, min(tile_start + BLOCK_N, hi))."""
+    [tile_start, min(tile_start + BLOCK_N, hi)). EARLY_V: V's tile is loaded with K's,
+    before the scores (its latency overlaps theirs)."""
     dtype = q.dtype
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < hi
@@ -98,6 +99,11 @@ def _attend_tile(
         k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh, HEAD_DIM,
         BLOCK_D,
     )
+    if EARLY_V:
+        v = _load_kv_tile(
+            v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
+            HEAD_DIM, BLOCK_D,
+        )
     qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
     s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
     visible = mask_n[None, :]
@@ -112,10 +118,11 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv_tile(
-        v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh, HEAD_DIM,
-        BLOCK_D,
-    )
+    if not EARLY_V:
+        v = _load_kv_tile(
+            v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
+            HEAD_DIM, BLOCK_D,
+        )
     acc = acc * alpha[:, None]
     acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
     return m_new, l_i, acc
@@ -127,7 +134,7 @@ def _attend_range(
     stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr, EARLY_V: tl.constexpr = False,
 ):
     """Keys [lo, hi) in BLOCK_N tiles. The compiled kernel runs a `for` loop (software
     pipelined); the interpreter a `while` loop, because with numpy >= 2.4 it cannot turn
@@ -139,7 +146,7 @@ def _attend_range(
                 q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
                 offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
-                USE_SOFTCAP, DOT_PRECISION,
+                USE_SOFTCAP, DOT_PRECISION, EARLY_V,
             )
             tile_start += BLOCK_N
     else:
@@ -148,7 +155,7 @@ def _attend_range(
                 q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
                 offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
-                USE_SOFTCAP, DOT_PRECISION,
+                USE_SOFTCAP, DOT_PRECISION, EARLY_V,
             )
     return m_i, l_i, acc
 
@@ -282,6 +289,7 @@ def _decode_kernel(
     NEW_KV: tl.constexpr = False,
     ROT_HALF: tl.constexpr = 0,
     INTERLEAVED: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -346,7 +354,7 @@ def _decode_kernel(
         q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
-        LOOP_WHILE,
+        LOOP_WHILE, EARLY_V,
     )
     if NEW_KV:
         m_i, l_i, acc = _attend_new_key(
@@ -556,6 +564,13 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
     return 64
 
 
+# The decode kernel loads each tile's V with its K (`_attend_tile`'s EARLY_V). H200, fused
+# decode attention at 32 splits of 16 keys, B=1 (.gpu/earlyv_sweep.py): SmolLM2 heads
+# 6.03 -> 5.87-5.93 us a call at 64-256 keys, Llama-3.2-1B heads 6.38-6.54 -> 6.13-6.19;
+# SmolLM2 Q4_0 tg128 1470 / 1468 -> 1497 / 1494 t/s.
+DECODE_EARLY_V = True
+
+
 def default_num_splits(
     batch: int, n_kv: int, max_blocks: int, block_size: int, head_dim: int, device: torch.device
 ) -> int:
@@ -690,6 +705,7 @@ def _decode(
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
+        EARLY_V=DECODE_EARLY_V,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
