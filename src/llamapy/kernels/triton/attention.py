@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamapy.kernels.triton import INTERPRET, pdl, rotary
+from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding
 from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,15 +160,8 @@ def _attend_range(
     return m_i, l_i, acc
 
 
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
-    """float32 x -> dtype, rounded to nearest even. The interpreter's own float32 ->
-    bfloat16 cast truncates, so there the bits are rounded first (finite x)."""
-    if INTERP and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+# float32 -> dtype, rounded to nearest even (one definition: rounding.py)
+_round_to = rounding.round_to
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, rounding, triton_usable
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes
@@ -867,16 +867,8 @@ def _launch_gemm(
 # --------------------------------------------------------------------------- kernels
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
-        """float32 x -> dtype, rounded to nearest even. The interpreter's own float32 ->
-        bfloat16 cast truncates, so there the bits are rounded first (finite x)."""
-        if INTERP and dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-        return x.to(dtype)
+    # float32 -> dtype, rounded to nearest even (one definition: rounding.py)
+    _round_to = rounding.round_to
 
     @triton.jit
     def _exact_f32(q, offset: tl.constexpr):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, triton_usable
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, rounding, triton_usable
 from llamapy.quant.grids import table
 from llamapy.quant.kquants import _k_scale_min, _q3_k_scales
 from llamapy.quant.types import QuantType, block_size, row_nbytes, type_size
@@ -628,14 +628,8 @@ if HAS_TRITON:
         (an OR and an FADD instead of the slower I2F conversion)."""
         return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
-    @triton.jit
-    def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
-        """float32 -> dtype, rounded to nearest even. The interpreter's float32 -> bfloat16
-        cast truncates, so there the bits are rounded first (finite x)."""
-        if INTERP and dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return x.to(dtype)
+    # float32 -> dtype, rounded to nearest even (one definition: rounding.py)
+    _round_to = rounding.round_to
 
     @triton.jit
     def _gated(g, u, SILU: tl.constexpr):
