@@ -84,7 +84,7 @@ def slots_of_last(tables: torch.Tensor, seq_lens: list[int], block_size: int) ->
     return (tables[rows, p // block_size] * block_size + p % block_size).to(DEVICE)
 
 
-def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None):
+def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None, round_q=False):
     lens, n_heads, n_kv, d, block_size, num_splits, rot, kw = CASES[case]
     lens = seq_lens or lens
     _, kc, vc, meta = make_batch(
@@ -107,7 +107,8 @@ def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None):
     out = torch.full((len(lens), n_heads, d), math.nan, device=DEVICE)
     got = rope_cache_attention_decode(
         q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens_t, slots,
-        interleaved=interleaved, scale=d**-0.5, num_splits=num_splits, out=out, **kw,
+        interleaved=interleaved, scale=d**-0.5, num_splits=num_splits, out=out,
+        round_q=round_q, **kw,
     )  # fmt: skip
     assert got is out
     for x, x0 in zip((q, k, v), before[:3], strict=True):
@@ -153,6 +154,20 @@ def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interl
     # the attention over the caches as written (the new key as the kernel rounded it) and
     # the reference's rotated q
     check_against_reference("fused decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_decode_round_q(gen, cache_dtype):
+    """round_q (decode batches of 16+ in the engine): the rotated float32 q is rounded to the
+    cache's type for the dots; the output is the reference's for that rounded q within the
+    16-bit bound."""
+    got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
+        gen, "softcap-window-d80", cache_dtype, False, round_q=True
+    )
+    check_caches(caches, refs, olds, slots, mag)
+    check_against_reference(
+        "fused decode, round_q", got, q_ref.to(cache_dtype), *caches, meta, scale=d**-0.5, **kw
+    )
 
 
 def test_fused_decode_padding_rows(gen):
