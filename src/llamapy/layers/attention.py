@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from llamapy.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,7 @@ def write_kv(
 
 
 def rope_and_write_kv(
-    rope,
+    rope: RotaryEmbedding,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -110,8 +114,13 @@ def rope_and_write_kv(
     return q
 
 
+# CUDA decode fuses the rotary embedding and the cache write into the attention kernel
+# (`rope_kv_attention`); tests and benchmarks switch it off to compare.
+FUSED_ROPE_DECODE = True
+
+
 def rope_kv_attention(
-    rope,
+    rope: RotaryEmbedding,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -142,11 +151,6 @@ def rope_kv_attention(
     return paged_attention(
         q, *kv_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap
     )
-
-
-# CUDA decode fuses the rotary embedding and the cache write into the attention kernel
-# (`rope_kv_attention`); tests and benchmarks switch it off to compare.
-FUSED_ROPE_DECODE = True
 
 
 def paged_attention(
