@@ -2,8 +2,9 @@
 
 GEMVs run over rotating copies of the weight (more bytes than L2 holds) and every variant is
 timed as CUDA-graph replays, which is what a decode step sees: launch gaps included, no host
-work. Decode attention is timed the same way at a few context lengths. Prints, per shape, the
-current choice, the best variant and the speedup, and writes all timings as JSON.
+work. Decode attention (the fused kernel the decode step runs) is timed the same way at a few
+context lengths. Prints, per shape, the current choice, the best variant and the speedup,
+and writes all timings as JSON.
 
     python benchmarks/kernels/tune_decode.py --json tune.json
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from llamapy.engine.model_runner import graph_decode_splits
 from llamapy.kernels.triton import attention, qmatmul_kquants
 from llamapy.kernels.triton.qmatmul import pack_weight, qmatmul_with
 from llamapy.quant.types import QuantType, row_nbytes
@@ -187,50 +189,76 @@ def tune_gemv(
         del ws
 
 
+def _fused_attention_us(
+    case: dict, splits: int, tiles: tuple[int, int, int] | None, early_v: bool
+) -> float:
+    """Microseconds per fused decode attention call over the case's rotating caches."""
+    c, default = case, attention.DECODE_EARLY_V
+    attention.DECODE_EARLY_V = early_v
+    try:
+        return graph_time([
+            functools.partial(
+                attention.rope_cache_attention_decode, c["q"], c["k"], c["v"], c["cos"],
+                c["sin"], c["kc"], c["vc"], table, c["lens"], slot, interleaved=True,
+                scale=c["d"] ** -0.5, sliding_window=c["window"], num_splits=splits,
+                out=c["out"], tiles=tiles,
+            )
+            for table, slot in zip(c["tables"], c["slots"], strict=True)
+        ])  # fmt: skip
+    finally:
+        attention.DECODE_EARLY_V = default
+
+
 def tune_attention(results: list[dict]) -> None:
-    block_size = 16
+    """The decode step's attention as the engine runs it at one sequence: the fused kernel
+    (rotary + cache write + split attention, `rope_cache_attention_decode`) and its split
+    merge, at the graphs' split count (`graph_decode_splits`) and over tiles, split counts
+    and where each tile's V is loaded (`attention.DECODE_EARLY_V`)."""
+    block_size, copies = 16, 8
     for (name, heads, kv, d), seq in itertools.product(ATTN, (128, 512, 2048)):
-        blocks = seq // block_size + 1
-        copies = 8
-        kc = torch.randn(blocks * copies, block_size, kv, d, device="cuda", dtype=torch.float16)
+        max_blocks = 4096 // block_size  # a graph's tables: the whole capacity
+        kc = torch.randn(max_blocks * copies, block_size, kv, d, device="cuda",
+                         dtype=torch.float16)  # fmt: skip
         vc = torch.randn_like(kc)
         tables = [
-            torch.arange(i * blocks, (i + 1) * blocks, device="cuda", dtype=torch.int32)[None]
+            torch.arange(i * max_blocks, (i + 1) * max_blocks, device="cuda",
+                         dtype=torch.int32)[None]
             for i in range(copies)
-        ]
+        ]  # fmt: skip
+        slots = [t[0, (seq - 1) // block_size].long()[None] * block_size
+                 + (seq - 1) % block_size for t in tables]  # fmt: skip
         lens = torch.tensor([seq], device="cuda", dtype=torch.int32)
-        q = torch.randn(1, heads, d, device="cuda", dtype=torch.float32)  # the model's dtype
-        out = torch.empty_like(q)
+        qkv = torch.randn(1, (heads + 2 * kv) * d, device="cuda")  # the QKV GEMV's output
+        q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
+        q, k, v = q.view(1, heads, d), k.view(1, kv, d), v.view(1, kv, d)
+        cos = torch.randn(1, d // 2, device="cuda")
+        sin = torch.randn_like(cos)
+        out = torch.empty(1, heads, d, device="cuda")
+        window = 512 if name == "gemma" else None
 
-        def run(
-            splits: int | None,
-            tiles: tuple[int, int, int] | None,
-            case=(q, kc, vc, lens, out, d, tables),
-        ) -> float:
-            q, kc, vc, lens, out, d, tables = case
-            decode = attention.paged_attention_decode
-            return graph_time([
-                functools.partial(decode, q, kc, vc, t, lens, scale=d**-0.5, num_splits=splits,
-                                  out=out, tiles=tiles)
-                for t in tables
-            ])  # fmt: skip
+        case = {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "kc": kc, "vc": vc,
+                "tables": tables, "slots": slots, "lens": lens, "out": out, "d": d,
+                "window": window}  # fmt: skip
 
-        current_splits = min(64, 1 << max(0, (seq - 1) // 256).bit_length())  # model_runner's
-        base = run(current_splits, None)
+        def run(splits: int, tiles: tuple[int, int, int] | None, early_v: bool, case=case):
+            return _fused_attention_us(case, splits, tiles, early_v)
+
+        current_splits = graph_decode_splits(1, kv)
+        base = run(current_splits, None, attention.DECODE_EARLY_V)
         best = (base, "current")
-        for bn, warps, stages, splits in itertools.product(
-            (16, 32, 64), (4,), (1, 2), (1, 2, 4, 8, 16, 32)
+        for bn, stages, splits, early_v in itertools.product(
+            (16, 32, 64), (1, 2), (1, 2, 4, 8, 16, 32), (False, True)
         ):
             if d > 128 and bn > 32:
                 continue
             if splits > max(1, seq // bn):
                 continue
             try:
-                t = run(splits, (bn, warps, stages))
+                t = run(splits, (bn, 4, stages), early_v)
             except Exception as exc:
-                print(f"  skip attn {bn} {warps} {stages} {splits}: {type(exc).__name__}")
+                print(f"  skip attn {bn} {stages} {splits} {early_v}: {type(exc).__name__}")
                 continue
-            label = f"bn={bn} w={warps} st={stages} splits={splits}"
+            label = f"bn={bn} st={stages} splits={splits} early_v={int(early_v)}"
             results.append({"kind": "attn", "shape": f"{name} seq={seq}", "cfg": label, "us": t})
             best = min(best, (t, label))
         print(f"| attn {name} | seq {seq} | {base:.2f} | {best[0]:.2f} | {base / best[0]:.2f}x | "

@@ -411,13 +411,8 @@ class DecodeGraphs:
         )
 
     def splits_for(self, bs: int) -> int:
-        """Key splits of the decode attention for a batch bucket, a power of two: 32 for a
-        single sequence, fewer when the batch already gives the SMs enough (sequence, KV
-        head) programs. Not a function of the context length, so one graph per bucket serves
-        every length: splits past the keys are empty programs (H100 sweep, benchmarks/kernels/
-        tune_decode.py: 16-key tiles over 8-32 splits are 2-4x faster than one long split at
-        128-2048 keys)."""
-        return max(1, min(32, 1 << max(0, (2048 // (bs * self.num_kv_heads)) - 1).bit_length()))
+        """Key splits of the decode attention for a batch bucket (`graph_decode_splits`)."""
+        return graph_decode_splits(bs, self.num_kv_heads)
 
     def _forward(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         tables = self.inputs[_FIELDS * self.max_batch :].view(self.max_batch, self.max_blocks)
@@ -479,6 +474,16 @@ class DecodeGraphs:
 
 
 _FIELDS = 6  # per-row int32 fields of the decode graphs' input buffer
+
+
+def graph_decode_splits(bs: int, num_kv_heads: int) -> int:
+    """Key splits of the decode attention in a graph of `bs` sequences, a power of two: 32
+    for a single sequence, fewer when the batch already gives the SMs enough (sequence, KV
+    head) programs. Not a function of the context length, so one graph per bucket serves
+    every length: splits past the keys are empty programs (H100 sweep, benchmarks/kernels/
+    tune_decode.py: 16-key tiles over 8-32 splits are 2-4x faster than one long split at
+    128-2048 keys)."""
+    return max(1, min(32, 1 << max(0, (2048 // (bs * num_kv_heads)) - 1).bit_length()))
 
 
 def fill_decode_inputs(
