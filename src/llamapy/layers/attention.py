@@ -51,8 +51,8 @@ def check_paged_shapes(
 ) -> None:
     """The shape rules every paged attention kernel shares (each adds its own device, dtype
     and layout rules): q (T, n_heads, d), caches (blocks, block_size, n_kv, d) of one shape,
-    n_heads a multiple of n_kv, block_tables (B, width) int32 with contiguous rows, seq_lens
-    (B,) int32; `batch`: B must be that."""
+    n_heads a multiple of n_kv, block_tables (B, width) int32, seq_lens (B,) int32; `batch`:
+    B must be that."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"expected q (T, n_heads, d) and caches (blocks, block_size, n_kv, d), got "
@@ -63,17 +63,12 @@ def check_paged_shapes(
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"n_heads {q.shape[1]} is not a multiple of n_kv {k_cache.shape[2]}")
     b = block_tables.shape[0] if batch is None else batch
-    if (
-        block_tables.dim() != 2
-        or block_tables.shape[0] != b
-        or block_tables.dtype != torch.int32
-        or block_tables.stride(1) != 1
-    ):
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
         raise ValueError(
-            f"block_tables must be ({b}, max_blocks) int32 with contiguous rows, got "
-            f"{tuple(block_tables.shape)} {block_tables.dtype}"
+            f"block_tables must be ({b}, max_blocks) int32, got {tuple(block_tables.shape)} "
+            f"{block_tables.dtype}"
         )
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1:
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
         raise ValueError(
             f"seq_lens must be ({b},) int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
         )

@@ -518,6 +518,8 @@ def _check_inputs(
         raise ValueError(f"unsupported dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
+    if block_tables.stride(1) != 1 or seq_lens.stride(0) != 1:
+        raise ValueError("block_tables need contiguous rows and seq_lens a contiguous vector")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
 
