@@ -22,6 +22,8 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from llamapy.tokenizer.vocab import TokenAttr, Vocab
 
+_BYTE = int(TokenAttr.BYTE)  # a plain int: int & IntFlag is a Python call per token
+
 log = logging.getLogger(__name__)
 
 
@@ -91,15 +93,16 @@ def _build_spm(vocab: Vocab) -> Tokenizer:
     model = models.BPE(
         vocab=t2i,
         merges=[(left, right) for _, _, _, left, right in ranked],
-        byte_fallback=any(a & TokenAttr.BYTE for a in vocab.attrs),
+        byte_fallback=any(a & _BYTE for a in vocab.attrs),
     )
     return Tokenizer(model)
 
 
 def _build_wpm(vocab: Vocab) -> Tokenizer:
     wp_vocab: dict[str, int] = {}
+    normal = int(TokenAttr.NORMAL)
     for token_id, text in enumerate(vocab.tokens):
-        if vocab.attrs[token_id] & TokenAttr.NORMAL:
+        if vocab.attrs[token_id] & normal:
             key = text[1:] if text.startswith("▁") else "##" + text
         else:
             key = text

@@ -23,35 +23,44 @@ BYTE_TO_UNICODE = _bytes_to_unicode()
 UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
+# the same map as a str.translate table onto code points 0-255 (then latin-1 bytes)
+_TO_LATIN1 = {ord(c): b for c, b in UNICODE_TO_BYTE.items()}
+_MAPPED = frozenset(UNICODE_TO_BYTE)
+
+
 def _decode_byte_level(text: str) -> bytes:
-    """`llama_decode_text`: map each character back to its byte."""
-    try:
-        return bytes(UNICODE_TO_BYTE[c] for c in text)
-    except KeyError:
-        out = bytearray()
-        for c in text:
-            if c in UNICODE_TO_BYTE:
-                out.append(UNICODE_TO_BYTE[c])
-            else:  # llama.cpp's (odd) marker for a character outside the byte map
-                out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
-        return bytes(out)
+    """`llama_decode_text`: map each character back to its byte. Every character mapped
+    (all but odd vocabularies): one translate and encode in C, not a Python step per
+    character (the piece table of a 49k vocabulary: ~250 -> ~50 ms, at the first token)."""
+    if _MAPPED.issuperset(text):
+        return text.translate(_TO_LATIN1).encode("latin-1")
+    out = bytearray()
+    for c in text:
+        if c in UNICODE_TO_BYTE:
+            out.append(UNICODE_TO_BYTE[c])
+        else:  # llama.cpp's (odd) marker for a character outside the byte map
+            out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
+    return bytes(out)
 
 
 def piece_table(vocab: Vocab, byte_level: bool) -> list[bytes]:
     """Each token's piece with special=True (llama.cpp's cache_token_to_piece)."""
-    shown = TokenAttr.CONTROL | TokenAttr.UNKNOWN | TokenAttr.USER_DEFINED
+    # plain ints: IntFlag's & is a Python call per token (~0.1 s over a 49k vocabulary)
+    shown = int(TokenAttr.CONTROL | TokenAttr.UNKNOWN | TokenAttr.USER_DEFINED)
+    normal, byte = int(TokenAttr.NORMAL), int(TokenAttr.BYTE)
     pieces: list[bytes] = []
     display = vocab.display or vocab.tokens
-    for text, shown_text, attr in zip(vocab.tokens, display, vocab.attrs, strict=True):
+    for text, shown_text, flags in zip(vocab.tokens, display, vocab.attrs, strict=True):
+        attr = int(flags)
         if attr & shown:
             pieces.append(text.encode())
-        elif attr & TokenAttr.NORMAL:
+        elif attr & normal:
             text = shown_text
             if byte_level:
                 pieces.append(_decode_byte_level(text))
             else:  # SPM, WPM and SPM-style BPE: ▁ stands for a space
                 pieces.append(text.replace("▁", " ").encode())
-        elif attr & TokenAttr.BYTE:
+        elif attr & byte:
             pieces.append(bytes([int(text[3:5], 16)]))
         else:
             pieces.append(b"")

@@ -137,7 +137,8 @@ class Vocab:
 
     def special_ids(self) -> list[int]:
         """Control, user-defined and unknown tokens, longest text first (cache_special_tokens)."""
-        mask = TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN
+        # a plain int mask: an int & an IntFlag calls the flag's Python __rand__ per token
+        mask = int(TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN)
         ids = [i for i, a in enumerate(self.attrs) if a & mask]
         # llama.cpp's std::sort is not stable; ties (same length) cannot overlap at the same
         # position, so any order among them gives the same partition in practice.
@@ -277,9 +278,10 @@ def _guess_special_ids(vocab: Vocab) -> None:
 
 
 def _mark_unused(vocab: Vocab) -> None:
+    control, unused = int(TokenAttr.CONTROL), int(TokenAttr.UNUSED)  # plain ints: see above
     for i, attr in enumerate(vocab.attrs):
-        if attr & TokenAttr.CONTROL and "unused" in vocab.tokens[i]:
-            vocab.attrs[i] = attr | TokenAttr.UNUSED
+        if attr & control and "unused" in vocab.tokens[i]:
+            vocab.attrs[i] = int(attr) | unused
 
 
 def _eog_ids(vocab: Vocab) -> set[int]:
