@@ -31,7 +31,8 @@ _MAPPED = frozenset(UNICODE_TO_BYTE)
 def _decode_byte_level(text: str) -> bytes:
     """`llama_decode_text`: map each character back to its byte. Every character mapped
     (all but odd vocabularies): one translate and encode in C, not a Python step per
-    character (the piece table of a 49k vocabulary: ~250 -> ~50 ms, at the first token)."""
+    character (with piece_table's int flags: SmolLM2's table 213 -> 23 ms, built at the
+    first generated token)."""
     if _MAPPED.issuperset(text):
         return text.translate(_TO_LATIN1).encode("latin-1")
     out = bytearray()
