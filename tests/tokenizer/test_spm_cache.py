@@ -88,8 +88,9 @@ def test_unwritable_cache_still_builds(vocab, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == [blocker]
 
 
-def test_switched_off_or_small_vocabularies_write_nothing(vocab, monkeypatch, tmp_path):
-    monkeypatch.setenv("LLAMAPY_TOKENIZER_CACHE", "0")
+@pytest.mark.parametrize("off", ["0", "off", "False"])
+def test_switched_off_or_small_vocabularies_write_nothing(vocab, monkeypatch, tmp_path, off):
+    monkeypatch.setenv("LLAMAPY_TOKENIZER_CACHE", off)
     backend._spm_merges(vocab)
     monkeypatch.delenv("LLAMAPY_TOKENIZER_CACHE")
     monkeypatch.setattr(backend, "SPM_CACHE_MIN_TOKENS", len(vocab.tokens) + 1)

@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off, switched_on
 from llamapy.layers.attention import AttentionMetadata
+from llamapy.switches import switched_off, switched_on
 
 log = logging.getLogger(__name__)
 

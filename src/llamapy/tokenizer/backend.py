@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
+from llamapy.switches import switched_off
 from llamapy.tokenizer.vocab import TokenAttr, Vocab
 
 _BYTE = int(TokenAttr.BYTE)  # a plain int: int & IntFlag is a Python call per token
@@ -117,16 +118,13 @@ def _pair_spm_merges(vocab: Vocab) -> list[tuple[str, str]]:
 # SPM vocabularies of this many tokens and more keep their merges on disk (cache_dir() /
 # tokenizers), keyed by a digest of the tokens and scores they derive from: Gemma 3's 262k
 # tokens take ~0.8 s of Python to pair and ~0.15 s to read back. LLAMAPY_TOKENIZER_CACHE=0
-# turns it off.
+# (or false / no / off, `switches.switched_off`) turns it off.
 SPM_CACHE_MIN_TOKENS = 65536
 _SPM_CACHE_VERSION = b"spm-merges-1"
 
 
 def _spm_merges(vocab: Vocab) -> list[tuple[str, str]]:
-    if (
-        len(vocab.tokens) < SPM_CACHE_MIN_TOKENS
-        or os.environ.get("LLAMAPY_TOKENIZER_CACHE", "1") == "0"
-    ):
+    if len(vocab.tokens) < SPM_CACHE_MIN_TOKENS or switched_off("LLAMAPY_TOKENIZER_CACHE"):
         return _pair_spm_merges(vocab)
     path = _spm_cache_path(vocab)
     merges = _read_merges(path)

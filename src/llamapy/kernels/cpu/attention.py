@@ -19,8 +19,8 @@ import importlib.util
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off
 from llamapy.layers.attention import check_paged_shapes
+from llamapy.switches import switched_off
 
 # Block tables at least this wide (contexts past 256 tokens in blocks of 16) take the op;
 # narrower ones Inductor's loops, whose fixed cost per call is lower: one SmolLM2-135M decode

@@ -22,7 +22,7 @@ import ctypes.util
 import logging
 import sys
 
-from llamapy.kernels.cpu.switches import switched_off
+from llamapy.switches import switched_off
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ import os
 
 import torch
 
-from llamapy.kernels.cpu.switches import switched_off, switched_on
 from llamapy.quant.kquants import _k_scale_min
 from llamapy.quant.types import QuantType
+from llamapy.switches import switched_off, switched_on
 
 # Weight types this module multiplies, with their ggml block layout: bytes per 32-block, the
 # offsets of the fp16 scale d, of the fp16 min m (-1: none), of the 32 high bits qh of the
