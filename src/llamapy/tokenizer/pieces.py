@@ -23,6 +23,23 @@ BYTE_TO_UNICODE = _bytes_to_unicode()
 UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
+def utf8(text: str) -> bytes:
+    """A token text's bytes: UTF-8, with the bytes a GGUF string could not decode back as
+    they were (they arrive as U+DC80..U+DCFF, `surrogateescape`); any other lone surrogate
+    (a JSON vocabulary can hold one) as its 3-byte form rather than an error."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # rare: character by character
+        return b"".join(_utf8_char(c) for c in text)
+
+
+def _utf8_char(c: str) -> bytes:
+    try:
+        return c.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return c.encode("utf-8", "surrogatepass")
+
+
 # the same map as a str.translate table onto code points 0-255 (then latin-1 bytes)
 _TO_LATIN1 = {ord(c): b for c, b in UNICODE_TO_BYTE.items()}
 _MAPPED = frozenset(UNICODE_TO_BYTE)
@@ -40,7 +57,7 @@ def _decode_byte_level(text: str) -> bytes:
         if c in UNICODE_TO_BYTE:
             out.append(UNICODE_TO_BYTE[c])
         else:  # llama.cpp's (odd) marker for a character outside the byte map
-            out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
+            out += b"[UNK_BYTE_0x" + utf8(c).hex().encode() + utf8(text) + b"]"
     return bytes(out)
 
 
@@ -54,13 +71,13 @@ def piece_table(vocab: Vocab, byte_level: bool) -> list[bytes]:
     for text, shown_text, flags in zip(vocab.tokens, display, vocab.attrs, strict=True):
         attr = int(flags)
         if attr & shown:
-            pieces.append(text.encode())
+            pieces.append(utf8(text))
         elif attr & normal:
             text = shown_text
             if byte_level:
                 pieces.append(_decode_byte_level(text))
             else:  # SPM, WPM and SPM-style BPE: ▁ stands for a space
-                pieces.append(text.replace("▁", " ").encode())
+                pieces.append(utf8(text.replace("▁", " ")))
         elif attr & byte:
             pieces.append(bytes([int(text[3:5], 16)]))
         else:
