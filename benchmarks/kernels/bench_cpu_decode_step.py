@@ -3,9 +3,12 @@
 context) under variants of `models/cpu_compile.py`, interleaved in one process:
 
     python benchmarks/kernels/bench_cpu_decode_step.py MODEL [--ctx 128] [--reps 30]
-        [--variants default,asserts,stack,stack-cpp,inductor-attn]
+        [--variants native,default,asserts,stack,stack-cpp,inductor-attn]
 
-default   the engine's compiled step (one graph per kind of layer, INDUCTOR_OPTIONS)
+native    the engine's step where the model's matmuls are all VNNI: one numba call
+          (models/cpu_step.py), its attention on two threads from ATTN_PARALLEL_MIN_KEYS keys
+native-t1 / native-t2  the same with the attention always on one thread / on all threads
+default   the compiled step (one graph per kind of layer, INDUCTOR_OPTIONS)
 inductor-attn  the same with the attention left to Inductor (LLAMAPY_CPU_ATTENTION=0 while
           it traces) instead of kernels/cpu/attention.py's op
 asserts   the same with Inductor's input size / stride / scalar / alignment asserts back on
@@ -30,9 +33,12 @@ import torch
 
 from llamapy.cli.bench import BenchSettings, BenchTest, EngineBench
 from llamapy.layers.attention import AttentionMetadata
-from llamapy.models import cpu_compile
+from llamapy.models import cpu_compile, cpu_step
 
-VARIANTS = ("default", "asserts", "cpp", "stack", "stack-cpp", "inductor-attn")
+VARIANTS = (
+    "native", "native-t1", "native-t2", "default", "asserts", "cpp", "stack", "stack-cpp",
+    "inductor-attn",
+)  # fmt: skip
 
 
 def _stack_step(layers, h, residual, cos_sins, meta, kvs):
@@ -87,7 +93,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", "-t", type=int, default=2)
-    ap.add_argument("--variants", default="default,asserts")
+    ap.add_argument("--variants", default="native,default")
     args = ap.parse_args()
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
@@ -113,12 +119,28 @@ def main() -> int:
     def step() -> torch.Tensor:
         return model.compute_logits(model(ids, positions, meta, runner.kv_caches))
 
-    variants = {n: _Variant(n) for n in names}
+    def make(name: str):
+        if not name.startswith("native"):
+            return _Variant(name)
+        native = cpu_step.NativeDecode.build(model)
+        if native is None:
+            ap.error(f"{name}: this model cannot take the native step (see models/cpu_step.py)")
+        keys = {"native-t1": 1 << 62, "native-t2": 0}.get(name)
+        if keys is not None:
+            native.attn_parallel_min_keys = keys
+        return native
+
+    def use(variant) -> None:
+        native = isinstance(variant, cpu_step.NativeDecode)
+        model.native_decode = variant if native else None
+        model.compiled_decode = None if native else variant
+
+    variants = {n: make(n) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         logits = {}
         for name, variant in variants.items():
-            model.compiled_decode = variant
+            use(variant)
             t0 = time.perf_counter()
             switch = os.environ.get("LLAMAPY_CPU_ATTENTION")
             if name == "inductor-attn":  # read when the layers are traced: this first step
@@ -133,7 +155,7 @@ def main() -> int:
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for _ in range(args.reps):
             for name, variant in variants.items():
-                model.compiled_decode = variant
+                use(variant)
                 t0 = time.perf_counter()
                 for _ in range(10):
                     step()

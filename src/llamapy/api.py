@@ -70,9 +70,12 @@ class LLM:
             cache); encoders (BERT) always are. A generating model embeds too, sharing its
             weights.
         pooling: none, mean, cls, last or rank; None: the model's own (see EmbeddingEngine).
-        enforce_eager: no compiled CPU decode step (models/cpu_compile.py; on by default
-            where a C++ compiler is found, unless LLAMAPY_CPU_COMPILE=0) and no CUDA graphs.
-        cpu_compile: compile the CPU decode step or not (None: that default).
+        enforce_eager: no native CPU decode step (models/cpu_step.py: one numba call a
+            step where every matmul takes the VNNI kernels), no compiled one
+            (models/cpu_compile.py; on by default where a C++ compiler is found, unless
+            LLAMAPY_CPU_COMPILE=0) and no CUDA graphs.
+        cpu_compile: compile the CPU decode step or not (None: that default) where the
+            native step cannot run.
         async_scheduling: launch each decode step before the previous one's tokens are read
             back (the host's work overlaps the GPU's); None: on for CUDA, off on the CPU.
     """
@@ -128,7 +131,11 @@ class LLM:
                     async_scheduling=async_scheduling,
                     **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
                     # no compiled CPU decode step, no CUDA graphs
-                    **({"cpu_compile": False, "cuda_graphs": False} if enforce_eager else {}),
+                    **(
+                        {"cpu_compile": False, "cpu_native_step": False, "cuda_graphs": False}
+                        if enforce_eager
+                        else {}
+                    ),
                     **(
                         {"cpu_compile": cpu_compile}
                         if cpu_compile is not None and not enforce_eager

@@ -27,6 +27,13 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _compiled_step(monkeypatch):
+    """The compiled step, not the native one (models/cpu_step.py, its own tests), which
+    takes over wherever every matmul runs on the VNNI kernels."""
+    monkeypatch.setenv("LLAMAPY_CPU_NATIVE_STEP", "0")
+
+
 @pytest.mark.parametrize(
     ("n_heads", "n_kv", "window", "softcap"),
     [(4, 4, None, None), (8, 2, None, None), (4, 1, 5, None), (6, 2, None, 30.0), (4, 2, 7, 20.0)],

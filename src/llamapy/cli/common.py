@@ -20,9 +20,11 @@ def add_model_args(
     compile_default: bool | None = False,
 ) -> None:
     """The model flags. `compile_default`: whether the command compiles the CPU decode step
-    unless told `--enforce-eager` (long-running ones: serve); one-shot commands (run, chat,
-    perplexity) start eagerly unless told `--compile`, since the compile costs seconds at
-    every start. None: no generation engine, no such flags (embed, rerank)."""
+    with torch.compile unless told `--enforce-eager` (long-running ones: serve); one-shot
+    commands (run, chat, perplexity) do not unless told `--compile`, since the compile costs
+    seconds at every start. (Both take the native decode step, models/cpu_step.py, where it
+    runs: a numba function cached on disk, no such cost.) None: no generation engine, no
+    such flags (embed, rerank)."""
     p.add_argument(
         "-m",
         "--model",
@@ -79,8 +81,8 @@ def add_model_args(
     p.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="run every step eagerly: no torch.compile of the CPU decode step, no CUDA graphs "
-        "(as vLLM's flag)",
+        help="run every step eagerly: no native or torch.compile'd CPU decode step, no CUDA "
+        "graphs (as vLLM's flag)",
     )
     p.add_argument(
         "--no-async-scheduling",
@@ -94,8 +96,9 @@ def add_model_args(
         p.add_argument(
             "--compile",
             action="store_true",
-            help="CPU: compile the decode step with torch.compile (~1.6x faster decoding; a few "
-            "seconds more at each start, ~20 s the first time for a model, then cached)",
+            help="CPU, models the native decode step cannot run (weights without VNNI "
+            "kernels): compile the decode step with torch.compile (~1.6x faster decoding; a "
+            "few seconds more at each start, ~20 s the first time for a model, then cached)",
         )
 
 

@@ -71,6 +71,10 @@ class EngineConfig:
     # CPU (fast kernels): decode steps through torch.compile (models/cpu_compile.py);
     # default on where a C++ compiler is found, off with LLAMAPY_CPU_COMPILE=0
     cpu_compile: bool = field(default_factory=lambda: compile_enabled_by_default())
+    # CPU (fast kernels): decode steps as one numba call where every matmul takes the VNNI
+    # kernels (models/cpu_step.py; then no torch.compile is needed); off with
+    # LLAMAPY_CPU_NATIVE_STEP=0 or enforce_eager
+    cpu_native_step: bool = True
     # a `llamapy quantize` type (Q4_0, Q4_K_M, ...): weights are quantized as they load
     quantize: str | None = None
     # launch a decode step before the previous step's tokens are read back, so the
@@ -94,7 +98,7 @@ class EngineConfig:
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be True, False or None, got "
                              f"{self.async_scheduling!r}")  # fmt: skip
-        for name in ("enable_prefix_caching", "cuda_graphs", "cpu_compile"):
+        for name in ("enable_prefix_caching", "cuda_graphs", "cpu_compile", "cpu_native_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.quantize is not None:
@@ -188,8 +192,8 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             dry_vocab=DryVocab.from_tokenizer(tokenizer),
         )
-        if device.type == "cpu" and config.cpu_compile and config.cpu_kernels == "fast":
-            self.runner.compile_decode()
+        if device.type == "cpu" and config.cpu_kernels == "fast":
+            self.runner.compile_decode(native=config.cpu_native_step, compiled=config.cpu_compile)
         self.async_scheduling = (
             config.async_scheduling
             if config.async_scheduling is not None

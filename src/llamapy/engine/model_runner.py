@@ -153,8 +153,10 @@ class ModelRunner:
             )
 
     @torch.inference_mode()  # as `run`: graphs guard on it
-    def compile_decode(self) -> None:
-        """CPU: run decode steps through torch.compile (models/cpu_compile.py), the graphs
+    def compile_decode(self, *, native: bool = True, compiled: bool = True) -> None:
+        """CPU: run decode steps as one numba call where the model's kernels allow and
+        `native` (models/cpu_step.py), else, if `compiled`, through torch.compile
+        (models/cpu_compile.py), the graphs
         of a one-sequence step compiled now by warm-up steps that write only the scratch
         block: one with a narrow block table, and, where the context can grow past it, one
         as wide as the attention op takes (`cpu_attention.MIN_BLOCKS`: another graph, which
@@ -162,12 +164,20 @@ class ModelRunner:
         compile at the first one."""
         from llamapy.kernels.cpu.attention import MIN_BLOCKS
         from llamapy.models.cpu_compile import CompiledDecode
+        from llamapy.models.cpu_step import NativeDecode
 
         if not hasattr(self.model, "compiled_decode"):
             return
-        self.model.compiled_decode = CompiledDecode()
+        step = NativeDecode.build(self.model) if native else None
+        if step is not None:  # one numba call a step (loaded or compiled by the warm-up)
+            self.model.native_decode = step
+            widths = [1]
+        elif not compiled:
+            return
+        else:
+            self.model.compiled_decode = CompiledDecode()
+            widths = [1] + ([MIN_BLOCKS] if self.max_blocks_per_seq >= MIN_BLOCKS else [])
         scratch = self.kv_caches[0][0].shape[0] - 1
-        widths = [1] + ([MIN_BLOCKS] if self.max_blocks_per_seq >= MIN_BLOCKS else [])
         for width in widths:
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor([scratch * self.block_size]),

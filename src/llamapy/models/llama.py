@@ -25,6 +25,7 @@ from llamapy.layers.linear import QLinear, embedding_lookup
 from llamapy.layers.norm import add_rms_norm, rms_norm
 from llamapy.layers.rotary import RotaryEmbedding
 from llamapy.models.cpu_compile import CompiledDecode
+from llamapy.models.cpu_step import NativeDecode
 from llamapy.models.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -296,7 +297,9 @@ class LlamaForCausalLM(torch.nn.Module):
 
     block_options = BlockOptions()
     embedding_scale: float | None = None
-    # CPU decode steps through torch.compile (models/cpu_compile.py), set by the engine
+    # CPU decode steps as one numba call (models/cpu_step.py), else through torch.compile
+    # (models/cpu_compile.py); set by the engine
+    native_decode: NativeDecode | None = None
     compiled_decode: CompiledDecode | None = None
 
     def __init__(self, weights: Weights) -> None:
@@ -382,6 +385,8 @@ class LlamaForCausalLM(torch.nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states (before the output norm)."""
         x = self.embed_tokens(input_ids)
         cos_sin = {kind: rope.cos_sin(positions) for kind, rope in self._ropes_by_kind.items()}
+        if self.native_decode is not None and self.native_decode.applies(meta):
+            return self.native_decode(x, cos_sin, meta, kv_caches)
         if self.compiled_decode is not None and self.compiled_decode.applies(meta):
             per_layer = [cos_sin[self._is_sliding(il)] for il in range(len(self.layers))]
             hidden = self.compiled_decode(self.layers, x, per_layer, meta, kv_caches)

@@ -1,0 +1,418 @@
+"""The native CPU decode step (models/cpu_step.py): each operation of its numba executor
+against a float64 reference, then whole steps of real models against the eager step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llamapy.engine.llm_engine import EngineConfig, LLMEngine
+from llamapy.formats import open_model_file
+from llamapy.kernels.cpu import attention as cpu_attention
+from llamapy.kernels.cpu import vnni as vnni_kernels
+from llamapy.layers.attention import AttentionMetadata, paged_attention_reference
+from llamapy.layers.rotary import RotaryEmbedding
+from llamapy.models import cpu_step
+from llamapy.sampling.params import SamplingParams
+from llamapy.tokenizer import Tokenizer
+from paged_tables import shuffled_block_tables
+
+needs_numba = pytest.mark.skipif(
+    not cpu_attention.available(), reason="the native step's executor needs numba"
+)
+needs_vnni = pytest.mark.skipif(
+    not vnni_kernels.available(), reason="the native step needs the VNNI kernels (AVX512-VNNI)"
+)
+
+
+def _k():
+    from llamapy.kernels.cpu import _step_numba
+
+    return _step_numba
+
+
+def _f32(v: float) -> int:
+    return int(np.array(v, dtype=np.float32).view(np.int32))
+
+
+def _run(ops: list[list[int]], rows: int, dyn: dict[int, int] | None = None) -> int:
+    """Runs the table `ops` on `rows` rows, `dyn` setting entries of the step's dynamic
+    array by index (DYN_*); returns the executor's code."""
+    k = _k()
+    table = np.zeros((len(ops), k.ROW), dtype=np.int64)
+    for i, op in enumerate(ops):
+        table[i, : len(op)] = op
+    d = np.zeros(k.DYN_SIZE, dtype=np.int64)
+    d[k.DYN_ROWS], d[k.DYN_THREADS] = rows, torch.get_num_threads()
+    for index, value in (dyn or {}).items():
+        d[index] = value
+    return int(k.executor()(table, d))
+
+
+def _gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**31)))
+
+
+@needs_numba
+@pytest.mark.parametrize("weighted", [True, False])
+def test_norm_op(weighted, rng):
+    """RMSNorm of each group of `width` floats in each row (rows at their strides; the q/k
+    norms' per-head form), into another buffer and in place."""
+    g = _gen(rng)
+    rows, groups, width = 3, 4, 40
+    src = torch.randn(rows, groups * width + 13, generator=g) * 3  # a row stride past the data
+    dst = torch.full((rows, groups * width + 5), float("nan"))
+    w = torch.randn(width, generator=g)
+    eps = 1e-5
+    k = _k()
+    op = [k.OP_NORM, src.data_ptr(), 4 * src.shape[1], dst.data_ptr(), 4 * dst.shape[1]]
+    op += [w.data_ptr() if weighted else 0, groups, width, _f32(eps)]
+    assert _run([op], rows) == 0
+    x = src[:, : groups * width].double().view(rows, groups, width)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weighted:
+        ref = ref * w.double()
+    torch.testing.assert_close(
+        dst[:, : groups * width].double(), ref.flatten(1), rtol=2e-6, atol=2e-6
+    )
+    assert dst[:, groups * width :].isnan().all()  # nothing past the groups
+    before = src.clone()
+    in_place = [k.OP_NORM, src.data_ptr(), 4 * src.shape[1], src.data_ptr(), 4 * src.shape[1]]
+    assert _run([in_place + op[5:]], rows) == 0
+    torch.testing.assert_close(src[:, : groups * width], dst[:, : groups * width], rtol=0, atol=0)
+    assert torch.equal(src[:, groups * width :], before[:, groups * width :])
+
+
+@needs_numba
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("rot_dim", [16, 10])  # whole heads; a partial rotation
+def test_rope_op(interleaved, rot_dim, rng):
+    """Rotary embedding of `heads` heads per row from the table the op names: to another
+    buffer (the tail past rot_dim copied) and in place (the tail kept)."""
+    g = _gen(rng)
+    rows, heads, d = 3, 2, 16
+    rope = RotaryEmbedding(rot_dim, 10_000.0, interleaved=interleaved)
+    pos = torch.from_numpy(rng.integers(0, 5000, rows))
+    other = RotaryEmbedding(rot_dim, 1_000_000.0, interleaved=interleaved)
+    cos, sin = rope.cos_sin(pos)
+    ocos, osin = other.cos_sin(pos)  # table 0: another base, must not be read
+    src = torch.randn(rows, heads * d + 7, generator=g)
+    dst = torch.full((rows, heads * d), float("nan"))
+    k = _k()
+    tail = [heads, d, rot_dim, int(interleaved), 1]  # table 1
+    op = [k.OP_ROPE, src.data_ptr(), 4 * src.shape[1], dst.data_ptr(), 4 * heads * d, *tail]
+    angles = [ocos, osin, cos, sin]
+    dyn = {k.DYN_COS + i: t.data_ptr() for i, t in enumerate(angles)}
+    assert _run([op], rows, dyn) == 0
+    x = src[:, : heads * d].double().view(rows, heads, d)
+    ref = rope(x, cos.double(), sin.double()).flatten(1)
+    torch.testing.assert_close(dst.double(), ref, rtol=1e-6, atol=1e-6)
+    before = src.clone()
+    op = [k.OP_ROPE, src.data_ptr(), 4 * src.shape[1], src.data_ptr(), 4 * src.shape[1], *tail]
+    assert _run([op], rows, dyn) == 0
+    torch.testing.assert_close(src[:, : heads * d], dst, rtol=0, atol=0)
+    assert torch.equal(src[:, heads * d :], before[:, heads * d :])
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_act_op(kind, rng):
+    """act(gate) * up from two strided sources into a packed buffer, over gates from -30 to
+    30 (both tails of the exp) against float64."""
+    g = _gen(rng)
+    rows, width = 3, 300
+    gate = torch.randn(rows, width + 4, generator=g) * 6
+    gate[0, :61] = torch.linspace(-30, 30, 61)
+    up = torch.randn(rows, 2 * width, generator=g)
+    out = torch.full((rows, width), float("nan"))
+    k = _k()
+    code = {"silu": k.ACT_SILU, "gelu_tanh": k.ACT_GELU_TANH}[kind]
+    op = [k.OP_ACT, gate.data_ptr(), 4 * gate.shape[1], up.data_ptr() + 4 * width]
+    op += [4 * up.shape[1], out.data_ptr(), width, code]
+    assert _run([op], rows) == 0
+    x, u = gate[:, :width].double(), up[:, width:].double()
+    if kind == "silu":
+        ref = torch.nn.functional.silu(x) * u
+    else:
+        ref = torch.nn.functional.gelu(x, approximate="tanh") * u
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_numba
+def test_add_and_bias_ops(rng):
+    g = _gen(rng)
+    rows, width = 3, 50
+    dst = torch.randn(rows, width + 3, generator=g)
+    src = torch.randn(rows, width + 9, generator=g)
+    bias = torch.randn(width, generator=g)
+    want = dst.clone()
+    want[:, :width] += src[:, :width] + bias
+    k = _k()
+    ops = [
+        [k.OP_ADD, dst.data_ptr(), 4 * dst.shape[1], src.data_ptr(), 4 * src.shape[1], width],
+        [k.OP_BIAS, dst.data_ptr(), 4 * dst.shape[1], bias.data_ptr(), width],
+    ]
+    assert _run(ops, rows) == 0
+    torch.testing.assert_close(dst, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dst[:, width:], want[:, width:])
+
+
+@needs_numba
+def test_kv_op_writes_the_slots_only(rng):
+    """K and V rows (strided sources) land at their slots of the (blocks, block_size, n_kv,
+    d) caches, a padding row's slot (-1) is skipped, nothing else is touched; a slot past
+    the cache stops the step with ERR_SLOT naming the row."""
+    g = _gen(rng)
+    n_blocks, bs, n_kv, d = 6, 4, 2, 8
+    kc, vc = (
+        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+    )
+    k_before, v_before = kc.clone(), vc.clone()
+    rows = 3
+    src = torch.randn(rows, 3 * n_kv * d, generator=g)  # [k | v | more] a row
+    slots = torch.tensor([int(rng.integers(0, 12)), -1, int(rng.integers(12, 24))])
+    k = _k()
+    row = n_kv * d
+    op = [k.OP_KV, src.data_ptr(), 4 * src.shape[1], src.data_ptr() + 4 * row, 4 * src.shape[1]]
+    op += [kc.data_ptr(), vc.data_ptr(), row, row, n_blocks * bs]
+    assert _run([op], rows, {k.DYN_SLOTS: slots.data_ptr()}) == 0
+    k_want, v_want = k_before.clone(), v_before.clone()
+    for r, s in enumerate(slots.tolist()):
+        if s >= 0:
+            k_want.view(-1, n_kv, d)[s] = src[r, :row].view(n_kv, d)
+            v_want.view(-1, n_kv, d)[s] = src[r, row : 2 * row].view(n_kv, d)
+    assert torch.equal(kc, k_want) and torch.equal(vc, v_want)
+    bad = torch.tensor([0, n_blocks * bs, 1])
+    nothing = [k.OP_NORM, 0, 0, 0, 0, 0, 0, 0, 0]  # a first row that touches nothing (0 groups)
+    assert _run([nothing, op], rows, {k.DYN_SLOTS: bad.data_ptr()}) == 16 * 2 + k.ERR_SLOT
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "window", "softcap"), [(4, 4, 0, 0.0), (6, 2, 0, 30.0), (4, 1, 9, 0.0)]
+)
+@pytest.mark.parametrize("min_keys", [0, 1 << 40])  # every sequence on all threads / on one
+def test_attention_op(n_heads, n_kv, window, softcap, min_keys, rng):
+    """Each sequence of the batch over its block-table row against the float64 paged
+    reference, sequences past and under the two-thread threshold."""
+    g = _gen(rng)
+    bs, d, n_blocks = 4, 16, 64
+    seq_lens = [1, int(rng.integers(2, 30)), int(rng.integers(30, 90))]
+    tables = shuffled_block_tables(rng, seq_lens, bs, n_blocks, width=25)
+    kc, vc = (
+        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+    )
+    q = torch.randn(3, n_heads, d, generator=g)
+    out = torch.full((3, n_heads, d), float("nan"))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    k = _k()
+    from llamapy.kernels.cpu import _attention_numba
+
+    op = [k.OP_ATTN, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), n_heads, n_kv]
+    op += [d, n_blocks, bs, _f32(0.25), window, _f32(softcap), _attention_numba.WORKER]
+    dyn = {
+        k.DYN_TABLES: tables.data_ptr(),
+        k.DYN_WIDTH: tables.shape[1],
+        k.DYN_SEQ_LENS: lens.data_ptr(),
+        k.DYN_ATTN_MIN_KEYS: min_keys,
+    }
+    assert _run([op], 3, dyn) == 0
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(3, dtype=torch.int64),
+        block_tables=tables,
+        seq_lens=lens,
+        query_start_loc=torch.arange(4, dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+        seq_lens_host=tuple(seq_lens),
+        query_start_loc_host=(0, 1, 2, 3),
+    )
+    ref = paged_attention_reference(
+        q.double(), kc.double(), vc.double(), meta, scale=0.25,
+        sliding_window=window or None, softcap=softcap or None,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    lens[2] = tables.shape[1] * bs + 1  # past its table: refused before any write
+    assert _run([op], 3, dyn) == 16 + k.ERR_SEQ_LEN
+
+
+# -- whole steps of real models ------------------------------------------------------------
+
+
+def _engine(path, max_num_seqs: int = 4, max_model_len: int = 1024, **cfg) -> LLMEngine:
+    config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, **cfg)
+    return LLMEngine(open_model_file(path), Tokenizer.from_path(path), config)
+
+
+@needs_vnni
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_native_decode_matches_eager(model, request, rng, monkeypatch):
+    """Every decode step of a batch of sequences of different lengths (block tables of
+    different widths, contexts past the attention's two-thread threshold, then batches of
+    2 and 1 as they finish), computed by the native step and eagerly on the same model and
+    cache. Gemma 3 (its Q6_K matrices on the VNNI kernels, opt-in) with its sliding layers'
+    window cut to 24 tokens so that windows matter here, besides its post norms, q/k norms,
+    GELU gating and two rotary tables.
+
+    The two paths differ in their norms' summation order, whose last-bit differences flip
+    occasional int8 steps of the matmuls' quantized x (as the compiled step's do,
+    tests/models/test_cpu_compile.py): measured on both models, the median row's relative
+    hidden-state difference 0 to 1.1e-2, the largest 2.7e-2 (the compiled step: 0 to 8.8e-3,
+    2.9e-2). The checks: the median row under 0.05 (a wrong op gives ~1), greedy picks
+    differing only where the eager logits put the native pick within twice the step's
+    largest logit difference of their maximum, and on at most a tenth of the rows."""
+    if model == "gemma3":
+        monkeypatch.setenv("LLAMAPY_CPU_VNNI_Q6K", "1")
+    path = request.getfixturevalue(f"{model}_path")
+    engine = _engine(path)
+    model_ = engine.runner.model
+    if model == "gemma3":
+        sliding = [layer.attn for layer in model_.layers if layer.attn.sliding_window]
+        assert sliding and len(sliding) < len(model_.layers)
+        for attn in sliding:
+            attn.sliding_window = 24
+        model_.native_decode = cpu_step.NativeDecode.build(model_)
+    native = model_.native_decode
+    assert native is not None and model_.compiled_decode is None
+    forward = model_.forward
+    diffs: list[float] = []
+    picks: list[tuple[bool, int, int]] = []
+
+    def both(input_ids, positions, meta, kv_caches):
+        if not native.applies(meta):
+            return forward(input_ids, positions, meta, kv_caches)
+        got = forward(input_ids, positions, meta, kv_caches)
+        model_.native_decode = None  # eagerly; rewrites the same K/V slots
+        try:
+            ref = forward(input_ids, positions, meta, kv_caches)
+        finally:
+            model_.native_decode = native
+        diffs.extend(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist())
+        logits_got, logits_ref = model_.compute_logits(got), model_.compute_logits(ref)
+        pick = logits_got.argmax(-1)
+        gap = logits_ref.max(-1).values - logits_ref.gather(-1, pick[:, None])[:, 0]
+        noise = (logits_got - logits_ref).abs().max(-1).values
+        picks.append((bool((gap <= 2 * noise).all()), int((gap > 0).sum()), len(pick)))
+        return ref
+
+    model_.forward = both
+    vocab = engine.model_config.vocab_size
+    lengths = [3, 40, 150]
+    n_new = [30, 12, 21]
+    for n, new in zip(lengths, n_new, strict=True):
+        ids = [int(t) for t in rng.integers(100, min(vocab, 20000), size=n)]
+        engine.add_request(ids, SamplingParams.greedy(max_tokens=new, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(diffs) == sum(n_new) - len(n_new)  # every decode row went through both
+    diffs.sort()
+    median = diffs[len(diffs) // 2]
+    print(f"relative hidden-state difference: median {median:.2e}, max {diffs[-1]:.2e}")
+    assert median < 0.05
+    assert all(ok for ok, _, _ in picks)
+    flips, rows = sum(f for _, f, _ in picks), sum(n for _, _, n in picks)
+    print(f"greedy picks that differ: {flips} of {rows}")
+    assert flips <= 0.1 * rows
+
+
+def _meta(tables: torch.Tensor, seq_lens: list[int], slots: list[int]) -> AttentionMetadata:
+    n = len(seq_lens)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables.contiguous(),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+        seq_lens_host=tuple(seq_lens),
+        query_start_loc_host=tuple(range(n + 1)),
+    )
+
+
+@needs_vnni
+def test_batched_rows_equal_rows_alone(smollm2_path, rng):
+    """A sequence's hidden state and cache writes from a batched step are those of the same
+    sequence stepped alone, bit for bit (its attention's thread count follows its own
+    length, not the batch's longest), with contexts on both sides of the two-thread
+    threshold; the cache changes at the step's slots only."""
+    engine = _engine(smollm2_path)
+    model_, caches = engine.runner.model, engine.runner.kv_caches
+    assert model_.native_decode is not None
+    bs, n_blocks = caches[0][0].shape[1], caches[0][0].shape[0]
+    gen = _gen(rng)
+    for k, v in caches:
+        k.normal_(generator=gen)
+        v.normal_(generator=gen)
+    threshold = model_.native_decode.attn_parallel_min_keys
+    seq_lens = [int(rng.integers(1, threshold)), int(rng.integers(threshold, 700)), 17, 300]
+    tables = shuffled_block_tables(rng, seq_lens, bs, n_blocks - 1)
+    slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(seq_lens)]
+    ids = torch.from_numpy(rng.integers(0, engine.model_config.vocab_size, len(seq_lens)))
+    positions = torch.tensor([n - 1 for n in seq_lens])
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    with torch.inference_mode():
+        batched = model_(ids, positions, _meta(tables, seq_lens, slots), caches)
+        written = [(k.clone(), v.clone()) for k, v in caches]
+        for b in range(len(seq_lens)):
+            one = model_(
+                ids[b : b + 1], positions[b : b + 1],
+                _meta(tables[b : b + 1], seq_lens[b : b + 1], slots[b : b + 1]), caches,
+            )  # fmt: skip
+            assert torch.equal(one[0], batched[b]), b
+            assert torch.isfinite(one).all()
+    for (k0, v0), (k1, v1), (k2, v2) in zip(before, written, caches, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)  # the rows alone wrote the same
+        changed = (k0 != k1).any(-1).any(-1).flatten().nonzero().flatten().tolist()
+        assert changed == sorted(slots)
+        assert torch.equal(
+            (v0 != v1).any(-1).any(-1).flatten().nonzero().flatten(), torch.tensor(sorted(slots))
+        )
+
+
+@needs_vnni
+def test_which_step_runs(smollm2_path, gemma3_path, monkeypatch):
+    """The native step where every matmul takes the VNNI kernels, else the compiled one (or
+    eager): LLAMAPY_CPU_NATIVE_STEP=0, enforce_eager, int4pack weights, Gemma 3's Q6_K
+    matrices off the VNNI kernels (their default)."""
+    assert _engine(smollm2_path, cpu_compile=False).runner.model.native_decode is not None
+    eager = _engine(smollm2_path, cpu_compile=False, cpu_native_step=False).runner.model
+    assert eager.native_decode is None and eager.compiled_decode is None
+    gemma = _engine(gemma3_path, cpu_compile=False).runner.model
+    assert gemma.native_decode is None  # Q6_K: int4pack unless LLAMAPY_CPU_VNNI_Q6K
+    monkeypatch.setenv("LLAMAPY_CPU_NATIVE_STEP", "0")
+    assert _engine(smollm2_path, cpu_compile=False).runner.model.native_decode is None
+    monkeypatch.setenv("LLAMAPY_CPU_NATIVE_STEP", "1")
+    monkeypatch.setenv("LLAMAPY_CPU_VNNI", "0")
+    assert _engine(smollm2_path, cpu_compile=False).runner.model.native_decode is None
+
+
+@needs_vnni
+def test_bad_metadata_is_refused(smollm2_path):
+    """Metadata the step cannot take is a ValueError naming the problem, before or instead
+    of any out-of-range write."""
+    engine = _engine(smollm2_path)
+    model_, caches = engine.runner.model, engine.runner.kv_caches
+    bs, n_blocks = caches[0][0].shape[1], caches[0][0].shape[0]
+    tables = torch.tensor([[3, 4]], dtype=torch.int32)
+    ids, pos = torch.tensor([5]), torch.tensor([20])
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="slot lies outside the KV cache"):
+            model_(ids, pos, _meta(tables, [21], [n_blocks * bs + 3]), caches)
+        with pytest.raises(ValueError, match="sequence length lies outside its block table"):
+            model_(ids, pos, _meta(tables, [2 * bs + 1], [4 * bs]), caches)
+        with pytest.raises(ValueError, match="block number lies outside the KV cache"):
+            model_(
+                ids,
+                pos,
+                _meta(torch.tensor([[3, n_blocks]], dtype=torch.int32), [21], [3 * bs]),
+                caches,
+            )
+        with pytest.raises(ValueError, match="as many block-table rows"):
+            model_(ids, pos, _meta(torch.cat([tables, tables]), [21, 21], [3 * bs, 3 * bs]), caches)
+        with pytest.raises(ValueError, match="contiguous torch.int32 CPU metadata"):
+            model_(ids, pos, _meta(tables.long(), [21], [3 * bs]), caches)
+        out = model_(ids, pos, _meta(tables, [21], [4 * bs + 4]), caches)  # still fine after
+    assert torch.isfinite(out).all()
