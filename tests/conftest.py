@@ -19,9 +19,10 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-# The CPU decode step is compiled by default (models/cpu_compile.py): seconds per model at
-# load, minutes over the suite. Tests run it eagerly unless they ask for it
-# (tests/models/test_cpu_compile.py, the fidelity tests' greedy continuations).
+# The CPU decode step is compiled by default (models/cpu_compile.py) where the native step
+# (models/cpu_step.py, no compile: it runs in the suite wherever it can) does not take it:
+# seconds per model at load, minutes over the suite. Tests run it eagerly unless they ask
+# for it (tests/models/test_cpu_compile.py, the fidelity tests).
 os.environ.setdefault("LLAMAPY_CPU_COMPILE", "0")
 
 from gguf_factory import write_tiny_llama  # noqa: E402
