@@ -157,6 +157,8 @@ class NativeDecode:
         threads = torch.get_num_threads()
         angles = [cos_sin[False], cos_sin.get(True, cos_sin[False])]
         angles = [tuple(_contiguous(t, torch.float32) for t in pair) for pair in angles]
+        if any(t.dim() != 2 or t.shape[0] != rows for pair in angles for t in pair):
+            raise ValueError(f"a decode step of {rows} rows needs rotary angles for {rows} rows")
         dyn = self._dyn
         dyn[k.DYN_ROWS] = rows
         dyn[k.DYN_THREADS] = threads
