@@ -154,3 +154,22 @@ def test_fusion_is_all_or_nothing(tmp_path, rng, monkeypatch) -> None:
     assert all(layer.fused_activation is None for layer in model.layers)
     assert llama.DecoderLayer.decode_fuses(torch.empty(4, 1), None)
     assert not llama.DecoderLayer.decode_fuses(torch.empty(5, 1), None)
+
+
+def test_prologue_rule() -> None:
+    """Legacy types always take the norm / activation prologue; K-quant matrices only up to
+    KQUANT_PROLOGUE_MAX_WEIGHTS (measured: SmolLM2's 576 x 1536 ffn_down gains, the 1B
+    shape's 2048 x 8192 and 16384 x 2048 lose)."""
+    from types import SimpleNamespace
+
+    from llamapy.quant.types import QuantType as Q
+
+    def linear(qtype, n, k):
+        return SimpleNamespace(packed=SimpleNamespace(qtype=qtype), out_features=n, in_features=k)
+
+    assert llama._prologue_pays(linear(Q.Q4_0, 16384, 2048))
+    assert llama._prologue_pays(linear(Q.Q8_0, 576, 1536))
+    for q in (Q.Q4_K, Q.Q6_K):
+        assert llama._prologue_pays(linear(q, 576, 1536))
+        assert not llama._prologue_pays(linear(q, 2048, 8192))
+        assert not llama._prologue_pays(linear(q, 16384, 2048))

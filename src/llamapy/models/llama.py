@@ -281,15 +281,25 @@ class DecoderLayer(torch.nn.Module):
         return None, residual
 
 
+# K-quant matrices up to this many weights take the prologue all the same: there the launch
+# it saves costs more than the re-reads (H200, SmolLM2-135M Q4_K_M from `llamapy quantize`,
+# whose Q4_K / Q6_K ffn_down is 576 x 1536: tg128 1210.9 -> 1228.8 / 1227.2 t/s with it;
+# the 1B shape's 2048 x 8192 and 16384 x 2048: 859-860 -> 747-748, `.gpu/run69.sh`).
+KQUANT_PROLOGUE_MAX_WEIGHTS = 1 << 20
+
+
 def _prologue_pays(linear: QLinear) -> bool:
     """Whether the norm / activation prologue speeds this wide GEMV up. Measured on an H100 /
     H200 (benchmarks/kernels/bench_fused_gemv.py, Llama-3.2-1B shapes): 1.01-1.05x for
     Q4_0, 1.10-1.24x for Q8_0, but 0.68-0.89x for Q4_K and Q6_K gate_up / down, whose
     one-row single-warp programs each re-read the whole input row (and gain registers):
-    the K-quant family keeps a separate norm / activation kernel there."""
+    the K-quant family keeps a separate norm / activation kernel there, except for small
+    matrices (KQUANT_PROLOGUE_MAX_WEIGHTS)."""
     from llamapy.kernels.triton.qmatmul import _KQUANT_TYPES
 
-    return linear.packed.qtype not in _KQUANT_TYPES
+    if linear.packed.qtype not in _KQUANT_TYPES:
+        return True
+    return linear.out_features * linear.in_features <= KQUANT_PROLOGUE_MAX_WEIGHTS
 
 
 class LlamaForCausalLM(torch.nn.Module):
