@@ -212,7 +212,7 @@ def test_attention_op(n_heads, n_kv, window, softcap, min_keys, rng):
     from llamapy.kernels.cpu import _attention_numba
 
     op = [k.OP_ATTN, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), n_heads, n_kv]
-    op += [d, n_blocks, bs, _f32(0.25), window, _f32(softcap), _attention_numba.WORKER]
+    op += [d, n_blocks, bs, _f32(0.25), window, _f32(softcap), _attention_numba.worker_for(d)]
     dyn = {
         k.DYN_TABLES: tables.data_ptr(),
         k.DYN_WIDTH: tables.shape[1],

@@ -367,7 +367,7 @@ class _LayerSpec:
         self.scale = float(attn.scale)
         self.window = int(attn.sliding_window or 0)
         self.softcap = float(attn.softcap or 0.0)
-        self.attn_worker = _attention_numba.WORKER
+        self.attn_worker = _attention_numba.worker_for(self.head_dim)
         self.gate_up = _Matmul(mlp.gate_up) if mlp.gate is None else None
         self.gate_up_parts = [_Matmul(mlp.gate), _Matmul(mlp.up)] if mlp.gate is not None else None
         self.down = _Matmul(mlp.down)

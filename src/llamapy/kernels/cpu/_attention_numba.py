@@ -15,6 +15,8 @@ array argument in ~1 us, and a decode step makes one call a layer.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import carray, cfunc, njit
 
@@ -61,12 +63,12 @@ def _exp_le0(x):  # pragma: no cover - compiled by numba
 
 
 @njit(inline="always", fastmath=_FAST)
-def _part(a, b, t, nt, sp, ap, mp):  # pragma: no cover - compiled by numba
+def _part(a, b, t, nt, sp, ap, mp, d):  # pragma: no cover - compiled by numba
     """Thread t's share of sequence b: keys [lo, hi) of its visible range; per query head
     its scores (scratch at sp), their maximum and exp-sum (mp) and the exp-weighted sum of
     the value rows (ap), not yet normalized."""
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr = a[0], a[1], a[2], a[3], a[4]
-    n_heads, n_kv, d, block_size, width = a[7], a[8], a[9], a[11], a[12]
+    n_heads, n_kv, block_size, width = a[7], a[8], a[11], a[12]
     scale, window, cap = _bits_f32(np.int32(a[13])), a[14], _bits_f32(np.int32(a[15]))
     group = n_heads // n_kv
     row_bytes = 4 * n_kv * d
@@ -118,10 +120,10 @@ def _part(a, b, t, nt, sp, ap, mp):  # pragma: no cover - compiled by numba
 
 
 @njit(inline="always", fastmath=_FAST)
-def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride):  # pragma: no cover - numba
+def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride, d):  # pragma: no cover - numba
     """Thread t's query heads of sequence b (every nt-th): the threads' parts combined by
     their maxima (flash-decoding's merge) into out."""
-    out_ptr, n_heads, d = a[5], a[7], a[9]
+    out_ptr, n_heads = a[5], a[7]
     for hq in range(t, n_heads, nt):
         big = np.float32(-np.inf)
         for u in range(nt):
@@ -145,20 +147,32 @@ def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride):  # pragma: no c
             op[j] *= inv
 
 
-@cfunc(_ARGS, nopython=True, cache=True, fastmath=_FAST)
-def _worker(ap):  # pragma: no cover - compiled by numba
-    """One thread of `decode`: for each sequence, its share of the keys, then (after every
-    thread's) its share of the query heads' merge. a: see `decode`."""
-    a = carray(ap, (21,))
-    n_seqs = a[6]
-    scores, accs, mls = a[16], a[17], a[18]
-    s_stride, acc_stride, ml_stride = a[19], a[20], 8 * a[7]
-    t, nt = np.int64(_thread_num()), np.int64(_num_threads())
-    for b in range(n_seqs):
-        _part(a, b, t, nt, scores + t * s_stride, accs + t * acc_stride, mls + t * ml_stride)
-        _barrier()
-        _merge(a, b, t, nt, accs, mls, acc_stride, ml_stride)
-        _barrier()
+@functools.cache
+def worker_for(head_dim: int) -> int:
+    """The address of `decode`'s worker for heads of `head_dim`: a cfunc (a[21]) -> None,
+    one thread's share of every sequence's keys, then (after every thread's) its share of
+    the query heads' merge. The head width is a constant of the compiled code (its loops
+    unrolled, no remainder: 13.4 -> 11.1 us a call at 128 keys, 107 -> 85 at 1024, SmolLM2
+    heads on one thread); one per width, loaded from numba's disk cache or compiled
+    (~0.5 s). A call whose a[9] is another width does nothing."""
+    d = int(head_dim)
+
+    @cfunc(_ARGS, nopython=True, cache=True, fastmath=_FAST)
+    def work(ap):  # pragma: no cover - compiled by numba
+        a = carray(ap, (21,))
+        if a[9] != d:  # d: a closure constant, part of numba's cache key
+            return
+        n_seqs = a[6]
+        scores, accs, mls = a[16], a[17], a[18]
+        s_stride, acc_stride, ml_stride = a[19], a[20], 8 * a[7]
+        t, nt = np.int64(_thread_num()), np.int64(_num_threads())
+        for b in range(n_seqs):
+            _part(a, b, t, nt, scores + t * s_stride, accs + t * acc_stride, mls + t * ml_stride, d)
+            _barrier()
+            _merge(a, b, t, nt, accs, mls, acc_stride, ml_stride, d)
+            _barrier()
+
+    return work.address
 
 
 @njit(nogil=True, cache=True)
@@ -173,7 +187,7 @@ def decode(
     and contiguous, tables and seq_lens int32. softcap > 0: tanh(s / c) * c on the scaled
     scores. A sequence with no visible key gets zeros. On `threads` of torch's OpenMP team
     (as the matmuls, `_vnni_numba`), each a contiguous share of every sequence's keys, merged
-    by their maxima; `worker`: `_worker.address`. Returns 0; 1 when a seq_len lies outside
+    by their maxima; `worker`: `worker_for(head_dim)`. Returns 0; 1 when a seq_len lies outside
     [0, width * block_size], 2 when a visible key's block number lies outside [0, n_blocks)
     (nothing written for either).
 
@@ -205,6 +219,3 @@ def decode(
     a[19], a[20] = 4 * s_len, 4 * n_heads * head_dim
     _gomp_parallel(worker, a.ctypes.data, nt, 0)
     return 0 * (scores.size + accs.size + mls.size)  # (keeps the scratch alive until here)
-
-
-WORKER = _worker.address

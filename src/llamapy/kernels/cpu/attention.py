@@ -133,7 +133,7 @@ def _decode_attention_cpu(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], n_kv, d, n_blocks,
             block_size, tables.shape[1], scale, window, softcap, torch.get_num_threads(),
-            kernel.WORKER,
+            kernel.worker_for(d),
         )  # fmt: skip
         if status == 1:
             raise ValueError(
