@@ -464,3 +464,44 @@ def test_native_step_on_each_architecture(arch, tmp_path, rng):
           f"max {diffs[-1]:.2e}; greedy picks differing {flips} of {rows}")  # fmt: skip
     assert diffs[len(diffs) // 2] < 0.05
     assert flips <= 0.1 * rows
+
+
+@needs_vnni
+def test_other_caches(smollm2_path, rng):
+    """Caches the step cannot take (float16 here) leave a forward pass to the eager layers,
+    with the same result; an engine whose cache is float16 does not take the step at all
+    (and generates). Switching between cache sets re-plans without growing the scratch."""
+    engine = _engine(smollm2_path)
+    model_, caches = engine.runner.model, engine.runner.kv_caches
+    native = model_.native_decode
+    bs = caches[0][0].shape[1]
+    tables = torch.tensor([[2, 5]], dtype=torch.int32)
+    ids, pos = torch.tensor([7]), torch.tensor([bs + 2])
+    meta = _meta(tables, [bs + 3], [5 * bs + 2])
+    gen = _gen(rng)
+    half = [(k.normal_(generator=gen).half(), v.normal_(generator=gen).half()) for k, v in caches]
+    other = [(k.float(), v.float()) for k, v in half]
+    with torch.inference_mode():
+        assert native(*_native_args(model_, ids, pos, meta), half) is None
+        got = model_(ids, pos, meta, half)  # falls back
+        model_.native_decode = None
+        want = model_(ids, pos, meta, [(k.clone(), v.clone()) for k, v in half])
+        model_.native_decode = native
+        assert torch.equal(got, want)
+        rows = None
+        for kv in (caches, other, caches, other):
+            out = model_(ids, pos, meta, kv)
+            assert torch.isfinite(out).all()
+            rows = rows or native._buffers.rows
+            assert native._buffers.rows == rows
+    f16 = _engine(smollm2_path, kv_dtype=torch.float16)
+    assert f16.runner.model.native_decode is None
+    f16.add_request([1, 2, 3], SamplingParams.greedy(max_tokens=4, ignore_eos=True))
+    while f16.has_unfinished_requests():
+        f16.step()
+
+
+def _native_args(model_, ids, pos, meta):
+    x = model_.embed_tokens(ids)
+    cos_sin = {kind: rope.cos_sin(pos) for kind, rope in model_._ropes_by_kind.items()}
+    return x, cos_sin, meta

@@ -168,7 +168,7 @@ class ModelRunner:
 
         if not hasattr(self.model, "compiled_decode"):
             return
-        step = NativeDecode.build(self.model) if native else None
+        step = NativeDecode.build(self.model, self.kv_caches) if native else None
         if step is not None:  # one numba call a step (loaded or compiled by the warm-up)
             self.model.native_decode = step
             widths = [1]

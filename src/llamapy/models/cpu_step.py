@@ -14,7 +14,8 @@ post norms, SiLU or GELU-tanh gating, sliding windows, soft-capped scores) for d
 batches (one new token per sequence) over a float32 paged KV cache; `NativeDecode.build`
 returns None (and the engine keeps the compiled step) for anything else: a matmul on another
 kernel (int4pack hosts without AVX512-VNNI, Q6_K unless LLAMAPY_CPU_VNNI_Q6K, float
-weights), another layer class, other cache dtypes. `LLAMAPY_CPU_NATIVE_STEP=0` turns it off.
+weights), another layer class, caches other than float32 (a call given such caches returns
+None, and the model runs that step eagerly). `LLAMAPY_CPU_NATIVE_STEP=0` turns it off.
 
 Numerics: the matmuls and attention are the compiled step's kernels, bit for bit given the
 same inputs; the norms sum in float64 as ggml does; the activations use a polynomial exp
@@ -111,15 +112,40 @@ class NativeDecode:
         self.attn_parallel_min_keys = ATTN_PARALLEL_MIN_KEYS
 
     @classmethod
-    def build(cls, model: torch.nn.Module) -> NativeDecode | None:
-        """The native step for `model`, or None where it cannot run (see the module doc)."""
+    def build(
+        cls, model: torch.nn.Module, kv_caches: list[KVCache] | None = None
+    ) -> NativeDecode | None:
+        """The native step for `model` (and `kv_caches`, when given), or None where it cannot
+        run (see the module doc)."""
         if not enabled():
             return None
         try:
-            return cls(model)
+            step = cls(model)
         except Unsupported as e:
             log.debug("CPU decode: the compiled step (%s)", e)
             return None
+        if kv_caches is not None and not step.takes(kv_caches):
+            log.debug("CPU decode: the compiled step (KV caches the native step cannot read)")
+            return None
+        return step
+
+    def takes(self, kv_caches: list[KVCache]) -> bool:
+        """Whether the step can read and write these caches: one (K, V) pair per layer,
+        contiguous float32 CPU tensors of shape (blocks, block_size, kv heads, head dim)."""
+        if len(kv_caches) != len(self._layers):
+            return False
+        for spec, (kc, vc) in zip(self._layers, kv_caches, strict=True):
+            if not (
+                kc.dtype == vc.dtype == torch.float32
+                and kc.device.type == vc.device.type == "cpu"
+                and kc.dim() == 4
+                and kc.shape == vc.shape
+                and tuple(kc.shape[2:]) == (spec.n_kv, spec.head_dim)
+                and kc.is_contiguous()
+                and vc.is_contiguous()
+            ):
+                return False
+        return True
 
     @staticmethod
     def applies(meta: AttentionMetadata) -> bool:
@@ -131,17 +157,22 @@ class NativeDecode:
         cos_sin: dict[bool, tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """The final hidden states (B, hidden) of the layers from the embeddings x (B,
-        hidden), one new token per sequence, writing each layer's K and V at the slots."""
+        hidden), one new token per sequence, writing each layer's K and V at the slots; None
+        (nothing run) for caches the step cannot take (`takes`: the caller runs the step
+        another way)."""
         rows = x.shape[0]
         caches_key = tuple((k.data_ptr(), v.data_ptr(), k.shape, v.shape) for k, v in kv_caches)
-        if self._buffers is None or rows > self._buffers.rows or caches_key != self._caches_key:
-            self._check_caches(kv_caches)
-            capacity = max(rows, 2 * self._buffers.rows if self._buffers is not None else 1)
-            self._buffers = _Buffers(capacity, self._widths)
+        if caches_key != self._caches_key:
+            if not self.takes(kv_caches):
+                return None
+            self._caches_key, self._ops = caches_key, None
+        if self._buffers is None or rows > self._buffers.rows:
+            grown = 2 * self._buffers.rows if self._buffers is not None else 1
+            self._buffers, self._ops = _Buffers(max(rows, grown), self._widths), None
+        if self._ops is None:
             self._ops = self._plan(self._buffers, kv_caches)
-            self._caches_key = caches_key
         bufs, k = self._buffers, self._k
         residual = bufs.tensors["residual"]
         residual[:rows].copy_(x)
@@ -183,26 +214,6 @@ class NativeDecode:
             k.ERR_SLOT: "a slot lies outside the KV cache",
         }.get(err % 16, f"error {err % 16}")
         return f"decode step: {what} (operation {err // 16 - 1}); nothing after it ran"
-
-    def _check_caches(self, kv_caches: list[KVCache]) -> None:
-        if len(kv_caches) != len(self._layers):
-            raise ValueError(f"expected {len(self._layers)} KV caches, got {len(kv_caches)}")
-        for spec, (kc, vc) in zip(self._layers, kv_caches, strict=True):
-            want = (spec.n_kv, spec.head_dim)
-            if not (
-                kc.dtype == vc.dtype == torch.float32
-                and kc.device.type == vc.device.type == "cpu"
-                and kc.shape == vc.shape
-                and kc.dim() == 4
-                and tuple(kc.shape[2:]) == want
-                and kc.is_contiguous()
-                and vc.is_contiguous()
-            ):
-                raise ValueError(
-                    f"the native decode step needs contiguous float32 CPU caches of shape "
-                    f"(blocks, block_size, {want[0]}, {want[1]}), got {kc.dtype} "
-                    f"{tuple(kc.shape)} / {vc.dtype} {tuple(vc.shape)}"
-                )
 
     def _plan(self, b: _Buffers, kv_caches: list[KVCache]) -> np.ndarray:
         k = self._k

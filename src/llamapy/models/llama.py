@@ -396,7 +396,9 @@ class LlamaForCausalLM(torch.nn.Module):
         x = self.embed_tokens(input_ids)
         cos_sin = {kind: rope.cos_sin(positions) for kind, rope in self._ropes_by_kind.items()}
         if self.native_decode is not None and self.native_decode.applies(meta):
-            return self.native_decode(x, cos_sin, meta, kv_caches)
+            hidden = self.native_decode(x, cos_sin, meta, kv_caches)
+            if hidden is not None:
+                return hidden
         if self.compiled_decode is not None and self.compiled_decode.applies(meta):
             per_layer = [cos_sin[self._is_sliding(il)] for il in range(len(self.layers))]
             hidden = self.compiled_decode(self.layers, x, per_layer, meta, kv_caches)
