@@ -222,6 +222,10 @@ def test_gemv_tile_rule():
     assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
     assert qm._gemv_config(T.Q8_0, 1, 2048, 8192, 132)["SPLIT"] == 2
     assert tiles(T.Q8_0, 16384, 2048) == (16, 8, 4)  # gate_up: the general rule
+    # Q8_0 below K = 2048: the SmolLM2 sweep's tiles (o, qkv, gate_up, down)
+    assert tiles(T.Q8_0, 576, 576) == (1, 32, 1) and tiles(T.Q8_0, 960, 576) == (8, 32, 8)
+    assert tiles(T.Q8_0, 3072, 576) == (8, 32, 4) and tiles(T.Q8_0, 576, 1536) == (4, 64, 4)
+    assert tiles(T.Q8_0, 49152, 576) == (16, 8, 4)  # the output matrix: the general rule
     for qtype in (T.Q4_0, T.Q8_0):  # measured with one row of x; batches keep the old rule
         assert qm._gemv_config(qtype, 4, 3072, 2048, 132)["BLOCK_N"] in (4, 16)
 
@@ -240,6 +244,30 @@ def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
         assert (cfg["BLOCK_B"], cfg["SPLIT"]) == ((32, 2) if k >= 4096 else (64, 1))
     else:
         assert cfg["BLOCK_B"] == 64
+    x = random_x(rng, 1, k, torch.float32)
+    y = qm.qmatmul_with(x, w, out=torch.full((1, n), float("nan"), device=DEVICE))
+    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "plain")
+    g = torch.rand(k, device=DEVICE) + 0.5
+    res = random_x(rng, 1, n, torch.float32)
+    got = qm.qmatmul(x, w, norm_weight=g, eps=1e-5, residual=res.clone())
+    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+    exact = res.double() + qm.qmatmul_reference(normed, data, qtype, (n, k), None)
+    err = relative_error(got, exact)
+    assert err <= tolerance(torch.float32, "gemv", qtype), f"norm + residual: {err:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "tiles"),
+    [(16, 576, (1, 32, 1)), (704, 576, (8, 32, 8)), (1040, 64, (8, 32, 4)), (16, 1536, (4, 64, 4))],
+)
+def test_gemv_short_k_q8_tiles(n, k, tiles, rng, poisoned):
+    """Q8_0's tiles below K = 2048 (each branch of the rule; a step past K masked), plain
+    and with the fused norm prologue and residual add, against float64."""
+    qtype = T.Q8_0
+    cfg = qm._gemv_config(qtype, 1, n, k, 132)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_B"], cfg["num_warps"]) == tiles
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
     x = random_x(rng, 1, k, torch.float32)
     y = qm.qmatmul_with(x, w, out=torch.full((1, n), float("nan"), device=DEVICE))
     check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "plain")

@@ -216,6 +216,8 @@ class NativeDecode:
         return f"decode step: {what} (operation {err // 16 - 1}); nothing after it ran"
 
     def _plan(self, b: _Buffers, kv_caches: list[KVCache]) -> np.ndarray:
+        """The table of operations of one step over scratch `b` and these caches (see
+        `_step_numba` for each operation's arguments)."""
         k = self._k
         rows: list[list[int]] = []
 
@@ -225,104 +227,68 @@ class NativeDecode:
         def f32(v: float) -> int:
             return int(np.array(v, dtype=np.float32).view(np.int32))
 
-        hidden = self._widths["residual"]
-        res, res_s = b.ptr("residual"), b.stride("residual")
-        xn, xn_s = b.ptr("xn"), b.stride("xn")
-
         def matmul(m: _Matmul, x: int, out: str) -> tuple[int, int]:
-            y = b.ptr(out)
+            y, ys = b.ptr(out), b.stride(out)
             op(k.OP_MATMUL, m.worker, m.tiles.data_ptr(), m.tiles.shape[0], x, m.k, y)
             if m.bias is not None:
-                op(k.OP_BIAS, y, b.stride(out), m.bias.data_ptr(), m.n)
-            return y, b.stride(out)
+                op(k.OP_BIAS, y, ys, m.bias.data_ptr(), m.n)
+            return y, ys
 
+        hidden = self._widths["residual"]
+        res, xn = (b.ptr("residual"), b.stride("residual")), (b.ptr("xn"), b.stride("xn"))
         for spec, (kc, vc) in zip(self._layers, kv_caches, strict=True):
-            op(k.OP_NORM, res, res_s, xn, xn_s, spec.attn_norm.data_ptr(), 1, hidden, f32(spec.eps))
+            eps = f32(spec.eps)
+
+            def norm(src, dst, weight, groups=1, width=hidden, eps=eps) -> None:
+                op(k.OP_NORM, *src, *dst, weight.data_ptr(), groups, width, eps)
+
+            norm(res, xn, spec.attn_norm)
             if spec.qkv is not None:
-                y, ys = matmul(spec.qkv, xn, "qkv")
+                y, ys = matmul(spec.qkv, xn[0], "qkv")
                 nq, nk = 4 * spec.n_heads * spec.head_dim, 4 * spec.n_kv * spec.head_dim
-                (q, qs), (kp, ks), (v, vs) = (y, ys), (y + nq, ys), (y + nq + nk, ys)
+                q, kp, v = (y, ys), (y + nq, ys), (y + nq + nk, ys)
             else:
-                (q, qs), (kp, ks), (v, vs) = (
-                    matmul(m, xn, name)
+                q, kp, v = (
+                    matmul(m, xn[0], name)
                     for m, name in zip(spec.qkv_parts, ("q", "k", "v"), strict=True)
                 )
             if spec.q_norm is not None:
-                op(
-                    k.OP_NORM,
-                    q,
-                    qs,
-                    q,
-                    qs,
-                    spec.q_norm.data_ptr(),
-                    spec.n_heads,
-                    spec.head_dim,
-                    f32(spec.eps),
-                )
+                norm(q, q, spec.q_norm, spec.n_heads, spec.head_dim)
             if spec.k_norm is not None:
-                op(
-                    k.OP_NORM,
-                    kp,
-                    ks,
-                    kp,
-                    ks,
-                    spec.k_norm.data_ptr(),
-                    spec.n_kv,
-                    spec.head_dim,
-                    f32(spec.eps),
-                )
-            qb, qb_s = b.ptr("qrot"), b.stride("qrot")
+                norm(kp, kp, spec.k_norm, spec.n_kv, spec.head_dim)
+            qb = (b.ptr("qrot"), b.stride("qrot"))
             rope = (spec.head_dim, spec.rot_dim, int(spec.interleaved), spec.table)
-            op(k.OP_ROPE, q, qs, qb, qb_s, spec.n_heads, *rope)
-            op(k.OP_ROPE, kp, ks, kp, ks, spec.n_kv, *rope)
+            op(k.OP_ROPE, *q, *qb, spec.n_heads, *rope)
+            op(k.OP_ROPE, *kp, *kp, spec.n_kv, *rope)
             n_blocks, block_size = kc.shape[0], kc.shape[1]
             row = spec.n_kv * spec.head_dim
+            caches = (kc.data_ptr(), vc.data_ptr())
+            op(k.OP_KV, *kp, *v, *caches, row, row, n_blocks * block_size)
+            attn = b.ptr("attn")
             op(
-                k.OP_KV,
-                kp,
-                ks,
-                v,
-                vs,
-                kc.data_ptr(),
-                vc.data_ptr(),
-                row,
-                row,
-                n_blocks * block_size,
-            )
-            ao = b.ptr("attn")
-            op(
-                k.OP_ATTN, qb, kc.data_ptr(), vc.data_ptr(), ao, spec.n_heads, spec.n_kv,
-                spec.head_dim, n_blocks, block_size, f32(spec.scale), spec.window,
-                f32(spec.softcap), spec.attn_worker,
+                k.OP_ATTN, qb[0], *caches, attn, spec.n_heads, spec.n_kv, spec.head_dim,
+                n_blocks, block_size, f32(spec.scale), spec.window, f32(spec.softcap),
+                spec.attn_worker,
             )  # fmt: skip
-            y, ys = matmul(spec.o, ao, "o")
+            out = matmul(spec.o, attn, "o")
             if spec.attn_post_norm is not None:
-                op(
-                    k.OP_NORM,
-                    y,
-                    ys,
-                    y,
-                    ys,
-                    spec.attn_post_norm.data_ptr(),
-                    1,
-                    hidden,
-                    f32(spec.eps),
-                )
-            op(k.OP_ADD, res, res_s, y, ys, hidden)
-            op(k.OP_NORM, res, res_s, xn, xn_s, spec.ffn_norm.data_ptr(), 1, hidden, f32(spec.eps))
+                norm(out, out, spec.attn_post_norm)
+            op(k.OP_ADD, *res, *out, hidden)
+            norm(res, xn, spec.ffn_norm)
             inter = spec.intermediate
             if spec.gate_up is not None:
-                y, ys = matmul(spec.gate_up, xn, "gate_up")
-                (g, gs), (u, us) = (y, ys), (y + 4 * inter, ys)
+                y, ys = matmul(spec.gate_up, xn[0], "gate_up")
+                gate, up = (y, ys), (y + 4 * inter, ys)
             else:
-                (g, gs), (u, us) = (
-                    matmul(m, xn, n) for m, n in zip(spec.gate_up_parts, ("g", "u"), strict=True)
+                gate, up = (
+                    matmul(m, xn[0], name)
+                    for m, name in zip(spec.gate_up_parts, ("g", "u"), strict=True)
                 )
-            op(k.OP_ACT, g, gs, u, us, b.ptr("act"), inter, spec.act)
-            y, ys = matmul(spec.down, b.ptr("act"), "down")
+            op(k.OP_ACT, *gate, *up, b.ptr("act"), inter, spec.act)
+            out = matmul(spec.down, b.ptr("act"), "down")
             if spec.ffn_post_norm is not None:
-                op(k.OP_NORM, y, ys, y, ys, spec.ffn_post_norm.data_ptr(), 1, hidden, f32(spec.eps))
-            op(k.OP_ADD, res, res_s, y, ys, hidden)
+                norm(out, out, spec.ffn_post_norm)
+            op(k.OP_ADD, *res, *out, hidden)
         table = np.zeros((len(rows), k.ROW), dtype=np.int64)
         for i, r in enumerate(rows):
             table[i, : len(r)] = r

@@ -674,10 +674,10 @@ def _gemv_config(
     4/5-bit types: 32 blocks (1024 weights) per K step and narrow row tiles (4-8 rows, 16 for
     wide-K-short matrices), no split: 1.1-1.5x over 8 blocks x 32 rows; vocabulary-sized
     outputs keep 32-row tiles of 8 blocks (thousands of programs already).
-    Q8_0 at K >= 2048 below 8192 rows, one row of x: the H200 sweep's tiles. Other Q8_0 and
-    float types (not swept): ~8 KiB of weights per program and step, 8 blocks per step, K
-    split until the grid covers about two waves of the SMs, no split for small (latency-
-    bound) matrices."""
+    Q8_0 below 8192 rows, one row of x: the H200 sweeps' tiles (at K >= 2048 the 1B shapes',
+    below it SmolLM2's). Other Q8_0 and float types (not swept): ~8 KiB of weights per
+    program and step, 8 blocks per step, K split until the grid covers about two waves of the
+    SMs, no split for small (latency-bound) matrices."""
     block_m = 1 << (m - 1).bit_length()
     if q8x and qtype in _Q8X_TYPES:
         return _q8x_config(qtype, n, k, block_m)
@@ -705,6 +705,18 @@ def _gemv_config(
         if n <= 2048:
             return {"BLOCK_M": block_m, "BLOCK_N": 2, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
         return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
+    if qtype == QuantType.Q8_0 and block_m == 1 and k < 2048 and n < 8192:
+        # H200 sweep of the fused forms at the SmolLM2 shapes (tune_decode.py --types Q8_0
+        # --shapes smol --fused, and --wide; fifteenth session, .gpu/run70.sh): down (576 x
+        # 1536) 4 rows x 64 blocks 5.89 -> 3.26 us, o (576 x 576) 1 row x 32 on one warp 2.34
+        # -> 1.84, qkv (960 x 576) 8 x 32 on eight warps 3.26 -> 2.30, gate_up (3072 x 576)
+        # 8 x 32 on four 4.25 -> 3.30; SmolLM2 Q8_0 tg128 1,267 / 1,270 -> 1,604 / 1,609 t/s
+        if k > 1024:
+            return {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
+        if n <= 640:
+            return {"BLOCK_M": 1, "BLOCK_N": 1, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 1}
+        warps = 8 if n <= 1024 else 4
+        return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": warps}
     block_b = 8
     tile_rows = 8192 // (block_b * row_nbytes(qtype, QK))
     block_n = max(4, min(64, 1 << (tile_rows.bit_length() - 1)))  # power of two
