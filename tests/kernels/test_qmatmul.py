@@ -216,7 +216,12 @@ def test_gemv_tile_rule():
     assert tiles(T.Q4_0, 3072, 2048) == tiles(T.Q4_0, 2048, 8192) == (8, 64, 4)
     assert tiles(T.Q4_0, 16384, 2048) == (16, 32, 4)  # gate_up
     assert tiles(T.Q4_0, 128256, 2048) == (32, 8, 4)  # the output matrix
-    assert tiles(T.Q4_0, 960, 576) == (8, 32, 4)  # short K: the old rule
+    # short K (SmolLM2's o, qkv, gate_up, down): the H200 sweep's tiles for Q4_0 / Q4_1
+    assert tiles(T.Q4_0, 960, 576) == (8, 32, 4) and tiles(T.Q4_1, 960, 576) == (4, 32, 4)
+    assert tiles(T.Q4_0, 576, 576) == tiles(T.Q4_1, 576, 576) == (8, 32, 8)
+    assert tiles(T.Q4_0, 3072, 576) == tiles(T.Q4_1, 3072, 576) == (8, 32, 4)
+    assert tiles(T.Q4_0, 576, 1536) == (8, 64, 4) and tiles(T.Q4_1, 576, 1536) == (4, 64, 4)
+    assert tiles(T.Q5_0, 576, 1536) == (8, 32, 4)  # not swept: the old rule
     assert tiles(T.Q4_1, 3072, 2048) == (8, 64, 4)
     assert tiles(T.Q5_0, 2048, 2048) == (4, 32, 4)  # not swept: the old rule
     assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
@@ -263,7 +268,26 @@ def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
 def test_gemv_short_k_q8_tiles(n, k, tiles, rng, poisoned):
     """Q8_0's tiles below K = 2048 (each branch of the rule; a step past K masked), plain
     and with the fused norm prologue and residual add, against float64."""
-    qtype = T.Q8_0
+    _check_short_k_tiles(T.Q8_0, n, k, tiles, rng)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "n", "k", "tiles"),
+    [
+        (T.Q4_0, 16, 1536, (8, 64, 4)),
+        (T.Q4_1, 16, 1536, (4, 64, 4)),
+        (T.Q4_0, 16, 576, (8, 32, 8)),
+        (T.Q4_1, 704, 576, (4, 32, 4)),
+        (T.Q4_0, 1040, 64, (8, 32, 4)),
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_gemv_short_k_q4_tiles(qtype, n, k, tiles, rng, poisoned):
+    """Q4_0 / Q4_1's tiles below K = 2048, each branch, against float64 (as the Q8_0 test)."""
+    _check_short_k_tiles(qtype, n, k, tiles, rng)
+
+
+def _check_short_k_tiles(qtype, n, k, tiles, rng):
     cfg = qm._gemv_config(qtype, 1, n, k, 132)
     assert (cfg["BLOCK_N"], cfg["BLOCK_B"], cfg["num_warps"]) == tiles
     data = random_blocks(rng, qtype, n, k)

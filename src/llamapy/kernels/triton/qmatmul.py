@@ -674,10 +674,10 @@ def _gemv_config(
     4/5-bit types: 32 blocks (1024 weights) per K step and narrow row tiles (4-8 rows, 16 for
     wide-K-short matrices), no split: 1.1-1.5x over 8 blocks x 32 rows; vocabulary-sized
     outputs keep 32-row tiles of 8 blocks (thousands of programs already).
-    Q8_0 below 8192 rows, one row of x: the H200 sweeps' tiles (at K >= 2048 the 1B shapes',
-    below it SmolLM2's). Other Q8_0 and float types (not swept): ~8 KiB of weights per
-    program and step, 8 blocks per step, K split until the grid covers about two waves of the
-    SMs, no split for small (latency-bound) matrices."""
+    Q4_0 / Q4_1 and Q8_0 below 8192 rows, one row of x: the H200 sweeps' tiles (at K >= 2048
+    the 1B shapes', below it SmolLM2's). Other Q8_0 and float types (not swept): ~8 KiB of
+    weights per program and step, 8 blocks per step, K split until the grid covers about two
+    waves of the SMs, no split for small (latency-bound) matrices."""
     block_m = 1 << (m - 1).bit_length()
     if q8x and qtype in _Q8X_TYPES:
         return _q8x_config(qtype, n, k, block_m)
@@ -693,6 +693,21 @@ def _gemv_config(
             # 4.27 -> 4.24, down 12.71 -> 10.65. One row of x only (as measured; the Q5 types
             # were not swept).
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
+        if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k < 2048 and not wide_n:
+            # H200 sweep of the fused forms at the SmolLM2 shapes (tune_decode.py --shapes
+            # smol --fused, and --wide; fifteenth session, .gpu/run71.sh), us, rule -> these:
+            # Q4_0 down (576 x 1536) 3.31 -> 2.86, o (576 x 576) 1.90 -> 1.86, gate_up (3072 x
+            # 576) 3.62 -> 3.35, qkv (960 x 576) 2.26 kept; Q4_1 3.32 -> 2.90, 2.01 -> 1.88,
+            # 3.53 -> 3.44, 2.32 -> 2.22. SmolLM2 tg128 Q4_0 1,492 / 1,487 -> 1,576 / 1,570
+            # t/s, Q4_1 1,486 / 1,483 -> 1,602 / 1,605. (The Q5 types were not swept.)
+            q4_1 = qtype == QuantType.Q4_1
+            if k > 1024:
+                block_n = 4 if q4_1 else 8
+                return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
+            if n <= 640:
+                return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 8}
+            block_n = 4 if q4_1 and n <= 1024 else 8
+            return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
         block_n = 16 if wide_n else 8 if n < 2048 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
     if qtype == QuantType.Q8_0 and block_m == 1 and k >= 2048 and n < 8192:
