@@ -238,7 +238,10 @@ def executor():
     cache, else compiled (a few seconds, once)."""
     key = _dependency_key()
 
-    @njit(nogil=True, cache=True)
+    # error_model="numpy": a float division yields inf / nan instead of testing its divisor
+    # for ZeroDivisionError, a branch per element that kept the activation's loop scalar
+    # (SiLU over 1536 floats 7.4 -> ~0.5 us)
+    @njit(nogil=True, cache=True, error_model="numpy")
     def run(ops, dyn):  # pragma: no cover - compiled by numba
         if len(key):  # a closure variable: part of numba's cache key
             return _run(ops, dyn)
