@@ -35,8 +35,10 @@ _i64_ptr = _cast_intrinsic(types.int64, types.CPointer(types.int64))
 OP_NORM = 1  # src, src row stride, dst, dst row stride, weight (0: none), groups, width, eps
 OP_MATMUL = 2  # worker, tiles, tile count, x, K, y (rows of x: K floats; y: 16 * tiles)
 OP_BIAS = 3  # y, y row stride, bias, width
-OP_ROPE = 4  # src, src stride, dst, dst stride, heads, head dim, rotated dims, interleaved, table
-OP_KV = 5  # k, k stride, v, v stride, k cache, v cache, k row floats, v row floats, slots
+OP_ROPE = 4  # src, src stride, dst, dst stride, heads, head dim, rotated dims, interleaved,
+#              rotary table (its angles at DYN_COS + 2 table)
+OP_KV = 5  # k, k stride, v, v stride, k cache, v cache, k row floats, v row floats, the
+#            caches' slot count (slots at or past it: ERR_SLOT; negative: a padding row)
 OP_ATTN = 6  # q, k cache, v cache, out, heads, kv heads, head dim, blocks, block size,
 #              scale, window (0: none), softcap (0: none), worker
 OP_ACT = 7  # gate, gate stride, up, up stride, dst, width, kind (ACT_*)
