@@ -154,14 +154,14 @@ class ModelRunner:
 
     @torch.inference_mode()  # as `run`: graphs guard on it
     def compile_decode(self, *, native: bool = True, compiled: bool = True) -> None:
-        """CPU: run decode steps as one numba call where the model's kernels allow and
-        `native` (models/cpu_step.py), else, if `compiled`, through torch.compile
-        (models/cpu_compile.py), the graphs
-        of a one-sequence step compiled now by warm-up steps that write only the scratch
-        block: one with a narrow block table, and, where the context can grow past it, one
-        as wide as the attention op takes (`cpu_attention.MIN_BLOCKS`: another graph, which
-        would otherwise compile in the middle of a generation). Those of batched steps
-        compile at the first one."""
+        """CPU: run decode steps as one numba call where the model's kernels and caches allow
+        and `native` (models/cpu_step.py), else, if `compiled`, through torch.compile
+        (models/cpu_compile.py). Warm-up steps that write only the scratch block load (or
+        compile) them now: the native executor; the compiled graphs of a one-sequence step,
+        one with a narrow block table and, where the context can grow past it, one as wide
+        as the attention op takes (`cpu_attention.MIN_BLOCKS`: another graph, which would
+        otherwise compile in the middle of a generation). Batched steps' graphs compile at
+        the first one."""
         from llamapy.kernels.cpu.attention import MIN_BLOCKS
         from llamapy.models.cpu_compile import CompiledDecode
         from llamapy.models.cpu_step import NativeDecode
