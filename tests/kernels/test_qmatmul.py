@@ -242,23 +242,12 @@ def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
     2 x 64, or 8 x 32 split in two at K >= 4096), fused norm prologue and residual forms
     included, against float64."""
     n = 16 if DEVICE == "cpu" else 1024  # (1024 x 4096: under the wide-N class's 4 MiB)
-    data = random_blocks(rng, qtype, n, k)
-    w = qm.pack_weight(data, qtype, (n, k))
     cfg = qm._gemv_config(qtype, 1, n, k, 132)
     if qtype == T.Q8_0:
         assert (cfg["BLOCK_B"], cfg["SPLIT"]) == ((32, 2) if k >= 4096 else (64, 1))
     else:
         assert cfg["BLOCK_B"] == 64
-    x = random_x(rng, 1, k, torch.float32)
-    y = qm.qmatmul_with(x, w, out=torch.full((1, n), float("nan"), device=DEVICE))
-    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "plain")
-    g = torch.rand(k, device=DEVICE) + 0.5
-    res = random_x(rng, 1, n, torch.float32)
-    got = qm.qmatmul(x, w, norm_weight=g, eps=1e-5, residual=res.clone())
-    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
-    exact = res.double() + qm.qmatmul_reference(normed, data, qtype, (n, k), None)
-    err = relative_error(got, exact)
-    assert err <= tolerance(torch.float32, "gemv", qtype), f"norm + residual: {err:.3g}"
+    _check_plain_and_fused(qtype, n, k, rng)
 
 
 @pytest.mark.parametrize(
@@ -290,6 +279,12 @@ def test_gemv_short_k_q4_tiles(qtype, n, k, tiles, rng, poisoned):
 def _check_short_k_tiles(qtype, n, k, tiles, rng):
     cfg = qm._gemv_config(qtype, 1, n, k, 132)
     assert (cfg["BLOCK_N"], cfg["BLOCK_B"], cfg["num_warps"]) == tiles
+    _check_plain_and_fused(qtype, n, k, rng)
+
+
+def _check_plain_and_fused(qtype, n, k, rng):
+    """One row of x through the default tiles: plain, then with the norm prologue and the
+    residual add, against float64."""
     data = random_blocks(rng, qtype, n, k)
     w = qm.pack_weight(data, qtype, (n, k))
     x = random_x(rng, 1, k, torch.float32)
