@@ -17,11 +17,13 @@ kernel (int4pack hosts without AVX512-VNNI, Q6_K unless LLAMAPY_CPU_VNNI_Q6K, fl
 weights), another layer class, caches other than float32 (a call given such caches returns
 None, and the model runs that step eagerly). `LLAMAPY_CPU_NATIVE_STEP=0` turns it off.
 
-Numerics: the matmuls and attention are the compiled step's kernels, bit for bit given the
-same inputs; the norms sum in float64 as ggml does; the activations use a polynomial exp
-within a few float32 ulps. A token's hidden state therefore differs from the compiled or
-eager step's in its last bits, and, through the matmuls' 8-bit quantization of x, by an
-occasional int8 step (tests/models/test_cpu_step.py bounds both).
+Numerics: the matmuls are the compiled and eager steps' VNNI kernels, bit for bit given the
+same inputs; the attention is the kernel the compiled step takes past 256 tokens (below
+that, the compiled step's Inductor loops and the eager torch ops sum in another order); the
+norms sum in float64 as ggml does; the activations use a polynomial exp within a few
+float32 ulps. A token's hidden state therefore differs from the compiled or eager step's in
+its last bits, and, through the matmuls' 8-bit quantization of x, by an occasional int8
+step (tests/models/test_cpu_step.py bounds both).
 """
 
 from __future__ import annotations
