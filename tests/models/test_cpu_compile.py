@@ -253,7 +253,9 @@ def test_compile_switches(monkeypatch):
     assert EngineConfig().cpu_compile is False  # no C++ compiler: eager, no error
 
 
-@pytest.mark.parametrize("name", ["cpu_compile", "cuda_graphs", "enable_prefix_caching"])
+@pytest.mark.parametrize(
+    "name", ["cpu_compile", "cpu_native_step", "cuda_graphs", "enable_prefix_caching"]
+)
 def test_switches_must_be_bools(name):
     with pytest.raises(ValueError, match=f"{name} must be True or False, got 'yes'"):
         EngineConfig(**{name: "yes"})
