@@ -19,8 +19,11 @@ def write_tiny_llama(
     vocab: int = 32,
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
     rng: np.random.Generator | None = None,
+    types: dict[str, gguf.GGMLQuantizationType] | None = None,
 ) -> Path:
-    """A llama-architecture GGUF with random weights (quantized with gguf-py)."""
+    """A llama-architecture GGUF with random weights (quantized with gguf-py): matrices in
+    `qtype`, or the type `types` gives for their name ("blk.0.attn_v.weight"), or for their
+    name in every layer ("attn_v.weight")."""
     rng = rng or np.random.default_rng()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny llama")
@@ -43,6 +46,8 @@ def write_tiny_llama(
     w.add_float64("test.f64", 2.5)
 
     def add(name: str, shape: tuple[int, ...], quant: gguf.GGMLQuantizationType) -> None:
+        if quant != gguf.GGMLQuantizationType.F32 and types:
+            quant = types.get(name, types.get(name.split(".", 2)[-1], quant))
         x = rng.standard_normal(shape, dtype=np.float32)
         if quant == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, x)

@@ -26,14 +26,19 @@ from llamapy.kernels.triton import attention, qmatmul_kquants
 from llamapy.kernels.triton.qmatmul import pack_weight, qmatmul_with
 from llamapy.quant.types import QuantType, row_nbytes
 
-# (name, N, K): the decode matrices of SmolLM2-135M and Llama-3.2-1B (QKV and gate/up fused).
+# (name, N, K): the decode matrices of SmolLM2-135M and Llama-3.2-1B (QKV and gate/up fused;
+# "qk" and "v": QKV as two matmuls, where V has another type, as in Q4_K_M files).
 SHAPES = [
     ("smol qkv", 960, 576),
+    ("smol qk", 768, 576),
+    ("smol v", 192, 576),
     ("smol o", 576, 576),
     ("smol gate_up", 3072, 576),
     ("smol down", 576, 1536),
     ("smol output", 49152, 576),
     ("1b qkv", 3072, 2048),
+    ("1b qk", 2560, 2048),
+    ("1b v", 512, 2048),
     ("1b o", 2048, 2048),
     ("1b gate_up", 16384, 2048),
     ("1b down", 2048, 8192),
@@ -112,7 +117,7 @@ def fused_form(name: str, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Ten
     matrix stays plain."""
     dev = "cuda"
     role = name.split()[-1]
-    if role in ("qkv", "gate_up"):
+    if role in ("qkv", "qk", "v", "gate_up"):
         g = torch.rand(k, device=dev, dtype=dtype) + 0.5
         out = torch.empty(1, n, device=dev, dtype=dtype)
         return torch.randn(1, k, device=dev, dtype=dtype), {

@@ -428,7 +428,7 @@ def test_native_step_on_each_architecture(arch, tmp_path, rng):
     rotary tables), quantized to Q8_0 as they load (so every matmul is on the VNNI
     kernels): decode steps of three sequences through the native step against the eager
     one, by the criteria of test_native_decode_matches_eager."""
-    from tiny_models import VOCAB, PagedRunner, save_folder, tiny_config, tiny_model
+    from tiny_models import VOCAB, save_folder, tiny_config, tiny_model
 
     from llamapy.convert.at_load import load_time_quantizer
     from llamapy.models import build_causal_lm
@@ -437,13 +437,21 @@ def test_native_step_on_each_architecture(arch, tmp_path, rng):
     model_file = open_model_file(folder)
     model = build_causal_lm(model_file, load_time_quantizer(model_file, "Q8_0"))
     model.prepare("cpu", cpu_kernels="fast")
+    _native_against_eager(model, VOCAB, rng, arch)
+
+
+def _native_against_eager(model, vocab: int, rng, label: str) -> None:
+    """Decode steps of three sequences through the native step against the eager one, by
+    the criteria of test_native_decode_matches_eager."""
+    from tiny_models import PagedRunner
+
     native = cpu_step.NativeDecode(model)  # raises Unsupported naming what it cannot take
     runner = PagedRunner(model, num_seqs=3, max_len=40)
-    prompts = {s: rng.integers(0, VOCAB, n).tolist() for s, n in enumerate([1, 6, 13])}
+    prompts = {s: rng.integers(0, vocab, n).tolist() for s, n in enumerate([1, 6, 13])}
     runner.step(prompts)  # prefill, eager
     diffs, flips, rows = [], 0, 0
     for _ in range(20):
-        ids = {s: [int(rng.integers(0, VOCAB))] for s in prompts}
+        ids = {s: [int(rng.integers(0, vocab))] for s in prompts}
         lens = list(runner.lens)
         model.native_decode = native
         got = runner.step(ids)
@@ -454,14 +462,40 @@ def test_native_step_on_each_architecture(arch, tmp_path, rng):
             g, r = got[s], ref[s]  # (1, V)
             diffs.append(float((g - r).norm() / r.norm()))
             explained, flipped, _ = explained_picks(g, r)
-            assert explained, (arch, s)
+            assert explained, (label, s)
             flips += flipped
             rows += 1
     diffs.sort()
-    print(f"{arch}: logits' relative difference median {diffs[len(diffs) // 2]:.2e}, "
+    print(f"{label}: logits' relative difference median {diffs[len(diffs) // 2]:.2e}, "
           f"max {diffs[-1]:.2e}; greedy picks differing {flips} of {rows}")  # fmt: skip
     assert diffs[len(diffs) // 2] < 0.05
     assert flips <= 0.1 * rows
+
+
+@needs_vnni
+def test_native_step_with_split_projections(tmp_path, rng):
+    """Q, K and V in two matmuls (layer 0: V of another type, as Q4_K_M files give V more
+    bits) and in three (layer 1: Q of another type) within one model: the step reads q, k
+    and v at their offsets in each matmul's output."""
+    import gguf
+
+    from gguf_factory import write_tiny_llama
+    from llamapy.models import build_causal_lm
+
+    Q = gguf.GGMLQuantizationType
+    types = {"blk.0.attn_v.weight": Q.Q4_0, "blk.1.attn_q.weight": Q.Q4_0}
+    path = write_tiny_llama(tmp_path / "mixed.gguf", rng=rng, ffn=96, vocab=64, types=types)
+    model = build_causal_lm(open_model_file(path))
+    model.prepare("cpu", cpu_kernels="fast")
+    assert [layer.attn.proj_widths for layer in model.layers] == [
+        [[64, 32], [32]],
+        [[64], [32], [32]],
+    ]
+    names = [
+        [name for name, _, _ in spec.projections] for spec in cpu_step.NativeDecode(model)._layers
+    ]
+    assert names == [["qk", "v"], ["q", "k", "v"]]
+    _native_against_eager(model, 64, rng, "mixed")
 
 
 @needs_vnni

@@ -26,14 +26,21 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 BLOCK = 4
 
 
-def tiny_model(tmp_path, rng: np.random.Generator, qtype: gguf.GGMLQuantizationType):
+def tiny_model(
+    tmp_path,
+    rng: np.random.Generator,
+    qtype: gguf.GGMLQuantizationType,
+    types: dict[str, gguf.GGMLQuantizationType] | None = None,
+):
     from gguf_factory import write_tiny_llama
     from llamapy.formats import open_model_file
     from llamapy.kernels.triton.qmatmul import pack_weight
     from llamapy.layers.linear import QLinear
     from llamapy.models import build_causal_lm
 
-    path = write_tiny_llama(tmp_path / "tiny.gguf", rng=rng, qtype=qtype, hidden=64, ffn=96)
+    path = write_tiny_llama(
+        tmp_path / "tiny.gguf", rng=rng, qtype=qtype, hidden=64, ffn=96, types=types
+    )
     model = build_causal_lm(open_model_file(path))
     if CUDA:
         model.prepare(DEVICE)  # plans the fused decode
@@ -93,14 +100,27 @@ def set_fused(model, on: bool, monkeypatch) -> None:
     model.plan_fused_decode()
 
 
-# the interpreter takes ~10 s per type here: one type there, two on a GPU
-TYPES = [gguf.GGMLQuantizationType.Q8_0] + ([gguf.GGMLQuantizationType.Q4_0] if CUDA else [])
+Q = gguf.GGMLQuantizationType
+# Q, K and V of another type than their neighbours (as Q4_K_M files give V more bits): layer
+# 0's V (Q and K in one matmul, V in another), layer 1's Q (three matmuls)
+MIXED = {"blk.0.attn_v.weight": Q.Q4_0, "blk.1.attn_q.weight": Q.Q4_0}
+# the interpreter takes ~10 s per case here: two cases there, three on a GPU
+CASES = [(Q.Q8_0, None), (Q.Q8_0, MIXED)] + ([(Q.Q4_0, None)] if CUDA else [])
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_fused_decode_matches_unfused(tmp_path, rng, qtype, monkeypatch) -> None:
-    model = tiny_model(tmp_path, rng, qtype)
+@pytest.mark.parametrize(
+    ("qtype", "types"),
+    CASES,
+    ids=lambda c: "mixed" if isinstance(c, dict) else getattr(c, "name", ""),
+)
+def test_fused_decode_matches_unfused(tmp_path, rng, qtype, types, monkeypatch) -> None:
+    model = tiny_model(tmp_path, rng, qtype, types)
     assert [layer.fused_activation for layer in model.layers] == ["silu"] * 2
+    groups = [layer.attn.proj_widths for layer in model.layers]
+    if types is None:
+        assert groups == [[[64, 32, 32]]] * 2  # one QKV matmul a layer
+    else:
+        assert groups == [[[64, 32], [32]], [[64], [32], [32]]]
     runner = Runner(model, num_seqs=3, max_len=16)
     vocab = model.config.vocab_size
     prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2, 4)]

@@ -245,15 +245,12 @@ class NativeDecode:
                 op(k.OP_NORM, *src, *dst, weight.data_ptr(), groups, width, eps)
 
             norm(res, xn, spec.attn_norm)
-            if spec.qkv is not None:
-                y, ys = matmul(spec.qkv, xn[0], "qkv")
-                nq, nk = 4 * spec.n_heads * spec.head_dim, 4 * spec.n_kv * spec.head_dim
-                q, kp, v = (y, ys), (y + nq, ys), (y + nq + nk, ys)
-            else:
-                q, kp, v = (
-                    matmul(m, xn[0], name)
-                    for m, name in zip(spec.qkv_parts, ("q", "k", "v"), strict=True)
-                )
+            parts = []  # q, k and v: (address, row stride) in the matmuls' outputs
+            for name, m, widths in spec.projections:
+                y, ys = matmul(m, xn[0], name)
+                offsets = np.cumsum([0, *widths[:-1]]) * 4
+                parts += [(y + int(offset), ys) for offset in offsets]
+            q, kp, v = parts
             if spec.q_norm is not None:
                 norm(q, q, spec.q_norm, spec.n_heads, spec.head_dim)
             if spec.k_norm is not None:
@@ -332,12 +329,14 @@ class _LayerSpec:
         self.attn_post_norm = _vec(layer.attn_post_norm)
         self.ffn_post_norm = _vec(layer.ffn_post_norm)
         self.q_norm, self.k_norm = _vec(attn.q_norm), _vec(attn.k_norm)
-        self.qkv = _Matmul(attn.qkv) if attn.qkv is not None else None
-        self.qkv_parts = (
-            [_Matmul(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-            if attn.qkv is None
-            else None
-        )
+        # (name, matmul, output widths) of the matmuls giving q, k and v (one to three):
+        # "qkv", or "qk" and "v", or "q", "k" and "v"
+        self.projections: list[tuple[str, _Matmul, list[int]]] = []
+        first = 0
+        for linear, widths in attn.projections():
+            name = "qkv"[first : first + len(widths)]
+            self.projections.append((name, _Matmul(linear), list(widths)))
+            first += len(widths)
         self.o = _Matmul(attn.o_proj)
         rope = attn.rope
         self.rot_dim, self.interleaved, self.table = rope.rot_dim, rope.interleaved, table
@@ -357,15 +356,13 @@ class _LayerSpec:
         self.act = acts[mlp.activation]
         if self.gate_up is not None and self.gate_up.n != 2 * self.intermediate:
             raise Unsupported("a gate_up matmul of another width than twice the FFN's")
-        if self.qkv is not None and self.qkv.n != (self.n_heads + 2 * self.n_kv) * self.head_dim:
-            raise Unsupported("a fused QKV matmul of another width than the heads'")
+        for name, m, widths in self.projections:
+            if m.n != sum(widths):
+                raise Unsupported(f"a {name} matmul of another width than the heads'")
 
     def matmuls(self) -> list[tuple[str, _Matmul]]:
         named = [("o", self.o), ("down", self.down)]
-        if self.qkv is not None:
-            named.append(("qkv", self.qkv))
-        else:
-            named += list(zip(("q", "k", "v"), self.qkv_parts, strict=True))
+        named += [(name, m) for name, m, _ in self.projections]
         if self.gate_up is not None:
             named.append(("gate_up", self.gate_up))
         else:

@@ -27,6 +27,7 @@ from llamapy.layers.rotary import RotaryEmbedding
 from llamapy.models.cpu_compile import CompiledDecode
 from llamapy.models.cpu_step import NativeDecode
 from llamapy.models.weights import Weights
+from llamapy.quant.qtensor import QTensor
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,6 +40,22 @@ class BlockOptions:
     post_norms: bool = False  # Gemma: norm the attention / MLP output before the residual
 
 
+def group_projections(
+    weights: list[QTensor], biases: list[torch.Tensor | None], widths: list[int]
+) -> list[tuple[QLinear, list[int]]]:
+    """Projections of one input (Q, K, V) as few matmuls as their types allow, in order, each
+    with its outputs' widths: all in one; else the first two in one (Q4_K_M files give V
+    more bits than Q and K: a Q6_K or Q8_0 V beside Q4_K or Q5_0 ones) and the last alone;
+    else one each. Fewer, larger calls: a decode GEMV launch less on the GPU."""
+    whole = QLinear.fused(weights, biases)
+    if whole is not None:
+        return [(whole, widths)]
+    head = QLinear.fused(weights[:2], biases[:2])
+    if head is not None:
+        return [(head, widths[:2]), (QLinear(weights[2], biases[2]), widths[2:])]
+    return [(QLinear(wt, b), [n]) for wt, b, n in zip(weights, biases, widths, strict=True)]
+
+
 class Attention(torch.nn.Module):
     def __init__(self, w: Weights, il: int, rope: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
@@ -47,19 +64,22 @@ class Attention(torch.nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.v_head_dim = cfg.head_dim, cfg.v_head_dim or cfg.head_dim
         self.eps = cfg.norm_eps
-        self.q_proj = self.k_proj = self.v_proj = None
+        widths = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.v_head_dim,
+        ]
         if w.has(p + "attn_qkv.weight"):  # Phi-3 fuses Q, K and V
-            self.qkv = QLinear(w.q(p + "attn_qkv.weight"), w.f32_opt(p + "attn_qkv.bias"))
+            qkv = QLinear(w.q(p + "attn_qkv.weight"), w.f32_opt(p + "attn_qkv.bias"))
+            groups = [(qkv, widths)]
         else:
-            # One matmul for the three when their types agree (fewer, larger calls).
             names = [p + f"attn_{x}" for x in "qkv"]
             weights = [w.q(n + ".weight") for n in names]
             biases = [w.f32_opt(n + ".bias") for n in names]
-            self.qkv = QLinear.fused(weights, biases)
-            if self.qkv is None:
-                self.q_proj, self.k_proj, self.v_proj = (
-                    QLinear(wt, b) for wt, b in zip(weights, biases, strict=True)
-                )
+            groups = group_projections(weights, biases, widths)
+        # Q, K and V in as few matmuls as their types allow, and each one's output widths
+        self.proj = torch.nn.ModuleList([linear for linear, _ in groups])
+        self.proj_widths = [list(ws) for _, ws in groups]
         self.o_proj = QLinear(w.q(p + "attn_output.weight"), w.f32_opt(p + "attn_output.bias"))
         self.q_norm = w.f32_opt(p + "attn_q_norm.weight", norm=True)  # Qwen3, Gemma 3
         self.k_norm = w.f32_opt(p + "attn_k_norm.weight", norm=True)
@@ -69,11 +89,21 @@ class Attention(torch.nn.Module):
         self.sliding_window = cfg.sliding_window if is_sliding else None
         self.softcap = cfg.attn_logit_softcap
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv is not None:
-            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            return self.qkv(x).split([nq, nk, self.num_kv_heads * self.v_head_dim], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def projections(self) -> list[tuple[QLinear, list[int]]]:
+        """The matmuls producing q, k and v, in that order, each with its outputs' widths."""
+        return list(zip(self.proj, self.proj_widths, strict=True))
+
+    def _project(
+        self, x: torch.Tensor, **fused: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of x (T, hidden), each (T, width); `fused` goes to every matmul (the
+        CUDA decode step's norm prologue)."""
+        parts: list[torch.Tensor] = []
+        for linear, widths in self.projections():
+            y = linear(x, **fused)
+            parts += y.split(widths, dim=-1) if len(widths) > 1 else [y]
+        q, k, v = parts
+        return q, k, v
 
     def forward(
         self,
@@ -129,13 +159,7 @@ class Attention(torch.nn.Module):
         """CUDA decode (`DecoderLayer.forward_fused`): as `forward` of rms_norm(stream), the
         norm computed by the QKV GEMVs, the output projection added into `stream` in place."""
         T = stream.shape[0]
-        fused = {"norm_weight": norm[0], "eps": norm[1]}
-        if self.qkv is not None:
-            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            sizes = [nq, nk, self.num_kv_heads * self.v_head_dim]
-            q, k, v = self.qkv(stream, **fused).split(sizes, dim=-1)
-        else:
-            q, k, v = (p(stream, **fused) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self._project(stream, norm_weight=norm[0], eps=norm[1])
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.v_head_dim)
@@ -238,7 +262,7 @@ class DecoderLayer(torch.nn.Module):
         if self.attn_post_norm is not None or mlp.gate is not None:
             return None
         linears = [self.attn.o_proj, mlp.gate_up, mlp.down]
-        linears += [self.attn.qkv] if self.attn.qkv is not None else [self.attn.q_proj]
+        linears += list(self.attn.proj)
         if any(lin.kernel != "triton" for lin in linears):
             return None
         return _FUSED_ACTIVATIONS.get(mlp.activation)
