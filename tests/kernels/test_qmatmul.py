@@ -216,6 +216,9 @@ def test_gemv_tile_rule():
     assert tiles(T.Q4_0, 3072, 2048) == tiles(T.Q4_0, 2048, 8192) == (8, 64, 4)
     assert tiles(T.Q4_0, 16384, 2048) == (16, 32, 4)  # gate_up
     assert tiles(T.Q4_0, 128256, 2048) == (32, 8, 4)  # the output matrix
+    # SmolLM2's output matrix: the vocabulary tiles for Q4_0 / Q4_1, the wide-N rule for Q5_0
+    assert tiles(T.Q4_0, 49152, 576) == tiles(T.Q4_1, 49152, 576) == (32, 8, 4)
+    assert tiles(T.Q5_0, 49152, 576) == (16, 32, 4)
     # short K (SmolLM2's o, qkv, gate_up, down): the H200 sweep's tiles for Q4_0 / Q4_1
     assert tiles(T.Q4_0, 960, 576) == (8, 32, 4) and tiles(T.Q4_1, 960, 576) == (4, 32, 4)
     assert tiles(T.Q4_0, 576, 576) == tiles(T.Q4_1, 576, 576) == (8, 32, 8)
@@ -274,6 +277,23 @@ def test_gemv_short_k_q8_tiles(n, k, tiles, rng, poisoned):
 def test_gemv_short_k_q4_tiles(qtype, n, k, tiles, rng, poisoned):
     """Q4_0 / Q4_1's tiles below K = 2048, each branch, against float64 (as the Q8_0 test)."""
     _check_short_k_tiles(qtype, n, k, tiles, rng)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_gemv_vocabulary_tiles_at_short_k(qtype, rng, poisoned):
+    """The vocabulary tiles (32 rows x 8 blocks) SmolLM2's 49152 x 576 output takes, at K =
+    576 (three steps, the last past K masked) and a partial row tile, against float64."""
+    n, k = 40, 576
+    cfg = {
+        key: v for key, v in qm._gemv_config(qtype, 1, 49152, k, 132).items() if key != "BLOCK_M"
+    }
+    assert (cfg["BLOCK_N"], cfg["BLOCK_B"]) == (32, 8)
+    data = random_blocks(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    x = random_x(rng, 1, k, torch.float32)
+    out = torch.full((1, n), float("nan"), device=DEVICE)
+    y = qm.qmatmul_with(x, w, out=out, gemv_config=cfg)
+    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "vocab")
 
 
 def _check_short_k_tiles(qtype, n, k, tiles, rng):

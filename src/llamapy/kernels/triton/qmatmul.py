@@ -683,7 +683,11 @@ def _gemv_config(
         return _q8x_config(qtype, n, k, block_m)
     small = n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES
     if qtype in _NIBBLE_TYPES:
-        if n >= 65536:
+        # Vocabulary-sized outputs: 32 rows x 8 blocks. Q4_0 / Q4_1 from 32768 rows: SmolLM2's
+        # 49152 x 576 output 18.4 -> 14.8 us in the sweep, tg128 1,575 / 1,579 -> 1,584 /
+        # 1,581 t/s (Q4_0), 1,596 / 1,595 -> 1,604 / 1,607 (Q4_1; H200, .gpu/run73.sh)
+        q4 = qtype in (QuantType.Q4_0, QuantType.Q4_1)
+        if n >= 65536 or (q4 and n >= 32768):
             return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
         wide_n = not small and k <= 4096  # gate_up
         if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k >= 2048 and not wide_n:
