@@ -216,15 +216,18 @@ def test_gemv_tile_rule():
     assert tiles(T.Q4_0, 3072, 2048) == tiles(T.Q4_0, 2048, 8192) == (8, 64, 4)
     assert tiles(T.Q4_0, 16384, 2048) == (16, 32, 4)  # gate_up
     assert tiles(T.Q4_0, 128256, 2048) == (32, 8, 4)  # the output matrix
-    # SmolLM2's output matrix: the vocabulary tiles for Q4_0 / Q4_1, the wide-N rule for Q5_0
+    # SmolLM2's output matrix: the vocabulary tiles for Q4_0 / Q4_1 / Q5_0, not Q5_1
+    assert tiles(T.Q5_1, 49152, 576) == (16, 32, 4)
     assert tiles(T.Q4_0, 49152, 576) == tiles(T.Q4_1, 49152, 576) == (32, 8, 4)
-    assert tiles(T.Q5_0, 49152, 576) == (16, 32, 4)
+    assert tiles(T.Q5_0, 49152, 576) == (32, 8, 4)
     # short K (SmolLM2's o, qkv, gate_up, down): the H200 sweep's tiles for Q4_0 / Q4_1
     assert tiles(T.Q4_0, 960, 576) == (8, 32, 4) and tiles(T.Q4_1, 960, 576) == (4, 32, 4)
     assert tiles(T.Q4_0, 576, 576) == tiles(T.Q4_1, 576, 576) == (8, 32, 8)
     assert tiles(T.Q4_0, 3072, 576) == tiles(T.Q4_1, 3072, 576) == (8, 32, 4)
     assert tiles(T.Q4_0, 576, 1536) == (8, 64, 4) and tiles(T.Q4_1, 576, 1536) == (4, 64, 4)
-    assert tiles(T.Q5_0, 576, 1536) == (8, 32, 4)  # not swept: the old rule
+    assert tiles(T.Q5_1, 576, 1536) == (8, 32, 4)  # not swept: the old rule
+    # Q5_0 below K = 2048 (SmolLM2 Q4_K_M's q / k / o / gate_up): 4 x 32 on four warps
+    assert tiles(T.Q5_0, 576, 1536) == tiles(T.Q5_0, 192, 576) == (4, 32, 4)
     assert tiles(T.Q4_1, 3072, 2048) == (8, 64, 4)
     assert tiles(T.Q5_0, 2048, 2048) == (4, 32, 4)  # not swept: the old rule
     assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
@@ -232,6 +235,7 @@ def test_gemv_tile_rule():
     assert tiles(T.Q8_0, 16384, 2048) == (16, 8, 4)  # gate_up: the general rule
     # Q8_0 below K = 2048: the SmolLM2 sweep's tiles (o, qkv, gate_up, down)
     assert tiles(T.Q8_0, 576, 576) == (1, 32, 1) and tiles(T.Q8_0, 960, 576) == (8, 32, 8)
+    assert tiles(T.Q8_0, 192, 576) == (4, 32, 4)  # V alone
     assert tiles(T.Q8_0, 3072, 576) == (8, 32, 4) and tiles(T.Q8_0, 576, 1536) == (4, 64, 4)
     assert tiles(T.Q8_0, 49152, 576) == (16, 8, 4)  # the output matrix: the general rule
     for qtype in (T.Q4_0, T.Q8_0):  # measured with one row of x; batches keep the old rule
@@ -255,7 +259,13 @@ def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
 
 @pytest.mark.parametrize(
     ("n", "k", "tiles"),
-    [(16, 576, (1, 32, 1)), (704, 576, (8, 32, 8)), (1040, 64, (8, 32, 4)), (16, 1536, (4, 64, 4))],
+    [
+        (16, 576, (4, 32, 4)),
+        (300, 576, (1, 32, 1)),
+        (704, 576, (8, 32, 8)),
+        (1040, 64, (8, 32, 4)),
+        (16, 1536, (4, 64, 4)),
+    ],
 )
 def test_gemv_short_k_q8_tiles(n, k, tiles, rng, poisoned):
     """Q8_0's tiles below K = 2048 (each branch of the rule; a step past K masked), plain
@@ -271,11 +281,13 @@ def test_gemv_short_k_q8_tiles(n, k, tiles, rng, poisoned):
         (T.Q4_0, 16, 576, (8, 32, 8)),
         (T.Q4_1, 704, 576, (4, 32, 4)),
         (T.Q4_0, 1040, 64, (8, 32, 4)),
+        (T.Q5_0, 18, 576, (4, 32, 4)),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
 def test_gemv_short_k_q4_tiles(qtype, n, k, tiles, rng, poisoned):
-    """Q4_0 / Q4_1's tiles below K = 2048, each branch, against float64 (as the Q8_0 test)."""
+    """Q4_0 / Q4_1 / Q5_0's tiles below K = 2048, each branch, against float64 (as the Q8_0
+    test)."""
     _check_short_k_tiles(qtype, n, k, tiles, rng)
 
 

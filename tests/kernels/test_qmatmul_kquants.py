@@ -289,15 +289,17 @@ def test_configs_are_valid_launches() -> None:
 def test_measured_gemv_tiles(qtype: QuantType, rng: np.random.Generator) -> None:
     # H200 sweeps, one row of x (other batches keep the general rules): the 2048-row
     # matrices of the 1B shape read 8 super-blocks a step on two warps; Q6_K's vocabulary-
-    # sized output 4 rows x 4 super-blocks on one warp; each against float64 (24 rows).
+    # sized output 4 rows x 4 super-blocks on one warp; 4-7 super-blocks a row (SmolLM2's
+    # down) one row on one warp, 4 a step; each against float64 (24 rows).
     cfg = qk.KernelConfig
     assert qk.gemv_config(qtype, 1, 2048, 8192, 132) == cfg(False, 1, 1, 8, 1, 2)
     assert qk.gemv_config(qtype, 1, 2048, 2048, 132).nsb == 8
     assert qk.gemv_config(qtype, 4, 2048, 8192, 132) != cfg(False, 4, 1, 8, 1, 2)  # measured at M=1
+    assert qk.gemv_config(qtype, 1, 576, 1536, 132) == cfg(False, 1, 1, 4, 1, 1)
     if qtype == QuantType.Q4_K:  # the others keep one warp and 4 super-blocks
         assert qk.gemv_config(qtype, 1, 3072, 2048, 132) == cfg(False, 1, 1, 4, 1, 1)
-        assert qk.gemv_config(qtype, 1, 576, 1536, 132) == cfg(False, 1, 1, 4, 1, 1)
     else:
+        assert qk.gemv_config(qtype, 4, 576, 1536, 132) != cfg(False, 4, 1, 4, 1, 1)
         assert qk.gemv_config(qtype, 1, 128256, 2048, 132) == cfg(False, 1, 4, 4, 1, 1)
         assert qk.gemv_config(qtype, 2, 128256, 2048, 132) != cfg(False, 2, 4, 4, 1, 1)
     n, k = 24, 2048
@@ -308,6 +310,14 @@ def test_measured_gemv_tiles(qtype: QuantType, rng: np.random.Generator) -> None
     for measured in (qk.gemv_config(qtype, 1, 2048, k, 132), cfg(False, 1, 4, 4, 1, 1)):
         err = rel_error(run(x, tensors, qtype, n, k, measured), ref)
         assert err < TOL[F32], f"{measured}: error {err:.2e}"
+    k = 1536  # 6 super-blocks: the second step half past K
+    data = random_weight(rng, qtype, n, k)
+    tensors = qk.pack(data, qtype, n, k)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    ref = x.double() @ dequantize(data, qtype).double().T
+    measured = qk.gemv_config(qtype, 1, 576, k, 132)
+    err = rel_error(run(x, tensors, qtype, n, k, measured), ref)
+    assert err < TOL[F32], f"{measured}: error {err:.2e}"
 
 
 # --------------------------------------------------------------------------- model shapes

@@ -683,11 +683,12 @@ def _gemv_config(
         return _q8x_config(qtype, n, k, block_m)
     small = n * row_nbytes(qtype, k) <= SMALL_GEMV_BYTES
     if qtype in _NIBBLE_TYPES:
-        # Vocabulary-sized outputs: 32 rows x 8 blocks. Q4_0 / Q4_1 from 32768 rows: SmolLM2's
-        # 49152 x 576 output 18.4 -> 14.8 us in the sweep, tg128 1,575 / 1,579 -> 1,584 /
-        # 1,581 t/s (Q4_0), 1,596 / 1,595 -> 1,604 / 1,607 (Q4_1; H200, .gpu/run73.sh)
-        q4 = qtype in (QuantType.Q4_0, QuantType.Q4_1)
-        if n >= 65536 or (q4 and n >= 32768):
+        # Vocabulary-sized outputs: 32 rows x 8 blocks. Q4_0 / Q4_1 / Q5_0 from 32768 rows:
+        # SmolLM2's 49152 x 576 output 18.4 -> 14.8 us (Q4_0), 24.3 -> 20.5 (Q5_0) in the
+        # sweeps, tg128 1,575 / 1,579 -> 1,584 / 1,581 t/s (Q4_0), 1,596 / 1,595 -> 1,604 /
+        # 1,607 (Q4_1; H200, .gpu/run73.sh)
+        swept = qtype in (QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0)
+        if n >= 65536 or (swept and n >= 32768):
             return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
         wide_n = not small and k <= 4096  # gate_up
         if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k >= 2048 and not wide_n:
@@ -712,6 +713,14 @@ def _gemv_config(
                 return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 8}
             block_n = 4 if q4_1 and n <= 1024 else 8
             return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
+        if qtype == QuantType.Q5_0 and block_m == 1 and k < 2048 and not wide_n:
+            # H200 sweep of the fused forms at the SmolLM2 shapes (SmolLM2 Q4_K_M files hold
+            # Q5_0 q / k / o / gate_up; tune_decode.py --types Q5_0 --shapes smol --fused, and
+            # --wide; sixteenth session, .gpu/run74.sh), us, rule -> 4 rows x 32 blocks on four
+            # warps: qkv (960 x 576) 2.53 -> 2.47, o (576 x 576) 2.18 -> 2.03, v (192 x 576)
+            # 2.22 -> 2.04; qk (768 x 576) 2.41 -> 2.31-2.36 with the sweep's best (2 x 32 on
+            # one warp / 8 x 32 on eight). gate_up (3072 x 576) kept the rule below.
+            return {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
         block_n = 16 if wide_n else 8 if n < 2048 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_B": 32, "SPLIT": 1}
     if qtype == QuantType.Q8_0 and block_m == 1 and k >= 2048 and n < 8192:
@@ -730,8 +739,12 @@ def _gemv_config(
         # 1536) 4 rows x 64 blocks 5.89 -> 3.26 us, o (576 x 576) 1 row x 32 on one warp 2.34
         # -> 1.84, qkv (960 x 576) 8 x 32 on eight warps 3.26 -> 2.30, gate_up (3072 x 576)
         # 8 x 32 on four 4.25 -> 3.30; SmolLM2 Q8_0 tg128 1,267 / 1,270 -> 1,604 / 1,609 t/s
+        # V alone (192 x 576, Q4_K_M files: Q and K are Q5_0) 4 x 32 on four warps 2.18 ->
+        # 1.86 (sixteenth session, .gpu/run74.sh)
         if k > 1024:
             return {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
+        if n <= 256:
+            return {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 4}
         if n <= 640:
             return {"BLOCK_M": 1, "BLOCK_N": 1, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 1}
         warps = 8 if n <= 1024 else 4

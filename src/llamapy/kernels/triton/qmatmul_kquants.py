@@ -368,6 +368,10 @@ def gemv_config(qtype: QuantType, m: int, n: int, k: int, num_sms: int) -> Kerne
         # below): Q4_K o 4.69 -> 4.43 us, down 12.65 -> 11.68; Q6_K o 5.55 -> 4.98, down
         # 15.97 -> 13.67
         return KernelConfig(False, block_m, 1, 8, 1, 2)
+    if qtype == QuantType.Q6_K and measured and 4 <= units < 8 and n <= 2048:
+        # SmolLM2's Q6_K ffn_down (576 x 1536, Q4_K_M files): one row on one warp, 4
+        # super-blocks a step, 4.32 -> 3.42 us (H200, tune_decode.py, sixteenth session)
+        return KernelConfig(False, block_m, 1, 4, 1, 1)
     if qtype == QuantType.Q6_K and measured and n >= 65536 and units >= 4:
         # the vocabulary-sized output of Q4_K_M files: 4 rows x 4 super-blocks on one warp,
         # 155.5 -> 146.7 us at 128256 x 2048 (128 weights a thread)
