@@ -228,7 +228,11 @@ def test_gemv_tile_rule():
     assert tiles(T.Q5_1, 576, 1536) == (8, 32, 4)  # not swept: the old rule
     # Q5_0 below K = 2048 (SmolLM2 Q4_K_M's q / k / o / gate_up): 4 x 32 on four warps
     assert tiles(T.Q5_0, 576, 1536) == tiles(T.Q5_0, 192, 576) == (4, 32, 4)
-    assert tiles(T.Q4_1, 3072, 2048) == (8, 64, 4)
+    # Q4_1 at the 1B shapes, its own sweep: qkv / o 8 x 32 (o on eight warps), gate_up
+    # 32 x 16, the output 16 x 16; down keeps 8 x 64
+    assert tiles(T.Q4_1, 3072, 2048) == (8, 32, 4) and tiles(T.Q4_1, 2048, 2048) == (8, 32, 8)
+    assert tiles(T.Q4_1, 16384, 2048) == (32, 16, 4) and tiles(T.Q4_1, 2048, 8192) == (8, 64, 4)
+    assert tiles(T.Q4_1, 128256, 2048) == (16, 16, 4)
     assert tiles(T.Q5_0, 2048, 2048) == (4, 32, 4)  # not swept: the old rule
     assert tiles(T.Q8_0, 3072, 2048) == (8, 32, 4) and tiles(T.Q8_0, 2048, 2048) == (2, 64, 4)
     assert qm._gemv_config(T.Q8_0, 1, 2048, 8192, 132)["SPLIT"] == 2
@@ -253,7 +257,7 @@ def test_gemv_long_k_tiles(qtype, k, rng, poisoned):
     if qtype == T.Q8_0:
         assert (cfg["BLOCK_B"], cfg["SPLIT"]) == ((32, 2) if k >= 4096 else (64, 1))
     else:
-        assert cfg["BLOCK_B"] == 64
+        assert cfg["BLOCK_B"] == (32 if qtype == T.Q4_1 and k < 4096 else 64)
     _check_plain_and_fused(qtype, n, k, rng)
 
 
@@ -291,21 +295,28 @@ def test_gemv_short_k_q4_tiles(qtype, n, k, tiles, rng, poisoned):
     _check_short_k_tiles(qtype, n, k, tiles, rng)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
-def test_gemv_vocabulary_tiles_at_short_k(qtype, rng, poisoned):
-    """The vocabulary tiles (32 rows x 8 blocks) SmolLM2's 49152 x 576 output takes, at K =
-    576 (three steps, the last past K masked) and a partial row tile, against float64."""
-    n, k = 40, 576
-    cfg = {
-        key: v for key, v in qm._gemv_config(qtype, 1, 49152, k, 132).items() if key != "BLOCK_M"
-    }
-    assert (cfg["BLOCK_N"], cfg["BLOCK_B"]) == (32, 8)
+@pytest.mark.parametrize(
+    ("qtype", "shape", "k", "tiles"),
+    [
+        (T.Q4_0, (49152, 576), 576, (32, 8)),  # SmolLM2's output: vocabulary tiles
+        (T.Q4_1, (49152, 576), 576, (32, 8)),
+        (T.Q4_1, (16384, 2048), 2048, (32, 16)),  # the 1B shape's gate_up
+        (T.Q4_1, (128256, 2048), 2048, (16, 16)),  # and output
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_gemv_large_n_tiles_on_few_rows(qtype, shape, k, tiles, rng, poisoned):
+    """The tiles the rule gives a large matrix, run on 40 rows (a partial row tile; at K =
+    576 the last step past K masked), against float64."""
+    n = 40
+    cfg = {key: v for key, v in qm._gemv_config(qtype, 1, *shape, 132).items() if key != "BLOCK_M"}
+    assert (cfg["BLOCK_N"], cfg["BLOCK_B"]) == tiles
     data = random_blocks(rng, qtype, n, k)
     w = qm.pack_weight(data, qtype, (n, k))
     x = random_x(rng, 1, k, torch.float32)
     out = torch.full((1, n), float("nan"), device=DEVICE)
     y = qm.qmatmul_with(x, w, out=out, gemv_config=cfg)
-    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "vocab")
+    check(x, data, qtype, (n, k), None, y, tolerance(torch.float32, "gemv", qtype), "large n")
 
 
 def _check_short_k_tiles(qtype, n, k, tiles, rng):

@@ -688,9 +688,23 @@ def _gemv_config(
         # sweeps, tg128 1,575 / 1,579 -> 1,584 / 1,581 t/s (Q4_0), 1,596 / 1,595 -> 1,604 /
         # 1,607 (Q4_1; H200, .gpu/run73.sh)
         swept = qtype in (QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0)
+        q4_1_row = qtype == QuantType.Q4_1 and block_m == 1 and k >= 2048
+        if q4_1_row and n >= 65536:
+            # Q4_1's 128256 x 2048 output, one row of x: 16 x 16, 94.2 -> 89.5 us (H200,
+            # tune_decode.py --types Q4_1 --shapes 1b --fused, .gpu/run77.sh)
+            return {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_B": 16, "SPLIT": 1, "num_warps": 4}
         if n >= 65536 or (swept and n >= 32768):
             return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_B": 8, "SPLIT": 1}
         wide_n = not small and k <= 4096  # gate_up
+        if q4_1_row and (wide_n or n <= 4096) and k < 4096:
+            # Q4_1 at the 1B shapes (the same sweep; the 8 x 64 rule below came from Q4_0-led
+            # sweeps): gate_up 32 x 16 16.09 -> 15.74 us, qkv 8 x 32 5.69 -> 5.32, o 8 x 32 on
+            # eight warps 4.22 -> 4.01; down kept 8 x 64. 1B Q4_1 tg128 1,176 / 1,178 ->
+            # 1,197 / 1,196 t/s with these (down there at a slower 32 x 16 split in four).
+            if wide_n:
+                return {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_B": 16, "SPLIT": 1, "num_warps": 4}
+            warps = 8 if n <= 2048 else 4
+            return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_B": 32, "SPLIT": 1, "num_warps": warps}
         if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k >= 2048 and not wide_n:
             # H200 sweeps of the decode step's fused forms (tune_decode.py --wide --fused, 1B
             # shapes): 8 rows x 64 blocks on four warps, Q4_0 qkv 6.26 -> 5.41 us, o 4.27 ->
