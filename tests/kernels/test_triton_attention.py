@@ -284,6 +284,26 @@ def test_decode_padded_slot_is_zero(gen: torch.Generator):
         check_against_reference("decode", got[:1], q[:1], kc, vc, _first(meta), scale=0.1)
 
 
+@pytest.mark.parametrize("pad", [-1, 1 << 20])
+def test_decode_tables_padded_with_anything(pad: int, gen: torch.Generator):
+    """Block-table entries past a sequence's blocks may hold anything (here -1 or a block
+    far outside the cache): no split reads them, whatever the split count."""
+    seq_lens = [5, 40, 1]
+    q, kc, vc, meta = make_batch(
+        gen, [1] * 3, seq_lens, n_heads=4, n_kv=2, head_dim=32, block_size=16,
+        dtype=torch.float16, extra_table_cols=3,
+    )  # fmt: skip
+    for b, n in enumerate(seq_lens):
+        meta.block_tables[b, -(-n // 16) :] = pad
+    for num_splits in (2, 8):
+        got = paged_attention_decode(
+            q, kc, vc, meta.block_tables, meta.seq_lens, scale=0.2, num_splits=num_splits,
+            out=_nan_like(q),
+        )  # fmt: skip
+        check_against_reference(f"decode pad {pad} splits {num_splits}", got, q, kc, vc, meta,
+                                scale=0.2)  # fmt: skip
+
+
 def _first(meta: AttentionMetadata) -> AttentionMetadata:
     return AttentionMetadata(
         meta.slot_mapping[:1],
