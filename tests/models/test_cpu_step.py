@@ -283,7 +283,7 @@ def test_native_decode_matches_eager(model, request, rng, monkeypatch):
     picks: list[tuple[bool, int, int]] = []
 
     def both(input_ids, positions, meta, kv_caches):
-        if not native.applies(meta):
+        if meta.max_query_len != 1:  # prompts: test_native_prefill_matches_eager
             return forward(input_ids, positions, meta, kv_caches)
         got = forward(input_ids, positions, meta, kv_caches)
         model_.native_decode = None  # eagerly; rewrites the same K/V slots
@@ -370,6 +370,81 @@ def test_batched_rows_equal_rows_alone(smollm2_path, rng):
         )
 
 
+def _chunk_meta(tables, seq_lens: list[int], counts: list[int], bs: int):
+    """Metadata of a step appending counts[b] tokens to sequence b (ending at seq_lens[b])
+    and those tokens' positions."""
+    slots, positions, starts = [], [], [0]
+    for b, (n, c) in enumerate(zip(seq_lens, counts, strict=True)):
+        for p in range(n - c, n):
+            slots.append(int(tables[b, p // bs]) * bs + p % bs)
+            positions.append(p)
+        starts.append(starts[-1] + c)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables.contiguous(),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        max_query_len=max(counts),
+        max_seq_len=max(seq_lens),
+        seq_lens_host=tuple(seq_lens),
+        query_start_loc_host=tuple(starts),
+    )
+    return meta, torch.tensor(positions)
+
+
+@needs_vnni
+def test_native_prefill_matches_eager(smollm2_path, rng):
+    """A step of several new tokens per sequence (a prompt of 9, a chunk of 40 after 35
+    cached tokens, one decode row after 199) through the native step, a row a token,
+    against the eager batched prefill on the same cache and slots, the cached prefixes
+    written by an earlier (eager) prefill: the criteria of test_native_decode_matches_eager
+    (median relative difference, explained picks); each sequence's rows equal the same
+    tokens stepped alone, bit for bit; more than PREFILL_MAX_ROWS new tokens fall back to
+    the batched prefill."""
+    engine = _engine(smollm2_path)
+    model_, caches = engine.runner.model, engine.runner.kv_caches
+    native = model_.native_decode
+    assert native is not None
+    bs, n_blocks = caches[0][0].shape[1], caches[0][0].shape[0]
+    # real text (peaked next-token distributions: few near-ties for the picks to flip at)
+    text = (
+        "The sky is blue because air scatters the short wavelengths of sunlight more than "
+        "the long ones. Sunlight looks white, but it holds every colour of the rainbow. "
+    )
+    words = engine.tokenizer.encode(text * 8)
+    seq_lens, counts = [9, 75, 200], [9, 40, 1]
+    tables = shuffled_block_tables(rng, seq_lens, bs, n_blocks - 1)
+    prefix = [n - c for n, c in zip(seq_lens, counts, strict=True)][1:]
+    meta, positions = _chunk_meta(tables[1:], prefix, prefix, bs)
+    assert not native.applies(meta)  # 234 tokens: the batched prefill
+    with torch.inference_mode():
+        model_(torch.tensor(words[:35] + words[:199]), positions, meta, caches)
+    meta, positions = _chunk_meta(tables, seq_lens, counts, bs)
+    assert native.applies(meta)
+    ids = torch.tensor(words[:9] + words[35:75] + words[199:200])
+    with torch.inference_mode():
+        got = model_(ids, positions, meta, caches)
+        starts = meta.query_start_loc_host
+        for b in range(len(seq_lens)):  # each sequence alone, natively
+            alone, pos = _chunk_meta(tables[b : b + 1], seq_lens[b : b + 1], counts[b : b + 1], bs)
+            one = model_(ids[starts[b] : starts[b + 1]], pos, alone, caches)
+            assert torch.equal(one, got[starts[b] : starts[b + 1]]), b
+        model_.native_decode = None
+        try:
+            ref = model_(ids, positions, meta, caches)  # rewrites the same slots
+        finally:
+            model_.native_decode = native
+        diffs = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).sort().values
+        explained, flips, rows = explained_picks(
+            model_.compute_logits(got), model_.compute_logits(ref)
+        )
+    print(f"median {diffs[len(diffs) // 2]:.2e}, max {diffs[-1]:.2e}; picks differing {flips}")
+    assert diffs[len(diffs) // 2] < 0.05
+    assert explained and flips <= 0.1 * rows
+    too_many, _ = _chunk_meta(tables, seq_lens, [9, 40, cpu_step.PREFILL_MAX_ROWS - 48], bs)
+    assert not native.applies(too_many)
+
+
 @needs_vnni
 def test_which_step_runs(smollm2_path, gemma3_path, monkeypatch):
     """The native step where every matmul takes the VNNI kernels, else the compiled one (or
@@ -441,17 +516,17 @@ def test_native_step_on_each_architecture(arch, tmp_path, rng):
 
 
 def _native_against_eager(model, vocab: int, rng, label: str) -> None:
-    """Decode steps of three sequences through the native step against the eager one, by
-    the criteria of test_native_decode_matches_eager."""
+    """Three prompts in one step (a row a token), then decode steps of the three sequences,
+    through the native step against the eager one, by the criteria of
+    test_native_decode_matches_eager."""
     from tiny_models import PagedRunner
 
     native = cpu_step.NativeDecode(model)  # raises Unsupported naming what it cannot take
     runner = PagedRunner(model, num_seqs=3, max_len=40)
     prompts = {s: rng.integers(0, vocab, n).tolist() for s, n in enumerate([1, 6, 13])}
-    runner.step(prompts)  # prefill, eager
     diffs, flips, rows = [], 0, 0
-    for _ in range(20):
-        ids = {s: [int(rng.integers(0, vocab))] for s in prompts}
+    steps = [prompts] + [{s: [int(rng.integers(0, vocab))] for s in prompts} for _ in range(20)]
+    for ids in steps:  # the prompts (20 rows, a row a token), then decode steps
         lens = list(runner.lens)
         model.native_decode = native
         got = runner.step(ids)
@@ -459,12 +534,12 @@ def _native_against_eager(model, vocab: int, rng, label: str) -> None:
         model.native_decode = None
         ref = runner.step(ids)
         for s in ids:
-            g, r = got[s], ref[s]  # (1, V)
-            diffs.append(float((g - r).norm() / r.norm()))
-            explained, flipped, _ = explained_picks(g, r)
-            assert explained, (label, s)
-            flips += flipped
-            rows += 1
+            for g, r in zip(got[s], ref[s], strict=True):  # (V,) a token
+                diffs.append(float((g - r).norm() / r.norm()))
+                explained, flipped, _ = explained_picks(g[None], r[None])
+                assert explained, (label, s)
+                flips += flipped
+                rows += 1
     diffs.sort()
     print(f"{label}: logits' relative difference median {diffs[len(diffs) // 2]:.2e}, "
           f"max {diffs[-1]:.2e}; greedy picks differing {flips} of {rows}")  # fmt: skip
