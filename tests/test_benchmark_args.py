@@ -28,6 +28,8 @@ CASES = [
     ("benchmarks/cpu_context_bench.py", ["--ranges", "x"], "comma-separated integers"),
     ("benchmarks/cpu_context_bench.py", ["--ranges", "4,0"], "positive step counts"),
     ("benchmarks/cpu_bench.py", ["--baseline", "vllm"], "invalid choice"),
+    ("benchmarks/cpu_first_token.py", ["--lengths", "x"], "comma-separated integers"),
+    ("benchmarks/cpu_first_token.py", ["--lengths", "8,0"], "positive token counts"),
 ]
 
 

@@ -315,17 +315,22 @@ def test_native_decode_matches_eager(model, request, rng, monkeypatch):
     assert flips <= 0.1 * rows
 
 
-def _meta(tables: torch.Tensor, seq_lens: list[int], slots: list[int]) -> AttentionMetadata:
-    n = len(seq_lens)
+def _meta(
+    tables: torch.Tensor, seq_lens: list[int], slots: list[int], counts: list[int] | None = None
+) -> AttentionMetadata:
+    """A step appending counts[b] tokens (default one) to sequence b, which then holds
+    seq_lens[b], the new tokens' K / V going to `slots`."""
+    counts = counts or [1] * len(seq_lens)
+    starts = [0, *np.cumsum(counts).tolist()]
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         block_tables=tables.contiguous(),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        query_start_loc=torch.arange(n + 1, dtype=torch.int32),
-        max_query_len=1,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        max_query_len=max(counts),
         max_seq_len=max(seq_lens),
         seq_lens_host=tuple(seq_lens),
-        query_start_loc_host=tuple(range(n + 1)),
+        query_start_loc_host=tuple(starts),
     )
 
 
@@ -371,25 +376,12 @@ def test_batched_rows_equal_rows_alone(smollm2_path, rng):
 
 
 def _chunk_meta(tables, seq_lens: list[int], counts: list[int], bs: int):
-    """Metadata of a step appending counts[b] tokens to sequence b (ending at seq_lens[b])
-    and those tokens' positions."""
-    slots, positions, starts = [], [], [0]
-    for b, (n, c) in enumerate(zip(seq_lens, counts, strict=True)):
-        for p in range(n - c, n):
-            slots.append(int(tables[b, p // bs]) * bs + p % bs)
-            positions.append(p)
-        starts.append(starts[-1] + c)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_tables=tables.contiguous(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        max_query_len=max(counts),
-        max_seq_len=max(seq_lens),
-        seq_lens_host=tuple(seq_lens),
-        query_start_loc_host=tuple(starts),
-    )
-    return meta, torch.tensor(positions)
+    """`_meta` of a step appending counts[b] tokens to sequence b (ending at seq_lens[b]),
+    their slots from the block tables, and those tokens' positions."""
+    positions = [p for n, c in zip(seq_lens, counts, strict=True) for p in range(n - c, n)]
+    owners = [b for b, c in enumerate(counts) for _ in range(c)]
+    slots = [int(tables[b, p // bs]) * bs + p % bs for b, p in zip(owners, positions, strict=True)]
+    return _meta(tables, seq_lens, slots, counts), torch.tensor(positions)
 
 
 @needs_vnni
@@ -487,6 +479,9 @@ def test_bad_metadata_is_refused(smollm2_path):
             model_(ids, pos, _meta(torch.cat([tables, tables]), [21, 21], [3 * bs, 3 * bs]), caches)
         with pytest.raises(ValueError, match="contiguous torch.int32 CPU metadata"):
             model_(ids, pos, _meta(tables.long(), [21], [3 * bs]), caches)
+        with pytest.raises(ValueError, match="do not fit the sequence lengths"):
+            two = _meta(tables, [1], [3 * bs, 3 * bs + 1], counts=[2])  # 2 new of 1 token
+            model_(torch.tensor([5, 6]), torch.tensor([0, 1]), two, caches)
         out = model_(ids, pos, _meta(tables, [21], [4 * bs + 4]), caches)  # still fine after
     assert torch.isfinite(out).all()
 

@@ -709,8 +709,9 @@ def _gemv_config(
             # H200 sweeps of the decode step's fused forms (tune_decode.py --wide --fused, 1B
             # shapes): 8 rows x 64 blocks on four warps, Q4_0 qkv 6.26 -> 5.41 us, o 4.27 ->
             # 4.14, down 12.53 -> 10.27 (tg128 1,071 -> 1,126 t/s); Q4_1 qkv 6.28 -> 5.68, o
-            # 4.27 -> 4.24, down 12.71 -> 10.65. One row of x only (as measured; the Q5 types
-            # were not swept).
+            # 4.27 -> 4.24, down 12.71 -> 10.65 (Q4_1 keeps only down and other K >= 4096
+            # matrices here: its own sweep's tiles above). One row of x only (as measured;
+            # the Q5 types were not swept).
             return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 4}
         if qtype in (QuantType.Q4_0, QuantType.Q4_1) and block_m == 1 and k < 2048 and not wide_n:
             # H200 sweep of the fused forms at the SmolLM2 shapes (tune_decode.py --shapes
