@@ -4,11 +4,14 @@ a one-line usage error (exit 2) before loading any model or touching a GPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import llamapy.kernels.triton as kt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +33,9 @@ CASES = [
     ("benchmarks/cpu_bench.py", ["--baseline", "vllm"], "invalid choice"),
     ("benchmarks/cpu_first_token.py", ["--lengths", "x"], "comma-separated integers"),
     ("benchmarks/cpu_first_token.py", ["--lengths", "8,0"], "positive token counts"),
+    ("benchmarks/kernels/sass_count.py", ["--type", "Q9"], "bad --type 'Q9'"),
+    ("benchmarks/kernels/sass_count.py", ["--tile", "32"], "bad --type"),
+    ("benchmarks/kernels/sass_count.py", ["--type", "Q4_K"], "no legacy GEMV kernel"),
 ]
 
 
@@ -74,3 +80,26 @@ def test_cpu_context_bench_runs(smollm2_path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "8-11: " in done.stdout and "11-13: " in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed")
+def test_sass_count_compiles_for_hopper_without_a_gpu() -> None:
+    """The GEMV compiles to sm_90 SASS here (ptxas / cuobjdump from Triton's wheel); a
+    register cap below what the kernel takes shows up as spills (stack bytes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    outputs = []
+    for extra in ([], ["--maxnreg", "48"]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/kernels/sass_count.py"), "--type", "Q4_0",
+             "--tile", "16x32", "--pro", "norm", *extra],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        m = re.search(r"([\d.]+) a weight; (\d+) registers, (\d+) B stack", done.stdout)
+        assert m, done.stdout
+        outputs.append((float(m.group(1)), int(m.group(2)), int(m.group(3))))
+    (per_weight, regs, stack), (_, capped_regs, capped_stack) = outputs
+    assert per_weight > 1.0  # at least the FMA of each weight
+    assert regs > 48 and stack == 0
+    assert capped_regs <= 48 and capped_stack > 0
