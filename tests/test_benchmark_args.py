@@ -36,6 +36,9 @@ CASES = [
     ("benchmarks/kernels/sass_count.py", ["--type", "Q9"], "bad --type 'Q9'"),
     ("benchmarks/kernels/sass_count.py", ["--tile", "32"], "bad --type"),
     ("benchmarks/kernels/sass_count.py", ["--type", "Q4_K"], "no legacy GEMV kernel"),
+    ("benchmarks/kernels/sass_count.py", ["--tile", "24x8"], "powers of two, got 24"),
+    ("benchmarks/kernels/sass_count.py", ["--warps", "0"], "powers of two, got 0"),
+    ("benchmarks/kernels/sass_count.py", ["--type", "F16", "--q8x"], "legacy quant type"),
 ]
 
 

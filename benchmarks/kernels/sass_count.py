@@ -107,6 +107,12 @@ def main() -> None:
         p.error(f"bad --type {args.type!r} or --tile {args.tile!r} (want e.g. Q4_0, 32x8)")
     if qtype not in qmatmul._CODES:
         p.error(f"{qtype.name} has no legacy GEMV kernel")
+    if args.q8x and qtype not in qmatmul._Q8X_TYPES:
+        p.error(f"--q8x needs a legacy quant type, got {qtype.name}")
+    for name, v in (("tile", block_n), ("tile", block_b), ("rows", args.rows),
+                    ("warps", args.warps)):  # fmt: skip
+        if v < 1 or v & (v - 1):
+            p.error(f"--{name} values must be powers of two, got {v}")
     qs = "*i32" if args.q8x else _QS_TYPES.get(qtype, "*u8")
     signature = {"x_ptr": "*fp32", "qs_ptr": qs, "qh_ptr": "*i32", "d_ptr": "*fp16",
                  "m_ptr": "*fp16", "bias_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
