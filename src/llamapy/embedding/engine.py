@@ -13,6 +13,7 @@ Many sequences go through one forward pass (flattened, no padding; see batch.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from llamapy.embedding.batch import (
 from llamapy.embedding.pooling import POOLING_TYPES, normalize, pool, split_tokens
 from llamapy.errors import ContextLengthError, LlamapyError, UnsupportedError
 from llamapy.formats import GGUFFile, HFFolder
-from llamapy.kernels.cpu.malloc import tune_malloc
+from llamapy.kernels.cpu.malloc import mapped_while_loading, tune_malloc
 from llamapy.layers.linear import QLinear
 from llamapy.layers.norm import rms_norm
 from llamapy.models import CAUSAL_LM_CLASSES, build_causal_lm
@@ -121,17 +122,19 @@ class EmbeddingEngine:
     # -- construction ---------------------------------------------------------------------
 
     def _build(self, model_file: GGUFFile | HFFolder, cpu_kernels: str) -> torch.nn.Module:
-        model = (
-            BertModel(Weights(model_file)).eval()
-            if self.is_encoder
-            else build_causal_lm(model_file)
-        )
-        repacks = self.device.type == "cuda" or cpu_kernels == "fast"
-        model.prepare(
-            self.device,
-            cpu_kernels=cpu_kernels,
-            release_pages=model_file.release_pages if repacks else None,
-        )
+        cpu = self.device.type == "cpu"
+        with mapped_while_loading() if cpu else contextlib.nullcontext():  # kernels/cpu/malloc
+            model = (
+                BertModel(Weights(model_file)).eval()
+                if self.is_encoder
+                else build_causal_lm(model_file)
+            )
+            repacks = self.device.type == "cuda" or cpu_kernels == "fast"
+            model.prepare(
+                self.device,
+                cpu_kernels=cpu_kernels,
+                release_pages=model_file.release_pages if repacks else None,
+            )
         return model
 
     def _decoder_head(self, model_file: GGUFFile | HFFolder) -> QLinear | None:

@@ -5,6 +5,7 @@ step: scheduler.schedule() -> model_runner.run() -> scheduler.postprocess() -> o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from llamapy.engine.output import TextStream
 from llamapy.engine.scheduler import Scheduler, SchedulerConfig
 from llamapy.engine.sequence import PENDING, FinishReason, Sequence
 from llamapy.errors import ContextLengthError
+from llamapy.kernels.cpu.malloc import mapped_while_loading
 from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
 from llamapy.models.cpu_compile import compile_enabled_by_default
@@ -153,16 +155,18 @@ class LLMEngine:
             from llamapy.convert.at_load import load_time_quantizer
 
             requantize = load_time_quantizer(model_file, config.quantize)
-        model = build_causal_lm(model_file, requantize)
         device = torch.device(config.device)
         # Repacked weights are copies: the file's pages need not stay resident (embedding
         # rows are read back from the file as they are looked up).
         repacks = device.type == "cuda" or config.cpu_kernels in ("fast", "ggml")
-        model.prepare(
-            device,
-            cpu_kernels=config.cpu_kernels,
-            release_pages=model_file.release_pages if repacks else None,
-        )
+        loading = mapped_while_loading() if device.type == "cpu" else contextlib.nullcontext()
+        with loading:  # the packing's temporaries leave no fragmented heap (kernels/cpu/malloc)
+            model = build_causal_lm(model_file, requantize)
+            model.prepare(
+                device,
+                cpu_kernels=config.cpu_kernels,
+                release_pages=model_file.release_pages if repacks else None,
+            )
         if config.cpu_kernels == "ggml":  # llama.cpp's attention and GELU roundings too
             from llamapy.kernels.cpu.ggml_numerics import install
 

@@ -17,10 +17,12 @@ ninth session) has the figures.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Iterator
 
 from llamapy.switches import switched_off
 
@@ -36,6 +38,12 @@ SETTINGS = (
     (M_TRIM_THRESHOLD, 256 << 20),
     (M_TOP_PAD, 64 << 20),
 )
+
+# While weights load: glibc's default threshold, fixed. Left dynamic, it rises to the size of
+# the largest mapped block freed (up to 32 MB), after which the packing's temporaries come
+# from the heap and leave it fragmented: a 1B Q4_0 file's load kept 10-90 MB more resident,
+# varying from run to run (benchmarks/RESULTS.md, issue 7, seventeenth session).
+LOAD_MMAP_THRESHOLD = 128 << 10
 
 _applied: bool | None = None
 
@@ -69,3 +77,22 @@ def tune_malloc() -> bool:
         log.debug("mallopt refused a setting; glibc malloc defaults kept for the rest")
     _applied = ok
     return ok
+
+
+@contextlib.contextmanager
+def mapped_while_loading() -> Iterator[None]:
+    """Blocks over 128 KiB get their own mappings while the body runs (a weight load): a
+    freed temporary goes back to the OS at once instead of staying in a fragmented heap.
+    After it, `tune_malloc`'s settings apply again where they were in effect. Off with
+    LLAMAPY_MALLOC_TUNE=0, and where the C library is not glibc."""
+    libc = None if switched_off("LLAMAPY_MALLOC_TUNE") else _libc()
+    if libc is not None:
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt.restype = ctypes.c_int
+        libc.mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None and _applied:
+            for param, value in SETTINGS:
+                libc.mallopt(param, value)
