@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 from llamapy.config import ModelConfig
@@ -21,15 +23,52 @@ def allocate_kv_cache(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed K and V caches for every layer. On the CPU they are views of one anonymous
+    mapping (`zero_pages`): a cache sized for the whole context becomes resident only as
+    tokens fill it, where torch.zeros would write every page at once (SmolLM2 at 8192
+    tokens: a 377 MB float32 cache in the peak RSS of a one-token run)."""
     v_dim = cfg.v_head_dim or cfg.head_dim
-    return [
-        (
-            torch.zeros(
-                num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
-            ),
-            torch.zeros(
-                num_blocks, block_size, cfg.num_kv_heads, v_dim, dtype=dtype, device=device
-            ),
-        )
-        for _ in range(cfg.num_layers)
-    ]
+    k_shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    v_shape = (num_blocks, block_size, cfg.num_kv_heads, v_dim)
+    if torch.device(device).type != "cpu":
+        return [
+            (
+                torch.zeros(k_shape, dtype=dtype, device=device),
+                torch.zeros(v_shape, dtype=dtype, device=device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+    item = torch.tensor([], dtype=dtype).element_size()
+    k_bytes, v_bytes = (_aligned(item * _numel(shape)) for shape in (k_shape, v_shape))
+    flat = zero_pages(cfg.num_layers * (k_bytes + v_bytes))
+    caches = []
+    for layer in range(cfg.num_layers):
+        at = layer * (k_bytes + v_bytes)
+        k = flat[at : at + item * _numel(k_shape)].view(dtype).view(k_shape)
+        v = flat[at + k_bytes : at + k_bytes + item * _numel(v_shape)].view(dtype).view(v_shape)
+        caches.append((k, v))
+    return caches
+
+
+def zero_pages(nbytes: int) -> torch.Tensor:
+    """(nbytes,) uint8 zeros in a private anonymous memory mapping: the kernel hands out
+    zeroed pages as they are first touched, so untouched ones cost no resident memory (and a
+    forked child gets copy-on-write pages, as with any heap memory). The tensor keeps the
+    mapping alive. Without POSIX mmap flags (Windows): torch.zeros."""
+    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if None in flags:
+        return torch.zeros(nbytes, dtype=torch.uint8)
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=flags[0] | flags[1])
+    return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _aligned(nbytes: int, to: int = 4096) -> int:
+    """nbytes rounded up to a page: each layer's K and V start on their own page."""
+    return -(-nbytes // to) * to
