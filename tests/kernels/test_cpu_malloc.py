@@ -32,15 +32,21 @@ print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2()
 """
 
 
-def probe(tune: str) -> dict:
-    env = dict(os.environ, LLAMAPY_MALLOC_TUNE=tune)
+def run_probe(code: str, **env_vars: str) -> dict:
+    """The JSON line a probe prints, run in a fresh process (glibc's malloc state is per
+    process) without the MALLOC_*_ environment variables, which would fix the thresholds."""
+    env = dict(os.environ, **env_vars)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         env.pop(name, None)
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def probe(tune: str) -> dict:
+    return run_probe(PROBE, LLAMAPY_MALLOC_TUNE=tune)
 
 
 @pytest.mark.skipif(
@@ -75,9 +81,9 @@ def test_not_glibc_changes_nothing(monkeypatch):
 
 
 # glibc's dynamic threshold: after a mapped 20 MB block is freed, blocks up to 20 MB come
-# from the heap (it rises to at most 32 MB); a 10 MB block allocated then either comes from the heap (dynamic) or gets
-# its own mapping (`mapped_while_loading`); after the context, tune_malloc's 32 MB
-# threshold is back where it was in effect.
+# from the heap (it rises to at most 32 MB); a 10 MB block allocated then either comes from
+# the heap (dynamic) or gets its own mapping (`mapped_while_loading`); after the context,
+# tune_malloc's 32 MB threshold is back where it was in effect.
 LOAD_PROBE = """
 import ctypes, json, os, torch
 from llamapy.kernels.cpu.malloc import _libc, mapped_while_loading, tune_malloc
@@ -104,14 +110,7 @@ print(json.dumps(out))
 
 
 def load_probe(tune_first: bool, switch: str = "1") -> dict:
-    env = dict(os.environ, LLAMAPY_MALLOC_TUNE=switch, TUNE_FIRST=str(int(tune_first)))
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        env.pop(name, None)
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_PROBE], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(LOAD_PROBE, LLAMAPY_MALLOC_TUNE=switch, TUNE_FIRST=str(int(tune_first)))
 
 
 @pytest.mark.skipif(
