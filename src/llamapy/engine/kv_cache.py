@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -39,13 +40,13 @@ def allocate_kv_cache(
             for _ in range(cfg.num_layers)
         ]
     item = torch.tensor([], dtype=dtype).element_size()
-    k_bytes, v_bytes = (_aligned(item * _numel(shape)) for shape in (k_shape, v_shape))
+    k_bytes, v_bytes = (_aligned(item * math.prod(shape)) for shape in (k_shape, v_shape))
     flat = zero_pages(cfg.num_layers * (k_bytes + v_bytes))
     caches = []
     for layer in range(cfg.num_layers):
         at = layer * (k_bytes + v_bytes)
-        k = flat[at : at + item * _numel(k_shape)].view(dtype).view(k_shape)
-        v = flat[at + k_bytes : at + k_bytes + item * _numel(v_shape)].view(dtype).view(v_shape)
+        k = flat[at : at + item * math.prod(k_shape)].view(dtype).view(k_shape)
+        v = flat[at + k_bytes : at + k_bytes + item * math.prod(v_shape)].view(dtype).view(v_shape)
         caches.append((k, v))
     return caches
 
@@ -60,13 +61,6 @@ def zero_pages(nbytes: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
     buf = mmap.mmap(-1, max(nbytes, 1), flags=flags[0] | flags[1])
     return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def _aligned(nbytes: int, to: int = 4096) -> int:
