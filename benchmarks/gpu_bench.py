@@ -62,8 +62,21 @@ def check_logits(
             lp = ref.log_softmax(-1)
             kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
             key = f"b{batch}" if kernels == "reference" else f"b{batch}@{kernels}"
-            out[key] = {"rel_err": rel, "top1": top1, "kl": kl, "nan": bool(got.isnan().any())}
+            out[key] = {"rel_err": rel, "top1": top1, "kl": kl, "nan": bool(got.isnan().any()),
+                        "margin": mismatch_margin(got, ref)}  # fmt: skip
     return out
+
+
+def mismatch_margin(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest reference logit margin a top-1 mismatch overturned: at each position where
+    the argmaxes differ, ref[its top] - ref[got's top] (>= 0); 0 without mismatches. Margins
+    the size of the logits' own error are near-ties of random weights, not wrong tokens."""
+    gt = got.argmax(-1)
+    rt = ref.argmax(-1)
+    rows = (gt != rt).nonzero().flatten()
+    if rows.numel() == 0:
+        return 0.0
+    return (ref[rows, rt[rows]] - ref[rows, gt[rows]]).max().item()
 
 
 def engine_for(
@@ -263,7 +276,7 @@ def main() -> None:
         for k, v in res.get("check", {}).items():
             print(
                 f"| {name} | check {k} | top1 {v['top1']:.4f} kl {v['kl']:.2e} "
-                f"rel {v['rel_err']:.2e} |"
+                f"rel {v['rel_err']:.2e} max mismatch margin {v['margin']:.2e} |"
             )
 
 

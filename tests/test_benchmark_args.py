@@ -106,3 +106,25 @@ def test_sass_count_compiles_for_hopper_without_a_gpu() -> None:
     assert per_weight > 1.0  # at least the FMA of each weight
     assert regs > 48 and stack == 0
     assert capped_regs <= 48 and capped_stack > 0
+
+
+def test_gpu_bench_mismatch_margin() -> None:
+    """The largest reference margin a top-1 mismatch overturned (0 without mismatches)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    ref = torch.randn(50, 300, dtype=torch.float64)
+    assert gpu_bench.mismatch_margin(ref.clone(), ref) == 0.0
+    got = ref.clone()
+    top = ref.argmax(-1)
+    second = ref.clone()
+    second[torch.arange(50), top] = -1e9
+    runner_up = second.argmax(-1)
+    for row in (3, 17):  # make the runner-up win there
+        got[row, runner_up[row]] = ref[row, top[row]] + 1.0
+    want = max(ref[r, top[r]] - ref[r, runner_up[r]] for r in (3, 17)).item()
+    assert gpu_bench.mismatch_margin(got, ref) == pytest.approx(want)
