@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from bench_args import positive_int_list
+
 from llamapy.api import LLM
 from llamapy.sampling.params import SamplingParams
 
@@ -21,15 +23,17 @@ from llamapy.sampling.params import SamplingParams
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="smollm2-135m")
-    p.add_argument("--ranges", default="128,128,256,512", help="steps in each timed range")
+    p.add_argument(
+        "--ranges",
+        type=positive_int_list,
+        default=[128, 128, 256, 512],
+        help="steps in each timed range",
+    )
     p.add_argument("--threads", "-t", type=int, default=2)
     args = p.parse_args(argv)
-    try:
-        ranges = [int(r) for r in args.ranges.split(",")]
-    except ValueError:
-        p.error(f"--ranges must be comma-separated integers, got {args.ranges!r}")
-    if not ranges or min(ranges) < 1 or args.threads < 1:
-        p.error("--ranges must be positive step counts and --threads >= 1")
+    ranges = args.ranges
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
     prompt, warmup = 4, 4
     total = prompt + warmup + sum(ranges)
     llm = LLM(

@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+from bench_args import positive_int_list
+
 from llamapy.api import LLM
 from llamapy.sampling.params import SamplingParams
 
@@ -22,16 +24,15 @@ from llamapy.sampling.params import SamplingParams
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="smollm2-135m")
-    p.add_argument("--lengths", default="8,36,100", help="prompt lengths in tokens")
+    p.add_argument(
+        "--lengths", type=positive_int_list, default=[8, 36, 100], help="prompt lengths in tokens"
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", "-t", type=int, default=2)
     args = p.parse_args(argv)
-    try:
-        lengths = [int(n) for n in args.lengths.split(",")]
-    except ValueError:
-        p.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
-    if not lengths or min(lengths) < 1 or args.reps < 1 or args.threads < 1:
-        p.error("--lengths must be positive token counts, --reps and --threads >= 1")
+    lengths = args.lengths
+    if args.reps < 1 or args.threads < 1:
+        p.error("--reps and --threads must be >= 1")
     llm = LLM(
         args.model,
         n_ctx=max(lengths) + 16,
