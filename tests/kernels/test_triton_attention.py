@@ -241,9 +241,35 @@ if ON_GPU:
     }
 
 
+@pytest.fixture(params=["fma", "dot", "fma-merge-last"])
+def decode_products(request, monkeypatch) -> str:
+    """Both forms of the decode kernel's products: broadcast multiplies over the program's
+    few query heads (the default for small tiles) and `tl.dot` (rows padded to 16); and the
+    splits merged by the last program of each KV head instead of a combine launch."""
+    from llamapy.kernels.triton import attention
+
+    if request.param == "dot":
+        monkeypatch.setattr(attention, "DECODE_FMA_MAX", 0)
+    monkeypatch.setattr(attention, "DECODE_MERGE_LAST", request.param == "fma-merge-last")
+    return request.param
+
+
+def test_decode_rows_rule():
+    from llamapy.kernels.triton.attention import DECODE_FMA_MAX, _decode_rows
+
+    assert DECODE_FMA_MAX >= 4 * 16 * 64, "SmolLM2 / Llama 3.2 decode heads take the FMA form"
+    assert _decode_rows(3, 16, 64, False) == (4, False)
+    assert _decode_rows(1, 16, 32, False) == (1, False)
+    assert _decode_rows(3, 16, 64, True) == (16, True), "round_q keeps tl.dot"
+    assert _decode_rows(4, 16, 256, False) == (16, True), "a wide tile keeps tl.dot"
+    assert _decode_rows(32, 16, 64, False) == (32, True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_matches_reference(case: str, dtype: torch.dtype, gen: torch.Generator):
+def test_decode_matches_reference(
+    case: str, dtype: torch.dtype, gen: torch.Generator, decode_products: str
+):
     seq_lens, n_heads, n_kv, d, block_size, num_splits, kw = DECODE_CASES[case]
     q, kc, vc, meta = make_batch(
         gen,

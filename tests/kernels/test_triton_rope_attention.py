@@ -11,10 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.kernels.test_triton_attention import (
+from tests.kernels.test_triton_attention import (  # noqa: F401 (decode_products: fixture)
     DEVICE,
     ON_GPU,
     check_against_reference,
+    decode_products,
     make_batch,
 )
 from tests.kernels.test_triton_fused_ops import rope64
@@ -146,7 +147,9 @@ def check_caches(caches, refs, olds, slots, mag) -> None:
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "norm"])
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interleaved):
+def test_fused_decode_matches_rope_then_attention(
+    gen, case, cache_dtype, interleaved, decode_products
+):
     got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
         gen, case, cache_dtype, interleaved
     )

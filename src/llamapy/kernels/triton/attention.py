@@ -84,11 +84,14 @@ def _attend_tile(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False, USE_DOT: tl.constexpr = True,
 ):
     """Online-softmax update of rows `q` (queries at `q_pos`) with keys
     [tile_start, min(tile_start + BLOCK_N, hi)). EARLY_V: V's tile is loaded with K's,
-    before the scores (its latency overlaps theirs)."""
+    before the scores (its latency overlaps theirs). USE_DOT False: both products as
+    broadcast multiplies and sums in float32 (operands rounded to q's dtype as `tl.dot`
+    takes them), for the few rows of a decode program: no padding to 16 rows, no operand
+    layout conversions."""
     dtype = q.dtype
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < hi
@@ -104,7 +107,10 @@ def _attend_tile(
             v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, BLOCK_D,
         )
-    qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
+    if USE_DOT:
+        qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
+    else:
+        qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(dtype).to(tl.float32)[None, :, :], 2)
     s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
     visible = mask_n[None, :]
     if IS_CAUSAL:
@@ -124,7 +130,11 @@ def _attend_tile(
             HEAD_DIM, BLOCK_D,
         )
     acc = acc * alpha[:, None]
-    acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
+    if USE_DOT:
+        acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
+    else:
+        pv = p.to(dtype).to(tl.float32)[:, :, None] * v.to(dtype).to(tl.float32)[None, :, :]
+        acc += tl.sum(pv, 1)
     return m_new, l_i, acc
 
 
@@ -135,6 +145,7 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr, EARLY_V: tl.constexpr = False,
+    USE_DOT: tl.constexpr = True,
 ):
     """Keys [lo, hi) in BLOCK_N tiles. The compiled kernel runs a `for` loop (software
     pipelined); the interpreter a `while` loop, because with numpy >= 2.4 it cannot turn
@@ -146,7 +157,7 @@ def _attend_range(
                 q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
                 offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
-                USE_SOFTCAP, DOT_PRECISION, EARLY_V,
+                USE_SOFTCAP, DOT_PRECISION, EARLY_V, USE_DOT,
             )
             tile_start += BLOCK_N
     else:
@@ -155,7 +166,7 @@ def _attend_range(
                 q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head,
                 offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
                 softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, IS_CAUSAL, USE_WINDOW,
-                USE_SOFTCAP, DOT_PRECISION, EARLY_V,
+                USE_SOFTCAP, DOT_PRECISION, EARLY_V, USE_DOT,
             )
     return m_i, l_i, acc
 
@@ -283,6 +294,10 @@ def _decode_kernel(
     ROT_HALF: tl.constexpr = 0,
     INTERLEAVED: tl.constexpr = False,
     EARLY_V: tl.constexpr = False,
+    USE_DOT: tl.constexpr = True,
+    count_ptr=None,  # MERGE_LAST: (B, n_kv) int32 arrival counts, zero between launches
+    MERGE_LAST: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 1,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -347,7 +362,7 @@ def _decode_kernel(
         q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
-        LOOP_WHILE, EARLY_V,
+        LOOP_WHILE, EARLY_V, USE_DOT,
     )
     if NEW_KV:
         m_i, l_i, acc = _attend_new_key(
@@ -365,6 +380,42 @@ def _decode_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_gd)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_g)
+        if MERGE_LAST:
+            _merge_if_last(
+                count_ptr + b * tl.num_programs(1) + kv_head, part_o_ptr, part_lse_ptr,
+                row - split, out_ptr + b.to(tl.int64) * stride_ob + heads * stride_oh, offs_d,
+                mask_g, mask_d, HEAD_DIM, NUM_SPLITS, BLOCK_S,
+            )
+
+
+@triton.jit
+def _merge_if_last(
+    count_ptr, part_o_ptr, part_lse_ptr, rows, out_rows, offs_d, mask_g, mask_d,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The split merge in the decode kernel (MERGE_LAST): each program counts itself in
+    at count_ptr once its partials are stored; the last of the NUM_SPLITS programs of the
+    (sequence, KV head) merges their rows (`rows`: each head's first partial row) into
+    `out_rows` as `_combine_kernel` does and resets the count for the next launch."""
+    tl.debug_barrier()  # every thread's partial stores come before the release below
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_SPLITS - 1:
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_gs = mask_g[:, None] & (offs_s < NUM_SPLITS)[None, :]
+        # .cg: the other programs' partials from L2 (this SM's L1 may hold an older launch's)
+        lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :], mask=mask_gs,
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+        w = tl.exp2(lse - m[:, None])
+        ptrs = part_o_ptr + (rows[:, None] + offs_s[None, :])[:, :, None] * HEAD_DIM
+        o = tl.load(ptrs + offs_d[None, None, :], mask=mask_gs[:, :, None] & mask_d[None, None, :],
+                    other=0.0, cache_modifier=".cg")
+        total = tl.sum(w, 1)
+        o = tl.sum(o * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_rows[:, None] + offs_d[None, :], o.to(out_rows.dtype.element_ty),
+                 mask=mask_g[:, None] & mask_d[None, :])
+        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -566,6 +617,39 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
 DECODE_EARLY_V = True
 
 
+# A decode program's query heads (GROUP of them, the rows of its tiles) take both products as
+# broadcast multiplies and sums (`_attend_tile`'s USE_DOT False) when a product's
+# BLOCK_G x BLOCK_N x BLOCK_D elements are at most this many and q stays float32 (small
+# batches): `tl.dot` pads the rows to 16 and moves its operands through shared memory, which
+# at one 16-key tile a split is most of a program's latency. 0 turns it off.
+DECODE_FMA_MAX = 8192
+
+
+# The decode kernel merges its splits itself, in the program that finishes a (sequence, KV
+# head) last (`_merge_if_last`), instead of a `_combine_kernel` launch after it.
+DECODE_MERGE_LAST = False
+_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _merge_counts(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least n arrival counts on `device`, the same one each
+    call (CUDA graphs keep its address); a larger one is made, never freed, when n grows
+    past it. The decode kernels of one device must not run concurrently on two streams."""
+    made = _COUNTS.setdefault(device, [])
+    if not made or made[-1].numel() < n:
+        made.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return made[-1]
+
+
+def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple[int, bool]:
+    """(BLOCK_G, USE_DOT) of the decode kernel: the query heads a program takes, padded to
+    a power of two (to 16 for `tl.dot`)."""
+    rows = triton.next_power_of_2(group)
+    if not round_q and rows * block_n * block_d <= DECODE_FMA_MAX:
+        return rows, False
+    return max(16, rows), True
+
+
 def default_num_splits(
     batch: int, n_kv: int, max_blocks: int, block_size: int, head_dim: int, device: torch.device
 ) -> int:
@@ -682,11 +766,14 @@ def _decode(
     block_d = triton.next_power_of_2(d)
     round_q = _rounds_q(round_q, q, k_cache)
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
+    block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
     pdl_on = pdl.pdl_enabled(q.device)
+    merge_last = DECODE_MERGE_LAST and num_splits > 1 and not pdl_on
+    counts = _merge_counts(q.device, batch * n_kv) if merge_last else part_lse
     # fmt: off
     _decode_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
@@ -695,16 +782,17 @@ def _decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=block_g,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
-        EARLY_V=DECODE_EARLY_V,
+        EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
+        count_ptr=counts, MERGE_LAST=merge_last, BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
-    if num_splits > 1:
+    if num_splits > 1 and not merge_last:
         _combine_kernel[(batch, n_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
