@@ -147,9 +147,8 @@ def check_caches(caches, refs, olds, slots, mag) -> None:
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "norm"])
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_decode_matches_rope_then_attention(
-    gen, case, cache_dtype, interleaved, decode_products
-):
+@pytest.mark.usefixtures("decode_products")
+def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interleaved):
     got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
         gen, case, cache_dtype, interleaved
     )
