@@ -198,36 +198,43 @@ def _rotated(ptr, offs_d, mask, cos_ptr, sin_ptr, ROT_HALF: tl.constexpr,
 
 
 @triton.jit
-def _store_new_key(
-    owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
-    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb, stride_kt, stride_kh, stride_vb,
-    stride_vt, stride_vh, BLOCK_SIZE: tl.constexpr, ROT_HALF: tl.constexpr,
+def _new_key(
+    b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, ROT_HALF: tl.constexpr,
     INTERLEAVED: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The new key (rotated) and value of a fused decode step (`_decode_kernel`'s NEW_KV),
-    rounded to the cache's types as the cache would return them; the split that owns
-    position seq_len - 1 stores them at their slot. Loaded before the key loop, so that
-    their latency hides behind it."""
+    rounded to the cache's types as the cache would return them, and their cache slot.
+    Loaded first in the kernel, with q and the sequence length: one wait for all of them."""
     row_k = new_k_ptr + b.to(tl.int64) * stride_nkb + kv_head * stride_nkh
-    k = _rotated(row_k, offs_d, mask_d, cs, sn, ROT_HALF, INTERLEAVED)
-    k = _round_to(k, k_ptr.dtype.element_ty, INTERP)
     row_v = new_v_ptr + b.to(tl.int64) * stride_nvb + kv_head * stride_nvh
     v = tl.load(row_v + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    v = _round_to(v, v_ptr.dtype.element_ty, INTERP)
     slot = tl.load(slot_ptr + b).to(tl.int64)
+    k = _rotated(row_k, offs_d, mask_d, cs, sn, ROT_HALF, INTERLEAVED)
+    k = _round_to(k, k_ptr.dtype.element_ty, INTERP)
+    v = _round_to(v, v_ptr.dtype.element_ty, INTERP)
+    return k, v, slot
+
+
+@triton.jit
+def _store_new_key(
+    owner, k, v, slot, kv_head, offs_d, mask_d, k_ptr, v_ptr, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, BLOCK_SIZE: tl.constexpr,
+):
+    """The split that owns position seq_len - 1 stores the new key and value at their slot
+    (no other program reads it; a slot < 0 stores nothing)."""
     store = owner & (slot >= 0) & mask_d
     page, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     tl.store(k_ptr + page * stride_kb + off * stride_kt + kv_head * stride_kh + offs_d, k,
              mask=store)
     tl.store(v_ptr + page * stride_vb + off * stride_vt + kv_head * stride_vh + offs_d, v,
              mask=store)
-    return k, v
 
 
 @triton.jit
 def _attend_new_key(q, m_i, l_i, acc, owner, k, v, scale, softcap, USE_SOFTCAP: tl.constexpr):
     """Online-softmax update of the owner split's rows with the new key k and value v (as
-    `_store_new_key` returns them); a no-op in the other splits."""
+    `_new_key` returns them); a no-op in the other splits."""
     dtype = q.dtype
     qk = tl.sum(q.to(tl.float32) * k.to(dtype).to(tl.float32)[None, :], 1)  # (BLOCK_G,)
     s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
@@ -320,9 +327,16 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_g
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
     mask_gd = mask_g[:, None] & mask_d[None, :]
+    # Every load that does not hang on another one goes out before any result is used: the
+    # sequence length, this step's key and value (NEW_KV), q.
+    seq_len = tl.load(seq_lens_ptr + b)
     if NEW_KV:
         cs = cos_ptr + b.to(tl.int64) * stride_cb
         sn = sin_ptr + b.to(tl.int64) * stride_sb
+        new_k, new_v, new_slot = _new_key(
+            b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
+            stride_nkb, stride_nkh, stride_nvb, stride_nvh, ROT_HALF, INTERLEAVED, LOOP_WHILE,
+        )
         q = _rotated(q_rows, offs_d[None, :], mask_gd, cs, sn, ROT_HALF, INTERLEAVED)
         # as the rotary kernel stores it (LOOP_WHILE: set under the interpreter only)
         q = _round_to(q, q_ptr.dtype.element_ty, LOOP_WHILE)
@@ -333,7 +347,6 @@ def _decode_kernel(
 
     # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
     # runs of whole BLOCK_N tiles (trailing splits may be empty).
-    seq_len = tl.load(seq_lens_ptr + b)
     start = 0
     if USE_WINDOW:
         start = tl.maximum(seq_len - window, 0)
@@ -351,12 +364,9 @@ def _decode_kernel(
     hi_cached = hi
     if NEW_KV:
         hi_cached = tl.where(owner, last, hi)
-        new_k, new_v = _store_new_key(
-            owner, b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr,
-            cos_ptr + b.to(tl.int64) * stride_cb, sin_ptr + b.to(tl.int64) * stride_sb,
-            slot_ptr, k_ptr, v_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_kb,
-            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, ROT_HALF,
-            INTERLEAVED, LOOP_WHILE,
+        _store_new_key(
+            owner, new_k, new_v, new_slot, kv_head, offs_d, mask_d, k_ptr, v_ptr, stride_kb,
+            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
         )
     m_i, l_i, acc = _attend_range(
         q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
