@@ -302,9 +302,6 @@ def _decode_kernel(
     INTERLEAVED: tl.constexpr = False,
     EARLY_V: tl.constexpr = False,
     USE_DOT: tl.constexpr = True,
-    count_ptr=None,  # MERGE_LAST: (B, n_kv) int32 arrival counts, zero between launches
-    MERGE_LAST: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 1,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -390,42 +387,6 @@ def _decode_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_gd)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_g)
-        if MERGE_LAST:
-            _merge_if_last(
-                count_ptr + b * tl.num_programs(1) + kv_head, part_o_ptr, part_lse_ptr,
-                row - split, out_ptr + b.to(tl.int64) * stride_ob + heads * stride_oh, offs_d,
-                mask_g, mask_d, HEAD_DIM, NUM_SPLITS, BLOCK_S,
-            )
-
-
-@triton.jit
-def _merge_if_last(
-    count_ptr, part_o_ptr, part_lse_ptr, rows, out_rows, offs_d, mask_g, mask_d,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """The split merge in the decode kernel (MERGE_LAST): each program counts itself in
-    at count_ptr once its partials are stored; the last of the NUM_SPLITS programs of the
-    (sequence, KV head) merges their rows (`rows`: each head's first partial row) into
-    `out_rows` as `_combine_kernel` does and resets the count for the next launch."""
-    tl.debug_barrier()  # every thread's partial stores come before the release below
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_gs = mask_g[:, None] & (offs_s < NUM_SPLITS)[None, :]
-        # .cg: the other programs' partials from L2 (this SM's L1 may hold an older launch's)
-        lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :], mask=mask_gs,
-                      other=float("-inf"), cache_modifier=".cg")
-        m = tl.max(lse, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-        w = tl.exp2(lse - m[:, None])
-        ptrs = part_o_ptr + (rows[:, None] + offs_s[None, :])[:, :, None] * HEAD_DIM
-        o = tl.load(ptrs + offs_d[None, None, :], mask=mask_gs[:, :, None] & mask_d[None, None, :],
-                    other=0.0, cache_modifier=".cg")
-        total = tl.sum(w, 1)
-        o = tl.sum(o * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_rows[:, None] + offs_d[None, :], o.to(out_rows.dtype.element_ty),
-                 mask=mask_g[:, None] & mask_d[None, :])
-        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -635,22 +596,6 @@ DECODE_EARLY_V = True
 DECODE_FMA_MAX = 8192
 
 
-# The decode kernel merges its splits itself, in the program that finishes a (sequence, KV
-# head) last (`_merge_if_last`), instead of a `_combine_kernel` launch after it.
-DECODE_MERGE_LAST = False
-_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _merge_counts(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n arrival counts on `device`, the same one each
-    call (CUDA graphs keep its address); a larger one is made, never freed, when n grows
-    past it. The decode kernels of one device must not run concurrently on two streams."""
-    made = _COUNTS.setdefault(device, [])
-    if not made or made[-1].numel() < n:
-        made.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return made[-1]
-
-
 def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple[int, bool]:
     """(BLOCK_G, USE_DOT) of the decode kernel: the query heads a program takes, padded to
     a power of two (to 16 for `tl.dot`)."""
@@ -782,8 +727,6 @@ def _decode(
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
     pdl_on = pdl.pdl_enabled(q.device)
-    merge_last = DECODE_MERGE_LAST and num_splits > 1 and not pdl_on
-    counts = _merge_counts(q.device, batch * n_kv) if merge_last else part_lse
     # fmt: off
     _decode_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
@@ -798,11 +741,10 @@ def _decode(
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
         EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
-        count_ptr=counts, MERGE_LAST=merge_last, BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
-    if num_splits > 1 and not merge_last:
+    if num_splits > 1:
         _combine_kernel[(batch, n_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
