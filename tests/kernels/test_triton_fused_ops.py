@@ -395,49 +395,6 @@ def test_rotary_and_cache_int32_slots(gen):
         assert torch.equal(got.nan_to_num(7.0), exp.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize(
-    "rot_dim,base,scaling",
-    [(64, 10000.0, None), (128, 500000.0, "llama3"), (80, 1e6, "linear"), (2, 10000.0, None)],
-)
-@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=str)
-def test_cos_sin_is_the_torch_formula(gen, rot_dim, base, scaling, pos_dtype):
-    """The one-launch cos / sin tables against `RotaryEmbedding.cos_sin`'s torch formula
-    on the CPU, at fresh random positions up to 2^20: the same float64 angles, so the
-    float32 results are equal up to one float32 ulp (the two float64 cos / sin
-    implementations may differ in their last bit, which rounding to float32 passes on only
-    next to a midpoint)."""
-    from llamapy.config import RopeScaling
-
-    rs = None
-    if scaling == "llama3":
-        rs = RopeScaling("llama3", factor=32.0, original_context_length=8192,
-                         low_freq_factor=1.0, high_freq_factor=4.0)  # fmt: skip
-    elif scaling == "linear":
-        rs = RopeScaling("linear", factor=4.0)
-    rope = RotaryEmbedding(rot_dim, base, interleaved=True, scaling=rs)
-    positions = torch.randint(0, 1 << 20, (NUM_TOKENS + 5,), generator=gen, dtype=pos_dtype)
-    positions[0] = 0
-    want_cos, want_sin = rope.cos_sin(positions)  # the CPU's torch formula
-    strided = torch.stack([positions, -positions], 1).to(DEVICE)[:, 0]  # stride 2
-    got_cos, got_sin = rotary.cos_sin(strided, rope.inv_freq.to(DEVICE), rope.position_scale)
-    for got, want in ((got_cos, want_cos), (got_sin, want_sin)):
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        ulp = torch.finfo(torch.float32).eps * want.abs().clamp(min=2.0**-126)
-        assert ((got.cpu() - want).abs() <= ulp).all()
-    assert got_cos[0].eq(1.0).all() and got_sin[0].eq(0.0).all()
-
-
-def test_cos_sin_rejects_bad_inputs():
-    freq = torch.ones(4, dtype=torch.float64, device=DEVICE)
-    pos = torch.arange(3, device=DEVICE)
-    with pytest.raises(ValueError, match="positions must be 1-D"):
-        rotary.cos_sin(pos.float(), freq, 1.0)
-    with pytest.raises(ValueError, match="inv_freq must be"):
-        rotary.cos_sin(pos, freq.float(), 1.0)
-    cos, sin = rotary.cos_sin(pos[:0], freq, 1.0)
-    assert cos.shape == sin.shape == (0, 4)
-
-
 # ---------------------------------------------------------------- activations
 
 

@@ -49,13 +49,6 @@ class RotaryEmbedding:
         self.inv_freq = inv_freq
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.is_cuda and positions.dim() == 1 and self.inv_freq.device == positions.device:
-            from llamapy.kernels.triton import HAS_TRITON
-
-            if HAS_TRITON:  # one kernel for torch's seven (a CUDA-graph decode step's)
-                from llamapy.kernels.triton import rotary
-
-                return rotary.cos_sin(positions, self.inv_freq, self.position_scale)
         angles = positions.to(torch.float64)[:, None] * self.position_scale * self.inv_freq
         return angles.cos().float(), angles.sin().float()  # (T, rot_dim/2)
 

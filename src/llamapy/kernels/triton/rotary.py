@@ -176,30 +176,6 @@ def check_cache(op: str, k, v, k_cache, v_cache, slot_mapping) -> None:
         )
 
 
-def cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, position_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`RotaryEmbedding.cos_sin` in one launch: angles (positions * position_scale) *
-    inv_freq in float64, their cos and sin rounded to float32, (T, len(inv_freq)) each
-    (torch's form is seven elementwise kernels a decode step)."""
-    op = "cos_sin"
-    check_device(op, positions, inv_freq)
-    if positions.dim() != 1 or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: positions must be 1-D int32 / int64, got {tuple(positions.shape)} "
-                         f"{positions.dtype}")  # fmt: skip
-    if inv_freq.dim() != 1 or inv_freq.dtype != torch.float64 or not inv_freq.is_contiguous():
-        raise ValueError(f"{op}: inv_freq must be a contiguous 1-D float64 tensor")
-    n, half = positions.shape[0], inv_freq.shape[0]
-    cos = torch.empty(n, half, dtype=torch.float32, device=positions.device)
-    sin = torch.empty_like(cos)
-    if n and half:
-        _cos_sin_kernel[(n,)](
-            positions, inv_freq, cos, sin, positions.stride(0), float(position_scale), half,
-            BLOCK=triton.next_power_of_2(half), num_warps=1,
-        )  # fmt: skip
-    return cos, sin
-
-
 def _launch(q, k, v, cos, sin, q_out, k_out, v_out, slot_mapping, rot_dim, interleaved):
     """One launch over (token, head block): the first q_blocks programs of a token rotate q
     heads, the rest rotate k heads (and copy v heads when writing the cache)."""
@@ -227,19 +203,6 @@ def _launch(q, k, v, cos, sin, q_out, k_out, v_out, slot_mapping, rot_dim, inter
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _cos_sin_kernel(pos_ptr, freq_ptr, cos_ptr, sin_ptr, s_pos, scale, half,
-                        BLOCK: tl.constexpr):  # fmt: skip
-        """One token's row: the float64 angles as torch forms them, then cos / sin."""
-        t = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, BLOCK)
-        mask = i < half
-        p = tl.load(pos_ptr + t * s_pos).to(tl.float64)
-        f = tl.load(freq_ptr + i, mask=mask, other=0.0)
-        angle = (p * scale) * f
-        tl.store(cos_ptr + t * half + i, tl.cos(angle).to(tl.float32), mask=mask)
-        tl.store(sin_ptr + t * half + i, tl.sin(angle).to(tl.float32), mask=mask)
 
     @triton.jit
     def _rope_heads(
