@@ -26,14 +26,33 @@ def test_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not pdl.pdl_enabled(torch.device("cpu"))
     assert pdl.launch_options(False) == {"PDL": False}
     assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
+    pdl.set_model_bytes(torch.device("cpu"), 1)  # recorded for CUDA devices only
+    assert not pdl.pdl_enabled(torch.device("cpu"))
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
+        can = ON_HOPPER and not kt.INTERPRET
+        monkeypatch.setattr(pdl, "_model_bytes", {})
         monkeypatch.delenv("LLAMAPY_PDL", raising=False)
-        assert not pdl.pdl_enabled(cuda)  # opt-in
-        monkeypatch.setenv("LLAMAPY_PDL", "0")
+        assert not pdl.pdl_enabled(cuda)  # no model recorded: off
+        pdl.set_model_bytes(cuda, 100 << 20)
+        assert pdl.pdl_enabled(cuda) == can
+        pdl.set_model_bytes(cuda, 700 << 20)
         assert not pdl.pdl_enabled(cuda)
         monkeypatch.setenv("LLAMAPY_PDL", "1")
-        assert pdl.pdl_enabled(cuda) == (ON_HOPPER and not kt.INTERPRET)
+        assert pdl.pdl_enabled(cuda) == can
+        pdl.set_model_bytes(cuda, 100 << 20)
+        monkeypatch.setenv("LLAMAPY_PDL", "0")
+        assert not pdl.pdl_enabled(cuda)
+
+
+def test_policy() -> None:
+    """LLAMAPY_PDL forces it; unset (or anything else) it follows the model's size."""
+    small, large = pdl.AUTO_MAX_MODEL_BYTES, pdl.AUTO_MAX_MODEL_BYTES + 1
+    assert pdl.wanted(None, small) and pdl.wanted("", small) and pdl.wanted("yes", small)
+    assert not pdl.wanted(None, large) and not pdl.wanted(None, None)
+    assert pdl.wanted("1", large) and pdl.wanted("1", None)
+    assert not pdl.wanted("0", small)
+    assert 150 << 20 <= pdl.AUTO_MAX_MODEL_BYTES < 700 << 20, "SmolLM2 files on, the 1B's off"
 
 
 def test_prefetch_lines(monkeypatch: pytest.MonkeyPatch) -> None:

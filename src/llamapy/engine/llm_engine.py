@@ -160,6 +160,7 @@ class LLMEngine:
         # rows are read back from the file as they are looked up).
         repacks = device.type == "cuda" or config.cpu_kernels in ("fast", "ggml")
         loading = mapped_while_loading() if device.type == "cpu" else contextlib.nullcontext()
+        on_gpu_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         with loading:  # the packing's temporaries leave no fragmented heap (kernels/cpu/malloc)
             model = build_causal_lm(model_file, requantize)
             model.prepare(
@@ -167,6 +168,10 @@ class LLMEngine:
                 cpu_kernels=config.cpu_kernels,
                 release_pages=model_file.release_pages if repacks else None,
             )
+        if device.type == "cuda":  # small models launch their kernels with PDL (triton/pdl)
+            from llamapy.kernels.triton import pdl
+
+            pdl.set_model_bytes(device, torch.cuda.memory_allocated(device) - on_gpu_before)
         if config.cpu_kernels == "ggml":  # llama.cpp's attention and GELU roundings too
             from llamapy.kernels.cpu.ggml_numerics import install
 

@@ -102,8 +102,8 @@ if HAS_TRITON:
         gate_ptr, up_ptr, out_ptr, N, g_inner, sga, sgb, u_inner, sua, sub,
         ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N

@@ -311,8 +311,8 @@ def _decode_kernel(
     and this step's key arrive unrotated, the key and value of position seq_len - 1 are not
     in the cache yet; the split that owns that position takes them from registers and
     stores them at their slot (no other program reads it)."""
-    pdl.launch_dependents(PDL)
     pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -405,8 +405,8 @@ def _combine_kernel(
     PDL: tl.constexpr = False,
 ):
     """Merge the splits of one (sequence, head) by their log-sum-exp (flash-decoding)."""
-    pdl.launch_dependents(PDL)
     pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b.to(tl.int64) * tl.num_programs(1) + h

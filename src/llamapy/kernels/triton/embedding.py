@@ -104,8 +104,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         """out[r, k] for k in this program's BLOCK of row r: element k of table row ids[r]
         (row_len: the table's row length in its own elements, bytes for the block types)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         r = tl.program_id(0)
         k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = k < dim

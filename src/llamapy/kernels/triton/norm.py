@@ -152,8 +152,8 @@ if HAS_TRITON:
         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D

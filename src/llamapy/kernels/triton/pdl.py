@@ -1,22 +1,27 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for the decode kernels: opt-in
-(LLAMAPY_PDL=1), off by default.
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode kernels: on for small
+models (their weights on the device at most `AUTO_MAX_MODEL_BYTES`, as the engine records
+them at load with `set_model_bytes`), off otherwise; LLAMAPY_PDL=1 / 0 forces it on / off.
 
 A decode step is ~200 short kernels replayed from a CUDA graph; between two of them the GPU
-drains one grid and ramps up the next. With PDL a kernel is launched with
-`launch_pdl=True` and may start while the kernel before it still runs: each kernel first lets
-its dependents launch (`launch_dependents`), may read what no earlier kernel writes (weights:
-`prefetch_l2`), and calls `wait` before its first read of an activation or its first write.
-`wait` returns once every earlier grid has finished and its writes are visible, so the
-order of reads and writes between kernels is the same as without PDL.
+drains one grid and ramps up the next (~0.9 us from the last program of one kernel to the
+first of the next, H200). With PDL a kernel is launched with `launch_pdl=True` and may start
+while the kernel before it still runs: it may read what no earlier kernel writes (weights:
+`prefetch_l2`), then calls `wait`, which returns once every earlier grid has finished and its
+writes are visible, and only then lets its own dependents launch (`launch_dependents`): so at
+most one grid waits ahead of the running one, and the order of reads and writes between
+kernels is the same as without PDL.
 
-Why off: measured on an H200 (benchmarks/RESULTS.md, seventh session) it sped SmolLM2-shape
-decode up ~5% and slowed Llama-3.2-1B-shape decode ~5-10%: the graph's kernel gaps are
-already ~0.2 us each, and early-launched grids waiting on the SMs cost more than they save.
+Measured (H200, tg128, benchmarks/RESULTS.md, eighteenth session): SmolLM2-135M-shape Q4_0
+1612 / 1619 -> 1906 / 1900 t/s, Llama-3.2-1B-shape Q4_0 1235 -> 1214 (its GEMVs stream MBs
+each; the early grids and prefetches compete with them). Dependents let go at a kernel's
+start instead (earlier sessions) left chains of early grids waiting on the SMs: 1453 t/s for
+the same SmolLM2 file.
 
 Rules for a kernel given `PDL=True` (a constexpr; False under the interpreter, on pre-Hopper
-cards and unless LLAMAPY_PDL=1):
+cards and where `pdl_enabled` says so):
 - nothing but weight reads (or prefetches) before `wait`;
-- no write anywhere before `wait`.
+- no write anywhere before `wait`;
+- `launch_dependents` after `wait`.
 """
 
 from __future__ import annotations
@@ -43,12 +48,41 @@ def _device_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+# Models whose weights take at most this many bytes on the device launch their kernels with
+# PDL unless LLAMAPY_PDL says otherwise (the SmolLM2-135M-shape files: 77-145 MB; the
+# Llama-3.2-1B shape's Q4_0 703 MB lost with it).
+AUTO_MAX_MODEL_BYTES = 256 << 20
+_model_bytes: dict[int, int] = {}  # by device index: the last model loaded there
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def set_model_bytes(device: torch.device, nbytes: int) -> None:
+    """Record the weights' size of the model just loaded on `device` (`LLMEngine`): kernels
+    launched there from now on (CUDA-graph captures included) follow `wanted`."""
+    if device.type == "cuda":
+        _model_bytes[_index(device)] = nbytes
+
+
+def wanted(env: str | None, model_bytes: int | None) -> bool:
+    """The policy, on a device that can run PDL: LLAMAPY_PDL "1" on, "0" off; otherwise on
+    for a recorded model of at most AUTO_MAX_MODEL_BYTES."""
+    if env in ("0", "1"):
+        return env == "1"
+    return model_bytes is not None and model_bytes <= AUTO_MAX_MODEL_BYTES
+
+
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: LLAMAPY_PDL=1, a CUDA device of compute
-    capability >= 9.0, and not the interpreter."""
-    if INTERPRET or device.type != "cuda" or os.environ.get("LLAMAPY_PDL", "0") != "1":
+    """Whether kernels on `device` launch with PDL: a CUDA device of compute capability
+    >= 9.0, not the interpreter, and `wanted`."""
+    if INTERPRET or device.type != "cuda":
         return False
-    return _device_pdl(device.index if device.index is not None else torch.cuda.current_device())
+    index = _index(device)
+    if not wanted(os.environ.get("LLAMAPY_PDL"), _model_bytes.get(index)):
+        return False
+    return _device_pdl(index)
 
 
 def launch_options(on: bool) -> dict[str, object]:
@@ -74,7 +108,8 @@ if HAS_TRITON:
 
     @triton.jit
     def launch_dependents(PDL: tl.constexpr):
-        """Let the next kernel launch (it still waits for this one before touching our data)."""
+        """Let the next kernel launch (it still waits for this one before touching our data);
+        called after `wait`, so that no more than one grid waits ahead."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 

@@ -148,8 +148,8 @@ if HAS_TRITON:
         s as the whole sum would be, into out as a (SPLIT_K, M, N) float32 workspace
         (`_sum_splits_kernel` adds them up). s is a power of two: the scaled partials add up
         to the scaled sum."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         pid_m, pid_n = qm._grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,8 +314,8 @@ if HAS_TRITON:
                            PDL: tl.constexpr):  # fmt: skip
         """out (M N,) = ws[0] + ws[1] + ... + ws[SPLIT_K - 1] for a (SPLIT_K, M N) float32
         workspace, added in that order (deterministic: no atomics)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         ptr = ws_ptr + offs

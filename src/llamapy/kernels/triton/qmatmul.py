@@ -1251,11 +1251,11 @@ if HAS_TRITON:
         n_mask = offs_n < N
         nb = K // 32
         b_start = pid_k * steps_per_split * BLOCK_B  # splits are whole steps: stop at K only
-        pdl.launch_dependents(PDL)
         if PDL:
             b_stop = tl.minimum(b_start + steps_per_split * BLOCK_B, nb)
             pdl.prefetch_rows(qs_ptr, rows, n_mask, nb * WB, b_start * WB, b_stop * WB, PF)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), tl.float32)
         args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
@@ -1292,8 +1292,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         """out = sum over s of ws[s] (+ bias) (+ out: the residual, added once, here), added
         in order s = 0, 1, ... (deterministic)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         y = tl.zeros((BLOCK,), tl.float32)
@@ -1438,8 +1438,8 @@ if HAS_TRITON:
                            BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """Row r of x (float) -> y = x / s as float16 and s = 2^e (float32), the power of two
         with max |x| <= 2^14 s (y then fits float16 exactly as x's scaled values round)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
         amax = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):

@@ -859,12 +859,12 @@ if HAS_TRITON:
         m_ok = (ms < M)[:, None, None, None]
         u_lo = pid_s * per_split
         u_hi = tl.minimum(u_lo + per_split, U)
-        pdl.launch_dependents(PDL)
         if PDL:
             r64 = rows.to(tl.int64)
             pdl.prefetch_rows(A, r64, rows < N, sA, u_lo * AW, u_hi * AW, PA)
             pdl.prefetch_rows(B, r64, rows < N, sB, u_lo * BW, u_hi * BW, PB)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         acc = tl.zeros((BM, BN, NSB, L), dtype=tl.float32)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             u0 = u_lo
@@ -940,8 +940,8 @@ if HAS_TRITON:
                        INTERP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """out[m, n] = the sum of the float32 partials ws[s, m, n], in order s = 0, 1, ...
         (HAS_RES: plus out[m, n], the residual stream, added once, here)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M * N
         acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -246,8 +246,8 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         i = tl.arange(0, BLOCK_HALF)

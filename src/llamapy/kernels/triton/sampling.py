@@ -109,8 +109,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         """best[r, c], where[r, c]: the maximum of row r's logits [c * CHUNK, +CHUNK) and its
         first index (banned eog ids -inf, NaN +inf)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         r = tl.program_id(0)
         c = tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -134,8 +134,8 @@ if HAS_TRITON:
                            PDL: tl.constexpr):  # fmt: skip
         """out[r]: the index of the first chunk's maximum among row r's chunk maxima (a row
         that is all -inf picks index 0, as torch.argmax)."""
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         r = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         ok = c < C
@@ -149,8 +149,8 @@ if HAS_TRITON:
     @triton.jit
     def _decode_ids_kernel(ids_ptr, src_ptr, prev_ptr, out_ptr, n, BLOCK: tl.constexpr,
                            PDL: tl.constexpr):  # fmt: skip
-        pdl.launch_dependents(PDL)
         pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         src = tl.load(src_ptr + offs, mask=ok, other=-1)
