@@ -40,6 +40,10 @@ CASES = [
     ("benchmarks/kernels/sass_count.py", ["--tile", "24x8"], "powers of two, got 24"),
     ("benchmarks/kernels/sass_count.py", ["--warps", "0"], "powers of two, got 0"),
     ("benchmarks/kernels/sass_count.py", ["--type", "F16", "--q8x"], "legacy quant type"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--shapes", "gpt2"], "--shapes takes"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--types", "Q4_0,IQ1_S"], "--types takes"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--reps", "0"], "--reps must be >= 1"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent"], "lacks build-llamacpp.sh"),
 ]
 
 
@@ -129,3 +133,40 @@ def test_gpu_bench_mismatch_margin() -> None:
         got[row, runner_up[row]] = ref[row, top[row]] + 1.0
     want = max(ref[r, top[r]] - ref[r, runner_up[r]] for r in (3, 17)).item()
     assert gpu_bench.mismatch_margin(got, ref) == pytest.approx(want)
+
+
+def test_gpu_vs_llamacpp_table(tmp_path) -> None:
+    """Both engines' reports parsed and set side by side: ratio llamapy / llama.cpp, the
+    roofline for token generation only, a dash where an engine has no figure."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_vs_llamacpp", ROOT / "benchmarks/gpu_vs_llamacpp.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a, b = tmp_path / "smollm2-135m-Q4_0.gguf", tmp_path / "llama-3.2-1b-Q8_0.gguf"
+
+    def entry(path, n_prompt, n_gen, ts, sd):
+        return {"model_filename": str(path), "n_prompt": n_prompt, "n_gen": n_gen,
+                "avg_ts": ts, "stddev_ts": sd}  # fmt: skip
+
+    rows = [entry(a, 512, 0, 50000.0, 900.0), entry(a, 0, 128, 900.0, 5.0)]
+    report = json.dumps([*rows, entry(b, 0, 128, 800.0, 4.0)])
+    theirs = mod.llama_bench_rows(report)
+    assert theirs[(a.name, "pp512")] == (50000.0, 900.0)
+    assert theirs[(a.name, "tg128")] == (900.0, 5.0)
+    ours = mod.gpu_bench_rows({
+        a.name: {"bench": [{"test": "pp512", "ts": 150000.0, "sd": 10.0},
+                           {"test": "tg128", "ts": 1800.0, "sd": 1.0}]},
+        b.name: {"check": {}, "bench": []},
+    })  # fmt: skip
+    assert ours == {(a.name, "pp512"): (150000.0, 10.0), (a.name, "tg128"): (1800.0, 1.0)}
+    sizes = {a.name: 80 << 20, b.name: 1 << 30}
+    out = mod.table([a, b], sizes, theirs, ours, copy_bw=4e12).splitlines()
+    roof = f"{4e12 / (80 << 20):.0f}"
+    assert out[2] == f"| {a.name} | 80.0 | tg128 | 900.0 ± 5.0 | 1800.0 ± 1.0 | 2.00 | {roof} |"
+    assert out[3] == f"| {a.name} | 80.0 | pp512 | 50000.0 ± 900.0 | 150000.0 ± 10.0 | 3.00 |  |"
+    assert out[4] == f"| {b.name} | 1024.0 | tg128 | 800.0 ± 4.0 | - | - | 3725 |"
+    assert out[5] == f"| {b.name} | 1024.0 | pp512 | - | - | - |  |"
