@@ -2,7 +2,8 @@
 real shapes, in the same sitting, with the ratios and each file's roofline.
 
     python benchmarks/gpu_vs_llamacpp.py --tools DIR [--shapes smollm2-135m,llama-3.2-1b]
-        [--types Q4_0,Q4_1,Q8_0,Q4_K_M] [--work /tmp/gpu_table] [--reps 3] [--md OUT.md]
+        [--types Q4_0,Q4_1,Q8_0,Q4_K_M] [--batch 64,256] [--work /tmp/gpu_table] [--reps 3]
+        [--md OUT.md]
 
 DIR holds shared/tools/gpu's files: `build-llamacpp.sh`, `llamacpp-src.tgz` and the two
 vocabularies (`vocab-smollm2.gguf`, `ggml-vocab-llama-bpe.gguf`; `pack-llamacpp.sh` makes the
@@ -11,8 +12,10 @@ llama.cpp (~5 min on 16 cores, skipped when /tmp/llama.cpp/build/bin has it) whi
 mkmodel` writes the files (Q4_K_M: llama.cpp's `llama-quantize` of an F16 file, as users
 make them), then runs `llama-bench -ngl 99 -p 512 -n 128 -r N -o json` and
 `benchmarks/gpu_bench.py --no-check --tg 128 --pp 512` on them and prints one markdown row a
-file and test. Roofline: the file's bytes read once a token at the copy bandwidth measured
-here (a device-to-device copy of 1 GiB: bytes read + written per second).
+file and test. `--batch`: aggregate decode over that many sequences too (prompt 128, 128 new
+tokens each), llama.cpp's `llama-batched-bench -npp 128 -ntg 128` S_TG against gpu_bench's
+`--batch`. Roofline: the file's bytes read once a token at the copy bandwidth measured here
+(a device-to-device copy of 1 GiB: bytes read + written per second).
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ def llama_bench_rows(report: str) -> dict[tuple[str, str], tuple[float, float]]:
         test = f"pp{n_prompt}" if n_gen == 0 else f"tg{n_gen}"
         name = Path(entry["model_filename"]).name
         rows[(name, test)] = (float(entry["avg_ts"]), float(entry["stddev_ts"]))
+    return rows
+
+
+def batched_rows(report: str, name: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """`llama-batched-bench --output-format jsonl` output (log lines around it) -> {(file
+    name, "batched B=N"): (S_TG t/s, 0)}, the test names gpu_bench's --batch rows carry."""
+    rows = {}
+    for line in report.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            entry = json.loads(line)
+            rows[(name, f"batched B={int(entry['pl'])}")] = (float(entry["speed_tg"]), 0.0)
     return rows
 
 
@@ -130,6 +145,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,Q4_1,Q8_0,Q4_K_M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_table"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", default="", help="sequence counts for batched decode, e.g. 64,256")
     ap.add_argument("--md", type=Path, help="also write the table here")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
@@ -140,6 +156,12 @@ def main() -> None:
         ap.error(f"--types takes a comma-separated list of {', '.join(TYPES)}")
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b]
+    except ValueError:
+        batches = [0]
+    if any(b < 1 for b in batches):
+        ap.error(f"--batch takes positive integers like 64,256, got {args.batch!r}")
     needed = ["build-llamacpp.sh", "llamacpp-src.tgz"] + [VOCABS[s] for s in shapes]
     missing = [n for n in needed if not (args.tools / n).is_file()]
     if missing:
@@ -168,9 +190,18 @@ def main() -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     theirs = llama_bench_rows(bench.stdout)
+    for path in files if batches else []:
+        done = subprocess.run(
+            [str(BIN / "llama-batched-bench"), "-m", str(path), "-ngl", "99", "-c", "70000",
+             "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", "128",
+             "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        theirs |= batched_rows(done.stdout + "\n" + done.stderr, path.name)
     ours_json = args.work / "llamapy.json"
+    batch_args = ["--batch", ",".join(map(str, batches))] if batches else []
     _run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), *map(str, files),
-          "--no-check", "--reps", str(args.reps), "--tg", "128", "--pp", "512",
+          "--no-check", "--reps", str(args.reps), "--tg", "128", "--pp", "512", *batch_args,
           "--json", str(ours_json)], args.work / "gpu_bench.log")  # fmt: skip
     ours = gpu_bench_rows(json.loads(ours_json.read_text()))
     import torch
@@ -179,7 +210,10 @@ def main() -> None:
     sizes = {p.name: p.stat().st_size for p in files}
     out = (
         f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-        f"{time.strftime('%Y-%m-%d')}\n\n" + table(files, sizes, theirs, ours, bw)
+        f"{time.strftime('%Y-%m-%d')}\n\n"
+        + table(
+            files, sizes, theirs, ours, bw, ("tg128", "pp512", *(f"batched B={b}" for b in batches))
+        )
     )
     print(out, flush=True)
     if args.md:

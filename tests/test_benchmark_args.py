@@ -44,6 +44,8 @@ CASES = [
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--types", "Q4_0,IQ1_S"], "--types takes"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--reps", "0"], "--reps must be >= 1"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent"], "lacks build-llamacpp.sh"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "64,x"], "positive integers"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "0"], "positive integers"),
 ]
 
 
@@ -170,3 +172,20 @@ def test_gpu_vs_llamacpp_table(tmp_path) -> None:
     assert out[3] == f"| {a.name} | 80.0 | pp512 | 50000.0 ± 900.0 | 150000.0 ± 10.0 | 3.00 |  |"
     assert out[4] == f"| {b.name} | 1024.0 | tg128 | 800.0 ± 4.0 | - | - | 3725 |"
     assert out[5] == f"| {b.name} | 1024.0 | pp512 | - | - | - |  |"
+    # llama-batched-bench's jsonl lines (among its log lines) and gpu_bench's batched rows
+    log = "main: n_kv_max = 70000\n" + "\n".join(
+        json.dumps({"pp": 128, "tg": 128, "pl": pl, "speed_pp": 1.0, "speed_tg": tg})
+        for pl, tg in ((64, 11702.5), (256, 18149.0))
+    )
+    theirs |= mod.batched_rows(log, b.name)
+    assert theirs[(b.name, "batched B=64")] == (11702.5, 0.0)
+    ours |= mod.gpu_bench_rows(
+        {b.name: {"bench": [{"test": "batched B=64", "ts": 29000.0, "sd": 0.0}]}}
+    )
+    rows = mod.table([b], sizes, theirs, ours, 4e12, ("tg128", "batched B=64", "batched B=256"))
+    lines = rows.splitlines()
+    assert (
+        lines[3]
+        == f"| {b.name} | 1024.0 | batched B=64 | 11702.5 ± 0.0 | 29000.0 ± 0.0 | 2.48 |  |"
+    )
+    assert lines[4] == f"| {b.name} | 1024.0 | batched B=256 | 18149.0 ± 0.0 | - | - |  |"
