@@ -126,3 +126,33 @@ def test_graph_chain_matches_pdl_off(qtype, m, rng, monkeypatch: pytest.MonkeyPa
         assert torch.isfinite(y_on).all()
         assert torch.equal(_chain(x_on, layers), y_on)
         assert torch.equal(_chain(x_off, layers), y_off)
+
+
+def test_dependents_launch_after_the_wait() -> None:
+    """In every Triton kernel that takes part in PDL, `launch_dependents` comes after `wait`:
+    a grid lets the next one launch only once its own predecessor has finished, so at most
+    one grid waits ahead of the running one (triggering first left chains of early grids on
+    the SMs: benchmarks/RESULTS.md, eighteenth session). Read from the kernels' source."""
+    import ast
+    from pathlib import Path
+
+    kernels = 0
+    for path in sorted(Path(kt.__file__).parent.glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            calls = sorted(
+                (node.lineno, node.col_offset, node.func.attr)
+                for node in ast.walk(fn)
+                if isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "pdl"
+                and node.func.attr in ("wait", "launch_dependents")
+            )
+            if not calls:
+                continue
+            kernels += 1
+            order = [attr for _, _, attr in calls]
+            assert order == ["wait", "launch_dependents"], f"{path.name}:{fn.name}: {order}"
+    assert kernels >= 12, kernels
