@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_args import positive_int_list
+
 VOCABS = {"smollm2-135m": "vocab-smollm2.gguf", "llama-3.2-1b": "ggml-vocab-llama-bpe.gguf"}
 TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "F16")
 BIN = Path("/tmp/llama.cpp/build/bin")
@@ -156,7 +158,9 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,Q4_1,Q8_0,Q4_K_M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_table"))
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch", default="", help="sequence counts for batched decode, e.g. 64,256")
+    ap.add_argument(
+        "--batch", type=positive_int_list, default=[], help="batched-decode sequence counts: 64,256"
+    )
     ap.add_argument("--md", type=Path, help="also write the table here")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
@@ -167,12 +171,7 @@ def main() -> None:
         ap.error(f"--types takes a comma-separated list of {', '.join(TYPES)}")
     if args.reps < 1:
         ap.error("--reps must be >= 1")
-    try:
-        batches = [int(b) for b in args.batch.split(",") if b]
-    except ValueError:
-        batches = [0]
-    if any(b < 1 for b in batches):
-        ap.error(f"--batch takes positive integers like 64,256, got {args.batch!r}")
+    batches = args.batch
     needed = ["build-llamacpp.sh", "llamacpp-src.tgz"] + [VOCABS[s] for s in shapes]
     missing = [n for n in needed if not (args.tools / n).is_file()]
     if missing:

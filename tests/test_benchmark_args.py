@@ -44,7 +44,7 @@ CASES = [
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--types", "Q4_0,IQ1_S"], "--types takes"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--reps", "0"], "--reps must be >= 1"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent"], "lacks build-llamacpp.sh"),
-    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "64,x"], "positive integers"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "64,x"], "integers like 64,256"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "0"], "positive integers"),
 ]
 
@@ -137,11 +137,13 @@ def test_gpu_bench_mismatch_margin() -> None:
     assert gpu_bench.mismatch_margin(got, ref) == pytest.approx(want)
 
 
-def test_gpu_vs_llamacpp_table(tmp_path) -> None:
+def test_gpu_vs_llamacpp_table(tmp_path, monkeypatch) -> None:
     """Both engines' reports parsed and set side by side: ratio llamapy / llama.cpp, the
     roofline for token generation only, a dash where an engine has no figure."""
     import importlib.util
     import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its bench_args import
 
     spec = importlib.util.spec_from_file_location(
         "gpu_vs_llamacpp", ROOT / "benchmarks/gpu_vs_llamacpp.py"
