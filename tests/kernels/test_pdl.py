@@ -37,22 +37,30 @@ def test_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
         pdl.set_model_bytes(cuda, 100 << 20)
         assert pdl.pdl_enabled(cuda) == can
         pdl.set_model_bytes(cuda, 700 << 20)
-        assert not pdl.pdl_enabled(cuda)
+        assert pdl.pdl_enabled(cuda) == can  # a kernel without a weight
+        assert not pdl.pdl_enabled(cuda, pdl.AUTO_MAX_WEIGHT_BYTES + 1)
         monkeypatch.setenv("LLAMAPY_PDL", "1")
-        assert pdl.pdl_enabled(cuda) == can
+        assert pdl.pdl_enabled(cuda, pdl.AUTO_MAX_WEIGHT_BYTES + 1) == can
         pdl.set_model_bytes(cuda, 100 << 20)
         monkeypatch.setenv("LLAMAPY_PDL", "0")
         assert not pdl.pdl_enabled(cuda)
 
 
 def test_policy() -> None:
-    """LLAMAPY_PDL forces it; unset (or anything else) it follows the model's size."""
+    """LLAMAPY_PDL forces it; unset (or anything else) it follows the model's size and, in a
+    large model, the size of the kernel's weight."""
     small, large = pdl.AUTO_MAX_MODEL_BYTES, pdl.AUTO_MAX_MODEL_BYTES + 1
-    assert pdl.wanted(None, small) and pdl.wanted("", small) and pdl.wanted("yes", small)
-    assert not pdl.wanted(None, large) and not pdl.wanted(None, None)
-    assert pdl.wanted("1", large) and pdl.wanted("1", None)
-    assert not pdl.wanted("0", small)
-    assert 150 << 20 <= pdl.AUTO_MAX_MODEL_BYTES < 700 << 20, "SmolLM2 files on, the 1B's off"
+    light, heavy = pdl.AUTO_MAX_WEIGHT_BYTES, pdl.AUTO_MAX_WEIGHT_BYTES + 1
+    for env in (None, "", "yes"):
+        assert pdl.wanted(env, small) and pdl.wanted(env, small, heavy)
+        assert pdl.wanted(env, large) and pdl.wanted(env, large, light)
+        assert not pdl.wanted(env, large, heavy)
+        assert not pdl.wanted(env, None) and not pdl.wanted(env, None, light)
+    assert pdl.wanted("1", large, heavy) and pdl.wanted("1", None)
+    assert not pdl.wanted("0", small) and not pdl.wanted("0", large, light)
+    assert 150 << 20 <= pdl.AUTO_MAX_MODEL_BYTES < 700 << 20, "SmolLM2 files all on, not the 1B's"
+    # the 1B shape's Q4_0 attention projections (2.4, 3.5 MB) on, its MLP matrices (9.4, 18.9) off
+    assert 3_538_944 <= pdl.AUTO_MAX_WEIGHT_BYTES < 9_437_184
 
 
 def test_prefetch_lines(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,8 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for the decode kernels: on for small
-models (their weights on the device at most `AUTO_MAX_MODEL_BYTES`, as the engine records
-them at load with `set_model_bytes`), off otherwise; LLAMAPY_PDL=1 / 0 forces it on / off.
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode kernels: on for every
+kernel of a small model (its weights on the device at most `AUTO_MAX_MODEL_BYTES`, as the
+engine records them at load with `set_model_bytes`); in a larger model on for every kernel
+but the matrix products of weights over `AUTO_MAX_WEIGHT_BYTES`; off where no model was
+recorded. LLAMAPY_PDL=1 / 0 forces it on / off for every kernel.
 
 A decode step is ~200 short kernels replayed from a CUDA graph; between two of them the GPU
 drains one grid and ramps up the next (~0.9 us from the last program of one kernel to the
@@ -12,10 +14,12 @@ most one grid waits ahead of the running one, and the order of reads and writes 
 kernels is the same as without PDL.
 
 Measured (H200, tg128, benchmarks/RESULTS.md, eighteenth session): SmolLM2-135M-shape Q4_0
-1612 / 1619 -> 1906 / 1900 t/s, Llama-3.2-1B-shape Q4_0 1235 -> 1214 (its GEMVs stream MBs
-each; the early grids and prefetches compete with them). Dependents let go at a kernel's
-start instead (earlier sessions) left chains of early grids waiting on the SMs: 1453 t/s for
-the same SmolLM2 file.
+1612 / 1619 -> 1906 / 1900 t/s, Llama-3.2-1B-shape Q4_0 1235 -> 1214 with every kernel (its
+GEMVs stream MBs each; the early grids and prefetches compete with them), but 1222 -> 1245
+with every kernel but the GEMVs and 1255 with the GEMVs of at most 4 MB too (nineteenth
+session: its 2.4-3.5 MB attention projections on, the 9-19 MB MLP ones off). Dependents let
+go at a kernel's start instead (earlier sessions) left chains of early grids waiting on the
+SMs: 1453 t/s for the same SmolLM2 file.
 
 Rules for a kernel given `PDL=True` (a constexpr; False under the interpreter, on pre-Hopper
 cards and where `pdl_enabled` says so):
@@ -52,6 +56,10 @@ def _device_pdl(index: int) -> bool:
 # PDL unless LLAMAPY_PDL says otherwise (the SmolLM2-135M-shape files: 77-145 MB; the
 # Llama-3.2-1B shape's Q4_0 703 MB lost with it).
 AUTO_MAX_MODEL_BYTES = 256 << 20
+# In a larger model, matrix products of weights over this many bytes launch without PDL
+# (the 1B Q4_0's 9.4 MB down and 18.9 MB gate_up GEMVs; tg128 1255 t/s without them, 1219
+# with them, H200).
+AUTO_MAX_WEIGHT_BYTES = 4 << 20
 _model_bytes: dict[int, int] = {}  # by device index: the last model loaded there
 
 
@@ -66,21 +74,27 @@ def set_model_bytes(device: torch.device, nbytes: int) -> None:
         _model_bytes[_index(device)] = nbytes
 
 
-def wanted(env: str | None, model_bytes: int | None) -> bool:
-    """The policy, on a device that can run PDL: LLAMAPY_PDL "1" on, "0" off; otherwise on
-    for a recorded model of at most AUTO_MAX_MODEL_BYTES."""
+def wanted(env: str | None, model_bytes: int | None, weight_bytes: int | None = None) -> bool:
+    """The policy, on a device that can run PDL, for a kernel reading a weight of
+    `weight_bytes` (None: no weight): LLAMAPY_PDL "1" on, "0" off; otherwise off where no
+    model is recorded, on for a model of at most AUTO_MAX_MODEL_BYTES, and in a larger one
+    on unless the weight has more than AUTO_MAX_WEIGHT_BYTES."""
     if env in ("0", "1"):
         return env == "1"
-    return model_bytes is not None and model_bytes <= AUTO_MAX_MODEL_BYTES
+    if model_bytes is None:
+        return False
+    if model_bytes <= AUTO_MAX_MODEL_BYTES or weight_bytes is None:
+        return True
+    return weight_bytes <= AUTO_MAX_WEIGHT_BYTES
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: a CUDA device of compute capability
-    >= 9.0, not the interpreter, and `wanted`."""
+def pdl_enabled(device: torch.device, weight_bytes: int | None = None) -> bool:
+    """Whether a kernel on `device` reading a weight of `weight_bytes` (None: none) launches
+    with PDL: a CUDA device of compute capability >= 9.0, not the interpreter, and `wanted`."""
     if INTERPRET or device.type != "cuda":
         return False
     index = _index(device)
-    if not wanted(os.environ.get("LLAMAPY_PDL"), _model_bytes.get(index)):
+    if not wanted(os.environ.get("LLAMAPY_PDL"), _model_bytes.get(index), weight_bytes):
         return False
     return _device_pdl(index)
 

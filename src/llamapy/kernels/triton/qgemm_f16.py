@@ -466,7 +466,7 @@ def gemm_f16(
         return out
     x16 = torch.empty(m, k, dtype=torch.float16, device=x.device)  # x = s x16, |x16| <= 2^14
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    pdl_on = pdl.pdl_enabled(x.device)
+    pdl_on = pdl.pdl_enabled(x.device, w.nbytes)
     qm._scale_rows_kernel[(m,)](
         x, x16, s, x.stride(0), K=k, BLOCK_K=1024, **pdl.launch_options(pdl_on), num_warps=4
     )

@@ -475,7 +475,7 @@ def _dequant_mm(
         scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
         _scale_rows_kernel[(m,)](
             x, xs, scale, x.stride(0), K=k, BLOCK_K=1024,
-            **pdl.launch_options(pdl.pdl_enabled(x.device)), num_warps=4,
+            **pdl.launch_options(pdl.pdl_enabled(x.device, w.nbytes)), num_warps=4,
         )  # fmt: skip
     else:
         xs, scale = x.to(torch.bfloat16), None
@@ -825,7 +825,7 @@ def _launch_gemv(
     operands = _operands(w)
     if q8x:  # the int8-activation step reads the quants as int32 words
         operands = (operands[0].view(torch.int32), *operands[1:])
-    pdl_on = pdl.pdl_enabled(x.device)
+    pdl_on = pdl.pdl_enabled(x.device, w.nbytes)
     # qs elements per 32-weight block; the program's share of each row goes to L2 before the
     # PDL wait (weights are never written by an earlier kernel)
     block_width = (16 if w.qtype in _NIBBLE_TYPES else QK) // (4 if q8x else 1)

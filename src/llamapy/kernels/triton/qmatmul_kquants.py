@@ -537,7 +537,7 @@ def launch(
     if m == 0 or n == 0:
         return
     cfg = config
-    pdl_on = not cfg.gemm and pdl.pdl_enabled(x.device)
+    pdl_on = not cfg.gemm and pdl.pdl_enabled(x.device, n * row_nbytes(qtype, k))
     units, unit = k // block_size(qtype), block_size(qtype)
     step = cfg.nsb if not cfg.gemm else 1
     per_split = triton.cdiv(triton.cdiv(units, step), cfg.split) * step  # units per split
