@@ -201,7 +201,8 @@ def test_f16_gemm_dispatch_rule():
     assert not pays("cuda", T.Q5_0, 64, 3072, 2048)  # no fp16-tile kernel
     assert not pays("cuda", T.Q4_0, 15, 3072, 2048) and not pays("cuda", T.Q4_0, 65, 3072, 2048)
     assert not pays("cuda", T.Q4_0, 64, 960, 576)  # small K: a wash
-    assert not pays("cuda", T.Q4_0, 64, 128256, 2048)  # the vocabulary-sized output
+    assert pays("cuda", T.Q4_0, 64, 128256, 2048)  # the vocabulary-sized output too
+    assert pays("cuda", T.Q6_K, 64, 128256, 2048) and not pays("cuda", T.Q6_K, 32, 128256, 2048)
 
 
 def test_gemv_tile_rule():

@@ -114,7 +114,11 @@ DEQUANT_SCRATCH = 1 << 25
 # sized) take the fp16-tile GEMM with split-K (`qgemm_f16`): it reads the blocks once, where
 # dequant + cuBLAS writes and re-reads a 16-bit copy and the TF32 GEMM is ALU-bound. H200,
 # Llama-3.2-1B shapes (benchmarks/kernels/gemm_f16_lab.py): 1.1-1.6x over the better of the
-# two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576.
+# two at M = 64, 1.2-1.7x at M = 16-32; slower from M = 128, and a wash at K = 576. The
+# vocabulary-sized output too (its fp16 copy alone is 525 MB at the 1B shape): a 1B file's
+# batched decode, S_TG (H200, gpu_bench.py --batch 16,32,64, one lease), Q4_0 B=16 10,344 ->
+# 10,536, B=32 18,279 -> 19,053, B=64 26,758 -> 29,383; Q8_0 B=64 27,117 -> 30,198; Q4_1
+# B=64 25,211 -> 27,384; Q4_K_M (its Q6_K output, 64 rows) 22,471 -> 23,293.
 F16_GEMM_MIN_M, F16_GEMM_MAX_M, F16_GEMM_MIN_K = 16, 64, 1536
 _F16_GEMM_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q8_0})
 # Q4_K / Q6_K have tiles too (path="f16") and are routed there at F16_GEMM_MAX_M rows only:
@@ -439,7 +443,6 @@ def f16_gemm_pays(device_type: str, qtype: QuantType, m: int, n: int, k: int) ->
         and min_m <= m <= F16_GEMM_MAX_M
         and k >= F16_GEMM_MIN_K
         and k % 64 == 0  # whole K steps of 2 blocks
-        and n < 65536
     )
 
 
