@@ -20,10 +20,13 @@ def write_tiny_llama(
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
     rng: np.random.Generator | None = None,
     types: dict[str, gguf.GGMLQuantizationType] | None = None,
+    matrix_scale: float = 1.0,
 ) -> Path:
     """A llama-architecture GGUF with random weights (quantized with gguf-py): matrices in
     `qtype`, or the type `types` gives for their name ("blk.0.attn_v.weight"), or for their
-    name in every layer ("attn_v.weight")."""
+    name in every layer ("attn_v.weight"). Matrices are N(0, matrix_scale^2), norm weights
+    N(0, 1): with the default, attention scores run to the hundreds (softmax ~ argmax, so
+    float32 rounding can swing a row); 1 / sqrt(hidden) keeps activations O(1)."""
     rng = rng or np.random.default_rng()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny llama")
@@ -49,6 +52,8 @@ def write_tiny_llama(
         if quant != gguf.GGMLQuantizationType.F32 and types:
             quant = types.get(name, types.get(name.split(".", 2)[-1], quant))
         x = rng.standard_normal(shape, dtype=np.float32)
+        if len(shape) == 2:
+            x *= matrix_scale
         if quant == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, x)
         else:

@@ -31,6 +31,9 @@ def tiny_model(
     rng: np.random.Generator,
     qtype: gguf.GGMLQuantizationType,
     types: dict[str, gguf.GGMLQuantizationType] | None = None,
+    widen: str = "off",
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    name: str = "tiny.gguf",
 ):
     from gguf_factory import write_tiny_llama
     from llamapy.formats import open_model_file
@@ -38,13 +41,18 @@ def tiny_model(
     from llamapy.layers.linear import QLinear
     from llamapy.models import build_causal_lm
 
-    path = write_tiny_llama(
-        tmp_path / "tiny.gguf", rng=rng, qtype=qtype, hidden=64, ffn=96, types=types
-    )
+    path = tmp_path / name
+    if not path.exists():
+        write_tiny_llama(path, rng=rng, qtype=qtype, hidden=64, ffn=96, types=types,
+                         matrix_scale=64**-0.5)  # fmt: skip
     model = build_causal_lm(open_model_file(path))
     if CUDA:
-        model.prepare(DEVICE)  # plans the fused decode
+        if monkeypatch is not None:  # the tiny model is "small": prepare widens all or nothing
+            assert widen != "projections", "a GPU prepare of the tiny model widens all or none"
+            monkeypatch.setenv("LLAMAPY_GPU_WIDEN", "1" if widen == "all" else "0")
+        model.prepare(DEVICE)  # plans the fused decode (and widens as the engine's would)
         return model
+    model.widen(widen)  # as `prepare` does on a GPU
     for module in model.modules():  # the interpreter: Triton kernels on CPU tensors
         if isinstance(module, QLinear):
             w = module.weight
@@ -104,20 +112,21 @@ Q = gguf.GGMLQuantizationType
 # Q, K and V of another type than their neighbours (as Q4_K_M files give V more bits): layer
 # 0's V (Q and K in one matmul, V in another), layer 1's Q (three matmuls)
 MIXED = {"blk.0.attn_v.weight": Q.Q4_0, "blk.1.attn_q.weight": Q.Q4_0}
-# the interpreter takes ~10 s per case here: two cases there, three on a GPU
-CASES = [(Q.Q8_0, None), (Q.Q8_0, MIXED)] + ([(Q.Q4_0, None)] if CUDA else [])
+# the interpreter takes ~10 s per case here: three cases there, four on a GPU
+CASES = [(Q.Q8_0, None, "off"), (Q.Q8_0, MIXED, "off"), (Q.Q8_0, MIXED, "all")]
+CASES += [(Q.Q4_0, None, "off")] if CUDA else []
 
 
 @pytest.mark.parametrize(
-    ("qtype", "types"),
+    ("qtype", "types", "widen"),
     CASES,
-    ids=lambda c: "mixed" if isinstance(c, dict) else getattr(c, "name", ""),
+    ids=lambda c: "mixed" if isinstance(c, dict) else getattr(c, "name", c),
 )
-def test_fused_decode_matches_unfused(tmp_path, rng, qtype, types, monkeypatch) -> None:
-    model = tiny_model(tmp_path, rng, qtype, types)
+def test_fused_decode_matches_unfused(tmp_path, rng, qtype, types, widen, monkeypatch) -> None:
+    model = tiny_model(tmp_path, rng, qtype, types, widen, monkeypatch)
     assert [layer.fused_activation for layer in model.layers] == ["silu"] * 2
     groups = [layer.attn.proj_widths for layer in model.layers]
-    if types is None:
+    if types is None or widen == "all":
         assert groups == [[[64, 32, 32]]] * 2  # one QKV matmul a layer
     else:
         assert groups == [[[64, 32], [32]], [[64], [32], [32]]]
@@ -159,6 +168,47 @@ def test_fused_decode_matches_unfused(tmp_path, rng, qtype, types, monkeypatch) 
         scale = unfused.abs().max().item()
         torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5 * scale)
     assert len(fused_calls) == 2 * len(model.layers)
+
+
+@pytest.mark.parametrize("widen", ["projections", "all"])
+def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch) -> None:
+    """Q4_0 matrices held as exact Q8_0 ones (the GPU's `gpu_widening`: every matrix of a
+    small model, or a layer's mixed-type Q, K and V fused into one Q8_0 matmul) give the
+    logits of the model that keeps them as they are, prefill and decode steps; a type
+    without an exact Q8_0 form (Q4_1) keeps its layer's projections apart."""
+    if CUDA and widen == "projections":
+        pytest.skip("a GPU prepare widens the tiny model whole; the interpreter checks this")
+    types = {**MIXED, "blk.1.attn_k.weight": Q.Q4_1}  # layer 1: Q4_0 Q, Q4_1 K, Q8_0 V
+    wide = tiny_model(tmp_path, rng, Q.Q8_0, types, widen, monkeypatch)
+    apart = tiny_model(tmp_path, rng, Q.Q8_0, types, "off", monkeypatch)
+    assert [layer.attn.proj_widths for layer in wide.layers] == [[[64, 32, 32]], [[64], [32], [32]]]
+    assert [layer.attn.proj_widths for layer in apart.layers] == [
+        [[64, 32], [32]],
+        [[64], [32], [32]],
+    ]
+    wide_types = [linear.packed.qtype for layer in wide.layers for linear in layer.attn.proj]
+    assert wide_types == [Q.Q8_0] + (
+        [Q.Q8_0, Q.Q4_1, Q.Q8_0] if widen == "all" else [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+    )
+    vocab = wide.config.vocab_size
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
+    steps = [prompts] + [[[int(t)] for t in rng.integers(0, vocab, 2)] for _ in range(2)]
+    runners = Runner(wide, num_seqs=2, max_len=8), Runner(apart, num_seqs=2, max_len=8)
+    runners[1].tables = runners[0].tables
+    for chunks in steps:
+        got, want = (r.step(chunks) for r in runners)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_widening_policy() -> None:
+    """Small models widen every Q4_0 / Q5_0 matrix on the GPU, larger ones only mixed-type
+    projections; LLAMAPY_GPU_WIDEN=0 none."""
+    small = llama.WIDEN_MAX_MODEL_BYTES
+    assert llama.gpu_widening(small) == "all" and llama.gpu_widening(small, "1") == "all"
+    assert llama.gpu_widening(small + 1) == "projections"
+    assert llama.gpu_widening(small, "0") == llama.gpu_widening(small + 1, "0") == "off"
+    assert 150 << 20 <= small < 700 << 20, "the SmolLM2-shape files widened, not the 1B's"
 
 
 def test_fusion_is_all_or_nothing(tmp_path, rng, monkeypatch) -> None:

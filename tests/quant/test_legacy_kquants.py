@@ -123,3 +123,22 @@ def test_q8_k_is_not_dequantized_by_gguf() -> None:
     with pytest.raises(NotImplementedError):
         gguf.quants.dequantize(blocks, QuantType.Q8_K)
     assert QuantType.Q8_K not in DEQUANTIZERS
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q5_0, QuantType.Q8_0], ids=str)
+def test_widen_to_q8_0_is_exact(qtype: QuantType, seed: int) -> None:
+    """Q4_0 / Q5_0 rows rewritten as Q8_0 blocks (the GPU's fused Q, K, V of mixed types)
+    dequantize, by gguf-py, to the same float32 bits as the originals."""
+    from llamapy.quant.legacy import widen_to_q8_0
+
+    rng = np.random.default_rng(seed)
+    rows = random_blocks(rng, qtype, (7, 12)).reshape(7, 12 * type_size(qtype))
+    wide = widen_to_q8_0(torch.from_numpy(rows), qtype)
+    assert wide.dtype == torch.uint8 and wide.shape == (7, 12 * type_size(QuantType.Q8_0))
+    ref = gguf_dequantize(rows, qtype)
+    got = gguf_dequantize(wide.numpy(), QuantType.Q8_0)
+    assert_same_bits(got, ref, f"{qtype.name} widened to Q8_0, seed={seed}")
+    with pytest.raises(ValueError, match="no exact Q8_0 form"):
+        widen_to_q8_0(torch.from_numpy(rows), QuantType.Q4_1)
+    with pytest.raises(ValueError, match="whole"):  # 19 bytes: no whole Q4_0 block
+        widen_to_q8_0(torch.zeros(2, 19, dtype=torch.uint8), QuantType.Q4_0)

@@ -9,6 +9,7 @@ import torch
 
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.qtensor import QTensor
+from llamapy.quant.types import QuantType
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ class QLinear(torch.nn.Module):
         return layer
 
     @property
+    def file_nbytes(self) -> int:
+        """Bytes of the weight's ggml blocks (a fused layer's parts not concatenated)."""
+        if self._parts is not None:
+            return sum(part.nbytes for part in self._parts)
+        return self._weight.data.nbytes
+
+    @property
     def weight(self) -> QTensor:
         """The ggml blocks (empty once `prepare` has repacked them)."""
         if self._parts is not None:
@@ -79,6 +87,15 @@ class QLinear(torch.nn.Module):
     @weight.setter
     def weight(self, value: QTensor) -> None:
         self._weight, self._parts = value, None
+
+    def widen_to_q8_0(self) -> None:
+        """Hold a Q4_0 / Q5_0 weight as its exact Q8_0 twin (`quant.legacy.widen_to_q8_0`,
+        the GPU's choice for small models, `models.llama.gpu_widening`); other types stay."""
+        from llamapy.quant.legacy import widen_to_q8_0
+
+        w = self.weight
+        if w.qtype in (QuantType.Q4_0, QuantType.Q5_0) and self.packed is None:
+            self.weight = QTensor(widen_to_q8_0(w.data, w.qtype), QuantType.Q8_0, w.shape)
 
     def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:
         """Move the weight to `device` in the form its kernels read (once, at load)."""

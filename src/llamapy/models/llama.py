@@ -10,6 +10,7 @@ The forward pass takes a flattened batch: `input_ids (T,)`, `positions (T,)` and
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ from llamapy.layers.rotary import RotaryEmbedding
 from llamapy.models.cpu_compile import CompiledDecode
 from llamapy.models.cpu_step import NativeDecode
 from llamapy.models.weights import Weights
+from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 from llamapy.quant.qtensor import QTensor
+from llamapy.quant.types import QuantType
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,15 +44,23 @@ class BlockOptions:
 
 
 def group_projections(
-    weights: list[QTensor], biases: list[torch.Tensor | None], widths: list[int]
+    weights: list[QTensor],
+    biases: list[torch.Tensor | None],
+    widths: list[int],
+    widen: bool = False,
 ) -> list[tuple[QLinear, list[int]]]:
     """Projections of one input (Q, K, V) as few matmuls as their types allow, in order, each
-    with its outputs' widths: all in one; else the first two in one (Q4_K_M files give V
-    more bits than Q and K: a Q6_K or Q8_0 V beside Q4_K or Q5_0 ones) and the last alone;
-    else one each. Fewer, larger calls: a decode GEMV launch less on the GPU."""
+    with its outputs' widths: all in one; with `widen`, all in one Q8_0 matmul when the types
+    differ but each has an exact Q8_0 form (`quant.legacy.widen_to_q8_0`: Q4_0, Q5_0); else
+    the first two in one (Q4_K_M files give V more bits than Q and K: a Q6_K or Q8_0 V
+    beside Q4_K or Q5_0 ones) and the last alone; else one each. Fewer, larger calls: a
+    decode GEMV launch less on the GPU."""
     whole = QLinear.fused(weights, biases)
     if whole is not None:
         return [(whole, widths)]
+    if widen and all(w.qtype in WIDENS_TO_Q8_0 for w in weights):
+        wide = [QTensor(widen_to_q8_0(w.data, w.qtype), QuantType.Q8_0, w.shape) for w in weights]
+        return group_projections(wide, biases, widths)
     head = QLinear.fused(weights[:2], biases[:2])
     if head is not None:
         return [(head, widths[:2]), (QLinear(weights[2], biases[2]), widths[2:])]
@@ -77,6 +88,8 @@ class Attention(torch.nn.Module):
             weights = [w.q(n + ".weight") for n in names]
             biases = [w.f32_opt(n + ".bias") for n in names]
             groups = group_projections(weights, biases, widths)
+            if len(groups) > 1:  # `widen_projections` may still fuse them for the GPU
+                self._sources = (weights, biases, widths)
         # Q, K and V in as few matmuls as their types allow, and each one's output widths
         self.proj = torch.nn.ModuleList([linear for linear, _ in groups])
         self.proj_widths = [list(ws) for _, ws in groups]
@@ -88,6 +101,20 @@ class Attention(torch.nn.Module):
         is_sliding = cfg.sliding_window is not None and cfg.sliding_layers[il]
         self.sliding_window = cfg.sliding_window if is_sliding else None
         self.softcap = cfg.attn_logit_softcap
+
+    _sources: tuple[list[QTensor], list[torch.Tensor | None], list[int]] | None = None
+
+    def widen_projections(self, widen: bool) -> None:
+        """Before `prepare`: with `widen` (the GPU, `gpu_widening`), Q, K and V as one Q8_0
+        matmul where their types kept them apart but each widens to Q8_0 exactly. Either way
+        the source blocks are let go."""
+        sources, self._sources = self._sources, None
+        if sources is None or not widen:
+            return
+        groups = group_projections(*sources, widen=True)
+        if len(groups) < len(self.proj):
+            self.proj = torch.nn.ModuleList([linear for linear, _ in groups])
+            self.proj_widths = [list(ws) for _, ws in groups]
 
     def projections(self) -> list[tuple[QLinear, list[int]]]:
         """The matmuls producing q, k and v, in that order, each with its outputs' widths."""
@@ -212,6 +239,26 @@ _FUSED_ACTIVATIONS = {silu_and_mul: "silu", gelu_tanh_and_mul: "gelu_tanh"}
 # CUDA decode runs each layer as four fused GEMVs (DecoderLayer.forward_fused); tests and
 # benchmarks switch it off to compare (read by LlamaForCausalLM.plan_fused_decode).
 FUSED_DECODE = True
+# On the GPU, Q4_0 and Q5_0 matrices can be held as their exact Q8_0 twins (`quant.legacy.
+# widen_to_q8_0`: the same weights, ~1.5-1.9x the bytes), whose decode GEMV does less work a
+# weight. `gpu_widening` says where (LLAMAPY_GPU_WIDEN=0: nowhere):
+# - "all": a model whose matrices take at most WIDEN_MAX_MODEL_BYTES, where decode is bound
+#   by launches and per-weight work, not bytes. SmolLM2-135M shape, tg128, H200 (run103):
+#   Q4_0 1912 -> 2042 t/s; Q4_K_M (mostly Q5_0: its 576-wide rows fall back from the
+#   K-quants) 1587 -> 1786; its 74 MB of Q4_0 matrices take ~140 MB.
+# - "projections" (larger models): only a layer's Q, K and V whose types kept them apart
+#   (llama.cpp's Q4_K_M recipe where widths are not multiples of 256: Q5_0 Q and K beside a
+#   Q8_0 V) become one Q8_0 matmul: one GEMV launch a layer less (the same SmolLM2 file
+#   with only this: 1587 -> 1654).
+WIDEN_MAX_MODEL_BYTES = 256 << 20
+
+
+def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
+    """ "off", "projections" or "all" (see above) for a model whose quantized matrices take
+    `matrix_bytes` in the file; env: LLAMAPY_GPU_WIDEN ("0": off)."""
+    if env == "0":
+        return "off"
+    return "all" if matrix_bytes <= WIDEN_MAX_MODEL_BYTES else "projections"
 
 
 class DecoderLayer(torch.nn.Module):
@@ -361,6 +408,10 @@ class LlamaForCausalLM(torch.nn.Module):
         `release_pages`, called after each repacked matrix, lets the file's pages go as
         soon as they are copied, so they never all stay resident beside the copies."""
         device = torch.device(device)
+        widening = "off"
+        if device.type == "cuda":
+            widening = gpu_widening(self.matrix_bytes(), os.environ.get("LLAMAPY_GPU_WIDEN"))
+        self.widen(widening)
         for module in self.modules():
             if isinstance(module, QLinear):
                 module.prepare(device, cpu_kernels)
@@ -375,6 +426,21 @@ class LlamaForCausalLM(torch.nn.Module):
             rope.inv_freq = rope.inv_freq.to(device)
         if device.type == "cuda":
             self.plan_fused_decode()
+
+    def matrix_bytes(self) -> int:
+        """Bytes of the model's matrices as the file holds them (before `prepare`)."""
+        return sum(m.file_nbytes for m in self.modules() if isinstance(m, QLinear))
+
+    def widen(self, widening: str) -> None:
+        """Before `prepare`: hold Q4_0 / Q5_0 matrices as exact Q8_0 ones, all of them
+        ("all") or a layer's Q, K and V where that lets them run as one matmul
+        ("projections"); "off": neither. The projections' source blocks are let go."""
+        for layer in self.layers:
+            layer.attn.widen_projections(widening != "off")
+        if widening == "all":
+            for module in self.modules():
+                if isinstance(module, QLinear):
+                    module.widen_to_q8_0()
 
     def plan_fused_decode(self) -> None:
         """CUDA: decode batches run every layer as fused GEMVs (`DecoderLayer.forward_fused`)

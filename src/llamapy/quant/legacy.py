@@ -87,3 +87,31 @@ DEQUANTIZERS: dict[QuantType, Callable[[torch.Tensor], torch.Tensor]] = {
     QuantType.Q5_1: dequant_q5_1,
     QuantType.Q8_0: dequant_q8_0,
 }
+
+
+# Q4_0 and Q5_0 blocks hold x = d * (q - 8) and d * (q - 16) with a 4- or 5-bit q and an
+# fp16 d; Q8_0 holds x = q * d with an int8 q and the same fp16 d over the same 32 weights,
+# so each of their blocks has an exact Q8_0 twin (same d, q - 8 / q - 16 as int8).
+WIDENS_TO_Q8_0 = frozenset({QuantType.Q4_0, QuantType.Q5_0, QuantType.Q8_0})
+
+
+def widen_to_q8_0(data: torch.Tensor, qtype: QuantType) -> torch.Tensor:
+    """ggml blocks (N, row bytes) uint8 of `qtype` (WIDENS_TO_Q8_0) -> the same rows as Q8_0
+    blocks (N, row weights / 32 * 34) uint8, dequantizing to bit-identical values."""
+    if qtype not in WIDENS_TO_Q8_0:
+        raise ValueError(f"{qtype.name} blocks have no exact Q8_0 form")
+    if qtype == QuantType.Q8_0:
+        return data
+    width = 18 if qtype == QuantType.Q4_0 else 22
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % width:
+        raise ValueError(
+            f"expected (N, whole {qtype.name} blocks) uint8, got {data.dtype} {tuple(data.shape)}"
+        )
+    n, nb = data.shape[0], data.shape[1] // width
+    blocks = data.reshape(n * nb, width)
+    if qtype == QuantType.Q4_0:
+        q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
+    else:
+        q = (_nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)).to(torch.int8) - 16
+    out = torch.cat([blocks[:, :2], q.view(torch.uint8)], dim=1)  # {fp16 d; i8 qs[32]}
+    return out.reshape(n, nb * 34)
