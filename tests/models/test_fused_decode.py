@@ -201,9 +201,25 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_widening_policy() -> None:
+def test_widening_policy(tmp_path, rng) -> None:
     """Small models widen every Q4_0 / Q5_0 matrix on the GPU, larger ones only mixed-type
-    projections; LLAMAPY_GPU_WIDEN=0 none."""
+    projections; LLAMAPY_GPU_WIDEN=0 none. A model's matrix bytes are the file's, counted
+    without concatenating a fused layer's parts."""
+    from gguf_factory import write_tiny_llama
+    from llamapy.formats import open_model_file
+    from llamapy.layers.linear import QLinear
+    from llamapy.models import build_causal_lm
+
+    path = write_tiny_llama(tmp_path / "t.gguf", rng=rng, qtype=Q.Q4_0, types=MIXED)
+    model = build_causal_lm(open_model_file(path))
+    reader = gguf.GGUFReader(path)
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    assert model.matrix_bytes() == sum(int(t.n_bytes) for t in matrices)  # tied output
+    assert all(
+        m._parts is not None
+        for m in model.modules()
+        if isinstance(m, QLinear) and m.out_features > 96
+    )
     small = llama.WIDEN_MAX_MODEL_BYTES
     assert llama.gpu_widening(small) == "all" and llama.gpu_widening(small, "1") == "all"
     assert llama.gpu_widening(small + 1) == "projections"

@@ -254,8 +254,9 @@ WIDEN_MAX_MODEL_BYTES = 256 << 20
 
 
 def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
-    """ "off", "projections" or "all" (see above) for a model whose quantized matrices take
-    `matrix_bytes` in the file; env: LLAMAPY_GPU_WIDEN ("0": off)."""
+    """Which matrices a model whose quantized matrices take `matrix_bytes` in the file
+    widens on the GPU (see above): "all", "projections" or, where env (LLAMAPY_GPU_WIDEN) is
+    "0", "off"."""
     if env == "0":
         return "off"
     return "all" if matrix_bytes <= WIDEN_MAX_MODEL_BYTES else "projections"
