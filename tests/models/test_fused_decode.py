@@ -33,7 +33,6 @@ def tiny_model(
     types: dict[str, gguf.GGMLQuantizationType] | None = None,
     widen: str = "off",
     monkeypatch: pytest.MonkeyPatch | None = None,
-    name: str = "tiny.gguf",
 ):
     from gguf_factory import write_tiny_llama
     from llamapy.formats import open_model_file
@@ -41,8 +40,8 @@ def tiny_model(
     from llamapy.layers.linear import QLinear
     from llamapy.models import build_causal_lm
 
-    path = tmp_path / name
-    if not path.exists():
+    path = tmp_path / "tiny.gguf"
+    if not path.exists():  # a second model of a test reads the first one's file
         write_tiny_llama(path, rng=rng, qtype=qtype, hidden=64, ffn=96, types=types,
                          matrix_scale=64**-0.5)  # fmt: skip
     model = build_causal_lm(open_model_file(path))
