@@ -91,10 +91,10 @@ class QLinear(torch.nn.Module):
     def widen_to_q8_0(self) -> None:
         """Hold a Q4_0 / Q5_0 weight as its exact Q8_0 twin (`quant.legacy.widen_to_q8_0`,
         the GPU's choice for small models, `models.llama.gpu_widening`); other types stay."""
-        from llamapy.quant.legacy import widen_to_q8_0
+        from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 
         w = self.weight
-        if w.qtype in (QuantType.Q4_0, QuantType.Q5_0) and self.packed is None:
+        if w.qtype in WIDENS_TO_Q8_0 and w.qtype != QuantType.Q8_0 and self.packed is None:
             self.weight = QTensor(widen_to_q8_0(w.data, w.qtype), QuantType.Q8_0, w.shape)
 
     def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:

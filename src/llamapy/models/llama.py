@@ -58,7 +58,8 @@ def group_projections(
     whole = QLinear.fused(weights, biases)
     if whole is not None:
         return [(whole, widths)]
-    if widen and all(w.qtype in WIDENS_TO_Q8_0 for w in weights):
+    types = {w.qtype for w in weights}
+    if widen and len(types) > 1 and types <= WIDENS_TO_Q8_0:
         wide = [QTensor(widen_to_q8_0(w.data, w.qtype), QuantType.Q8_0, w.shape) for w in weights]
         return group_projections(wide, biases, widths)
     head = QLinear.fused(weights[:2], biases[:2])

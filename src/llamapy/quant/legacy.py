@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from llamapy.quant.types import QuantType
+from llamapy.quant.types import QuantType, type_size
 
 
 def fp16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ def widen_to_q8_0(data: torch.Tensor, qtype: QuantType) -> torch.Tensor:
         raise ValueError(f"{qtype.name} blocks have no exact Q8_0 form")
     if qtype == QuantType.Q8_0:
         return data
-    width = 18 if qtype == QuantType.Q4_0 else 22
+    width = type_size(qtype)
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % width:
         raise ValueError(
             f"expected (N, whole {qtype.name} blocks) uint8, got {data.dtype} {tuple(data.shape)}"
@@ -114,4 +114,4 @@ def widen_to_q8_0(data: torch.Tensor, qtype: QuantType) -> torch.Tensor:
     else:
         q = (_nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)).to(torch.int8) - 16
     out = torch.cat([blocks[:, :2], q.view(torch.uint8)], dim=1)  # {fp16 d; i8 qs[32]}
-    return out.reshape(n, nb * 34)
+    return out.reshape(n, nb * type_size(QuantType.Q8_0))
