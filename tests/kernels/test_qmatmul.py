@@ -193,6 +193,38 @@ def test_f16_path(qtype, dtype, rng, poisoned):
                         path="f16")  # fmt: skip
 
 
+@pytest.mark.parametrize("k", [576, 2048, qm.SCALE_ROWS_ONE_PASS + 64])
+def test_scale_rows_f16(k, rng):
+    """x -> (y, s): s a power of two per row, the smallest with max |x| <= 2^14 s, y = x / s
+    rounded once to float16; one load per row up to SCALE_ROWS_ONE_PASS elements, two passes
+    beyond (the last case), rows of very different magnitude and an all-zero row."""
+    m = 5
+    x = random_x(rng, m, k, torch.float32)
+    x[1] *= 3e5  # float16 alone would overflow
+    x[2] *= 1e-6
+    x[3] = 0.0
+    y = torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE)
+    s = torch.full((m, 1), float("nan"), dtype=torch.float32, device=DEVICE)
+    qm.scale_rows_f16(x, y, s, pdl_on=False)
+    top = x.abs().amax(dim=1, keepdim=True).double()
+    mant, _ = torch.frexp(s)
+    assert (mant == 0.5).all(), f"scales not powers of two: {s.flatten().tolist()}"
+    live = top > 0
+    assert (top <= 2.0**14 * s)[live].all() and (top > 2.0**13 * s)[live].all()
+    expect = (x.double() / s.double()).to(torch.float16)
+    assert torch.equal(y, expect), "y is not x / s rounded once to float16"
+
+
+def test_split_sum_block_rule():
+    from llamapy.kernels.triton import qgemm_f16
+
+    # about four programs an SM: a 64 x 2048 output in 256-element programs (512 of them)
+    assert qgemm_f16.sum_block(64 * 2048, sms=132) == 256
+    assert qgemm_f16.sum_block(64 * 16384, sms=132) == 1024  # capped
+    assert qgemm_f16.sum_block(16 * 576, sms=132) == 128  # floor: one warp of 4 floats each
+    assert qgemm_f16.sum_block(1, sms=132) == 128
+
+
 def test_f16_gemm_dispatch_rule():
     pays = qm.f16_gemm_pays
     assert pays("cuda", T.Q4_0, 64, 3072, 2048) and pays("cuda", T.Q8_0, 16, 2048, 8192)

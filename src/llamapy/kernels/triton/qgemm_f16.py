@@ -369,6 +369,14 @@ def rule_split(
     return max(1, used_splits(k, cfg, min(split, steps), unit_size))
 
 
+def sum_block(mn: int, sms: int = SMS) -> int:
+    """Elements per program of the split sum: about four programs per SM (128..1024, a power
+    of two), each thread loading 4 floats of every split. The sum reads SPLIT_K partials of
+    (M, N) from L2; at 1024 a program, a 64 x 2048 output is 128 programs, one an SM, and its
+    loads wait on each other's latency."""
+    return max(128, min(1024, triton.next_power_of_2(max(1, mn // (4 * sms)))))
+
+
 def _check(x: torch.Tensor, w: PackedWeight) -> None:
     """The weight's type, then qmatmul's checks of x against the weight."""
     if isinstance(w, PackedWeight) and w.qtype not in TYPES:
@@ -467,9 +475,7 @@ def gemm_f16(
     x16 = torch.empty(m, k, dtype=torch.float16, device=x.device)  # x = s x16, |x16| <= 2^14
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     pdl_on = pdl.pdl_enabled(x.device, w.nbytes)
-    qm._scale_rows_kernel[(m,)](
-        x, x16, s, x.stride(0), K=k, BLOCK_K=1024, **pdl.launch_options(pdl_on), num_warps=4
-    )
+    qm.scale_rows_f16(x, x16, s, pdl_on)
     t = w.tensors
     qs, d = t.get("qs", t.get("ql")), t["d"]
     aux = t.get("m", t.get("dmin", t.get("qh", d)))  # Q4_1's m, Q4_K's dmin, Q6_K's qh
@@ -486,9 +492,9 @@ def gemm_f16(
         **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split > 1:
-        block = 1024
+        block = sum_block(m * n)
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             dest, out, m * n, SPLIT_K=split, BLOCK=block, **pdl.launch_options(pdl_on),
-            num_warps=4,
+            num_warps=max(1, min(4, block // 128)),
         )  # fmt: skip
     return out

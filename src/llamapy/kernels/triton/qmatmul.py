@@ -461,6 +461,21 @@ def _f16_gemm(
         out.add_(bias)
 
 
+# Rows of x up to this many elements are scaled to fp16 from one load (`_scale_rows_kernel`).
+SCALE_ROWS_ONE_PASS = 8192
+
+
+def scale_rows_f16(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, pdl_on: bool) -> None:
+    """y = x / s rounded to float16 (M, K), s (M,) or (M, 1) float32 the power of two per row
+    with max |x| <= 2^14 s: x's rows in fp16's range for the fp16 matrix products."""
+    m, k = x.shape
+    block_k = min(triton.next_power_of_2(k), SCALE_ROWS_ONE_PASS)
+    _scale_rows_kernel[(m,)](
+        x, y, s, x.stride(0), K=k, BLOCK_K=block_k, **pdl.launch_options(pdl_on),
+        num_warps=4 if block_k <= 2048 else 8,
+    )  # fmt: skip
+
+
 def _dequant_pays(x: torch.Tensor, w: PackedWeight) -> bool:
     return x.shape[0] >= DEQUANT_MM_MIN_M and x.is_cuda and w.qtype != QuantType.F32
 
@@ -476,10 +491,7 @@ def _dequant_mm(
     if wdt == torch.float16:  # x / 2^e per row, |x / 2^e| <= 2^14: fits float16's range
         xs = torch.empty(m, k, dtype=torch.float16, device=x.device)
         scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-        _scale_rows_kernel[(m,)](
-            x, xs, scale, x.stride(0), K=k, BLOCK_K=1024,
-            **pdl.launch_options(pdl.pdl_enabled(x.device, w.nbytes)), num_warps=4,
-        )  # fmt: skip
+        scale_rows_f16(x, xs, scale, pdl.pdl_enabled(x.device, w.nbytes))
     else:
         xs, scale = x.to(torch.bfloat16), None
     tile = _DEQUANT_BLOCK_N
@@ -1440,21 +1452,31 @@ if HAS_TRITON:
     def _scale_rows_kernel(x_ptr, y_ptr, s_ptr, stride_xm, K: tl.constexpr,
                            BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """Row r of x (float) -> y = x / s as float16 and s = 2^e (float32), the power of two
-        with max |x| <= 2^14 s (y then fits float16 exactly as x's scaled values round)."""
+        with max |x| <= 2^14 s (y then fits float16 exactly as x's scaled values round).
+        A row that fits one BLOCK_K tile is loaded once; longer rows are read twice."""
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
-        amax = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        top = tl.max(amax, axis=0)
+        x_row = x_ptr + row * stride_xm
+        if BLOCK_K >= K:
+            offs = tl.arange(0, BLOCK_K)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            top = tl.max(tl.abs(v), axis=0)
+        else:
+            amax = tl.zeros((BLOCK_K,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                v = tl.load(x_row + offs, mask=offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+            top = tl.max(amax, axis=0)
         e = tl.ceil(tl.log2(tl.maximum(top, 1e-30))) - 14.0
         inv = tl.exp2(-e)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0)
-            tl.store(y_ptr + row * K + offs, (v.to(tl.float32) * inv).to(tl.float16),
-                     mask=offs < K)  # fmt: skip
+        if BLOCK_K >= K:
+            tl.store(y_ptr + row * K + offs, (v * inv).to(tl.float16), mask=offs < K)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                v = tl.load(x_row + offs, mask=offs < K, other=0.0)
+                tl.store(y_ptr + row * K + offs, (v.to(tl.float32) * inv).to(tl.float16),
+                         mask=offs < K)  # fmt: skip
         tl.store(s_ptr + row, tl.exp2(e))
