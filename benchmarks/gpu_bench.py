@@ -148,21 +148,23 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
         engine, vocab = engine_for(
             path,
             max_seqs=b,
-            ctx=256 + 16,
+            ctx=args.batch_prompt + 128 + 16,
             graphs=not args.no_graphs,
             batch_tokens=8192,
             async_scheduling=not args.no_async,
         )
         # a whole run first: kernels specialised on the growing context lengths compile here
-        run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 128)
+        prompt = args.batch_prompt
+        run_requests(engine, [random_tokens(prompt, vocab, rng) for _ in range(b)], 128)
         runs = [
-            run_requests(engine, [random_tokens(128, vocab, rng) for _ in range(b)], 128)
+            run_requests(engine, [random_tokens(prompt, vocab, rng) for _ in range(b)], 128)
             for _ in range(args.reps)
         ]
         s_tg = [b * 127 / dec for _, dec in runs]
+        name = f"batched B={b}" + (f" prompt {prompt}" if prompt != 128 else "")
         rows.append(
-            {"test": f"batched B={b}", "ts": statistics.mean(s_tg), "sd": statistics.pstdev(s_tg),
-             "pp_ts": statistics.mean(b * 128 / pre for pre, _ in runs)}
+            {"test": name, "ts": statistics.mean(s_tg), "sd": statistics.pstdev(s_tg),
+             "pp_ts": statistics.mean(b * prompt / pre for pre, _ in runs)}
         )  # fmt: skip
         del engine
         torch.cuda.empty_cache()
@@ -234,6 +236,12 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    ap.add_argument(
+        "--batch-prompt",
+        type=int,
+        default=128,
+        help="prompt tokens a sequence in the batched rows (128 new tokens each)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument(
         "--no-async", action="store_true", help="read each step's tokens back before the next"

@@ -100,3 +100,30 @@ def test_decode_with_pdl_matches_pdl_off(tiny_gguf, monkeypatch) -> None:
         monkeypatch.setenv("LLAMAPY_PDL", on)
         got[on] = _generate_each(tiny_gguf, prompts, params, async_on=True)[0]
     assert got["1"] == got["0"]
+
+
+def test_graphs_follow_context_length_splits(tiny_gguf, monkeypatch) -> None:
+    """A batch that fills the SMs splits its keys by its longest sequence's length: graphs of
+    1, 2 and 4 splits are captured as the sequences grow, and the tokens are the eager
+    engine's (here on a pretend one-SM GPU and 16 keys a split, so a tiny batch crosses
+    every split count within a few dozen tokens)."""
+    from llamapy.engine import model_runner
+    from llamapy.kernels.triton import qmatmul
+    from llamapy.sampling.params import SamplingParams
+
+    monkeypatch.setattr(qmatmul, "DEQUANT_MM_MIN_M", 1 << 30)  # as above: decode graphs alone
+    monkeypatch.setattr(model_runner, "SPLIT_MIN_KEYS", 16)
+    rule, seen = model_runner.graph_decode_splits, set()
+
+    def one_sm(bs, num_kv_heads, max_len=None, num_sms=132):
+        splits = rule(bs, num_kv_heads, max_len, num_sms=1)
+        seen.add(splits)
+        return splits
+
+    monkeypatch.setattr(model_runner, "graph_decode_splits", one_sm)
+    prompts = [[1, 5, 9], [4], [2, 7]]
+    greedy = SamplingParams.greedy(max_tokens=40, ignore_eos=True)
+    assert _generate(tiny_gguf, True, prompts, greedy) == _generate(
+        tiny_gguf, False, prompts, greedy
+    )
+    assert {1, 2, 4} <= seen, f"split counts used: {sorted(seen)}"

@@ -384,6 +384,7 @@ class DecodeGraphs:
         buckets |= set(range(48, max_batch, 16)) | {max_batch}
         self.buckets = sorted(buckets)
         dev = kv_caches[0][0].device
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         n = self.max_batch = self.buckets[-1]
         self.max_blocks = max_blocks
         # layout of the int32 input buffer: ids, positions, slots, seq_lens, ban_eog, and the
@@ -420,9 +421,10 @@ class DecodeGraphs:
             for item in batch
         )
 
-    def splits_for(self, bs: int) -> int:
-        """Key splits of the decode attention for a batch bucket (`graph_decode_splits`)."""
-        return graph_decode_splits(bs, self.num_kv_heads)
+    def splits_for(self, bs: int, max_len: int | None = None) -> int:
+        """Key splits of the decode attention for a batch bucket whose longest sequence has
+        `max_len` keys (`graph_decode_splits`)."""
+        return graph_decode_splits(bs, self.num_kv_heads, max_len, self.num_sms)
 
     def _forward(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         tables = self.inputs[_FIELDS * self.max_batch :].view(self.max_batch, self.max_blocks)
@@ -475,7 +477,8 @@ class DecodeGraphs:
         self.inputs.copy_(staging, non_blocking=True)
         if src_rows is not None and max(src_rows) >= 0:
             self.prev_tokens.copy_(self.last_tokens)
-        key = (bs, self.splits_for(bs))
+        max_len = max(item.seq.num_computed_tokens for item in batch) + 1
+        key = (bs, self.splits_for(bs, max_len))
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, logits, greedy = self.graphs[key]
@@ -486,14 +489,30 @@ class DecodeGraphs:
 _FIELDS = 6  # per-row int32 fields of the decode graphs' input buffer
 
 
-def graph_decode_splits(bs: int, num_kv_heads: int) -> int:
+# A batch whose (sequence, KV head) programs alone fill the GPU splits its keys only past this
+# many keys a split: below it the splits' merge kernel costs more than the split programs
+# save. H200, Llama-3.2-1B shape, 64 sequences at 129-256 keys (8 KV heads: 512 programs),
+# S_TG (benchmarks/gpu_bench.py --batch 64, one lease): Q4_K_M 4 splits 23,676, 2 splits
+# 24,023, 1 split 24,666; Q4_1 27,919 / 28,252 / 29,066.
+SPLIT_MIN_KEYS = 512
+
+
+def graph_decode_splits(
+    bs: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132
+) -> int:
     """Key splits of the decode attention in a graph of `bs` sequences, a power of two: 32
     for a single sequence, fewer when the batch already gives the SMs enough (sequence, KV
-    head) programs. Not a function of the context length, so one graph per bucket serves
-    every length: splits past the keys are empty programs (H100 sweep, benchmarks/kernels/
-    tune_decode.py: 16-key tiles over 8-32 splits are 2-4x faster than one long split at
-    128-2048 keys)."""
-    return max(1, min(32, 1 << max(0, (2048 // (bs * num_kv_heads)) - 1).bit_length()))
+    head) programs. Splits past the keys are empty programs, so one graph serves every length
+    up to its split count's (H100 sweep, benchmarks/kernels/tune_decode.py: 16-key tiles over
+    8-32 splits are 2-4x faster than one long split at 128-2048 keys, one sequence). A batch
+    of at least two programs an SM splits only as far as its longest sequence (`max_len`
+    keys, None: any length) gives each split SPLIT_MIN_KEYS keys."""
+    programs = bs * num_kv_heads
+    splits = max(1, min(32, 1 << max(0, (2048 // programs) - 1).bit_length()))
+    if max_len is not None and programs >= 2 * num_sms:
+        by_length = 1 << max(0, -(-max_len // SPLIT_MIN_KEYS) - 1).bit_length()
+        splits = min(splits, by_length)
+    return splits
 
 
 def fill_decode_inputs(
