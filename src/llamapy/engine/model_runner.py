@@ -491,10 +491,12 @@ _FIELDS = 6  # per-row int32 fields of the decode graphs' input buffer
 
 # A batch whose (sequence, KV head) programs alone fill the GPU splits its keys only past this
 # many keys a split: below it the splits' merge kernel costs more than the split programs
-# save. H200, Llama-3.2-1B shape, 64 sequences at 129-256 keys (8 KV heads: 512 programs),
-# S_TG (benchmarks/gpu_bench.py --batch 64, one lease): Q4_K_M 4 splits 23,676, 2 splits
-# 24,023, 1 split 24,666; Q4_1 27,919 / 28,252 / 29,066.
-SPLIT_MIN_KEYS = 512
+# save. H200, Llama-3.2-1B shape, 64 sequences (8 KV heads: 512 programs), S_TG
+# (benchmarks/gpu_bench.py --batch 64, one lease each): at 129-256 keys Q4_K_M 4 splits
+# 23,676, 2 splits 24,023, 1 split 24,666; Q4_1 27,919 / 28,252 / 29,066; at 897-1024 keys
+# (--batch-prompt 896) Q4_1 4 / 2 / 1 splits 22,816 / 22,870 / 23,131. Longer keys were not
+# measured: past 1024 the count doubles with the length up to the batch rule's.
+SPLIT_MIN_KEYS = 1024
 
 
 def graph_decode_splits(
