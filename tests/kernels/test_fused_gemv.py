@@ -192,6 +192,39 @@ def test_split_k_adds_the_residual_once(qtype, rng, poisoned):
         assert torch.equal(y, again), "split-K fused GEMV is not deterministic"
 
 
+def test_q4_1_byte_twin(rng, poisoned):
+    """Q4_1 packed with its quants also one a byte (`pack_weight(byte_twin=True)`): the
+    bytes are the nibbles in weight order, the decode GEMV reads them (every fused form, a K
+    split, several row groups) within the float32 GEMV's bounds, and the other paths (a
+    GEMM-sized batch) still read the nibbles."""
+    n, k = 40, k_small(T.Q4_1)
+    data = random_weight(rng, T.Q4_1, n, k)
+    w = qm.pack_weight(data, T.Q4_1, (n, k), byte_twin=True)
+    plain = qm.pack_weight(data, T.Q4_1, (n, k))
+    assert set(w.tensors) == set(plain.tensors) | {"q8"}
+    blocks = data.view(n, k // 32, 20)[:, :, 4:].long()  # qs after d, m (fp16 each)
+    want = torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(n, k)
+    assert torch.equal(w.tensors["q8"].long(), want)
+    for m, form, dtype in FORMS:
+        case = make_case(rng, form, m, n, k, dtype)
+        y = fused_call(w, case)
+        check(y, case, data, T.Q4_1, n, k, U[dtype], f"Q4_1 bytes {form} M={m} {dtype}")
+    case = make_case(rng, "silu+res", 3, n, k, F32)
+    y = fused_call(w, case, path="gemv", split_k=3)
+    check(y, case, data, T.Q4_1, n, k, U[F32], "Q4_1 bytes split")
+    assert torch.equal(y, fused_call(w, case, path="gemv", split_k=3)), "not deterministic"
+    case = make_case(rng, "res", 17, n, k, F32)  # forced GEMV over row groups
+    check(fused_call(w, case, path="gemv"), case, data, T.Q4_1, n, k, U[F32], "Q4_1 bytes M=17")
+    x = randn(rng, 17, k)
+    assert torch.equal(qm.qmatmul_with(x, w, path="gemm"), qm.qmatmul_with(x, plain, path="gemm"))
+    # the GEMV reads the bytes, not the nibbles: zeroed bytes change its result
+    zeroed = dataclasses.replace(w, tensors={**w.tensors, "q8": torch.zeros_like(w.tensors["q8"])})
+    x = randn(rng, 1, k)
+    assert not torch.equal(
+        qm.qmatmul_with(x, zeroed, path="gemv"), qm.qmatmul_with(x, w, path="gemv")
+    )
+
+
 def test_row_groups_and_strided_rows(rng, poisoned):
     """A forced GEMV over several row groups (M=17, rows beyond the group masked), x rows
     inside a wider buffer (the norm's statistic reads only the row's K elements)."""
@@ -326,11 +359,14 @@ REAL_FORM = {
 def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
     name, n, k = shape
     data = random_weight(rng, qtype, n, k)
-    w = qm.pack_weight(data, qtype, (n, k))
-    for dtype in (F32, BF16):
-        case = make_case(rng, REAL_FORM[name], m, n, k, dtype)
-        y = fused_call(w, case)
-        check(y, case, data, qtype, n, k, U[dtype], f"{qtype.name} {name} M={m} {dtype}")
+    forms = [False, True] if qtype in qm.BYTE_TWIN_TYPES else [False]
+    for byte_twin in forms:
+        w = qm.pack_weight(data, qtype, (n, k), byte_twin=byte_twin)
+        for dtype in (F32, BF16):
+            case = make_case(rng, REAL_FORM[name], m, n, k, dtype)
+            y = fused_call(w, case)
+            what = f"{qtype.name}{' bytes' * byte_twin} {name} M={m} {dtype}"
+            check(y, case, data, qtype, n, k, U[dtype], what)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -55,7 +55,8 @@ def tiny_model(
     for module in model.modules():  # the interpreter: Triton kernels on CPU tensors
         if isinstance(module, QLinear):
             w = module.weight
-            module.packed, module.kernel = pack_weight(w.data, w.qtype, w.shape), "triton"
+            module.packed = pack_weight(w.data, w.qtype, w.shape, module.byte_twin)
+            module.kernel = "triton"
     model.plan_fused_decode()
     return model
 
@@ -174,7 +175,8 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
     """Q4_0 matrices held as exact Q8_0 ones (the GPU's `gpu_widening`: every matrix of a
     small model, or a layer's mixed-type Q, K and V fused into one Q8_0 matmul) give the
     logits of the model that keeps them as they are, prefill and decode steps; a type
-    without an exact Q8_0 form (Q4_1) keeps its layer's projections apart."""
+    without an exact Q8_0 form (Q4_1) keeps its layer's projections apart, and with every
+    matrix widened its decode GEMV reads a byte twin of its quants."""
     if CUDA and widen == "projections":
         pytest.skip("a GPU prepare widens the tiny model whole; the interpreter checks this")
     types = {**MIXED, "blk.1.attn_k.weight": Q.Q4_1}  # layer 1: Q4_0 Q, Q4_1 K, Q8_0 V
@@ -189,6 +191,8 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
     assert wide_types == [Q.Q8_0] + (
         [Q.Q8_0, Q.Q4_1, Q.Q8_0] if widen == "all" else [Q.Q4_0, Q.Q4_1, Q.Q8_0]
     )
+    k_proj = wide.layers[1].attn.proj[1].packed
+    assert ("q8" in k_proj.tensors) == (widen == "all")
     vocab = wide.config.vocab_size
     prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
     steps = [prompts] + [[[int(t)] for t in rng.integers(0, vocab, 2)] for _ in range(2)]

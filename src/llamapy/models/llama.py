@@ -246,7 +246,9 @@ FUSED_DECODE = True
 # - "all": a model whose matrices take at most WIDEN_MAX_MODEL_BYTES, where decode is bound
 #   by launches and per-weight work, not bytes. SmolLM2-135M shape, tg128, H200 (run103):
 #   Q4_0 1912 -> 2042 t/s; Q4_K_M (mostly Q5_0: its 576-wide rows fall back from the
-#   K-quants) 1587 -> 1786; its 74 MB of Q4_0 matrices take ~140 MB.
+#   K-quants) 1587 -> 1786; its 74 MB of Q4_0 matrices take ~140 MB. Q4_1 matrices (no
+#   exact Q8_0 form) keep their blocks and add their quants one a byte, which the decode
+#   GEMV reads (`qmatmul.BYTE_TWIN_TYPES`; about 2.6x the matrices' bytes on the GPU).
 # - "projections" (larger models): only a layer's Q, K and V whose types kept them apart
 #   (llama.cpp's Q4_K_M recipe where widths are not multiples of 256: Q5_0 Q and K beside a
 #   Q8_0 V) become one Q8_0 matmul: one GEMV launch a layer less (the same SmolLM2 file

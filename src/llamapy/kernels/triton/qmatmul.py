@@ -67,7 +67,7 @@ def _level_from_env(name: str) -> int | None:
 QK = 32  # weights per block of the legacy types (and the unit the float kernels step by)
 
 # Kernel type codes (constexpr); the nibble types come first.
-_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _FLOAT = range(6)
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _FLOAT, _Q4_1_BYTES = range(7)
 _CODES: dict[QuantType, int] = {
     QuantType.Q4_0: _Q4_0,
     QuantType.Q4_1: _Q4_1,
@@ -193,11 +193,23 @@ def _log_fallback(qtype: QuantType) -> None:
     )
 
 
-def pack_weight(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]) -> PackedWeight:
+# Q4_1 weights can also carry their quants one a byte (`pack_weight(byte_twin=True)`, field
+# "q8": weight j of a block at byte j, 0..15): the decode GEMV then reads them as the Q8_0
+# GEMV reads its bytes (no nibble unpacking), plus the offset term m sum x; the other paths
+# keep the nibbles. Q4_1 has no exact Q8_0 form (its offset m is not a multiple of d), so
+# small models keep both (`models.llama.gpu_widening`).
+BYTE_TWIN_TYPES = frozenset({QuantType.Q4_1})
+
+
+def pack_weight(
+    data: torch.Tensor, qtype: QuantType, shape: tuple[int, int], byte_twin: bool = False
+) -> PackedWeight:
     """Repack ggml blocks `data` (N, row_bytes) uint8 of an (N, K) weight for the kernels.
 
     Values are unchanged; the result is on `data`'s device. Types without a fused kernel are
     dequantized to bfloat16 (logged once per type) and run through the BF16 kernel.
+    byte_twin (BYTE_TWIN_TYPES only, else ignored): also the quants one a byte, for the
+    decode GEMV.
     """
     if len(shape) != 2:
         raise ValueError(f"expected a 2-D weight shape (N, K), got {tuple(shape)}")
@@ -217,7 +229,11 @@ def pack_weight(data: torch.Tensor, qtype: QuantType, shape: tuple[int, int]) ->
     if k % QK:
         raise ValueError(f"the fused kernels need K to be a multiple of {QK}, got K={k}")
     if qtype in _LEGACY_FIELDS:
-        return PackedWeight(qtype, n, k, _pack_legacy(data, qtype, n, k))
+        tensors = _pack_legacy(data, qtype, n, k)
+        if byte_twin and qtype in BYTE_TWIN_TYPES:
+            qs = tensors["qs"].view(n, k // QK, QK // 2)
+            tensors["q8"] = torch.cat([qs & 0xF, qs >> 4], dim=2).view(n, k)
+        return PackedWeight(qtype, n, k, tensors)
     if qtype in _FLOAT_DTYPES:
         return PackedWeight(qtype, n, k, {"w": _as(data, _FLOAT_DTYPES[qtype], n)})
     return _pack_fallback(data, qtype, n, k)
@@ -813,7 +829,9 @@ def _launch_gemv(
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
     want_q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
-    cfg = _gemv_config(w.qtype, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(want_q8x))
+    bytes_form = "q8" in w.tensors and not want_q8x  # Q4_1's byte twin: Q8_0's tiles
+    tile_type = QuantType.Q8_0 if bytes_form else w.qtype
+    cfg = _gemv_config(tile_type, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(want_q8x))
     if want_q8x:  # the level the caller or the switch asked for
         cfg["Q8X"] = int(want_q8x)
     if config is not None:
@@ -840,17 +858,20 @@ def _launch_gemv(
     operands = _operands(w)
     if q8x:  # the int8-activation step reads the quants as int32 words
         operands = (operands[0].view(torch.int32), *operands[1:])
+    elif bytes_form:
+        operands = (w.tensors["q8"], *operands[1:])
     pdl_on = pdl.pdl_enabled(x.device, w.nbytes)
     # qs elements per 32-weight block; the program's share of each row goes to L2 before the
     # PDL wait (weights are never written by an earlier kernel)
-    block_width = (16 if w.qtype in _NIBBLE_TYPES else QK) // (4 if q8x else 1)
+    block_width = (16 if w.qtype in _NIBBLE_TYPES and not bytes_form else QK) // (4 if q8x else 1)
     nbytes = steps_per_split * cfg["BLOCK_B"] * block_width * operands[0].element_size()
     lines = pdl.prefetch_lines(nbytes) if pdl_on else 0
     _gemv_kernel[grid](
         x, *operands, bias if bias is not None else out,
         norm_weight if norm_weight is not None else out, dest,
         m, n, k, x.stride(0), steps_per_split, float(eps or 0.0),
-        QT=_CODES[w.qtype], HAS_BIAS=bias is not None and split == 1, PRO=pro,
+        QT=_Q4_1_BYTES if bytes_form else _CODES[w.qtype],
+        HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
         **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps,
     )  # fmt: skip
@@ -992,14 +1013,14 @@ if HAS_TRITON:
     def _wide_tile(
         qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B: tl.constexpr, QT: tl.constexpr
     ):  # fmt: skip
-        """Blocks [b_first, +BLOCK_B) of a Q8_0 or float weight -> values (BN, BB, 32) float32
-        and the scale d (BN, BB) (ones for the float types)."""
+        """Blocks [b_first, +BLOCK_B) of a Q8_0, float or byte-form Q4_1 weight -> values
+        (BN, BB, 32) float32 and the scale d (BN, BB) (ones for the float types)."""
         q = _row_tile(qs_ptr, rows, n_mask, b_first, nb, BLOCK_B, 32)
-        if QT == 4:
+        if QT == 4 or QT == 6:
             offs_b = b_first + tl.arange(0, BLOCK_B)
             mask = n_mask[:, None] & (offs_b < nb)[None, :]
             d = tl.load(d_ptr + rows[:, None] * nb + offs_b[None, :], mask=mask, other=0.0)
-            return _exact_f32(q, 128), d.to(tl.float32)
+            return _exact_f32(q, 128 if QT == 4 else 0), d.to(tl.float32)
         else:
             return q.to(tl.float32), tl.full((rows.shape[0], BLOCK_B), 1.0, tl.float32)
 
@@ -1216,6 +1237,11 @@ if HAS_TRITON:
                 acc = _accumulate_row(acc, d * sq + c * sx[None, :], i, BLOCK_M)
         else:
             q, d = _wide_tile(qs_ptr, d_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT)
+            if QT == 6:  # Q4_1 as bytes: w = d q + m
+                offs_b = b_first + tl.arange(0, BLOCK_B)
+                blk = rows[:, None] * nb + offs_b[None, :]
+                mask = n_mask[:, None] & (offs_b < nb)[None, :]
+                c = tl.load(m_ptr + blk, mask=mask, other=0.0).to(tl.float32)
             if PRO == 1:
                 gv = _g_tile(g_ptr, b_first, nb, BLOCK_B, 32)
             for i in tl.static_range(BLOCK_M):
@@ -1226,6 +1252,8 @@ if HAS_TRITON:
                 part = tl.sum(q * xv[None, :, :], axis=2)  # (BN, BB)
                 if QT == 4:
                     part = d * part
+                elif QT == 6:
+                    part = d * part + c * tl.sum(xv, axis=1)[None, :]
                 acc = _accumulate_row(acc, part, i, BLOCK_M)
         return acc
 
