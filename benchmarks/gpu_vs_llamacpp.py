@@ -3,7 +3,7 @@ real shapes, in the same sitting, with the ratios and each file's roofline.
 
     python benchmarks/gpu_vs_llamacpp.py --tools DIR [--shapes smollm2-135m,llama-3.2-1b]
         [--types Q4_0,Q4_1,Q8_0,Q4_K_M] [--batch 64,256] [--work /tmp/gpu_table] [--reps 3]
-        [--md OUT.md]
+        [--hf] [--md OUT.md]
 
 Run it from the repository root with llamapy and gguf importable (on the device:
 `PYTHONPATH=src`, the gguf wheel carried along). DIR holds shared/tools/gpu's files:
@@ -17,13 +17,16 @@ make them), then runs `llama-bench -ngl 99 -p 512 -n 128 -r N -o json` and
 file and test. `--batch`: aggregate decode over that many sequences too (prompt 128, 128 new
 tokens each), llama.cpp's `llama-batched-bench -npp 128 -ntg 128` S_TG against gpu_bench's
 `--batch`. Roofline: the file's bytes read once a token at the copy bandwidth measured here
-(a device-to-device copy of 1 GiB: bytes read + written per second).
+(a device-to-device copy of 1 GiB: bytes read + written per second). `--hf`: also
+transformers eager bf16 on the same shapes in the same sitting (DIR's `hf_bench.py`, random
+weights, batch 1) against llamapy's tg128 of each file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 from bench_args import positive_int_list
 
 VOCABS = {"smollm2-135m": "vocab-smollm2.gguf", "llama-3.2-1b": "ggml-vocab-llama-bpe.gguf"}
+HF_SHAPES = {"smollm2-135m": "smollm2-135m", "llama-3.2-1b": "llama-1b"}  # hf_bench.py's names
 TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "F16")
 BIN = Path("/tmp/llama.cpp/build/bin")
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +98,37 @@ def table(
                 f"| {name} | {size / 2**20:.1f} | {test} | {cell(them)} | {cell(us)} | {ratio} "
                 f"| {roof} |"
             )
+    return "\n".join(lines)
+
+
+def hf_rows(report: str) -> dict[str, float]:
+    """hf_bench.py's lines ("transformers eager bf16 NAME: tg128 X t/s  pp512 Y t/s") -> {our
+    shape name: tg128 t/s}."""
+    ours_by_hf = {hf: shape for shape, hf in HF_SHAPES.items()}
+    rows = {}
+    for line in report.splitlines():
+        m = re.match(r"transformers eager bf16 (\S+): tg128 ([\d.]+) t/s", line.strip())
+        if m and m.group(1) in ours_by_hf:
+            rows[ours_by_hf[m.group(1)]] = float(m.group(2))
+    return rows
+
+
+def hf_table(
+    files: list[Path], hf: dict[str, float], ours: dict[tuple[str, str], tuple[float, float]]
+) -> str:
+    """Markdown: a row per file, transformers eager's tg128 for its shape (the file name's
+    prefix), llamapy's, the ratio."""
+    lines = [
+        "| file | transformers eager bf16 tg128 t/s | llamapy tg128 t/s | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for path in files:
+        shape = next((s for s in HF_SHAPES if path.name.startswith(s + "-")), None)
+        them, us = hf.get(shape), ours.get((path.name, "tg128"))
+        ratio = f"{us[0] / them:.1f}" if them and us else "-"
+        them_cell = "-" if them is None else f"{them:.1f}"
+        us_cell = "-" if us is None else f"{us[0]:.1f}"
+        lines.append(f"| {path.name} | {them_cell} | {us_cell} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -161,6 +196,9 @@ def main() -> None:
     ap.add_argument(
         "--batch", type=positive_int_list, default=[], help="batched-decode sequence counts: 64,256"
     )
+    ap.add_argument(
+        "--hf", action="store_true", help="also transformers eager (DIR's hf_bench.py), tg128"
+    )
     ap.add_argument("--md", type=Path, help="also write the table here")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
@@ -173,6 +211,7 @@ def main() -> None:
         ap.error("--reps must be >= 1")
     batches = args.batch
     needed = ["build-llamacpp.sh", "llamacpp-src.tgz"] + [VOCABS[s] for s in shapes]
+    needed += ["hf_bench.py"] if args.hf else []
     missing = [n for n in needed if not (args.tools / n).is_file()]
     if missing:
         ap.error(f"--tools {args.tools} lacks {', '.join(missing)} (see shared/tools/gpu)")
@@ -226,6 +265,11 @@ def main() -> None:
             files, sizes, theirs, ours, bw, ("tg128", "pp512", *(f"batched B={b}" for b in batches))
         )
     )
+    if args.hf:
+        report = _output(
+            [sys.executable, str(args.tools / "hf_bench.py"), *(HF_SHAPES[s] for s in shapes)]
+        )
+        out += "\n\n" + hf_table(files, hf_rows(report), ours)
     print(out, flush=True)
     if args.md:
         args.md.write_text(out + "\n")

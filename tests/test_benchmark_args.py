@@ -44,6 +44,7 @@ CASES = [
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--types", "Q4_0,IQ1_S"], "--types takes"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--reps", "0"], "--reps must be >= 1"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent"], "lacks build-llamacpp.sh"),
+    ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent", "--hf"], "hf_bench.py"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "64,x"], "integers like 64,256"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "0"], "positive integers"),
 ]
@@ -191,3 +192,13 @@ def test_gpu_vs_llamacpp_table(tmp_path, monkeypatch) -> None:
         == f"| {b.name} | 1024.0 | batched B=64 | 11702.5 ± 0.0 | 29000.0 ± 0.0 | 2.48 |  |"
     )
     assert lines[4] == f"| {b.name} | 1024.0 | batched B=256 | 18149.0 ± 0.0 | - | - |  |"
+    # --hf: transformers eager's lines (among its warnings) and llamapy's tg128 per file
+    hf = mod.hf_rows(
+        "warning: something\n"
+        "transformers eager bf16 smollm2-135m: tg128 35.6 t/s  pp512 9000.0 t/s\n"
+        "transformers eager bf16 llama-1b: tg128 61.7 t/s  pp512 8000.0 t/s\n"
+    )
+    assert hf == {"smollm2-135m": 35.6, "llama-3.2-1b": 61.7}
+    lines = mod.hf_table([a, b], hf, ours).splitlines()
+    assert lines[2] == f"| {a.name} | 35.6 | 1800.0 | 50.6 |"
+    assert lines[3] == f"| {b.name} | 61.7 | - | - |"
