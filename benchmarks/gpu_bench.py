@@ -259,6 +259,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile_batch < 1:
         ap.error("--profile-batch must be >= 1")
+    if args.batch_prompt < 1:
+        ap.error("--batch-prompt must be >= 1")
     kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
     if not kernels or any(k not in CPU_KERNELS for k in kernels):
         ap.error(f"--cpu-kernels takes a comma-separated list of {', '.join(CPU_KERNELS)}")

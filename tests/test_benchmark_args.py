@@ -22,6 +22,8 @@ CASES = [
     ("benchmarks/prefill_graphs_ab.py", ["x.gguf", "--reps", "0"], "must be >= 1"),
     ("benchmarks/gpu_bench.py", ["x.gguf", "--profile", "--profile-batch", "0"], ">= 1"),
     ("benchmarks/gpu_bench.py", ["x.gguf", "--cpu-kernels", "fast,x"], "comma-separated list"),
+    ("benchmarks/gpu_bench.py", ["x.gguf", "--batch-prompt", "0"], "--batch-prompt must be"),
+    ("benchmarks/kernels/sass_count.py", ["--type", "Q4_0", "--byte-twin"], "--byte-twin takes"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--variants", "x"], "unknown variant"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--ctx", "0"], "must be >= 1"),
     ("benchmarks/host_step_bench.py", ["--batch", "0,64"], "positive integers"),

@@ -8,7 +8,7 @@ before a device call is spent on it. Divisibility by 16 is assumed for every poi
 N, K and the row stride, as Triton's launcher specializes them at the decode shapes.
 
     python benchmarks/kernels/sass_count.py --type Q4_0 --tile 32x8 --warps 4 [--pro norm]
-        [--q8x] [--maxnreg N] [--dump FILE]
+        [--q8x | --byte-twin] [--maxnreg N] [--dump FILE]
 
 It also prints the registers a thread takes (cuobjdump -res-usage), which bound the warps an
 SM keeps resident. See benchmarks/RESULTS.md (seventeenth session) for what the counts did and
@@ -97,6 +97,11 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--pro", choices=sorted(_PROLOGUES), default="none")
     p.add_argument("--q8x", action="store_true", help="int8 activations, one level")
+    p.add_argument(
+        "--byte-twin",
+        action="store_true",
+        help="Q4_1 read from its quants one a byte (qmatmul.BYTE_TWIN_TYPES)",
+    )
     p.add_argument("--maxnreg", type=int, help="cap the registers a thread takes")
     p.add_argument("--dump", help="write the whole SASS here")
     args = p.parse_args()
@@ -109,6 +114,10 @@ def main() -> None:
         p.error(f"{qtype.name} has no legacy GEMV kernel")
     if args.q8x and qtype not in qmatmul._Q8X_TYPES:
         p.error(f"--q8x needs a legacy quant type, got {qtype.name}")
+    if args.byte_twin and (qtype not in qmatmul.BYTE_TWIN_TYPES or args.q8x):
+        p.error(
+            f"--byte-twin takes {', '.join(t.name for t in qmatmul.BYTE_TWIN_TYPES)} without --q8x"
+        )
     for name, v in (("tile", block_n), ("tile", block_b), ("rows", args.rows),
                     ("warps", args.warps)):  # fmt: skip
         if v < 1 or v & (v - 1):
@@ -118,8 +127,9 @@ def main() -> None:
                  "m_ptr": "*fp16", "bias_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                  "steps_per_split": "i32", "eps": "fp32"}  # fmt: skip
-    width = 16 if qtype in qmatmul._NIBBLE_TYPES else 32
-    constexprs = dict(QT=qmatmul._CODES[qtype], BLOCK_M=args.rows, BLOCK_N=block_n,
+    width = 16 if qtype in qmatmul._NIBBLE_TYPES and not args.byte_twin else 32
+    code = qmatmul._Q4_1_BYTES if args.byte_twin else qmatmul._CODES[qtype]
+    constexprs = dict(QT=code, BLOCK_M=args.rows, BLOCK_N=block_n,
                       BLOCK_B=block_b, SPLIT=1, HAS_BIAS=False, PRO=_PROLOGUES[args.pro],
                       HAS_RES=False, INTERP=False, WB=width // (4 if args.q8x else 1), PF=0,
                       PDL=False, Q8X=int(args.q8x))  # fmt: skip
@@ -137,7 +147,8 @@ def main() -> None:
     regs = f"{usage.group(1)} registers, {usage.group(2)} B stack" if usage else "registers ?"
     print(
         f"{qtype.name} {block_n}x{block_b} rows={args.rows} warps={args.warps} "
-        f"pro={args.pro} q8x={int(args.q8x)}: {total} instructions a K step, {weights:.0f} "
+        f"pro={args.pro} q8x={int(args.q8x)}{' bytes' * args.byte_twin}: {total} instructions "
+        f"a K step, {weights:.0f} "
         f"weights a thread, {total / max(weights, 1):.2f} a weight; {regs}"
     )
     print("  " + ", ".join(f"{op} {n}" for op, n in body.most_common(16)))
