@@ -131,7 +131,7 @@ def test_compiled_decode_matches_eager(model, vnni, request, rng, monkeypatch):
             ref = eager_forward(input_ids, positions, meta, kv_caches)
         finally:
             model_.compiled_decode = compiled
-        diffs.append(float((got - ref).norm() / ref.norm()))
+        diffs.extend(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist())  # a row each
         picks.append(explained_picks(model_.compute_logits(got), model_.compute_logits(ref)))
         return ref
 
@@ -145,15 +145,21 @@ def test_compiled_decode_matches_eager(model, vnni, request, rng, monkeypatch):
     while engine.has_unfinished_requests():
         engine.step()
     assert not compiled.failed
-    assert len(diffs) >= 29  # decode steps of 3, 2 and 1 sequences
+    assert len(diffs) >= 60  # rows of the decode steps of 3, 2 and 1 sequences
     # each batch size ran once through dynamo's guards, then as the compiled code they chose
     assert {kind[0] for _, kind in compiled._direct} == {1, 2, 3}
-    print(f"relative hidden-state difference: max {max(diffs):.2e}")
+    median = sorted(diffs)[len(diffs) // 2]
+    print(f"relative hidden-state difference a row: median {median:.2e}, max {max(diffs):.2e}")
     # Roundings flipped by the different summation order compound over the layers (bf16 x of
-    # int4pack: measured 4.8e-3 to 1.2e-2 at the last layer; the per-layer bound is
-    # test_compiled_layer_matches_eager's): a coarse bound, the picks below are the check.
+    # int4pack; the per-layer bound is test_compiled_layer_matches_eager's), and now and then
+    # one row's flips compound further: seed 2445856404 (one CI run), Gemma 3 int4pack, rows'
+    # median 3e-3 but one row of one step 6.1e-2 (5.3e-2 over its step's two rows), picks 0 of
+    # 60 differing. So two coarse bounds, the picks below being the check: the typical row
+    # (positions off by one on every step, tried: median 7e-2, max 0.34 / 0.52) and each
+    # row (garbage in one).
     if not vnni:
-        assert max(diffs) < 0.05
+        assert median < 0.02
+        assert max(diffs) < 0.25
     assert all(ok for ok, _, _ in picks)
     flips, rows = sum(f for _, f, _ in picks), sum(n for _, _, n in picks)
     print(f"greedy picks that differ: {flips} of {rows}")
