@@ -225,6 +225,64 @@ def test_q4_1_byte_twin(rng, poisoned):
     )
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_kquant_legacy_twin(qtype, rng, poisoned):
+    """A Q4_K / Q5_K weight held as the Q4_1 / Q5_1 blocks of its sub-blocks
+    (`pack_weight(legacy_twin=True)`, float32 scales and offsets): the legacy dequantizer
+    gives gguf-py's values of the K-quant blocks exactly; the decode GEMV (fused forms, a K
+    split, the byte twin), the GEMM, the dequantize path and (Q4_1) the fp16-tile GEMM are
+    within their bounds of the K-quant blocks' float64 product."""
+    import gguf
+
+    n, k = 40, k_small(qtype)
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k), legacy_twin=True)
+    legacy = qm.LEGACY_TWINS[qtype]
+    assert w.qtype == legacy and w.tensors["d"].dtype == w.tensors["m"].dtype == F32
+    assert w.nbytes == n * k * (6 if qtype == T.Q4_K else 7) // 8
+    got = torch.empty(n, k, dtype=F32, device=DEVICE)  # NaN-poisoned: every element written
+    grid = (-(-n // 32), -(-k // 32 // 8))
+    qm._dequant_kernel[grid](*qm._operands(w), got, n, k, 0, QT=qm._CODES[legacy], BLOCK_N=32,
+                             BLOCK_B=8, INTERP=qm.INTERPRET, num_warps=4)  # fmt: skip
+    want = gguf.quants.dequantize(data.cpu().numpy(), gguf.GGMLQuantizationType[qtype.name])
+    assert np.array_equal(got.cpu().numpy(), want.reshape(n, k)), f"{qtype.name} twin values"
+    turn = [T.Q4_K, T.Q5_K].index(qtype)
+    forms = FORMS if CUDA else [FORMS[(turn + i) % len(FORMS)] for i in range(3)]
+    for m, form, dtype in forms:
+        case = make_case(rng, form, m, n, k, dtype)
+        y = fused_call(w, case)
+        check(y, case, data, qtype, n, k, U[dtype], f"{qtype.name} twin {form} M={m} {dtype}")
+    case = make_case(rng, "silu+res", 3, n, k, F32)
+    y = fused_call(w, case, path="gemv", split_k=3)
+    check(y, case, data, qtype, n, k, U[F32], f"{qtype.name} twin split")
+    if legacy in qm.BYTE_TWIN_TYPES:
+        b = qm.pack_weight(data, qtype, (n, k), byte_twin=True, legacy_twin=True)
+        assert "q8" in b.tensors
+        case = make_case(rng, "norm", 1, n, k, F32)
+        check(fused_call(b, case), case, data, qtype, n, k, U[F32], f"{qtype.name} twin bytes")
+    case = Case(randn(rng, 17, k), None, None, None, None)
+    # bounds of the batch paths: TF32 operands on CUDA (10 mantissa bits); x and W in fp16
+    paths = {"gemm": 4 * 2.0**-10, "dequant": 2 * 2.0**-11}
+    if legacy in (T.Q4_1,):
+        paths["f16"] = 2 * 2.0**-11
+    for path, tol in paths.items():
+        y = qm.qmatmul_with(case.x, w, path=path)
+        check(y, case, data, qtype, n, k, tol + U[F32], f"{qtype.name} twin {path}")
+
+
+def test_gpu_kquant_twins_switch():
+    from llamapy.models import llama
+
+    assert llama.gpu_kquant_twins("0") is False and llama.gpu_kquant_twins("1") is True
+    assert llama.gpu_kquant_twins(None) is llama.gpu_kquant_twins("") is llama.KQUANT_TWINS
+    assert set(qm.LEGACY_TWINS) == {T.Q4_K, T.Q5_K}
+    # a K-quant without the flag, and other types with it, pack as before
+    plain = qm.pack_weight(torch.zeros(2, 144, dtype=torch.uint8), T.Q4_K, (2, 256))
+    assert plain.qtype == T.Q4_K
+    q6 = qm.pack_weight(torch.zeros(2, 210, dtype=torch.uint8), T.Q6_K, (2, 256), legacy_twin=True)
+    assert q6.qtype == T.Q6_K
+
+
 def test_row_groups_and_strided_rows(rng, poisoned):
     """A forced GEMV over several row groups (M=17, rows beyond the group masked), x rows
     inside a wider buffer (the norm's statistic reads only the row's K elements)."""

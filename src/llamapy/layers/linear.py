@@ -46,6 +46,9 @@ class QLinear(torch.nn.Module):
         self.kernel = "reference"
         # CUDA: also pack the quants one a byte for the decode GEMV (`widen_to_q8_0`)
         self.byte_twin = False
+        # CUDA: a Q4_K / Q5_K weight as the Q4_1 / Q5_1 blocks of its sub-blocks
+        # (`qmatmul.LEGACY_TWINS`; set by the model, `models.llama.gpu_kquant_twins`)
+        self.legacy_twin = False
 
     @classmethod
     def fused(
@@ -94,8 +97,9 @@ class QLinear(torch.nn.Module):
         """Hold a Q4_0 / Q5_0 weight as its exact Q8_0 twin (`quant.legacy.widen_to_q8_0`,
         the GPU's choice for small models, `models.llama.gpu_widening`); a Q4_1 weight, which
         has no exact Q8_0 form, keeps its blocks and is packed with its quants also one a byte
-        (`qmatmul.BYTE_TWIN_TYPES`: the decode GEMV reads those); other types stay."""
-        from llamapy.kernels.triton.qmatmul import BYTE_TWIN_TYPES
+        (`qmatmul.BYTE_TWIN_TYPES`: the decode GEMV reads those), and so is a Q4_K weight
+        held as Q4_1 blocks (`legacy_twin`); other types stay."""
+        from llamapy.kernels.triton.qmatmul import BYTE_TWIN_TYPES, LEGACY_TWINS
         from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 
         if self.packed is not None:
@@ -103,7 +107,7 @@ class QLinear(torch.nn.Module):
         w = self.weight
         if w.qtype in WIDENS_TO_Q8_0 and w.qtype != QuantType.Q8_0:
             self.weight = QTensor(widen_to_q8_0(w.data, w.qtype), QuantType.Q8_0, w.shape)
-        self.byte_twin = w.qtype in BYTE_TWIN_TYPES
+        self.byte_twin = LEGACY_TWINS.get(w.qtype, w.qtype) in BYTE_TWIN_TYPES
 
     def prepare(self, device: torch.device, cpu_kernels: str = "fast") -> None:
         """Move the weight to `device` in the form its kernels read (once, at load)."""
@@ -117,7 +121,9 @@ class QLinear(torch.nn.Module):
             from llamapy.kernels.triton.qmatmul import pack_weight
 
             data = self.weight.data.to(device, non_blocking=True)
-            self.packed = pack_weight(data, self.weight.qtype, self.weight.shape, self.byte_twin)
+            self.packed = pack_weight(
+                data, self.weight.qtype, self.weight.shape, self.byte_twin, self.legacy_twin
+            )
             self.kernel = "triton"
             # the packed arrays are the weight now: keep no second copy on the GPU
             self._drop_blocks()

@@ -254,6 +254,21 @@ FUSED_DECODE = True
 #   Q8_0 V) become one Q8_0 matmul: one GEMV launch a layer less (the same SmolLM2 file
 #   with only this: 1587 -> 1654).
 WIDEN_MAX_MODEL_BYTES = 256 << 20
+# On the GPU, Q4_K and Q5_K matrices are held as the Q4_1 / Q5_1 blocks their 32-weight
+# sub-blocks are (`qmatmul.LEGACY_TWINS`: the same values, float32 scales and offsets, 6 and
+# 7 bits a weight instead of 4.5 and 5.5), which the legacy kernels read: the decode GEMV
+# with its fused norm and activation prologues (the K-quant GEMV runs separate norm /
+# activation kernels at the larger shapes), the fp16-tile GEMM from 16 rows.
+# LLAMAPY_GPU_KQUANT_TWINS=0 keeps them as K-quants.
+KQUANT_TWINS = False  # until measured on a GPU
+
+
+def gpu_kquant_twins(env: str | None = None) -> bool:
+    """Whether the GPU holds Q4_K / Q5_K matrices as their legacy twins (see above); env is
+    LLAMAPY_GPU_KQUANT_TWINS ("0": no, "1": yes, else KQUANT_TWINS)."""
+    if env in ("0", "1"):
+        return env == "1"
+    return KQUANT_TWINS
 
 
 def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
@@ -416,8 +431,12 @@ class LlamaForCausalLM(torch.nn.Module):
         if device.type == "cuda":
             widening = gpu_widening(self.matrix_bytes(), os.environ.get("LLAMAPY_GPU_WIDEN"))
         self.widen(widening)
+        twins = device.type == "cuda" and gpu_kquant_twins(
+            os.environ.get("LLAMAPY_GPU_KQUANT_TWINS")
+        )
         for module in self.modules():
             if isinstance(module, QLinear):
+                module.legacy_twin = twins
                 module.prepare(device, cpu_kernels)
                 if release_pages is not None:
                     release_pages()

@@ -87,9 +87,15 @@ if HAS_TRITON:
     @triton.jit
     def _scale_f16(v, d, m, OFFSET: tl.constexpr, QT: tl.constexpr, INTERP: tl.constexpr):
         """fp16 tile v = OFFSET + q (BN, BB, W) -> fp16 weights d q (+ m for Q4_1), with d and
-        m (BN, BB) fp16 per 32-block."""
+        m (BN, BB) fp16 per 32-block, or float32 (a K-quant's legacy twin: `qmatmul.
+        LEGACY_TWINS`; d q + m in float32, rounded once)."""
         q = v - OFFSET  # exact: |q| < 2^11
-        if QT == 1:
+        if d.dtype == tl.float32:
+            w = q.to(tl.float32) * d[:, :, None]
+            if QT == 1:
+                w += m[:, :, None]
+            w = w.to(tl.float16)
+        elif QT == 1:
             if INTERP:  # numpy's fp16 fma rounds twice: float32 d q + m, rounded once
                 w = q.to(tl.float32) * d[:, :, None].to(tl.float32) + m[:, :, None].to(tl.float32)
                 w = w.to(tl.float16)

@@ -200,16 +200,54 @@ def _log_fallback(qtype: QuantType) -> None:
 # small models keep both (`models.llama.gpu_widening`).
 BYTE_TWIN_TYPES = frozenset({QuantType.Q4_1})
 
+# Q4_K and Q5_K can be held as the legacy blocks their 32-weight sub-blocks are
+# (`pack_weight(legacy_twin=True)`): sub-block j of a Q4_K super-block holds
+# w = (d sc_j) q - (dmin m_j) with q a nibble, which is a Q4_1 block whose scale d sc_j and
+# offset -dmin m_j are float32 (exact: an fp16 times a 6-bit integer has at most 17
+# significant bits); Q5_K's are Q5_1 blocks the same way. Every legacy kernel then reads
+# them (the decode GEMV with its fused norm / activation prologues, the fp16-tile GEMM, the
+# dequantizer), at 6 (Q4_K: 4.5) and 7 (Q5_K: 5.5) bits a weight.
+LEGACY_TWINS: dict[QuantType, QuantType] = {
+    QuantType.Q4_K: QuantType.Q4_1,
+    QuantType.Q5_K: QuantType.Q5_1,
+}
+
+
+def _legacy_twin(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q4_K / Q5_K blocks (N, row_bytes) -> the tensors `_pack_legacy` gives a Q4_1 / Q5_1
+    weight of the same values: qs (N, K/2) nibbles (byte j of a block: weights j, 16 + j),
+    float32 d and m (N, K/32), and for Q5_1 qh (N, K/32) int32 (bit j: weight j's fifth)."""
+    t = _kquants.pack(data, qtype, n, k)
+    sub = k // QK
+    d = t["d"].to(torch.float32).repeat_interleave(8, dim=1) * t["sc"].to(torch.float32)
+    m = t["dmin"].to(torch.float32).repeat_interleave(8, dim=1) * t["mn"].to(torch.float32)
+    # a 32-byte run c of qs: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
+    runs = t["qs"].reshape(n, -1, 1, 32)
+    q = torch.cat([runs & 0xF, runs >> 4], dim=2).reshape(n, sub, QK)  # weight order
+    tensors = {"qs": (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(n, k // 2), "d": d, "m": -m}
+    if "qh" in t:  # bit s of qh byte j of a super-block: weight j of its sub-block s
+        qh = t["qh"].reshape(n, -1, 1, 32).to(torch.int64)
+        bits = (qh >> torch.arange(8, device=qh.device)[None, None, :, None]) & 1
+        word = (bits.reshape(n, sub, QK) << torch.arange(QK, device=qh.device)).sum(dim=2)
+        tensors["qh"] = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+    return tensors
+
 
 def pack_weight(
-    data: torch.Tensor, qtype: QuantType, shape: tuple[int, int], byte_twin: bool = False
+    data: torch.Tensor,
+    qtype: QuantType,
+    shape: tuple[int, int],
+    byte_twin: bool = False,
+    legacy_twin: bool = False,
 ) -> PackedWeight:
     """Repack ggml blocks `data` (N, row_bytes) uint8 of an (N, K) weight for the kernels.
 
     Values are unchanged; the result is on `data`'s device. Types without a fused kernel are
     dequantized to bfloat16 (logged once per type) and run through the BF16 kernel.
     byte_twin (BYTE_TWIN_TYPES only, else ignored): also the quants one a byte, for the
-    decode GEMV.
+    decode GEMV. legacy_twin (LEGACY_TWINS only, else ignored): a Q4_K / Q5_K weight as
+    the Q4_1 / Q5_1 blocks of its sub-blocks, with float32 scales and offsets (the
+    result's qtype is then the legacy one).
     """
     if len(shape) != 2:
         raise ValueError(f"expected a 2-D weight shape (N, K), got {tuple(shape)}")
@@ -224,12 +262,15 @@ def pack_weight(
             f"{qtype.name} blocks of a {n}x{k} weight have shape {expected}, "
             f"got {tuple(data.shape)}"
         )
-    if qtype in _KQUANT_TYPES:
+    if qtype in _KQUANT_TYPES and not (legacy_twin and qtype in LEGACY_TWINS):
         return PackedWeight(qtype, n, k, _kquants.pack(data, qtype, n, k))
     if k % QK:
         raise ValueError(f"the fused kernels need K to be a multiple of {QK}, got K={k}")
-    if qtype in _LEGACY_FIELDS:
-        tensors = _pack_legacy(data, qtype, n, k)
+    if qtype in _LEGACY_FIELDS or qtype in LEGACY_TWINS:
+        if qtype in LEGACY_TWINS:
+            tensors, qtype = _legacy_twin(data, qtype, n, k), LEGACY_TWINS[qtype]
+        else:
+            tensors = _pack_legacy(data, qtype, n, k)
         if byte_twin and qtype in BYTE_TWIN_TYPES:
             qs = tensors["qs"].view(n, k // QK, QK // 2)
             tensors["q8"] = torch.cat([qs & 0xF, qs >> 4], dim=2).view(n, k)
