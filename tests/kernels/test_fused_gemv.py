@@ -417,13 +417,17 @@ REAL_FORM = {
 def test_model_shapes_cuda(qtype, shape, m, rng, poisoned):
     name, n, k = shape
     data = random_weight(rng, qtype, n, k)
-    forms = [False, True] if qtype in qm.BYTE_TWIN_TYPES else [False]
-    for byte_twin in forms:
-        w = qm.pack_weight(data, qtype, (n, k), byte_twin=byte_twin)
+    forms = [("", {})]
+    if qtype in qm.BYTE_TWIN_TYPES:
+        forms.append((" bytes", dict(byte_twin=True)))
+    if qtype in qm.LEGACY_TWINS:
+        forms.append((" twin", dict(legacy_twin=True)))
+    for label, options in forms:
+        w = qm.pack_weight(data, qtype, (n, k), **options)
         for dtype in (F32, BF16):
             case = make_case(rng, REAL_FORM[name], m, n, k, dtype)
             y = fused_call(w, case)
-            what = f"{qtype.name}{' bytes' * byte_twin} {name} M={m} {dtype}"
+            what = f"{qtype.name}{label} {name} M={m} {dtype}"
             check(y, case, data, qtype, n, k, U[dtype], what)
 
 
