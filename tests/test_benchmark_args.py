@@ -49,6 +49,21 @@ CASES = [
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", "/nonexistent", "--hf"], "hf_bench.py"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "64,x"], "integers like 64,256"),
     ("benchmarks/gpu_vs_llamacpp.py", ["--tools", ".", "--batch", "0"], "positive integers"),
+    ("benchmarks/gpu_ab.py", ["--setting", "a:X=1", "--setting", "b:"], "after --: the files"),
+    ("benchmarks/gpu_ab.py", ["--setting", "a:X=1", "--", "f.gguf"], "at least two --setting"),
+    ("benchmarks/gpu_ab.py", ["--setting", "a:", "--setting", "a:X=1", "--", "f"], "different"),
+    ("benchmarks/gpu_ab.py", ["--setting", "a X=1", "--", "f.gguf"], "expected NAME:VAR=VALUE"),
+    ("benchmarks/gpu_ab.py", ["--setting", "a:X", "--", "f.gguf"], "expected VAR=VALUE"),
+    (
+        "benchmarks/gpu_ab.py",
+        ["--setting", "a:", "--setting", "b:", "--rounds", "0", "--", "f"],
+        "--rounds must be >= 1",
+    ),  # fmt: skip
+    (
+        "benchmarks/gpu_ab.py",
+        ["--setting", "a:", "--setting", "b:", "--", "f", "--json", "j"],
+        "gpu_ab.py adds --json",
+    ),  # fmt: skip
 ]
 
 
@@ -204,3 +219,40 @@ def test_gpu_vs_llamacpp_table(tmp_path, monkeypatch) -> None:
     lines = mod.hf_table([a, b], hf, ours).splitlines()
     assert lines[2] == f"| {a.name} | 35.6 | 1800.0 | 50.6 |"
     assert lines[3] == f"| {b.name} | 61.7 | - | - |"
+
+
+def test_gpu_ab_alternates_settings(tmp_path, monkeypatch, capsys) -> None:
+    """Settings run in turn for each round, each under its own environment, with
+    gpu_bench.py's arguments and a --json path; the table holds every round's t/s and each
+    setting's mean over the first's."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_ab", ROOT / "benchmarks/gpu_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    tps = {"1": [1000.0, 1010.0], "0": [900.0, 910.0]}
+
+    def fake_run(cmd, env):
+        flag = env["LLAMAPY_X"]
+        calls.append((flag, cmd[2:-2]))
+        ts = tps[flag][sum(1 for f, _ in calls if f == flag) - 1]
+        report = {"f.gguf": {"bench": [{"test": "tg128", "ts": ts, "sd": 0.0}]}}
+        Path(cmd[-1]).write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    md = tmp_path / "ab.md"
+    argv = ["gpu_ab.py", "--setting", "new:LLAMAPY_X=1", "--setting", "old:LLAMAPY_X=0",
+            "--md", str(md), "--", "f.gguf", "--tg", "128"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    assert [flag for flag, _ in calls] == ["1", "0", "1", "0"]  # alternating, two rounds
+    assert all(args == ["f.gguf", "--tg", "128"] for _, args in calls)
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| file | test | new | old | old / new |"
+    assert lines[2] == "| f.gguf | tg128 | 1000.0 / 1010.0 | 900.0 / 910.0 | 0.900 |"
+    assert lines[2] in capsys.readouterr().out
+    assert mod.setting("base:") == ("base", {})
+    assert mod.setting("a:X=1,Y=") == ("a", {"X": "1", "Y": ""})

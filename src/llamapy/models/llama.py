@@ -274,9 +274,12 @@ def gpu_kquant_twins(env: str | None = None) -> bool:
 def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
     """Which matrices a model whose quantized matrices take `matrix_bytes` in the file
     widens on the GPU (see above): "all", "projections" or, where env (LLAMAPY_GPU_WIDEN) is
-    "0", "off"."""
+    "0", "off"; env "all" / "projections" forces that level whatever the size (to measure
+    it on larger models)."""
     if env == "0":
         return "off"
+    if env in ("all", "projections"):
+        return env
     return "all" if matrix_bytes <= WIDEN_MAX_MODEL_BYTES else "projections"
 
 
