@@ -254,13 +254,15 @@ FUSED_DECODE = True
 #   Q8_0 V) become one Q8_0 matmul: one GEMV launch a layer less (the same SmolLM2 file
 #   with only this: 1587 -> 1654).
 WIDEN_MAX_MODEL_BYTES = 256 << 20
-# On the GPU, Q4_K and Q5_K matrices are held as the Q4_1 / Q5_1 blocks their 32-weight
+# On the GPU, Q4_K and Q5_K matrices can be held as the Q4_1 / Q5_1 blocks their 32-weight
 # sub-blocks are (`qmatmul.LEGACY_TWINS`: the same values, float32 scales and offsets, 6 and
 # 7 bits a weight instead of 4.5 and 5.5), which the legacy kernels read: the decode GEMV
 # with its fused norm and activation prologues (the K-quant GEMV runs separate norm /
-# activation kernels at the larger shapes), the fp16-tile GEMM from 16 rows.
-# LLAMAPY_GPU_KQUANT_TWINS=0 keeps them as K-quants.
-KQUANT_TWINS = False  # until measured on a GPU
+# activation kernels at the larger shapes) and Q4_1's tuned tiles, the fp16-tile GEMM from
+# 16 rows. Written for Q4_K_M files, whose K-quant GEMVs are the slowest decode path (a 1B
+# Q4_K_M token 1.11 ms against 0.79 for Q4_0 on an H200); not yet timed on a GPU, so off
+# by default: LLAMAPY_GPU_KQUANT_TWINS=1 turns it on (benchmarks/gpu_ab.py to compare).
+KQUANT_TWINS = False
 
 
 def gpu_kquant_twins(env: str | None = None) -> bool:
