@@ -82,13 +82,20 @@ def test_generation_stops_at_context_limit(smollm2_path) -> None:
     [
         ({"n_threads": 0}, "n_threads"),
         ({"device": "tpu"}, "device"),
-        ({"n_ctx": 0}, "max_model_len"),
+        ({"n_ctx": -1}, "n_ctx must be an integer >= 0"),
+        ({"n_ctx": "512"}, "n_ctx must be an integer >= 0"),
         ({"async_scheduling": "yes"}, "async_scheduling"),
     ],
 )
 def test_bad_options(smollm2_path, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         LLM(smollm2_path, **kwargs)
+
+
+def test_n_ctx_zero_is_the_models_context(smollm2_path) -> None:
+    """As llama.cpp's `-c 0` and llama-cpp-python's `n_ctx=0`."""
+    whole = LLM(smollm2_path, n_ctx=0)
+    assert whole.n_ctx == whole.config.context_length == 8192
 
 
 def test_bad_token_ids_are_refused(llm: LLM) -> None:

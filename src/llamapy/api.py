@@ -59,7 +59,8 @@ class LLM:
 
     Args:
         model: a .gguf path, a Hugging Face folder, an alias or hf:ORG/REPO[/FILE].
-        n_ctx: tokens one sequence may hold (default: min(4096, the model's context)).
+        n_ctx: tokens one sequence may hold (default: min(4096, the model's context); 0: the
+            model's whole context, as llama.cpp's `-c 0`).
         max_num_seqs: sequences generated together.
         n_threads: torch CPU threads (default: all cores).
         chat_template: a named template, a file, or None for the model's own.
@@ -103,12 +104,18 @@ class LLM:
             if not isinstance(n_threads, int) or n_threads <= 0:
                 raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
             torch.set_num_threads(n_threads)
+        if n_ctx is not None and (type(n_ctx) is not int or n_ctx < 0):
+            raise ValueError(
+                f"n_ctx must be an integer >= 0 (0: the model's context length), got {n_ctx!r}"
+            )
         check_device(device)
         t0 = time.perf_counter()
         self.resolved = resolve_model(model or DEFAULT_MODEL)
         self.model_file = open_model_file(self.resolved.path)
         self.config = self.model_file.config
         self.tokenizer = Tokenizer.from_path(self.resolved.path)
+        if n_ctx == 0:
+            n_ctx = self.config.context_length
         ctx = n_ctx if n_ctx is not None else min(4096, self.config.context_length)
         self._pooling, self._cpu_kernels, self._device = pooling, cpu_kernels, device
         self._embedder: EmbeddingEngine | None = None

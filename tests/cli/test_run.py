@@ -43,6 +43,8 @@ def test_run_raw_prompt_from_stdin(smollm2_path) -> None:
         (["hi", "-n", "-5"], "n-predict"),
         (["hi", "-p", "also"], "give the prompt once"),
         (["-f", "/no/such/file.txt"], "cannot read prompt file"),
+        (["hi", "-t", "0"], "--threads must be positive, got 0"),
+        (["hi", "-c", "-3"], "--ctx-size must be >= 0"),
     ],
 )
 def test_bad_flags_one_line_exit_2(args: list[str], message: str) -> None:

@@ -15,7 +15,7 @@ def add_model_args(
     p: argparse.ArgumentParser,
     *,
     ctx_default: int | None = None,
-    ctx_help: str = "context size in tokens (default: min(4096, the model's))",
+    ctx_help: str = "context size in tokens (default: min(4096, the model's); 0: the model's)",
     threads_help: str = "CPU threads (default: all cores)",
     compile_default: bool | None = False,
 ) -> None:
@@ -289,10 +289,20 @@ def device_from_args(args: argparse.Namespace) -> str:
     return device
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """-t must be positive; -c non-negative (0: the model's context, as llama.cpp's)."""
+    threads, ctx = getattr(args, "threads", None), getattr(args, "ctx_size", None)
+    if threads is not None and threads <= 0:
+        raise UsageError(f"--threads must be positive, got {threads}")
+    if ctx is not None and ctx < 0:
+        raise UsageError(f"--ctx-size must be >= 0 (0: the model's context length), got {ctx}")
+
+
 def load_llm(args: argparse.Namespace):
     from llamapy.api import LLM
     from llamapy.layers.linear import CPU_KERNELS
 
+    check_model_args(args)
     kernels = os.environ.get("LLAMAPY_CPU_KERNELS")
     if kernels is not None and kernels not in CPU_KERNELS:
         raise UsageError(f"LLAMAPY_CPU_KERNELS must be one of {CPU_KERNELS}, got {kernels!r}")

@@ -6,7 +6,12 @@ import argparse
 import logging
 import os
 
-from llamapy.cli.common import add_model_args, device_from_args, quantize_from_args
+from llamapy.cli.common import (
+    add_model_args,
+    check_model_args,
+    device_from_args,
+    quantize_from_args,
+)
 from llamapy.errors import UsageError
 
 
@@ -35,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default=None, metavar="NAME", help="model name the API reports")
     add_model_args(
         p,
-        ctx_help="context size of one sequence (default: min(4096, the model's))",
+        ctx_help="context size of one sequence (default: min(4096, the model's); 0: the model's)",
         threads_help="torch CPU threads (default: all cores but one, which the HTTP loop needs: "
         "on 2 cores, 1 thread decoded 2.4x faster than 2 behind the server)",
         compile_default=True,
@@ -82,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--parallel", args.parallel), ("--max-queued", args.max_queued)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
-    if args.threads is not None and args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
+    check_model_args(args)
     if args.reranking and args.pooling not in (None, "rank"):
         raise UsageError(f"--reranking uses pooling rank, not {args.pooling}")
     import uvicorn
