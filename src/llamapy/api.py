@@ -13,7 +13,7 @@ import torch
 from llamapy.embedding import ENCODER_ARCHS, EmbeddingEngine, RerankResult, rank
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput, check_device
 from llamapy.errors import UnsupportedError
-from llamapy.formats import open_model_file
+from llamapy.formats import GGUFFile, open_model_file
 from llamapy.hub import DEFAULT_MODEL, resolve_model
 from llamapy.sampling.params import SamplingParams
 from llamapy.tokenizer import ChatTemplate, Tokenizer, resolve_chat_template
@@ -113,7 +113,10 @@ class LLM:
         self.resolved = resolve_model(model or DEFAULT_MODEL)
         self.model_file = open_model_file(self.resolved.path)
         self.config = self.model_file.config
-        self.tokenizer = Tokenizer.from_path(self.resolved.path)
+        if isinstance(self.model_file, GGUFFile):  # its metadata, parsed once
+            self.tokenizer = Tokenizer.from_metadata(self.model_file.metadata)
+        else:
+            self.tokenizer = Tokenizer.from_path(self.resolved.path)
         if n_ctx == 0:
             n_ctx = self.config.context_length
         ctx = n_ctx if n_ctx is not None else min(4096, self.config.context_length)
