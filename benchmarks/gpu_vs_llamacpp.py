@@ -3,7 +3,7 @@ real shapes, in the same sitting, with the ratios and each file's roofline.
 
     python benchmarks/gpu_vs_llamacpp.py --tools DIR [--shapes smollm2-135m,llama-3.2-1b]
         [--types Q4_0,Q4_1,Q8_0,Q4_K_M] [--batch 64,256] [--work /tmp/gpu_table] [--reps 3]
-        [--hf] [--md OUT.md]
+        [--hf] [--md OUT.md] [--prepare]
 
 Run it from the repository root with llamapy and gguf importable (on the device:
 `PYTHONPATH=src`, the gguf wheel carried along). DIR holds shared/tools/gpu's files:
@@ -14,8 +14,9 @@ llama.cpp (~5 min on 16 cores, skipped when /tmp/llama.cpp/build/bin has it) whi
 mkmodel` writes the files (Q4_K_M: llama.cpp's `llama-quantize` of an F16 file, as users
 make them), then runs `llama-bench -ngl 99 -p 512 -n 128 -r N -o json` and
 `benchmarks/gpu_bench.py --no-check --tg 128 --pp 512` on them and prints one markdown row a
-file and test. `--batch`: aggregate decode over that many sequences too (prompt 128, 128 new
-tokens each), llama.cpp's `llama-batched-bench -npp 128 -ntg 128` S_TG against gpu_bench's
+file and test. `--prepare`: only the build and the files (then a second call runs the rest
+on the warm machine). `--batch`: aggregate decode over that many sequences too (prompt 128,
+128 new tokens each), llama.cpp's `llama-batched-bench -npp 128 -ntg 128` S_TG against gpu_bench's
 `--batch`. Roofline: the file's bytes read once a token at the copy bandwidth measured here
 (a device-to-device copy of 1 GiB: bytes read + written per second). `--hf`: also
 transformers eager bf16 on the same shapes in the same sitting (DIR's `hf_bench.py`, random
@@ -200,6 +201,12 @@ def main() -> None:
         "--hf", action="store_true", help="also transformers eager (DIR's hf_bench.py), tg128"
     )
     ap.add_argument("--md", type=Path, help="also write the table here")
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only build llama.cpp and make the files (a device call's time limit may not fit "
+        "the build and the benchmarks; a second call on the warm machine finds both)",
+    )
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
     types = [t for t in args.types.split(",") if t]
@@ -233,6 +240,9 @@ def main() -> None:
         if "Q4_K_M" in types and "F16" not in types:
             (args.work / f"{shape}-F16.gguf").unlink(missing_ok=True)
     print(f"files and llama.cpp ready in {time.monotonic() - t0:.0f} s", flush=True)
+    if args.prepare:
+        print("\n".join(str(f) for f in files))
+        return
     bench = subprocess.run(
         [str(BIN / "llama-bench"), "-m", ",".join(map(str, files)), "-ngl", "99", "-p", "512",
          "-n", "128", "-r", str(args.reps), "-o", "json"],

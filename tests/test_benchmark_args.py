@@ -256,3 +256,34 @@ def test_gpu_ab_alternates_settings(tmp_path, monkeypatch, capsys) -> None:
     assert lines[2] in capsys.readouterr().out
     assert mod.setting("base:") == ("base", {})
     assert mod.setting("a:X=1,Y=") == ("a", {"X": "1", "Y": ""})
+
+
+def test_gpu_vs_llamacpp_prepare_makes_the_files_only(tmp_path, monkeypatch, capsys, smollm2_path):
+    """--prepare: with llama.cpp already built (no build started), the missing files are made
+    by `llamapy mkmodel` and listed; no benchmark runs."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "gpu_vs_llamacpp", ROOT / "benchmarks/gpu_vs_llamacpp.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tools, work, bin_dir = tmp_path / "tools", tmp_path / "work", tmp_path / "bin"
+    for d in (tools, bin_dir):
+        d.mkdir()
+    (tools / "build-llamacpp.sh").write_text("exit 1\n")  # must not run: the build is there
+    (tools / "llamacpp-src.tgz").write_bytes(b"")
+    (tools / "vocab-smollm2.gguf").symlink_to(smollm2_path)
+    (bin_dir / "llama-bench").write_text("")
+    monkeypatch.setattr(mod, "BIN", bin_dir)
+    ran = []
+    monkeypatch.setattr(mod, "_output", lambda cmd: ran.append(cmd) or "")
+    argv = ["gpu_vs_llamacpp.py", "--tools", str(tools), "--work", str(work), "--shapes",
+            "smollm2-135m", "--types", "Q8_0", "--prepare"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    made = work / "smollm2-135m-Q8_0.gguf"
+    assert made.is_file() and made.stat().st_size > 100 << 20
+    assert str(made) in capsys.readouterr().out
+    assert ran == [] and not (work / "build.log").exists()
