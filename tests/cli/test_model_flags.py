@@ -20,6 +20,8 @@ import pytest
         (["chat", "-c", "-5"], "--ctx-size must be >= 0"),
         (["perplexity", "-f", "/etc/hostname", "-t", "0"], "--threads must be positive"),
         (["embed", "-t", "0", "hi"], "--threads must be positive"),
+        (["embed", "-c", "-1", "hi"], "--ctx-size must be >= 0"),
+        (["rerank", "-t", "0", "-q", "q", "doc"], "--threads must be positive"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

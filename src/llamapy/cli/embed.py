@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from llamapy.cli.common import add_model_args, device_from_args
+from llamapy.cli.common import add_model_args, check_model_args, device_from_args
 from llamapy.errors import UsageError
 
 
@@ -65,10 +65,7 @@ def load_embedding_llm(args: argparse.Namespace):
         raise UsageError(f"LLAMAPY_CPU_KERNELS must be one of {CPU_KERNELS}, got {kernels!r}")
     if getattr(args, "quantize", None) is not None:
         raise UsageError(f"--quantize is not supported by `llamapy {args.command}`")
-    if args.threads is not None and args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.ctx_size is not None and args.ctx_size <= 0:
-        raise UsageError(f"--ctx-size must be positive, got {args.ctx_size}")
+    check_model_args(args)  # -c 0: the model's context, as its default
     return LLM(
         args.model,
         n_ctx=args.ctx_size,
