@@ -16,6 +16,7 @@ the K step, N not of the row tile); with one, at the model shapes as well.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -270,11 +271,14 @@ def test_kquant_legacy_twin(qtype, rng, poisoned):
         check(y, case, data, qtype, n, k, tol + U[F32], f"{qtype.name} twin {path}")
 
 
-def test_gpu_kquant_twins_switch():
+def test_gpu_kquant_twins_switch(caplog):
     from llamapy.models import llama
 
     assert llama.gpu_kquant_twins("0") is False and llama.gpu_kquant_twins("1") is True
     assert llama.gpu_kquant_twins(None) is llama.gpu_kquant_twins("") is llama.KQUANT_TWINS
+    with caplog.at_level(logging.WARNING, logger="llamapy.models.llama"):
+        assert llama.gpu_kquant_twins("yes") is llama.KQUANT_TWINS
+    assert "LLAMAPY_GPU_KQUANT_TWINS='yes' is not 0 or 1: ignored" in caplog.text
     assert set(qm.LEGACY_TWINS) == {T.Q4_K, T.Q5_K}
     # a K-quant without the flag, and other types with it, pack as before
     plain = qm.pack_weight(torch.zeros(2, 144, dtype=torch.uint8), T.Q4_K, (2, 256))

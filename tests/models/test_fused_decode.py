@@ -229,6 +229,7 @@ def test_widening_policy(tmp_path, rng) -> None:
     assert llama.gpu_widening(small, "0") == llama.gpu_widening(small + 1, "0") == "off"
     assert llama.gpu_widening(small + 1, "all") == "all"  # forced, to measure larger models
     assert llama.gpu_widening(small, "projections") == "projections"
+    assert llama.gpu_widening(small + 1, "2") == "projections"  # unknown: warned, ignored
     assert 150 << 20 <= small < 700 << 20, "the SmolLM2-shape files widened, not the 1B's"
 
 

@@ -9,6 +9,7 @@ The forward pass takes a flattened batch: `input_ids (T,)`, `positions (T,)` and
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from llamapy.models.weights import Weights
 from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
+
+logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -270,6 +273,8 @@ def gpu_kquant_twins(env: str | None = None) -> bool:
     LLAMAPY_GPU_KQUANT_TWINS ("0": no, "1": yes, else KQUANT_TWINS)."""
     if env in ("0", "1"):
         return env == "1"
+    if env:
+        logger.warning("LLAMAPY_GPU_KQUANT_TWINS=%r is not 0 or 1: ignored", env)
     return KQUANT_TWINS
 
 
@@ -282,6 +287,8 @@ def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
         return "off"
     if env in ("all", "projections"):
         return env
+    if env and env != "1":
+        logger.warning("LLAMAPY_GPU_WIDEN=%r is not 0, all or projections: ignored", env)
     return "all" if matrix_bytes <= WIDEN_MAX_MODEL_BYTES else "projections"
 
 
