@@ -262,10 +262,12 @@ WIDEN_MAX_MODEL_BYTES = 256 << 20
 # 7 bits a weight instead of 4.5 and 5.5), which the legacy kernels read: the decode GEMV
 # with its fused norm and activation prologues (the K-quant GEMV runs separate norm /
 # activation kernels at the larger shapes) and Q4_1's tuned tiles, the fp16-tile GEMM from
-# 16 rows. Written for Q4_K_M files, whose K-quant GEMVs are the slowest decode path (a 1B
-# Q4_K_M token 1.11 ms against 0.79 for Q4_0 on an H200); not yet timed on a GPU, so off
-# by default: LLAMAPY_GPU_KQUANT_TWINS=1 turns it on (benchmarks/gpu_ab.py to compare).
-KQUANT_TWINS = False
+# 16 rows. Written for Q4_K_M files, whose K-quant GEMVs were the slowest decode path. On
+# by default (LLAMAPY_GPU_KQUANT_TWINS=0 turns it off): H200, benchmarks/gpu_ab.py,
+# alternating, 1B Q4_K_M tg128 898.7 -> 1059.2 t/s (+18%), B=64 +4.5%, pp512 -7% (the
+# fp16 tiles' float32 scales); SmolLM2 Q4_K_M tg128 +6%. The price is GPU memory: Q4_K /
+# Q5_K matrices take a third / a quarter more bytes there than in the file.
+KQUANT_TWINS = True
 
 
 def gpu_kquant_twins(env: str | None = None) -> bool:
