@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 
 def write_tiny_llama(
@@ -57,7 +58,13 @@ def write_tiny_llama(
         if quant == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, x)
         else:
-            q = gguf.quants.quantize(x, quant)
+            try:
+                q = gguf.quants.quantize(x, quant)
+            except NotImplementedError:  # the k-quants: llama.cpp's blocks, from llamapy
+                from llamapy.quant.quantize import quantize
+                from llamapy.quant.types import QuantType
+
+                q = quantize(torch.from_numpy(x), QuantType(int(quant))).numpy()
             w.add_tensor(name, q, raw_dtype=quant)
 
     f32 = gguf.GGMLQuantizationType.F32

@@ -33,6 +33,8 @@ def tiny_model(
     types: dict[str, gguf.GGMLQuantizationType] | None = None,
     widen: str = "off",
     monkeypatch: pytest.MonkeyPatch | None = None,
+    twins: bool = False,
+    **shape,
 ):
     from gguf_factory import write_tiny_llama
     from llamapy.formats import open_model_file
@@ -42,20 +44,23 @@ def tiny_model(
 
     path = tmp_path / "tiny.gguf"
     if not path.exists():  # a second model of a test reads the first one's file
-        write_tiny_llama(path, rng=rng, qtype=qtype, hidden=64, ffn=96, types=types,
-                         matrix_scale=64**-0.5)  # fmt: skip
+        shape = {"hidden": 64, "ffn": 96, **shape}
+        write_tiny_llama(path, rng=rng, qtype=qtype, types=types,
+                         matrix_scale=shape["hidden"] ** -0.5, **shape)  # fmt: skip
     model = build_causal_lm(open_model_file(path))
     if CUDA:
         if monkeypatch is not None:  # the tiny model is "small": prepare widens all or nothing
             assert widen != "projections", "a GPU prepare of the tiny model widens all or none"
             monkeypatch.setenv("LLAMAPY_GPU_WIDEN", "1" if widen == "all" else "0")
+            monkeypatch.setenv("LLAMAPY_GPU_KQUANT_TWINS", "1" if twins else "0")
         model.prepare(DEVICE)  # plans the fused decode (and widens as the engine's would)
         return model
     model.widen(widen)  # as `prepare` does on a GPU
     for module in model.modules():  # the interpreter: Triton kernels on CPU tensors
         if isinstance(module, QLinear):
             w = module.weight
-            module.packed = pack_weight(w.data, w.qtype, w.shape, module.byte_twin)
+            module.legacy_twin = twins  # as `prepare` sets it on a GPU
+            module.packed = pack_weight(w.data, w.qtype, w.shape, module.byte_twin, twins)
             module.kernel = "triton"
     model.plan_fused_decode()
     return model
@@ -197,6 +202,32 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
     prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
     steps = [prompts] + [[[int(t)] for t in rng.integers(0, vocab, 2)] for _ in range(2)]
     runners = Runner(wide, num_seqs=2, max_len=8), Runner(apart, num_seqs=2, max_len=8)
+    runners[1].tables = runners[0].tables
+    for chunks in steps:
+        got, want = (r.step(chunks) for r in runners)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("widen", ["off", "all"])
+def test_kquant_twins_give_the_same_logits(tmp_path, rng, widen, monkeypatch) -> None:
+    """Q4_K / Q5_K matrices held as the Q4_1 / Q5_1 blocks of their sub-blocks (the GPU's
+    default, `models.llama.gpu_kquant_twins`; with every matrix widened, Q4_1 twins also
+    get the byte twin the decode GEMV reads) give the logits of the model that keeps the
+    K-quant blocks, prefill and decode steps; a Q6_K matrix (no legacy twin) stays."""
+    types = {"attn_v.weight": Q.Q5_K, "ffn_down.weight": Q.Q6_K}
+    shape = {"hidden": 256, "ffn": 256, "n_layers": 1}  # K-quant rows: multiples of 256
+    twin = tiny_model(tmp_path, rng, Q.Q4_K, types, widen, monkeypatch, twins=True, **shape)
+    kq = tiny_model(tmp_path, rng, Q.Q4_K, types, widen, monkeypatch, twins=False, **shape)
+    layer = twin.layers[0]
+    twin_types = [lin.packed.qtype for lin in layer.attn.proj] + [layer.mlp.down.packed.qtype]
+    assert twin_types == [Q.Q4_1, Q.Q5_1, Q.Q6_K]  # Q and K in one matmul, V apart
+    assert [lin.packed.qtype for lin in kq.layers[0].attn.proj] == [Q.Q4_K, Q.Q5_K]
+    assert ("q8" in layer.attn.proj[0].packed.tensors) == (widen == "all")
+    vocab = twin.config.vocab_size
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
+    steps = [prompts, [[int(t)] for t in rng.integers(0, vocab, 2)]]  # prefill, decode
+    runners = Runner(twin, num_seqs=2, max_len=8), Runner(kq, num_seqs=2, max_len=8)
     runners[1].tables = runners[0].tables
     for chunks in steps:
         got, want = (r.step(chunks) for r in runners)
