@@ -35,6 +35,15 @@ def test_run_raw_prompt_from_stdin(smollm2_path) -> None:
     assert proc.stdout.startswith(" 4")
 
 
+@pytest.mark.models
+def test_empty_raw_prompt_is_a_one_line_error(smollm2_path) -> None:
+    # SmolLM2 adds no BOS token: a raw empty prompt has no tokens at all
+    proc = _run("--raw", "-n", "1", "-m", str(smollm2_path), stdin="")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the prompt is empty" in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

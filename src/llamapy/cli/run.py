@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt_ids = llm.apply_chat_template(messages)
+    if not prompt_ids:  # --raw "" on a model that adds no BOS: nothing to continue from
+        raise UsageError("the prompt is empty: give some text to complete")
     if args.verbose:
         print(f"[prompt: {llm.detokenize(prompt_ids)!r}]", file=sys.stderr)
     t0 = time.perf_counter()
