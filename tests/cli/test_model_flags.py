@@ -21,6 +21,7 @@ import pytest
         (["perplexity", "-f", "/etc/hostname", "-t", "0"], "--threads must be positive"),
         (["embed", "-t", "0", "hi"], "--threads must be positive"),
         (["embed", "-c", "-1", "hi"], "--ctx-size must be >= 0"),
+        (["embed", "--embd-normalize", "-5", "hi"], "--embd-normalize must be -1, 0 or a"),
         (["rerank", "-t", "0", "-q", "q", "doc"], "--threads must be positive"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,

@@ -90,6 +90,10 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.embd_normalize is not None and args.embd_normalize < -1:
+        raise UsageError(
+            f"--embd-normalize must be -1, 0 or a positive p, got {args.embd_normalize}"
+        )
     texts = _texts(args)
     llm = load_embedding_llm(args)
     normalize = args.normalize if args.embd_normalize is None else args.embd_normalize
