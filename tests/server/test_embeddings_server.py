@@ -118,6 +118,8 @@ def test_concurrent_requests_share_passes_and_stay_exact(embed_server, st_model)
         ("/v1/embeddings", {"input": "x", "model": "gpt-4"}, 404, "model"),
         ("/v1/embeddings", {"input": "word " * 400}, 400, "input"),
         ("/embedding", {"content": [[]]}, 400, "input"),
+        ("/v1/embeddings", {"input": "x", "embd_normalize": -5}, 400, "embd_normalize"),
+        ("/embedding", {"content": "x", "embd_normalize": -2}, 400, "embd_normalize"),
         ("/v1/rerank", {"query": "q", "documents": ["d"]}, 501, None),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 501, None),
         ("/v1/completions", {"prompt": "hi"}, 501, None),

@@ -37,7 +37,8 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
-    embd_normalize: int | None = None  # llama.cpp: -1 none, 0 max-abs, 2 L2, p > 0 p-norm
+    # llama.cpp: -1 none, 0 max-abs, 2 L2, p > 0 p-norm
+    embd_normalize: int | None = Field(default=None, ge=-1)
     truncate: bool = False  # cut inputs longer than the model takes (else 400)
 
 
