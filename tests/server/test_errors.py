@@ -13,6 +13,9 @@ pytestmark = pytest.mark.models
 
 KEY = "sk-test-123"
 MSG = [{"role": "user", "content": "Hi"}]
+PART_NO_TEXT = [{"type": "text", "text": 5}]  # was a 500
+IMAGE = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+CONTENT = "messages.0.content"
 
 # (path, raw body, param the error should name or None)
 BAD_REQUESTS = [
@@ -22,6 +25,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": "Hi"}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [5]}]}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PART_NO_TEXT}]}, CONTENT),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": IMAGE}]}, CONTENT),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"99999999": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": "x"}}, None),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamapy.sampling.params import SamplingParams
 from llamapy.sampling.stages import samplers_from_chars, samplers_from_names
@@ -160,6 +160,27 @@ class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v: str | list[dict[str, Any]] | None) -> Any:
+        """OpenAI's content parts: text ones only (the models served read no images or
+        audio, and llama-server refuses them too without a multimodal projector)."""
+        for i, part in enumerate(v if isinstance(v, list) else ()):
+            if part.get("type") != "text":
+                raise ValueError(
+                    f"part {i} has type {part.get('type')!r}; only 'text' is supported"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} (type 'text') needs a string 'text'")
+        return v
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # only an assistant turn may leave it out (one that makes tool calls)
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
