@@ -287,6 +287,30 @@ def test_gpu_kquant_twins_switch(caplog):
     assert q6.qtype == T.Q6_K
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K])
+def test_legacy_twin_bytes(qtype, rng):
+    """`legacy_twin_nbytes` (what the GPU's twin policy counts) is what the twin's packed
+    tensors take; `QLinear.legacy_twin_extra_nbytes` is that less the blocks' bytes, for a
+    fused layer too, and 0 for a K-quant without a twin."""
+    from llamapy.layers.linear import QLinear
+    from llamapy.quant.qtensor import QTensor
+
+    n, k = 6, 512
+    data = random_weight(rng, qtype, n, k)
+    twin = qm.pack_weight(data, qtype, (n, k), legacy_twin=True)
+    assert sum(t.nbytes for t in twin.tensors.values()) == qm.legacy_twin_nbytes(qtype, n, k)
+    per_weight = {T.Q4_K: 0.75 - 144 / 256, T.Q5_K: 0.875 - 176 / 256}[qtype]
+    halves = [QTensor(data[:3], qtype, (3, k)), QTensor(data[3:], qtype, (3, k))]
+    fused = QLinear.fused(halves, [None, None])
+    assert (
+        fused.legacy_twin_extra_nbytes()
+        == QLinear(QTensor(data, qtype, (n, k))).legacy_twin_extra_nbytes()
+    )
+    assert fused.legacy_twin_extra_nbytes() == n * k * per_weight
+    q6 = random_weight(rng, T.Q6_K, n, k)
+    assert QLinear(QTensor(q6, T.Q6_K, (n, k))).legacy_twin_extra_nbytes() == 0
+
+
 def test_row_groups_and_strided_rows(rng, poisoned):
     """A forced GEMV over several row groups (M=17, rows beyond the group masked), x rows
     inside a wider buffer (the norm's statistic reads only the row's K elements)."""

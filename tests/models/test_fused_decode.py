@@ -238,6 +238,39 @@ def test_kquant_twins_give_the_same_logits(tmp_path, rng, widen, monkeypatch) ->
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
+def test_kquant_twins_need_spare_gpu_memory(tmp_path, rng, monkeypatch, caplog) -> None:
+    """The GPU holds the twins only where their extra bytes fit in the memory free beside the
+    model's blocks, its embedding and the engine's reservation (a card that fits the K-quant
+    model need not fit its twins); LLAMAPY_GPU_KQUANT_TWINS=1 holds them regardless."""
+    import logging
+
+    from gguf_factory import write_tiny_llama
+    from llamapy.formats import open_model_file
+    from llamapy.models import build_causal_lm
+
+    types = {"attn_v.weight": Q.Q5_K, "ffn_down.weight": Q.Q6_K}
+    shape = {"hidden": 256, "ffn": 256, "n_layers": 1}
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, rng=rng, qtype=Q.Q4_K, types=types, **shape)
+    model = build_causal_lm(open_model_file(path))
+    # Q4_K: 0.75 bytes a weight as the twin, 144 / 256 as blocks; Q5_K 0.875 and 176 / 256
+    q4k = 256 * (256 + 128) + 256 * 256 + 2 * 256 * 256 + 32 * 256  # QK, o, gate_up, lm_head
+    extra = int(q4k * (0.75 - 144 / 256) + 128 * 256 * (0.875 - 176 / 256))  # + V (exact)
+    placed = model.matrix_bytes() + model.embed.data.nbytes
+    reserve = 5 << 20
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("LLAMAPY_GPU_KQUANT_TWINS", raising=False)
+    monkeypatch.setattr(llama, "KQUANT_TWINS", True)
+    for free, fits in ((placed + reserve + extra, True), (placed + reserve + extra - 1, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 1 << 40))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="llamapy.models.llama"):
+            assert model.kquant_twins_fit(cuda, reserve) is fits
+        assert ("stay K-quant blocks" in caplog.text) is not fits
+    monkeypatch.setenv("LLAMAPY_GPU_KQUANT_TWINS", "1")
+    assert model.kquant_twins_fit(cuda, reserve) is True
+
+
 def test_widening_policy(tmp_path, rng) -> None:
     """Small models widen every Q4_0 / Q5_0 matrix on the GPU, larger ones only mixed-type
     projections; LLAMAPY_GPU_WIDEN=0 none. A model's matrix bytes are the file's, counted

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamapy.engine.block_manager import BlockManager
-from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE
+from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE, kv_bytes_per_block
 from llamapy.engine.model_runner import (
     ModelRunner,
     PendingStep,
@@ -37,6 +37,11 @@ from llamapy.structured.matcher import GrammarCompiler
 from llamapy.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# GPU memory a model's optional larger weight forms (`models.llama.gpu_kquant_twins`) leave
+# free beside the KV cache: a step's activations, logits, CUDA graphs' buffers and the
+# dequantize path's 16-bit weight copies.
+GPU_WORKING_BYTES = 1 << 30
 
 
 def check_device(device: str) -> None:
@@ -161,12 +166,20 @@ class LLMEngine:
         repacks = device.type == "cuda" or config.cpu_kernels in ("fast", "ggml")
         loading = mapped_while_loading() if device.type == "cpu" else contextlib.nullcontext()
         on_gpu_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        kv_tokens = config.kv_cache_tokens or config.max_model_len
+        num_blocks = -(-kv_tokens // config.block_size)
+        # the cache (and its scratch block) plus room for activations, logits and workspaces
+        kv_bytes = (num_blocks + 1) * kv_bytes_per_block(
+            self.model_config, config.block_size, kv_dtype
+        )
         with loading:  # the packing's temporaries leave no fragmented heap (kernels/cpu/malloc)
             model = build_causal_lm(model_file, requantize)
             model.prepare(
                 device,
                 cpu_kernels=config.cpu_kernels,
                 release_pages=model_file.release_pages if repacks else None,
+                gpu_reserve_bytes=kv_bytes + GPU_WORKING_BYTES,
             )
         if device.type == "cuda":  # small models launch their kernels with PDL (triton/pdl)
             from llamapy.kernels.triton import pdl
@@ -176,9 +189,6 @@ class LLMEngine:
             from llamapy.kernels.cpu.ggml_numerics import install
 
             install(model)
-        kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        kv_tokens = config.kv_cache_tokens or config.max_model_len
-        num_blocks = -(-kv_tokens // config.block_size)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )

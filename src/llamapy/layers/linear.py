@@ -79,6 +79,17 @@ class QLinear(torch.nn.Module):
             return sum(part.nbytes for part in self._parts)
         return self._weight.data.nbytes
 
+    def legacy_twin_extra_nbytes(self) -> int:
+        """GPU bytes the weight's legacy twin (`legacy_twin`, Q4_K / Q5_K) takes beyond its
+        blocks; 0 for the other types."""
+        from llamapy.kernels.triton.qmatmul import LEGACY_TWINS, legacy_twin_nbytes
+
+        qtype = self._weight.qtype
+        if qtype not in LEGACY_TWINS:
+            return 0
+        twin = legacy_twin_nbytes(qtype, self.out_features, self.in_features)
+        return twin - self.file_nbytes
+
     @property
     def weight(self) -> QTensor:
         """The ggml blocks (empty once `prepare` has repacked them)."""

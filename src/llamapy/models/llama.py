@@ -266,17 +266,30 @@ WIDEN_MAX_MODEL_BYTES = 256 << 20
 # by default (LLAMAPY_GPU_KQUANT_TWINS=0 turns it off): H200, benchmarks/gpu_ab.py,
 # alternating, 1B Q4_K_M tg128 898.7 -> 1059.2 t/s (+18%), B=64 +4.5%, pp512 -7% (the
 # fp16 tiles' float32 scales); SmolLM2 Q4_K_M tg128 +6%. The price is GPU memory: Q4_K /
-# Q5_K matrices take a third / a quarter more bytes there than in the file.
+# Q5_K matrices take a third / a quarter more bytes there than in the file, so a model whose
+# twins would not fit beside it and what the engine reserves keeps its K-quant blocks.
 KQUANT_TWINS = True
 
 
-def gpu_kquant_twins(env: str | None = None) -> bool:
-    """Whether the GPU holds Q4_K / Q5_K matrices as their legacy twins (see above); env is
-    LLAMAPY_GPU_KQUANT_TWINS ("0": no, "1": yes, else KQUANT_TWINS)."""
+def gpu_kquant_twins(
+    env: str | None = None, extra_bytes: int = 0, spare_bytes: int | None = None
+) -> bool:
+    """Whether the GPU holds Q4_K / Q5_K matrices as their legacy twins (see above): env
+    (LLAMAPY_GPU_KQUANT_TWINS) "0" no, "1" yes; else KQUANT_TWINS, unless the twins'
+    `extra_bytes` exceed `spare_bytes`, the GPU memory left once the model's blocks and the
+    engine's reservation are placed (None: not checked)."""
     if env in ("0", "1"):
         return env == "1"
     if env:
         logger.warning("LLAMAPY_GPU_KQUANT_TWINS=%r is not 0 or 1: ignored", env)
+    if KQUANT_TWINS and spare_bytes is not None and extra_bytes > spare_bytes:
+        logger.info(
+            "Q4_K / Q5_K matrices stay K-quant blocks on the GPU: their Q4_1 / Q5_1 twins "
+            "(faster decode) need %d MiB more and %d MiB are spare",
+            extra_bytes >> 20,
+            max(spare_bytes, 0) >> 20,
+        )
+        return False
     return KQUANT_TWINS
 
 
@@ -435,19 +448,20 @@ class LlamaForCausalLM(torch.nn.Module):
         *,
         cpu_kernels: str = "fast",
         release_pages: Callable[[], None] | None = None,
+        gpu_reserve_bytes: int = 0,
     ) -> None:
         """Place the weights on `device` in the form its kernels read (once, after building).
         `cpu_kernels="reference"` keeps the CPU on the dequantize-per-call torch oracle.
         `release_pages`, called after each repacked matrix, lets the file's pages go as
-        soon as they are copied, so they never all stay resident beside the copies."""
+        soon as they are copied, so they never all stay resident beside the copies.
+        `gpu_reserve_bytes`: GPU memory the caller will need after this (its KV cache and
+        working buffers), which the optional larger forms of the weights must leave free."""
         device = torch.device(device)
         widening = "off"
         if device.type == "cuda":
             widening = gpu_widening(self.matrix_bytes(), os.environ.get("LLAMAPY_GPU_WIDEN"))
         self.widen(widening)
-        twins = device.type == "cuda" and gpu_kquant_twins(
-            os.environ.get("LLAMAPY_GPU_KQUANT_TWINS")
-        )
+        twins = device.type == "cuda" and self.kquant_twins_fit(device, gpu_reserve_bytes)
         for module in self.modules():
             if isinstance(module, QLinear):
                 module.legacy_twin = twins
@@ -463,6 +477,17 @@ class LlamaForCausalLM(torch.nn.Module):
             rope.inv_freq = rope.inv_freq.to(device)
         if device.type == "cuda":
             self.plan_fused_decode()
+
+    def kquant_twins_fit(self, device: torch.device, gpu_reserve_bytes: int = 0) -> bool:
+        """Whether `prepare` on the GPU `device` holds Q4_K / Q5_K matrices as their legacy
+        twins (`gpu_kquant_twins`): the twins' extra bytes against the memory free now less
+        the model's blocks, its embedding and `gpu_reserve_bytes`."""
+        extra = sum(m.legacy_twin_extra_nbytes() for m in self.modules() if isinstance(m, QLinear))
+        spare = None
+        if extra:
+            free = torch.cuda.mem_get_info(device)[0]
+            spare = free - self.matrix_bytes() - self.embed.data.nbytes - gpu_reserve_bytes
+        return gpu_kquant_twins(os.environ.get("LLAMAPY_GPU_KQUANT_TWINS"), extra, spare)
 
     def matrix_bytes(self) -> int:
         """Bytes of the model's matrices as the file holds them (before `prepare`)."""

@@ -213,6 +213,12 @@ LEGACY_TWINS: dict[QuantType, QuantType] = {
 }
 
 
+def legacy_twin_nbytes(qtype: QuantType, n: int, k: int) -> int:
+    """Bytes of an (N, K) Q4_K / Q5_K weight held as its legacy twin (`_legacy_twin`): a
+    32-weight block's 16 bytes of nibbles, float32 d and m, and Q5_1's 4 bytes of fifth bits."""
+    return n * (k // QK) * (24 + 4 * (LEGACY_TWINS[qtype] == QuantType.Q5_1))
+
+
 def _legacy_twin(data: torch.Tensor, qtype: QuantType, n: int, k: int) -> dict[str, torch.Tensor]:
     """Q4_K / Q5_K blocks (N, row_bytes) -> the tensors `_pack_legacy` gives a Q4_1 / Q5_1
     weight of the same values: qs (N, K/2) nibbles (byte j of a block: weights j, 16 + j),
