@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from live_server import Server, serve
+from live_server import Server, free_port, serve
 
 pytestmark = pytest.mark.models
 
@@ -155,3 +157,15 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(strict):
         # Without max_tokens the same prompt is served and stops at the context limit.
         ok = c.post("/v1/completions", json={"prompt": "word " * 20, "max_tokens": None})
         assert ok.status_code == 200
+
+
+def test_a_model_that_cannot_load_ends_the_server(tmp_path):
+    """As llama-server: no model, no server (it used to answer 503 forever)."""
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model")
+    argv = [sys.executable, "-m", "llamapy", "serve", "-m", str(bad), "--port", str(free_port())]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("llamapy serve: error: model failed to load:"), proc.stderr
+    assert "is not a GGUF file" in last and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 
@@ -12,7 +13,7 @@ from llamapy.cli.common import (
     device_from_args,
     quantize_from_args,
 )
-from llamapy.errors import UsageError
+from llamapy.errors import LlamapyError, UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--reranking uses pooling rank, not {args.pooling}")
     import uvicorn
 
-    from llamapy.server.app import ServerConfig, create_app
+    from llamapy.server.app import ModelServer, ServerConfig, create_app
 
     config = ServerConfig(
         model=args.model,
@@ -112,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
     )
-    app = create_app(config)
+    app = create_app(config, load=False)
     logging.getLogger("llamapy").setLevel(logging.INFO)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+    server = ModelServer(uv_config, app.state.llamapy)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down cleanly
+        server.run()  # a port in use: uvicorn logs why and exits with its code 3
+    if server.state.load_error is not None:
+        raise LlamapyError(f"model failed to load: {server.state.load_error}")
     return 0

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -149,6 +151,25 @@ def load_model(state: ServerState) -> None:
     else:
         state.engine = AsyncLLMEngine(llm.engine, max_queued=cfg.max_queued)
     logger.info("model %s ready", state.model_name)
+
+
+class ModelServer(uvicorn.Server):
+    """uvicorn's server for `llamapy serve`: it loads the model (in a thread, as
+    create_app's `load`) once the socket is bound, so a port in use fails at once, and stops
+    when the model cannot load, as llama-server exits."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        threading.Thread(target=self._load, daemon=True).start()
+
+    def _load(self) -> None:
+        load_model(self.state)
+        if self.state.load_error is not None:
+            self.should_exit = True
 
 
 def create_app(config: ServerConfig, *, load: bool = True) -> FastAPI:
