@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 import pytest
 
 from llamapy import ContextLengthError
 from llamapy.api import LLM
+from llamapy.errors import InsufficientMemoryError
 from llamapy.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.models
@@ -90,6 +92,17 @@ def test_generation_stops_at_context_limit(smollm2_path) -> None:
 def test_bad_options(smollm2_path, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         LLM(smollm2_path, **kwargs)
+
+
+def test_no_memory_for_the_context_is_a_clear_error(smollm2_path, monkeypatch) -> None:
+    """As an mmap of a huge KV cache fails (`llamapy run -c 999999999` printed a traceback)."""
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr("llamapy.api.LLMEngine", no_memory)
+    with pytest.raises(InsufficientMemoryError, match="context of 100000 tokens.*lower the"):
+        LLM(smollm2_path, n_ctx=100_000)
 
 
 def test_n_ctx_zero_is_the_models_context(smollm2_path) -> None:

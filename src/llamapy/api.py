@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 
 from llamapy.embedding import ENCODER_ARCHS, EmbeddingEngine, RerankResult, rank
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput, check_device
-from llamapy.errors import UnsupportedError
+from llamapy.errors import InsufficientMemoryError, UnsupportedError
 from llamapy.formats import GGUFFile, open_model_file
 from llamapy.hub import DEFAULT_MODEL, resolve_model
 from llamapy.sampling.params import SamplingParams
@@ -128,9 +129,7 @@ class LLM:
                 raise UnsupportedError("quantize is not supported for embedding models")
             self._embedder = self._new_embedder(None, n_ctx)
         else:
-            self.engine = LLMEngine(
-                self.model_file,
-                self.tokenizer,
+            self.engine = self._new_engine(
                 EngineConfig(
                     max_model_len=ctx,
                     max_num_seqs=max_num_seqs,
@@ -151,7 +150,7 @@ class LLM:
                         if cpu_compile is not None and not enforce_eager
                         else {}
                     ),
-                ),
+                )
             )
         self.chat_template: ChatTemplate | None = resolve_chat_template(
             chat_template,
@@ -160,6 +159,20 @@ class LLM:
             eos_token=self._piece(self.tokenizer.eos_id),
         )
         self.load_time = time.perf_counter() - t0
+
+    def _new_engine(self, config: EngineConfig) -> LLMEngine:
+        """The generation engine; memory it cannot get (the KV cache of a huge n_ctx) is an
+        error naming the context size, not an OSError from an mmap deep inside."""
+        try:
+            return LLMEngine(self.model_file, self.tokenizer, config)
+        except (MemoryError, torch.OutOfMemoryError, OSError) as e:
+            if isinstance(e, OSError) and e.errno != errno.ENOMEM:
+                raise
+            raise InsufficientMemoryError(
+                f"not enough memory for the model with a context of {config.max_model_len} "
+                f"tokens ({e}); lower the context size (-c / n_ctx; the model was trained "
+                f"with {self.config.context_length})"
+            ) from None
 
     def _piece(self, token_id: int | None) -> str:
         return self.tokenizer.id_to_piece(token_id) if token_id is not None else ""

@@ -25,5 +25,9 @@ class ContextLengthError(LlamapyError):
     """A prompt (or prompt + requested tokens) does not fit the context window."""
 
 
+class InsufficientMemoryError(LlamapyError):
+    """The machine or GPU lacks the memory a setting asks for (the KV cache of a huge -c)."""
+
+
 class UsageError(LlamapyError):
     """Bad command-line input: printed as one line, exit code 2."""
