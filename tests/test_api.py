@@ -105,6 +105,14 @@ def test_no_memory_for_the_context_is_a_clear_error(smollm2_path, monkeypatch) -
         LLM(smollm2_path, n_ctx=100_000)
 
 
+def test_a_kv_cache_beyond_the_machine_is_refused_first(smollm2_path) -> None:
+    """A context whose KV cache exceeds the machine's RAM is refused before anything is
+    allocated (`-c 999999999` spent ~9 GB and 24 s building block tables first; a larger one
+    met the OOM killer)."""
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache of a 20000000000-token .*-c"):
+        LLM(smollm2_path, n_ctx=20_000_000_000)
+
+
 def test_n_ctx_zero_is_the_models_context(smollm2_path) -> None:
     """As llama.cpp's `-c 0` and llama-cpp-python's `n_ctx=0`."""
     whole = LLM(smollm2_path, n_ctx=0)

@@ -3,6 +3,7 @@
 from llamapy.errors import (
     ContextLengthError,
     DownloadError,
+    InsufficientMemoryError,
     LlamapyError,
     ModelFormatError,
     ModelNotFoundError,
@@ -31,6 +32,7 @@ __all__ = [
     "SamplingParams",
     "ContextLengthError",
     "DownloadError",
+    "InsufficientMemoryError",
     "LlamapyError",
     "ModelFormatError",
     "ModelNotFoundError",

@@ -26,7 +26,7 @@ from llamapy.engine.model_runner import (
 from llamapy.engine.output import TextStream
 from llamapy.engine.scheduler import Scheduler, SchedulerConfig
 from llamapy.engine.sequence import PENDING, FinishReason, Sequence
-from llamapy.errors import ContextLengthError
+from llamapy.errors import ContextLengthError, InsufficientMemoryError
 from llamapy.kernels.cpu.malloc import mapped_while_loading
 from llamapy.layers.linear import CPU_KERNELS
 from llamapy.models import build_causal_lm
@@ -42,6 +42,24 @@ logger = logging.getLogger(__name__)
 # free beside the KV cache: a step's activations, logits, CUDA graphs' buffers and the
 # dequantize path's 16-bit weight copies.
 GPU_WORKING_BYTES = 1 << 30
+
+
+def check_kv_fits(kv_bytes: int, tokens: int, device: torch.device) -> None:
+    """A KV cache larger than the device's memory (the machine's RAM; the GPU's free memory)
+    is an InsufficientMemoryError naming the context size, before anything is allocated
+    (the block tables alone of a billion-token context take gigabytes)."""
+    if device.type == "cuda":
+        have, what = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        try:
+            have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of RAM"
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+            return
+    if kv_bytes > have:
+        raise InsufficientMemoryError(
+            f"the KV cache of a {tokens}-token context needs {kv_bytes / 2**30:.1f} GiB, more "
+            f"than the {have / 2**30:.1f} GiB {what}; lower the context size (-c / n_ctx)"
+        )
 
 
 def check_device(device: str) -> None:
@@ -169,10 +187,10 @@ class LLMEngine:
         kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         kv_tokens = config.kv_cache_tokens or config.max_model_len
         num_blocks = -(-kv_tokens // config.block_size)
-        # the cache (and its scratch block) plus room for activations, logits and workspaces
-        kv_bytes = (num_blocks + 1) * kv_bytes_per_block(
+        kv_bytes = (num_blocks + 1) * kv_bytes_per_block(  # + the scratch block
             self.model_config, config.block_size, kv_dtype
         )
+        check_kv_fits(kv_bytes, kv_tokens, device)
         with loading:  # the packing's temporaries leave no fragmented heap (kernels/cpu/malloc)
             model = build_causal_lm(model_file, requantize)
             model.prepare(
