@@ -108,6 +108,17 @@ class Runner:
         return self.model.compute_logits(hidden)
 
 
+def assert_same_logits(model, other, steps: list[list[list[int]]]) -> None:
+    """`model` and `other` (the same weights in other forms) give the same logits, within
+    float32 roundings, over the same steps of two sequences in the same cache blocks."""
+    runners = Runner(model, num_seqs=2, max_len=8), Runner(other, num_seqs=2, max_len=8)
+    runners[1].tables = runners[0].tables
+    for chunks in steps:
+        got, want = (r.step(chunks) for r in runners)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 def set_fused(model, on: bool, monkeypatch) -> None:
     monkeypatch.setattr(llama, "FUSED_DECODE", on)
     model.plan_fused_decode()
@@ -201,12 +212,7 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
     vocab = wide.config.vocab_size
     prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
     steps = [prompts] + [[[int(t)] for t in rng.integers(0, vocab, 2)] for _ in range(2)]
-    runners = Runner(wide, num_seqs=2, max_len=8), Runner(apart, num_seqs=2, max_len=8)
-    runners[1].tables = runners[0].tables
-    for chunks in steps:
-        got, want = (r.step(chunks) for r in runners)
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert_same_logits(wide, apart, steps)
 
 
 @pytest.mark.parametrize("widen", ["off", "all"])
@@ -230,12 +236,7 @@ def test_kquant_twins_give_the_same_logits(tmp_path, rng, widen, monkeypatch) ->
     # (the kernel tests bound the GEMM); the interpreter's dots are float32, so 5 rows here.
     prompts = [rng.integers(0, vocab, n).tolist() for n in ((3, 1) if CUDA else (3, 2))]
     steps = [prompts, [[int(t)] for t in rng.integers(0, vocab, 2)]]  # prefill, decode
-    runners = Runner(twin, num_seqs=2, max_len=8), Runner(kq, num_seqs=2, max_len=8)
-    runners[1].tables = runners[0].tables
-    for chunks in steps:
-        got, want = (r.step(chunks) for r in runners)
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert_same_logits(twin, kq, steps)
 
 
 def test_kquant_twins_need_spare_gpu_memory(tmp_path, rng, monkeypatch, caplog) -> None:
