@@ -44,16 +44,31 @@ logger = logging.getLogger(__name__)
 GPU_WORKING_BYTES = 1 << 30
 
 
+def _ram_and_swap() -> int | None:
+    """The machine's memory and swap in bytes (Linux; else RAM alone where sysconf knows it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def check_kv_fits(kv_bytes: int, tokens: int, device: torch.device) -> None:
-    """A KV cache larger than the device's memory (the machine's RAM; the GPU's free memory)
-    is an InsufficientMemoryError naming the context size, before anything is allocated
-    (the block tables alone of a billion-token context take gigabytes)."""
+    """A KV cache larger than the device could ever hold (the GPU's free memory; the CPU's
+    RAM and swap, beyond which Linux refuses the cache's mapping anyway, though its pages
+    become resident only as tokens fill it) is an InsufficientMemoryError naming the context
+    size, before anything is allocated (the block tables alone of a billion-token context
+    take gigabytes)."""
     if device.type == "cuda":
         have, what = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
-        try:
-            have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of RAM"
-        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        have, what = _ram_and_swap(), "of RAM and swap"
+        if have is None:  # not known here: the allocation itself will tell
             return
     if kv_bytes > have:
         raise InsufficientMemoryError(
