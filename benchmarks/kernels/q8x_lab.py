@@ -1,0 +1,266 @@
+"""Lab (issue 6, the 1B's tg128): the decode GEMV with x quantized *once*, before the GEMV,
+into int8 codes in one or two levels, against the float32-x GEMV and the int8-x GEMV that
+quantizes x in every program's prologue (`qmatmul.GEMV_INT8_X`).
+
+Why: the int8-x GEMV takes ~2.2 instructions a weight in its K loop against ~7.3 for float32
+x, yet timed only ~1.25x faster at the 1B's gate_up (eighth session). Each of its programs
+quantizes the whole x row first (K floats: amax per block, rounding, packing), about as many
+instructions again as its share of the weights; in two levels (x ~ s1 c1 + s2 c2, accurate
+enough for issue 6's logits bar: top-1 1.000, KL 2.8e-7 in the nineteenth session) twice
+that, which made it slower than float32 x. If the producer of x (a norm, the attention's
+merge, the gating) wrote the codes once, the GEMV would read them like weights. This lab
+times that GEMV, Q4_0 and Q8_0, plain form, at the 1B's shapes, over rotating weight copies
+as CUDA-graph replays, with a small tile sweep; the codes come from torch here.
+
+    python benchmarks/kernels/q8x_lab.py [--types Q4_0,Q8_0] [--check-only]
+
+Under TRITON_INTERPRET=1 (no GPU) `--check-only` runs the float64 check on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from llamapy.kernels.triton import INTERPRET
+from llamapy.kernels.triton.qmatmul import _dp4a, _words, pack_weight, qmatmul_with
+from llamapy.quant.dequant import dequantize
+from llamapy.quant.types import QuantType, row_nbytes
+
+SHAPES = [("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048),
+          ("down", 2048, 8192), ("output", 128256, 2048)]  # fmt: skip
+QT_CODE = {QuantType.Q4_0: 0, QuantType.Q8_0: 4}
+
+
+def quantize_x(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (K,) float32 -> codes (levels, K // 4) int32 words (4 int8 codes a word, the first in
+    the low byte), scales (levels, K // 32) float32 and code sums (levels, K // 32) int32:
+    x ~ sum over levels of scale * codes, each level quantizing what the ones before left."""
+    r = x.reshape(-1, 32).double()
+    codes, scales, sums = [], [], []
+    for _ in range(levels):
+        amax = r.abs().amax(dim=1).clamp_min(2.0**-60)
+        s = (amax / 127).float().double()
+        c = torch.round(r / s[:, None]).clamp(-127, 127)
+        r = r - c * s[:, None]
+        codes.append(c.to(torch.int8).reshape(-1).view(torch.int32))
+        scales.append(s.float())
+        sums.append(c.sum(dim=1).to(torch.int32))
+    return torch.stack(codes), torch.stack(scales), torch.stack(sums)
+
+
+@triton.jit
+def _pre_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb, b_first,
+              QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr,
+              INTERP: tl.constexpr):  # fmt: skip
+    """acc (BN, BB) += blocks [b_first, +BLOCK_B) of the rows times the x the codes stand for."""
+    offs_b = b_first + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < nb
+    blk = rows[:, None] * nb + offs_b[None, :]
+    d = tl.load(d_ptr + blk, mask=n_mask[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
+    if QT == 0:
+        w = _words(qs_ptr, rows, n_mask, b_first, nb, 4, 0, BLOCK_B)
+        lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of block, word i
+        hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
+    else:
+        lo = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 0, BLOCK_B)
+        hi = _words(qs_ptr, rows, n_mask, b_first, nb, 8, 4, BLOCK_B)
+    zero = tl.zeros(lo.shape, tl.int32)
+    xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]  # (BB, 4) code words, low half
+    part = tl.zeros(d.shape, tl.float32)
+    for lvl in tl.static_range(LEVELS):
+        cl = tl.load(xc_ptr + lvl * (nb * 8) + xw, mask=b_ok[:, None], other=0)
+        ch = tl.load(xc_ptr + lvl * (nb * 8) + xw + 4, mask=b_ok[:, None], other=0)
+        s = tl.load(xs_ptr + lvl * nb + offs_b, mask=b_ok, other=0.0)
+        dot = _dp4a(lo, cl[None, :, :], zero, QT == 4, INTERP)
+        dot = _dp4a(hi, ch[None, :, :], dot, QT == 4, INTERP)
+        isum = tl.sum(dot, axis=2)
+        if QT == 0:
+            isum -= 8 * tl.load(xt_ptr + lvl * nb + offs_b, mask=b_ok, other=0)[None, :]
+        part += isum.to(tl.float32) * s[None, :]
+    return acc + d * part
+
+
+@triton.jit
+def _gemv_pre_kernel(
+    xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K, steps_per_split,
+    QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    SPLIT: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """out[n] = sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b]) for this
+    program's rows and K split (SPLIT > 1: float32 partials (SPLIT, N) into out)."""
+    pid_k = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    nb = K // 32
+    b_start = pid_k * steps_per_split * BLOCK_B
+    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+        step = 0
+        while step < steps_per_split:
+            acc = _pre_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
+                            b_start + step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+            step += 1
+    else:
+        for step in range(0, steps_per_split):
+            acc = _pre_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
+                            b_start + step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+    y = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(out_ptr + offs_n, y, mask=n_mask)
+    else:
+        tl.store(out_ptr + pid_k.to(tl.int64) * N + offs_n, y, mask=n_mask)
+
+
+def gemv_pre(xq, w, out, ws, cfg: dict[str, int], levels: int) -> torch.Tensor:
+    """The precomputed-codes GEMV; `ws` (SPLIT, N) float32 when cfg's SPLIT > 1."""
+    codes, scales, sums = xq
+    nb = w.k // 32
+    steps = triton.cdiv(nb, cfg["BLOCK_B"])
+    split = cfg["SPLIT"]
+    per_split = triton.cdiv(steps, split)
+    grid = (triton.cdiv(w.n, cfg["BLOCK_N"]), split)
+    qs = w.tensors["qs"].view(torch.int32)
+    target = out if split == 1 else ws
+    _gemv_pre_kernel[grid](
+        codes, scales, sums, qs, w.tensors["d"], target, w.n, w.k, per_split,
+        QT=QT_CODE[w.qtype], LEVELS=levels, BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"],
+        SPLIT=split, INTERP=INTERPRET, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    if split > 1:
+        torch.sum(ws[:split], dim=0, out=out)
+    return out
+
+
+def random_weight(qtype: QuantType, n: int, k: int, device: str):
+    data = torch.randint(0, 256, (n, row_nbytes(qtype, k)), dtype=torch.uint8)
+    size = 18 if qtype is QuantType.Q4_0 else 34
+    blocks = data.view(n, k // 32, size)
+    scale = (torch.rand(n, k // 32) * 0.02 + 0.001).half().view(torch.uint8).view(n, k // 32, 2)
+    blocks[:, :, :2] = scale
+    return data, pack_weight(data.to(device), qtype, (n, k))
+
+
+def check(qtype: QuantType, device: str, n: int = 96, k: int = 256) -> None:
+    """Against float64: the codes' own error (x ~ sum s c) is the only approximation."""
+    data, w = random_weight(qtype, n, k, device)
+    x = torch.randn(k)
+    wf = dequantize(data, qtype).double()  # llamapy's dequantizer, checked against gguf-py
+    for levels in (1, 2):
+        codes, scales, sums = quantize_x(x, levels)
+        xr = sum(
+            (codes[i].view(torch.int8).double().reshape(-1, 32) * scales[i].double()[:, None])
+            for i in range(levels)
+        ).reshape(-1)  # the x the codes stand for
+        ref = wf @ xr
+        for cfg in ({"BLOCK_N": 16, "BLOCK_B": 4, "num_warps": 4, "SPLIT": 1},
+                    {"BLOCK_N": 8, "BLOCK_B": 2, "num_warps": 2, "SPLIT": 2}):  # fmt: skip
+            out = torch.full((n,), float("nan"), device=device)
+            ws = torch.empty(cfg["SPLIT"], n, device=device)
+            xq = (codes.to(device), scales.to(device), sums.to(device))
+            got = gemv_pre(xq, w, out, ws, cfg, levels).double().cpu()
+            err = (got - ref).abs().max() / ref.abs().max()
+            assert err < 1e-5, (qtype, levels, cfg, float(err))
+        err_x = ((xr - x.double()).abs().max() / x.abs().max()).item()
+        print(f"{qtype.name} levels={levels}: matches float64 of the codes' x; "
+              f"x's own error {err_x:.1e}")  # fmt: skip
+
+
+def replay_us(calls, reps: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
+def configs(n: int, k: int):
+    nb = k // 32
+    for bn, bb, warps, split in itertools.product((8, 16, 32), (16, 32), (4,), (1, 2)):
+        if bb * split <= nb:
+            yield {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
+
+
+def bench(qtype: QuantType) -> list[str]:
+    rows = []
+    for name, n, k in SHAPES:
+        nbytes = n * row_nbytes(qtype, k)
+        copies = max(2, min(48, math.ceil((256 << 20) / nbytes)))
+        ws_ = [random_weight(qtype, n, k, "cuda")[1] for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda")
+        out = torch.empty(1, n, device="cuda")
+        base = replay_us([functools.partial(qmatmul_with, x, w, out=out) for w in ws_])
+        pro = {}
+        for lv in (1, 2):  # the current int8-x GEMV, quantizing in its prologue (its own tiles)
+            cfg = {"Q8X": lv}
+            calls = [functools.partial(qmatmul_with, x, w, out=out, gemv_config=cfg) for w in ws_]
+            pro[lv] = replay_us(calls)
+        pre = {}
+        out1 = out.view(-1)
+        work = torch.empty(4, n, device="cuda")
+        for lv in (2, 1):  # the tiles swept for 2 levels; 1 level takes its best
+            xq = tuple(t.cuda() for t in quantize_x(x.view(-1).cpu(), lv))
+            best = (float("inf"), None)
+            for cfg in configs(n, k) if lv == 2 else [pre[2][1]]:
+                calls = [functools.partial(gemv_pre, xq, w, out1, work, cfg, lv) for w in ws_]
+                try:
+                    t = replay_us(calls, reps=10)
+                except Exception as exc:  # out of resources
+                    print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                best = min(best, (t, cfg), key=lambda p: p[0])
+            pre[lv] = best
+        row = (f"| {qtype.name} | {name} | {nbytes / 2**20:.2f} | {base:.2f} | {pro[1]:.2f} | "
+               f"{pro[2]:.2f} | {pre[1][0]:.2f} | {pre[2][0]:.2f} | {base / pre[2][0]:.2f}x | "
+               f"{pre[2][1]} |")  # fmt: skip
+        print(row, flush=True)
+        rows.append(row)
+        del ws_
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default="Q4_0,Q8_0")
+    parser.add_argument("--check-only", action="store_true")
+    args = parser.parse_args()
+    device = "cpu" if INTERPRET else "cuda"
+    types = [QuantType[t] for t in args.types.split(",")]
+    for qtype in types:
+        check(qtype, device)
+    if args.check_only:
+        return
+    rows = []
+    for qtype in types:
+        rows += bench(qtype)
+    print(
+        "\n| type | matrix | MiB | float32 x | int8 x, prologue, 1 / 2 levels | | "
+        "precomputed codes, 1 level | 2 levels | float / 2 levels | best tile (2) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
