@@ -213,14 +213,23 @@ def replay_us(calls, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
-def configs(n: int, k: int):
+def configs(n: int, k: int, stationary: bool = False):
+    """Tiles to sweep. `stationary`: BLOCK_B = 32 x num_warps, so that Triton's layout gives
+    each thread one block's four code words for all BLOCK_N rows (x read once a thread and
+    reused from registers) instead of spreading rows over threads that each load x again."""
     nb = k // 32
+    if stationary:
+        for bn, warps, split in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 4)):
+            bb = 32 * warps
+            if bb * split <= max(nb, 32):
+                yield {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
+        return
     for bn, bb, warps, split in itertools.product((8, 16, 32), (16, 32), (4,), (1, 2)):
         if bb * split <= nb:
             yield {"BLOCK_N": bn, "BLOCK_B": bb, "num_warps": warps, "SPLIT": split}
 
 
-def bench(qtype: QuantType, persistent: bool) -> list[str]:
+def bench(qtype: QuantType, persistent: bool, stationary: bool) -> list[str]:
     rows = []
     for name, n, k in SHAPES:
         nbytes = n * row_nbytes(qtype, k)
@@ -241,7 +250,7 @@ def bench(qtype: QuantType, persistent: bool) -> list[str]:
             xq = tuple(t.cuda() for t in quantize_x(x.view(-1).cpu(), lv))
             best = (float("inf"), None)
             timed = []
-            for cfg in configs(n, k) if lv == 2 else [pre[2][1]]:
+            for cfg in configs(n, k, stationary) if lv == 2 else [pre[2][1]]:
                 calls = [functools.partial(gemv_pre, xq, w, out1, work, cfg, lv) for w in ws_]
                 try:
                     t = replay_us(calls, reps=10)
@@ -274,6 +283,23 @@ def bench(qtype: QuantType, persistent: bool) -> list[str]:
     return rows
 
 
+def profile_launches(qtype: QuantType, shape: str, cfg: dict[str, int]) -> None:
+    """Eager launches for a profiler (`ncu --kernel-name regex:gemv`): the float32-x GEMV,
+    then the precomputed 2-level GEMV with `cfg`, 8 each over rotating copies."""
+    name, n, k = next(s for s in SHAPES if s[0] == shape)
+    ws_ = [random_weight(qtype, n, k, "cuda")[1] for _ in range(8)]
+    x = torch.randn(1, k, device="cuda")
+    out = torch.empty(1, n, device="cuda")
+    xq = tuple(t.cuda() for t in quantize_x(x.view(-1).cpu(), 2))
+    work = torch.empty(4, n, device="cuda")
+    for w in ws_:
+        qmatmul_with(x, w, out=out)
+    torch.cuda.synchronize()
+    for w in ws_:
+        gemv_pre(xq, w, out.view(-1), work, cfg, 2)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default="Q4_0,Q8_0")
@@ -283,7 +309,17 @@ def main() -> None:
         action="store_true",
         help="also grid-stride the best tiles over 1-8 waves of programs",
     )
+    parser.add_argument("--profile", metavar="SHAPE", help="only eager launches for ncu")
+    parser.add_argument(
+        "--stationary",
+        action="store_true",
+        help="sweep x-stationary tiles (BLOCK_B = 32 x num_warps) instead",
+    )
     args = parser.parse_args()
+    if args.profile:
+        cfg = {"BLOCK_N": 16, "BLOCK_B": 16, "num_warps": 4, "SPLIT": 1}
+        profile_launches(QuantType[args.types.split(",")[0]], args.profile, cfg)
+        return
     device = "cpu" if INTERPRET else "cuda"
     types = [QuantType[t] for t in args.types.split(",")]
     for qtype in types:
@@ -292,7 +328,7 @@ def main() -> None:
         return
     rows = []
     for qtype in types:
-        rows += bench(qtype, args.persistent)
+        rows += bench(qtype, args.persistent, args.stationary)
     print(
         "\n| type | matrix | MiB | float32 x | int8 x, prologue, 1 / 2 levels | | "
         "precomputed codes, 1 level | 2 levels | float / 2 levels | best tile (2) |"
