@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from llamapy.kernels.triton import INTERPRET
+from llamapy.kernels.triton import qmatmul as qm
 from llamapy.kernels.triton.qmatmul import _dp4a, _words, pack_weight, qmatmul_with
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, row_nbytes
@@ -88,10 +89,52 @@ def _pre_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb, b_fi
 
 
 @triton.jit
+def _quantize_kernel(
+    x_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, K, eps,
+    PRO: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Codes of blocks [pid * BLOCK_B, +BLOCK_B) of one row's x with its prologue (PRO 0 none,
+    1 rms_norm with weight g (each program sums the whole row's squares: a few KiB from L2),
+    2 SiLU gating of a [gate | up] row of 2K): per level, int8 codes as words (low half's four
+    then the high half's), the scale and the codes' sum per block, each level quantizing what
+    the ones before left (`quantize_x`, in float32)."""
+    nb = K // 32
+    b_first = tl.program_id(0) * BLOCK_B
+    gl, gh = qm._g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
+    xl, xh = qm._x_halves(x_ptr, True, b_first, nb, gl, gh, BLOCK_B, PRO)
+    if PRO == 1:
+        inv = tl.sum(qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, 256, INTERP), axis=0)
+        xl = xl * inv
+        xh = xh * inv
+    offs_b = b_first + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < nb
+    words = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+    for lvl in tl.static_range(LEVELS):
+        cl, ch, sx, total = qm._codes(xl, xh)
+        tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=b_ok[:, None])
+        tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=b_ok[:, None])
+        tl.store(xs_ptr + lvl * nb + offs_b, sx, mask=b_ok)
+        tl.store(xt_ptr + lvl * nb + offs_b, total, mask=b_ok)
+        xl = xl - cl.to(tl.float32) * sx[:, None]
+        xh = xh - ch.to(tl.float32) * sx[:, None]
+
+
+def quantize(x, xq, pro: int, g=None, eps: float = 1e-5, levels: int = 2, block_b: int = 16):
+    """Fill xq = (codes, scales, sums) from the row x (K,) or, PRO 2, its [gate | up] (2K,)."""
+    codes, scales, sums = xq
+    nb = scales.shape[-1]
+    _quantize_kernel[(triton.cdiv(nb, block_b),)](
+        x, g if g is not None else x, codes, scales, sums, nb * 32, eps,
+        PRO=pro, LEVELS=levels, BLOCK_B=block_b, INTERP=INTERPRET, num_warps=4,
+    )  # fmt: skip
+    return xq
+
+
+@triton.jit
 def _gemv_pre_kernel(
     xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K, steps_per_split,
     QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    SPLIT: tl.constexpr, INTERP: tl.constexpr,
+    SPLIT: tl.constexpr, INTERP: tl.constexpr, RES: tl.constexpr = False,
 ):  # fmt: skip
     """out[n] = sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b]) for this
     program's rows and K split (SPLIT > 1: float32 partials (SPLIT, N) into out)."""
@@ -100,7 +143,7 @@ def _gemv_pre_kernel(
     tile = tl.program_id(0)
     while tile < n_tiles:  # one tile a program, or grid-strided over fewer (persistent)
         _pre_tile(tile, pid_k, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K,
-                  steps_per_split, QT, LEVELS, BLOCK_N, BLOCK_B, SPLIT, INTERP)  # fmt: skip
+                  steps_per_split, QT, LEVELS, BLOCK_N, BLOCK_B, SPLIT, INTERP, RES)  # fmt: skip
         tile += tl.num_programs(0)
 
 
@@ -108,7 +151,7 @@ def _gemv_pre_kernel(
 def _pre_tile(
     tile, pid_k, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K, steps_per_split,
     QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    SPLIT: tl.constexpr, INTERP: tl.constexpr,
+    SPLIT: tl.constexpr, INTERP: tl.constexpr, RES: tl.constexpr,
 ):  # fmt: skip
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n.to(tl.int64)
@@ -128,13 +171,16 @@ def _pre_tile(
                             b_start + step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
     y = tl.sum(acc, axis=1)
     if SPLIT == 1:
+        if RES:  # out is the residual stream: y added into it
+            y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y, mask=n_mask)
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * N + offs_n, y, mask=n_mask)
 
 
-def gemv_pre(xq, w, out, ws, cfg: dict[str, int], levels: int) -> torch.Tensor:
-    """The precomputed-codes GEMV; `ws` (SPLIT, N) float32 when cfg's SPLIT > 1."""
+def gemv_pre(xq, w, out, ws, cfg: dict[str, int], levels: int, res: bool = False):
+    """The precomputed-codes GEMV; `ws` (SPLIT, N) float32 when cfg's SPLIT > 1; `res`: out
+    is a residual the result is added into (SPLIT 1 only)."""
     codes, scales, sums = xq
     nb = w.k // 32
     steps = triton.cdiv(nb, cfg["BLOCK_B"])
@@ -148,7 +194,7 @@ def gemv_pre(xq, w, out, ws, cfg: dict[str, int], levels: int) -> torch.Tensor:
     _gemv_pre_kernel[grid](
         codes, scales, sums, qs, w.tensors["d"], target, w.n, w.k, per_split,
         QT=QT_CODE[w.qtype], LEVELS=levels, BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"],
-        SPLIT=split, INTERP=INTERPRET, num_warps=cfg["num_warps"],
+        SPLIT=split, INTERP=INTERPRET, RES=res, num_warps=cfg["num_warps"],
     )  # fmt: skip
     if split > 1:
         torch.sum(ws[:split], dim=0, out=out)
@@ -189,6 +235,133 @@ def check(qtype: QuantType, device: str, n: int = 96, k: int = 256) -> None:
         err_x = ((xr - x.double()).abs().max() / x.abs().max()).item()
         print(f"{qtype.name} levels={levels}: matches float64 of the codes' x; "
               f"x's own error {err_x:.1e}")  # fmt: skip
+
+
+def code_buffers(k: int, levels: int, device: str):
+    nb = k // 32
+    return (torch.empty(levels, nb * 8, dtype=torch.int32, device=device),
+            torch.empty(levels, nb, device=device),
+            torch.empty(levels, nb, dtype=torch.int32, device=device))  # fmt: skip
+
+
+def check_quantize(device: str, k: int = 512, n: int = 64) -> None:
+    """The quantizing kernel's codes stand for its prologue's x (float64) to the 2-level
+    error, and the GEMV over them matches float64 W y."""
+    data, w = random_weight(QuantType.Q4_0, n, k, device)
+    wf = dequantize(data, QuantType.Q4_0).double()
+    eps = 1e-5
+    for pro in (0, 1, 2):
+        x = torch.randn(2 * k if pro == 2 else k)
+        g = torch.rand(k) + 0.5
+        xd = x.double()
+        if pro == 0:
+            y = xd
+        elif pro == 1:
+            y = xd / torch.sqrt((xd * xd).mean() + eps) * g.double()
+        else:
+            gate, up = xd[:k], xd[k:]
+            y = gate * torch.sigmoid(gate) * up
+        xq = quantize(x.to(device), code_buffers(k, 2, device), pro, g.to(device), eps)
+        codes = xq[0].cpu().view(torch.int8).double().reshape(2, -1, 32)
+        xr = (codes * xq[1].cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
+        err = ((xr - y).abs().max() / y.abs().max()).item()
+        assert err < 1e-4, (pro, err)
+        sums = codes.sum(dim=2)
+        assert torch.equal(sums, xq[2].cpu().double()), pro
+        out = torch.full((n,), float("nan"), device=device)
+        cfg = {"BLOCK_N": 2, "BLOCK_B": 8, "num_warps": 1, "SPLIT": 1}
+        got = gemv_pre(xq, w, out, None, cfg, 2).double().cpu()
+        ref = wf @ y
+        gerr = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert gerr < 1e-4, (pro, gerr)
+        print(f"quantize PRO={pro}: codes within {err:.1e} of float64 x, GEMV within {gerr:.1e}")
+
+
+# The x-stationary tiles the sweep picked (1B Q4_0, 2 levels; H100)
+STATIONARY = {
+    "qkv": {"BLOCK_N": 2, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1},
+    "o": {"BLOCK_N": 1, "BLOCK_B": 64, "num_warps": 2, "SPLIT": 1},
+    "gate_up": {"BLOCK_N": 2, "BLOCK_B": 32, "num_warps": 1, "SPLIT": 1},
+    "down": {"BLOCK_N": 1, "BLOCK_B": 128, "num_warps": 4, "SPLIT": 1},
+}
+
+
+def layer_chain(qtype: QuantType, layers: int = 16) -> list[str]:
+    """us a layer of the 1B's four decode GEMVs, distinct weights a layer, as the decode step
+    runs them now (fused norm / gating prologues, residual adds) and with codes made by a
+    quantizing kernel before each GEMV (or before some)."""
+    dims = {name: (n, k) for name, n, k in SHAPES}
+    ws = [{name: random_weight(qtype, *dims[name], "cuda")[1] for name in STATIONARY}
+          for _ in range(layers)]  # fmt: skip
+    hid = 2048
+    stream = torch.randn(hid, device="cuda") * 0.1
+    attn = torch.randn(hid, device="cuda")
+    g1, g2 = torch.rand(hid, device="cuda") + 0.5, torch.rand(hid, device="cuda") + 0.5
+    qkv = torch.empty(3072, device="cuda")
+    gu = torch.empty(16384, device="cuda")
+    c2048 = code_buffers(hid, 2, "cuda")
+    c8192 = code_buffers(8192, 2, "cuda")
+
+    def current(lw, name):
+        s1 = stream.view(1, -1)
+        if name == "qkv":
+            qmatmul_with(s1, lw["qkv"], out=qkv.view(1, -1), norm_weight=g1, eps=1e-5)
+        elif name == "o":
+            qmatmul_with(attn.view(1, -1), lw["o"], residual=s1)
+        elif name == "gate_up":
+            qmatmul_with(s1, lw["gate_up"], out=gu.view(1, -1), norm_weight=g2, eps=1e-5)
+        else:
+            qmatmul_with(gu.view(1, -1), lw["down"], act="silu", residual=s1)
+
+    def codes(lw, name, make=True):
+        cfg = STATIONARY[name]
+        if name == "qkv":
+            if make:
+                quantize(stream, c2048, 1, g1)
+            gemv_pre(c2048, lw["qkv"], qkv, None, cfg, 2)
+        elif name == "o":
+            if make:
+                quantize(attn, c2048, 0)
+            gemv_pre(c2048, lw["o"], stream, None, cfg, 2, res=True)
+        elif name == "gate_up":
+            if make:
+                quantize(stream, c2048, 1, g2)
+            gemv_pre(c2048, lw["gate_up"], gu, None, cfg, 2)
+        else:
+            if make:
+                quantize(gu, c8192, 2)
+            gemv_pre(c8192, lw["down"], stream, None, cfg, 2, res=True)
+
+    def chain(which):
+        def run():
+            for lw in ws:
+                for name in STATIONARY:
+                    how = which(name)
+                    if how == "float":
+                        current(lw, name)
+                    else:
+                        codes(lw, name, make=how == "codes")
+
+        return run
+
+    variants = {
+        "float32 x, fused prologues (the decode step now)": lambda name: "float",
+        "codes for all four, a quantizing kernel before each": lambda name: "codes",
+        "codes for gate_up and down only": lambda name: (
+            "codes" if name in ("gate_up", "down") else "float"),
+        "codes for gate_up only": lambda name: "codes" if name == "gate_up" else "float",
+        "codes for all four, none made (the ceiling if producers wrote them)":
+            lambda name: "stale",
+    }  # fmt: skip
+    rows = []
+    base = None
+    for label, which in variants.items():
+        run = chain(which)
+        t = min(replay_us([run], reps=10) for _ in range(3)) / layers
+        base = base or t
+        rows.append(f"| {qtype.name} | {label} | {t:.2f} | {base / t:.3f}x |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def replay_us(calls, reps: int = 20) -> float:
@@ -310,6 +483,7 @@ def main() -> None:
         help="also grid-stride the best tiles over 1-8 waves of programs",
     )
     parser.add_argument("--profile", metavar="SHAPE", help="only eager launches for ncu")
+    parser.add_argument("--chain", action="store_true", help="only the layer chains")
     parser.add_argument(
         "--stationary",
         action="store_true",
@@ -324,7 +498,14 @@ def main() -> None:
     types = [QuantType[t] for t in args.types.split(",")]
     for qtype in types:
         check(qtype, device)
+    check_quantize(device)
     if args.check_only:
+        return
+    if args.chain:
+        rows = layer_chain(types[0])
+        print("\n| type | 16-layer chain of the 1B's four GEMVs | us a layer | vs now |")
+        print("| --- | --- | ---: | ---: |")
+        print("\n".join(rows))
         return
     rows = []
     for qtype in types:
