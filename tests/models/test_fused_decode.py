@@ -333,3 +333,32 @@ def test_prologue_rule() -> None:
         assert llama._prologue_pays(linear(q, 576, 1536))
         assert not llama._prologue_pays(linear(q, 2048, 8192))
         assert not llama._prologue_pays(linear(q, 16384, 2048))
+
+
+def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
+    """One-row decode steps whose Q4_0 GEMVs take x's int8 codes (`kernels.triton.xcodes`,
+    thresholds lowered to the tiny model: the norm and gating prologues, the residual adds
+    and the output matrix all go through it) give the float32 GEMVs' logits, within the
+    codes' error (~1.5e-5 of each 32-block's largest value, two levels)."""
+    from llamapy.kernels.triton import xcodes
+
+    monkeypatch.setattr(xcodes, "MIN_K", 32)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    calls = []
+    real = xcodes.matmul
+    monkeypatch.setattr(xcodes, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    codes = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
+    plain = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
+    runners = Runner(codes, num_seqs=1, max_len=8), Runner(plain, num_seqs=1, max_len=8)
+    runners[1].tables = runners[0].tables
+    vocab = codes.config.vocab_size
+    steps = [[rng.integers(0, vocab, 3).tolist()]] + [[[int(t)]] for t in rng.integers(0, vocab, 2)]
+    for i, chunks in enumerate(steps):
+        monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "1")
+        before = len(calls)
+        got = runners[0].step(chunks)
+        assert (len(calls) > before) == (i > 0)  # decode steps only (one row)
+        monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
+        want = runners[1].step(chunks)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())

@@ -457,6 +457,12 @@ def qmatmul_with(
         raise ValueError("out must be contiguous")
     if m == 0:
         return out
+    if path == "auto" and gemv_config is None and gemm_config is None and split_k is None:
+        from llamapy.kernels.triton import xcodes
+
+        if xcodes.takes(x, w, bias):  # one row, a large Q4_0 weight: x's int8 codes once
+            pro = _prologue_code(norm_weight, act)
+            return xcodes.matmul(x, w, out, pro, norm_weight, eps, residual is not None)
     if w.qtype in _KQUANT_TYPES and gemm_config is not None:
         cfg = _kquants.gemm_config(w.qtype, m, w.n, w.k, _num_sms(x.device), gemm_config)
         _kquants.launch(x, w.tensors, w.qtype, w.n, w.k, out, cfg)

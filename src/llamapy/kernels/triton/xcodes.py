@@ -1,0 +1,243 @@
+"""Decode GEMV over int8 codes of x made once, read by x-stationary tiles (Q4_0, one row).
+
+The float32-x decode GEMV (`qmatmul._gemv_kernel`) is bound by its issue slots (~7
+instructions a weight). The int8-x form (dp4a) with x quantized in every program's prologue
+did not pay, and in one level misses issue 6's logits bar. What does pay, measured on an H100
+at the Llama-3.2-1B shapes (benchmarks/RESULTS.md, twenty-third session):
+
+1. x quantized ONCE per matmul by a small kernel (`_quantize_kernel`), in two levels: codes
+   c1 = rint(y / s1), s1 = amax / 127 per 32-block (llama.cpp's q8_1 activations), then the
+   residual y - s1 c1 quantized the same way (s2, c2): y ~ s1 c1 + s2 c2, within ~1.5e-5 of
+   y relative to its largest value (the logits stay at the float32 path's: top-1 1.000, KL
+   2.8e-7 on a random-weight 1B, nineteenth session). The kernel applies the GEMV's prologue
+   first (RMSNorm with its weight, or the SiLU / GELU-tanh gating of a [gate | up] row).
+2. the GEMV reading those codes (`_codes_gemv_kernel`) with tiles whose BLOCK_B is 32 x
+   num_warps, so that Triton's layout gives each thread one block's code words for all the
+   program's rows (x read once a thread, from registers after): with rows spread over threads
+   each thread re-read x's codes and the kernel was bound by L1 (ncu: 73% L1 throughput).
+   Per block and level: two dp4a a word pair, the -8 offset of Q4_0 folded in with the codes'
+   sum: d * s * (sum_j q_j c_j - 8 sum_j c_j).
+
+A 16-layer chain of the 1B's gate_up and down GEMVs with the quantizing launch before each
+took 31.60 us a layer against 36.81 for the fused float32 GEMVs (qkv and o lose: their GEMVs
+gain less than a launch costs, hence `MIN_WEIGHTS`); the output matrix 84.8 -> 56.7 us.
+
+`qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 weight of at least
+MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, LLAMAPY_GPU_X_CODES not
+"0". Every fused form of `qmatmul` is kept: the prologue in the quantizing kernel, the residual
+add in the GEMV's store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET
+from llamapy.kernels.triton.packed import PackedWeight
+from llamapy.quant.types import QuantType
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from llamapy.kernels.triton import qmatmul as qm
+
+LEVELS = 2
+QK = 32
+# The shapes measured (1B: gate_up 16384 x 2048, down 2048 x 8192, output 128256 x 2048);
+# below this many weights the quantizing launch costs more than the GEMV gains (qkv, o).
+MIN_WEIGHTS = 1 << 24
+MIN_K = 2048
+TYPES = frozenset({QuantType.Q4_0})
+# x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
+# (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
+_TILE = (2, 32, 1)
+_TILE_LONG_K = (1, 128, 4)
+_QUANT_BLOCKS = 16  # 32-blocks a quantizing program takes
+
+
+def enabled() -> bool:
+    """LLAMAPY_GPU_X_CODES: "0" off, anything else (or unset) on."""
+    return os.environ.get("LLAMAPY_GPU_X_CODES", "1") != "0"
+
+
+def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
+    """Whether `qmatmul` routes this product here (see the module's docstring)."""
+    return (
+        (x.is_cuda or INTERPRET)
+        and x.shape[0] == 1
+        and x.dtype == torch.float32
+        and w.qtype in TYPES
+        and "qs" in w.tensors
+        and w.k >= MIN_K
+        and w.n * w.k >= MIN_WEIGHTS
+        and bias is None
+        and enabled()
+    )
+
+
+def code_buffers(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(codes (LEVELS, K / 4) int32 words, scales (LEVELS, K / 32) float32, sums (LEVELS,
+    K / 32) int32) for one row of K values."""
+    nb = k // QK
+    return (
+        torch.empty(LEVELS, nb * 8, dtype=torch.int32, device=device),
+        torch.empty(LEVELS, nb, dtype=torch.float32, device=device),
+        torch.empty(LEVELS, nb, dtype=torch.int32, device=device),
+    )
+
+
+def quantize(
+    x: torch.Tensor,
+    k: int,
+    pro: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, ...]:
+    """Codes of one row: x (1, K) float32 (pro 0 none, 1 RMSNorm with `norm_weight`) or (1, 2K)
+    [gate | up] (pro 2 SiLU, 3 GELU-tanh gating) -> `code_buffers(K)` filled."""
+    if x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous float32 row, got {x.dtype} {tuple(x.shape)}")
+    if k % QK or x.shape[1] != (2 * k if pro >= 2 else k):
+        raise ValueError(f"x of {x.shape[1]} values does not fit K={k} with prologue {pro}")
+    if pro == 1 and (norm_weight is None or norm_weight.shape != (k,)):
+        raise ValueError(f"the norm prologue needs a ({k},) weight")
+    buffers = code_buffers(k, x.device)
+    nb = k // QK
+    _quantize_kernel[(triton.cdiv(nb, _QUANT_BLOCKS),)](
+        x, norm_weight if norm_weight is not None else x, *buffers, k, float(eps),
+        PRO=pro, LEVELS=LEVELS, BLOCK_B=_QUANT_BLOCKS, INTERP=INTERPRET, num_warps=4,
+    )  # fmt: skip
+    return buffers
+
+
+def gemv(
+    codes: tuple[torch.Tensor, ...], w: PackedWeight, out: torch.Tensor, accumulate: bool
+) -> torch.Tensor:
+    """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for."""
+    if w.qtype not in TYPES:
+        raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
+    if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
+    nb = w.k // QK
+    if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
+        raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
+    block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
+    _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
+        *codes, w.tensors["qs"].view(torch.int32), w.tensors["d"], out, w.n, w.k,
+        triton.cdiv(nb, block_b), LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
+        RES=accumulate, INTERP=INTERPRET, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def matmul(
+    x: torch.Tensor,
+    w: PackedWeight,
+    out: torch.Tensor,
+    pro: int,
+    norm_weight: torch.Tensor | None,
+    eps: float | None,
+    accumulate: bool,
+) -> torch.Tensor:
+    """`qmatmul`'s product for a row it routes here (`takes`): x quantized with its prologue,
+    then the codes GEMV into `out` (added into it when `accumulate`: the residual form)."""
+    codes = quantize(x, w.k, pro, norm_weight, eps or 0.0)
+    return gemv(codes, w, out, accumulate)
+
+
+def reference(codes: tuple[torch.Tensor, ...], w_dense: torch.Tensor) -> torch.Tensor:
+    """float64 W x for the x the codes stand for (sum over levels of scale * codes)."""
+    words, scales, _ = codes
+    c = words.cpu().view(torch.int8).double().reshape(LEVELS, -1, QK)
+    xr = (c * scales.cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
+    return w_dense.double().cpu() @ xr
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_kernel(
+        x_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, K, eps,
+        PRO: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """Codes of blocks [pid * BLOCK_B, +BLOCK_B) of one row's prologue output (PRO 0 x,
+        1 RMSNorm with weight g (each program sums the whole row's squares: a few KiB from
+        L2), 2 / 3 SiLU / GELU-tanh gating of a [gate | up] row of 2K): per level, int8 codes
+        as words (a block's low half's four, then its high half's), the scale and the codes'
+        sum per block; each level quantizes what the ones before left."""
+        nb = K // 32
+        b_first = tl.program_id(0) * BLOCK_B
+        gl, gh = qm._g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
+        xl, xh = qm._x_halves(x_ptr, True, b_first, nb, gl, gh, BLOCK_B, PRO)
+        if PRO == 1:
+            inv = tl.sum(qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, 256, INTERP), 0)
+            xl = xl * inv
+            xh = xh * inv
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < nb
+        words = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+        for lvl in tl.static_range(LEVELS):
+            cl, ch, sx, total = qm._codes(xl, xh)
+            tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=b_ok[:, None])
+            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=b_ok[:, None])
+            tl.store(xs_ptr + lvl * nb + offs_b, sx, mask=b_ok)
+            tl.store(xt_ptr + lvl * nb + offs_b, total, mask=b_ok)
+            xl = xl - cl.to(tl.float32) * sx[:, None]
+            xh = xh - ch.to(tl.float32) * sx[:, None]
+
+    @triton.jit
+    def _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb, b_first,
+                    LEVELS: tl.constexpr, BLOCK_B: tl.constexpr,
+                    INTERP: tl.constexpr):  # fmt: skip
+        """acc (BN, BB) += blocks [b_first, +BLOCK_B) of the Q4_0 rows times the codes' x."""
+        offs_b = b_first + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < nb
+        blk = rows[:, None] * nb + offs_b[None, :]
+        d = tl.load(d_ptr + blk, mask=n_mask[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
+        w = qm._words(qs_ptr, rows, n_mask, b_first, nb, 4, 0, BLOCK_B)
+        lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
+        hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
+        zero = tl.zeros(lo.shape, tl.int32)
+        xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]  # (BB, 4) code words, low half
+        part = tl.zeros(d.shape, tl.float32)
+        for lvl in tl.static_range(LEVELS):
+            cl = tl.load(xc_ptr + lvl * (nb * 8) + xw, mask=b_ok[:, None], other=0)
+            ch = tl.load(xc_ptr + lvl * (nb * 8) + xw + 4, mask=b_ok[:, None], other=0)
+            s = tl.load(xs_ptr + lvl * nb + offs_b, mask=b_ok, other=0.0)
+            t = tl.load(xt_ptr + lvl * nb + offs_b, mask=b_ok, other=0)
+            dot = qm._dp4a(lo, cl[None, :, :], zero, False, INTERP)
+            dot = qm._dp4a(hi, ch[None, :, :], dot, False, INTERP)
+            isum = tl.sum(dot, axis=2) - 8 * t[None, :]  # |.| <= 32 * 15 * 127: exact
+            part += isum.to(tl.float32) * s[None, :]
+        return acc + d * part
+
+    @triton.jit
+    def _codes_gemv_kernel(
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K, steps,
+        LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        RES: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
+        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        n_mask = offs_n < N
+        nb = K // 32
+        acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+        if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+            step = 0
+            while step < steps:
+                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
+                                  step * BLOCK_B, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+                step += 1
+        else:
+            for step in range(0, steps):
+                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
+                                  step * BLOCK_B, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+        y = tl.sum(acc, axis=1)
+        if RES:  # out is the residual stream: y added into it, once
+            y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
+        tl.store(out_ptr + offs_n, y, mask=n_mask)

@@ -1,0 +1,165 @@
+"""The int8 codes of x and the GEMV that reads them (`kernels/triton/xcodes.py`), against
+float64 references on fresh random blocks and inputs each run (the `rng` fixture prints the
+seed); and `qmatmul`'s routing of large one-row Q4_0 products to them.
+
+Tolerances: two levels of codes stand for x within half the second level's scale, amax /
+127 / 254 / 2 of each 32-block (~2e-5 of the block's largest value), plus the prologue's
+float32 arithmetic; the GEMV's integer dot products are exact and its float32 sums err by
+~1e-6 of the sum of |w x|. Without a GPU the kernels run in Triton's interpreter at small
+shapes; with one, at the Llama-3.2-1B shapes too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.ggml_blocks import random_blocks
+
+import llamapy.kernels.triton as kt
+from llamapy.quant.dequant import dequantize
+from llamapy.quant.types import QuantType
+
+pytestmark = [
+    pytest.mark.skipif(not kt.HAS_TRITON, reason="triton is not installed"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+]
+
+if kt.HAS_TRITON:
+    from llamapy.kernels.triton import qmatmul as qm
+    from llamapy.kernels.triton import xcodes
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+EPS = 1e-5
+# (N, K): small shapes everywhere (K over one and several quantizing programs and GEMV
+# steps, N not a multiple of the row tile); the 1B's gate_up / down / output on a GPU
+SHAPES = [(37, 256), (10, 1024)]
+if CUDA:
+    SHAPES += [(16384, 2048), (2048, 8192), (128256, 2048)]
+
+
+def q4_0_weight(rng: np.random.Generator, n: int, k: int):
+    blocks = torch.from_numpy(random_blocks(rng, QuantType.Q4_0, (n, k // 32)).reshape(n, -1))
+    w = qm.pack_weight(blocks.to(DEVICE), QuantType.Q4_0, (n, k))
+    return w, dequantize(blocks, QuantType.Q4_0).double()
+
+
+def prologue_reference(x: torch.Tensor, pro: int, g: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 prologue output of one row (0 x, 1 RMSNorm, 2 SiLU / 3 GELU-tanh gating)."""
+    xd = x.double().reshape(-1).cpu()
+    if pro == 0:
+        return xd
+    if pro == 1:
+        return xd / torch.sqrt((xd * xd).mean() + EPS) * g.double().cpu()
+    gate, up = xd[:k], xd[k:]
+    if pro == 2:
+        return torch.nn.functional.silu(gate) * up
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def codes_x(codes) -> torch.Tensor:
+    words, scales, _ = codes
+    c = words.cpu().view(torch.int8).double().reshape(xcodes.LEVELS, -1, 32)
+    return (c * scales.cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
+
+
+@pytest.mark.parametrize("pro", [0, 1, 2, 3])
+@pytest.mark.parametrize("k", [256, 1024])
+def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
+    width = 2 * k if pro >= 2 else k
+    x = torch.from_numpy(rng.standard_normal((1, width), dtype=np.float32) * 3).to(DEVICE)
+    g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
+    codes = xcodes.quantize(x, k, pro, g if pro == 1 else None, EPS)
+    y = prologue_reference(x, pro, g, k)
+    blocks_amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+    err = (codes_x(codes) - y).reshape(-1, 32).abs()
+    bound = blocks_amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
+    assert (err <= bound).all(), f"worst {(err / bound).max():.3g} of the bound"
+    c = codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
+    assert torch.equal(c.sum(dim=2), codes[2].cpu()), "code sums"
+    assert c.abs().max() <= 127
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool) -> None:
+    w, dense = q4_0_weight(rng, n, k)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    codes = xcodes.quantize(x, k, 0)
+    start = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
+    out = start.clone() if accumulate else torch.full((1, n), float("nan"), device=DEVICE)
+    got = xcodes.gemv(codes, w, out, accumulate).double().cpu().reshape(-1)
+    xr = codes_x(codes)
+    ref = dense @ xr + (start.double().cpu().reshape(-1) if accumulate else 0)
+    mag = dense.abs() @ xr.abs() + (start.double().cpu().abs().reshape(-1) if accumulate else 0)
+    err = (got - ref).abs()
+    assert (err <= 2e-6 * mag + 1e-30).all(), f"worst {(err / (mag + 1e-30)).max():.3g}"
+
+
+FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_qmatmul_routes_large_q4_0_rows(rng, monkeypatch, form: str) -> None:
+    """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
+    float32 row (counted) and agrees with the float32 GEMV (LLAMAPY_GPU_X_CODES=0) within
+    the codes' error; two rows, or the switch off, take the float32 GEMV."""
+    n, k = 24, 256
+    monkeypatch.setattr(xcodes, "MIN_K", k)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", n * k)
+    monkeypatch.setattr(qm, "GEMV_INT8_X", False)
+    calls = []
+    real = xcodes.matmul
+    monkeypatch.setattr(xcodes, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    w, dense = q4_0_weight(rng, n, k)
+    act = {"silu+res": "silu", "gelu_tanh": "gelu_tanh"}.get(form)
+    x = torch.from_numpy(rng.standard_normal((1, 2 * k if act else k), dtype=np.float32))
+    kw = {}
+    if form == "norm":
+        kw = {"norm_weight": torch.rand(k, device=DEVICE) + 0.5, "eps": EPS}
+    if act:
+        kw["act"] = act
+    res = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
+
+    def run(switch: str, rows=x) -> torch.Tensor:
+        monkeypatch.setenv("LLAMAPY_GPU_X_CODES", switch)
+        extra = {"residual": res.repeat(rows.shape[0], 1)} if form.endswith("res") else {}
+        return qm.qmatmul(rows.to(DEVICE), w, **kw, **extra).double().cpu()
+
+    got = run("1")
+    assert len(calls) == 1
+    want = run("0")
+    assert len(calls) == 1
+    scale = want.abs().max().item() + 1e-30
+    assert (got - want).abs().max().item() <= 1e-3 * scale
+    run("1", rows=torch.cat([x, x]))  # two rows: the float32 GEMV
+    assert len(calls) == 1
+
+
+def test_small_or_other_weights_keep_the_float32_gemv(rng) -> None:
+    w, _ = q4_0_weight(rng, 64, 256)
+    x = torch.zeros(1, 256, device=DEVICE)
+    assert not xcodes.takes(x, w, None)  # below MIN_K / MIN_WEIGHTS
+    w8 = qm.pack_weight(
+        torch.from_numpy(random_blocks(rng, QuantType.Q8_0, (64, 8)).reshape(64, -1)).to(DEVICE),
+        QuantType.Q8_0,
+        (64, 256),
+    )
+    assert not xcodes.takes(x, w8, None)
+
+
+def test_bad_inputs_are_refused(rng) -> None:
+    w, _ = q4_0_weight(rng, 8, 256)
+    x = torch.zeros(1, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="one contiguous float32 row"):
+        xcodes.quantize(x.half(), 256, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        xcodes.quantize(x, 256, 2)  # gating needs a [gate | up] row of 2K
+    with pytest.raises(ValueError, match="norm prologue"):
+        xcodes.quantize(x, 256, 1)
+    codes = xcodes.quantize(torch.zeros(1, 512, device=DEVICE), 512, 0)
+    with pytest.raises(ValueError, match="codes are for K=512"):
+        xcodes.gemv(codes, w, torch.zeros(1, 8, device=DEVICE), False)
+    with pytest.raises(ValueError, match="out must be"):
+        xcodes.gemv(xcodes.quantize(x, 256, 0), w, torch.zeros(1, 9, device=DEVICE), False)
