@@ -34,15 +34,24 @@ DEVICE = "cuda" if CUDA else "cpu"
 EPS = 1e-5
 # (N, K): small shapes everywhere (K over one and several quantizing programs and GEMV
 # steps, N not a multiple of the row tile); the 1B's gate_up / down / output on a GPU
-SHAPES = [(37, 256), (10, 1024)]
+SHAPES = [(37, 256), (10, 1024)]  # K a multiple of 256: the Q4_K twins' too
 if CUDA:
     SHAPES += [(16384, 2048), (2048, 8192), (128256, 2048)]
 
 
+def q4_weight(rng: np.random.Generator, n: int, k: int, kind: str = "Q4_0"):
+    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, or Q4_K blocks held as
+    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K)."""
+    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K}[kind]
+    per_row = k // (256 if qtype == QuantType.Q4_K else 32)
+    blocks = torch.from_numpy(random_blocks(rng, qtype, (n, per_row)).reshape(n, -1))
+    w = qm.pack_weight(blocks.to(DEVICE), qtype, (n, k), legacy_twin=kind == "Q4_K twin")
+    assert w.qtype in xcodes.TYPES
+    return w, dequantize(blocks, qtype).double()
+
+
 def q4_0_weight(rng: np.random.Generator, n: int, k: int):
-    blocks = torch.from_numpy(random_blocks(rng, QuantType.Q4_0, (n, k // 32)).reshape(n, -1))
-    w = qm.pack_weight(blocks.to(DEVICE), QuantType.Q4_0, (n, k))
-    return w, dequantize(blocks, QuantType.Q4_0).double()
+    return q4_weight(rng, n, k)
 
 
 def prologue_reference(x: torch.Tensor, pro: int, g: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,10 +90,11 @@ def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
     assert c.abs().max() <= 127
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool) -> None:
-    w, dense = q4_0_weight(rng, n, k)
+def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
+    w, dense = q4_weight(rng, n, k, kind)
     x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
     codes = xcodes.quantize(x, k, 0)
     start = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
@@ -100,8 +110,9 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool) -> No
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("form", FORMS)
-def test_qmatmul_routes_large_q4_0_rows(rng, monkeypatch, form: str) -> None:
+def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
     float32 row (counted) and agrees with the float32 GEMV (LLAMAPY_GPU_X_CODES=0) within
     the codes' error; two rows, or the switch off, take the float32 GEMV."""
@@ -112,7 +123,7 @@ def test_qmatmul_routes_large_q4_0_rows(rng, monkeypatch, form: str) -> None:
     calls = []
     real = xcodes.matmul
     monkeypatch.setattr(xcodes, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    w, dense = q4_0_weight(rng, n, k)
+    w, _ = q4_weight(rng, n, k, kind)
     act = {"silu+res": "silu", "gelu_tanh": "gelu_tanh"}.get(form)
     x = torch.from_numpy(rng.standard_normal((1, 2 * k if act else k), dtype=np.float32))
     kw = {}

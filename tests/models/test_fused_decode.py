@@ -210,7 +210,11 @@ def test_widened_matrices_give_the_same_logits(tmp_path, rng, widen, monkeypatch
     k_proj = wide.layers[1].attn.proj[1].packed
     assert ("q8" in k_proj.tensors) == (widen == "all")
     vocab = wide.config.vocab_size
-    prompts = [rng.integers(0, vocab, n).tolist() for n in (3, 2)]
+    # On a GPU, 5 prefill rows would run GEMMs whose dots round their inputs to TF32 (the
+    # widened Q8_0 and the Q4_0 matrices alike, but not the same products): 4 rows keep
+    # both models on float32 GEMVs there (the kernel tests bound the GEMM), as in the twins'
+    # test below; the interpreter's dots are float32, so 5 rows here.
+    prompts = [rng.integers(0, vocab, n).tolist() for n in ((3, 1) if CUDA else (3, 2))]
     steps = [prompts] + [[[int(t)] for t in rng.integers(0, vocab, 2)] for _ in range(2)]
     assert_same_logits(wide, apart, steps)
 

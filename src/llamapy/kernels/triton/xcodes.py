@@ -1,4 +1,5 @@
-"""Decode GEMV over int8 codes of x made once, read by x-stationary tiles (Q4_0, one row).
+"""Decode GEMV over int8 codes of x made once, read by x-stationary tiles (Q4_0 / Q4_1 and
+the Q4_K twins held as Q4_1 blocks; one row).
 
 The float32-x decode GEMV (`qmatmul._gemv_kernel`) is bound by its issue slots (~7
 instructions a weight). The int8-x form (dp4a) with x quantized in every program's prologue
@@ -16,13 +17,13 @@ at the Llama-3.2-1B shapes (benchmarks/RESULTS.md, twenty-third session):
    program's rows (x read once a thread, from registers after): with rows spread over threads
    each thread re-read x's codes and the kernel was bound by L1 (ncu: 73% L1 throughput).
    Per block and level: two dp4a a word pair, the -8 offset of Q4_0 folded in with the codes'
-   sum: d * s * (sum_j q_j c_j - 8 sum_j c_j).
+   sum: d * s * (sum_j q_j c_j - 8 sum_j c_j); Q4_1's offset m adds m * s * sum_j c_j.
 
 A 16-layer chain of the 1B's gate_up and down GEMVs with the quantizing launch before each
 took 31.60 us a layer against 36.81 for the fused float32 GEMVs (qkv and o lose: their GEMVs
 gain less than a launch costs, hence `MIN_WEIGHTS`); the output matrix 84.8 -> 56.7 us.
 
-`qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 weight of at least
+`qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 / Q4_1 weight of at least
 MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, LLAMAPY_GPU_X_CODES not
 "0". Every fused form of `qmatmul` is kept: the prologue in the quantizing kernel, the residual
 add in the GEMV's store.
@@ -50,7 +51,7 @@ QK = 32
 # below this many weights the quantizing launch costs more than the GEMV gains (qkv, o).
 MIN_WEIGHTS = 1 << 24
 MIN_K = 2048
-TYPES = frozenset({QuantType.Q4_0})
+TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernel's QT
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
@@ -119,16 +120,19 @@ def gemv(
     """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for."""
     if w.qtype not in TYPES:
         raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
+    if "qs" not in w.tensors:
+        raise ValueError("the codes GEMV reads the nibbles ('qs'), not a byte or float form")
     if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
     nb = w.k // QK
     if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
         raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
+    d = w.tensors["d"]
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
-        *codes, w.tensors["qs"].view(torch.int32), w.tensors["d"], out, w.n, w.k,
-        triton.cdiv(nb, block_b), LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
-        RES=accumulate, INTERP=INTERPRET, num_warps=warps,
+        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
+        triton.cdiv(nb, block_b), QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n,
+        BLOCK_B=block_b, RES=accumulate, INTERP=INTERPRET, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -189,20 +193,23 @@ if HAS_TRITON:
             xh = xh - ch.to(tl.float32) * sx[:, None]
 
     @triton.jit
-    def _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb, b_first,
-                    LEVELS: tl.constexpr, BLOCK_B: tl.constexpr,
+    def _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask, nb,
+                    b_first, QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr,
                     INTERP: tl.constexpr):  # fmt: skip
-        """acc (BN, BB) += blocks [b_first, +BLOCK_B) of the Q4_0 rows times the codes' x."""
+        """acc (BN, BB) += blocks [b_first, +BLOCK_B) of the rows times the codes' x: QT 0
+        Q4_0 (w = d (q - 8)), 1 Q4_1 (w = d q + m)."""
         offs_b = b_first + tl.arange(0, BLOCK_B)
         b_ok = offs_b < nb
         blk = rows[:, None] * nb + offs_b[None, :]
-        d = tl.load(d_ptr + blk, mask=n_mask[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
+        ok = n_mask[:, None] & b_ok[None, :]
+        d = tl.load(d_ptr + blk, mask=ok, other=0.0).to(tl.float32)
         w = qm._words(qs_ptr, rows, n_mask, b_first, nb, 4, 0, BLOCK_B)
         lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
         hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
         zero = tl.zeros(lo.shape, tl.int32)
         xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]  # (BB, 4) code words, low half
         part = tl.zeros(d.shape, tl.float32)
+        xsum = tl.zeros((BLOCK_B,), tl.float32)  # sum_j x_j of each block (Q4_1's offset)
         for lvl in tl.static_range(LEVELS):
             cl = tl.load(xc_ptr + lvl * (nb * 8) + xw, mask=b_ok[:, None], other=0)
             ch = tl.load(xc_ptr + lvl * (nb * 8) + xw + 4, mask=b_ok[:, None], other=0)
@@ -210,14 +217,21 @@ if HAS_TRITON:
             t = tl.load(xt_ptr + lvl * nb + offs_b, mask=b_ok, other=0)
             dot = qm._dp4a(lo, cl[None, :, :], zero, False, INTERP)
             dot = qm._dp4a(hi, ch[None, :, :], dot, False, INTERP)
-            isum = tl.sum(dot, axis=2) - 8 * t[None, :]  # |.| <= 32 * 15 * 127: exact
+            isum = tl.sum(dot, axis=2)  # |.| <= 32 * 15 * 127: exact
+            if QT == 0:
+                isum -= 8 * t[None, :]
+            else:
+                xsum += t.to(tl.float32) * s
             part += isum.to(tl.float32) * s[None, :]
+        if QT == 1:
+            m = tl.load(m_ptr + blk, mask=ok, other=0.0).to(tl.float32)
+            return acc + d * part + m * xsum[None, :]
         return acc + d * part
 
     @triton.jit
     def _codes_gemv_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, out_ptr, N, K, steps,
-        LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
+        QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         RES: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
@@ -230,13 +244,13 @@ if HAS_TRITON:
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
             while step < steps:
-                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
-                                  step * BLOCK_B, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
+                                  nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
                 step += 1
         else:
             for step in range(0, steps):
-                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb,
-                                  step * BLOCK_B, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
+                                  nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
         y = tl.sum(acc, axis=1)
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
