@@ -31,6 +31,7 @@ add in the GEMV's store.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -64,10 +65,20 @@ def enabled() -> bool:
     return os.environ.get("LLAMAPY_GPU_X_CODES", "1") != "0"
 
 
+@functools.cache
+def _has_dp4a(index: int) -> bool:
+    """dp4a needs compute capability 6.1 or later."""
+    return torch.cuda.get_device_capability(index) >= (6, 1)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
     """Whether `qmatmul` routes this product here (see the module's docstring)."""
     return (
-        (x.is_cuda or INTERPRET)
+        (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
         and x.shape[0] == 1
         and x.dtype == torch.float32
         and w.qtype in TYPES
