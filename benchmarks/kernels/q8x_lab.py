@@ -27,9 +27,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from tune_decode import graph_time as replay_us  # us a call, replaying one graph of all calls
 
-from llamapy.kernels.triton import INTERPRET
-from llamapy.kernels.triton import qmatmul as qm
+from llamapy.kernels.triton import INTERPRET, xcodes
 from llamapy.kernels.triton.qmatmul import _dp4a, _words, pack_weight, qmatmul_with
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, row_nbytes
@@ -88,45 +88,13 @@ def _pre_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, rows, n_mask, nb, b_fi
     return acc + d * part
 
 
-@triton.jit
-def _quantize_kernel(
-    x_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, K, eps,
-    PRO: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
-):  # fmt: skip
-    """Codes of blocks [pid * BLOCK_B, +BLOCK_B) of one row's x with its prologue (PRO 0 none,
-    1 rms_norm with weight g (each program sums the whole row's squares: a few KiB from L2),
-    2 SiLU gating of a [gate | up] row of 2K): per level, int8 codes as words (low half's four
-    then the high half's), the scale and the codes' sum per block, each level quantizing what
-    the ones before left (`quantize_x`, in float32)."""
-    nb = K // 32
-    b_first = tl.program_id(0) * BLOCK_B
-    gl, gh = qm._g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
-    xl, xh = qm._x_halves(x_ptr, True, b_first, nb, gl, gh, BLOCK_B, PRO)
-    if PRO == 1:
-        inv = tl.sum(qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, 256, INTERP), axis=0)
-        xl = xl * inv
-        xh = xh * inv
-    offs_b = b_first + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < nb
-    words = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
-    for lvl in tl.static_range(LEVELS):
-        cl, ch, sx, total = qm._codes(xl, xh)
-        tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=b_ok[:, None])
-        tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=b_ok[:, None])
-        tl.store(xs_ptr + lvl * nb + offs_b, sx, mask=b_ok)
-        tl.store(xt_ptr + lvl * nb + offs_b, total, mask=b_ok)
-        xl = xl - cl.to(tl.float32) * sx[:, None]
-        xh = xh - ch.to(tl.float32) * sx[:, None]
-
-
-def quantize(x, xq, pro: int, g=None, eps: float = 1e-5, levels: int = 2, block_b: int = 16):
-    """Fill xq = (codes, scales, sums) from the row x (K,) or, PRO 2, its [gate | up] (2K,)."""
-    codes, scales, sums = xq
-    nb = scales.shape[-1]
-    _quantize_kernel[(triton.cdiv(nb, block_b),)](
-        x, g if g is not None else x, codes, scales, sums, nb * 32, eps,
-        PRO=pro, LEVELS=levels, BLOCK_B=block_b, INTERP=INTERPRET, num_warps=4,
-    )  # fmt: skip
+def quantize(x, xq, pro: int, g=None, eps: float = 1e-5):
+    """Fill xq = (codes, scales, sums) with the codes of the row x (K,) or, pro 2, of its
+    [gate | up] (2K,): the engine's quantizing kernel (`xcodes._quantize_kernel`, first
+    written here), two levels."""
+    k = xq[1].shape[-1] * 32
+    for dst, src in zip(xq, xcodes.quantize(x.view(1, -1), k, pro, g, eps), strict=True):
+        dst.copy_(src)
     return xq
 
 
@@ -362,28 +330,6 @@ def layer_chain(qtype: QuantType, layers: int = 16) -> list[str]:
         rows.append(f"| {qtype.name} | {label} | {t:.2f} | {base / t:.3f}x |")
         print(rows[-1], flush=True)
     return rows
-
-
-def replay_us(calls, reps: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
 
 
 def configs(n: int, k: int, stationary: bool = False):
