@@ -135,7 +135,7 @@ def check(y, case: Case, data, qtype, n, k, tol_u: float, what: str) -> None:
 @pytest.fixture(autouse=True)
 def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests hold the GEMV to float32 activations (their tolerances are float32's)
-    whatever LLAMAPY_GEMV_INT8_X says, and keep large one-row Q4_0 products off the int8
+    whatever LLAMAPY_GEMV_INT8_X says, and keep large one-row Q4_0 / Q4_1 products off the int8
     codes of x (`xcodes`); those have test_gemv_q8x.py and test_xcodes.py."""
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
     monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")

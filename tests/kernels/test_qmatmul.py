@@ -88,7 +88,7 @@ def random_bias(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.T
 @pytest.fixture(autouse=True)
 def float32_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests hold the GEMV to float32 activations (their tolerances are float32's)
-    whatever LLAMAPY_GEMV_INT8_X says, and keep large one-row Q4_0 products off the int8
+    whatever LLAMAPY_GEMV_INT8_X says, and keep large one-row Q4_0 / Q4_1 products off the int8
     codes of x (`xcodes`); those have test_gemv_q8x.py and test_xcodes.py."""
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
     monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")

@@ -417,8 +417,10 @@ def qmatmul_with(
 
     path: "gemv", "gemm", "dequant" (a 16-bit copy of W into a 16-bit GEMM; not F32
     weights), "f16" (`qgemm_f16`: fp16 weight tiles, split-K; Q4_0 / Q4_1 / Q8_0 with K a
-    multiple of 64, Q4_K, Q6_K) or "auto" (GEMV for M <= GEMV_MAX_M, `f16_gemm_pays`
-    shapes on CUDA to "f16", dequant from DEQUANT_MM_MIN_M rows on CUDA, else GEMM).
+    multiple of 64, Q4_K, Q6_K) or "auto" (one float32 row and a large Q4_0 / Q4_1 weight
+    on CUDA to x's int8 codes, `xcodes.takes`, unless gemv_config / gemm_config / split_k
+    is given; GEMV for M <= GEMV_MAX_M, `f16_gemm_pays` shapes on CUDA to "f16", dequant
+    from DEQUANT_MM_MIN_M rows on CUDA, else GEMM).
     split_k: the GEMV's K split (None: from the shape table). out: (M, N) contiguous,
     x.dtype, x's device.
     gemv_config: explicit GEMV tiles (BLOCK_N, BLOCK_B, SPLIT, num_warps; the tuner's hook)
@@ -460,7 +462,7 @@ def qmatmul_with(
     if path == "auto" and gemv_config is None and gemm_config is None and split_k is None:
         from llamapy.kernels.triton import xcodes
 
-        if xcodes.takes(x, w, bias):  # one row, a large Q4_0 weight: x's int8 codes once
+        if xcodes.takes(x, w, bias):  # one row, a large Q4_0 / Q4_1 weight: x's codes once
             pro = _prologue_code(norm_weight, act)
             return xcodes.matmul(x, w, out, pro, norm_weight, eps, residual is not None)
     if w.qtype in _KQUANT_TYPES and gemm_config is not None:
