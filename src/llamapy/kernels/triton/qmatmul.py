@@ -11,7 +11,9 @@ memory: each kernel dequantizes tiles in registers. Two kernels per type:
   with x quantized to int8 per block in the prologue and the block sums taken as integer dot
   products (dp4a), as llama.cpp's CUDA kernels do. Small-N, large-K shapes split K
   over programs that write float32 partials to a workspace; a second tiny kernel adds them
-  in a fixed order (deterministic, no atomics).
+  in a fixed order (deterministic, no atomics). One float32 row against a large Q4_0 / Q4_1
+  weight goes instead to `xcodes`: x (with the prologue) quantized once into two levels of
+  int8 codes, then a dp4a GEMV over x-stationary tiles.
 - GEMM (prefill): the dequantized tile (bit-identical to `dequantize` in float32) is rounded
   to x's 16-bit dtype and fed to `tl.dot` with float32 accumulation. For float32 x the tiles
   stay float32 and the dot runs in TF32 (10-bit mantissa, float32 range), so large scales
