@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from tune_decode import graph_time  # us a call, replaying one graph of all calls
 
 from llamapy.kernels.triton.qmatmul import PackedWeight, pack_weight, qmatmul_with
 from llamapy.quant.types import QuantType, row_nbytes
@@ -97,24 +98,7 @@ def prefetch(w: PackedWeight, how: str, programs: int) -> None:
 
 def replay_us(record: Callable[[], None], reps: int = 20) -> float:
     """Microseconds per replay of a graph `record` captures (it may fork side streams)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        record()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        record()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+    return graph_time([record], reps)
 
 
 def random_weight(qtype: QuantType, n: int, k: int) -> PackedWeight:

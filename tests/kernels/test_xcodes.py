@@ -174,3 +174,11 @@ def test_bad_inputs_are_refused(rng) -> None:
         xcodes.gemv(codes, w, torch.zeros(1, 8, device=DEVICE), False)
     with pytest.raises(ValueError, match="out must be"):
         xcodes.gemv(xcodes.quantize(x, 256, 0), w, torch.zeros(1, 9, device=DEVICE), False)
+
+
+def test_switch_takes_the_project_off_values(monkeypatch) -> None:
+    monkeypatch.delenv("LLAMAPY_GPU_X_CODES", raising=False)
+    assert xcodes.enabled()
+    for value, on in (("1", True), ("0", False), ("off", False), ("False", False)):
+        monkeypatch.setenv("LLAMAPY_GPU_X_CODES", value)
+        assert xcodes.enabled() is on, value

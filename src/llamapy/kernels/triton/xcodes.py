@@ -27,21 +27,21 @@ the engine (H100, CUDA graphs): 1B tg128 +17% (Q4_0), +15% (Q4_1), +8% (Q4_K_M);
 decode logits against the CPU's float32 reference top-1 1.000, KL ~3e-7, as without codes.
 
 `qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 / Q4_1 weight of at least
-MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, LLAMAPY_GPU_X_CODES not
-"0". Every fused form of `qmatmul` is kept: the prologue in the quantizing kernel, the residual
-add in the GEMV's store.
+MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, a card with dp4a, and
+LLAMAPY_GPU_X_CODES not switched off (0 / false / no / off). Every fused form of `qmatmul`
+is kept: the prologue in the quantizing kernel, the residual add in the GEMV's store.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from llamapy.kernels.triton import HAS_TRITON, INTERPRET
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.types import QuantType
+from llamapy.switches import switched_off
 
 if HAS_TRITON:
     import triton
@@ -64,8 +64,8 @@ _QUANT_BLOCKS = 16  # 32-blocks a quantizing program takes
 
 
 def enabled() -> bool:
-    """LLAMAPY_GPU_X_CODES: "0" off, anything else (or unset) on."""
-    return os.environ.get("LLAMAPY_GPU_X_CODES", "1") != "0"
+    """LLAMAPY_GPU_X_CODES: on unless 0 / false / no / off (`switches.switched_off`)."""
+    return not switched_off("LLAMAPY_GPU_X_CODES")
 
 
 @functools.cache
@@ -80,15 +80,15 @@ def _index(device: torch.device) -> int:
 
 def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
     """Whether `qmatmul` routes this product here (see the module's docstring)."""
-    return (
-        (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
-        and x.shape[0] == 1
-        and x.dtype == torch.float32
+    return (  # the cheap tests first: every auto-path qmatmul call asks
+        x.shape[0] == 1
         and w.qtype in TYPES
-        and "qs" in w.tensors
         and w.k >= MIN_K
         and w.n * w.k >= MIN_WEIGHTS
+        and x.dtype == torch.float32
         and bias is None
+        and "qs" in w.tensors
+        and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
         and enabled()
     )
 
