@@ -245,6 +245,8 @@ class BertModel(torch.nn.Module):
     post-norm encoder layers; an optional classification head (`cls` dense + tanh,
     `cls.output` projection)."""
 
+    release_embedding_pages: Callable[[], None] | None = None  # set by `prepare`
+
     def __init__(self, weights: Weights) -> None:
         super().__init__()
         cfg = self.config = weights.config
@@ -299,6 +301,9 @@ class BertModel(torch.nn.Module):
                     ):  # (weight, bias) norms
                         setattr(module, name, tuple(_to(t, device) for t in value))
         self.tok_embd = self.tok_embd.to(device)
+        # the table stays in the mapped file on the CPU: its looked-up pages go after each
+        # lookup (as the decoders' `prepare`)
+        self.release_embedding_pages = release_pages if device.type == "cpu" else None
         if self.rotary is not None:
             self.rotary.inv_freq = self.rotary.inv_freq.to(device)
 
@@ -309,6 +314,8 @@ class BertModel(torch.nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = embedding_lookup(self.tok_embd, input_ids, torch.float32)  # (T, D)
+        if self.release_embedding_pages is not None:
+            self.release_embedding_pages()
         if self.type_embd is not None:
             x = x + (
                 self.type_embd[0] if token_type_ids is None else self.type_embd[token_type_ids]

@@ -428,6 +428,8 @@ class LlamaForCausalLM(torch.nn.Module):
     # (models/cpu_compile.py); set by the engine
     native_decode: NativeDecode | None = None
     compiled_decode: CompiledDecode | None = None
+    # CPU: called after each embedding lookup (set by `prepare`, see there)
+    release_embedding_pages: Callable[[], None] | None = None
 
     def __init__(self, weights: Weights) -> None:
         super().__init__()
@@ -453,7 +455,8 @@ class LlamaForCausalLM(torch.nn.Module):
         """Place the weights on `device` in the form its kernels read (once, after building).
         `cpu_kernels="reference"` keeps the CPU on the dequantize-per-call torch oracle.
         `release_pages`, called after each repacked matrix, lets the file's pages go as
-        soon as they are copied, so they never all stay resident beside the copies.
+        soon as they are copied, so they never all stay resident beside the copies; on the
+        CPU it is called after each embedding lookup too.
         `gpu_reserve_bytes`: GPU memory the caller will need after this (its KV cache and
         working buffers), which the optional larger forms of the weights must leave free."""
         device = torch.device(device)
@@ -473,6 +476,11 @@ class LlamaForCausalLM(torch.nn.Module):
                     if isinstance(value, torch.Tensor):
                         setattr(module, name, value.to(device))
         self.embed = self.embed.to(device)
+        # On the CPU the embedding table stays in the mapped file, and a lookup maps its
+        # rows' pages (2 MiB at a time where the page cache holds large folios): let them go
+        # after each lookup, or over a generation the table grows resident beside the
+        # repacked copies (a second copy of a tied output matrix; Gemma 3's is 70% of its file)
+        self.release_embedding_pages = release_pages if device.type == "cpu" else None
         for rope in self._ropes_by_kind.values():
             rope.inv_freq = rope.inv_freq.to(device)
         if device.type == "cuda":
@@ -535,7 +543,10 @@ class LlamaForCausalLM(torch.nn.Module):
         return {False: global_rope, True: local_rope}
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return embedding_lookup(self.embed, input_ids, torch.float32, self.embedding_scale)
+        x = embedding_lookup(self.embed, input_ids, torch.float32, self.embedding_scale)
+        if self.release_embedding_pages is not None:
+            self.release_embedding_pages()
+        return x
 
     def forward(
         self,

@@ -44,10 +44,16 @@ class Weights:
         return self.q(name) if self.has(name) else None
 
     def f32(self, name: str, *, norm: bool = False) -> torch.Tensor:
-        """A small tensor (norm weight, bias) as float32."""
-        t = self.q(name).dequantize(torch.float32)
+        """A small tensor (norm weight, bias) as float32, in memory of its own."""
+        blocks = self.q(name)
+        t = blocks.dequantize(torch.float32)
         if norm and self.norm_offset:
             t = t + self.norm_offset
+        if t.untyped_storage().data_ptr() == blocks.data.untyped_storage().data_ptr():
+            # an F32 tensor dequantizes to a view of the mapped file: read every step (a
+            # norm), it would keep its page resident, and on kernels whose page cache holds
+            # large folios the 2 MiB of matrices around it, whose blocks were copied at load
+            t = t.clone()
         return t
 
     def f32_opt(self, name: str, *, norm: bool = False) -> torch.Tensor | None:
