@@ -287,6 +287,8 @@ class BertModel(torch.nn.Module):
     ) -> None:
         """Place the weights on `device` in the form its kernels read (as the decoders)."""
         device = torch.device(device)
+        if release_pages is not None:  # the pages building read (small tensors it copied)
+            release_pages()
         for module in self.modules():
             if isinstance(module, QLinear):
                 module.prepare(device, cpu_kernels)

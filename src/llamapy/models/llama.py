@@ -465,6 +465,8 @@ class LlamaForCausalLM(torch.nn.Module):
             widening = gpu_widening(self.matrix_bytes(), os.environ.get("LLAMAPY_GPU_WIDEN"))
         self.widen(widening)
         twins = device.type == "cuda" and self.kquant_twins_fit(device, gpu_reserve_bytes)
+        if release_pages is not None:  # the pages building read (small tensors it copied)
+            release_pages()
         for module in self.modules():
             if isinstance(module, QLinear):
                 module.legacy_twin = twins
