@@ -49,8 +49,7 @@ def write_legacy_imatrix(
     return path
 
 
-def test_gguf_format(tmp_path: Path) -> None:
-    rng = np.random.default_rng()
+def test_gguf_format(rng: np.random.Generator, tmp_path: Path) -> None:
     sums = rng.random((1, 64), dtype=np.float32) * 100
     experts = rng.random((3, 32), dtype=np.float32) * 100
     counts = np.array([0.0, 5.0, 9.0])  # an expert never routed to: its values are 1
@@ -84,8 +83,7 @@ def test_gguf_without_metadata_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("trailer", [None, (12, "calibration.txt")])
-def test_legacy_format(tmp_path: Path, trailer) -> None:
-    rng = np.random.default_rng()
+def test_legacy_format(rng: np.random.Generator, tmp_path: Path, trailer) -> None:
     a, b = rng.random(96, dtype=np.float32), rng.random(32, dtype=np.float32)
     path = write_legacy_imatrix(
         tmp_path / "m.dat", {"blk.0.attn_v.weight": (4, a), "output.weight": (0, b)}, trailer

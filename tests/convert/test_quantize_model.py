@@ -64,8 +64,9 @@ def test_same_bytes_as_llama_cpp(name: str, f16_model: Path, tmp_path: Path) -> 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K_M"])
-def test_imatrix_same_bytes_as_llama_cpp(name: str, f16_model: Path, tmp_path: Path) -> None:
-    rng = np.random.default_rng()
+def test_imatrix_same_bytes_as_llama_cpp(
+    rng: np.random.Generator, name: str, f16_model: Path, tmp_path: Path
+) -> None:
     with GGUFFile(f16_model) as f:
         values = {
             n: rng.random(i.shape[-1], dtype=np.float32) * 4

@@ -83,19 +83,19 @@ def np_quantize_q8_K_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 # -- quantizers ------------------------------------------------------------------------------
 
 
-def test_q8_0_matches_x86_transcription_exactly() -> None:
-    x = _activations(np.random.default_rng(), 16, 1024)
+def test_q8_0_matches_x86_transcription_exactly(rng: np.random.Generator) -> None:
+    x = _activations(rng, 16, 1024)
     q, d = gn.quantize_q8_0(torch.from_numpy(x))
     q_ref, d_ref = np_quantize_q8_0_x86(x)
     np.testing.assert_array_equal(q.numpy(), q_ref)
     np.testing.assert_array_equal(d.numpy().view(np.uint16), d_ref.view(np.uint16))
 
 
-def test_q8_0_matches_gguf_py_up_to_its_rounding_ties() -> None:
+def test_q8_0_matches_gguf_py_up_to_its_rounding_ties(rng: np.random.Generator) -> None:
     """gguf-py transcribes quantize_row_q8_0_ref (1 / d and round-half-away); the x86 path
     multiplies by 127 / max and rounds half to even. d agrees bit for bit; q only where
     x * 127 / max lands within float32 noise of a half-integer."""
-    x = _activations(np.random.default_rng(), 32, 1024)
+    x = _activations(rng, 32, 1024)
     q, d = gn.quantize_q8_0(torch.from_numpy(x))
     blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
     np.testing.assert_array_equal(d.numpy().view(np.uint8).reshape(-1, 2), blocks[:, :2])
@@ -110,8 +110,8 @@ def test_q8_0_matches_gguf_py_up_to_its_rounding_ties() -> None:
     assert differ.sum() <= max(3, near_tie.sum())
 
 
-def test_q8_1_matches_x86_transcription_exactly() -> None:
-    x = _activations(np.random.default_rng(), 16, 1024)
+def test_q8_1_matches_x86_transcription_exactly(rng: np.random.Generator) -> None:
+    x = _activations(rng, 16, 1024)
     q, d, s = gn.quantize_q8_1(torch.from_numpy(x))
     q_ref, d_ref, s_ref = np_quantize_q8_1_x86(x)
     np.testing.assert_array_equal(q.numpy(), q_ref)
@@ -119,8 +119,8 @@ def test_q8_1_matches_x86_transcription_exactly() -> None:
     np.testing.assert_array_equal(s.numpy().view(np.uint16), s_ref.view(np.uint16))
 
 
-def test_q8_K_matches_ref_transcription_exactly() -> None:
-    x = _activations(np.random.default_rng(), 6, 1024)
+def test_q8_K_matches_ref_transcription_exactly(rng: np.random.Generator) -> None:
+    x = _activations(rng, 6, 1024)
     x[1, 256:512] = -x[1, 256:512]  # both signs of the largest magnitude over the rows
     q, d, bsums = gn.quantize_q8_K(torch.from_numpy(x))
     q_ref, d_ref, b_ref = np_quantize_q8_K_ref(x)
@@ -162,11 +162,10 @@ def _np_quantized_activations(x: np.ndarray, act: QuantType):
 @pytest.mark.parametrize(
     "qtype", [QuantType.Q4_1, QuantType.Q5_0, QuantType.Q8_0, QuantType.Q4_K, QuantType.Q6_K]
 )
-def test_matmul_is_ggmls_dot_formula(qtype: QuantType) -> None:
+def test_matmul_is_ggmls_dot_formula(rng: np.random.Generator, qtype: QuantType) -> None:
     """y = sum over blocks of the exact integer dot times the scales (+ m * s for Q4_1), in
     float64 from the transcribed quantizers and the dequantized weight; float32 summation
     order is the only difference allowed."""
-    rng = np.random.default_rng()
     n, k, t = 48, 768, 5
     data = _random_blocks(rng, qtype, n, k)
     x = _activations(rng, t, k)
@@ -187,9 +186,8 @@ def test_matmul_is_ggmls_dot_formula(qtype: QuantType) -> None:
     assert np.all(np.abs(y - ref) <= 1e-6 * bound + 1e-6), np.abs(y - ref).max()
 
 
-def test_q8_1_sum_is_the_fp16_s() -> None:
+def test_q8_1_sum_is_the_fp16_s(rng: np.random.Generator) -> None:
     """Switching the fp16 s off changes Q4_1 results: the emulation uses the stored s."""
-    rng = np.random.default_rng()
     data = _random_blocks(rng, QuantType.Q4_1, 16, 256)
     x = torch.from_numpy(_activations(rng, 4, 256))
     w = gn.pack_weight_ggml(data, QuantType.Q4_1, (16, 256))
@@ -318,8 +316,8 @@ def _c_quantize(lib, name: str, x: np.ndarray, block_bytes: int, block: int) -> 
     return out.reshape(-1, block_bytes)
 
 
-def test_quantizers_are_llama_cpps(ggml_cpu) -> None:
-    x = _activations(np.random.default_rng(), 8, 1024)
+def test_quantizers_are_llama_cpps(rng: np.random.Generator, ggml_cpu) -> None:
+    x = _activations(rng, 8, 1024)
     t = torch.from_numpy(x)
     c = _c_quantize(ggml_cpu, "quantize_row_q8_0", x, 34, 32)
     q, d = gn.quantize_q8_0(t)
@@ -350,8 +348,9 @@ def test_quantizers_are_llama_cpps(ggml_cpu) -> None:
         (QuantType.Q6_K, "ggml_vec_dot_q6_K_q8_K", 292),
     ],
 )
-def test_matmul_is_llama_cpps_vec_dot(ggml_cpu, qtype: QuantType, fn: str, act_bytes: int) -> None:
-    rng = np.random.default_rng()
+def test_matmul_is_llama_cpps_vec_dot(
+    rng: np.random.Generator, ggml_cpu, qtype: QuantType, fn: str, act_bytes: int
+) -> None:
     n, k = 32, 1024
     data = _random_blocks(rng, qtype, n, k)
     x = _activations(rng, 1, k)[0]

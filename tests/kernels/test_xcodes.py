@@ -129,7 +129,8 @@ def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) ->
     x = torch.from_numpy(rng.standard_normal((1, 2 * k if act else k), dtype=np.float32))
     kw = {}
     if form == "norm":
-        kw = {"norm_weight": torch.rand(k, device=DEVICE) + 0.5, "eps": EPS}
+        g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
+        kw = {"norm_weight": g, "eps": EPS}
     if act:
         kw["act"] = act
     res = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
