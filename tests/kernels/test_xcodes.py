@@ -107,6 +107,84 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind:
     assert (err <= 2e-6 * mag + 1e-30).all(), f"worst {(err / (mag + 1e-30)).max():.3g}"
 
 
+# (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
+# steps; the 1B's on a GPU (8,192 programs counting on 256 blocks' counters)
+GATED_SHAPES = [(2 * 96, 256), (2 * 32, 1024)]
+if CUDA:
+    GATED_SHAPES += [(16384, 2048)]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize(("n", "k"), GATED_SHAPES)
+def test_gated_gemv_writes_the_activation_codes(rng, n: int, k: int, kind: str, act: str):
+    """The gate_up GEMV's [gate | up] output matches float64 as the plain GEMV's does, and
+    the codes it writes in the same launch (each 32-block's by the last program to store its
+    64 rows) stand for act(gate) * up of that output within the two levels' error; the
+    counters are zero after every launch, so a second launch writes the same codes."""
+    w, dense = q4_weight(rng, n, k, kind)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    codes = xcodes.quantize(x, k, 0)
+    f = n // 2
+    counters = xcodes.act_counters(f, x.device)
+    out, act_codes = xcodes.gated_gemv(codes, w, act, counters)
+    assert not counters.any(), "every counter back at zero"
+    xr = codes_x(codes)
+    err = (out.double().cpu().reshape(-1) - dense @ xr).abs()
+    mag = dense.abs() @ xr.abs()
+    assert (err <= 2e-6 * mag + 1e-30).all(), f"GEMV: worst {(err / (mag + 1e-30)).max():.3g}"
+    y = prologue_reference(out, {"silu": 2, "gelu_tanh": 3}[act], None, f)
+    amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+    err = (codes_x(act_codes) - y).reshape(-1, 32).abs()
+    bound = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
+    assert (err <= bound).all(), f"activation codes: worst {(err / bound).max():.3g}"
+    c = act_codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
+    assert torch.equal(c.sum(dim=2), act_codes[2].cpu()), "code sums"
+    again, again_codes = xcodes.gated_gemv(codes, w, act, counters)
+    assert torch.equal(again, out)
+    for a, b in zip(again_codes, act_codes, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mlp_is_its_three_launches(rng) -> None:
+    """`mlp` = the norm's codes, `gated_gemv`, the down GEMV added into the stream (each
+    checked against float64 above): bit for bit, the counters left at zero."""
+    k, f = 256, 96
+    gate_up, _ = q4_weight(rng, 2 * f, k)
+    down, _ = q4_weight(rng, k, f, "Q4_1")
+    stream = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
+    counters = xcodes.act_counters(f, stream.device)
+    codes = xcodes.quantize(stream, k, 1, g, EPS)
+    _, act_codes = xcodes.gated_gemv(codes, gate_up, "silu", counters)
+    want = xcodes.gemv(act_codes, down, stream.clone(), True)
+    got = stream.clone()
+    assert xcodes.mlp(got, gate_up, down, g, EPS, "silu", counters) is got
+    assert torch.equal(got, want) and not torch.equal(got, stream)
+    assert not counters.any()
+
+
+def test_takes_mlp_needs_both_matrices_and_the_switch(rng, monkeypatch) -> None:
+    k, f = 256, 96
+    monkeypatch.setattr(xcodes, "MIN_K", 32)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    gate_up, _ = q4_weight(rng, 2 * f, k)
+    down, _ = q4_weight(rng, k, f)
+    x = torch.zeros(1, k, device=DEVICE)
+    monkeypatch.delenv("LLAMAPY_GPU_GATED_CODES", raising=False)
+    assert xcodes.takes_mlp(x, gate_up, down)
+    assert not xcodes.takes_mlp(torch.zeros(2, k, device=DEVICE), gate_up, down)
+    assert not xcodes.takes_mlp(x, gate_up, q4_weight(rng, k, 2 * f)[0])  # not gate_up's F
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 2 * f * k)  # down below the threshold
+    assert not xcodes.takes_mlp(x, gate_up, down)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "0")
+    assert not xcodes.takes_mlp(x, gate_up, down)
+    monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
+    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "1")
+    assert not xcodes.takes_mlp(x, gate_up, down)
+
+
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
@@ -188,6 +266,14 @@ def test_bad_inputs_are_refused(rng) -> None:
         xcodes.gemv(codes, w, torch.zeros(1, 8, device=DEVICE), False)
     with pytest.raises(ValueError, match="out must be"):
         xcodes.gemv(xcodes.quantize(x, 256, 0), w, torch.zeros(1, 9, device=DEVICE), False)
+    gate_up, _ = q4_0_weight(rng, 64, 256)
+    codes = xcodes.quantize(x, 256, 0)
+    with pytest.raises(ValueError, match="act must be"):
+        xcodes.gated_gemv(codes, gate_up, "relu", xcodes.act_counters(32, x.device))
+    with pytest.raises(ValueError, match="counters must be"):
+        xcodes.gated_gemv(codes, gate_up, "silu", xcodes.act_counters(64, x.device))
+    with pytest.raises(ValueError, match="2F rows"):
+        xcodes.gated_gemv(codes, q4_0_weight(rng, 96, 256)[0], "silu", torch.zeros(1))
 
 
 def test_switch_takes_the_project_off_values(monkeypatch) -> None:

@@ -339,18 +339,22 @@ def test_prologue_rule() -> None:
         assert not llama._prologue_pays(linear(q, 16384, 2048))
 
 
-def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
+@pytest.mark.parametrize("gated", ["1", "0"])
+def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch, gated: str) -> None:
     """One-row decode steps whose Q4_0 GEMVs take x's int8 codes (`kernels.triton.xcodes`,
     thresholds lowered to the tiny model: the norm and gating prologues, the residual adds
-    and the output matrix all go through it) give the float32 GEMVs' logits, within the
+    and the output matrix all go through it; with LLAMAPY_GPU_GATED_CODES on, the MLP as
+    `xcodes.mlp`, gate_up writing down's codes) give the float32 GEMVs' logits, within the
     codes' error (~1.5e-5 of each 32-block's largest value, two levels)."""
     from llamapy.kernels.triton import xcodes
 
     monkeypatch.setattr(xcodes, "MIN_K", 32)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
-    calls = []
-    real = xcodes.matmul
+    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", gated)
+    calls, mlps = [], []
+    real, real_mlp = xcodes.matmul, xcodes.mlp
     monkeypatch.setattr(xcodes, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(xcodes, "mlp", lambda *a, **kw: mlps.append(1) or real_mlp(*a, **kw))
     codes = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
     plain = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
     runners = Runner(codes, num_seqs=1, max_len=8), Runner(plain, num_seqs=1, max_len=8)
@@ -359,9 +363,10 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
     steps = [[rng.integers(0, vocab, 3).tolist()]] + [[[int(t)]] for t in rng.integers(0, vocab, 2)]
     for i, chunks in enumerate(steps):
         monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "1")
-        before = len(calls)
+        before, mlps_before = len(calls), len(mlps)
         got = runners[0].step(chunks)
         assert (len(calls) > before) == (i > 0)  # decode steps only (one row)
+        assert (len(mlps) > mlps_before) == (i > 0 and gated == "1")
         monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
         want = runners[1].step(chunks)
         assert not got.isnan().any()

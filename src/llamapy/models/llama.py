@@ -229,6 +229,29 @@ class MLP(torch.nn.Module):
             if self.gate_up is None:
                 self.gate, self.up = QLinear(gate, gate_bias), QLinear(up, up_bias)
         self.activation = opts.activation
+        self._act_counters: torch.Tensor | None = None  # `decode_codes`', made on first use
+
+    def decode_codes(
+        self, stream: torch.Tensor, norm_weight: torch.Tensor, eps: float, act: str
+    ) -> bool:
+        """CUDA decode of one row whose gate_up and down both read x's int8 codes
+        (`kernels.triton.xcodes.mlp`): stream += down(act(gate) * up) of the normed stream in
+        three launches, the gate_up GEMV writing down's codes. False (nothing done) where
+        that path does not take these matrices or this row."""
+        from llamapy.kernels.triton import xcodes
+
+        gate_up, down = self.gate_up.packed, self.down.packed
+        if (
+            self.gate is not None
+            or self.gate_up.bias is not None
+            or self.down.bias is not None
+            or not xcodes.takes_mlp(stream, gate_up, down)
+        ):
+            return False
+        if self._act_counters is None:  # the warm-up before a CUDA graph's capture makes it
+            self._act_counters = xcodes.act_counters(down.k, stream.device)
+        xcodes.mlp(stream, gate_up, down, norm_weight, eps, act, self._act_counters)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
@@ -380,13 +403,16 @@ class DecoderLayer(torch.nn.Module):
         """CUDA decode: `forward` in four GEMVs and no norm or activation kernel: QKV from
         the residual stream with the attention norm inside, the output projection added into
         the stream in place, gate_up with the FFN norm inside, down with the gated activation
-        inside, added into the stream. Returns (None, the stream): h is already added."""
+        inside, added into the stream (for one row of large Q4 matrices: the MLP over int8
+        codes of x, `MLP.decode_codes`). Returns (None, the stream): h is already added."""
         if residual is None:  # first layer: the embedding (a fresh tensor) becomes the stream
             residual = h
         elif h is not None:
             residual = residual + h
         self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
+        if mlp.decode_codes(residual, self.ffn_norm, self.eps, self.fused_activation):
+            return None, residual
         if _prologue_pays(mlp.gate_up):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:

@@ -56,6 +56,7 @@ QK = 32
 MIN_WEIGHTS = 1 << 24
 MIN_K = 2048
 TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernel's QT
+ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its PRO codes)
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
@@ -82,15 +83,16 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
     """Whether `qmatmul` routes this product here (see the module's docstring)."""
     return (  # the cheap tests first: every auto-path qmatmul call asks
         x.shape[0] == 1
-        and w.qtype in TYPES
-        and w.k >= MIN_K
-        and w.n * w.k >= MIN_WEIGHTS
+        and _weight_fits(w)
         and x.dtype == torch.float32
         and bias is None
-        and "qs" in w.tensors
         and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
         and enabled()
     )
+
+
+def _weight_fits(w: PackedWeight) -> bool:
+    return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
 
 
 def code_buffers(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -132,23 +134,99 @@ def gemv(
     codes: tuple[torch.Tensor, ...], w: PackedWeight, out: torch.Tensor, accumulate: bool
 ) -> torch.Tensor:
     """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for."""
+    _check_codes(codes, w)
+    if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
+    _launch(codes, w, out, accumulate)
+    return out
+
+
+def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
     if w.qtype not in TYPES:
         raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
     if "qs" not in w.tensors:
         raise ValueError("the codes GEMV reads the nibbles ('qs'), not a byte or float form")
-    if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
     nb = w.k // QK
     if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
         raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
+
+
+def _launch(
+    codes: tuple[torch.Tensor, ...],
+    w: PackedWeight,
+    out: torch.Tensor,
+    accumulate: bool,
+    act: int = 0,
+    counters: torch.Tensor | None = None,
+    act_codes: tuple[torch.Tensor, ...] | None = None,
+) -> None:
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
+    if act and QK % block_n:
+        raise ValueError(f"a {block_n}-row tile straddles the activation's 32-blocks")
     d = w.tensors["d"]
+    extra = (counters, *act_codes) if act else (out, out, out, out)  # unread without ACT
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        triton.cdiv(nb, block_b), QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n,
-        BLOCK_B=block_b, RES=accumulate, INTERP=INTERPRET, num_warps=warps,
+        triton.cdiv(w.k // QK, block_b), *extra, QT=TYPES[w.qtype], LEVELS=LEVELS,
+        BLOCK_N=block_n, BLOCK_B=block_b, RES=accumulate, ACT=act, INTERP=INTERPRET,
+        num_warps=warps,
     )  # fmt: skip
-    return out
+
+
+def act_counters(f: int, device: torch.device) -> torch.Tensor:
+    """The zeroed per-32-block counters `gated_gemv` needs for an activation of F values
+    (int32 (F / 32,)); every launch leaves them zero again. One set per caller that may run
+    at the same time as another (a model's layer each)."""
+    return torch.zeros(f // QK, dtype=torch.int32, device=device)
+
+
+def gated_gemv(
+    codes: tuple[torch.Tensor, ...], w: PackedWeight, act: str, counters: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The [gate | up] product of a gate_up weight (2F rows) over x's `codes`, and in the
+    same launch the codes of act(gate) * up (`code_buffers(F)`): the next GEMV's input
+    (down's) with no quantizing launch between. -> ((1, 2F) float32 [gate | up], codes)."""
+    _check_codes(codes, w)
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    f = w.n // 2
+    if w.n % (2 * QK):
+        raise ValueError(f"a [gate | up] weight has 2F rows, F a multiple of 32; got {w.n}")
+    if counters.shape != (f // QK,) or counters.dtype != torch.int32:
+        raise ValueError(f"counters must be `act_counters({f})`, got {tuple(counters.shape)}")
+    out = torch.empty(1, w.n, dtype=torch.float32, device=codes[0].device)
+    act_codes = code_buffers(f, out.device)
+    _launch(codes, w, out, False, ACTS[act], counters, act_codes)
+    return out, act_codes
+
+
+def mlp(
+    stream: torch.Tensor,
+    gate_up: PackedWeight,
+    down: PackedWeight,
+    norm_weight: torch.Tensor,
+    eps: float,
+    act: str,
+    counters: torch.Tensor,
+) -> torch.Tensor:
+    """A gated MLP's decode row in three launches: stream += down(act(gate) * up) with
+    [gate | up] = gate_up(rms_norm(stream) * norm_weight): the norm's codes, the gate_up GEMV
+    writing the activation's codes (`gated_gemv`), the down GEMV adding into `stream`."""
+    codes = quantize(stream, gate_up.k, 1, norm_weight, eps)
+    _, act_codes = gated_gemv(codes, gate_up, act, counters)
+    return gemv(act_codes, down, stream, True)
+
+
+def takes_mlp(x: torch.Tensor, gate_up: PackedWeight, down: PackedWeight) -> bool:
+    """Whether `mlp` takes this row: both matrices `takes` their rows, the switch
+    LLAMAPY_GPU_GATED_CODES is not off, and down's K is gate_up's F."""
+    return (
+        gate_up.n == 2 * down.k
+        and down.k % QK == 0
+        and _weight_fits(down)
+        and takes(x, gate_up, None)
+        and not switched_off("LLAMAPY_GPU_GATED_CODES")
+    )
 
 
 def matmul(
@@ -237,11 +315,15 @@ if HAS_TRITON:
     @triton.jit
     def _codes_gemv_kernel(
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
+        cnt_ptr, yc_ptr, ys_ptr, yt_ptr,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        RES: tl.constexpr, INTERP: tl.constexpr,
+        RES: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
-        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks."""
+        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. ACT 2 /
+        3 (out a [gate | up] row of 2F, F = N / 2): also the codes (yc, ys, yt) of act(gate)
+        * up, each 32-block's written by the last program to store its 64 rows
+        (`_act_codes_epilogue`)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
@@ -261,3 +343,41 @@ if HAS_TRITON:
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y, mask=n_mask)
+        if ACT >= 2:
+            row0 = tl.program_id(0) * BLOCK_N
+            _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, N // 2,
+                                BLOCK_N, ACT, LEVELS)  # fmt: skip
+
+    @triton.jit
+    def _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, F, ROWS: tl.constexpr,
+                            ACT: tl.constexpr, LEVELS: tl.constexpr):  # fmt: skip
+        """After a program stored its ROWS rows (row0.., all in one 32-block of gate or of up:
+        ROWS divides 32) of the [gate | up] row: count them on the block's counter; the
+        program that brings it to 64 (the block's 32 gate and 32 up values all stored) reads
+        them back, writes the block's codes of act(gate) * up as `_quantize_kernel` does, and
+        zeroes the counter for the next launch. The release / acquire of the counter's atomic
+        orders every program's stores before the last one's loads (the classic "last block"
+        reduction); the loads bypass L1 (.cg), which holds nothing of other SMs' stores."""
+        j = (row0 % F) // 32
+        tl.debug_barrier()  # every thread's stores of this program before the release
+        seen = tl.atomic_add(cnt_ptr + j, ROWS, sem="acq_rel", scope="gpu")
+        if seen == 64 - ROWS:
+            nb = F // 32
+            lo = j * 32 + tl.arange(0, 16)[None, :]
+            gl = tl.load(out_ptr + lo, cache_modifier=".cg")
+            gh = tl.load(out_ptr + lo + 16, cache_modifier=".cg")
+            ul = tl.load(out_ptr + F + lo, cache_modifier=".cg")
+            uh = tl.load(out_ptr + F + lo + 16, cache_modifier=".cg")
+            xl = qm._gated(gl, ul, ACT == 2)  # (1, 16): the block's halves
+            xh = qm._gated(gh, uh, ACT == 2)
+            words = j * 8 + tl.arange(0, 4)[None, :]
+            one = j + tl.arange(0, 1)
+            for lvl in tl.static_range(LEVELS):
+                cl, ch, sx, total = qm._codes(xl, xh)
+                tl.store(yc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl))
+                tl.store(yc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch))
+                tl.store(ys_ptr + lvl * nb + one, sx)
+                tl.store(yt_ptr + lvl * nb + one, total)
+                xl = xl - cl.to(tl.float32) * sx[:, None]
+                xh = xh - ch.to(tl.float32) * sx[:, None]
+            tl.store(cnt_ptr + j, 0)
