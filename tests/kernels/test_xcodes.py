@@ -172,6 +172,8 @@ def test_takes_mlp_needs_both_matrices_and_the_switch(rng, monkeypatch) -> None:
     down, _ = q4_weight(rng, k, f)
     x = torch.zeros(1, k, device=DEVICE)
     monkeypatch.delenv("LLAMAPY_GPU_GATED_CODES", raising=False)
+    assert not xcodes.takes_mlp(x, gate_up, down)  # off by default (see its docstring)
+    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "1")
     assert xcodes.takes_mlp(x, gate_up, down)
     assert not xcodes.takes_mlp(torch.zeros(2, k, device=DEVICE), gate_up, down)
     assert not xcodes.takes_mlp(x, gate_up, q4_weight(rng, k, 2 * f)[0])  # not gate_up's F
