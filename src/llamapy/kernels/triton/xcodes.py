@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from llamapy.kernels.triton import HAS_TRITON, INTERPRET
+from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.types import QuantType
 from llamapy.switches import switched_off, switched_on
@@ -77,6 +77,12 @@ def _quant_tile(env: str | None) -> tuple[int, int]:
 
 
 _QUANT_BLOCKS, _QUANT_WARPS = _quant_tile(os.environ.get("LLAMAPY_GPU_X_CODES_QUANT_TILE"))
+
+
+def _pdl(device: torch.device, weight_bytes: int | None) -> bool:
+    """`pdl.pdl_enabled`'s policy (the quantizing kernel reads no weight: on wherever PDL is),
+    unless LLAMAPY_GPU_X_CODES_PDL is off (0 / false / no / off), for A/B runs."""
+    return pdl.pdl_enabled(device, weight_bytes) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
 
 
 def enabled() -> bool:
@@ -141,7 +147,7 @@ def quantize(
     _quantize_kernel[(triton.cdiv(nb, _QUANT_BLOCKS),)](
         x, norm_weight if norm_weight is not None else x, *buffers, k, float(eps),
         PRO=pro, LEVELS=LEVELS, BLOCK_B=_QUANT_BLOCKS, INTERP=INTERPRET,
-        num_warps=_QUANT_WARPS,
+        **pdl.launch_options(_pdl(x.device, None)), num_warps=_QUANT_WARPS,
     )  # fmt: skip
     return buffers
 
@@ -181,11 +187,13 @@ def _launch(
         raise ValueError(f"a {block_n}-row tile straddles the activation's 32-blocks")
     d = w.tensors["d"]
     extra = (counters, *act_codes) if act else (out, out, out, out)  # unread without ACT
+    pdl_on = _pdl(out.device, w.nbytes)
+    lines = pdl.prefetch_lines(w.k // QK * 16) if pdl_on else 0  # a row's nibbles
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         triton.cdiv(w.k // QK, block_b), *extra, QT=TYPES[w.qtype], LEVELS=LEVELS,
-        BLOCK_N=block_n, BLOCK_B=block_b, RES=accumulate, ACT=act, INTERP=INTERPRET,
-        num_warps=warps,
+        BLOCK_N=block_n, BLOCK_B=block_b, RES=accumulate, ACT=act, INTERP=INTERPRET, PF=lines,
+        **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
@@ -268,12 +276,16 @@ if HAS_TRITON:
     def _quantize_kernel(
         x_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, K, eps,
         PRO: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Codes of blocks [pid * BLOCK_B, +BLOCK_B) of one row's prologue output (PRO 0 x,
         1 RMSNorm with weight g (each program sums the whole row's squares: a few KiB from
         L2), 2 / 3 SiLU / GELU-tanh gating of a [gate | up] row of 2K): per level, int8 codes
         as words (a block's low half's four, then its high half's), the scale and the codes'
-        sum per block; each level quantizes what the ones before left."""
+        sum per block; each level quantizes what the ones before left. PDL: launched early,
+        it waits for the kernel before (x's producer) before reading anything."""
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         nb = K // 32
         b_first = tl.program_id(0) * BLOCK_B
         gl, gh = qm._g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
@@ -335,17 +347,23 @@ if HAS_TRITON:
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
         cnt_ptr, yc_ptr, ys_ptr, yt_ptr,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        RES: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr,
+        RES: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+        PF: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
         for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. ACT 2 /
         3 (out a [gate | up] row of 2F, F = N / 2): also the codes (yc, ys, yt) of act(gate)
         * up, each 32-block's written by the last program to store its 64 rows
-        (`_act_codes_epilogue`)."""
+        (`_act_codes_epilogue`). PDL: PF lines of each row's words go to L2 before the wait
+        for the kernel before (the codes' producer)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
         nb = K // 32
+        if PDL:
+            pdl.prefetch_rows(qs_ptr, rows, n_mask, nb * 4, 0, nb * 4, PF)
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
         acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
         if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
