@@ -284,3 +284,15 @@ def test_switch_takes_the_project_off_values(monkeypatch) -> None:
     for value, on in (("1", True), ("0", False), ("off", False), ("False", False)):
         monkeypatch.setenv("LLAMAPY_GPU_X_CODES", value)
         assert xcodes.enabled() is on, value
+
+
+def test_lab_settings_parse_or_name_the_variable() -> None:
+    assert xcodes._min_weights(None) == 1 << 24
+    assert xcodes._min_weights("4000000") == 4_000_000
+    assert xcodes._quant_tile(None) == (16, 4)
+    assert xcodes._quant_tile("2,4") == (2, 4)
+    with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"):
+        xcodes._min_weights("4M")
+    for bad in ("3,4", "a,b", "4"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_QUANT_TILE"):
+            xcodes._quant_tile(bad)

@@ -53,8 +53,20 @@ if HAS_TRITON:
 LEVELS = 2
 QK = 32
 # The shapes measured (1B: gate_up 16384 x 2048, down 2048 x 8192, output 128256 x 2048);
-# below this many weights the quantizing launch costs more than the GEMV gains (qkv, o).
-MIN_WEIGHTS = 1 << 24
+# below this many weights the quantizing launch costs more than the GEMV gains (qkv, o;
+# measured before the quantizing kernel took part in PDL). LLAMAPY_GPU_X_CODES_MIN_WEIGHTS
+# sets it, for A/B runs (the 1B's qkv has 6.3M weights, o 4.2M).
+
+
+def _min_weights(env: str | None) -> int:
+    if not env:
+        return 1 << 24
+    if not env.strip().isdigit():
+        raise ValueError(f"LLAMAPY_GPU_X_CODES_MIN_WEIGHTS wants a weight count, got {env!r}")
+    return int(env)
+
+
+MIN_WEIGHTS = _min_weights(os.environ.get("LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"))
 MIN_K = 2048
 TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernel's QT
 ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its PRO codes)
@@ -68,10 +80,11 @@ def _quant_tile(env: str | None) -> tuple[int, int]:
     """(32-blocks a quantizing program takes, its warps): LLAMAPY_GPU_X_CODES_QUANT_TILE
     "BLOCKS,WARPS" (powers of two) for the lab's sweeps, else the default."""
     if env:
-        blocks, _, warps = env.partition(",")
-        tile = (int(blocks), int(warps))
-        if all(v > 0 and v & (v - 1) == 0 for v in tile):
-            return tile
+        parts = env.split(",")
+        if len(parts) == 2 and all(v.strip().isdigit() for v in parts):
+            tile = (int(parts[0]), int(parts[1]))
+            if all(v > 0 and v & (v - 1) == 0 for v in tile):
+                return tile
         raise ValueError(f"LLAMAPY_GPU_X_CODES_QUANT_TILE wants two powers of two, got {env!r}")
     return 16, 4
 
