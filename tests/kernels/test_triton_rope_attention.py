@@ -250,3 +250,61 @@ def test_rejects_bad_inputs(gen):
     with pytest.raises(ValueError, match="one row per sequence"):
         rope_cache_attention_decode(q[:1], k[:1], v[:1], cos[:1], sin[:1], *args[:4], slots[:1],
                                     **kw)  # fmt: skip
+
+
+# (seq_len, n_heads, n_kv, head_dim, num_splits): one sequence, its output's int8 codes
+CODES_CASES = [(37, 4, 2, 64, 3), (20, 2, 1, 32, 1), (33, 3, 3, 128, 2)]
+if ON_GPU:
+    CODES_CASES += [(1000, 32, 8, 64, None), (4096, 32, 8, 64, None)]  # the 1B, its splits
+
+
+@pytest.mark.parametrize(("length", "n_heads", "n_kv", "d", "splits"), CODES_CASES)
+def test_output_codes_stand_for_the_output(gen, length, n_heads, n_kv, d, splits) -> None:
+    """With `codes`, the split merge also writes the output row's two levels of int8 codes
+    (the o projection's codes GEMV input; one split: a quantizing launch instead): they stand
+    for the returned output within the levels' error, and the output is bit for bit the one
+    computed without them."""
+    from tests.kernels.test_xcodes import codes_x
+
+    from llamapy.kernels.triton import xcodes
+
+    _, kc, vc, meta = make_batch(
+        gen, [1], [length], n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
+    slots = slots_of_last(tables, [length], 16)
+    seq_lens = torch.tensor([length], dtype=torch.int32, device=DEVICE)
+    caches = kc.clone(), vc.clone()
+    codes = xcodes.code_buffers(n_heads * d, torch.device(DEVICE))
+    kw = dict(interleaved=False, scale=d**-0.5, num_splits=splits)
+    got = rope_cache_attention_decode(
+        q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens, slots, codes=codes, **kw
+    )
+    plain = rope_cache_attention_decode(
+        q, k, v, cos, sin, *caches, meta.block_tables, seq_lens, slots, **kw
+    )
+    assert torch.equal(got, plain)
+    y = got.double().cpu().reshape(-1)
+    amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+    err = (codes_x(codes) - y).reshape(-1, 32).abs()
+    bound = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
+    assert (err <= bound).all(), f"worst {(err / bound).max():.3g} of the bound"
+    c = codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
+    assert torch.equal(c.sum(dim=2), codes[2].cpu()), "code sums"
+
+
+def test_output_codes_refuse_batches(gen) -> None:
+    from llamapy.kernels.triton import xcodes
+
+    _, kc, vc, meta = make_batch(
+        gen, [1, 1], [5, 7], n_heads=2, n_kv=1, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, 2, 1, 32, 32, False)
+    slots = slots_of_last(tables, [5, 7], 16)
+    seq_lens = torch.tensor([5, 7], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="one sequence"):
+        rope_cache_attention_decode(
+            q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens, slots, interleaved=False,
+            scale=0.1, num_splits=2, codes=xcodes.code_buffers(64, torch.device(DEVICE)),
+        )  # fmt: skip

@@ -198,6 +198,7 @@ class Attention(torch.nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.eps)
+        codes = self._output_codes(stream)
         out = rope_kv_attention(
             self.rope,
             q,
@@ -209,8 +210,26 @@ class Attention(torch.nn.Module):
             scale=self.scale,
             sliding_window=self.sliding_window,
             softcap=self.softcap,
+            codes=codes,
         )
-        self.o_proj(out.reshape(T, -1), residual=stream)
+        if codes is not None:  # the o projection over the codes the attention wrote
+            from llamapy.kernels.triton import xcodes
+
+            xcodes.gemv(codes, self.o_proj.packed, stream, True)
+        else:
+            self.o_proj(out.reshape(T, -1), residual=stream)
+
+    def _output_codes(self, stream: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Buffers for the attention output's int8 codes where the o projection reads them
+        (one row, `xcodes.takes_ready_codes`; head_dim a power of two >= 32), else None."""
+        d = self.head_dim
+        if stream.shape[0] != 1 or self.o_proj.bias is not None or d < 32 or d & (d - 1):
+            return None
+        from llamapy.kernels.triton import xcodes
+
+        if not xcodes.takes_ready_codes(stream, self.o_proj.packed):
+            return None
+        return xcodes.code_buffers(self.o_proj.in_features, stream.device)
 
 
 class MLP(torch.nn.Module):

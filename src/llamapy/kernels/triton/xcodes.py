@@ -129,6 +129,22 @@ def _weight_fits(w: PackedWeight) -> bool:
     return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
 
 
+def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
+    """Whether a product of one row x by w, whose codes its producer writes (the attention's
+    split merge: `attention.rope_cache_attention_decode(codes=...)`), runs as the codes GEMV:
+    no size threshold (no quantizing launch to pay for); opt-in, LLAMAPY_GPU_ATTN_CODES=1,
+    until timed."""
+    return (
+        x.shape[0] == 1
+        and w.qtype in TYPES
+        and w.k % QK == 0
+        and "qs" in w.tensors
+        and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
+        and enabled()
+        and switched_on("LLAMAPY_GPU_ATTN_CODES")
+    )
+
+
 def code_buffers(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(codes (LEVELS, K / 4) int32 words, scales (LEVELS, K / 32) float32, sums (LEVELS,
     K / 32) int32) for one row of K values."""
@@ -146,16 +162,19 @@ def quantize(
     pro: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    buffers: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Codes of one row: x (1, K) float32 (pro 0 none, 1 RMSNorm with `norm_weight`) or (1, 2K)
-    [gate | up] (pro 2 SiLU, 3 GELU-tanh gating) -> `code_buffers(K)` filled."""
+    [gate | up] (pro 2 SiLU, 3 GELU-tanh gating) -> `code_buffers(K)` filled (`buffers` when
+    given)."""
     if x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous float32 row, got {x.dtype} {tuple(x.shape)}")
     if k % QK or x.shape[1] != (2 * k if pro >= 2 else k):
         raise ValueError(f"x of {x.shape[1]} values does not fit K={k} with prologue {pro}")
     if pro == 1 and (norm_weight is None or norm_weight.shape != (k,)):
         raise ValueError(f"the norm prologue needs a ({k},) weight")
-    buffers = code_buffers(k, x.device)
+    if buffers is None:
+        buffers = code_buffers(k, x.device)
     nb = k // QK
     _quantize_kernel[(triton.cdiv(nb, _QUANT_BLOCKS),)](
         x, norm_weight if norm_weight is not None else x, *buffers, k, float(eps),
@@ -308,14 +327,23 @@ if HAS_TRITON:
             xl = xl * inv
             xh = xh * inv
         offs_b = b_first + tl.arange(0, BLOCK_B)
-        b_ok = offs_b < nb
-        words = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+        store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+
+    @triton.jit
+    def store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
+        """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
+        as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into `code_buffers`
+        (xc words, xs scales, xt code sums): per level, int8 codes as words (a block's low
+        half's four, then its high half's), the scale and the codes' sum per block; each
+        level quantizes what the ones before left. Also the attention's split merge's
+        (`attention._combine_kernel`, the o projection's codes)."""
+        words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
         for lvl in tl.static_range(LEVELS):
             cl, ch, sx, total = qm._codes(xl, xh)
-            tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=b_ok[:, None])
-            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=b_ok[:, None])
-            tl.store(xs_ptr + lvl * nb + offs_b, sx, mask=b_ok)
-            tl.store(xt_ptr + lvl * nb + offs_b, total, mask=b_ok)
+            tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=ok[:, None])
+            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=ok[:, None])
+            tl.store(xs_ptr + lvl * nb + blocks, sx, mask=ok)
+            tl.store(xt_ptr + lvl * nb + blocks, total, mask=ok)
             xl = xl - cl.to(tl.float32) * sx[:, None]
             xh = xh - ch.to(tl.float32) * sx[:, None]
 
@@ -419,14 +447,6 @@ if HAS_TRITON:
             uh = tl.load(out_ptr + F + lo + 16, cache_modifier=".cg")
             xl = qm._gated(gl, ul, ACT == 2)  # (1, 16): the block's halves
             xh = qm._gated(gh, uh, ACT == 2)
-            words = j * 8 + tl.arange(0, 4)[None, :]
             one = j + tl.arange(0, 1)
-            for lvl in tl.static_range(LEVELS):
-                cl, ch, sx, total = qm._codes(xl, xh)
-                tl.store(yc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl))
-                tl.store(yc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch))
-                tl.store(ys_ptr + lvl * nb + one, sx)
-                tl.store(yt_ptr + lvl * nb + one, total)
-                xl = xl - cl.to(tl.float32) * sx[:, None]
-                xh = xh - ch.to(tl.float32) * sx[:, None]
+            store_codes(xl, xh, one, one >= 0, yc_ptr, ys_ptr, yt_ptr, nb, LEVELS)
             tl.store(cnt_ptr + j, 0)
