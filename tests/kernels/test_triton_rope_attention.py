@@ -264,7 +264,7 @@ def test_output_codes_stand_for_the_output(gen, length, n_heads, n_kv, d, splits
     (the o projection's codes GEMV input; one split: a quantizing launch instead): they stand
     for the returned output within the levels' error, and the output is bit for bit the one
     computed without them."""
-    from tests.kernels.test_xcodes import codes_x
+    from tests.kernels.test_xcodes import assert_codes_stand_for
 
     from llamapy.kernels.triton import xcodes
 
@@ -285,13 +285,7 @@ def test_output_codes_stand_for_the_output(gen, length, n_heads, n_kv, d, splits
         q, k, v, cos, sin, *caches, meta.block_tables, seq_lens, slots, **kw
     )
     assert torch.equal(got, plain)
-    y = got.double().cpu().reshape(-1)
-    amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
-    err = (codes_x(codes) - y).reshape(-1, 32).abs()
-    bound = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
-    assert (err <= bound).all(), f"worst {(err / bound).max():.3g} of the bound"
-    c = codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
-    assert torch.equal(c.sum(dim=2), codes[2].cpu()), "code sums"
+    assert_codes_stand_for(codes, got.double().cpu())
 
 
 def test_output_codes_refuse_batches(gen) -> None:

@@ -73,6 +73,20 @@ def codes_x(codes) -> torch.Tensor:
     return (c * scales.cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
 
 
+def assert_codes_stand_for(codes, y: torch.Tensor, what: str = "codes") -> None:
+    """Two levels of codes stand for float64 y within half the second level's step (each
+    32-block's amax / 127 / 254 / 2, 1% slack for the scales' float32 rounding) plus float32
+    roundings of y itself; the codes are int8 and their sums match."""
+    y = y.reshape(-1, 32)
+    amax = y.abs().amax(dim=1, keepdim=True)
+    err = (codes_x(codes).reshape(-1, 32) - y).abs()
+    bound = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.abs() + 1e-30
+    assert (err <= bound).all(), f"{what}: worst {(err / bound).max():.3g} of the bound"
+    c = codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
+    assert torch.equal(c.sum(dim=2), codes[2].cpu()), f"{what}: code sums"
+    assert c.abs().max() <= 127
+
+
 @pytest.mark.parametrize("pro", [0, 1, 2, 3])
 @pytest.mark.parametrize("k", [256, 1024])
 def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
@@ -80,14 +94,7 @@ def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
     x = torch.from_numpy(rng.standard_normal((1, width), dtype=np.float32) * 3).to(DEVICE)
     g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
     codes = xcodes.quantize(x, k, pro, g if pro == 1 else None, EPS)
-    y = prologue_reference(x, pro, g, k)
-    blocks_amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
-    err = (codes_x(codes) - y).reshape(-1, 32).abs()
-    bound = blocks_amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
-    assert (err <= bound).all(), f"worst {(err / bound).max():.3g} of the bound"
-    c = codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
-    assert torch.equal(c.sum(dim=2), codes[2].cpu()), "code sums"
-    assert c.abs().max() <= 127
+    assert_codes_stand_for(codes, prologue_reference(x, pro, g, k))
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
@@ -134,12 +141,7 @@ def test_gated_gemv_writes_the_activation_codes(rng, n: int, k: int, kind: str, 
     mag = dense.abs() @ xr.abs()
     assert (err <= 2e-6 * mag + 1e-30).all(), f"GEMV: worst {(err / (mag + 1e-30)).max():.3g}"
     y = prologue_reference(out, {"silu": 2, "gelu_tanh": 3}[act], None, f)
-    amax = y.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
-    err = (codes_x(act_codes) - y).reshape(-1, 32).abs()
-    bound = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.reshape(-1, 32).abs() + 1e-30
-    assert (err <= bound).all(), f"activation codes: worst {(err / bound).max():.3g}"
-    c = act_codes[0].cpu().view(torch.int8).reshape(xcodes.LEVELS, -1, 32).int()
-    assert torch.equal(c.sum(dim=2), act_codes[2].cpu()), "code sums"
+    assert_codes_stand_for(act_codes, y, "activation codes")
     again, again_codes = xcodes.gated_gemv(codes, w, act, counters)
     assert torch.equal(again, out)
     for a, b in zip(again_codes, act_codes, strict=True):
