@@ -746,9 +746,15 @@ def _decode(
         num_splits = default_num_splits(batch, n_kv, block_tables.shape[1], block_size, d, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    block_d = triton.next_power_of_2(d)
+    if codes is not None:  # checked before anything runs (the kernel writes the caches)
+        if batch != 1 or d % 32 or d != block_d or out.dtype != torch.float32:
+            raise ValueError(f"the output's codes take one sequence, d a power of two >= 32 "
+                             f"and a float32 output, got q {tuple(q.shape)}")  # fmt: skip
+        if codes[1].shape != (xcodes.LEVELS, n_heads * d // 32):
+            raise ValueError(f"codes must be `xcodes.code_buffers({n_heads * d})`")
     if batch == 0:
         return out
-    block_d = triton.next_power_of_2(d)
     round_q = _rounds_q(round_q, q, k_cache)
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
@@ -774,12 +780,6 @@ def _decode(
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
-    if codes is not None:
-        if batch != 1 or d % 32 or d != block_d:
-            raise ValueError(f"the output's codes take one sequence and d a power of two >= 32, "
-                             f"got q {tuple(q.shape)}")  # fmt: skip
-        if codes[1].shape != (xcodes.LEVELS, n_heads * d // 32):
-            raise ValueError(f"codes must be `xcodes.code_buffers({n_heads * d})`")
     if num_splits > 1:
         code_args = {}
         if codes is not None:

@@ -136,6 +136,7 @@ def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
     until timed."""
     return (
         x.shape[0] == 1
+        and x.dtype == torch.float32
         and w.qtype in TYPES
         and w.k % QK == 0
         and "qs" in w.tensors
