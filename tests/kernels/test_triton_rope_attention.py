@@ -302,3 +302,11 @@ def test_output_codes_refuse_batches(gen) -> None:
             q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens, slots, interleaved=False,
             scale=0.1, num_splits=2, codes=xcodes.code_buffers(64, torch.device(DEVICE)),
         )  # fmt: skip
+    before = kc.clone()
+    with pytest.raises(ValueError, match="code_buffers"):  # one sequence, codes of 32 values
+        rope_cache_attention_decode(
+            q[:1], k[:1], v[:1], cos[:1], sin[:1], kc, vc, meta.block_tables[:1], seq_lens[:1],
+            slots[:1], interleaved=False, scale=0.1, num_splits=2,
+            codes=xcodes.code_buffers(32, torch.device(DEVICE)),
+        )  # fmt: skip
+    assert torch.equal(kc.nan_to_num(7.0), before.nan_to_num(7.0)), "refused before any write"

@@ -115,18 +115,21 @@ def _index(device: torch.device) -> int:
 
 def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
     """Whether `qmatmul` routes this product here (see the module's docstring)."""
-    return (  # the cheap tests first: every auto-path qmatmul call asks
-        x.shape[0] == 1
-        and _weight_fits(w)
-        and x.dtype == torch.float32
-        and bias is None
-        and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
-        and enabled()
-    )
+    return x.shape[0] == 1 and _weight_fits(w) and bias is None and _row_fits(x)
 
 
 def _weight_fits(w: PackedWeight) -> bool:
     return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
+
+
+def _row_fits(x: torch.Tensor) -> bool:
+    """One float32 row on a card with dp4a (or the interpreter), the codes not switched off."""
+    return (
+        x.shape[0] == 1
+        and x.dtype == torch.float32
+        and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
+        and enabled()
+    )
 
 
 def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
@@ -135,14 +138,11 @@ def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
     no size threshold (no quantizing launch to pay for); opt-in, LLAMAPY_GPU_ATTN_CODES=1,
     until timed."""
     return (
-        x.shape[0] == 1
-        and x.dtype == torch.float32
+        switched_on("LLAMAPY_GPU_ATTN_CODES")
         and w.qtype in TYPES
         and w.k % QK == 0
         and "qs" in w.tensors
-        and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
-        and enabled()
-        and switched_on("LLAMAPY_GPU_ATTN_CODES")
+        and _row_fits(x)
     )
 
 
@@ -280,11 +280,11 @@ def takes_mlp(x: torch.Tensor, gate_up: PackedWeight, down: PackedWeight) -> boo
     it at Q4_0, an atomic and its fences in each of gate_up's 8,192 programs costing more
     than the quantizing launch they save), and down's K is gate_up's F."""
     return (
-        gate_up.n == 2 * down.k
+        switched_on("LLAMAPY_GPU_GATED_CODES")
+        and gate_up.n == 2 * down.k
         and down.k % QK == 0
         and _weight_fits(down)
         and takes(x, gate_up, None)
-        and switched_on("LLAMAPY_GPU_GATED_CODES")
     )
 
 
