@@ -114,6 +114,26 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind:
     assert (err <= 2e-6 * mag + 1e-30).all(), f"worst {(err / (mag + 1e-30)).max():.3g}"
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+@pytest.mark.parametrize("tile", [(2, 32, 1), (2, 64, 1), (1, 128, 4), (1, 256, 4)])
+def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: bool) -> None:
+    """Every tile the labs sweep, with K's steps looped or unrolled at compile time
+    (`xcodes._UNROLL`), over K of one and several steps and N past the last full tile."""
+    monkeypatch.setattr(xcodes, "_TILE", tile)
+    monkeypatch.setattr(xcodes, "_TILE_LONG_K", tile)
+    monkeypatch.setattr(xcodes, "_UNROLL", unroll)
+    for n, k in [(37, 1024), (5, 4096 if tile[1] > 32 else 2048)]:
+        w, dense = q4_weight(rng, n, k)
+        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+        codes = xcodes.quantize(x, k, 0)
+        out = torch.full((1, n), float("nan"), device=DEVICE)
+        got = xcodes.gemv(codes, w, out, False).double().cpu().reshape(-1)
+        xr = codes_x(codes)
+        err = (got - dense @ xr).abs()
+        mag = dense.abs() @ xr.abs()
+        assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
+
+
 # (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
 # steps; the 1B's on a GPU (8,192 programs counting on 256 blocks' counters)
 GATED_SHAPES = [(2 * 96, 256), (2 * 32, 1024)]

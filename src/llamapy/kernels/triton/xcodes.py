@@ -74,6 +74,9 @@ ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
 _TILE_LONG_K = (1, 128, 4)
+# K's steps unrolled at compile time (every step's loads issued before the first is
+# consumed) instead of a loop: the lab's switch (`xcodes_chain_lab.py --variants`), until timed.
+_UNROLL = False
 
 
 def _quant_tile(env: str | None) -> tuple[int, int]:
@@ -222,10 +225,11 @@ def _launch(
     extra = (counters, *act_codes) if act else (out, out, out, out)  # unread without ACT
     pdl_on = _pdl(out.device, w.nbytes)
     lines = pdl.prefetch_lines(w.k // QK * 16) if pdl_on else 0  # a row's nibbles
+    steps = triton.cdiv(w.k // QK, block_b)
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        triton.cdiv(w.k // QK, block_b), *extra, QT=TYPES[w.qtype], LEVELS=LEVELS,
-        BLOCK_N=block_n, BLOCK_B=block_b, RES=accumulate, ACT=act, INTERP=INTERPRET, PF=lines,
+        steps, *extra, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
+        RES=accumulate, ACT=act, INTERP=INTERPRET, PF=lines, STEPS=steps if _UNROLL else 0,
         **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
@@ -390,10 +394,11 @@ if HAS_TRITON:
         cnt_ptr, yc_ptr, ys_ptr, yt_ptr,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         RES: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
-        PF: tl.constexpr,
+        PF: tl.constexpr, STEPS: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
-        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. ACT 2 /
+        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks (STEPS > 0:
+        the same number, unrolled at compile time). ACT 2 /
         3 (out a [gate | up] row of 2F, F = N / 2): also the codes (yc, ys, yt) of act(gate)
         * up, each 32-block's written by the last program to store its 64 rows
         (`_act_codes_epilogue`). PDL: PF lines of each row's words go to L2 before the wait
@@ -407,7 +412,11 @@ if HAS_TRITON:
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
         acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-        if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+        if STEPS > 0:
+            for step in tl.static_range(STEPS):
+                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
+                                  nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+        elif INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
             while step < steps:
                 acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,

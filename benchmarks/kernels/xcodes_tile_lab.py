@@ -1,0 +1,137 @@
+"""Lab (issue 6, the 1B's tg128): the codes GEMV's tiles, and its K loop unrolled.
+
+The codes GEMV (`kernels/triton/xcodes.py`) streams the 1B's MLP at ~1.8 TB/s with codes made
+for free, against ~3.0 for a copy; its programs are one-warp, two-row tiles over two K
+steps, and each step's loads are consumed before the next step's are issued. Variants:
+- the K loop unrolled at compile time (`xcodes._UNROLL`: every step's loads up front);
+- tiles giving each thread two or four 32-blocks a step (BLOCK_B = 64 or 128 a warp), so
+  more bytes are in flight a thread with x still read once a thread.
+
+Each variant is checked first on the GPU against float64 (the weights' blocks from
+`tests/ggml_blocks.py`, x the value the codes stand for; fresh random inputs each run), then
+timed as CUDA-graph replays over rotating copies of the weight (more than L2 holds): the
+1B's gate_up and output (short K) and down (long K), us a call, and the MLP chain with codes
+made once (16 layers, us a layer).
+
+    python benchmarks/kernels/xcodes_tile_lab.py [--layers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tune_decode import graph_time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.ggml_blocks
+from tests.ggml_blocks import random_blocks  # noqa: E402
+
+from llamapy.kernels.triton import xcodes  # noqa: E402
+from llamapy.kernels.triton.qmatmul import pack_weight  # noqa: E402
+from llamapy.quant.dequant import dequantize  # noqa: E402
+from llamapy.quant.types import QuantType  # noqa: E402
+
+SHORT_K = [(2, 32, 1), (1, 32, 1), (2, 64, 1), (1, 64, 1), (4, 64, 1), (2, 128, 1), (2, 64, 2)]
+LONG_K = [(1, 128, 4), (1, 256, 4), (2, 256, 4), (1, 256, 8), (1, 128, 2), (1, 64, 1)]
+
+
+def weights(rng: np.random.Generator, n: int, k: int, copies: int) -> tuple[list, torch.Tensor]:
+    """`copies` packed Q4_0 (n, k) weights (the first's float64 values too)."""
+    out, dense = [], None
+    for i in range(copies):
+        blocks = torch.from_numpy(random_blocks(rng, QuantType.Q4_0, (n, k // 32)).reshape(n, -1))
+        out.append(pack_weight(blocks.cuda(), QuantType.Q4_0, (n, k)))
+        if i == 0:
+            dense = dequantize(blocks, QuantType.Q4_0).double()
+    return out, dense
+
+
+def codes_x(codes) -> torch.Tensor:
+    c = codes[0].cpu().view(torch.int8).double().reshape(xcodes.LEVELS, -1, 32)
+    return (c * codes[1].cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
+
+
+def set_variant(tile: tuple[int, int, int], long_k: bool, unroll: bool) -> None:
+    if long_k:
+        xcodes._TILE_LONG_K = tile
+    else:
+        xcodes._TILE = tile
+    xcodes._UNROLL = unroll
+
+
+def check(w, dense: torch.Tensor, codes) -> float:
+    """The GEMV against float64; the worst error over its bound (must be <= 1)."""
+    got = xcodes.gemv(codes, w, torch.full((1, w.n), float("nan"), device="cuda"), False)
+    xr = codes_x(codes)
+    ref, mag = dense @ xr, dense.abs() @ xr.abs()
+    worst = float(((got.double().cpu().reshape(-1) - ref).abs() / (2e-6 * mag + 1e-30)).max())
+    if not worst <= 1.0:
+        raise SystemExit(f"the codes GEMV is wrong at {w.n} x {w.k}: {worst:.3g} of its bound")
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=16)
+    args = parser.parse_args()
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    print(torch.cuda.get_device_name(), "seed", seed, flush=True)
+    rng = np.random.default_rng(seed)
+    k, f, vocab = 2048, 8192, 128256
+    gate_ups, gate_up_f64 = weights(rng, 2 * f, k, args.layers)
+    downs, down_f64 = weights(rng, k, f, args.layers)
+    outputs, output_f64 = weights(rng, vocab, k, 4)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).cuda()
+    a = torch.from_numpy(rng.standard_normal((1, 2 * f), dtype=np.float32)).cuda()
+    x_codes, a_codes = xcodes.quantize(x, k, 0), xcodes.quantize(a, f, 2)
+    stream = torch.zeros(1, k, device="cuda")
+    gu_out = torch.empty(1, 2 * f, device="cuda")
+    o_out = torch.empty(1, vocab, device="cuda")
+    saved = xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL
+
+    rows = []
+    for long_k, tiles in ((False, SHORT_K), (True, LONG_K)):
+        for tile, unroll in itertools.product(tiles, (False, True)):
+            xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+            set_variant(tile, long_k, unroll)
+            name = f"{'long' if long_k else 'short'} K {tile}{' unrolled' if unroll else ''}"
+            if long_k:
+                worst = check(downs[0], down_f64, a_codes)
+                times = [graph_time([lambda w=w: xcodes.gemv(a_codes, w, stream, True)
+                                     for w in downs])]  # fmt: skip
+            else:
+                worst = max(check(gate_ups[0], gate_up_f64, x_codes),
+                            check(outputs[0], output_f64, x_codes))  # fmt: skip
+                times = [
+                    graph_time([lambda w=w: xcodes.gemv(x_codes, w, gu_out, False)
+                                for w in gate_ups]),
+                    graph_time([lambda w=w: xcodes.gemv(x_codes, w, o_out, False)
+                                for w in outputs]),
+                ]  # fmt: skip
+            chain = graph_time(
+                [
+                    lambda i=i: (
+                        xcodes.gemv(x_codes, gate_ups[i], gu_out, False),
+                        xcodes.gemv(a_codes, downs[i], stream, True),
+                    )
+                    for i in range(args.layers)
+                ]
+            )
+            rows.append((name, worst, times, chain))
+            print(rows[-1], flush=True)
+    xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+    print("\n| variant | worst / bound | gate_up us | output us | down us | MLP chain us a layer |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, worst, times, chain in rows:
+        cells = (
+            ["", "", f"{times[0]:.2f}"] if len(times) == 1 else [f"{t:.2f}" for t in times] + [""]
+        )
+        print(f"| {name} | {worst:.2f} | " + " | ".join(cells) + f" | {chain:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
