@@ -1,11 +1,14 @@
-"""Lab (issue 6, the 1B's tg128): the codes GEMV's tiles, and its K loop unrolled.
+"""Lab (issue 6, the 1B's tg128): the codes GEMV's tiles, its K loop unrolled, its persistent form.
 
 The codes GEMV (`kernels/triton/xcodes.py`) streams the 1B's MLP at ~1.8 TB/s with codes made
 for free, against ~3.0 for a copy; its programs are one-warp, two-row tiles over two K
 steps, and each step's loads are consumed before the next step's are issued. Variants:
 - the K loop unrolled at compile time (`xcodes._UNROLL`: every step's loads up front);
 - tiles giving each thread two or four 32-blocks a step (BLOCK_B = 64 or 128 a warp), so
-  more bytes are in flight a thread with x still read once a thread.
+  more bytes are in flight a thread with x still read once a thread (these two: `--tiles`);
+- the persistent, software-pipelined form (`xcodes._PIPE`: programs an SM, rows a tile,
+  warps; x's codes read once a program, the next row tile's loads issued before the current
+  one is computed).
 
 Each variant is checked first on the GPU against float64 (the weights' blocks from
 `tests/ggml_blocks.py`, x the value the codes stand for; fresh random inputs each run), then
@@ -13,7 +16,7 @@ timed as CUDA-graph replays over rotating copies of the weight (more than L2 hol
 1B's gate_up and output (short K) and down (long K), us a call, and the MLP chain with codes
 made once (16 layers, us a layer).
 
-    python benchmarks/kernels/xcodes_tile_lab.py [--layers 16]
+    python benchmarks/kernels/xcodes_tile_lab.py [--layers 16] [--tiles]
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from llamapy.quant.types import QuantType  # noqa: E402
 
 SHORT_K = [(2, 32, 1), (1, 32, 1), (2, 64, 1), (1, 64, 1), (4, 64, 1), (2, 128, 1), (2, 64, 2)]
 LONG_K = [(1, 128, 4), (1, 256, 4), (2, 256, 4), (1, 256, 8), (1, 128, 2), (1, 64, 1)]
+# persistent (BLOCK_N, num_warps, programs an SM)
+PIPE_SHORT = list(itertools.product((1, 2, 4), (1, 2), (4, 8, 16, 32)))
+PIPE_LONG = list(itertools.product((1, 2), (4, 8), (2, 4, 8, 16)))
 
 
 def weights(rng: np.random.Generator, n: int, k: int, copies: int) -> tuple[list, torch.Tensor]:
@@ -77,6 +83,7 @@ def check(w, dense: torch.Tensor, codes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--tiles", action="store_true", help="also the tiled form's sweep")
     args = parser.parse_args()
     seed = int(np.random.SeedSequence().entropy % (1 << 32))
     print(torch.cuda.get_device_name(), "seed", seed, flush=True)
@@ -92,45 +99,68 @@ def main() -> None:
     gu_out = torch.empty(1, 2 * f, device="cuda")
     o_out = torch.empty(1, vocab, device="cuda")
     saved = xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL
+    tiled = [(False, t, u) for t, u in itertools.product(SHORT_K, (False, True))]
+    tiled += [(True, t, u) for t, u in itertools.product(LONG_K, (False, True))]
+    if not args.tiles:
+        tiled = [(False, saved[0], False), (True, saved[1], False)]
+    variants = [(long_k, ("tiled", tile, unroll)) for long_k, tile, unroll in tiled]
+    variants += [(False, ("persistent", c, False)) for c in PIPE_SHORT]
+    variants += [(True, ("persistent", c, False)) for c in PIPE_LONG]
+
+    def chain() -> float:
+        return graph_time(
+            [
+                lambda i=i: (
+                    xcodes.gemv(x_codes, gate_ups[i], gu_out, False),
+                    xcodes.gemv(a_codes, downs[i], stream, True),
+                )
+                for i in range(args.layers)
+            ]
+        )
 
     rows = []
-    for long_k, tiles in ((False, SHORT_K), (True, LONG_K)):
-        for tile, unroll in itertools.product(tiles, (False, True)):
-            xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+    best = {False: (float("inf"), None), True: (float("inf"), None)}
+    for long_k, (form, tile, unroll) in variants:
+        xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+        xcodes._PIPE = None
+        if form == "tiled":
             set_variant(tile, long_k, unroll)
             name = f"{'long' if long_k else 'short'} K {tile}{' unrolled' if unroll else ''}"
-            if long_k:
-                worst = check(downs[0], down_f64, a_codes)
-                times = [graph_time([lambda w=w: xcodes.gemv(a_codes, w, stream, True)
-                                     for w in downs])]  # fmt: skip
-            else:
-                worst = max(check(gate_ups[0], gate_up_f64, x_codes),
-                            check(outputs[0], output_f64, x_codes))  # fmt: skip
-                times = [
-                    graph_time([lambda w=w: xcodes.gemv(x_codes, w, gu_out, False)
-                                for w in gate_ups]),
-                    graph_time([lambda w=w: xcodes.gemv(x_codes, w, o_out, False)
-                                for w in outputs]),
-                ]  # fmt: skip
-            chain = graph_time(
-                [
-                    lambda i=i: (
-                        xcodes.gemv(x_codes, gate_ups[i], gu_out, False),
-                        xcodes.gemv(a_codes, downs[i], stream, True),
-                    )
-                    for i in range(args.layers)
-                ]
-            )
-            rows.append((name, worst, times, chain))
-            print(rows[-1], flush=True)
+        else:
+            xcodes._PIPE = {"long": tile} if long_k else {"short": tile}
+            name = f"{'long' if long_k else 'short'} K persistent {tile}"
+        if long_k:
+            worst = check(downs[0], down_f64, a_codes)
+            times = [graph_time([lambda w=w: xcodes.gemv(a_codes, w, stream, True)
+                                 for w in downs])]  # fmt: skip
+        else:
+            worst = max(check(gate_ups[0], gate_up_f64, x_codes),
+                        check(outputs[0], output_f64, x_codes))  # fmt: skip
+            times = [
+                graph_time([lambda w=w: xcodes.gemv(x_codes, w, gu_out, False)
+                            for w in gate_ups]),
+                graph_time([lambda w=w: xcodes.gemv(x_codes, w, o_out, False)
+                            for w in outputs]),
+            ]  # fmt: skip
+        rows.append((name, worst, times, chain() if form == "tiled" else None))
+        print(rows[-1], flush=True)
+        if form == "persistent" and times[0] < best[long_k][0]:
+            best[long_k] = (times[0], tile)
     xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+    xcodes._PIPE = {"short": best[False][1], "long": best[True][1]}
+    rows.append((f"persistent {best[False][1]} / {best[True][1]}", 0.0, [], chain()))
+    xcodes._PIPE = {"short": best[False][1], "long": None}
+    rows.append((f"persistent {best[False][1]} / tiled", 0.0, [], chain()))
+    xcodes._PIPE = None
+    print("pipe-env " + "/".join(",".join(map(str, best[lk][1])) for lk in (False, True)))
     print("\n| variant | worst / bound | gate_up us | output us | down us | MLP chain us a layer |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, worst, times, chain in rows:
-        cells = (
+    for name, worst, times, layer in rows:
+        cells = ["", "", ""] if not times else (
             ["", "", f"{times[0]:.2f}"] if len(times) == 1 else [f"{t:.2f}" for t in times] + [""]
-        )
-        print(f"| {name} | {worst:.2f} | " + " | ".join(cells) + f" | {chain:.2f} |")
+        )  # fmt: skip
+        tail = "" if layer is None else f"{layer:.2f}"
+        print(f"| {name} | {worst:.2f} | " + " | ".join(cells) + f" | {tail} |")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,28 @@ def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: boo
         assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("config", [(1, 1, 1), (2, 1, 2), (4, 2, 1)])
+def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
+    """The persistent, pipelined form (`xcodes._PIPE`): programs over several row tiles each
+    (the interpreter's 3 SMs; N past the last full tile, tiles past the last program's), K
+    of one 32-block, a power of two and not (BLOCK_B padded)."""
+    monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
+    for n, k in [(37, 256), (11, 32), (9, 800)]:
+        w, dense = q4_weight(rng, n, k, kind)
+        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+        codes = xcodes.quantize(x, k, 0)
+        start = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
+        out = start.clone() if accumulate else torch.full((1, n), float("nan"), device=DEVICE)
+        got = xcodes.gemv(codes, w, out, accumulate).double().cpu().reshape(-1)
+        xr = codes_x(codes)
+        base = start.double().cpu().reshape(-1) if accumulate else 0
+        err = (got - (dense @ xr + base)).abs()
+        mag = dense.abs() @ xr.abs() + (base.abs() if accumulate else 0)
+        assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
+
+
 # (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
 # steps; the 1B's on a GPU (8,192 programs counting on 256 blocks' counters)
 GATED_SHAPES = [(2 * 96, 256), (2 * 32, 1024)]

@@ -79,6 +79,36 @@ _TILE_LONG_K = (1, 128, 4)
 _UNROLL = False
 
 
+def _pipe_config(env: str | None) -> dict[str, tuple[int, int, int] | None] | None:
+    """The persistent, software-pipelined form (`_codes_gemv_pipe_kernel`) for short and long
+    K: {"short" / "long": (BLOCK_N, num_warps, programs an SM), or None for the tiled form}.
+    LLAMAPY_GPU_X_CODES_PIPE "BN,W,P/BN,W,P" (short / long; "-" for the tiled form) for A/B
+    runs; off by default until timed."""
+    if not env:
+        return None
+    parts = env.split("/")
+    config: dict[str, tuple[int, int, int] | None] = {}
+    for key, part in zip(("short", "long"), parts, strict=False):
+        values = part.split(",")
+        if part.strip() == "-":
+            config[key] = None
+        elif len(values) == 3 and all(v.strip().isdigit() and int(v) > 0 for v in values):
+            bn, warps, per_sm = (int(v) for v in values)
+            if bn & (bn - 1) or warps & (warps - 1):
+                break
+            config[key] = (bn, warps, per_sm)
+        else:
+            break
+    if len(parts) != 2 or len(config) != 2:
+        raise ValueError(
+            f"LLAMAPY_GPU_X_CODES_PIPE wants 'BN,W,P/BN,W,P' ('-' a side), got {env!r}"
+        )
+    return config
+
+
+_PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
+
+
 def _quant_tile(env: str | None) -> tuple[int, int]:
     """(32-blocks a quantizing program takes, its warps): LLAMAPY_GPU_X_CODES_QUANT_TILE
     "BLOCKS,WARPS" (powers of two) for the lab's sweeps, else the default."""
@@ -218,6 +248,10 @@ def _launch(
     counters: torch.Tensor | None = None,
     act_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
+    pipe = _PIPE.get("long" if w.k >= 4096 else "short") if _PIPE else None
+    if pipe is not None and not act:
+        _launch_pipe(codes, w, out, accumulate, pipe)
+        return
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
     if act and QK % block_n:
         raise ValueError(f"a {block_n}-row tile straddles the activation's 32-blocks")
@@ -231,6 +265,36 @@ def _launch(
         steps, *extra, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
         RES=accumulate, ACT=act, INTERP=INTERPRET, PF=lines, STEPS=steps if _UNROLL else 0,
         **pdl.launch_options(pdl_on), num_warps=warps,
+    )  # fmt: skip
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # the interpreter: a few programs, each over several row tiles
+
+
+def _launch_pipe(
+    codes: tuple[torch.Tensor, ...],
+    w: PackedWeight,
+    out: torch.Tensor,
+    accumulate: bool,
+    config: tuple[int, int, int],
+) -> None:
+    """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
+    tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
+    K / 32)."""
+    block_n, warps, per_sm = config
+    if LEVELS != 2:
+        raise ValueError("the persistent codes GEMV holds two levels of codes")
+    tiles = triton.cdiv(w.n, block_n)
+    programs = min(tiles, _num_sms(out.device) * per_sm)
+    d = w.tensors["d"]
+    _codes_gemv_pipe_kernel[(programs,)](
+        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
+        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
+        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, INTERP=INTERPRET,
+        **pdl.launch_options(_pdl(out.device, w.nbytes)), num_warps=warps,
     )  # fmt: skip
 
 
@@ -434,6 +498,96 @@ if HAS_TRITON:
             row0 = tl.program_id(0) * BLOCK_N
             _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, N // 2,
                                 BLOCK_N, ACT, LEVELS)  # fmt: skip
+
+    @triton.jit
+    def _pipe_tile(qs_ptr, d_ptr, m_ptr, tile, N, nb, QT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_B: tl.constexpr):  # fmt: skip
+        """A row tile's loads for `_codes_gemv_pipe_kernel`: words (BN, BB, 4), d (BN, BB) and
+        m (Q4_1; else d again) of rows [tile * BLOCK_N, +BLOCK_N), all of K; rows past N
+        (tiles past the last) load zeros."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        n_mask = offs_n < N
+        offs_b = tl.arange(0, BLOCK_B)
+        blk = rows[:, None] * nb + offs_b[None, :]
+        ok = n_mask[:, None] & (offs_b < nb)[None, :]
+        w = qm._words(qs_ptr, rows, n_mask, 0, nb, 4, 0, BLOCK_B)
+        d = tl.load(d_ptr + blk, mask=ok, other=0.0).to(tl.float32)
+        m = d
+        if QT == 1:
+            m = tl.load(m_ptr + blk, mask=ok, other=0.0).to(tl.float32)
+        return w, d, m
+
+    @triton.jit
+    def _codes_gemv_pipe_kernel(
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles,
+        QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
+        INTERP: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """`_codes_gemv_kernel`'s product (two levels of codes, no ACT), persistent and
+        software-pipelined: the program holds x's codes of all of K in registers (read once)
+        and walks the row tiles pid, pid + programs, ..., issuing the next tile's weight
+        loads before it computes the current one, so that a program keeps two tiles' bytes
+        in flight. Its first tile's loads go out before the PDL wait (weights do not depend
+        on the kernel before)."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        nb = K // 32
+        w, d, m = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid, N, nb, QT, BLOCK_N, BLOCK_B)
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
+        offs_b = tl.arange(0, BLOCK_B)
+        b_ok = offs_b < nb
+        xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+        cl0 = tl.load(xc_ptr + xw, mask=b_ok[:, None], other=0)
+        ch0 = tl.load(xc_ptr + xw + 4, mask=b_ok[:, None], other=0)
+        cl1 = tl.load(xc_ptr + nb * 8 + xw, mask=b_ok[:, None], other=0)
+        ch1 = tl.load(xc_ptr + nb * 8 + xw + 4, mask=b_ok[:, None], other=0)
+        s0 = tl.load(xs_ptr + offs_b, mask=b_ok, other=0.0)
+        s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
+        t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
+        t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
+        xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
+        zero = tl.zeros((BLOCK_N, BLOCK_B, 4), tl.int32)
+        tile = pid
+        while tile < tiles:
+            nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + step, N, nb, QT, BLOCK_N, BLOCK_B)
+            lo = w & 0x0F0F0F0F
+            hi = (w >> 4) & 0x0F0F0F0F
+            i0 = tl.sum(
+                qm._dp4a(
+                    hi,
+                    ch0[None, :, :],
+                    qm._dp4a(lo, cl0[None, :, :], zero, False, INTERP),
+                    False,
+                    INTERP,
+                ),
+                2,
+            )
+            i1 = tl.sum(
+                qm._dp4a(
+                    hi,
+                    ch1[None, :, :],
+                    qm._dp4a(lo, cl1[None, :, :], zero, False, INTERP),
+                    False,
+                    INTERP,
+                ),
+                2,
+            )
+            if QT == 0:
+                i0 -= 8 * t0[None, :]
+                i1 -= 8 * t1[None, :]
+            part = d * (i0.to(tl.float32) * s0[None, :] + i1.to(tl.float32) * s1[None, :])
+            if QT == 1:
+                part += m * xsum[None, :]
+            y = tl.sum(part, axis=1)
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            if RES:
+                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
+            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            w, d, m = nxt
+            tile += step
 
     @triton.jit
     def _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, F, ROWS: tl.constexpr,
