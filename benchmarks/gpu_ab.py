@@ -7,7 +7,8 @@ test with every round's t/s of every setting and each setting's mean over the fi
         -- FILES --no-check --tg 128 --pp 512 --reps 2 [--batch 64]
 
 Everything after `--` goes to gpu_bench.py unchanged (its --json is added). A setting is
-`NAME:VAR=VALUE[,VAR=VALUE...]`, or `NAME:` for the environment as it is. Alternating
+`NAME:VAR=VALUE[,VAR=VALUE...]` (a VALUE may hold commas not followed by `VAR=`), or
+`NAME:` for the environment as it is. Alternating
 settings within one call is what makes a few-percent difference readable: the card's clocks
 and the host drift between calls and leases, not within a minute.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def setting(text: str) -> tuple[str, dict[str, str]]:
             f"expected NAME:VAR=VALUE[,VAR=VALUE...] with a plain NAME, got {text!r}"
         )
     env = {}
-    for item in filter(None, assignments.split(",")):
+    for item in filter(None, re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", assignments)):
         var, eq, value = item.partition("=")
         if not eq or not var.isidentifier():
             raise argparse.ArgumentTypeError(f"expected VAR=VALUE in {text!r}, got {item!r}")
