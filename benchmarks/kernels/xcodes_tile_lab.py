@@ -6,9 +6,9 @@ steps, and each step's loads are consumed before the next step's are issued. Var
 - the K loop unrolled at compile time (`xcodes._UNROLL`: every step's loads up front);
 - tiles giving each thread two or four 32-blocks a step (BLOCK_B = 64 or 128 a warp), so
   more bytes are in flight a thread with x still read once a thread (these two: `--tiles`);
-- the persistent, software-pipelined form (`xcodes._PIPE`: programs an SM, rows a tile,
-  warps; x's codes read once a program, the next row tile's loads issued before the current
-  one is computed).
+- the persistent, software-pipelined form (`xcodes._PIPE`: rows a tile, warps, programs
+  an SM, tiles loaded ahead; x's codes read once a program, the next row tiles' loads
+  issued before the current one is computed).
 
 Each variant is checked first on the GPU against float64 (the weights' blocks from
 `tests/ggml_blocks.py`, x the value the codes stand for; fresh random inputs each run), then
@@ -40,9 +40,11 @@ from llamapy.quant.types import QuantType  # noqa: E402
 
 SHORT_K = [(2, 32, 1), (1, 32, 1), (2, 64, 1), (1, 64, 1), (4, 64, 1), (2, 128, 1), (2, 64, 2)]
 LONG_K = [(1, 128, 4), (1, 256, 4), (2, 256, 4), (1, 256, 8), (1, 128, 2), (1, 64, 1)]
-# persistent (BLOCK_N, num_warps, programs an SM)
-PIPE_SHORT = list(itertools.product((1, 2, 4), (1, 2), (4, 8, 16, 32)))
-PIPE_LONG = list(itertools.product((1, 2), (4, 8), (2, 4, 8, 16)))
+# persistent (BLOCK_N, num_warps, programs an SM, tiles loaded ahead); the twenty-sixth
+# session's first sweep (1-4 rows, 1-2 warps, 4-32 programs an SM, one tile ahead) put the
+# best at 1-2 rows, one warp, 16-32 programs for short K, 2 rows, 8 warps, 2 programs long
+PIPE_SHORT = list(itertools.product((1, 2, 4), (1,), (8, 12, 16, 24, 32), (1, 2)))
+PIPE_LONG = list(itertools.product((1, 2), (4, 8), (1, 2, 3, 4), (1, 2)))
 
 
 def weights(rng: np.random.Generator, n: int, k: int, copies: int) -> tuple[list, torch.Tensor]:
@@ -99,6 +101,7 @@ def main() -> None:
     gu_out = torch.empty(1, 2 * f, device="cuda")
     o_out = torch.empty(1, vocab, device="cuda")
     saved = xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL
+    saved_pipe = xcodes._PIPE
     tiled = [(False, t, u) for t, u in itertools.product(SHORT_K, (False, True))]
     tiled += [(True, t, u) for t, u in itertools.product(LONG_K, (False, True))]
     if not args.tiles:
@@ -122,12 +125,14 @@ def main() -> None:
     best = {False: (float("inf"), None), True: (float("inf"), None)}
     for long_k, (form, tile, unroll) in variants:
         xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
-        xcodes._PIPE = None
+        xcodes._PIPE = {"short": None, "long": None}
         if form == "tiled":
             set_variant(tile, long_k, unroll)
             name = f"{'long' if long_k else 'short'} K {tile}{' unrolled' if unroll else ''}"
         else:
-            xcodes._PIPE = {"long": tile} if long_k else {"short": tile}
+            xcodes._PIPE = (
+                {"short": None, "long": tile} if long_k else {"short": tile, "long": None}
+            )
             name = f"{'long' if long_k else 'short'} K persistent {tile}"
         if long_k:
             worst = check(downs[0], down_f64, a_codes)
@@ -151,7 +156,7 @@ def main() -> None:
     rows.append((f"persistent {best[False][1]} / {best[True][1]}", 0.0, [], chain()))
     xcodes._PIPE = {"short": best[False][1], "long": None}
     rows.append((f"persistent {best[False][1]} / tiled", 0.0, [], chain()))
-    xcodes._PIPE = None
+    xcodes._PIPE = saved_pipe
     print("pipe-env " + "/".join(",".join(map(str, best[lk][1])) for lk in (False, True)))
     print("\n| variant | worst / bound | gate_up us | output us | down us | MLP chain us a layer |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

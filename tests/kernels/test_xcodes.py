@@ -119,6 +119,7 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind:
 def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: bool) -> None:
     """Every tile the labs sweep, with K's steps looped or unrolled at compile time
     (`xcodes._UNROLL`), over K of one and several steps and N past the last full tile."""
+    monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
     monkeypatch.setattr(xcodes, "_TILE", tile)
     monkeypatch.setattr(xcodes, "_TILE_LONG_K", tile)
     monkeypatch.setattr(xcodes, "_UNROLL", unroll)
@@ -136,11 +137,11 @@ def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: boo
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("config", [(1, 1, 1), (2, 1, 2), (4, 2, 1)])
+@pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 2, 1), (4, 2, 1, 2), (2, 1, 16, 2)])
 def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
     """The persistent, pipelined form (`xcodes._PIPE`): programs over several row tiles each
-    (the interpreter's 3 SMs; N past the last full tile, tiles past the last program's), K
-    of one 32-block, a power of two and not (BLOCK_B padded)."""
+    (the interpreter's 3 SMs; N past the last full tile, tiles past the last program's), one
+    or two tiles' loads ahead, K of one 32-block, a power of two and not (BLOCK_B padded)."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (11, 32), (9, 800)]:
         w, dense = q4_weight(rng, n, k, kind)

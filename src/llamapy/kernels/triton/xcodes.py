@@ -79,29 +79,42 @@ _TILE_LONG_K = (1, 128, 4)
 _UNROLL = False
 
 
-def _pipe_config(env: str | None) -> dict[str, tuple[int, int, int] | None] | None:
+Pipe = tuple[int, int, int, int]  # (BLOCK_N, num_warps, programs an SM, tiles loaded ahead)
+# The persistent form's default: short K (gate_up, the output matrix) persistent, long K
+# (down) tiled. H200, `benchmarks/kernels/xcodes_tile_lab.py` (graph replays over rotating
+# weights, us): gate_up 9.22 tiled -> 7.48, output 54.88 -> 39.41, down 5.94 tiled against
+# 6.02 at its best persistent tile; `gpu_ab.py` 1B tg128 Q4_0 1541.8 -> 1651.0, Q4_1 1448.2
+# -> 1550.4 (1.071x both; benchmarks/RESULTS.md, twenty-sixth session).
+PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": None}
+
+
+def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
     """The persistent, software-pipelined form (`_codes_gemv_pipe_kernel`) for short and long
-    K: {"short" / "long": (BLOCK_N, num_warps, programs an SM), or None for the tiled form}.
-    LLAMAPY_GPU_X_CODES_PIPE "BN,W,P/BN,W,P" (short / long; "-" for the tiled form) for A/B
-    runs; off by default until timed."""
+    K (K >= 4096): {"short" / "long": (BLOCK_N, num_warps, programs an SM, tiles ahead), or
+    None for the tiled form}. LLAMAPY_GPU_X_CODES_PIPE: off (0 / false / no / off: tiled
+    everywhere), or "BN,W,P[,A]/BN,W,P[,A]" (short / long; "-" for the tiled form; A 1 or 2,
+    default 1) for A/B runs; unset: `PIPE_DEFAULT`."""
     if not env:
-        return None
+        return dict(PIPE_DEFAULT)
+    if env.strip().lower() in ("0", "false", "no", "off"):
+        return {"short": None, "long": None}
     parts = env.split("/")
-    config: dict[str, tuple[int, int, int] | None] = {}
+    config: dict[str, Pipe | None] = {}
     for key, part in zip(("short", "long"), parts, strict=False):
-        values = part.split(",")
+        values = [v.strip() for v in part.split(",")]
         if part.strip() == "-":
             config[key] = None
-        elif len(values) == 3 and all(v.strip().isdigit() and int(v) > 0 for v in values):
-            bn, warps, per_sm = (int(v) for v in values)
-            if bn & (bn - 1) or warps & (warps - 1):
-                break
-            config[key] = (bn, warps, per_sm)
-        else:
+            continue
+        if len(values) not in (3, 4) or not all(v.isdigit() and int(v) > 0 for v in values):
             break
+        bn, warps, per_sm, ahead = (int(v) for v in (*values, "1")[:4])
+        if bn & (bn - 1) or warps & (warps - 1) or ahead > 2:
+            break
+        config[key] = (bn, warps, per_sm, ahead)
     if len(parts) != 2 or len(config) != 2:
         raise ValueError(
-            f"LLAMAPY_GPU_X_CODES_PIPE wants 'BN,W,P/BN,W,P' ('-' a side), got {env!r}"
+            f"LLAMAPY_GPU_X_CODES_PIPE wants off or 'BN,W,P[,A]/BN,W,P[,A]' ('-' a side), "
+            f"got {env!r}"
         )
     return config
 
@@ -248,7 +261,7 @@ def _launch(
     counters: torch.Tensor | None = None,
     act_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
-    pipe = _PIPE.get("long" if w.k >= 4096 else "short") if _PIPE else None
+    pipe = _PIPE["long" if w.k >= 4096 else "short"]
     if pipe is not None and not act:
         _launch_pipe(codes, w, out, accumulate, pipe)
         return
@@ -279,12 +292,12 @@ def _launch_pipe(
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
-    config: tuple[int, int, int],
+    config: Pipe,
 ) -> None:
     """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
     tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
     K / 32)."""
-    block_n, warps, per_sm = config
+    block_n, warps, per_sm, ahead = config
     if LEVELS != 2:
         raise ValueError("the persistent codes GEMV holds two levels of codes")
     tiles = triton.cdiv(w.n, block_n)
@@ -293,7 +306,7 @@ def _launch_pipe(
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
-        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, INTERP=INTERPRET,
+        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         **pdl.launch_options(_pdl(out.device, w.nbytes)), num_warps=warps,
     )  # fmt: skip
 
@@ -522,14 +535,14 @@ if HAS_TRITON:
     def _codes_gemv_pipe_kernel(
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles,
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
-        INTERP: tl.constexpr, PDL: tl.constexpr,
+        AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """`_codes_gemv_kernel`'s product (two levels of codes, no ACT), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
-        and walks the row tiles pid, pid + programs, ..., issuing the next tile's weight
-        loads before it computes the current one, so that a program keeps two tiles' bytes
-        in flight. Its first tile's loads go out before the PDL wait (weights do not depend
-        on the kernel before)."""
+        and walks the row tiles pid, pid + programs, ..., issuing the loads of the tile AHEAD
+        (1 or 2) tiles on before it computes the current one, so that a program keeps AHEAD +
+        1 tiles' bytes in flight. Its first tile's loads go out before the PDL wait (weights
+        do not depend on the kernel before)."""
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         nb = K // 32
@@ -548,36 +561,14 @@ if HAS_TRITON:
         t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
         t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
         xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
-        zero = tl.zeros((BLOCK_N, BLOCK_B, 4), tl.int32)
         tile = pid
+        if AHEAD == 2:
+            w2, d2, m2 = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid + step, N, nb, QT, BLOCK_N, BLOCK_B)
         while tile < tiles:
-            nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + step, N, nb, QT, BLOCK_N, BLOCK_B)
-            lo = w & 0x0F0F0F0F
-            hi = (w >> 4) & 0x0F0F0F0F
-            i0 = tl.sum(
-                qm._dp4a(
-                    hi,
-                    ch0[None, :, :],
-                    qm._dp4a(lo, cl0[None, :, :], zero, False, INTERP),
-                    False,
-                    INTERP,
-                ),
-                2,
-            )
-            i1 = tl.sum(
-                qm._dp4a(
-                    hi,
-                    ch1[None, :, :],
-                    qm._dp4a(lo, cl1[None, :, :], zero, False, INTERP),
-                    False,
-                    INTERP,
-                ),
-                2,
-            )
-            if QT == 0:
-                i0 -= 8 * t0[None, :]
-                i1 -= 8 * t1[None, :]
-            part = d * (i0.to(tl.float32) * s0[None, :] + i1.to(tl.float32) * s1[None, :])
+            nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
+                             BLOCK_B)  # fmt: skip
+            part = d * (_pipe_dot(w, cl0, ch0, t0, s0, QT, INTERP)
+                        + _pipe_dot(w, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
             if QT == 1:
                 part += m * xsum[None, :]
             y = tl.sum(part, axis=1)
@@ -586,8 +577,24 @@ if HAS_TRITON:
             if RES:
                 y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
             tl.store(out_ptr + offs_n, y, mask=n_mask)
-            w, d, m = nxt
+            if AHEAD == 2:
+                w, d, m = w2, d2, m2
+                w2, d2, m2 = nxt
+            else:
+                w, d, m = nxt
             tile += step
+
+    @triton.jit
+    def _pipe_dot(w, cl, ch, t, s, QT: tl.constexpr, INTERP: tl.constexpr):
+        """One level's (BN, BB) block sums s * (sum_j q_j c_j (- 8 sum_j c_j for Q4_0)) of
+        words w (BN, BB, 4) against that level's code words cl / ch (BB, 4)."""
+        zero = tl.zeros(w.shape, tl.int32)
+        dot = qm._dp4a(w & 0x0F0F0F0F, cl[None, :, :], zero, False, INTERP)
+        dot = qm._dp4a((w >> 4) & 0x0F0F0F0F, ch[None, :, :], dot, False, INTERP)
+        isum = tl.sum(dot, axis=2)
+        if QT == 0:
+            isum -= 8 * t[None, :]
+        return isum.to(tl.float32) * s[None, :]
 
     @triton.jit
     def _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, F, ROWS: tl.constexpr,
