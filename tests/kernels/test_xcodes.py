@@ -157,29 +157,6 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
         assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("pro", [0, 1, 2, 3])
-def test_persistent_codes_made_in_the_program(rng, monkeypatch, pro: int, fused: bool) -> None:
-    """`matmul` through the persistent form with x's codes made by each program from the row
-    (`_PIPE_PROLOGUE`, every prologue) or by the quantizing launch before it: within the
-    codes' bound of float64 W times the prologue's output, plus the sums' float32 error."""
-    monkeypatch.setattr(xcodes, "_PIPE", {"short": (2, 1, 2, 1), "long": (1, 2, 1, 1)})
-    monkeypatch.setattr(xcodes, "_PIPE_PROLOGUE", fused)
-    for n, k in [(37, 256), (9, 800), (6, 4096)]:
-        w, dense = q4_weight(rng, n, k, "Q4_1" if n % 2 else "Q4_0")
-        width = 2 * k if pro >= 2 else k
-        x = torch.from_numpy(rng.standard_normal((1, width), dtype=np.float32) * 3).to(DEVICE)
-        g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
-        out = torch.full((1, n), float("nan"), device=DEVICE)
-        got = xcodes.matmul(x, w, out, pro, g if pro == 1 else None, EPS, False)
-        y = prologue_reference(x, pro, g, k)
-        amax = y.reshape(-1, 32).abs().amax(dim=1).repeat_interleave(32)
-        y_err = amax * (1 / (127 * 254 * 2) * 1.01) + 1e-6 * y.abs()
-        err = (got.double().cpu().reshape(-1) - dense @ y).abs()
-        bound = dense.abs() @ y_err + 2e-6 * (dense.abs() @ y.abs()) + 1e-30
-        assert (err <= bound).all(), f"{n}x{k} pro {pro}: {(err / bound).max():.3g} of the bound"
-
-
 # (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
 # steps; the 1B's on a GPU (8,192 programs counting on 256 blocks' counters)
 GATED_SHAPES = [(2 * 96, 256), (2 * 32, 1024)]

@@ -120,9 +120,6 @@ def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
 
 
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
-# The persistent form making x's codes in each program (`matmul`: no quantizing launch before
-# it): LLAMAPY_GPU_X_CODES_PIPE_PROLOGUE=1, opt-in until timed.
-_PIPE_PROLOGUE = switched_on("LLAMAPY_GPU_X_CODES_PIPE_PROLOGUE")
 
 
 def _quant_tile(env: str | None) -> tuple[int, int]:
@@ -217,7 +214,12 @@ def quantize(
     """Codes of one row: x (1, K) float32 (pro 0 none, 1 RMSNorm with `norm_weight`) or (1, 2K)
     [gate | up] (pro 2 SiLU, 3 GELU-tanh gating) -> `code_buffers(K)` filled (`buffers` when
     given)."""
-    _check_row(x, k, pro, norm_weight)
+    if x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous float32 row, got {x.dtype} {tuple(x.shape)}")
+    if k % QK or x.shape[1] != (2 * k if pro >= 2 else k):
+        raise ValueError(f"x of {x.shape[1]} values does not fit K={k} with prologue {pro}")
+    if pro == 1 and (norm_weight is None or norm_weight.shape != (k,)):
+        raise ValueError(f"the norm prologue needs a ({k},) weight")
     if buffers is None:
         buffers = code_buffers(k, x.device)
     nb = k // QK
@@ -229,42 +231,25 @@ def quantize(
     return buffers
 
 
-def _check_row(x: torch.Tensor, k: int, pro: int, norm_weight: torch.Tensor | None) -> None:
-    if x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"x must be one contiguous float32 row, got {x.dtype} {tuple(x.shape)}")
-    if k % QK or x.shape[1] != (2 * k if pro >= 2 else k):
-        raise ValueError(f"x of {x.shape[1]} values does not fit K={k} with prologue {pro}")
-    if pro == 1 and (norm_weight is None or norm_weight.shape != (k,)):
-        raise ValueError(f"the norm prologue needs a ({k},) weight")
-
-
 def gemv(
     codes: tuple[torch.Tensor, ...], w: PackedWeight, out: torch.Tensor, accumulate: bool
 ) -> torch.Tensor:
     """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for."""
     _check_codes(codes, w)
-    _check_out(out, w)
+    if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
     _launch(codes, w, out, accumulate)
     return out
 
 
-def _check_out(out: torch.Tensor, w: PackedWeight) -> None:
-    if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
-
-
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
-    _check_weight(w)
-    nb = w.k // QK
-    if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
-        raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
-
-
-def _check_weight(w: PackedWeight) -> None:
     if w.qtype not in TYPES:
         raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
     if "qs" not in w.tensors:
         raise ValueError("the codes GEMV reads the nibbles ('qs'), not a byte or float form")
+    nb = w.k // QK
+    if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
+        raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
 
 
 def _launch(
@@ -303,33 +288,25 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch_pipe(
-    codes: tuple[torch.Tensor, ...] | None,
+    codes: tuple[torch.Tensor, ...],
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
     config: Pipe,
-    x: torch.Tensor | None = None,
-    pro: int = 0,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
 ) -> None:
     """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
     tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
-    K / 32). Without `codes`, each program makes x's codes itself from the row x with the
-    prologue `pro` (`quantize`'s), the codes staying in its registers."""
+    K / 32)."""
     block_n, warps, per_sm, ahead = config
     if LEVELS != 2:
         raise ValueError("the persistent codes GEMV holds two levels of codes")
     tiles = triton.cdiv(w.n, block_n)
     programs = min(tiles, _num_sms(out.device) * per_sm)
     d = w.tensors["d"]
-    xs = codes if codes is not None else (x, x, x)  # unread: the codes come from x
-    g = norm_weight if norm_weight is not None else out  # unread unless pro 1
     _codes_gemv_pipe_kernel[(programs,)](
-        *xs, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        tiles, x if x is not None else out, g, float(eps), QT=TYPES[w.qtype], BLOCK_N=block_n,
-        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead,
-        PRO=-1 if codes is not None else pro, INTERP=INTERPRET,
+        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
+        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
+        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         **pdl.launch_options(_pdl(out.device, w.nbytes)), num_warps=warps,
     )  # fmt: skip
 
@@ -403,13 +380,6 @@ def matmul(
 ) -> torch.Tensor:
     """`qmatmul`'s product for a row it routes here (`takes`): x quantized with its prologue,
     then the codes GEMV into `out` (added into it when `accumulate`: the residual form)."""
-    pipe = _PIPE["long" if w.k >= 4096 else "short"]
-    if pipe is not None and _PIPE_PROLOGUE:
-        _check_row(x, w.k, pro, norm_weight)
-        _check_weight(w)
-        _check_out(out, w)
-        _launch_pipe(None, w, out, accumulate, pipe, x, pro, norm_weight, eps or 0.0)
-        return out
     codes = quantize(x, w.k, pro, norm_weight, eps or 0.0)
     return gemv(codes, w, out, accumulate)
 
@@ -563,39 +533,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _codes_gemv_pipe_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles, x_ptr, g_ptr, eps,
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles,
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
-        AHEAD: tl.constexpr, PRO: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+        AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """`_codes_gemv_kernel`'s product (two levels of codes, no ACT), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
         and walks the row tiles pid, pid + programs, ..., issuing the loads of the tile AHEAD
         (1 or 2) tiles on before it computes the current one, so that a program keeps AHEAD +
         1 tiles' bytes in flight. Its first tile's loads go out before the PDL wait (weights
-        do not depend on the kernel before). PRO -1: x's codes read from (xc, xs, xt); PRO
-        0 / 1 / 2 / 3 (`quantize`'s prologues): made by the program from the row at x_ptr
-        (`_row_codes`)."""
+        do not depend on the kernel before)."""
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         nb = K // 32
         w, d, m = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid, N, nb, QT, BLOCK_N, BLOCK_B)
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
-        if PRO >= 0:
-            cl0, ch0, s0, t0, cl1, ch1, s1, t1 = _row_codes(x_ptr, g_ptr, eps, nb, K, BLOCK_B,
-                                                            PRO)  # fmt: skip
-        else:
-            offs_b = tl.arange(0, BLOCK_B)
-            b_ok = offs_b < nb
-            xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
-            cl0 = tl.load(xc_ptr + xw, mask=b_ok[:, None], other=0)
-            ch0 = tl.load(xc_ptr + xw + 4, mask=b_ok[:, None], other=0)
-            cl1 = tl.load(xc_ptr + nb * 8 + xw, mask=b_ok[:, None], other=0)
-            ch1 = tl.load(xc_ptr + nb * 8 + xw + 4, mask=b_ok[:, None], other=0)
-            s0 = tl.load(xs_ptr + offs_b, mask=b_ok, other=0.0)
-            s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
-            t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
-            t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
+        offs_b = tl.arange(0, BLOCK_B)
+        b_ok = offs_b < nb
+        xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+        cl0 = tl.load(xc_ptr + xw, mask=b_ok[:, None], other=0)
+        ch0 = tl.load(xc_ptr + xw + 4, mask=b_ok[:, None], other=0)
+        cl1 = tl.load(xc_ptr + nb * 8 + xw, mask=b_ok[:, None], other=0)
+        ch1 = tl.load(xc_ptr + nb * 8 + xw + 4, mask=b_ok[:, None], other=0)
+        s0 = tl.load(xs_ptr + offs_b, mask=b_ok, other=0.0)
+        s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
+        t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
+        t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
         xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
         tile = pid
         if AHEAD == 2:
@@ -619,28 +583,6 @@ if HAS_TRITON:
             else:
                 w, d, m = nxt
             tile += step
-
-    @triton.jit
-    def _row_codes(x_ptr, g_ptr, eps, nb, K, BLOCK_B: tl.constexpr, PRO: tl.constexpr):
-        """The two levels of codes of a whole row's prologue output as `_quantize_kernel`
-        writes them, kept in registers: (cl0, ch0 (BB, 4) words, s0 (BB,) scales, t0 (BB,)
-        code sums, the same for level 1); blocks past nb are zero codes."""
-        if PRO == 1:
-            xl, xh = qm._x_halves(x_ptr, True, 0, nb, 1.0, 1.0, BLOCK_B, 0)
-            ss = tl.sum(tl.sum(xl * xl, axis=1), axis=0) + tl.sum(tl.sum(xh * xh, axis=1), axis=0)
-            inv = tl.rsqrt(ss / K + eps)
-            gl, gh = qm._g_halves(g_ptr, 0, nb, BLOCK_B, PRO)
-            xl = xl * gl * inv
-            xh = xh * gh * inv
-        else:
-            xl, xh = qm._x_halves(x_ptr, True, 0, nb, 1.0, 1.0, BLOCK_B, PRO)
-        ql, qh, s0, t0 = qm._codes(xl, xh)
-        xl = xl - ql.to(tl.float32) * s0[:, None]
-        xh = xh - qh.to(tl.float32) * s0[:, None]
-        cl0 = qm._pack_bytes(ql)
-        ch0 = qm._pack_bytes(qh)
-        ql, qh, s1, t1 = qm._codes(xl, xh)
-        return cl0, ch0, s0, t0, qm._pack_bytes(ql), qm._pack_bytes(qh), s1, t1
 
     @triton.jit
     def _pipe_dot(w, cl, ch, t, s, QT: tl.constexpr, INTERP: tl.constexpr):
