@@ -20,6 +20,13 @@ at the Llama-3.2-1B shapes (benchmarks/RESULTS.md, twenty-third session):
    Per block and level: two dp4a a word pair, the -8 offset of Q4_0 folded in with the codes'
    sum: d * s * (sum_j q_j c_j - 8 sum_j c_j); Q4_1's offset m adds m * s * sum_j c_j.
 
+3. for K < 4096 (the 1B's gate_up and output matrix) the same product in a persistent,
+   software-pipelined kernel (`_codes_gemv_pipe_kernel`): 16 one-warp programs an SM, each
+   reading x's codes of all of K once into registers and walking two-row tiles, the next
+   tile's loads issued before the current one is computed: on an H200 gate_up 9.22 -> 7.48
+   us, the output matrix 54.88 -> 39.41, 1B tg128 +7.1% (twenty-sixth session). Long K
+   (down) stays tiled (its best persistent tile 6.02 us against 5.94).
+
 A 16-layer chain of the 1B's gate_up and down GEMVs with the quantizing launch before each
 took 31.60 us a layer against 36.81 for the fused float32 GEMVs (qkv and o lose: their GEMVs
 gain less than a launch costs, hence `MIN_WEIGHTS`); the output matrix 84.8 -> 56.7 us. In
@@ -75,7 +82,8 @@ ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its
 _TILE = (2, 32, 1)
 _TILE_LONG_K = (1, 128, 4)
 # K's steps unrolled at compile time (every step's loads issued before the first is
-# consumed) instead of a loop: the lab's switch (`xcodes_chain_lab.py --variants`), until timed.
+# consumed) instead of a loop: a lab switch (`xcodes_tile_lab.py --tiles`); on an H200 no
+# faster at gate_up (9.24 -> 9.27 us), slower at down (5.96 -> 7.35): off.
 _UNROLL = False
 
 
@@ -181,8 +189,9 @@ def _row_fits(x: torch.Tensor) -> bool:
 def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
     """Whether a product of one row x by w, whose codes its producer writes (the attention's
     split merge: `attention.rope_cache_attention_decode(codes=...)`), runs as the codes GEMV:
-    no size threshold (no quantizing launch to pay for); opt-in, LLAMAPY_GPU_ATTN_CODES=1,
-    until timed."""
+    no size threshold (no quantizing launch to pay for); opt-in, LLAMAPY_GPU_ATTN_CODES=1:
+    on an H200 the 1B's tg128 went 0.98x with it (the merge's quantization costs more than
+    o's quantizing launch)."""
     return (
         switched_on("LLAMAPY_GPU_ATTN_CODES")
         and w.qtype in TYPES
