@@ -40,13 +40,15 @@ if CUDA:
 
 
 def q4_weight(rng: np.random.Generator, n: int, k: int, kind: str = "Q4_0"):
-    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, or Q4_K blocks held as
-    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K)."""
-    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K}[kind]
+    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, Q4_K blocks held as their
+    Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K), or Q8_0 (the persistent
+    form's only)."""
+    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K,
+             "Q8_0": QuantType.Q8_0}[kind]  # fmt: skip
     per_row = k // (256 if qtype == QuantType.Q4_K else 32)
     blocks = torch.from_numpy(random_blocks(rng, qtype, (n, per_row)).reshape(n, -1))
     w = qm.pack_weight(blocks.to(DEVICE), qtype, (n, k), legacy_twin=kind == "Q4_K twin")
-    assert w.qtype in xcodes.TYPES
+    assert w.qtype in xcodes.PIPE_TYPES
     return w, dequantize(blocks, qtype).double()
 
 
@@ -135,7 +137,7 @@ def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: boo
         assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 2, 1), (4, 2, 1, 2), (2, 1, 16, 2)])
 def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
@@ -235,7 +237,7 @@ def test_takes_mlp_needs_both_matrices_and_the_switch(rng, monkeypatch) -> None:
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("form", FORMS)
 def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
@@ -299,6 +301,26 @@ def test_small_or_other_weights_keep_the_float32_gemv(rng) -> None:
     assert not xcodes.takes(x, w8, None)
 
 
+def test_q8_0_takes_the_persistent_form_only(rng, monkeypatch) -> None:
+    """Q8_0 rows take the codes only where the persistent form takes their K and its switch
+    is not off; the tiled kernels (and the gated form) refuse it."""
+    monkeypatch.setattr(xcodes, "MIN_K", 256)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 64 * 256)
+    w8, _ = q4_weight(rng, 64, 256, "Q8_0")
+    x = torch.zeros(1, 256, device=DEVICE)
+    monkeypatch.setattr(xcodes, "_PIPE", {"short": (2, 1, 16, 1), "long": None})
+    assert xcodes.takes(x, w8, None)
+    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "0")
+    assert not xcodes.takes(x, w8, None)
+    monkeypatch.delenv("LLAMAPY_GPU_X_CODES_Q8")
+    with pytest.raises(ValueError, match="gated codes GEMV takes"):
+        xcodes.gated_gemv(xcodes.quantize(x, 256, 0), w8, "silu", xcodes.act_counters(32, x.device))
+    monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
+    assert not xcodes.takes(x, w8, None)
+    with pytest.raises(ValueError, match="persistent form only"):
+        xcodes.gemv(xcodes.quantize(x, 256, 0), w8, torch.zeros(1, 64, device=DEVICE), False)
+
+
 def test_bad_inputs_are_refused(rng) -> None:
     w, _ = q4_0_weight(rng, 8, 256)
     x = torch.zeros(1, 256, device=DEVICE)
@@ -341,3 +363,10 @@ def test_lab_settings_parse_or_name_the_variable() -> None:
     for bad in ("3,4", "a,b", "4"):
         with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_QUANT_TILE"):
             xcodes._quant_tile(bad)
+    assert xcodes._pipe_config(None) == xcodes.PIPE_DEFAULT
+    assert xcodes._pipe_config("off") == {"short": None, "long": None}
+    assert xcodes._pipe_config("2,1,16/-") == {"short": (2, 1, 16, 1), "long": None}
+    assert xcodes._pipe_config("1,1,24,2/2,4,3") == {"short": (1, 1, 24, 2), "long": (2, 4, 3, 1)}
+    for bad in ("2,1,16", "3,1,16/-", "2,1,16,3/-", "2,1/-", "a/b", "2,1,16/-/-", "0,1,1/-"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_PIPE"):
+            xcodes._pipe_config(bad)

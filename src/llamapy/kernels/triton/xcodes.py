@@ -75,7 +75,11 @@ def _min_weights(env: str | None) -> int:
 
 MIN_WEIGHTS = _min_weights(os.environ.get("LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"))
 MIN_K = 2048
-TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernel's QT
+TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernels' QT
+# Q8_0 (its quants as signed bytes, dp4a on both signed) in the persistent form only: where
+# `_PIPE` takes the weight's K, unless LLAMAPY_GPU_X_CODES_Q8 is off (0 / false / no / off).
+PIPE_TYPES = TYPES | {QuantType.Q8_0: 2}
+Q8_SWITCH = "LLAMAPY_GPU_X_CODES_Q8"
 ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its PRO codes)
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
@@ -173,7 +177,14 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
 
 
 def _weight_fits(w: PackedWeight) -> bool:
-    return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
+    if w.qtype == QuantType.Q8_0 and (_pipe_for(w.k) is None or switched_off(Q8_SWITCH)):
+        return False
+    return w.qtype in PIPE_TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
+
+
+def _pipe_for(k: int) -> Pipe | None:
+    """The persistent form's config for a weight of K columns, None for the tiled form."""
+    return _PIPE["long" if k >= 4096 else "short"]
 
 
 def _row_fits(x: torch.Tensor) -> bool:
@@ -252,8 +263,10 @@ def gemv(
 
 
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
-    if w.qtype not in TYPES:
-        raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
+    if w.qtype not in PIPE_TYPES:
+        raise ValueError(f"the codes GEMV takes {[t.name for t in PIPE_TYPES]}, got {w.qtype.name}")
+    if w.qtype not in TYPES and _pipe_for(w.k) is None:
+        raise ValueError(f"{w.qtype.name} runs in the persistent form only, off for K={w.k}")
     if "qs" not in w.tensors:
         raise ValueError("the codes GEMV reads the nibbles ('qs'), not a byte or float form")
     nb = w.k // QK
@@ -270,7 +283,7 @@ def _launch(
     counters: torch.Tensor | None = None,
     act_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
-    pipe = _PIPE["long" if w.k >= 4096 else "short"]
+    pipe = _pipe_for(w.k)
     if pipe is not None and not act:
         _launch_pipe(codes, w, out, accumulate, pipe)
         return
@@ -314,7 +327,7 @@ def _launch_pipe(
     d = w.tensors["d"]
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
+        tiles, QT=PIPE_TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         **pdl.launch_options(_pdl(out.device, w.nbytes)), num_warps=warps,
     )  # fmt: skip
@@ -334,6 +347,10 @@ def gated_gemv(
     same launch the codes of act(gate) * up (`code_buffers(F)`): the next GEMV's input
     (down's) with no quantizing launch between. -> ((1, 2F) float32 [gate | up], codes)."""
     _check_codes(codes, w)
+    if w.qtype not in TYPES:
+        raise ValueError(
+            f"the gated codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}"
+        )
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     f = w.n // 2
@@ -371,6 +388,8 @@ def takes_mlp(x: torch.Tensor, gate_up: PackedWeight, down: PackedWeight) -> boo
     than the quantizing launch they save), and down's K is gate_up's F."""
     return (
         switched_on("LLAMAPY_GPU_GATED_CODES")
+        and gate_up.qtype in TYPES
+        and down.qtype in TYPES
         and gate_up.n == 2 * down.k
         and down.k % QK == 0
         and _weight_fits(down)
@@ -526,17 +545,23 @@ if HAS_TRITON:
                    BLOCK_B: tl.constexpr):  # fmt: skip
         """A row tile's loads for `_codes_gemv_pipe_kernel`: words (BN, BB, 4), d (BN, BB) and
         m (Q4_1; else d again) of rows [tile * BLOCK_N, +BLOCK_N), all of K; rows past N
-        (tiles past the last) load zeros."""
+        (tiles past the last) load zeros. Q8_0 (QT 2): a block's first four words and, in
+        m's place, its last four."""
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
         offs_b = tl.arange(0, BLOCK_B)
         blk = rows[:, None] * nb + offs_b[None, :]
         ok = n_mask[:, None] & (offs_b < nb)[None, :]
-        w = qm._words(qs_ptr, rows, n_mask, 0, nb, 4, 0, BLOCK_B)
+        if QT == 2:
+            w = qm._words(qs_ptr, rows, n_mask, 0, nb, 8, 0, BLOCK_B)
+            m = qm._words(qs_ptr, rows, n_mask, 0, nb, 8, 4, BLOCK_B)
+        else:
+            w = qm._words(qs_ptr, rows, n_mask, 0, nb, 4, 0, BLOCK_B)
         d = tl.load(d_ptr + blk, mask=ok, other=0.0).to(tl.float32)
-        m = d
-        if QT == 1:
+        if QT == 0:
+            m = d
+        elif QT == 1:
             m = tl.load(m_ptr + blk, mask=ok, other=0.0).to(tl.float32)
         return w, d, m
 
@@ -576,8 +601,14 @@ if HAS_TRITON:
         while tile < tiles:
             nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
                              BLOCK_B)  # fmt: skip
-            part = d * (_pipe_dot(w, cl0, ch0, t0, s0, QT, INTERP)
-                        + _pipe_dot(w, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
+            if QT == 2:  # signed bytes: weights 0..15 and 16..31 of each block
+                lo = w
+                hi = m
+            else:  # nibbles: weights 4i.. of word i in its low halves, 16 + 4i.. in its high
+                lo = w & 0x0F0F0F0F
+                hi = (w >> 4) & 0x0F0F0F0F
+            part = d * (_pipe_dot(lo, hi, cl0, ch0, t0, s0, QT, INTERP)
+                        + _pipe_dot(lo, hi, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
             if QT == 1:
                 part += m * xsum[None, :]
             y = tl.sum(part, axis=1)
@@ -594,12 +625,13 @@ if HAS_TRITON:
             tile += step
 
     @triton.jit
-    def _pipe_dot(w, cl, ch, t, s, QT: tl.constexpr, INTERP: tl.constexpr):
+    def _pipe_dot(lo, hi, cl, ch, t, s, QT: tl.constexpr, INTERP: tl.constexpr):
         """One level's (BN, BB) block sums s * (sum_j q_j c_j (- 8 sum_j c_j for Q4_0)) of
-        words w (BN, BB, 4) against that level's code words cl / ch (BB, 4)."""
-        zero = tl.zeros(w.shape, tl.int32)
-        dot = qm._dp4a(w & 0x0F0F0F0F, cl[None, :, :], zero, False, INTERP)
-        dot = qm._dp4a((w >> 4) & 0x0F0F0F0F, ch[None, :, :], dot, False, INTERP)
+        a block's weights as words lo (0..15) and hi (16..31) (BN, BB, 4) against that
+        level's code words cl / ch (BB, 4)."""
+        zero = tl.zeros(lo.shape, tl.int32)
+        dot = qm._dp4a(lo, cl[None, :, :], zero, QT == 2, INTERP)
+        dot = qm._dp4a(hi, ch[None, :, :], dot, QT == 2, INTERP)
         isum = tl.sum(dot, axis=2)
         if QT == 0:
             isum -= 8 * t[None, :]
