@@ -245,6 +245,7 @@ def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) ->
     float64 reference within their errors; two rows, or the switch off, take the float32
     GEMV."""
     n, k = 24, 256
+    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "1")  # Q8_0's opt-in
     monkeypatch.setattr(xcodes, "MIN_K", k)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", n * k)
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
@@ -303,20 +304,20 @@ def test_small_or_other_weights_keep_the_float32_gemv(rng) -> None:
 
 def test_q8_0_takes_the_persistent_form_only(rng, monkeypatch) -> None:
     """Q8_0 rows take the codes only where the persistent form takes their K and its switch
-    is not off; the tiled kernels (and the gated form) refuse it."""
+    is on (opt-in); the tiled kernels (and the gated form) refuse it."""
     monkeypatch.setattr(xcodes, "MIN_K", 256)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 64 * 256)
     w8, _ = q4_weight(rng, 64, 256, "Q8_0")
     x = torch.zeros(1, 256, device=DEVICE)
     monkeypatch.setattr(xcodes, "_PIPE", {"short": (2, 1, 16, 1), "long": None})
-    assert xcodes.takes(x, w8, None)
-    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "0")
+    monkeypatch.delenv("LLAMAPY_GPU_X_CODES_Q8", raising=False)
     assert not xcodes.takes(x, w8, None)
-    monkeypatch.delenv("LLAMAPY_GPU_X_CODES_Q8")
+    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "1")
+    assert xcodes.takes(x, w8, None)
     with pytest.raises(ValueError, match="gated codes GEMV takes"):
         xcodes.gated_gemv(xcodes.quantize(x, 256, 0), w8, "silu", xcodes.act_counters(32, x.device))
     monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
-    assert not xcodes.takes(x, w8, None)
+    assert not xcodes.takes(x, w8, None)  # switch on, the persistent form off
     with pytest.raises(ValueError, match="persistent form only"):
         xcodes.gemv(xcodes.quantize(x, 256, 0), w8, torch.zeros(1, 64, device=DEVICE), False)
 
