@@ -99,10 +99,10 @@ def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
     assert_codes_stand_for(codes, prologue_reference(x, pro, g, k))
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
-@pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
+def check_codes_gemv(rng, n: int, k: int, kind: str = "Q4_0", accumulate: bool = False) -> None:
+    """`gemv` of a fresh (n, k) weight and row against float64 of the x its codes stand for:
+    its integer dots are exact, its float32 sums err by ~1e-6 of sum |w x| (+ |out| when
+    it adds into out); a poisoned out when it does not."""
     w, dense = q4_weight(rng, n, k, kind)
     x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
     codes = xcodes.quantize(x, k, 0)
@@ -110,31 +110,31 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind:
     out = start.clone() if accumulate else torch.full((1, n), float("nan"), device=DEVICE)
     got = xcodes.gemv(codes, w, out, accumulate).double().cpu().reshape(-1)
     xr = codes_x(codes)
-    ref = dense @ xr + (start.double().cpu().reshape(-1) if accumulate else 0)
-    mag = dense.abs() @ xr.abs() + (start.double().cpu().abs().reshape(-1) if accumulate else 0)
-    err = (got - ref).abs()
-    assert (err <= 2e-6 * mag + 1e-30).all(), f"worst {(err / (mag + 1e-30)).max():.3g}"
+    base = start.double().cpu().reshape(-1) if accumulate else torch.zeros(n, dtype=torch.float64)
+    err = (got - (dense @ xr + base)).abs()
+    mag = dense.abs() @ xr.abs() + base.abs()
+    assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
+    check_codes_gemv(rng, n, k, kind, accumulate)
 
 
 @pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("tile", [(2, 32, 1), (2, 64, 1), (1, 128, 4), (1, 256, 4)])
 def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: bool) -> None:
-    """Every tile the labs sweep, with K's steps looped or unrolled at compile time
-    (`xcodes._UNROLL`), over K of one and several steps and N past the last full tile."""
+    """Every tile the labs sweep (the persistent form off), with K's steps looped or
+    unrolled at compile time (`xcodes._UNROLL`), over K of one and several steps and N past
+    the last full tile."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
     monkeypatch.setattr(xcodes, "_TILE", tile)
     monkeypatch.setattr(xcodes, "_TILE_LONG_K", tile)
     monkeypatch.setattr(xcodes, "_UNROLL", unroll)
     for n, k in [(37, 1024), (5, 4096 if tile[1] > 32 else 2048)]:
-        w, dense = q4_weight(rng, n, k)
-        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
-        codes = xcodes.quantize(x, k, 0)
-        out = torch.full((1, n), float("nan"), device=DEVICE)
-        got = xcodes.gemv(codes, w, out, False).double().cpu().reshape(-1)
-        xr = codes_x(codes)
-        err = (got - dense @ xr).abs()
-        mag = dense.abs() @ xr.abs()
-        assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
+        check_codes_gemv(rng, n, k)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
@@ -146,17 +146,7 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
     or two tiles' loads ahead, K of one 32-block, a power of two and not (BLOCK_B padded)."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (11, 32), (9, 800)]:
-        w, dense = q4_weight(rng, n, k, kind)
-        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
-        codes = xcodes.quantize(x, k, 0)
-        start = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
-        out = start.clone() if accumulate else torch.full((1, n), float("nan"), device=DEVICE)
-        got = xcodes.gemv(codes, w, out, accumulate).double().cpu().reshape(-1)
-        xr = codes_x(codes)
-        base = start.double().cpu().reshape(-1) if accumulate else 0
-        err = (got - (dense @ xr + base)).abs()
-        mag = dense.abs() @ xr.abs() + (base.abs() if accumulate else 0)
-        assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
+        check_codes_gemv(rng, n, k, kind, accumulate)
 
 
 # (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
