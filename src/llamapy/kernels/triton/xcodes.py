@@ -270,7 +270,7 @@ def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
     if w.qtype not in TYPES and _pipe_for(w.k) is None:
         raise ValueError(f"{w.qtype.name} runs in the persistent form only, off for K={w.k}")
     if "qs" not in w.tensors:
-        raise ValueError("the codes GEMV reads the nibbles ('qs'), not a byte or float form")
+        raise ValueError("the codes GEMV reads the quants ('qs'), not a byte twin or float form")
     nb = w.k // QK
     if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
         raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
