@@ -142,7 +142,7 @@ def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: boo
 @pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 2, 1), (4, 2, 1, 2), (2, 1, 16, 2)])
 def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
     """The persistent, pipelined form (`xcodes._PIPE`): programs over several row tiles each
-    (the interpreter's 3 SMs; N past the last full tile, tiles past the last program's), one
+    (the interpreter's 4 SMs; N past the last full tile, tiles past the last program's), one
     or two tiles' loads ahead, K of one 32-block, a power of two and not (BLOCK_B padded)."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (11, 32), (9, 800)]:

@@ -305,12 +305,6 @@ def _launch(
     )  # fmt: skip
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 3  # the interpreter: a few programs, each over several row tiles
-
-
 def _launch_pipe(
     codes: tuple[torch.Tensor, ...],
     w: PackedWeight,
@@ -325,7 +319,7 @@ def _launch_pipe(
     if LEVELS != 2:
         raise ValueError("the persistent codes GEMV holds two levels of codes")
     tiles = triton.cdiv(w.n, block_n)
-    programs = min(tiles, _num_sms(out.device) * per_sm)
+    programs = min(tiles, qm._num_sms(out.device) * per_sm)  # the interpreter's: 4
     d = w.tensors["d"]
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
