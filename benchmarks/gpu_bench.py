@@ -171,6 +171,37 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     return rows
 
 
+def print_timeline(prof, replays: int, head: int = 24) -> None:
+    """One replay's kernels in launch order (the last of `replays`): its span, the first
+    `head` kernels with their start, duration and the gap after the kernel before (negative:
+    they overlap, as with PDL), and every kernel name's count and summed duration."""
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA"),
+        key=lambda e: e.time_range.start,
+    )
+    if not kernels or len(kernels) % replays:
+        print(f"timeline: {len(kernels)} kernels over {replays} replays, not split", flush=True)
+        return
+    one = kernels[-len(kernels) // replays :]
+    t0 = one[0].time_range.start
+    span = one[-1].time_range.end - t0
+    print(f"one replay: {len(one)} kernels over {span:.1f} us", flush=True)
+    print("| # | kernel | start us | us | gap us |\n| ---: | --- | ---: | ---: | ---: |")
+    prev_end = t0
+    for i, e in enumerate(one[:head]):
+        start, end = e.time_range.start, e.time_range.end
+        print(f"| {i} | {e.name[:48]} | {start - t0:.2f} | {end - start:.2f} | "
+              f"{start - prev_end:.2f} |")  # fmt: skip
+        prev_end = end
+    totals: dict[str, list[float]] = {}
+    for e in one:
+        totals.setdefault(e.name[:48], []).append(e.time_range.end - e.time_range.start)
+    print("| kernel | count | us in all | us each |\n| --- | ---: | ---: | ---: |")
+    for name, ts in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {name} | {len(ts)} | {sum(ts):.1f} | {sum(ts) / len(ts):.2f} |")
+    print(flush=True)
+
+
 def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bool = True) -> None:
     """Where a decode step of `batch` sequences goes: graph replay alone, the whole engine
     step, and the kernels of one replay."""
@@ -219,6 +250,7 @@ def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bo
         ),
         flush=True,
     )
+    print_timeline(prof, replays=10)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             engine.step()

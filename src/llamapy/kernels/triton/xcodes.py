@@ -134,6 +134,10 @@ def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
 
 
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
+# LLAMAPY_GPU_X_CODES_PIPE_PDL=1: the persistent form launches with PDL whatever its weight's
+# size (`pdl.AUTO_MAX_WEIGHT_BYTES` keeps the 1B's gate_up and output matrix off otherwise):
+# its grid is resident at once, and its first tile's loads go out before the wait.
+PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 
 
 def _quant_tile(env: str | None) -> tuple[int, int]:
@@ -321,11 +325,12 @@ def _launch_pipe(
     tiles = triton.cdiv(w.n, block_n)
     programs = min(tiles, qm._num_sms(out.device) * per_sm)  # the interpreter's: 4
     d = w.tensors["d"]
+    pdl_on = _pdl(out.device, None if switched_on(PIPE_PDL_SWITCH) else w.nbytes)
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         tiles, QT=PIPE_TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
-        **pdl.launch_options(_pdl(out.device, w.nbytes)), num_warps=warps,
+        **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
