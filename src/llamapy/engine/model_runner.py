@@ -19,6 +19,7 @@ from llamapy.sampling.greedy import decode_ids, greedy_pick
 from llamapy.sampling.params import SamplingParams
 from llamapy.sampling.sampler import Sampler, SamplerOutput, SamplerState, make_state
 from llamapy.structured.matcher import MaskWorker
+from llamapy.switches import switched_off
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-(max_model_len or num_blocks * block_size) // block_size)
         if self.device.type == "cpu":  # prefill scratch from a warm heap (kernels/cpu/malloc)
             tune_malloc()
+        elif not switched_off("LLAMAPY_GPU_ROPE_TABLES"):  # cos / sin gathered by position
+            # (one launch a step, not seven a rope kind) where the step's bound fits the
+            # tables: every step of this runner
+            model.build_rope_tables(self.max_blocks_per_seq * block_size)
         # One block more than the block manager hands out: padded rows of a captured decode
         # step write their K/V there.
         self.kv_caches = allocate_kv_cache(

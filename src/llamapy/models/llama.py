@@ -533,6 +533,12 @@ class LlamaForCausalLM(torch.nn.Module):
         if device.type == "cuda":
             self.plan_fused_decode()
 
+    def build_rope_tables(self, n_positions: int) -> None:
+        """Keep each rope kind's cos / sin of positions [0, n_positions) on the model's device
+        (`RotaryEmbedding.build_table`), gathered by steps whose positions stay below it."""
+        for rope in {id(r): r for r in self._ropes_by_kind.values()}.values():
+            rope.build_table(n_positions, rope.inv_freq.device)
+
     def kquant_twins_fit(self, device: torch.device, gpu_reserve_bytes: int = 0) -> bool:
         """Whether `prepare` on the GPU `device` holds Q4_K / Q5_K matrices as their legacy
         twins (`gpu_kquant_twins`): the twins' extra bytes against the memory free now less
@@ -604,7 +610,11 @@ class LlamaForCausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         """(T,) token ids -> (T, hidden) final hidden states (before the output norm)."""
         x = self.embed_tokens(input_ids)
-        cos_sin = {kind: rope.cos_sin(positions) for kind, rope in self._ropes_by_kind.items()}
+        cos_sin, by_rope = {}, {}  # a model of one rope kind holds one object under both keys
+        for kind, rope in self._ropes_by_kind.items():
+            if id(rope) not in by_rope:
+                by_rope[id(rope)] = rope.cos_sin(positions, meta.max_seq_len)
+            cos_sin[kind] = by_rope[id(rope)]
         if self.native_decode is not None and self.native_decode.applies(meta):
             hidden = self.native_decode(x, cos_sin, meta, kv_caches)
             if hidden is not None:

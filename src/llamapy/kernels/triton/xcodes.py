@@ -134,9 +134,12 @@ def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
 
 
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
-# LLAMAPY_GPU_X_CODES_PIPE_PDL=1: the persistent form launches with PDL whatever its weight's
-# size (`pdl.AUTO_MAX_WEIGHT_BYTES` keeps the 1B's gate_up and output matrix off otherwise):
-# its grid is resident at once, and its first tile's loads go out before the wait.
+# The persistent form launches with PDL whatever its weight's size (the size rule,
+# `pdl.AUTO_MAX_WEIGHT_BYTES`, would keep the 1B's gate_up and output matrix off): its grid is
+# resident at once, behind the quantizing kernel, and its first tile's loads go out before
+# the wait. H200, 1B Q4_0 tg128 (`gpu_ab.py`, twenty-seventh session): 1650.2 -> 1688.8 t/s
+# (1.023x); PDL on for every kernel instead: 0.946x. LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the
+# size rule.
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 
 
@@ -325,7 +328,7 @@ def _launch_pipe(
     tiles = triton.cdiv(w.n, block_n)
     programs = min(tiles, qm._num_sms(out.device) * per_sm)  # the interpreter's: 4
     d = w.tensors["d"]
-    pdl_on = _pdl(out.device, None if switched_on(PIPE_PDL_SWITCH) else w.nbytes)
+    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         tiles, QT=PIPE_TYPES[w.qtype], BLOCK_N=block_n,
