@@ -241,16 +241,14 @@ if ON_GPU:
     }
 
 
-@pytest.fixture(params=["fma", "dot", "preload"])
+@pytest.fixture(params=["fma", "dot"])
 def decode_products(request, monkeypatch) -> str:
     """Both forms of the decode kernel's products: broadcast multiplies over the program's
-    few query heads (the default for small tiles) and `tl.dot` (rows padded to 16); and the
-    first form with each split's first tile loaded before the rest (`DECODE_PRELOAD`)."""
+    few query heads (the default for small tiles) and `tl.dot` (rows padded to 16)."""
     from llamapy.kernels.triton import attention
 
     if request.param == "dot":
         monkeypatch.setattr(attention, "DECODE_FMA_MAX", 0)
-    monkeypatch.setattr(attention, "DECODE_PRELOAD", request.param == "preload")
     return request.param
 
 

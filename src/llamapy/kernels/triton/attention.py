@@ -25,7 +25,6 @@ import triton.language as tl
 
 from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding, xcodes
 from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
-from llamapy.switches import switched_on
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -86,33 +85,28 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EARLY_V: tl.constexpr = False, USE_DOT: tl.constexpr = True,
-    k_in=None, v_in=None, PRELOADED: tl.constexpr = False,
 ):
     """Online-softmax update of rows `q` (queries at `q_pos`) with keys
     [tile_start, min(tile_start + BLOCK_N, hi)). EARLY_V: V's tile is loaded with K's,
     before the scores (its latency overlaps theirs). USE_DOT False: both products as
     broadcast multiplies and sums in float32 (operands rounded to q's dtype as `tl.dot`
     takes them), for the few rows of a decode program: no padding to 16 rows, no operand
-    layout conversions. PRELOADED: the tile's K and V are `k_in`, `v_in` (`_kv_tile` of the
-    same range), loaded earlier."""
+    layout conversions."""
     dtype = q.dtype
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < hi
-    if PRELOADED:
-        k, v = k_in, v_in
-    else:
-        # Token p sits in block block_tables[b, p // BLOCK_SIZE] at slot p % BLOCK_SIZE.
-        page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k = _load_kv_tile(
-            k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh,
+    # Token p sits in block block_tables[b, p // BLOCK_SIZE] at slot p % BLOCK_SIZE.
+    page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    slot = offs_n % BLOCK_SIZE
+    k = _load_kv_tile(
+        k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh, HEAD_DIM,
+        BLOCK_D,
+    )
+    if EARLY_V:
+        v = _load_kv_tile(
+            v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, BLOCK_D,
         )
-        if EARLY_V:
-            v = _load_kv_tile(
-                v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
-                HEAD_DIM, BLOCK_D,
-            )
     if USE_DOT:
         qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
     else:
@@ -130,7 +124,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not EARLY_V and not PRELOADED:
+    if not EARLY_V:
         v = _load_kv_tile(
             v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, BLOCK_D,
@@ -142,51 +136,6 @@ def _attend_tile(
         pv = p.to(dtype).to(tl.float32)[:, :, None] * v.to(dtype).to(tl.float32)[None, :, :]
         acc += tl.sum(pv, 1)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _kv_tile(
-    tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d, stride_kb, stride_kt,
-    stride_kh, stride_vb, stride_vt, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """K and V of keys [tile_start, min(tile_start + BLOCK_N, hi)) (zeros past it), as
-    `_attend_tile` loads them: for its PRELOADED form."""
-    offs_n = tile_start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < hi
-    page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    slot = offs_n % BLOCK_SIZE
-    k = _load_kv_tile(
-        k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh, HEAD_DIM,
-        BLOCK_D,
-    )
-    v = _load_kv_tile(
-        v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh, HEAD_DIM,
-        BLOCK_D,
-    )
-    return k, v
-
-
-@triton.jit
-def _split_range(seq_len, split, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, NEW_KV: tl.constexpr):  # fmt: skip
-    """A decode split's keys. The query sits at seq_len - 1; visible keys are [start,
-    seq_len), cut into NUM_SPLITS runs of whole BLOCK_N tiles (trailing splits may be
-    empty): (lo, hi, owner: the run ends with the new key, hi_cached: the end of the run's
-    keys already in the cache (NEW_KV: the new key is not))."""
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    num_tiles = tl.cdiv(seq_len - start, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    lo = start + split * tiles_per_split * BLOCK_N
-    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
-    last = seq_len - 1
-    owner = (lo <= last) & (last < hi)
-    hi_cached = hi
-    if NEW_KV:
-        hi_cached = tl.where(owner, last, hi)
-    return lo, hi, owner, hi_cached
 
 
 @triton.jit
@@ -353,7 +302,6 @@ def _decode_kernel(
     INTERLEAVED: tl.constexpr = False,
     EARLY_V: tl.constexpr = False,
     USE_DOT: tl.constexpr = True,
-    PRELOAD: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -362,25 +310,12 @@ def _decode_kernel(
     NEW_KV: rotary embedding and cache write fused in (`rope_cache_attention_decode`): q
     and this step's key arrive unrotated, the key and value of position seq_len - 1 are not
     in the cache yet; the split that owns that position takes them from registers and
-    stores them at their slot (no other program reads it). PRELOAD (EARLY_V): the split's
-    first tile of cached keys and values is loaded before the PDL wait (the lengths, block
-    tables and cached keys were written before the kernel before this one started; the one
-    slot this kernel writes, the new key's, is not in it)."""
+    stores them at their slot (no other program reads it)."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    if PRELOAD:
-        seq_len = tl.load(seq_lens_ptr + b)
-        lo, hi, owner, hi_cached = _split_range(seq_len, split, window, NUM_SPLITS, BLOCK_N,
-                                                USE_WINDOW, NEW_KV)  # fmt: skip
-        k0, v0 = _kv_tile(
-            lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, tl.arange(0, BLOCK_D),
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, HEAD_DIM, BLOCK_D,
-            BLOCK_SIZE, BLOCK_N,
-        )
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -393,8 +328,7 @@ def _decode_kernel(
     # sequence length, this step's key and value (NEW_KV), q (H200, B=1, SmolLM2 heads at
     # 64 keys: the new key's program 3.08 -> 2.87 us, empty splits 1.16 -> 0.98; tg128
     # SmolLM2 Q4_0 1605 -> 1623 t/s).
-    if not PRELOAD:
-        seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b)
     if NEW_KV:
         cs = cos_ptr + b.to(tl.int64) * stride_cb
         sn = sin_ptr + b.to(tl.int64) * stride_sb
@@ -410,29 +344,31 @@ def _decode_kernel(
     if ROUND_Q:
         q = q.to(k_ptr.dtype.element_ty)
 
-    if not PRELOAD:
-        lo, hi, owner, hi_cached = _split_range(seq_len, split, window, NUM_SPLITS, BLOCK_N,
-                                                USE_WINDOW, NEW_KV)  # fmt: skip
+    # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
+    # runs of whole BLOCK_N tiles (trailing splits may be empty).
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    num_tiles = tl.cdiv(seq_len - start, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    lo = start + split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
+
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     last = seq_len - 1
+    owner = (lo <= last) & (last < hi)  # NEW_KV: this split's keys end with the new one
+    hi_cached = hi
     if NEW_KV:
+        hi_cached = tl.where(owner, last, hi)
         _store_new_key(
             owner, new_k, new_v, new_slot, kv_head, offs_d, mask_d, k_ptr, v_ptr, stride_kb,
             stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
         )
-    lo_rest = lo
-    if PRELOAD:
-        m_i, l_i, acc = _attend_tile(
-            q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head,
-            offs_d, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale,
-            softcap, window, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP,
-            DOT_PRECISION, True, USE_DOT, k0, v0, True,
-        )
-        lo_rest = lo + BLOCK_N
     m_i, l_i, acc = _attend_range(
-        q, last, m_i, l_i, acc, lo_rest, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
+        q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
         LOOP_WHILE, EARLY_V, USE_DOT,
@@ -673,11 +609,6 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
 # SmolLM2 Q4_0 tg128 1470 / 1468 -> 1497 / 1494 t/s.
 DECODE_EARLY_V = True
 
-# The decode kernel loads its split's first tile of cached keys and values before its PDL
-# wait (`_decode_kernel`'s PRELOAD): off the chain that starts when the QKV GEMV ends.
-# LLAMAPY_GPU_ATTN_PRELOAD=1 on, for A/B runs (not timed yet).
-DECODE_PRELOAD = switched_on("LLAMAPY_GPU_ATTN_PRELOAD")
-
 
 # A decode program's query heads (GROUP of them, the rows of its tiles) take both products as
 # broadcast multiplies and sums (`_attend_tile`'s USE_DOT False) when a product's
@@ -845,7 +776,7 @@ def _decode(
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
-        EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot, PRELOAD=DECODE_PRELOAD and DECODE_EARLY_V,
+        EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on

@@ -301,7 +301,7 @@ def _launch(
         raise ValueError(f"a {block_n}-row tile straddles the activation's 32-blocks")
     d = w.tensors["d"]
     extra = (counters, *act_codes) if act else (out, out, out, out)  # unread without ACT
-    pdl_on = _pdl(out.device, None if switched_on("LLAMAPY_GPU_X_CODES_TILED_PDL") else w.nbytes)
+    pdl_on = _pdl(out.device, w.nbytes)
     lines = pdl.prefetch_lines(w.k // QK * 16) if pdl_on else 0  # a row's nibbles
     steps = triton.cdiv(w.k // QK, block_b)
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
