@@ -5,9 +5,10 @@ distinct weights a layer, one row) as CUDA-graph replays, us a layer:
 - "quantize": the engine's form: the norm's codes, the gate_up codes GEMV, the activation's
   codes, the down codes GEMV into the stream (four launches), for each quantizing tile
   (32-blocks a program, warps) swept;
-- "gated": `xcodes.mlp` (gate_up writes down's codes: three launches, an atomic a program);
 - the two GEMVs alone with codes made once outside the graph (the ceiling of free codes);
 and each quantizing launch alone (64 in a graph, its input L2-hot as after its producer).
+(The twenty-fifth session's "gated" form, gate_up writing down's codes, was measured here and
+deleted: benchmarks/RESULTS.md.)
 
     python benchmarks/kernels/xcodes_chain_lab.py [--layers 16]
 """
@@ -38,7 +39,6 @@ def main() -> None:
     stream = torch.randn(1, k, device="cuda")
     g = torch.rand(k, device="cuda") + 0.5
     act_in = torch.randn(1, 2 * f, device="cuda")
-    counters = [xcodes.act_counters(f, stream.device) for _ in range(args.layers)]
     saved = xcodes._QUANT_BLOCKS, xcodes._QUANT_WARPS
     print(torch.cuda.get_device_name(), flush=True)
 
@@ -56,13 +56,6 @@ def main() -> None:
         rows.append((f"quantize {blocks} blocks x {warps} warps", norm, act, chain))
         print(rows[-1], flush=True)
     xcodes._QUANT_BLOCKS, xcodes._QUANT_WARPS = saved
-    gated = graph_time(
-        [
-            lambda i=i: xcodes.mlp(stream, gate_ups[i], downs[i], g, 1e-5, "silu", counters[i])
-            for i in range(args.layers)
-        ]
-    )
-    rows.append(("gated (gate_up writes down's codes)", None, None, gated))
     free_in = xcodes.quantize(stream, k, 1, g, 1e-5)
     free_act = xcodes.quantize(act_in, f, 2)
 

@@ -1,14 +1,15 @@
-"""Lab (issue 6, the 1B's tg128): the codes GEMV's tiles, its K loop unrolled, its persistent form.
+"""Lab (issue 6, the 1B's tg128): the codes GEMV's tiles and its persistent form.
 
 The codes GEMV (`kernels/triton/xcodes.py`) streams the 1B's MLP at ~1.8 TB/s with codes made
 for free, against ~3.0 for a copy; its programs are one-warp, two-row tiles over two K
 steps, and each step's loads are consumed before the next step's are issued. Variants:
-- the K loop unrolled at compile time (`xcodes._UNROLL`: every step's loads up front);
 - tiles giving each thread two or four 32-blocks a step (BLOCK_B = 64 or 128 a warp), so
   more bytes are in flight a thread with x still read once a thread (these two: `--tiles`);
 - the persistent, software-pipelined form (`xcodes._PIPE`: rows a tile, warps, programs
   an SM, tiles loaded ahead; x's codes read once a program, the next row tiles' loads
   issued before the current one is computed).
+(K's steps unrolled at compile time were a variant in the twenty-sixth session, slower, and
+deleted since: benchmarks/RESULTS.md.)
 
 Each variant is checked first on the GPU against float64 (the weights' blocks from
 `tests/ggml_blocks.py`, x the value the codes stand for; fresh random inputs each run), then
@@ -63,12 +64,11 @@ def codes_x(codes) -> torch.Tensor:
     return (c * codes[1].cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
 
 
-def set_variant(tile: tuple[int, int, int], long_k: bool, unroll: bool) -> None:
+def set_variant(tile: tuple[int, int, int], long_k: bool) -> None:
     if long_k:
         xcodes._TILE_LONG_K = tile
     else:
         xcodes._TILE = tile
-    xcodes._UNROLL = unroll
 
 
 def check(w, dense: torch.Tensor, codes) -> float:
@@ -100,15 +100,14 @@ def main() -> None:
     stream = torch.zeros(1, k, device="cuda")
     gu_out = torch.empty(1, 2 * f, device="cuda")
     o_out = torch.empty(1, vocab, device="cuda")
-    saved = xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL
+    saved = xcodes._TILE, xcodes._TILE_LONG_K
     saved_pipe = xcodes._PIPE
-    tiled = [(False, t, u) for t, u in itertools.product(SHORT_K, (False, True))]
-    tiled += [(True, t, u) for t, u in itertools.product(LONG_K, (False, True))]
+    tiled = [(False, t) for t in SHORT_K] + [(True, t) for t in LONG_K]
     if not args.tiles:
-        tiled = [(False, saved[0], False), (True, saved[1], False)]
-    variants = [(long_k, ("tiled", tile, unroll)) for long_k, tile, unroll in tiled]
-    variants += [(False, ("persistent", c, False)) for c in PIPE_SHORT]
-    variants += [(True, ("persistent", c, False)) for c in PIPE_LONG]
+        tiled = [(False, saved[0]), (True, saved[1])]
+    variants = [(long_k, ("tiled", tile)) for long_k, tile in tiled]
+    variants += [(False, ("persistent", c)) for c in PIPE_SHORT]
+    variants += [(True, ("persistent", c)) for c in PIPE_LONG]
 
     def chain() -> float:
         return graph_time(
@@ -123,12 +122,12 @@ def main() -> None:
 
     rows = []
     best = {False: (float("inf"), None), True: (float("inf"), None)}
-    for long_k, (form, tile, unroll) in variants:
-        xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+    for long_k, (form, tile) in variants:
+        xcodes._TILE, xcodes._TILE_LONG_K = saved
         xcodes._PIPE = {"short": None, "long": None}
         if form == "tiled":
-            set_variant(tile, long_k, unroll)
-            name = f"{'long' if long_k else 'short'} K {tile}{' unrolled' if unroll else ''}"
+            set_variant(tile, long_k)
+            name = f"{'long' if long_k else 'short'} K {tile}"
         else:
             xcodes._PIPE = (
                 {"short": None, "long": tile} if long_k else {"short": tile, "long": None}
@@ -151,7 +150,7 @@ def main() -> None:
         print(rows[-1], flush=True)
         if form == "persistent" and times[0] < best[long_k][0]:
             best[long_k] = (times[0], tile)
-    xcodes._TILE, xcodes._TILE_LONG_K, xcodes._UNROLL = saved
+    xcodes._TILE, xcodes._TILE_LONG_K = saved
     xcodes._PIPE = {"short": best[False][1], "long": best[True][1]}
     rows.append((f"persistent {best[False][1]} / {best[True][1]}", 0.0, [], chain()))
     xcodes._PIPE = {"short": best[False][1], "long": None}

@@ -1,9 +1,9 @@
 """On/off environment switches: LLAMAPY_CPU_COMPILE, LLAMAPY_CPU_NATIVE_STEP, LLAMAPY_CPU_VNNI,
-LLAMAPY_CPU_ATTENTION, LLAMAPY_MALLOC_TUNE, LLAMAPY_TOKENIZER_CACHE, LLAMAPY_GPU_X_CODES and
-LLAMAPY_GPU_X_CODES_PDL on by default, off for 0 / false / no / off (any case);
-LLAMAPY_CPU_VNNI_Q6K, LLAMAPY_CPU_GUARDS, LLAMAPY_GPU_GATED_CODES, LLAMAPY_GPU_ATTN_CODES and
-LLAMAPY_GPU_X_CODES_Q8 off by default, on for 1 / true / yes / on. Standard library only: the
-tokenizer reads it without importing torch."""
+LLAMAPY_CPU_ATTENTION, LLAMAPY_MALLOC_TUNE, LLAMAPY_TOKENIZER_CACHE, LLAMAPY_GPU_X_CODES,
+LLAMAPY_GPU_X_CODES_PDL, LLAMAPY_GPU_X_CODES_PIPE_PDL and LLAMAPY_GPU_ROPE_TABLES on by
+default, off for 0 / false / no / off (any case); LLAMAPY_CPU_VNNI_Q6K and LLAMAPY_CPU_GUARDS
+off by default, on for 1 / true / yes / on. Standard library only: the tokenizer reads it
+without importing torch."""
 
 from __future__ import annotations
 

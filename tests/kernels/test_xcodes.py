@@ -40,15 +40,13 @@ if CUDA:
 
 
 def q4_weight(rng: np.random.Generator, n: int, k: int, kind: str = "Q4_0"):
-    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, Q4_K blocks held as their
-    Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K), or Q8_0 (the persistent
-    form's only)."""
-    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K,
-             "Q8_0": QuantType.Q8_0}[kind]  # fmt: skip
+    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, or Q4_K blocks held as
+    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K)."""
+    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K}[kind]
     per_row = k // (256 if qtype == QuantType.Q4_K else 32)
     blocks = torch.from_numpy(random_blocks(rng, qtype, (n, per_row)).reshape(n, -1))
     w = qm.pack_weight(blocks.to(DEVICE), qtype, (n, k), legacy_twin=kind == "Q4_K twin")
-    assert w.qtype in xcodes.PIPE_TYPES
+    assert w.qtype in xcodes.TYPES
     return w, dequantize(blocks, qtype).double()
 
 
@@ -123,21 +121,18 @@ def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind:
     check_codes_gemv(rng, n, k, kind, accumulate)
 
 
-@pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("tile", [(2, 32, 1), (2, 64, 1), (1, 128, 4), (1, 256, 4)])
-def test_codes_gemv_tiles_and_unrolled_steps(rng, monkeypatch, tile, unroll: bool) -> None:
-    """Every tile the labs sweep (the persistent form off), with K's steps looped or
-    unrolled at compile time (`xcodes._UNROLL`), over K of one and several steps and N past
-    the last full tile."""
+def test_codes_gemv_tiles(rng, monkeypatch, tile) -> None:
+    """Every tile the labs sweep (the persistent form off), over K of one and several steps
+    and N past the last full tile."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
     monkeypatch.setattr(xcodes, "_TILE", tile)
     monkeypatch.setattr(xcodes, "_TILE_LONG_K", tile)
-    monkeypatch.setattr(xcodes, "_UNROLL", unroll)
     for n, k in [(37, 1024), (5, 4096 if tile[1] > 32 else 2048)]:
         check_codes_gemv(rng, n, k)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 2, 1), (4, 2, 1, 2), (2, 1, 16, 2)])
 def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
@@ -149,85 +144,10 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
         check_codes_gemv(rng, n, k, kind, accumulate)
 
 
-# (2F, K) gate_up shapes: F over one and several 32-blocks, K over one and several GEMV
-# steps; the 1B's on a GPU (8,192 programs counting on 256 blocks' counters)
-GATED_SHAPES = [(2 * 96, 256), (2 * 32, 1024)]
-if CUDA:
-    GATED_SHAPES += [(16384, 2048)]
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize(("n", "k"), GATED_SHAPES)
-def test_gated_gemv_writes_the_activation_codes(rng, n: int, k: int, kind: str, act: str):
-    """The gate_up GEMV's [gate | up] output matches float64 as the plain GEMV's does, and
-    the codes it writes in the same launch (each 32-block's by the last program to store its
-    64 rows) stand for act(gate) * up of that output within the two levels' error; the
-    counters are zero after every launch, so a second launch writes the same codes."""
-    w, dense = q4_weight(rng, n, k, kind)
-    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
-    codes = xcodes.quantize(x, k, 0)
-    f = n // 2
-    counters = xcodes.act_counters(f, x.device)
-    out, act_codes = xcodes.gated_gemv(codes, w, act, counters)
-    assert not counters.any(), "every counter back at zero"
-    xr = codes_x(codes)
-    err = (out.double().cpu().reshape(-1) - dense @ xr).abs()
-    mag = dense.abs() @ xr.abs()
-    assert (err <= 2e-6 * mag + 1e-30).all(), f"GEMV: worst {(err / (mag + 1e-30)).max():.3g}"
-    y = prologue_reference(out, {"silu": 2, "gelu_tanh": 3}[act], None, f)
-    assert_codes_stand_for(act_codes, y, "activation codes")
-    again, again_codes = xcodes.gated_gemv(codes, w, act, counters)
-    assert torch.equal(again, out)
-    for a, b in zip(again_codes, act_codes, strict=True):
-        assert torch.equal(a, b)
-
-
-def test_mlp_is_its_three_launches(rng) -> None:
-    """`mlp` = the norm's codes, `gated_gemv`, the down GEMV added into the stream (each
-    checked against float64 above): bit for bit, the counters left at zero."""
-    k, f = 256, 96
-    gate_up, _ = q4_weight(rng, 2 * f, k)
-    down, _ = q4_weight(rng, k, f, "Q4_1")
-    stream = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
-    g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
-    counters = xcodes.act_counters(f, stream.device)
-    codes = xcodes.quantize(stream, k, 1, g, EPS)
-    _, act_codes = xcodes.gated_gemv(codes, gate_up, "silu", counters)
-    want = xcodes.gemv(act_codes, down, stream.clone(), True)
-    got = stream.clone()
-    assert xcodes.mlp(got, gate_up, down, g, EPS, "silu", counters) is got
-    assert torch.equal(got, want) and not torch.equal(got, stream)
-    assert not counters.any()
-
-
-def test_takes_mlp_needs_both_matrices_and_the_switch(rng, monkeypatch) -> None:
-    k, f = 256, 96
-    monkeypatch.setattr(xcodes, "MIN_K", 32)
-    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
-    gate_up, _ = q4_weight(rng, 2 * f, k)
-    down, _ = q4_weight(rng, k, f)
-    x = torch.zeros(1, k, device=DEVICE)
-    monkeypatch.delenv("LLAMAPY_GPU_GATED_CODES", raising=False)
-    assert not xcodes.takes_mlp(x, gate_up, down)  # off by default (see its docstring)
-    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "1")
-    assert xcodes.takes_mlp(x, gate_up, down)
-    assert not xcodes.takes_mlp(torch.zeros(2, k, device=DEVICE), gate_up, down)
-    assert not xcodes.takes_mlp(x, gate_up, q4_weight(rng, k, 2 * f)[0])  # not gate_up's F
-    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 2 * f * k)  # down below the threshold
-    assert not xcodes.takes_mlp(x, gate_up, down)
-    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
-    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "0")
-    assert not xcodes.takes_mlp(x, gate_up, down)
-    monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
-    monkeypatch.setenv("LLAMAPY_GPU_GATED_CODES", "1")
-    assert not xcodes.takes_mlp(x, gate_up, down)
-
-
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("form", FORMS)
 def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
@@ -235,7 +155,6 @@ def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) ->
     float64 reference within their errors; two rows, or the switch off, take the float32
     GEMV."""
     n, k = 24, 256
-    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "1")  # Q8_0's opt-in
     monkeypatch.setattr(xcodes, "MIN_K", k)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", n * k)
     monkeypatch.setattr(qm, "GEMV_INT8_X", False)
@@ -292,26 +211,6 @@ def test_small_or_other_weights_keep_the_float32_gemv(rng) -> None:
     assert not xcodes.takes(x, w8, None)
 
 
-def test_q8_0_takes_the_persistent_form_only(rng, monkeypatch) -> None:
-    """Q8_0 rows take the codes only where the persistent form takes their K and its switch
-    is on (opt-in); the tiled kernels (and the gated form) refuse it."""
-    monkeypatch.setattr(xcodes, "MIN_K", 256)
-    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 64 * 256)
-    w8, _ = q4_weight(rng, 64, 256, "Q8_0")
-    x = torch.zeros(1, 256, device=DEVICE)
-    monkeypatch.setattr(xcodes, "_PIPE", {"short": (2, 1, 16, 1), "long": None})
-    monkeypatch.delenv("LLAMAPY_GPU_X_CODES_Q8", raising=False)
-    assert not xcodes.takes(x, w8, None)
-    monkeypatch.setenv("LLAMAPY_GPU_X_CODES_Q8", "1")
-    assert xcodes.takes(x, w8, None)
-    with pytest.raises(ValueError, match="gated codes GEMV takes"):
-        xcodes.gated_gemv(xcodes.quantize(x, 256, 0), w8, "silu", xcodes.act_counters(32, x.device))
-    monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
-    assert not xcodes.takes(x, w8, None)  # switch on, the persistent form off
-    with pytest.raises(ValueError, match="persistent form only"):
-        xcodes.gemv(xcodes.quantize(x, 256, 0), w8, torch.zeros(1, 64, device=DEVICE), False)
-
-
 def test_bad_inputs_are_refused(rng) -> None:
     w, _ = q4_0_weight(rng, 8, 256)
     x = torch.zeros(1, 256, device=DEVICE)
@@ -326,14 +225,13 @@ def test_bad_inputs_are_refused(rng) -> None:
         xcodes.gemv(codes, w, torch.zeros(1, 8, device=DEVICE), False)
     with pytest.raises(ValueError, match="out must be"):
         xcodes.gemv(xcodes.quantize(x, 256, 0), w, torch.zeros(1, 9, device=DEVICE), False)
-    gate_up, _ = q4_0_weight(rng, 64, 256)
-    codes = xcodes.quantize(x, 256, 0)
-    with pytest.raises(ValueError, match="act must be"):
-        xcodes.gated_gemv(codes, gate_up, "relu", xcodes.act_counters(32, x.device))
-    with pytest.raises(ValueError, match="counters must be"):
-        xcodes.gated_gemv(codes, gate_up, "silu", xcodes.act_counters(64, x.device))
-    with pytest.raises(ValueError, match="2F rows"):
-        xcodes.gated_gemv(codes, q4_0_weight(rng, 96, 256)[0], "silu", torch.zeros(1))
+    w8 = qm.pack_weight(
+        torch.from_numpy(random_blocks(rng, QuantType.Q8_0, (8, 8)).reshape(8, -1)).to(DEVICE),
+        QuantType.Q8_0,
+        (8, 256),
+    )
+    with pytest.raises(ValueError, match="the codes GEMV takes"):
+        xcodes.gemv(xcodes.quantize(x, 256, 0), w8, torch.zeros(1, 8, device=DEVICE), False)
 
 
 def test_switch_takes_the_project_off_values(monkeypatch) -> None:

@@ -126,15 +126,11 @@ def rope_kv_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    codes: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """`rope_and_write_kv` then `paged_attention` (causal): q (T, n_heads, d), k and v (T,
     n_kv, d) -> (T, n_heads, d). A CUDA decode batch (one new token per sequence) runs it as
     one Triton kernel with the rotation and the cache write inside (`rope_cache_attention_
-    decode`: a launch less a layer); everything else takes the two steps. `codes`
-    (`kernels.triton.xcodes.code_buffers(n_heads * d)`, one row): also filled with the
-    output's int8 codes (by the decode's split merge where it runs, else a quantizing
-    launch)."""
+    decode`: a launch less a layer); everything else takes the two steps."""
     is_decode = meta.max_query_len == 1 and q.shape[0] == meta.block_tables.shape[0]
     d = q.shape[-1]
     if FUSED_ROPE_DECODE and q.is_cuda and is_decode and d >= 16 and v.shape[-1] == d:
@@ -144,17 +140,12 @@ def rope_kv_attention(
             q, k, v, *cos_sin, *kv_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
             interleaved=rope.interleaved, scale=scale, sliding_window=sliding_window,
             softcap=softcap, num_splits=meta.decode_splits,
-            round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH, codes=codes,
+            round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH,
         )  # fmt: skip
     q = rope_and_write_kv(rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
-    out = paged_attention(
+    return paged_attention(
         q, *kv_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap
     )
-    if codes is not None:
-        from llamapy.kernels.triton import xcodes
-
-        xcodes.quantize(out.reshape(1, -1), out.numel(), 0, buffers=codes)
-    return out
 
 
 def paged_attention(

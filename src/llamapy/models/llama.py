@@ -198,7 +198,6 @@ class Attention(torch.nn.Module):
             q = rms_norm(q, self.q_norm, self.eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.eps)
-        codes = self._output_codes(stream)
         out = rope_kv_attention(
             self.rope,
             q,
@@ -210,26 +209,8 @@ class Attention(torch.nn.Module):
             scale=self.scale,
             sliding_window=self.sliding_window,
             softcap=self.softcap,
-            codes=codes,
         )
-        if codes is not None:  # the o projection over the codes the attention wrote
-            from llamapy.kernels.triton import xcodes
-
-            xcodes.gemv(codes, self.o_proj.packed, stream, True)
-        else:
-            self.o_proj(out.reshape(T, -1), residual=stream)
-
-    def _output_codes(self, stream: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Buffers for the attention output's int8 codes where the o projection reads them
-        (one row, `xcodes.takes_ready_codes`; head_dim a power of two >= 32), else None."""
-        d = self.head_dim
-        if stream.shape[0] != 1 or self.o_proj.bias is not None or d < 32 or d & (d - 1):
-            return None
-        from llamapy.kernels.triton import xcodes
-
-        if not xcodes.takes_ready_codes(stream, self.o_proj.packed):
-            return None
-        return xcodes.code_buffers(self.o_proj.in_features, stream.device)
+        self.o_proj(out.reshape(T, -1), residual=stream)
 
 
 class MLP(torch.nn.Module):
@@ -248,29 +229,6 @@ class MLP(torch.nn.Module):
             if self.gate_up is None:
                 self.gate, self.up = QLinear(gate, gate_bias), QLinear(up, up_bias)
         self.activation = opts.activation
-        self._act_counters: torch.Tensor | None = None  # `decode_codes`', made on first use
-
-    def decode_codes(
-        self, stream: torch.Tensor, norm_weight: torch.Tensor, eps: float, act: str
-    ) -> bool:
-        """CUDA decode of one row whose gate_up and down both read x's int8 codes
-        (`kernels.triton.xcodes.mlp`): stream += down(act(gate) * up) of the normed stream in
-        three launches, the gate_up GEMV writing down's codes. False (nothing done) where
-        that path does not take these matrices or this row."""
-        from llamapy.kernels.triton import xcodes
-
-        gate_up, down = self.gate_up.packed, self.down.packed
-        if (
-            self.gate is not None
-            or self.gate_up.bias is not None
-            or self.down.bias is not None
-            or not xcodes.takes_mlp(stream, gate_up, down)
-        ):
-            return False
-        if self._act_counters is None:  # the warm-up before a CUDA graph's capture makes it
-            self._act_counters = xcodes.act_counters(down.k, stream.device)
-        xcodes.mlp(stream, gate_up, down, norm_weight, eps, act, self._act_counters)
-        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
@@ -422,16 +380,15 @@ class DecoderLayer(torch.nn.Module):
         """CUDA decode: `forward` in four GEMVs and no norm or activation kernel: QKV from
         the residual stream with the attention norm inside, the output projection added into
         the stream in place, gate_up with the FFN norm inside, down with the gated activation
-        inside, added into the stream (for one row of large Q4 matrices: the MLP over int8
-        codes of x, `MLP.decode_codes`). Returns (None, the stream): h is already added."""
+        inside, added into the stream (one row of large Q4 matrices: `qmatmul` routes them
+        over int8 codes of x, `kernels.triton.xcodes`). Returns (None, the stream): h is
+        already added."""
         if residual is None:  # first layer: the embedding (a fresh tensor) becomes the stream
             residual = h
         elif h is not None:
             residual = residual + h
         self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
-        if mlp.decode_codes(residual, self.ffn_norm, self.eps, self.fused_activation):
-            return None, residual
         if _prologue_pays(mlp.gate_up):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding, xcodes
+from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding
 from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -403,16 +403,8 @@ def _combine_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr = False,
-    xc_ptr=None,
-    xs_ptr=None,
-    xt_ptr=None,
-    CODES: tl.constexpr = False,
-    LEVELS: tl.constexpr = 2,
 ):
-    """Merge the splits of one (sequence, head) by their log-sum-exp (flash-decoding).
-    CODES (one sequence, HEAD_DIM a multiple of 32): also the head's int8 codes, its
-    HEAD_DIM / 32 blocks of the (n_heads * HEAD_DIM) row, into `xcodes.code_buffers` (xc,
-    xs, xt): the o projection's input, with no quantizing launch before its codes GEMV."""
+    """Merge the splits of one (sequence, head) by their log-sum-exp (flash-decoding)."""
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
     b = tl.program_id(0)
@@ -435,18 +427,6 @@ def _combine_kernel(
     o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_d)
-    if CODES:  # the same merge in the halves' layout (blocks, 16) the codes take
-        nbh: tl.constexpr = HEAD_DIM // 32
-        offs_l = tl.arange(0, nbh)[:, None] * 32 + tl.arange(0, 16)[None, :]
-        parts = part_o_ptr + (row * NUM_SPLITS + offs_s)[:, None, None] * HEAD_DIM
-        ws = w[:, None, None]
-        s_ok = mask_s[:, None, None]
-        ol = tl.sum(tl.load(parts + offs_l[None, :, :], mask=s_ok, other=0.0) * ws, 0)
-        oh = tl.sum(tl.load(parts + 16 + offs_l[None, :, :], mask=s_ok, other=0.0) * ws, 0)
-        div = tl.where(total > 0, total, 1.0)
-        blocks = h * nbh + tl.arange(0, nbh)
-        xcodes.store_codes(ol / div, oh / div, blocks, blocks >= 0, xc_ptr, xs_ptr, xt_ptr,
-                           tl.num_programs(1) * nbh, LEVELS)  # fmt: skip
 
 
 @triton.jit
@@ -688,16 +668,13 @@ def rope_cache_attention_decode(
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int] | None = None,
     round_q: bool = False,
-    codes: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """A decode step's attention in one kernel (two with split merging): the result of
     `rotary.rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)` followed by
     `paged_attention_decode` over the rotated q, without the rotary launch. q (B, n_heads,
     d), k (B, n_kv, d), v (B, n_kv, d): this step's projections, one token per sequence at
     position seq_lens[b] - 1, whose slot is slot_mapping[b] (< 0: not stored; a sequence of
-    length 0 stores nothing). The caches are written as the rotary kernel writes them.
-    codes: `xcodes.code_buffers(n_heads * d)` that also receive the output row's int8 codes
-    (one sequence; the split merge writes them: the o projection's codes GEMV input)."""
+    length 0 stores nothing). The caches are written as the rotary kernel writes them."""
     op = "rope_cache_attention_decode"
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     rot_dim = rotary.check_rope(op, q, k, cos, sin)
@@ -714,7 +691,7 @@ def rope_cache_attention_decode(
         NEW_KV=True, ROT_HALF=rot_dim // 2, INTERLEAVED=interleaved,
     )  # fmt: skip
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                   num_splits, out, tiles, round_q, new_kv, codes)  # fmt: skip
+                   num_splits, out, tiles, round_q, new_kv)  # fmt: skip
 
 
 def _decode(
@@ -731,7 +708,6 @@ def _decode(
     tiles: tuple[int, int, int] | None,
     round_q: bool,
     new_kv: dict,
-    codes: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
@@ -747,12 +723,6 @@ def _decode(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     block_d = triton.next_power_of_2(d)
-    if codes is not None:  # checked before anything runs (the kernel writes the caches)
-        if batch != 1 or d % 32 or d != block_d or out.dtype != torch.float32:
-            raise ValueError(f"the output's codes take one sequence, d a power of two >= 32 "
-                             f"and a float32 output, got q {tuple(q.shape)}")  # fmt: skip
-        if codes[1].shape != (xcodes.LEVELS, n_heads * d // 32):
-            raise ValueError(f"codes must be `xcodes.code_buffers({n_heads * d})`")
     if batch == 0:
         return out
     round_q = _rounds_q(round_q, q, k_cache)
@@ -781,18 +751,12 @@ def _decode(
     )
     # fmt: on
     if num_splits > 1:
-        code_args = {}
-        if codes is not None:
-            code_args = dict(zip(("xc_ptr", "xs_ptr", "xt_ptr"), codes, strict=True))
         _combine_kernel[(batch, n_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch_options(pdl_on),
-            **code_args, CODES=codes is not None, LEVELS=xcodes.LEVELS,
             num_warps=4 if block_d <= 128 else 8,
         )  # fmt: skip
-    elif codes is not None:  # no merge to write them: a quantizing launch
-        xcodes.quantize(out.view(1, -1), n_heads * d, 0, buffers=codes)
     return out
 
 

@@ -49,7 +49,7 @@ import torch
 from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.types import QuantType
-from llamapy.switches import OFF_VALUES, switched_off, switched_on
+from llamapy.switches import OFF_VALUES, switched_off
 
 if HAS_TRITON:
     import triton
@@ -76,21 +76,10 @@ def _min_weights(env: str | None) -> int:
 MIN_WEIGHTS = _min_weights(os.environ.get("LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"))
 MIN_K = 2048
 TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernels' QT
-# Q8_0 (its quants as signed bytes, dp4a on both signed) in the persistent form only, where
-# `_PIPE` takes the weight's K; opt-in, LLAMAPY_GPU_X_CODES_Q8=1: on an H200 the 1B Q8_0's
-# tg128 went 1301.3 -> 1294.8 t/s with it (0.995x; its weights are bytes already, the float32
-# GEMV's bound is not its instruction count).
-PIPE_TYPES = TYPES | {QuantType.Q8_0: 2}
-Q8_SWITCH = "LLAMAPY_GPU_X_CODES_Q8"
-ACTS = {"silu": 2, "gelu_tanh": 3}  # gated activations -> the kernel's ACT (its PRO codes)
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
 _TILE_LONG_K = (1, 128, 4)
-# K's steps unrolled at compile time (every step's loads issued before the first is
-# consumed) instead of a loop: a lab switch (`xcodes_tile_lab.py --tiles`); on an H200 no
-# faster at gate_up (9.24 -> 9.27 us), slower at down (5.96 -> 7.35): off.
-_UNROLL = False
 
 
 Pipe = tuple[int, int, int, int]  # (BLOCK_N, num_warps, programs an SM, tiles loaded ahead)
@@ -186,9 +175,7 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
 
 
 def _weight_fits(w: PackedWeight) -> bool:
-    if w.qtype == QuantType.Q8_0 and (_pipe_for(w.k) is None or not switched_on(Q8_SWITCH)):
-        return False
-    return w.qtype in PIPE_TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
+    return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
 
 
 def _pipe_for(k: int) -> Pipe | None:
@@ -203,21 +190,6 @@ def _row_fits(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and (INTERPRET or (x.is_cuda and _has_dp4a(_index(x.device))))
         and enabled()
-    )
-
-
-def takes_ready_codes(x: torch.Tensor, w: PackedWeight) -> bool:
-    """Whether a product of one row x by w, whose codes its producer writes (the attention's
-    split merge: `attention.rope_cache_attention_decode(codes=...)`), runs as the codes GEMV:
-    no size threshold (no quantizing launch to pay for); opt-in, LLAMAPY_GPU_ATTN_CODES=1:
-    on an H200 the 1B's tg128 went 0.98x with it (the merge's quantization costs more than
-    o's quantizing launch)."""
-    return (
-        switched_on("LLAMAPY_GPU_ATTN_CODES")
-        and w.qtype in TYPES
-        and w.k % QK == 0
-        and "qs" in w.tensors
-        and _row_fits(x)
     )
 
 
@@ -272,10 +244,8 @@ def gemv(
 
 
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
-    if w.qtype not in PIPE_TYPES:
-        raise ValueError(f"the codes GEMV takes {[t.name for t in PIPE_TYPES]}, got {w.qtype.name}")
-    if w.qtype not in TYPES and _pipe_for(w.k) is None:
-        raise ValueError(f"{w.qtype.name} runs in the persistent form only, off for K={w.k}")
+    if w.qtype not in TYPES:
+        raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
     if "qs" not in w.tensors:
         raise ValueError("the codes GEMV reads the quants ('qs'), not a byte twin or float form")
     nb = w.k // QK
@@ -288,26 +258,20 @@ def _launch(
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
-    act: int = 0,
-    counters: torch.Tensor | None = None,
-    act_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
     pipe = _pipe_for(w.k)
-    if pipe is not None and not act:
+    if pipe is not None:
         _launch_pipe(codes, w, out, accumulate, pipe)
         return
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
-    if act and QK % block_n:
-        raise ValueError(f"a {block_n}-row tile straddles the activation's 32-blocks")
     d = w.tensors["d"]
-    extra = (counters, *act_codes) if act else (out, out, out, out)  # unread without ACT
     pdl_on = _pdl(out.device, w.nbytes)
     lines = pdl.prefetch_lines(w.k // QK * 16) if pdl_on else 0  # a row's nibbles
     steps = triton.cdiv(w.k // QK, block_b)
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        steps, *extra, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
-        RES=accumulate, ACT=act, INTERP=INTERPRET, PF=lines, STEPS=steps if _UNROLL else 0,
+        steps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
+        RES=accumulate, INTERP=INTERPRET, PF=lines,
         **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
@@ -331,74 +295,10 @@ def _launch_pipe(
     pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        tiles, QT=PIPE_TYPES[w.qtype], BLOCK_N=block_n,
+        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
-
-
-def act_counters(f: int, device: torch.device) -> torch.Tensor:
-    """The zeroed per-32-block counters `gated_gemv` needs for an activation of F values
-    (int32 (F / 32,)); every launch leaves them zero again. One set per caller that may run
-    at the same time as another (a model's layer each)."""
-    return torch.zeros(f // QK, dtype=torch.int32, device=device)
-
-
-def gated_gemv(
-    codes: tuple[torch.Tensor, ...], w: PackedWeight, act: str, counters: torch.Tensor
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The [gate | up] product of a gate_up weight (2F rows) over x's `codes`, and in the
-    same launch the codes of act(gate) * up (`code_buffers(F)`): the next GEMV's input
-    (down's) with no quantizing launch between. -> ((1, 2F) float32 [gate | up], codes)."""
-    _check_codes(codes, w)
-    if w.qtype not in TYPES:
-        raise ValueError(
-            f"the gated codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}"
-        )
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
-    f = w.n // 2
-    if w.n % (2 * QK):
-        raise ValueError(f"a [gate | up] weight has 2F rows, F a multiple of 32; got {w.n}")
-    if counters.shape != (f // QK,) or counters.dtype != torch.int32:
-        raise ValueError(f"counters must be `act_counters({f})`, got {tuple(counters.shape)}")
-    out = torch.empty(1, w.n, dtype=torch.float32, device=codes[0].device)
-    act_codes = code_buffers(f, out.device)
-    _launch(codes, w, out, False, ACTS[act], counters, act_codes)
-    return out, act_codes
-
-
-def mlp(
-    stream: torch.Tensor,
-    gate_up: PackedWeight,
-    down: PackedWeight,
-    norm_weight: torch.Tensor,
-    eps: float,
-    act: str,
-    counters: torch.Tensor,
-) -> torch.Tensor:
-    """A gated MLP's decode row in three launches: stream += down(act(gate) * up) with
-    [gate | up] = gate_up(rms_norm(stream) * norm_weight): the norm's codes, the gate_up GEMV
-    writing the activation's codes (`gated_gemv`), the down GEMV adding into `stream`."""
-    codes = quantize(stream, gate_up.k, 1, norm_weight, eps)
-    _, act_codes = gated_gemv(codes, gate_up, act, counters)
-    return gemv(act_codes, down, stream, True)
-
-
-def takes_mlp(x: torch.Tensor, gate_up: PackedWeight, down: PackedWeight) -> bool:
-    """Whether `mlp` takes this row: both matrices `takes` their rows, the switch
-    LLAMAPY_GPU_GATED_CODES is on (off by default: on an H100 the 1B's tg128 went 0.92x with
-    it at Q4_0, an atomic and its fences in each of gate_up's 8,192 programs costing more
-    than the quantizing launch they save), and down's K is gate_up's F."""
-    return (
-        switched_on("LLAMAPY_GPU_GATED_CODES")
-        and gate_up.qtype in TYPES
-        and down.qtype in TYPES
-        and gate_up.n == 2 * down.k
-        and down.k % QK == 0
-        and _weight_fits(down)
-        and takes(x, gate_up, None)
-    )
 
 
 def matmul(
@@ -441,16 +341,15 @@ if HAS_TRITON:
             xl = xl * inv
             xh = xh * inv
         offs_b = b_first + tl.arange(0, BLOCK_B)
-        store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+        _store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
 
     @triton.jit
-    def store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
+    def _store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
         """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
         as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into `code_buffers`
         (xc words, xs scales, xt code sums): per level, int8 codes as words (a block's low
         half's four, then its high half's), the scale and the codes' sum per block; each
-        level quantizes what the ones before left. Also the attention's split merge's
-        (`attention._combine_kernel`, the o projection's codes)."""
+        level quantizes what the ones before left."""
         words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
         for lvl in tl.static_range(LEVELS):
             cl, ch, sx, total = qm._codes(xl, xh)
@@ -500,18 +399,13 @@ if HAS_TRITON:
     @triton.jit
     def _codes_gemv_kernel(
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
-        cnt_ptr, yc_ptr, ys_ptr, yt_ptr,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        RES: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
-        PF: tl.constexpr, STEPS: tl.constexpr,
+        RES: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
-        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks (STEPS > 0:
-        the same number, unrolled at compile time). ACT 2 /
-        3 (out a [gate | up] row of 2F, F = N / 2): also the codes (yc, ys, yt) of act(gate)
-        * up, each 32-block's written by the last program to store its 64 rows
-        (`_act_codes_epilogue`). PDL: PF lines of each row's words go to L2 before the wait
-        for the kernel before (the codes' producer)."""
+        for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. PDL: PF
+        lines of each row's words go to L2 before the wait for the kernel before (the codes'
+        producer)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
@@ -521,11 +415,7 @@ if HAS_TRITON:
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
         acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-        if STEPS > 0:
-            for step in tl.static_range(STEPS):
-                acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
-                                  nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
-        elif INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
+        if INTERP:  # numpy >= 2.4 cannot make the interpreter's scalars `range` bounds
             step = 0
             while step < steps:
                 acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
@@ -539,33 +429,23 @@ if HAS_TRITON:
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y, mask=n_mask)
-        if ACT >= 2:
-            row0 = tl.program_id(0) * BLOCK_N
-            _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, N // 2,
-                                BLOCK_N, ACT, LEVELS)  # fmt: skip
 
     @triton.jit
     def _pipe_tile(qs_ptr, d_ptr, m_ptr, tile, N, nb, QT: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_B: tl.constexpr):  # fmt: skip
         """A row tile's loads for `_codes_gemv_pipe_kernel`: words (BN, BB, 4), d (BN, BB) and
         m (Q4_1; else d again) of rows [tile * BLOCK_N, +BLOCK_N), all of K; rows past N
-        (tiles past the last) load zeros. Q8_0 (QT 2): a block's first four words and, in
-        m's place, its last four."""
+        (tiles past the last) load zeros."""
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
         offs_b = tl.arange(0, BLOCK_B)
         blk = rows[:, None] * nb + offs_b[None, :]
         ok = n_mask[:, None] & (offs_b < nb)[None, :]
-        if QT == 2:
-            w = qm._words(qs_ptr, rows, n_mask, 0, nb, 8, 0, BLOCK_B)
-            m = qm._words(qs_ptr, rows, n_mask, 0, nb, 8, 4, BLOCK_B)
-        else:
-            w = qm._words(qs_ptr, rows, n_mask, 0, nb, 4, 0, BLOCK_B)
+        w = qm._words(qs_ptr, rows, n_mask, 0, nb, 4, 0, BLOCK_B)
         d = tl.load(d_ptr + blk, mask=ok, other=0.0).to(tl.float32)
-        if QT == 0:
-            m = d
-        elif QT == 1:
+        m = d
+        if QT == 1:
             m = tl.load(m_ptr + blk, mask=ok, other=0.0).to(tl.float32)
         return w, d, m
 
@@ -575,7 +455,7 @@ if HAS_TRITON:
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
         AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """`_codes_gemv_kernel`'s product (two levels of codes, no ACT), persistent and
+        """`_codes_gemv_kernel`'s product (two levels of codes), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
         and walks the row tiles pid, pid + programs, ..., issuing the loads of the tile AHEAD
         (1 or 2) tiles on before it computes the current one, so that a program keeps AHEAD +
@@ -605,12 +485,8 @@ if HAS_TRITON:
         while tile < tiles:
             nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
                              BLOCK_B)  # fmt: skip
-            if QT == 2:  # signed bytes: weights 0..15 and 16..31 of each block
-                lo = w
-                hi = m
-            else:  # nibbles: weights 4i.. of word i in its low halves, 16 + 4i.. in its high
-                lo = w & 0x0F0F0F0F
-                hi = (w >> 4) & 0x0F0F0F0F
+            lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
+            hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
             part = d * (_pipe_dot(lo, hi, cl0, ch0, t0, s0, QT, INTERP)
                         + _pipe_dot(lo, hi, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
             if QT == 1:
@@ -634,35 +510,9 @@ if HAS_TRITON:
         a block's weights as words lo (0..15) and hi (16..31) (BN, BB, 4) against that
         level's code words cl / ch (BB, 4)."""
         zero = tl.zeros(lo.shape, tl.int32)
-        dot = qm._dp4a(lo, cl[None, :, :], zero, QT == 2, INTERP)
-        dot = qm._dp4a(hi, ch[None, :, :], dot, QT == 2, INTERP)
+        dot = qm._dp4a(lo, cl[None, :, :], zero, False, INTERP)
+        dot = qm._dp4a(hi, ch[None, :, :], dot, False, INTERP)
         isum = tl.sum(dot, axis=2)
         if QT == 0:
             isum -= 8 * t[None, :]
         return isum.to(tl.float32) * s[None, :]
-
-    @triton.jit
-    def _act_codes_epilogue(out_ptr, cnt_ptr, yc_ptr, ys_ptr, yt_ptr, row0, F, ROWS: tl.constexpr,
-                            ACT: tl.constexpr, LEVELS: tl.constexpr):  # fmt: skip
-        """After a program stored its ROWS rows (row0.., all in one 32-block of gate or of up:
-        ROWS divides 32) of the [gate | up] row: count them on the block's counter; the
-        program that brings it to 64 (the block's 32 gate and 32 up values all stored) reads
-        them back, writes the block's codes of act(gate) * up as `_quantize_kernel` does, and
-        zeroes the counter for the next launch. The release / acquire of the counter's atomic
-        orders every program's stores before the last one's loads (the classic "last block"
-        reduction); the loads bypass L1 (.cg), which holds nothing of other SMs' stores."""
-        j = (row0 % F) // 32
-        tl.debug_barrier()  # every thread's stores of this program before the release
-        seen = tl.atomic_add(cnt_ptr + j, ROWS, sem="acq_rel", scope="gpu")
-        if seen == 64 - ROWS:
-            nb = F // 32
-            lo = j * 32 + tl.arange(0, 16)[None, :]
-            gl = tl.load(out_ptr + lo, cache_modifier=".cg")
-            gh = tl.load(out_ptr + lo + 16, cache_modifier=".cg")
-            ul = tl.load(out_ptr + F + lo, cache_modifier=".cg")
-            uh = tl.load(out_ptr + F + lo + 16, cache_modifier=".cg")
-            xl = qm._gated(gl, ul, ACT == 2)  # (1, 16): the block's halves
-            xh = qm._gated(gh, uh, ACT == 2)
-            one = j + tl.arange(0, 1)
-            store_codes(xl, xh, one, one >= 0, yc_ptr, ys_ptr, yt_ptr, nb, LEVELS)
-            tl.store(cnt_ptr + j, 0)
