@@ -47,6 +47,8 @@ class RotaryEmbedding:
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.to(torch.float64)
         self.inv_freq = inv_freq
+        # (n, 2, rot_dim/2) float32: cos and sin of positions 0..n-1 (`build_table`), or None
+        self.table: torch.Tensor | None = None
 
     def cos_sin(
         self, positions: torch.Tensor, bound: int | None = None
@@ -65,9 +67,6 @@ class RotaryEmbedding:
             return rows[:, 0], rows[:, 1]
         angles = positions.to(torch.float64)[:, None] * self.position_scale * self.inv_freq
         return angles.cos().float(), angles.sin().float()  # (T, rot_dim/2)
-
-    # (n, 2, rot_dim/2) float32: cos and sin of positions 0..n-1 (`build_table`), or None
-    table: torch.Tensor | None = None
 
     def build_table(self, n: int, device: torch.device | str) -> None:
         """Keep cos and sin of positions [0, n) on `device`, computed as `cos_sin` computes
