@@ -1,10 +1,11 @@
 """The output projection writing gate_up's codes (`xcodes.StreamCodes`) against the engine's
 chain (o adding into the stream, the quantizing kernel with the RMSNorm, gate_up over the
-codes), at the Llama-3.2-1B shapes on a GPU.
+codes), and down writing the next layer's QKV codes against down then QKV's float32 GEMV
+with the norm inside, at the Llama-3.2-1B shapes on a GPU.
 
 Each form runs as one CUDA graph of 16 layers' chains over distinct weights (more bytes than
-L2 holds), checked first against the other form's gate_up output; then the producer's tiles
-(`qmatmul.STREAM_CODES_TILE`'s K step and warps) are swept. Prints microseconds a layer.
+L2 holds), checked first against the other form's output; then the producer's tiles
+(`qmatmul.STREAM_CODES_TILE`, `xcodes.STREAM_TILE`) are swept. Prints microseconds a layer.
 
     python benchmarks/kernels/stream_codes_lab.py [--types Q4_0,Q4_1]
 """
@@ -62,51 +63,100 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    print("| type | form | us a layer (o + gate_up) |")
+    print("| type | form | us a layer |")
     for name in args.types.split(","):
-        qtype = QuantType[name]
-        wo = [random_weight(qtype, HIDDEN, HIDDEN) for _ in range(LAYERS)]
-        wu = [random_weight(qtype, 2 * FFN, HIDDEN) for _ in range(LAYERS)]
-        g = torch.rand(HIDDEN, device="cuda") + 0.5
-        x = torch.randn(1, HIDDEN, device="cuda")
-        start = torch.randn(1, HIDDEN, device="cuda")
-        stream = start.clone()
-        outs = [torch.empty(1, 2 * FFN, device="cuda") for _ in range(LAYERS)]
-        codes = [xcodes.StreamCodes.empty(g, EPS) for _ in range(LAYERS)]
+        o_then_gate_up(QuantType[name])
+        down_then_qkv(QuantType[name])
 
-        def engine() -> None:
-            for i in range(LAYERS):
-                qm.qmatmul(x, wo[i], residual=stream)
-                xcodes.matmul(stream, wu[i], outs[i], 1, g, EPS, False)
 
-        def stream_codes() -> None:
-            for i in range(LAYERS):
-                qm.qmatmul(x, wo[i], residual=stream, codes_out=codes[i])
-                xcodes.gemv(codes[i], wu[i], outs[i], False)
+def o_then_gate_up(qtype: QuantType) -> None:
+    """o adding into the stream, then gate_up: the engine's (the quantizing kernel with the
+    RMSNorm between them) against o writing gate_up's codes; o's 32-row tiles swept."""
+    name = qtype.name
+    wo = [random_weight(qtype, HIDDEN, HIDDEN) for _ in range(LAYERS)]
+    wu = [random_weight(qtype, 2 * FFN, HIDDEN) for _ in range(LAYERS)]
+    g = torch.rand(HIDDEN, device="cuda") + 0.5
+    x = torch.randn(1, HIDDEN, device="cuda")
+    start = torch.randn(1, HIDDEN, device="cuda")
+    stream = start.clone()
+    outs = [torch.empty(1, 2 * FFN, device="cuda") for _ in range(LAYERS)]
+    codes = [xcodes.StreamCodes.empty(g, EPS) for _ in range(LAYERS)]
 
-        # correctness of the codes form against the engine's, one layer from the same stream
-        stream.copy_(start)
-        qm.qmatmul(x, wo[0], residual=stream)
-        want = xcodes.matmul(stream, wu[0], torch.empty(1, 2 * FFN, device="cuda"), 1, g, EPS,
-                             False)  # fmt: skip
-        stream.copy_(start)
-        qm.qmatmul(x, wo[0], residual=stream, codes_out=codes[0])
-        got = xcodes.gemv(codes[0], wu[0], torch.empty(1, 2 * FFN, device="cuda"), False)
-        rel = ((got - want).abs().max() / want.abs().max()).item()
-        print(f"check {name}: max |codes form - engine| / max |engine| = {rel:.2e}")
-        assert rel < 1e-3, rel
-        print(f"| {name} | engine (o, quantize, gate_up) | {graph_us(engine):.2f} |")
-        base_tile = dict(qm.STREAM_CODES_TILE)
-        for block_b, warps in itertools.product((16, 32, 64), (2, 4, 8)):
-            qm.STREAM_CODES_TILE.update(BLOCK_B=block_b, num_warps=warps)
-            try:
-                t = graph_us(stream_codes)
-            except Exception as exc:  # out of resources: skip the variant
-                print(f"  skip {block_b} x {warps}: {type(exc).__name__}")
-                continue
-            print(f"| {name} | o writes codes, {block_b} blocks, {warps} warps | {t:.2f} |")
-        qm.STREAM_CODES_TILE.clear()
-        qm.STREAM_CODES_TILE.update(base_tile)
+    def engine() -> None:
+        for i in range(LAYERS):
+            qm.qmatmul(x, wo[i], residual=stream)
+            xcodes.matmul(stream, wu[i], outs[i], 1, g, EPS, False)
+
+    def stream_codes() -> None:
+        for i in range(LAYERS):
+            qm.qmatmul(x, wo[i], residual=stream, codes_out=codes[i])
+            xcodes.gemv(codes[i], wu[i], outs[i], False)
+
+    stream.copy_(start)
+    engine()
+    want = outs[0].clone()
+    stream.copy_(start)
+    stream_codes()
+    rel = ((outs[0] - want).abs().max() / want.abs().max()).item()
+    print(f"check {name} o -> gate_up: max |codes form - engine| / max |engine| = {rel:.2e}")
+    assert rel < 1e-3, rel
+    print(f"| {name} | engine (o, quantize, gate_up) | {graph_us(engine):.2f} |")
+    base_tile = dict(qm.STREAM_CODES_TILE)
+    for block_b, warps in itertools.product((16, 32, 64), (4, 8, 16)):
+        qm.STREAM_CODES_TILE.update(BLOCK_B=block_b, num_warps=warps)
+        try:
+            t = graph_us(stream_codes)
+        except Exception as exc:  # out of resources: skip the variant
+            print(f"  skip {block_b} x {warps}: {type(exc).__name__}")
+            continue
+        print(f"| {name} | o writes codes, {block_b} blocks, {warps} warps | {t:.2f} |")
+    qm.STREAM_CODES_TILE.clear()
+    qm.STREAM_CODES_TILE.update(base_tile)
+
+
+def down_then_qkv(qtype: QuantType) -> None:
+    """down (over its gated codes) adding into the stream, then the next layer's QKV: the
+    engine's (QKV's float32 GEMV with the RMSNorm inside) against down writing QKV's codes
+    and QKV over them; down's 32-row tiles swept."""
+    name = qtype.name
+    wd = [random_weight(qtype, HIDDEN, FFN) for _ in range(LAYERS)]
+    wq = [random_weight(qtype, 3072, HIDDEN) for _ in range(LAYERS)]
+    g = torch.rand(HIDDEN, device="cuda") + 0.5
+    gu = torch.randn(1, 2 * FFN, device="cuda")
+    start = torch.randn(1, HIDDEN, device="cuda")
+    stream = start.clone()
+    outs = [torch.empty(1, 3072, device="cuda") for _ in range(LAYERS)]
+    codes = [xcodes.StreamCodes.empty(g, EPS) for _ in range(LAYERS)]
+
+    def engine() -> None:
+        for i in range(LAYERS):
+            xcodes.matmul(gu, wd[i], stream, 2, None, None, True)
+            qm.qmatmul_with(stream, wq[i], out=outs[i], norm_weight=g, eps=EPS)
+
+    def stream_codes() -> None:
+        for i in range(LAYERS):
+            xcodes.matmul(gu, wd[i], stream, 2, None, None, True, codes[i])
+            xcodes.gemv(codes[i], wq[i], outs[i], False)
+
+    stream.copy_(start)
+    engine()
+    want = outs[0].clone()
+    stream.copy_(start)
+    stream_codes()
+    rel = ((outs[0] - want).abs().max() / want.abs().max()).item()
+    print(f"check {name} down -> qkv: max |codes form - engine| / max |engine| = {rel:.2e}")
+    assert rel < 1e-3, rel
+    print(f"| {name} | engine (down, qkv with the norm) | {graph_us(engine):.2f} |")
+    base = xcodes.STREAM_TILE
+    for block_b, warps in itertools.product((32, 64, 128, 256), (1, 2, 4, 8)):
+        xcodes.STREAM_TILE = (32, block_b, warps)
+        try:
+            t = graph_us(stream_codes)
+        except Exception as exc:  # out of resources: skip the variant
+            print(f"  skip {block_b} x {warps}: {type(exc).__name__}")
+            continue
+        print(f"| {name} | down writes codes, {block_b} blocks, {warps} warps | {t:.2f} |")
+    xcodes.STREAM_TILE = base
 
 
 if __name__ == "__main__":

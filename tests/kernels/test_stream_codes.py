@@ -204,7 +204,12 @@ def test_bad_stream_codes_calls_are_refused(rng, monkeypatch) -> None:
         qm.qmatmul(row(rng, 128), wide, codes=codes)
 
 
-def test_lab_tile_setting_parses_or_names_the_variable() -> None:
+def test_lab_tile_settings_parse_or_name_the_variable() -> None:
+    assert xcodes._stream_tile(None)[0] == 32
+    assert xcodes._stream_tile("128,4") == (32, 128, 4)
+    for bad in ("64", "a,4", "48,4", "0,4"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_STREAM_CODES_DOWN_TILE"):
+            xcodes._stream_tile(bad)
     assert qm._stream_codes_tile(None)["BLOCK_N"] == 32
     tile = qm._stream_codes_tile("64,4")
     assert (tile["BLOCK_B"], tile["num_warps"], tile["BLOCK_N"]) == (64, 4, 32)

@@ -83,9 +83,21 @@ _TILE = (2, 32, 1)
 _TILE_LONG_K = (1, 128, 4)
 
 
-# The tiled form's tile when it writes the stream's codes (`gemv`'s codes_out): 32 rows, one
-# codes block a program; (BLOCK_N, BLOCK_B, num_warps).
-STREAM_TILE = (32, 64, 2)
+def _stream_tile(env: str | None) -> tuple[int, int, int]:
+    """The tiled form's tile when it writes the stream's codes (`gemv`'s codes_out): 32 rows,
+    one codes block a program; (BLOCK_N, BLOCK_B, num_warps). LLAMAPY_GPU_STREAM_CODES_DOWN_TILE
+    "BLOCK_B,WARPS" (powers of two) for lab sweeps."""
+    if env:
+        parts = env.split(",")
+        if len(parts) == 2 and all(v.strip().isdigit() for v in parts):
+            block_b, warps = (int(v) for v in parts)
+            if all(v > 0 and v & (v - 1) == 0 for v in (block_b, warps)):
+                return 32, block_b, warps
+        raise ValueError(f"LLAMAPY_GPU_STREAM_CODES_DOWN_TILE wants two powers of two, got {env!r}")
+    return 32, 64, 2
+
+
+STREAM_TILE = _stream_tile(os.environ.get("LLAMAPY_GPU_STREAM_CODES_DOWN_TILE"))
 
 Pipe = tuple[int, int, int, int]  # (BLOCK_N, num_warps, programs an SM, tiles loaded ahead)
 # The persistent form's default: short K (gate_up, the output matrix) persistent, long K
