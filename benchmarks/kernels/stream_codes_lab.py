@@ -1,11 +1,11 @@
 """The output projection writing gate_up's codes (`xcodes.StreamCodes`) against the engine's
 chain (o adding into the stream, the quantizing kernel with the RMSNorm, gate_up over the
-codes), and down writing the next layer's QKV codes against down then QKV's float32 GEMV
-with the norm inside, at the Llama-3.2-1B shapes on a GPU.
+codes), at the Llama-3.2-1B shapes on a GPU. (Down writing the next layer's QKV codes, its
+32-row tiles over K = 8192, lost: benchmarks/RESULTS.md, twenty-eighth session.)
 
 Each form runs as one CUDA graph of 16 layers' chains over distinct weights (more bytes than
 L2 holds), checked first against the other form's output; then the producer's tiles
-(`qmatmul.STREAM_CODES_TILE`, `xcodes.STREAM_TILE`) are swept. Prints microseconds a layer.
+(`qmatmul.STREAM_CODES_TILE`) are swept. Prints microseconds a layer.
 
     python benchmarks/kernels/stream_codes_lab.py [--types Q4_0,Q4_1]
 """
@@ -66,7 +66,6 @@ def main() -> None:
     print("| type | form | us a layer |")
     for name in args.types.split(","):
         o_then_gate_up(QuantType[name])
-        down_then_qkv(QuantType[name])
 
 
 def o_then_gate_up(qtype: QuantType) -> None:
@@ -112,51 +111,6 @@ def o_then_gate_up(qtype: QuantType) -> None:
         print(f"| {name} | o writes codes, {block_b} blocks, {warps} warps | {t:.2f} |")
     qm.STREAM_CODES_TILE.clear()
     qm.STREAM_CODES_TILE.update(base_tile)
-
-
-def down_then_qkv(qtype: QuantType) -> None:
-    """down (over its gated codes) adding into the stream, then the next layer's QKV: the
-    engine's (QKV's float32 GEMV with the RMSNorm inside) against down writing QKV's codes
-    and QKV over them; down's 32-row tiles swept."""
-    name = qtype.name
-    wd = [random_weight(qtype, HIDDEN, FFN) for _ in range(LAYERS)]
-    wq = [random_weight(qtype, 3072, HIDDEN) for _ in range(LAYERS)]
-    g = torch.rand(HIDDEN, device="cuda") + 0.5
-    gu = torch.randn(1, 2 * FFN, device="cuda")
-    start = torch.randn(1, HIDDEN, device="cuda")
-    stream = start.clone()
-    outs = [torch.empty(1, 3072, device="cuda") for _ in range(LAYERS)]
-    codes = [xcodes.StreamCodes.empty(g, EPS) for _ in range(LAYERS)]
-
-    def engine() -> None:
-        for i in range(LAYERS):
-            xcodes.matmul(gu, wd[i], stream, 2, None, None, True)
-            qm.qmatmul_with(stream, wq[i], out=outs[i], norm_weight=g, eps=EPS)
-
-    def stream_codes() -> None:
-        for i in range(LAYERS):
-            xcodes.matmul(gu, wd[i], stream, 2, None, None, True, codes[i])
-            xcodes.gemv(codes[i], wq[i], outs[i], False)
-
-    stream.copy_(start)
-    engine()
-    want = outs[0].clone()
-    stream.copy_(start)
-    stream_codes()
-    rel = ((outs[0] - want).abs().max() / want.abs().max()).item()
-    print(f"check {name} down -> qkv: max |codes form - engine| / max |engine| = {rel:.2e}")
-    assert rel < 1e-3, rel
-    print(f"| {name} | engine (down, qkv with the norm) | {graph_us(engine):.2f} |")
-    base = xcodes.STREAM_TILE
-    for block_b, warps in itertools.product((32, 64, 128, 256), (1, 2, 4, 8)):
-        xcodes.STREAM_TILE = (32, block_b, warps)
-        try:
-            t = graph_us(stream_codes)
-        except Exception as exc:  # out of resources: skip the variant
-            print(f"  skip {block_b} x {warps}: {type(exc).__name__}")
-            continue
-        print(f"| {name} | down writes codes, {block_b} blocks, {warps} warps | {t:.2f} |")
-    xcodes.STREAM_TILE = base
 
 
 if __name__ == "__main__":

@@ -38,9 +38,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 # stream's width): small shapes, and the 1B's on a GPU
 PRODUCER_SHAPES = [(64, 96), (256, 64)]
 CONSUMER_SHAPES = [(37, 256), (10, 1024)]
-DOWN_SHAPES = [(64, 256), (96, 1024)]
 if CUDA:
-    DOWN_SHAPES += [(2048, 8192)]
     PRODUCER_SHAPES += [(2048, 2048)]
     CONSUMER_SHAPES += [(16384, 2048), (2048, 8192)]
 
@@ -87,31 +85,6 @@ def test_gemv_writes_the_stream_codes(rng, n: int, k: int, qtype: QuantType) -> 
     assert_codes_stand_for(codes.codes, hs * g.double().cpu(), "stream codes")
     squares = (hs * hs).reshape(-1, 32).sum(dim=1)
     torch.testing.assert_close(codes.sumsq.double().cpu(), squares, rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize(("n", "k"), DOWN_SHAPES)
-def test_codes_gemv_writes_the_stream_codes(rng, n: int, k: int, kind: str) -> None:
-    """The codes GEMV adding into the stream (down over its gated codes) with codes_out:
-    the stream within float32 sums of the codes' product, its codes and sums of squares as
-    the float GEMV's producer writes them."""
-    w, dense = q4_weight(rng, n, k, kind)
-    gu, start, g = row(rng, 2 * k), row(rng, n, 4.0), norm_weight(rng, n)
-    codes_in = xcodes.quantize(gu, k, 2)  # SiLU gating, as down's
-    codes = poisoned(xcodes.StreamCodes.empty(g, EPS))
-    h = start.clone()
-    assert xcodes.gemv(codes_in, w, h, True, codes) is h
-    xr = codes_x(codes_in)
-    want = start.double().cpu().reshape(-1) + dense @ xr
-    mag = start.double().abs().cpu().reshape(-1) + dense.abs() @ xr.abs()
-    err = (h.double().cpu().reshape(-1) - want).abs()
-    assert (err <= 2e-6 * mag).all(), f"stream: {(err / mag).max():.3g}"
-    hs = h.double().cpu().reshape(-1)
-    assert_codes_stand_for(codes.codes, hs * g.double().cpu(), "stream codes")
-    squares = (hs * hs).reshape(-1, 32).sum(dim=1)
-    torch.testing.assert_close(codes.sumsq.double().cpu(), squares, rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="adding into a stream of"):
-        xcodes.gemv(codes_in, w, h, False, codes)
 
 
 def reference_codes(h: torch.Tensor, g: torch.Tensor) -> xcodes.StreamCodes:
@@ -204,12 +177,7 @@ def test_bad_stream_codes_calls_are_refused(rng, monkeypatch) -> None:
         qm.qmatmul(row(rng, 128), wide, codes=codes)
 
 
-def test_lab_tile_settings_parse_or_name_the_variable() -> None:
-    assert xcodes._stream_tile(None)[0] == 32
-    assert xcodes._stream_tile("128,4") == (32, 128, 4)
-    for bad in ("64", "a,4", "48,4", "0,4"):
-        with pytest.raises(ValueError, match="LLAMAPY_GPU_STREAM_CODES_DOWN_TILE"):
-            xcodes._stream_tile(bad)
+def test_lab_tile_setting_parses_or_names_the_variable() -> None:
     assert qm._stream_codes_tile(None)["BLOCK_N"] == 32
     tile = qm._stream_codes_tile("64,4")
     assert (tile["BLOCK_B"], tile["num_warps"], tile["BLOCK_N"]) == (64, 4, 32)

@@ -191,18 +191,13 @@ class Attention(torch.nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: KVCache,
-        codes: StreamCodes | None = None,
         codes_out: StreamCodes | None = None,
     ) -> None:
         """CUDA decode (`DecoderLayer.forward_fused`): as `forward` of rms_norm(stream), the
-        norm computed by the QKV GEMVs (or carried by the stream's `codes`), the output
-        projection added into `stream` in place (and writing the next norm's codes of it:
-        `codes_out`)."""
+        norm computed by the QKV GEMVs, the output projection added into `stream` in place
+        (and writing the next norm's codes of it: `codes_out`)."""
         T = stream.shape[0]
-        if codes is not None:
-            q, k, v = self._project(stream, codes=codes)
-        else:
-            q, k, v = self._project(stream, norm_weight=norm[0], eps=norm[1])
+        q, k, v = self._project(stream, norm_weight=norm[0], eps=norm[1])
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.v_head_dim)
@@ -321,9 +316,6 @@ def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
 
 class DecoderLayer(torch.nn.Module):
     fused_activation: str | None = None  # set by LlamaForCausalLM.plan_fused_decode
-    # the next layer's attention norm weight and QKV linears, for stream codes written by down
-    # (set by plan_fused_decode, after `prepare` moved the norm weights; None: the last layer)
-    next_norm: tuple[torch.Tensor, list[QLinear]] | None = None
 
     def __init__(self, w: Weights, il: int, rope: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
@@ -350,8 +342,6 @@ class DecoderLayer(torch.nn.Module):
         for this layer: the residual add is fused with the norm that follows it."""
         if self.fused_activation is not None and self.decode_fuses(h, residual):
             return self.forward_fused(h, residual, cos_sin, meta, kv_cache)
-        if h is not None and not isinstance(h, torch.Tensor):
-            raise TypeError("a fused layer's stream codes reached a layer that does not fuse")
         if residual is None:  # first layer: h is the embedding
             residual, x = h, rms_norm(h, self.attn_norm, self.eps)
         else:
@@ -384,33 +374,29 @@ class DecoderLayer(torch.nn.Module):
         its output already added to the residual stream, h None)."""
         from llamapy.kernels.triton.qmatmul import GEMV_MAX_M
 
-        return h is None or not isinstance(h, torch.Tensor) or h.shape[0] <= GEMV_MAX_M
+        return h is None or h.shape[0] <= GEMV_MAX_M
 
     def forward_fused(
         self,
-        h: torch.Tensor | StreamCodes | None,
+        h: torch.Tensor | None,
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: KVCache,
-    ) -> tuple[StreamCodes | None, torch.Tensor]:
+    ) -> tuple[None, torch.Tensor]:
         """CUDA decode: `forward` in four GEMVs and no norm or activation kernel: QKV from
         the residual stream with the attention norm inside, the output projection added into
         the stream in place, gate_up with the FFN norm inside, down with the gated activation
         inside, added into the stream (one row of large Q4 matrices: `qmatmul` routes them
         over int8 codes of x, `kernels.triton.xcodes`). Returns (None, the stream): h is
-        already added; or, where down wrote the next layer's attention-norm codes of the
-        stream (`_stream_codes`), (those codes, the stream), and h is such codes here."""
-        codes_in = None
-        if h is not None and not isinstance(h, torch.Tensor):  # the layer before's codes
-            codes_in, h = h, None
+        already added."""
         if residual is None:  # first layer: the embedding (a fresh tensor) becomes the stream
             residual = h
         elif h is not None:
             residual = residual + h
-        codes = self._stream_codes(residual, self.attn.o_proj, self.mlp.gate_up, self.ffn_norm)
+        codes = self._stream_codes(residual)
         self.attn.forward_fused(
-            residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache, codes_in, codes
+            residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache, codes_out=codes
         )
         mlp = self.mlp
         if codes is not None:
@@ -419,42 +405,28 @@ class DecoderLayer(torch.nn.Module):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:
             gate_up = mlp.gate_up(rms_norm(residual, self.ffn_norm, self.eps))
-        codes = None
-        if self.next_norm is not None:  # the next layer's attention norm and QKV GEMVs
-            codes = self._stream_codes(residual, mlp.down, self.next_norm[1], self.next_norm[0])
-        if codes is not None:
-            mlp.down(gate_up, act=self.fused_activation, residual=residual, codes_out=codes)
-        elif _prologue_pays(mlp.down):
+        if _prologue_pays(mlp.down):
             mlp.down(gate_up, act=self.fused_activation, residual=residual)
         else:
             mlp.down(mlp.activation(*gate_up.chunk(2, dim=-1)), residual=residual)
-        return codes, residual
+        return None, residual
 
-    def _stream_codes(
-        self,
-        stream: torch.Tensor,
-        producer: QLinear,
-        consumers: QLinear | list[QLinear],
-        norm_weight: torch.Tensor,
-    ) -> StreamCodes | None:
-        """Buffers for a norm's codes of the stream, written by the GEMV that adds into it and
-        read by the GEMVs after the norm (`xcodes.StreamCodes`: no quantizing launch between
-        them), where all can (one row, the codes GEMV for the consumers, a legacy-type or
-        codes-GEMV producer) and STREAM_CODES_SWITCH is on; else None. (`stream` stands for
-        the producer's x in the row checks: one float32 row on the same device.)"""
+    def _stream_codes(self, stream: torch.Tensor) -> StreamCodes | None:
+        """Buffers for the FFN norm's codes, written by the output projection for gate_up
+        (`xcodes.StreamCodes`: no quantizing launch between them), where both GEMVs can (one
+        row, o a legacy type, gate_up on the codes GEMV) and STREAM_CODES_SWITCH is on; else
+        None."""
         from llamapy.kernels.triton import xcodes
         from llamapy.kernels.triton.qmatmul import writes_stream_codes
 
-        if not switched_on(STREAM_CODES_SWITCH) or stream.shape[0] != 1:
+        o, gate_up = self.attn.o_proj, self.mlp.gate_up
+        if (
+            not switched_on(STREAM_CODES_SWITCH)
+            or not writes_stream_codes(stream, o.packed, o.bias)
+            or not xcodes.takes(stream, gate_up.packed, gate_up.bias)
+        ):
             return None
-        if not isinstance(consumers, list):
-            consumers = [consumers]
-        if not all(xcodes.reads_stream_codes(stream, c.packed, c.bias) for c in consumers):
-            return None
-        w, bias = producer.packed, producer.bias
-        if not (xcodes.takes(stream, w, bias) or writes_stream_codes(stream, w, bias)):
-            return None
-        return xcodes.StreamCodes.empty(norm_weight, self.eps)
+        return xcodes.StreamCodes.empty(self.ffn_norm, self.eps)
 
 
 # The output projection writes gate_up's codes of the stream (`DecoderLayer._stream_codes`);
@@ -589,9 +561,6 @@ class LlamaForCausalLM(torch.nn.Module):
         on = FUSED_DECODE and all(a is not None for a in acts)
         for layer, act in zip(self.layers, acts, strict=True):
             layer.fused_activation = act if on else None
-        for layer, nxt in zip(self.layers[:-1], self.layers[1:], strict=True):
-            linears = [linear for linear, _ in nxt.attn.projections()]
-            layer.next_norm = (nxt.attn_norm, linears) if on else None
 
     def _is_sliding(self, il: int) -> bool:
         return self.config.sliding_window is not None and self.config.sliding_layers[il]
@@ -647,9 +616,7 @@ class LlamaForCausalLM(torch.nn.Module):
         residual = None
         for il, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos_sin[self._is_sliding(il)], meta, kv_caches[il])
-        if x is None or not isinstance(x, torch.Tensor):  # fused layers added it
-            return residual
-        return residual + x
+        return residual if x is None else residual + x  # x None: fused layers added it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(rms_norm(hidden, self.norm, self.config.norm_eps))

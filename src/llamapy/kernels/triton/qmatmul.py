@@ -386,7 +386,7 @@ _PRO_NONE, _PRO_NORM, _PRO_SILU, _PRO_GELU = range(4)  # prologue codes (constex
 # runs 32-row tiles (one codes block each) of STREAM_CODES_TILE's K step and warps;
 # LLAMAPY_GPU_STREAM_CODES_TILE="BLOCK_B,WARPS" sets them for lab sweeps.
 def _stream_codes_tile(env: str | None) -> dict[str, int]:
-    tile = {"BLOCK_M": 1, "BLOCK_N": QK, "BLOCK_B": 32, "SPLIT": 1, "num_warps": 8}
+    tile = {"BLOCK_M": 1, "BLOCK_N": QK, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 8}
     if env:
         parts = env.split(",")
         if len(parts) != 2 or not all(v.strip().isdigit() for v in parts):
@@ -460,7 +460,7 @@ def _from_stream_codes(
     _check_inputs(x, w, bias, act)
     if norm_weight is not None or act is not None:
         raise ValueError("stream codes carry their norm; pass no norm_weight or act with them")
-    if not xcodes.reads_stream_codes(x, w, bias):
+    if not xcodes.takes(x, w, bias):
         raise ValueError(f"stream codes feed the codes GEMV, which does not take {w.qtype.name} "
                          f"({w.n} x {w.k}) for this x")  # fmt: skip
     if codes.norm_weight.shape != (w.k,):
@@ -480,20 +480,15 @@ def _to_stream_codes(
     act: str | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    from llamapy.kernels.triton import xcodes
-
     _check_inputs(x, w, bias, act)
-    if residual is None or norm_weight is not None:
-        raise ValueError("codes_out is for a GEMV adding into the residual stream, no norm")
-    if codes_out.norm_weight.shape != (w.n,):
-        raise ValueError(f"stream codes of {codes_out.norm_weight.shape[0]} values for N={w.n}")
-    _check_fusion(x, w, None, None, act, residual, None)
-    pro = _prologue_code(None, act)
-    if xcodes.takes(x, w, bias):  # the codes GEMV (down over its gated codes)
-        return xcodes.matmul(x, w, residual, pro, None, None, True, codes_out)
+    if residual is None or norm_weight is not None or act is not None:
+        raise ValueError("codes_out is for a plain GEMV adding into the residual stream")
     if not writes_stream_codes(x, w, bias):
         raise ValueError(f"a {w.qtype.name} ({w.n} x {w.k}) GEMV of this x cannot write codes")
-    _launch_gemv(x, w, None, residual, None, STREAM_CODES_TILE, pro, residual=residual,
+    if codes_out.norm_weight.shape != (w.n,):
+        raise ValueError(f"stream codes of {codes_out.norm_weight.shape[0]} values for N={w.n}")
+    _check_fusion(x, w, None, None, None, residual, None)
+    _launch_gemv(x, w, None, residual, None, STREAM_CODES_TILE, residual=residual,
                  codes_out=codes_out)  # fmt: skip
     return residual
 

@@ -83,22 +83,6 @@ _TILE = (2, 32, 1)
 _TILE_LONG_K = (1, 128, 4)
 
 
-def _stream_tile(env: str | None) -> tuple[int, int, int]:
-    """The tiled form's tile when it writes the stream's codes (`gemv`'s codes_out): 32 rows,
-    one codes block a program; (BLOCK_N, BLOCK_B, num_warps). LLAMAPY_GPU_STREAM_CODES_DOWN_TILE
-    "BLOCK_B,WARPS" (powers of two) for lab sweeps."""
-    if env:
-        parts = env.split(",")
-        if len(parts) == 2 and all(v.strip().isdigit() for v in parts):
-            block_b, warps = (int(v) for v in parts)
-            if all(v > 0 and v & (v - 1) == 0 for v in (block_b, warps)):
-                return 32, block_b, warps
-        raise ValueError(f"LLAMAPY_GPU_STREAM_CODES_DOWN_TILE wants two powers of two, got {env!r}")
-    return 32, 64, 2
-
-
-STREAM_TILE = _stream_tile(os.environ.get("LLAMAPY_GPU_STREAM_CODES_DOWN_TILE"))
-
 Pipe = tuple[int, int, int, int]  # (BLOCK_N, num_warps, programs an SM, tiles loaded ahead)
 # The persistent form's default: short K (gate_up, the output matrix) persistent, long K
 # (down) tiled. H200, `benchmarks/kernels/xcodes_tile_lab.py` (graph replays over rotating
@@ -191,19 +175,6 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
     return x.shape[0] == 1 and _weight_fits(w) and bias is None and _row_fits(x)
 
 
-def reads_stream_codes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
-    """Whether the codes GEMV can take this product over `StreamCodes` of x: `takes` without
-    the size floor (no quantizing launch to pay for)."""
-    return (
-        x.shape[0] == 1
-        and w.qtype in TYPES
-        and w.k >= MIN_K
-        and "qs" in w.tensors
-        and bias is None
-        and _row_fits(x)
-    )
-
-
 def _weight_fits(w: PackedWeight) -> bool:
     return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
 
@@ -293,11 +264,9 @@ def gemv(
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
-    codes_out: StreamCodes | None = None,
 ) -> torch.Tensor:
     """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for (for
-    `StreamCodes`, x = RMSNorm(h) with their weight and eps). codes_out (with accumulate:
-    out is the residual stream): its codes for the next norm are written too."""
+    `StreamCodes`, x = RMSNorm(h) with their weight and eps)."""
     norm = None
     if isinstance(codes, StreamCodes):
         norm = (codes.sumsq, codes.eps)
@@ -305,9 +274,7 @@ def gemv(
     _check_codes(codes, w)
     if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
-    if codes_out is not None and (not accumulate or codes_out.norm_weight.shape != (w.n,)):
-        raise ValueError(f"codes_out is for a GEMV adding into a stream of {w.n} values")
-    _launch(codes, w, out, accumulate, norm, codes_out)
+    _launch(codes, w, out, accumulate, norm)
     return out
 
 
@@ -327,22 +294,14 @@ def _launch(
     out: torch.Tensor,
     accumulate: bool,
     norm: tuple[torch.Tensor, float] | None = None,
-    codes_out: StreamCodes | None = None,
 ) -> None:
-    """norm: (the blocks' sums of h^2, eps) of `StreamCodes`, whose scale the product takes.
-    codes_out: the tiled form's 32-row tiles (`STREAM_TILE`) write the stream's codes too."""
-    pipe = None if codes_out is not None else _pipe_for(w.k)
+    """norm: (the blocks' sums of h^2, eps) of `StreamCodes`, whose scale the product takes."""
+    pipe = _pipe_for(w.k)
     ss, eps = norm if norm is not None else (codes[1], 0.0)
     if pipe is not None:
         _launch_pipe(codes, w, out, accumulate, pipe, norm)
         return
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
-    extra = {}
-    if codes_out is not None:
-        block_n, block_b, warps = STREAM_TILE
-        xc2, xs2, xt2 = codes_out.codes
-        extra = dict(CODES=True, xc2_ptr=xc2, xs2_ptr=xs2, xt2_ptr=xt2, ss2_ptr=codes_out.sumsq,
-                     g2_ptr=codes_out.norm_weight)  # fmt: skip
     d = w.tensors["d"]
     pdl_on = _pdl(out.device, w.nbytes)
     lines = pdl.prefetch_lines(w.k // QK * 16) if pdl_on else 0  # a row's nibbles
@@ -351,7 +310,7 @@ def _launch(
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         steps, ss, eps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
         RES=accumulate, NORM=norm is not None, SS_BLOCK=triton.next_power_of_2(w.k // QK),
-        INTERP=INTERPRET, PF=lines, **pdl.launch_options(pdl_on), num_warps=warps, **extra,
+        INTERP=INTERPRET, PF=lines, **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
@@ -390,13 +349,11 @@ def matmul(
     norm_weight: torch.Tensor | None,
     eps: float | None,
     accumulate: bool,
-    codes_out: StreamCodes | None = None,
 ) -> torch.Tensor:
     """`qmatmul`'s product for a row it routes here (`takes`): x quantized with its prologue,
-    then the codes GEMV into `out` (added into it when `accumulate`: the residual form;
-    `codes_out`: see `gemv`)."""
+    then the codes GEMV into `out` (added into it when `accumulate`: the residual form)."""
     codes = quantize(x, w.k, pro, norm_weight, eps or 0.0)
-    return gemv(codes, w, out, accumulate, codes_out)
+    return gemv(codes, w, out, accumulate)
 
 
 if HAS_TRITON:
@@ -467,15 +424,13 @@ if HAS_TRITON:
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps, ss_ptr, eps,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         RES: tl.constexpr, NORM: tl.constexpr, SS_BLOCK: tl.constexpr, INTERP: tl.constexpr,
-        PDL: tl.constexpr, PF: tl.constexpr, CODES: tl.constexpr = False, xc2_ptr=None,
-        xs2_ptr=None, xt2_ptr=None, ss2_ptr=None, g2_ptr=None,
+        PDL: tl.constexpr, PF: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
         for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. PDL: PF
         lines of each row's words go to L2 before the wait for the kernel before (the codes'
         producer). NORM: the codes are `StreamCodes`; the product takes rsqrt(mean(h^2) +
-        eps) from their blocks' sums of squares ss. CODES (32-row tiles): the stored rows
-        leave the next norm's `StreamCodes` too (xc2, xs2, xt2, ss2; its weight g2)."""
+        eps) from their blocks' sums of squares ss."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
@@ -501,8 +456,6 @@ if HAS_TRITON:
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y, mask=n_mask)
-        if CODES:
-            qm._store_stream_codes(y, offs_n, g2_ptr, xc2_ptr, xs2_ptr, xt2_ptr, ss2_ptr, N)
 
     @triton.jit
     def _pipe_tile(qs_ptr, d_ptr, m_ptr, tile, N, nb, QT: tl.constexpr, BLOCK_N: tl.constexpr,
