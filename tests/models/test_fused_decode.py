@@ -366,35 +366,3 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
         want = runners[1].step(chunks)
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())
-
-
-def test_stream_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
-    """With LLAMAPY_GPU_STREAM_CODES=1 each one-row decode layer's output projection writes
-    gate_up's codes of the stream (`xcodes.StreamCodes`) and gate_up reads them (no
-    quantizing launch): the logits of the quantizing kernel's codes (thresholds lowered to the
-    tiny model), within both codes' error; prefill rows take neither. (Q4_0: the kernels'
-    Q4_1 forms are tests/kernels/test_stream_codes.py's; the interpreter takes ~80 s here.)"""
-    from llamapy.kernels.triton import qmatmul as qm
-    from llamapy.kernels.triton import xcodes
-
-    monkeypatch.setattr(xcodes, "MIN_K", 32)
-    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
-    made, read = [], []
-    real_to, real_from = qm._to_stream_codes, qm._from_stream_codes
-    monkeypatch.setattr(qm, "_to_stream_codes", lambda *a: made.append(1) or real_to(*a))
-    monkeypatch.setattr(qm, "_from_stream_codes", lambda *a: read.append(1) or real_from(*a))
-    codes = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
-    plain = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
-    runners = Runner(codes, num_seqs=1, max_len=8), Runner(plain, num_seqs=1, max_len=8)
-    runners[1].tables = runners[0].tables
-    vocab, layers = codes.config.vocab_size, codes.config.num_layers
-    steps = [[rng.integers(0, vocab, 3).tolist()]] + [[[int(t)]] for t in rng.integers(0, vocab, 2)]
-    for i, chunks in enumerate(steps):
-        monkeypatch.setenv("LLAMAPY_GPU_STREAM_CODES", "1")
-        before = len(made), len(read)
-        got = runners[0].step(chunks)
-        assert (len(made) - before[0], len(read) - before[1]) == ((layers, layers) if i else (0, 0))
-        monkeypatch.setenv("LLAMAPY_GPU_STREAM_CODES", "0")
-        want = runners[1].step(chunks)
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())

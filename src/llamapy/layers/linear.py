@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
-
-if TYPE_CHECKING:
-    from llamapy.kernels.triton.xcodes import StreamCodes
 
 logger = logging.getLogger(__name__)
 
@@ -178,22 +174,17 @@ class QLinear(torch.nn.Module):
         eps: float | None = None,
         act: str | None = None,
         residual: torch.Tensor | None = None,
-        codes: StreamCodes | None = None,
-        codes_out: StreamCodes | None = None,
     ) -> torch.Tensor:
         """y = x W^T (+ b). The keywords are the Triton matmul's fused forms (the CUDA decode
         step; see `kernels.triton.qmatmul.qmatmul`): RMSNorm or gated activation of x inside
-        the matmul, `residual += y` in place, the stream's int8 codes written for the next
-        norm's GEMV (`codes_out`) or read by it (`codes`)."""
+        the matmul, `residual += y` in place."""
         if self.kernel == "triton":
             from llamapy.kernels.triton.qmatmul import qmatmul
 
             return qmatmul(
                 x, self.packed, self.bias, norm_weight=norm_weight, eps=eps, act=act,
-                residual=residual, codes=codes, codes_out=codes_out,
+                residual=residual,
             )  # fmt: skip
-        if codes is not None or codes_out is not None:
-            raise ValueError(f"stream codes need the Triton kernels; this layer runs {self.kernel}")
         if norm_weight is not None or act is not None or residual is not None:
             raise ValueError(
                 f"fused matmul forms need the Triton kernels; this layer runs {self.kernel}"

@@ -14,7 +14,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,10 +32,6 @@ from llamapy.models.weights import Weights
 from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
-from llamapy.switches import switched_on
-
-if TYPE_CHECKING:
-    from llamapy.kernels.triton.xcodes import StreamCodes
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +186,9 @@ class Attention(torch.nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: KVCache,
-        codes_out: StreamCodes | None = None,
     ) -> None:
         """CUDA decode (`DecoderLayer.forward_fused`): as `forward` of rms_norm(stream), the
-        norm computed by the QKV GEMVs, the output projection added into `stream` in place
-        (and writing the next norm's codes of it: `codes_out`)."""
+        norm computed by the QKV GEMVs, the output projection added into `stream` in place."""
         T = stream.shape[0]
         q, k, v = self._project(stream, norm_weight=norm[0], eps=norm[1])
         q = q.view(T, self.num_heads, self.head_dim)
@@ -217,7 +210,7 @@ class Attention(torch.nn.Module):
             sliding_window=self.sliding_window,
             softcap=self.softcap,
         )
-        self.o_proj(out.reshape(T, -1), residual=stream, codes_out=codes_out)
+        self.o_proj(out.reshape(T, -1), residual=stream)
 
 
 class MLP(torch.nn.Module):
@@ -394,14 +387,9 @@ class DecoderLayer(torch.nn.Module):
             residual = h
         elif h is not None:
             residual = residual + h
-        codes = self._stream_codes(residual)
-        self.attn.forward_fused(
-            residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache, codes_out=codes
-        )
+        self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
-        if codes is not None:
-            gate_up = mlp.gate_up(residual, codes=codes)
-        elif _prologue_pays(mlp.gate_up):
+        if _prologue_pays(mlp.gate_up):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:
             gate_up = mlp.gate_up(rms_norm(residual, self.ffn_norm, self.eps))
@@ -411,27 +399,7 @@ class DecoderLayer(torch.nn.Module):
             mlp.down(mlp.activation(*gate_up.chunk(2, dim=-1)), residual=residual)
         return None, residual
 
-    def _stream_codes(self, stream: torch.Tensor) -> StreamCodes | None:
-        """Buffers for the FFN norm's codes, written by the output projection for gate_up
-        (`xcodes.StreamCodes`: no quantizing launch between them), where both GEMVs can (one
-        row, o a legacy type, gate_up on the codes GEMV) and STREAM_CODES_SWITCH is on; else
-        None."""
-        from llamapy.kernels.triton import xcodes
-        from llamapy.kernels.triton.qmatmul import writes_stream_codes
 
-        o, gate_up = self.attn.o_proj, self.mlp.gate_up
-        if (
-            not switched_on(STREAM_CODES_SWITCH)
-            or not writes_stream_codes(stream, o.packed, o.bias)
-            or not xcodes.takes(stream, gate_up.packed, gate_up.bias)
-        ):
-            return None
-        return xcodes.StreamCodes.empty(self.ffn_norm, self.eps)
-
-
-# The output projection writes gate_up's codes of the stream (`DecoderLayer._stream_codes`);
-# LLAMAPY_GPU_STREAM_CODES=1 turns it on (opt-in until measured on a GPU).
-STREAM_CODES_SWITCH = "LLAMAPY_GPU_STREAM_CODES"
 # K-quant matrices up to this many weights take the prologue all the same: there the launch
 # it saves costs more than the re-reads (H200, SmolLM2-135M Q4_K_M from `llamapy quantize`,
 # whose Q4_K / Q6_K ffn_down is 576 x 1536: tg128 1210.9 -> 1228.8 / 1227.2 t/s with it;

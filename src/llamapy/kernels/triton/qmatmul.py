@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,9 +40,6 @@ from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, rounding, triton_
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes
-
-if TYPE_CHECKING:
-    from llamapy.kernels.triton.xcodes import StreamCodes
 
 try:  # the K-quant kernels live in their own module; this one stands alone without it
     from llamapy.kernels.triton import qmatmul_kquants as _kquants
@@ -381,40 +377,6 @@ ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations the GEMV prologue compu
 _PRO_NONE, _PRO_NORM, _PRO_SILU, _PRO_GELU = range(4)  # prologue codes (constexpr)
 
 
-# A one-row GEMV that adds into the residual stream can leave the next RMSNorm's int8 codes
-# for the codes GEMV after it (`xcodes.StreamCodes`): no quantizing launch between them. It
-# runs 32-row tiles (one codes block each) of STREAM_CODES_TILE's K step and warps;
-# LLAMAPY_GPU_STREAM_CODES_TILE="BLOCK_B,WARPS" sets them for lab sweeps.
-def _stream_codes_tile(env: str | None) -> dict[str, int]:
-    tile = {"BLOCK_M": 1, "BLOCK_N": QK, "BLOCK_B": 64, "SPLIT": 1, "num_warps": 8}
-    if env:
-        parts = env.split(",")
-        if len(parts) != 2 or not all(v.strip().isdigit() for v in parts):
-            raise ValueError(f"LLAMAPY_GPU_STREAM_CODES_TILE wants 'BLOCK_B,WARPS', got {env!r}")
-        block_b, warps = (int(v) for v in parts)
-        if any(v < 1 or v & (v - 1) for v in (block_b, warps)):
-            raise ValueError(f"LLAMAPY_GPU_STREAM_CODES_TILE wants powers of two, got {env!r}")
-        tile.update(BLOCK_B=block_b, num_warps=warps)
-    return tile
-
-
-STREAM_CODES_TILE = _stream_codes_tile(os.environ.get("LLAMAPY_GPU_STREAM_CODES_TILE"))
-
-
-def writes_stream_codes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
-    """Whether `qmatmul(x, w, residual=..., codes_out=...)` can leave the stream's codes: one
-    float32 row on CUDA (or the interpreter), a legacy-type weight of whole 32-row blocks, no
-    bias."""
-    return (
-        x.shape[0] == 1
-        and x.dtype == torch.float32
-        and (x.is_cuda or INTERPRET)
-        and w.qtype in _CODES
-        and w.n % QK == 0
-        and bias is None
-    )
-
-
 def qmatmul(
     x: torch.Tensor,
     w: PackedWeight,
@@ -424,8 +386,6 @@ def qmatmul(
     eps: float | None = None,
     act: str | None = None,
     residual: torch.Tensor | None = None,
-    codes: StreamCodes | None = None,
-    codes_out: StreamCodes | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ W^T (+ bias) -> (M, N) in x.dtype, accumulated in float32.
 
@@ -435,62 +395,8 @@ def qmatmul(
     in float32 (x is not rounded in between). act ("silu" or "gelu_tanh"): x is (M, 2K)
     [gate | up] and the input is act(gate) * up, in float32. residual (M, N) of x's dtype:
     `residual += x @ W^T (+ bias)` IN PLACE (one float32 add, rounded once); returns it.
-    norm_weight and act exclude each other.
-    codes_out (with residual, `writes_stream_codes`): the updated stream's codes for the next
-    RMSNorm are written too. codes: x is that stream and its codes were written so; the
-    product is RMSNorm(x) @ W^T over them (the codes GEMV: `xcodes.takes`)."""
-    if codes is not None:
-        return _from_stream_codes(x, w, bias, codes, norm_weight, act, residual)
-    if codes_out is not None:
-        return _to_stream_codes(x, w, bias, codes_out, norm_weight, act, residual)
+    norm_weight and act exclude each other."""
     return qmatmul_with(x, w, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
-
-
-def _from_stream_codes(
-    x: torch.Tensor,
-    w: PackedWeight,
-    bias: torch.Tensor | None,
-    codes: StreamCodes,
-    norm_weight: torch.Tensor | None,
-    act: str | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    from llamapy.kernels.triton import xcodes
-
-    _check_inputs(x, w, bias, act)
-    if norm_weight is not None or act is not None:
-        raise ValueError("stream codes carry their norm; pass no norm_weight or act with them")
-    if not xcodes.takes(x, w, bias):
-        raise ValueError(f"stream codes feed the codes GEMV, which does not take {w.qtype.name} "
-                         f"({w.n} x {w.k}) for this x")  # fmt: skip
-    if codes.norm_weight.shape != (w.k,):
-        raise ValueError(f"stream codes of {codes.norm_weight.shape[0]} values for K={w.k}")
-    if residual is not None:
-        _check_fusion(x, w, None, None, None, residual, None)
-    out = residual if residual is not None else torch.empty(1, w.n, device=x.device)
-    return xcodes.gemv(codes, w, out, residual is not None)
-
-
-def _to_stream_codes(
-    x: torch.Tensor,
-    w: PackedWeight,
-    bias: torch.Tensor | None,
-    codes_out: StreamCodes,
-    norm_weight: torch.Tensor | None,
-    act: str | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    _check_inputs(x, w, bias, act)
-    if residual is None or norm_weight is not None or act is not None:
-        raise ValueError("codes_out is for a plain GEMV adding into the residual stream")
-    if not writes_stream_codes(x, w, bias):
-        raise ValueError(f"a {w.qtype.name} ({w.n} x {w.k}) GEMV of this x cannot write codes")
-    if codes_out.norm_weight.shape != (w.n,):
-        raise ValueError(f"stream codes of {codes_out.norm_weight.shape[0]} values for N={w.n}")
-    _check_fusion(x, w, None, None, None, residual, None)
-    _launch_gemv(x, w, None, residual, None, STREAM_CODES_TILE, residual=residual,
-                 codes_out=codes_out)  # fmt: skip
-    return residual
 
 
 def qmatmul_with(
@@ -976,10 +882,8 @@ def _launch_gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float | None = None,
     residual: torch.Tensor | None = None,
-    codes_out: StreamCodes | None = None,
 ) -> None:
-    """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`.
-    codes_out: the stored rows' codes too (32-row tiles, no split: `_to_stream_codes`)."""
+    """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
     m, n, k = x.shape[0], w.n, w.k
     want_q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
     bytes_form = "q8" in w.tensors and not want_q8x  # Q4_1's byte twin: Q8_0's tiles
@@ -1026,7 +930,7 @@ def _launch_gemv(
         QT=_Q4_1_BYTES if bytes_form else _CODES[w.qtype],
         HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
-        **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps, **_codes_out_args(codes_out),
+        **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -1035,15 +939,6 @@ def _launch_gemv(
             SPLIT=split, HAS_BIAS=bias is not None, HAS_RES=has_res, BLOCK=block,
             INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=4,
         )  # fmt: skip
-
-
-def _codes_out_args(codes_out: StreamCodes | None) -> dict[str, object]:
-    """`_gemv_kernel`'s CODES arguments."""
-    if codes_out is None:
-        return {}
-    xc, xs, xt = codes_out.codes
-    return dict(CODES=True, xc_ptr=xc, xs_ptr=xs, xt_ptr=xt, ss_ptr=codes_out.sumsq,
-                g2_ptr=codes_out.norm_weight)  # fmt: skip
 
 
 # Measured GEMM tiles: (type name, M bucket, size class) (`qmatmul_kquants.gemm_key`) ->
@@ -1297,45 +1192,6 @@ if HAS_TRITON:
         return ql, qh, amax / 127.0, total
 
     @triton.jit
-    def _store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
-        """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
-        as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into
-        `xcodes.code_buffers` (xc words, xs scales, xt code sums): per level, int8 codes as
-        words (a block's low half's four, then its high half's), the scale and the codes' sum
-        per block; each level quantizes what the ones before left."""
-        words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
-        for lvl in tl.static_range(LEVELS):
-            cl, ch, sx, total = _codes(xl, xh)
-            tl.store(xc_ptr + lvl * (nb * 8) + words, _pack_bytes(cl), mask=ok[:, None])
-            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, _pack_bytes(ch), mask=ok[:, None])
-            tl.store(xs_ptr + lvl * nb + blocks, sx, mask=ok)
-            tl.store(xt_ptr + lvl * nb + blocks, total, mask=ok)
-            xl = xl - cl.to(tl.float32) * sx[:, None]
-            xh = xh - ch.to(tl.float32) * sx[:, None]
-
-    @triton.jit
-    def _store_stream_codes(h, offs_n, g_ptr, xc_ptr, xs_ptr, xt_ptr, ss_ptr, N):
-        """A GEMV's stored rows offs_n (32, one 32-block of its output h) -> the codes of
-        h * g (two levels) and sum(h^2) of that block, for a consumer that applies RMSNorm's
-        rsqrt(mean(h^2) + eps) itself (`xcodes.StreamCodes`: block codes are scale-free)."""
-        n_ok = offs_n < N
-        v = h * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        xl, xh = tl.split(tl.trans(tl.reshape(v, (2, 16))))
-        block = offs_n // 32
-        first = tl.max(block, 0) + tl.arange(0, 1)  # the tile's one block (1,)
-        _store_codes(xl[None, :], xh[None, :], first, first < N // 32, xc_ptr, xs_ptr, xt_ptr,
-                     N // 32, 2)  # fmt: skip
-        tl.store(ss_ptr + first, tl.sum(tl.where(n_ok, h * h, 0.0), 0) + tl.zeros((1,), tl.float32))
-
-    @triton.jit
-    def _stream_rms(ss_ptr, nb, K, eps, BLOCK: tl.constexpr):
-        """rsqrt(mean(h^2) + eps) of a row h of K values from its nb 32-blocks' sums of h^2
-        (`_store_stream_codes`'s ss, BLOCK >= nb)."""
-        offs = tl.arange(0, BLOCK)
-        ss = tl.load(ss_ptr + offs, mask=offs < nb, other=0.0)
-        return tl.rsqrt(tl.sum(ss, 0) / K + eps)
-
-    @triton.jit
     def _q8_part(lo, hi, ql, qh, scale, total, d, c, QT: tl.constexpr, INTERP: tl.constexpr):
         """The block sums (BN, BB) of the weight words lo / hi (`_gemv_step_q8x`) with one
         row's codes ql / qh (BB, 16), their scale and sum: d * scale * sum_j q_j c_j, with the
@@ -1481,18 +1337,13 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
         WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr, Q8X: tl.constexpr,
-        CODES: tl.constexpr = False, xc_ptr=None, xs_ptr=None, xt_ptr=None, ss_ptr=None,
-        g2_ptr=None,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
         with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y.
         PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait.
         Q8X 1 / 2: x quantized to int8 blocks in 1 / 2 levels, integer dot products
-        (`_gemv_step_q8x`; qs_ptr the quants as int32 words).
-        CODES (one row, 32-row tiles, no split): the stored row h also leaves the next
-        RMSNorm's codes (`xcodes.StreamCodes`): this tile's 32-block of h * g2 in two levels
-        (xc, xs, xt) and its sum of h^2 (ss)."""
+        (`_gemv_step_q8x`; qs_ptr the quants as int32 words)."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1528,11 +1379,7 @@ if HAS_TRITON:
             o_ptr = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
             if HAS_RES:  # out is the residual: added once, here (no split)
                 y += tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32)
-            y = _round_to(y, out_ptr.dtype.element_ty, INTERP)
-            tl.store(o_ptr, y, mask=o_mask)
-            if CODES:
-                _store_stream_codes(tl.reshape(y.to(tl.float32), (BLOCK_N,)), offs_n, g2_ptr,
-                                    xc_ptr, xs_ptr, xt_ptr, ss_ptr, N)  # fmt: skip
+            tl.store(o_ptr, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=o_mask)
         else:
             ws_row = (pid_k * M + offs_m[:, None]).to(tl.int64)
             tl.store(out_ptr + ws_row * N + offs_n[None, :], y, mask=o_mask)

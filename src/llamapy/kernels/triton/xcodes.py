@@ -41,7 +41,6 @@ is kept: the prologue in the quantizing kernel, the residual add in the GEMV's s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -205,32 +204,6 @@ def code_buffers(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamCodes:
-    """The codes a consumer's RMSNorm prologue needs, written by the GEMV that wrote its input
-    (the residual stream h; `qmatmul`'s `codes_out`) instead of by a quantizing launch.
-
-    Block codes are scale-free (a 32-block's codes of c v are those of v, its scale c times
-    v's), so the norm's one scalar need not be known when they are made: the producer's
-    32-row tiles write the codes of h * g (two levels, `code_buffers`) and each block's
-    sum of h^2 (`sumsq`), and the consumer's GEMV multiplies its product by rsqrt(mean(h^2) +
-    eps)."""
-
-    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    sumsq: torch.Tensor  # (K / 32,) float32
-    norm_weight: torch.Tensor  # g (K,)
-    eps: float
-
-    @classmethod
-    def empty(cls, norm_weight: torch.Tensor, eps: float) -> StreamCodes:
-        """Buffers for one row of K = len(norm_weight) values on g's device."""
-        k = norm_weight.shape[0]
-        if k % QK:
-            raise ValueError(f"stream codes need K a multiple of {QK}, got {k}")
-        sumsq = torch.empty(k // QK, dtype=torch.float32, device=norm_weight.device)
-        return cls(code_buffers(k, norm_weight.device), sumsq, norm_weight, float(eps))
-
-
 def quantize(
     x: torch.Tensor,
     k: int,
@@ -260,21 +233,13 @@ def quantize(
 
 
 def gemv(
-    codes: tuple[torch.Tensor, ...] | StreamCodes,
-    w: PackedWeight,
-    out: torch.Tensor,
-    accumulate: bool,
+    codes: tuple[torch.Tensor, ...], w: PackedWeight, out: torch.Tensor, accumulate: bool
 ) -> torch.Tensor:
-    """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for (for
-    `StreamCodes`, x = RMSNorm(h) with their weight and eps)."""
-    norm = None
-    if isinstance(codes, StreamCodes):
-        norm = (codes.sumsq, codes.eps)
-        codes = codes.codes
+    """out (1, N) float32 = (or += when `accumulate`) W x for the x `codes` stand for."""
     _check_codes(codes, w)
     if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
-    _launch(codes, w, out, accumulate, norm)
+    _launch(codes, w, out, accumulate)
     return out
 
 
@@ -293,13 +258,10 @@ def _launch(
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
-    norm: tuple[torch.Tensor, float] | None = None,
 ) -> None:
-    """norm: (the blocks' sums of h^2, eps) of `StreamCodes`, whose scale the product takes."""
     pipe = _pipe_for(w.k)
-    ss, eps = norm if norm is not None else (codes[1], 0.0)
     if pipe is not None:
-        _launch_pipe(codes, w, out, accumulate, pipe, norm)
+        _launch_pipe(codes, w, out, accumulate, pipe)
         return
     block_n, block_b, warps = _TILE_LONG_K if w.k >= 4096 else _TILE
     d = w.tensors["d"]
@@ -308,9 +270,9 @@ def _launch(
     steps = triton.cdiv(w.k // QK, block_b)
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        steps, ss, eps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
-        RES=accumulate, NORM=norm is not None, SS_BLOCK=triton.next_power_of_2(w.k // QK),
-        INTERP=INTERPRET, PF=lines, **pdl.launch_options(pdl_on), num_warps=warps,
+        steps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
+        RES=accumulate, INTERP=INTERPRET, PF=lines,
+        **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
@@ -320,7 +282,6 @@ def _launch_pipe(
     out: torch.Tensor,
     accumulate: bool,
     config: Pipe,
-    norm: tuple[torch.Tensor, float] | None = None,
 ) -> None:
     """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
     tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
@@ -332,12 +293,11 @@ def _launch_pipe(
     programs = min(tiles, qm._num_sms(out.device) * per_sm)  # the interpreter's: 4
     d = w.tensors["d"]
     pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
-    ss, eps = norm if norm is not None else (codes[1], 0.0)
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
-        tiles, ss, eps, QT=TYPES[w.qtype], BLOCK_N=block_n,
-        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, NORM=norm is not None,
-        AHEAD=ahead, INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=warps,
+        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
+        BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
+        **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
@@ -381,7 +341,24 @@ if HAS_TRITON:
             xl = xl * inv
             xh = xh * inv
         offs_b = b_first + tl.arange(0, BLOCK_B)
-        qm._store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+        _store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+
+    @triton.jit
+    def _store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
+        """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
+        as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into `code_buffers`
+        (xc words, xs scales, xt code sums): per level, int8 codes as words (a block's low
+        half's four, then its high half's), the scale and the codes' sum per block; each
+        level quantizes what the ones before left."""
+        words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
+        for lvl in tl.static_range(LEVELS):
+            cl, ch, sx, total = qm._codes(xl, xh)
+            tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=ok[:, None])
+            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=ok[:, None])
+            tl.store(xs_ptr + lvl * nb + blocks, sx, mask=ok)
+            tl.store(xt_ptr + lvl * nb + blocks, total, mask=ok)
+            xl = xl - cl.to(tl.float32) * sx[:, None]
+            xh = xh - ch.to(tl.float32) * sx[:, None]
 
     @triton.jit
     def _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask, nb,
@@ -421,16 +398,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _codes_gemv_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps, ss_ptr, eps,
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        RES: tl.constexpr, NORM: tl.constexpr, SS_BLOCK: tl.constexpr, INTERP: tl.constexpr,
-        PDL: tl.constexpr, PF: tl.constexpr,
+        RES: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
         for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. PDL: PF
         lines of each row's words go to L2 before the wait for the kernel before (the codes'
-        producer). NORM: the codes are `StreamCodes`; the product takes rsqrt(mean(h^2) +
-        eps) from their blocks' sums of squares ss."""
+        producer)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)
         n_mask = offs_n < N
@@ -451,8 +426,6 @@ if HAS_TRITON:
                 acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
                                   nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
         y = tl.sum(acc, axis=1)
-        if NORM:
-            y = y * qm._stream_rms(ss_ptr, nb, K, eps, SS_BLOCK)
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y, mask=n_mask)
@@ -478,9 +451,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _codes_gemv_pipe_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles, ss_ptr, eps,
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles,
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
-        NORM: tl.constexpr, AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+        AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """`_codes_gemv_kernel`'s product (two levels of codes), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
@@ -505,10 +478,6 @@ if HAS_TRITON:
         s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
         t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
         t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
-        if NORM:  # `StreamCodes`: RMSNorm's scale, folded into the codes' scales
-            r = qm._stream_rms(ss_ptr, nb, K, eps, BLOCK_B)
-            s0 = s0 * r
-            s1 = s1 * r
         xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
         tile = pid
         if AHEAD == 2:
