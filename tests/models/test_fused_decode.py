@@ -366,38 +366,3 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
         want = runners[1].step(chunks)
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())
-
-
-@pytest.mark.parametrize("codes", [False, True])
-def test_output_norm_inside_the_output_matrix(tmp_path, rng, monkeypatch, codes: bool) -> None:
-    """Decode rows' logits with the final RMSNorm inside the output matrix's product (the
-    GEMV's prologue; with `codes`, the quantizing kernel's before the codes GEMV, thresholds
-    lowered to the tiny model) equal those of the norm launch before it, within float32
-    roundings (and the codes' error); no norm launch runs; prefill rows keep it."""
-    from llamapy.kernels.triton import xcodes
-
-    if codes:
-        monkeypatch.setattr(xcodes, "MIN_K", 32)
-        monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
-    model = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
-    quantized = []
-    real_quantize = xcodes.quantize
-    monkeypatch.setattr(xcodes, "quantize", lambda *a: quantized.append(a[2]) or real_quantize(*a))
-    norms = []
-    real = llama.rms_norm
-    monkeypatch.setattr(llama, "rms_norm", lambda *a, **kw: norms.append(1) or real(*a, **kw))
-    hidden = torch.from_numpy(rng.standard_normal((6, 64), dtype=np.float32) * 3).to(DEVICE)
-    for rows in (hidden[:1], hidden[:4], hidden):
-        monkeypatch.setenv("LLAMAPY_GPU_FUSED_OUTPUT_NORM", "0")
-        want = model.compute_logits(rows)
-        assert len(norms) == 1
-        monkeypatch.setenv("LLAMAPY_GPU_FUSED_OUTPUT_NORM", "1")
-        got = model.compute_logits(rows)
-        assert len(norms) == (2 if rows.shape[0] > 4 else 1)  # GEMV rows fuse it
-        # one row over codes: x quantized plain (0), then with the norm (1)
-        assert quantized == ([0, 1] if codes and rows.shape[0] == 1 else [])
-        norms.clear()
-        quantized.clear()
-        assert not got.isnan().any()
-        tol = (5e-4 if codes else 1e-5) * want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=tol)

@@ -32,7 +32,6 @@ from llamapy.models.weights import Weights
 from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
-from llamapy.switches import switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -401,9 +400,6 @@ class DecoderLayer(torch.nn.Module):
         return None, residual
 
 
-# The final norm inside the output matrix's product (`LlamaForCausalLM._output_norm_fuses`);
-# LLAMAPY_GPU_FUSED_OUTPUT_NORM=0: a norm launch before it.
-FUSED_OUTPUT_NORM_SWITCH = "LLAMAPY_GPU_FUSED_OUTPUT_NORM"
 # K-quant matrices up to this many weights take the prologue all the same: there the launch
 # it saves costs more than the re-reads (H200, SmolLM2-135M Q4_K_M from `llamapy quantize`,
 # whose Q4_K / Q6_K ffn_down is 576 x 1536: tg128 1210.9 -> 1228.8 / 1227.2 t/s with it;
@@ -591,27 +587,11 @@ class LlamaForCausalLM(torch.nn.Module):
         return residual if x is None else residual + x  # x None: fused layers added it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        eps = self.config.norm_eps
-        if self._output_norm_fuses(hidden):  # the output matrix's prologue: one launch less
-            logits = self.lm_head(hidden, norm_weight=self.norm, eps=eps)
-        else:
-            logits = self.lm_head(rms_norm(hidden, self.norm, eps))
+        logits = self.lm_head(rms_norm(hidden, self.norm, self.config.norm_eps))
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def _output_norm_fuses(self, hidden: torch.Tensor) -> bool:
-        """Whether the final RMSNorm runs inside the output matrix's product (the Triton
-        GEMV's prologue, or the quantizing kernel's before the codes GEMV): CUDA decode rows
-        (`decode_fuses`) of a layer kind whose prologue pays (`_prologue_pays`), unless
-        FUSED_OUTPUT_NORM_SWITCH is off."""
-        return (
-            self.lm_head.kernel == "triton"
-            and DecoderLayer.decode_fuses(hidden, None)
-            and _prologue_pays(self.lm_head)
-            and not switched_off(FUSED_OUTPUT_NORM_SWITCH)
-        )
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
