@@ -300,7 +300,7 @@ def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
     it on larger models)."""
     if env == "0":
         return "off"
-    if env in ("all", "projections", "attention"):
+    if env in ("all", "projections"):
         return env
     if env and env != "1":
         logger.warning("LLAMAPY_GPU_WIDEN=%r is not 0, all or projections: ignored", env)
@@ -517,9 +517,6 @@ class LlamaForCausalLM(torch.nn.Module):
         ("projections"); "off": neither. The projections' source blocks are let go."""
         for layer in self.layers:
             layer.attn.widen_projections(widening != "off")
-            if widening == "attention":  # a lab setting: the attention's small matrices
-                for linear in [*layer.attn.proj, layer.attn.o_proj]:
-                    linear.widen_to_q8_0()
         if widening == "all":
             for module in self.modules():
                 if isinstance(module, QLinear):
