@@ -202,9 +202,16 @@ def print_timeline(prof, replays: int, head: int = 24) -> None:
     print(flush=True)
 
 
-def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bool = True) -> None:
-    """Where a decode step of `batch` sequences goes: graph replay alone, the whole engine
-    step, and the kernels of one replay."""
+def profile(
+    path: Path,
+    rng: random.Random,
+    batch: int = 1,
+    async_scheduling: bool = True,
+    prompt: int = 256,
+    head: int = 24,
+) -> None:
+    """Where a decode step of `batch` sequences of `prompt` tokens goes: graph replay alone,
+    the whole engine step, and the kernels of one replay (its first `head` in order)."""
     engine, vocab = engine_for(
         path,
         max_seqs=batch,
@@ -215,7 +222,8 @@ def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bo
     )
     for _ in range(batch):
         engine.add_request(
-            random_tokens(256, vocab, rng), SamplingParams.greedy(max_tokens=600, ignore_eos=True)
+            random_tokens(prompt, vocab, rng),
+            SamplingParams.greedy(max_tokens=600, ignore_eos=True),
         )
     for _ in range(20):
         engine.step()
@@ -250,7 +258,7 @@ def profile(path: Path, rng: random.Random, batch: int = 1, async_scheduling: bo
         ),
         flush=True,
     )
-    print_timeline(prof, replays=10)
+    print_timeline(prof, replays=10, head=head)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             engine.step()
@@ -288,9 +296,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="only profile a decode step")
     ap.add_argument("--profile-batch", type=int, default=1, help="sequences in that step")
+    ap.add_argument("--profile-prompt", type=int, default=256, help="their prompts' tokens")
+    ap.add_argument("--profile-head", type=int, default=24, help="kernels listed in order")
     args = ap.parse_args()
-    if args.profile_batch < 1:
-        ap.error("--profile-batch must be >= 1")
+    if args.profile_batch < 1 or args.profile_prompt < 1 or args.profile_head < 0:
+        ap.error("--profile-batch and --profile-prompt must be >= 1, --profile-head >= 0")
     if args.batch_prompt < 1:
         ap.error("--batch-prompt must be >= 1")
     kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
@@ -299,7 +309,8 @@ def main() -> None:
     rng = random.Random()
     if args.profile:
         for path in args.models:
-            profile(path, rng, args.profile_batch, not args.no_async)
+            profile(path, rng, args.profile_batch, not args.no_async, args.profile_prompt,
+                    args.profile_head)  # fmt: skip
         return
     results = {}
     for path in args.models:
