@@ -170,6 +170,22 @@ def test_fused_gemv_matches_reference(qtype, rng, poisoned):
         check(y, case, data, qtype, n, k, U[dtype], f"{qtype.name} {form} M={m} {dtype}")
 
 
+@pytest.mark.parametrize("chunk_max", [256, 4096])
+def test_norm_prologue_in_one_chunk_or_several(chunk_max, rng, poisoned, monkeypatch):
+    """The RMSNorm's sum of squares over the row in one chunk (`qm.RMS_CHUNK_MAX` 4096: the
+    default) or in several with a partial last one (256, the chunk before): the same
+    reference, at one row and at four."""
+    monkeypatch.setattr(qm, "RMS_CHUNK_MAX", chunk_max)
+    n, k = 24, 1056  # 33 blocks: 256-wide chunks leave a partial fifth
+    assert qm.rms_chunk(k, 1) == (2048 if chunk_max == 4096 else 256)
+    data = random_weight(rng, T.Q4_0, n, k)
+    w = qm.pack_weight(data, T.Q4_0, (n, k))
+    for m in (1, 4):
+        case = make_case(rng, "norm", m, n, k, F32)
+        y = qm.qmatmul(case.x, w, **case.kwargs())
+        check(y, case, data, T.Q4_0, n, k, U[F32], f"norm M={m} chunks of {chunk_max}")
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K], ids=lambda t: t.name)
 def test_split_k_adds_the_residual_once(qtype, rng, poisoned):
     """K split over programs: the 1/rms scale on every partial, the residual (and bias)

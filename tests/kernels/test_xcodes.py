@@ -97,6 +97,17 @@ def test_codes_stand_for_the_prologue_output(rng, pro: int, k: int) -> None:
     assert_codes_stand_for(codes, prologue_reference(x, pro, g, k))
 
 
+@pytest.mark.parametrize("chunk_max", [256, 4096])
+def test_norm_codes_in_one_chunk_or_several(rng, monkeypatch, chunk_max: int) -> None:
+    """The quantizing kernel's RMSNorm sums x^2 over the row in one chunk (the default) or
+    in several (`qm.RMS_CHUNK_MAX` 256): the same codes' bound either way."""
+    monkeypatch.setattr(qm, "RMS_CHUNK_MAX", chunk_max)
+    k = 1024
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32) * 3).to(DEVICE)
+    g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
+    assert_codes_stand_for(xcodes.quantize(x, k, 1, g, EPS), prologue_reference(x, 1, g, k))
+
+
 def check_codes_gemv(rng, n: int, k: int, kind: str = "Q4_0", accumulate: bool = False) -> None:
     """`gemv` of a fresh (n, k) weight and row against float64 of the x its codes stand for:
     its integer dots are exact, its float32 sums err by ~1e-6 of sum |w x| (+ |out| when

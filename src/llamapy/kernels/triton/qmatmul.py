@@ -694,6 +694,26 @@ def _unfused(
     return y if residual is None else residual.add_(y)
 
 
+def _rms_chunk_max(env: str | None) -> int:
+    if not env:
+        return 4096
+    if not env.strip().isdigit() or int(env) < 1 or int(env) & (int(env) - 1):
+        raise ValueError(f"LLAMAPY_GPU_RMS_CHUNK wants a power of two, got {env!r}")
+    return int(env)
+
+
+# The RMSNorm prologues (the GEMV's, the codes' quantizing kernel's) sum x^2 over the row in
+# chunks of this many values (rows x columns): one load a thread for a 2048-wide row, where
+# 256-wide chunks made eight dependent loads. LLAMAPY_GPU_RMS_CHUNK sets it for A/B runs
+# (256: the chunk before).
+RMS_CHUNK_MAX = _rms_chunk_max(os.environ.get("LLAMAPY_GPU_RMS_CHUNK"))
+
+
+def rms_chunk(k: int, rows: int) -> int:
+    """Columns a chunk of `_inv_rms` takes for rows of k values, `rows` at a time."""
+    return min(1 << max(0, (k - 1).bit_length()), max(256, RMS_CHUNK_MAX // rows))
+
+
 def gemv_int8_x(device: torch.device, qtype: QuantType) -> int:
     """The int8 levels (0: float32 x) the decode GEMV uses by default for this weight type
     and device: CUDA only (the interpreter runs the float32 GEMV unless a call asks for
@@ -930,7 +950,8 @@ def _launch_gemv(
         QT=_Q4_1_BYTES if bytes_form else _CODES[w.qtype],
         HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
-        **cfg, **pdl.launch_options(pdl_on), num_warps=num_warps,
+        RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), **cfg, **pdl.launch_options(pdl_on),
+        num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -1337,6 +1358,7 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
         WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr, Q8X: tl.constexpr,
+        RMS_CHUNK: tl.constexpr,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
@@ -1372,7 +1394,8 @@ if HAS_TRITON:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         o_mask = (offs_m[:, None] < M) & n_mask[None, :]
         if PRO == 1:  # sum_k W x g / rms(x): the scale is linear, partial sums take it too
-            y = y * _inv_rms(x_ptr, offs_m, M, stride_xm, K, eps, BLOCK_M, 256, INTERP)[:, None]
+            inv = _inv_rms(x_ptr, offs_m, M, stride_xm, K, eps, BLOCK_M, RMS_CHUNK, INTERP)
+            y = y * inv[:, None]
         if SPLIT == 1:
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -227,7 +227,8 @@ def quantize(
     _quantize_kernel[(triton.cdiv(nb, _QUANT_BLOCKS),)](
         x, norm_weight if norm_weight is not None else x, *buffers, k, float(eps),
         PRO=pro, LEVELS=LEVELS, BLOCK_B=_QUANT_BLOCKS, INTERP=INTERPRET,
-        **pdl.launch_options(_pdl(x.device, None)), num_warps=_QUANT_WARPS,
+        RMS_CHUNK=qm.rms_chunk(k, 1), **pdl.launch_options(_pdl(x.device, None)),
+        num_warps=_QUANT_WARPS,
     )  # fmt: skip
     return buffers
 
@@ -322,7 +323,7 @@ if HAS_TRITON:
     def _quantize_kernel(
         x_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, K, eps,
         PRO: tl.constexpr, LEVELS: tl.constexpr, BLOCK_B: tl.constexpr, INTERP: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, RMS_CHUNK: tl.constexpr,
     ):  # fmt: skip
         """Codes of blocks [pid * BLOCK_B, +BLOCK_B) of one row's prologue output (PRO 0 x,
         1 RMSNorm with weight g (each program sums the whole row's squares: a few KiB from
@@ -337,7 +338,8 @@ if HAS_TRITON:
         gl, gh = qm._g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
         xl, xh = qm._x_halves(x_ptr, True, b_first, nb, gl, gh, BLOCK_B, PRO)
         if PRO == 1:
-            inv = tl.sum(qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, 256, INTERP), 0)
+            inv = qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, RMS_CHUNK, INTERP)
+            inv = tl.sum(inv, 0)
             xl = xl * inv
             xh = xh * inv
         offs_b = b_first + tl.arange(0, BLOCK_B)
