@@ -186,6 +186,13 @@ def test_norm_prologue_in_one_chunk_or_several(chunk_max, rng, poisoned, monkeyp
         check(y, case, data, T.Q4_0, n, k, U[F32], f"norm M={m} chunks of {chunk_max}")
 
 
+def test_rms_chunk_setting_parses_or_names_the_variable() -> None:
+    assert qm._rms_chunk_max(None) == 4096 and qm._rms_chunk_max("256") == 256
+    for bad in ("300", "x", "0", "-256"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_RMS_CHUNK"):
+            qm._rms_chunk_max(bad)
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K], ids=lambda t: t.name)
 def test_split_k_adds_the_residual_once(qtype, rng, poisoned):
     """K split over programs: the 1/rms scale on every partial, the residual (and bias)
