@@ -129,10 +129,12 @@ def main() -> None:
                  "steps_per_split": "i32", "eps": "fp32"}  # fmt: skip
     width = 16 if qtype in qmatmul._NIBBLE_TYPES and not args.byte_twin else 32
     code = qmatmul._Q4_1_BYTES if args.byte_twin else qmatmul._CODES[qtype]
+    # RMS_CHUNK for the 1B's 2048-wide rows (K itself is a runtime argument here)
     constexprs = dict(QT=code, BLOCK_M=args.rows, BLOCK_N=block_n,
                       BLOCK_B=block_b, SPLIT=1, HAS_BIAS=False, PRO=_PROLOGUES[args.pro],
                       HAS_RES=False, INTERP=False, WB=width // (4 if args.q8x else 1), PF=0,
-                      PDL=False, Q8X=int(args.q8x))  # fmt: skip
+                      PDL=False, Q8X=int(args.q8x),
+                      RMS_CHUNK=qmatmul.rms_chunk(2048, args.rows))  # fmt: skip
     kernel = compile_for_hopper(
         qmatmul._gemv_kernel, signature, constexprs, args.warps, args.maxnreg
     )
