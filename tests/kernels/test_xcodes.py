@@ -39,11 +39,19 @@ if CUDA:
     SHAPES += [(16384, 2048), (2048, 8192), (128256, 2048)]
 
 
+KINDS = {
+    "Q4_0": QuantType.Q4_0,
+    "Q4_1": QuantType.Q4_1,
+    "Q4_K twin": QuantType.Q4_K,
+    "Q6_K": QuantType.Q6_K,
+}
+
+
 def q4_weight(rng: np.random.Generator, n: int, k: int, kind: str = "Q4_0"):
-    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, or Q4_K blocks held as
-    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K)."""
-    qtype = {"Q4_0": QuantType.Q4_0, "Q4_1": QuantType.Q4_1, "Q4_K twin": QuantType.Q4_K}[kind]
-    per_row = k // (256 if qtype == QuantType.Q4_K else 32)
+    """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, Q4_K blocks held as
+    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K), or Q6_K."""
+    qtype = KINDS[kind]
+    per_row = k // (256 if qtype in (QuantType.Q4_K, QuantType.Q6_K) else 32)
     blocks = torch.from_numpy(random_blocks(rng, qtype, (n, per_row)).reshape(n, -1))
     w = qm.pack_weight(blocks.to(DEVICE), qtype, (n, k), legacy_twin=kind == "Q4_K twin")
     assert w.qtype in xcodes.TYPES
@@ -125,7 +133,7 @@ def check_codes_gemv(rng, n: int, k: int, kind: str = "Q4_0", accumulate: bool =
     assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin", "Q6_K"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
@@ -155,10 +163,22 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
         check_codes_gemv(rng, n, k, kind, accumulate)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 16, 1), (4, 2, 1, 2), (1, 4, 4, 1)])
+def test_q6k_codes_gemv(rng, monkeypatch, config, accumulate: bool) -> None:
+    """The Q6_K kernel (`_q6k_pipe_kernel`) at every tile the lab sweeps: programs over one
+    or several row tiles (the interpreter's 4 SMs; N past the last full tile), one or two
+    tiles' loads ahead, K of one super-block, a power of two of units and not (BLOCK_U
+    padded: 2304 = 18 units)."""
+    monkeypatch.setattr(xcodes, "_Q6K_PIPE", {"short": config, "long": config})
+    for n, k in [(37, 256), (9, 2304), (3, 512)]:
+        check_codes_gemv(rng, n, k, "Q6_K", accumulate)
+
+
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q6_K"])
 @pytest.mark.parametrize("form", FORMS)
 def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
@@ -222,6 +242,24 @@ def test_small_or_other_weights_keep_the_float32_gemv(rng) -> None:
     assert not xcodes.takes(x, w8, None)
 
 
+def test_q6k_side_switched_off_keeps_the_kquant_gemv(rng, monkeypatch) -> None:
+    """LLAMAPY_GPU_X_CODES_Q6K_PIPE's "-" for a side: Q6_K weights of that K are not taken
+    (and `gemv` refuses them); the other side still is."""
+    monkeypatch.setattr(xcodes, "MIN_K", 256)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    monkeypatch.setattr(xcodes, "_row_fits", lambda x: True)
+    monkeypatch.setattr(
+        xcodes, "_Q6K_PIPE", xcodes._pipe_config("2,1,16/-", xcodes.Q6K_PIPE_DEFAULT, "V")
+    )
+    short, _ = q4_weight(rng, 8, 256, "Q6_K")
+    long, _ = q4_weight(rng, 8, 4096, "Q6_K")
+    x = torch.zeros(1, 4096, device=DEVICE)
+    assert xcodes.takes(x[:, :256], short, None) and xcodes.weight_takes(short)
+    assert not xcodes.takes(x, long, None) and not xcodes.weight_takes(long)
+    with pytest.raises(ValueError, match="Q6_K codes GEMV is off for K=4096"):
+        xcodes.gemv(xcodes.quantize(x, 4096, 0), long, torch.zeros(1, 8, device=DEVICE), False)
+
+
 def test_bad_inputs_are_refused(rng) -> None:
     w, _ = q4_0_weight(rng, 8, 256)
     x = torch.zeros(1, 256, device=DEVICE)
@@ -257,6 +295,10 @@ def test_lab_settings_parse_or_name_the_variable() -> None:
     assert xcodes._min_weights(None) == 1 << 24
     assert xcodes._min_weights("4000000") == 4_000_000
     assert xcodes._quant_tile(None) == (16, 4)
+    assert xcodes._pipe_config(None, xcodes.Q6K_PIPE_DEFAULT) == xcodes.Q6K_PIPE_DEFAULT
+    assert xcodes._pipe_config("2,1,16,2/-", name="X") == {"short": (2, 1, 16, 2), "long": None}
+    with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_Q6K_PIPE"):
+        xcodes._pipe_config("3,1,16/-", name="LLAMAPY_GPU_X_CODES_Q6K_PIPE")
     assert xcodes._quant_tile("2,4") == (2, 4)
     with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"):
         xcodes._min_weights("4M")

@@ -320,39 +320,51 @@ def test_fusion_is_all_or_nothing(tmp_path, rng, monkeypatch) -> None:
     assert not llama.DecoderLayer.decode_fuses(torch.empty(5, 1), None)
 
 
-def test_prologue_rule() -> None:
+def test_prologue_rule(monkeypatch) -> None:
     """Legacy types always take the norm / activation prologue; K-quant matrices only up to
     KQUANT_PROLOGUE_MAX_WEIGHTS (measured: SmolLM2's 576 x 1536 ffn_down gains, the 1B
-    shape's 2048 x 8192 and 16384 x 2048 lose)."""
+    shape's 2048 x 8192 and 16384 x 2048 lose), or for one row on CUDA where x's codes take
+    the weight (the quantizing kernel applies the prologue)."""
     from types import SimpleNamespace
 
+    from llamapy.kernels.triton import xcodes
     from llamapy.quant.types import QuantType as Q
 
     def linear(qtype, n, k):
         return SimpleNamespace(packed=SimpleNamespace(qtype=qtype), out_features=n, in_features=k)
 
-    assert llama._prologue_pays(linear(Q.Q4_0, 16384, 2048))
-    assert llama._prologue_pays(linear(Q.Q8_0, 576, 1536))
-    for q in (Q.Q4_K, Q.Q6_K):
-        assert llama._prologue_pays(linear(q, 576, 1536))
-        assert not llama._prologue_pays(linear(q, 2048, 8192))
-        assert not llama._prologue_pays(linear(q, 16384, 2048))
+    monkeypatch.setattr(xcodes, "weight_takes", lambda w: False)
+    for rows in (1, 4):
+        assert llama._prologue_pays(linear(Q.Q4_0, 16384, 2048), rows)
+        assert llama._prologue_pays(linear(Q.Q8_0, 576, 1536), rows)
+        for q in (Q.Q4_K, Q.Q6_K):
+            assert llama._prologue_pays(linear(q, 576, 1536), rows)
+            assert not llama._prologue_pays(linear(q, 2048, 8192), rows)
+            assert not llama._prologue_pays(linear(q, 16384, 2048), rows)
+    monkeypatch.setattr(xcodes, "weight_takes", lambda w: w.qtype == Q.Q6_K)
+    assert llama._prologue_pays(linear(Q.Q6_K, 2048, 8192), 1)  # over the codes
+    assert not llama._prologue_pays(linear(Q.Q6_K, 2048, 8192), 2)
+    assert not llama._prologue_pays(linear(Q.Q4_K, 2048, 8192), 1)  # not taken
 
 
 def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
-    """One-row decode steps whose Q4_0 GEMVs take x's int8 codes (`kernels.triton.xcodes`,
-    thresholds lowered to the tiny model: the norm and gating prologues, the residual adds
-    and the output matrix all go through it) give the float32 GEMVs' logits, within the
-    codes' error (~1.5e-5 of each 32-block's largest value, two levels)."""
+    """One-row decode steps whose Q4_0 GEMVs and Q6_K ffn_down (as in Q4_K_M files) take
+    x's int8 codes (`kernels.triton.xcodes`, thresholds lowered to the tiny model: the norm
+    and gating prologues, the residual adds and the output matrix all go through it) give
+    the float32 GEMVs' logits, within the codes' error (~1.5e-5 of each 32-block's largest
+    value, two levels)."""
     from llamapy.kernels.triton import xcodes
 
     monkeypatch.setattr(xcodes, "MIN_K", 32)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
     calls = []
     real = xcodes.matmul
-    monkeypatch.setattr(xcodes, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    codes = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
-    plain = tiny_model(tmp_path, rng, Q.Q4_0, None, "off", monkeypatch)
+    monkeypatch.setattr(
+        xcodes, "matmul", lambda x, w, *a, **kw: calls.append(w.qtype) or real(x, w, *a, **kw)
+    )
+    types = {"ffn_down.weight": Q.Q6_K}  # K = ffn: whole super-blocks
+    codes = tiny_model(tmp_path, rng, Q.Q4_0, types, "off", monkeypatch, ffn=256)
+    plain = tiny_model(tmp_path, rng, Q.Q4_0, types, "off", monkeypatch, ffn=256)
     runners = Runner(codes, num_seqs=1, max_len=8), Runner(plain, num_seqs=1, max_len=8)
     runners[1].tables = runners[0].tables
     vocab = codes.config.vocab_size
@@ -366,3 +378,4 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
         want = runners[1].step(chunks)
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())
+    assert {int(Q.Q4_0), int(Q.Q6_K)} == {int(t) for t in calls}  # down's codes too

@@ -389,11 +389,12 @@ class DecoderLayer(torch.nn.Module):
             residual = residual + h
         self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
-        if _prologue_pays(mlp.gate_up):
+        rows = residual.shape[0]
+        if _prologue_pays(mlp.gate_up, rows):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:
             gate_up = mlp.gate_up(rms_norm(residual, self.ffn_norm, self.eps))
-        if _prologue_pays(mlp.down):
+        if _prologue_pays(mlp.down, rows):
             mlp.down(gate_up, act=self.fused_activation, residual=residual)
         else:
             mlp.down(mlp.activation(*gate_up.chunk(2, dim=-1)), residual=residual)
@@ -407,16 +408,21 @@ class DecoderLayer(torch.nn.Module):
 KQUANT_PROLOGUE_MAX_WEIGHTS = 1 << 20
 
 
-def _prologue_pays(linear: QLinear) -> bool:
-    """Whether the norm / activation prologue speeds this wide GEMV up. Measured on an H100 /
-    H200 (benchmarks/kernels/bench_fused_gemv.py, Llama-3.2-1B shapes): 1.01-1.05x for
-    Q4_0, 1.10-1.24x for Q8_0, but 0.68-0.89x for Q4_K and Q6_K gate_up / down, whose
-    one-row single-warp programs each re-read the whole input row (and gain registers):
-    the K-quant family keeps a separate norm / activation kernel there, except for small
-    matrices (KQUANT_PROLOGUE_MAX_WEIGHTS)."""
+def _prologue_pays(linear: QLinear, rows: int) -> bool:
+    """Whether the norm / activation prologue speeds this wide GEMV of `rows` rows up.
+    Measured on an H100 / H200 (benchmarks/kernels/bench_fused_gemv.py, Llama-3.2-1B
+    shapes): 1.01-1.05x for Q4_0, 1.10-1.24x for Q8_0, but 0.68-0.89x for Q4_K and Q6_K
+    gate_up / down, whose one-row single-warp programs each re-read the whole input row
+    (and gain registers): the K-quant family keeps a separate norm / activation kernel
+    there, except for small matrices (KQUANT_PROLOGUE_MAX_WEIGHTS) and one row over x's
+    codes (`xcodes.weight_takes`, a CUDA decode's: the quantizing kernel applies the
+    prologue)."""
+    from llamapy.kernels.triton import xcodes
     from llamapy.kernels.triton.qmatmul import _KQUANT_TYPES
 
     if linear.packed.qtype not in _KQUANT_TYPES:
+        return True
+    if rows == 1 and xcodes.weight_takes(linear.packed):
         return True
     return linear.out_features * linear.in_features <= KQUANT_PROLOGUE_MAX_WEIGHTS
 

@@ -27,15 +27,22 @@ at the Llama-3.2-1B shapes (benchmarks/RESULTS.md, twenty-third session):
    us, the output matrix 54.88 -> 39.41, 1B tg128 +7.1% (twenty-sixth session). Long K
    (down) stays tiled (its best persistent tile 6.02 us against 5.94).
 
+4. Q6_K weights (the output matrix and about half the ffn_down of Q4_K_M files) in their own
+   persistent kernel (`_q6k_pipe_kernel`): a 128-weight unit (half a super-block) is 16 ql
+   words and 8 qh words; the nibbles and the two high bits make unsigned 6-bit bytes q, and
+   per 16-weight sub-block d * sc * s * (sum_j q_j c_j - 32 sum_j c_j), the codes' sums over
+   16 weights taken once a program. The K-quant GEMV (`qmatmul_kquants`) spends ~12
+   instructions a weight on these; this ~2.
+
 A 16-layer chain of the 1B's gate_up and down GEMVs with the quantizing launch before each
 took 31.60 us a layer against 36.81 for the fused float32 GEMVs (qkv and o lose: their GEMVs
 gain less than a launch costs, hence `MIN_WEIGHTS`); the output matrix 84.8 -> 56.7 us. In
 the engine (H100, CUDA graphs): 1B tg128 +17% (Q4_0), +15% (Q4_1), +8% (Q4_K_M); one-token
 decode logits against the CPU's float32 reference top-1 1.000, KL ~3e-7, as without codes.
 
-`qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 / Q4_1 weight of at least
-MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, a card with dp4a, and
-LLAMAPY_GPU_X_CODES not switched off (0 / false / no / off). Every fused form of `qmatmul`
+`qmatmul` routes here (`takes`): CUDA, one row of float32 x, a Q4_0 / Q4_1 / Q6_K weight of
+at least MIN_WEIGHTS weights with K >= MIN_K (the measured shapes), no bias, a card with dp4a,
+and LLAMAPY_GPU_X_CODES not switched off (0 / false / no / off). Every fused form of `qmatmul`
 is kept: the prologue in the quantizing kernel, the residual add in the GEMV's store.
 """
 
@@ -75,7 +82,9 @@ def _min_weights(env: str | None) -> int:
 
 MIN_WEIGHTS = _min_weights(os.environ.get("LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"))
 MIN_K = 2048
-TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1}  # -> the kernels' QT
+TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1, QuantType.Q6_K: 2}  # -> the kernels' QT
+# the packed array holding each type's quants (not a byte twin's or a float form's)
+_QUANTS = {QuantType.Q4_0: "qs", QuantType.Q4_1: "qs", QuantType.Q6_K: "ql"}
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
@@ -91,14 +100,19 @@ Pipe = tuple[int, int, int, int]  # (BLOCK_N, num_warps, programs an SM, tiles l
 PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": None}
 
 
-def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
+def _pipe_config(
+    env: str | None,
+    default: dict[str, Pipe | None] = PIPE_DEFAULT,
+    name: str = "LLAMAPY_GPU_X_CODES_PIPE",
+) -> dict[str, Pipe | None]:
     """The persistent, software-pipelined form (`_codes_gemv_pipe_kernel`) for short and long
     K (K >= 4096): {"short" / "long": (BLOCK_N, num_warps, programs an SM, tiles ahead), or
     None for the tiled form}. LLAMAPY_GPU_X_CODES_PIPE: off (0 / false / no / off: tiled
     everywhere), or "BN,W,P[,A]/BN,W,P[,A]" (short / long; "-" for the tiled form; A 1 or 2,
-    default 1) for A/B runs; unset: `PIPE_DEFAULT`."""
+    default 1) for A/B runs; unset: `PIPE_DEFAULT`. (`name` / `default`: the same for the
+    Q6_K kernel's LLAMAPY_GPU_X_CODES_Q6K_PIPE, where None keeps the K-quant GEMV.)"""
     if not env:
-        return dict(PIPE_DEFAULT)
+        return dict(default)
     if env.strip().lower() in OFF_VALUES:
         return {"short": None, "long": None}
     parts = env.split("/")
@@ -115,14 +129,17 @@ def _pipe_config(env: str | None) -> dict[str, Pipe | None]:
             break
         config[key] = (bn, warps, per_sm, ahead)
     if len(parts) != 2 or len(config) != 2:
-        raise ValueError(
-            f"LLAMAPY_GPU_X_CODES_PIPE wants off or 'BN,W,P[,A]/BN,W,P[,A]' ('-' a side), "
-            f"got {env!r}"
-        )
+        raise ValueError(f"{name} wants off or 'BN,W,P[,A]/BN,W,P[,A]' ('-' a side), got {env!r}")
     return config
 
 
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
+# The Q6_K kernel's tiles, short K (the output matrix, 2048) / long K (ffn_down, 8192): the
+# same fields; "-" (or off) keeps that side on the K-quant GEMV. LLAMAPY_GPU_X_CODES_Q6K_PIPE.
+Q6K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": (1, 4, 4, 1)}
+_Q6K_PIPE = _pipe_config(
+    os.environ.get("LLAMAPY_GPU_X_CODES_Q6K_PIPE"), Q6K_PIPE_DEFAULT, "LLAMAPY_GPU_X_CODES_Q6K_PIPE"
+)
 # The persistent form launches with PDL whatever its weight's size (the size rule,
 # `pdl.AUTO_MAX_WEIGHT_BYTES`, would keep the 1B's gate_up and output matrix off): its grid is
 # resident at once, behind the quantizing kernel, and its first tile's loads go out before
@@ -175,12 +192,26 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
 
 
 def _weight_fits(w: PackedWeight) -> bool:
-    return w.qtype in TYPES and w.k >= MIN_K and w.n * w.k >= MIN_WEIGHTS and "qs" in w.tensors
+    return (
+        w.qtype in TYPES
+        and w.k >= MIN_K
+        and w.n * w.k >= MIN_WEIGHTS
+        and _QUANTS[w.qtype] in w.tensors
+        and (w.qtype != QuantType.Q6_K or _pipe_for(w.k, w.qtype) is not None)
+    )
 
 
-def _pipe_for(k: int) -> Pipe | None:
-    """The persistent form's config for a weight of K columns, None for the tiled form."""
-    return _PIPE["long" if k >= 4096 else "short"]
+def weight_takes(w: PackedWeight) -> bool:
+    """Whether one float32 row times `w` goes over the codes on a card that takes them (the
+    weight's part of `takes`): for callers choosing a fused prologue before x exists."""
+    return _weight_fits(w) and enabled()
+
+
+def _pipe_for(k: int, qtype: QuantType = QuantType.Q4_0) -> Pipe | None:
+    """The persistent form's config for a weight of K columns, None for the tiled form (for
+    Q6_K: for the K-quant GEMV)."""
+    pipes = _Q6K_PIPE if qtype == QuantType.Q6_K else _PIPE
+    return pipes["long" if k >= 4096 else "short"]
 
 
 def _row_fits(x: torch.Tensor) -> bool:
@@ -247,8 +278,10 @@ def gemv(
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
     if w.qtype not in TYPES:
         raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
-    if "qs" not in w.tensors:
-        raise ValueError("the codes GEMV reads the quants ('qs'), not a byte twin or float form")
+    if _QUANTS[w.qtype] not in w.tensors:
+        raise ValueError(
+            f"the codes GEMV reads the quants ({_QUANTS[w.qtype]!r}), not a byte twin or float form"
+        )
     nb = w.k // QK
     if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
         raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
@@ -260,6 +293,14 @@ def _launch(
     out: torch.Tensor,
     accumulate: bool,
 ) -> None:
+    if w.qtype == QuantType.Q6_K:
+        q6k = _pipe_for(w.k, w.qtype)
+        if q6k is None:
+            raise ValueError(
+                f"the Q6_K codes GEMV is off for K={w.k} (LLAMAPY_GPU_X_CODES_Q6K_PIPE)"
+            )
+        _launch_q6k(codes, w, out, accumulate, q6k)
+        return
     pipe = _pipe_for(w.k)
     if pipe is not None:
         _launch_pipe(codes, w, out, accumulate, pipe)
@@ -299,6 +340,29 @@ def _launch_pipe(
         tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         **pdl.launch_options(pdl_on), num_warps=warps,
+    )  # fmt: skip
+
+
+def _launch_q6k(
+    codes: tuple[torch.Tensor, ...],
+    w: PackedWeight,
+    out: torch.Tensor,
+    accumulate: bool,
+    config: Pipe,
+) -> None:
+    """`_q6k_pipe_kernel`: min(row tiles, SMs x programs an SM) programs, as `_launch_pipe`."""
+    block_n, warps, per_sm, ahead = config
+    if LEVELS != 2:
+        raise ValueError("the Q6_K codes GEMV holds two levels of codes")
+    tiles = triton.cdiv(w.n, block_n)
+    programs = min(tiles, qm._num_sms(out.device) * per_sm)
+    t = w.tensors
+    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
+    _q6k_pipe_kernel[(programs,)](
+        codes[0], codes[1], t["ql"].view(torch.int32), t["qh"].view(torch.int32), t["sc"],
+        t["d"], out, w.n, w.k, tiles, BLOCK_N=block_n,
+        BLOCK_U=triton.next_power_of_2(w.k // 128), RES=accumulate, AHEAD=ahead,
+        INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=warps,
     )  # fmt: skip
 
 
@@ -518,3 +582,115 @@ if HAS_TRITON:
         if QT == 0:
             isum -= 8 * t[None, :]
         return isum.to(tl.float32) * s[None, :]
+
+    @triton.jit
+    def _q6k_scales(sc_ptr, d_ptr, rows, ok, nu, u, NIB: tl.constexpr):
+        """d * sc (BN, BU, 2 runs, 2 halves) float32 of the sub-blocks 8u + 2r + half of piece
+        r = 2 NIB + run of the units u (BU,) of rows `rows` (BN,) (`ok` (BN, BU))."""
+        a2 = tl.arange(0, 2)
+        run, half = a2[None, None, :, None], a2[None, None, None, :]
+        sub = u[None, :, None, None] * 8 + NIB * 4 + run * 2 + half
+        sc = tl.load(sc_ptr + rows[:, None, None, None] * (nu * 8) + sub,
+                     mask=ok[:, :, None, None], other=0)  # fmt: skip
+        d = tl.load(d_ptr + rows[:, None] * (nu // 2) + u[None, :] // 2, mask=ok, other=0.0)
+        return d.to(tl.float32)[:, :, None, None] * sc.to(tl.float32)
+
+    @triton.jit
+    def _q6k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, tile, N, nu, BLOCK_N: tl.constexpr,
+                  BLOCK_U: tl.constexpr):  # fmt: skip
+        """A row tile's loads for `_q6k_pipe_kernel`, all of K in 128-weight units u (half a
+        super-block): ql words 16u + 8 run + 4 half + i (BN, BU, 2, 2, 4), qh words 8u + 4 half
+        + i (BN, BU, 2, 4), the scales of pieces r = run (nibble 0) and 2 + run (nibble 1);
+        rows past N (tiles past the last) load zeros."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        u = tl.arange(0, BLOCK_U)
+        ok = (offs_n < N)[:, None] & (u < nu)[None, :]
+        a2 = tl.arange(0, 2)
+        a4 = tl.arange(0, 4)
+        lw = (u[None, :, None, None, None] * 16 + a2[None, None, :, None, None] * 8
+              + a2[None, None, None, :, None] * 4 + a4[None, None, None, None, :])  # fmt: skip
+        wl = tl.load(ql_ptr + rows[:, None, None, None, None] * (nu * 16) + lw,
+                     mask=ok[:, :, None, None, None], other=0)  # fmt: skip
+        hw = u[None, :, None, None] * 8 + a2[None, None, :, None] * 4 + a4[None, None, None, :]
+        wh = tl.load(qh_ptr + rows[:, None, None, None] * (nu * 8) + hw,
+                     mask=ok[:, :, None, None], other=0)  # fmt: skip
+        g0 = _q6k_scales(sc_ptr, d_ptr, rows, ok, nu, u, 0)
+        g1 = _q6k_scales(sc_ptr, d_ptr, rows, ok, nu, u, 1)
+        return wl, wh, g0, g1
+
+    @triton.jit
+    def _q6k_codes(xc_ptr, xs_ptr, nb, nu, LVL: tl.constexpr, NIB: tl.constexpr,
+                   BLOCK_U: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+        """One level's codes of x-blocks 4u + 2 NIB + run (the pieces of nibble NIB): words
+        (BU, 2 runs, 2 halves, 4), scales (BU, 2), and the codes' sums per 16-weight half
+        (BU, 2, 2)."""
+        u = tl.arange(0, BLOCK_U)
+        a2 = tl.arange(0, 2)
+        a4 = tl.arange(0, 4)
+        u_ok = u < nu
+        blk = u[:, None] * 4 + NIB * 2 + a2[None, :]  # (BU, 2)
+        cw = blk[:, :, None, None] * 8 + a2[None, None, :, None] * 4 + a4[None, None, None, :]
+        c = tl.load(xc_ptr + LVL * (nb * 8) + cw, mask=u_ok[:, None, None, None], other=0)
+        s = tl.load(xs_ptr + LVL * nb + blk, mask=u_ok[:, None], other=0.0)
+        ones = tl.full(c.shape, 0x01010101, tl.int32)
+        t = tl.sum(qm._dp4a(ones, c, tl.zeros(c.shape, tl.int32), False, INTERP), axis=3)
+        return c, s, t
+
+    @triton.jit
+    def _q6k_piece(wl, wh, NIB: tl.constexpr, ca, sa, ta, cb, sb, tb, INTERP: tl.constexpr):
+        """(BN, BU, 2 runs, 2 halves) float32: sum over both levels of s * (sum_j q_j c_j - 32
+        sum_j c_j) of the 16-weight halves of pieces r = 2 NIB + run, q the 6-bit quants: ql
+        nibble NIB, qh bits 2r, 2r + 1."""
+        run = tl.arange(0, 2)[None, None, :, None, None]
+        q = ((wl >> (4 * NIB)) & 0x0F0F0F0F) | (((wh[:, :, None, :, :] >> (4 * NIB + 2 * run))
+                                                 & 0x03030303) << 4)  # fmt: skip
+        zero = tl.zeros(q.shape, tl.int32)
+        da = tl.sum(qm._dp4a(q, ca[None], zero, False, INTERP), axis=4)  # |.| <= 16*63*127
+        db = tl.sum(qm._dp4a(q, cb[None], zero, False, INTERP), axis=4)
+        return ((da - 32 * ta[None]).to(tl.float32) * sa[None, :, :, None]
+                + (db - 32 * tb[None]).to(tl.float32) * sb[None, :, :, None])  # fmt: skip
+
+    @triton.jit
+    def _q6k_pipe_kernel(
+        xc_ptr, xs_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, out_ptr, N, K, tiles,
+        BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, RES: tl.constexpr, AHEAD: tl.constexpr,
+        INTERP: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """out[n] (+)= W[n] x for Q6_K rows (w = d sc (q - 32) per 16-weight sub-block) over
+        two levels of x's codes, persistent and software-pipelined as `_codes_gemv_pipe_kernel`:
+        x's codes of all of K (and their 16-weight sums) in registers, row tiles pid, pid +
+        programs, ..., the loads of the tile AHEAD tiles on issued before the current one is
+        computed; the first tile's before the PDL wait."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        nb = K // 32
+        nu = K // 128
+        wl, wh, g0, g1 = _q6k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, pid, N, nu, BLOCK_N, BLOCK_U)
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
+        c00, s00, t00 = _q6k_codes(xc_ptr, xs_ptr, nb, nu, 0, 0, BLOCK_U, INTERP)
+        c01, s01, t01 = _q6k_codes(xc_ptr, xs_ptr, nb, nu, 0, 1, BLOCK_U, INTERP)
+        c10, s10, t10 = _q6k_codes(xc_ptr, xs_ptr, nb, nu, 1, 0, BLOCK_U, INTERP)
+        c11, s11, t11 = _q6k_codes(xc_ptr, xs_ptr, nb, nu, 1, 1, BLOCK_U, INTERP)
+        tile = pid
+        if AHEAD == 2:
+            wl2, wh2, g02, g12 = _q6k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, pid + step, N, nu,
+                                           BLOCK_N, BLOCK_U)  # fmt: skip
+        while tile < tiles:
+            nxt = _q6k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, tile + AHEAD * step, N, nu, BLOCK_N,
+                            BLOCK_U)  # fmt: skip
+            part = (_q6k_piece(wl, wh, 0, c00, s00, t00, c10, s10, t10, INTERP) * g0
+                    + _q6k_piece(wl, wh, 1, c01, s01, t01, c11, s11, t11, INTERP) * g1)  # fmt: skip
+            y = tl.sum(tl.sum(tl.sum(part, axis=3), axis=2), axis=1)
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            if RES:
+                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
+            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            if AHEAD == 2:
+                wl, wh, g0, g1 = wl2, wh2, g02, g12
+                wl2, wh2, g02, g12 = nxt
+            else:
+                wl, wh, g0, g1 = nxt
+            tile += step
