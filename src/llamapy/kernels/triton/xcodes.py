@@ -136,7 +136,12 @@ def _pipe_config(
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
 # The Q6_K kernel's tiles, short K (the output matrix, 2048) / long K (ffn_down, 8192): the
 # same fields; "-" (or off) keeps that side on the K-quant GEMV. LLAMAPY_GPU_X_CODES_Q6K_PIPE.
-Q6K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": (1, 4, 4, 1)}
+# H200, `benchmarks/kernels/q6k_codes_lab.py` (graph replays over rotating weights, us a
+# call): the 1B's output 145.6 (K-quant GEMV) -> 58.2 (2 rows, 1 warp, 24 programs an SM),
+# with its quantizing launch 60.0; down 14.6 -> 9.1 (1 row, 4 warps, 4 programs), 11.1 with
+# the gating's quantizing launch; 1B Q4_K_M tg128 1239.8 -> 1451.9 t/s (1.171x;
+# benchmarks/RESULTS.md, twenty-ninth session).
+Q6K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 24, 1), "long": (1, 4, 4, 1)}
 _Q6K_PIPE = _pipe_config(
     os.environ.get("LLAMAPY_GPU_X_CODES_Q6K_PIPE"), Q6K_PIPE_DEFAULT, "LLAMAPY_GPU_X_CODES_Q6K_PIPE"
 )
