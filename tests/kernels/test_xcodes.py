@@ -44,14 +44,17 @@ KINDS = {
     "Q4_1": QuantType.Q4_1,
     "Q4_K twin": QuantType.Q4_K,
     "Q6_K": QuantType.Q6_K,
+    "Q4_K": QuantType.Q4_K,
 }
 
 
 def q4_weight(rng: np.random.Generator, n: int, k: int, kind: str = "Q4_0"):
     """A packed (n, k) weight and its float64 values: Q4_0, Q4_1, Q4_K blocks held as
-    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K), or Q6_K."""
+    their Q4_1 twin (float32 scales and offsets, the GPU's form of Q4_K where the codes do
+    not take it), Q6_K or Q4_K as stored."""
     qtype = KINDS[kind]
     per_row = k // (256 if qtype in (QuantType.Q4_K, QuantType.Q6_K) else 32)
+    assert kind != "Q4_K twin" or qm.LEGACY_TWINS[qtype] == QuantType.Q4_1
     blocks = torch.from_numpy(random_blocks(rng, qtype, (n, per_row)).reshape(n, -1))
     w = qm.pack_weight(blocks.to(DEVICE), qtype, (n, k), legacy_twin=kind == "Q4_K twin")
     assert w.qtype in xcodes.TYPES
@@ -133,7 +136,7 @@ def check_codes_gemv(rng, n: int, k: int, kind: str = "Q4_0", accumulate: bool =
     assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin", "Q6_K", "Q4_K"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
@@ -163,22 +166,24 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
         check_codes_gemv(rng, n, k, kind, accumulate)
 
 
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 16, 1), (4, 2, 1, 2), (1, 4, 4, 1)])
-def test_q6k_codes_gemv(rng, monkeypatch, config, accumulate: bool) -> None:
-    """The Q6_K kernel (`_q6k_pipe_kernel`) at every tile the lab sweeps: programs over one
-    or several row tiles (the interpreter's 4 SMs; N past the last full tile), one or two
-    tiles' loads ahead, K of one super-block, a power of two of units and not (BLOCK_U
-    padded: 2304 = 18 units)."""
+def test_kquant_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str) -> None:
+    """The Q6_K and Q4_K kernels (`_q6k_pipe_kernel`, `_q4k_pipe_kernel`) at every tile the
+    lab sweeps: programs over one or several row tiles (the interpreter's 4 SMs; N past the
+    last full tile), one or two tiles' loads ahead, K of one super-block, a power of two of
+    units and not (the tile padded: 2304 = 18 Q6_K units, 36 Q4_K pairs)."""
     monkeypatch.setattr(xcodes, "_Q6K_PIPE", {"short": config, "long": config})
+    monkeypatch.setattr(xcodes, "_Q4K_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (9, 2304), (3, 512)]:
-        check_codes_gemv(rng, n, k, "Q6_K", accumulate)
+        check_codes_gemv(rng, n, k, kind, accumulate)
 
 
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q6_K", "Q4_K"])
 @pytest.mark.parametrize("form", FORMS)
 def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one

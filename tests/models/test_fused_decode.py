@@ -347,12 +347,37 @@ def test_prologue_rule(monkeypatch) -> None:
     assert not llama._prologue_pays(linear(Q.Q4_K, 2048, 8192), 1)  # not taken
 
 
+def test_codes_take_the_large_q4_k_matrices_as_stored(monkeypatch) -> None:
+    """`prepare` holds no legacy twin of a Q4_K matrix the one-row decode reads over x's codes
+    as stored (the 1B's gate_up and ffn_down), and twins the others (smaller ones, Q5_K, or
+    all of them with LLAMAPY_GPU_X_CODES_Q4K_PIPE off or the codes off)."""
+    from types import SimpleNamespace
+
+    from llamapy.kernels.triton import xcodes
+    from llamapy.quant.types import QuantType as QT
+
+    def linear(qtype, n, k):
+        return SimpleNamespace(_weight=SimpleNamespace(qtype=qtype), out_features=n, in_features=k)
+
+    monkeypatch.delenv("LLAMAPY_GPU_X_CODES", raising=False)
+    assert llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
+    assert llama._codes_take_blocks(linear(QT.Q4_K, 2048, 8192))
+    assert not llama._codes_take_blocks(linear(QT.Q4_K, 3072, 2048))  # qkv: below MIN_WEIGHTS
+    assert not llama._codes_take_blocks(linear(QT.Q5_K, 16384, 2048))
+    assert not llama._codes_take_blocks(linear(QT.Q4_K, 49152, 576))  # K below MIN_K
+    monkeypatch.setattr(xcodes, "_Q4K_PIPE", xcodes._pipe_config("off"))
+    assert not llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
+    monkeypatch.undo()
+    monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
+    assert not llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
+
+
 def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
-    """One-row decode steps whose Q4_0 GEMVs and Q6_K ffn_down (as in Q4_K_M files) take
-    x's int8 codes (`kernels.triton.xcodes`, thresholds lowered to the tiny model: the norm
-    and gating prologues, the residual adds and the output matrix all go through it) give
-    the float32 GEMVs' logits, within the codes' error (~1.5e-5 of each 32-block's largest
-    value, two levels)."""
+    """One-row decode steps whose Q4_0 GEMVs and Q6_K / Q4_K ffn_down (as in Q4_K_M files,
+    the Q4_K one as stored) take x's int8 codes (`kernels.triton.xcodes`, thresholds lowered
+    to the tiny model: the norm and gating prologues, the residual adds and the output
+    matrix all go through it) give the float32 GEMVs' logits, within the codes' error
+    (~1.5e-5 of each 32-block's largest value, two levels)."""
     from llamapy.kernels.triton import xcodes
 
     monkeypatch.setattr(xcodes, "MIN_K", 32)
@@ -362,7 +387,7 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
     monkeypatch.setattr(
         xcodes, "matmul", lambda x, w, *a, **kw: calls.append(w.qtype) or real(x, w, *a, **kw)
     )
-    types = {"ffn_down.weight": Q.Q6_K}  # K = ffn: whole super-blocks
+    types = {"blk.0.ffn_down.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K}  # K = ffn
     codes = tiny_model(tmp_path, rng, Q.Q4_0, types, "off", monkeypatch, ffn=256)
     plain = tiny_model(tmp_path, rng, Q.Q4_0, types, "off", monkeypatch, ffn=256)
     runners = Runner(codes, num_seqs=1, max_len=8), Runner(plain, num_seqs=1, max_len=8)
@@ -378,4 +403,4 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
         want = runners[1].step(chunks)
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())
-    assert {int(Q.Q4_0), int(Q.Q6_K)} == {int(t) for t in calls}  # down's codes too
+    assert {int(Q.Q4_0), int(Q.Q6_K), int(Q.Q4_K)} == {int(t) for t in calls}  # downs too

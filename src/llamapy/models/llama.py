@@ -268,6 +268,8 @@ WIDEN_MAX_MODEL_BYTES = 256 << 20
 # fp16 tiles' float32 scales); SmolLM2 Q4_K_M tg128 +6%. The price is GPU memory: Q4_K /
 # Q5_K matrices take a third / a quarter more bytes there than in the file, so a model whose
 # twins would not fit beside it and what the engine reserves keeps its K-quant blocks.
+# Q4_K matrices that the one-row decode reads over x's codes as stored (`xcodes.
+# takes_native`: the 1B's gate_up and ffn_down; `_codes_take_blocks`) get no twin.
 KQUANT_TWINS = True
 
 
@@ -427,6 +429,19 @@ def _prologue_pays(linear: QLinear, rows: int) -> bool:
     return linear.out_features * linear.in_features <= KQUANT_PROLOGUE_MAX_WEIGHTS
 
 
+def _codes_take_blocks(linear: QLinear) -> bool:
+    """Whether the decode step's one-row product reads this K-quant matrix's blocks as they
+    are over x's codes (`xcodes.takes_native`: Q4_K at 4.6 bits a weight against its Q4_1
+    twin's 6), so that the GPU holds no legacy twin of it."""
+    from llamapy.kernels.triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        return False
+    from llamapy.kernels.triton import xcodes
+
+    return xcodes.takes_native(linear._weight.qtype, linear.out_features, linear.in_features)
+
+
 class LlamaForCausalLM(torch.nn.Module):
     """Decoder-only transformer over a paged KV cache."""
 
@@ -477,7 +492,7 @@ class LlamaForCausalLM(torch.nn.Module):
             release_pages()
         for module in self.modules():
             if isinstance(module, QLinear):
-                module.legacy_twin = twins
+                module.legacy_twin = twins and not _codes_take_blocks(module)
                 module.prepare(device, cpu_kernels)
                 if release_pages is not None:
                     release_pages()
@@ -506,7 +521,11 @@ class LlamaForCausalLM(torch.nn.Module):
         """Whether `prepare` on the GPU `device` holds Q4_K / Q5_K matrices as their legacy
         twins (`gpu_kquant_twins`): the twins' extra bytes against the memory free now less
         the model's blocks, its embedding and `gpu_reserve_bytes`."""
-        extra = sum(m.legacy_twin_extra_nbytes() for m in self.modules() if isinstance(m, QLinear))
+        extra = sum(
+            m.legacy_twin_extra_nbytes()
+            for m in self.modules()
+            if isinstance(m, QLinear) and not _codes_take_blocks(m)
+        )
         spare = None
         if extra:
             free = torch.cuda.mem_get_info(device)[0]

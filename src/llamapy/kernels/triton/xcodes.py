@@ -82,9 +82,11 @@ def _min_weights(env: str | None) -> int:
 
 MIN_WEIGHTS = _min_weights(os.environ.get("LLAMAPY_GPU_X_CODES_MIN_WEIGHTS"))
 MIN_K = 2048
-TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1, QuantType.Q6_K: 2}  # -> the kernels' QT
+TYPES = {QuantType.Q4_0: 0, QuantType.Q4_1: 1, QuantType.Q6_K: 2, QuantType.Q4_K: 3}  # -> QT
 # the packed array holding each type's quants (not a byte twin's or a float form's)
-_QUANTS = {QuantType.Q4_0: "qs", QuantType.Q4_1: "qs", QuantType.Q6_K: "ql"}
+_QUANTS = {QuantType.Q4_0: "qs", QuantType.Q4_1: "qs", QuantType.Q6_K: "ql", QuantType.Q4_K: "qs"}
+# K-quant types with their own persistent kernel and tiles (None for a side: the K-quant GEMV)
+_KQUANT_PIPES = (QuantType.Q6_K, QuantType.Q4_K)
 # x-stationary tiles of the H100 sweep (`benchmarks/kernels/q8x_lab.py --stationary`):
 # (BLOCK_N, BLOCK_B, num_warps), K split never paid; long K (down): one row, 128 blocks.
 _TILE = (2, 32, 1)
@@ -145,6 +147,13 @@ Q6K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 24, 1), "long": (1, 
 _Q6K_PIPE = _pipe_config(
     os.environ.get("LLAMAPY_GPU_X_CODES_Q6K_PIPE"), Q6K_PIPE_DEFAULT, "LLAMAPY_GPU_X_CODES_Q6K_PIPE"
 )
+# Q4_K rows read as stored (`_q4k_pipe_kernel`: 4.6 bits a weight) rather than as their Q4_1
+# twins (6 bits, `models.llama.gpu_kquant_twins`): the same fields,
+# LLAMAPY_GPU_X_CODES_Q4K_PIPE; a side the kernel takes keeps its weights K-quant on the GPU.
+Q4K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": (1, 4, 4, 1)}
+_Q4K_PIPE = _pipe_config(
+    os.environ.get("LLAMAPY_GPU_X_CODES_Q4K_PIPE"), Q4K_PIPE_DEFAULT, "LLAMAPY_GPU_X_CODES_Q4K_PIPE"
+)
 # The persistent form launches with PDL whatever its weight's size (the size rule,
 # `pdl.AUTO_MAX_WEIGHT_BYTES`, would keep the 1B's gate_up and output matrix off): its grid is
 # resident at once, behind the quantizing kernel, and its first tile's loads go out before
@@ -202,7 +211,19 @@ def _weight_fits(w: PackedWeight) -> bool:
         and w.k >= MIN_K
         and w.n * w.k >= MIN_WEIGHTS
         and _QUANTS[w.qtype] in w.tensors
-        and (w.qtype != QuantType.Q6_K or _pipe_for(w.k, w.qtype) is not None)
+        and (w.qtype not in _KQUANT_PIPES or _pipe_for(w.k, w.qtype) is not None)
+    )
+
+
+def takes_native(qtype: QuantType, n: int, k: int) -> bool:
+    """Whether one row times an (n, k) weight of this K-quant type goes over the codes as its
+    blocks are (so the GPU need not hold a legacy twin of it for the decode step)."""
+    return (
+        qtype in _KQUANT_PIPES
+        and k >= MIN_K
+        and n * k >= MIN_WEIGHTS
+        and _pipe_for(k, qtype) is not None
+        and enabled()
     )
 
 
@@ -215,7 +236,7 @@ def weight_takes(w: PackedWeight) -> bool:
 def _pipe_for(k: int, qtype: QuantType = QuantType.Q4_0) -> Pipe | None:
     """The persistent form's config for a weight of K columns, None for the tiled form (for
     Q6_K: for the K-quant GEMV)."""
-    pipes = _Q6K_PIPE if qtype == QuantType.Q6_K else _PIPE
+    pipes = {QuantType.Q6_K: _Q6K_PIPE, QuantType.Q4_K: _Q4K_PIPE}.get(qtype, _PIPE)
     return pipes["long" if k >= 4096 else "short"]
 
 
@@ -298,13 +319,14 @@ def _launch(
     out: torch.Tensor,
     accumulate: bool,
 ) -> None:
-    if w.qtype == QuantType.Q6_K:
-        q6k = _pipe_for(w.k, w.qtype)
-        if q6k is None:
+    if w.qtype in _KQUANT_PIPES:
+        config = _pipe_for(w.k, w.qtype)
+        if config is None:
             raise ValueError(
-                f"the Q6_K codes GEMV is off for K={w.k} (LLAMAPY_GPU_X_CODES_Q6K_PIPE)"
+                f"the {w.qtype.name} codes GEMV is off for K={w.k} "
+                f"(LLAMAPY_GPU_X_CODES_{w.qtype.name.replace('_', '')}_PIPE)"
             )
-        _launch_q6k(codes, w, out, accumulate, q6k)
+        _launch_kquant(codes, w, out, accumulate, config)
         return
     pipe = _pipe_for(w.k)
     if pipe is not None:
@@ -348,27 +370,37 @@ def _launch_pipe(
     )  # fmt: skip
 
 
-def _launch_q6k(
+def _launch_kquant(
     codes: tuple[torch.Tensor, ...],
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
     config: Pipe,
 ) -> None:
-    """`_q6k_pipe_kernel`: min(row tiles, SMs x programs an SM) programs, as `_launch_pipe`."""
+    """`_q6k_pipe_kernel` / `_q4k_pipe_kernel`: min(row tiles, SMs x programs an SM)
+    programs, as `_launch_pipe`."""
     block_n, warps, per_sm, ahead = config
     if LEVELS != 2:
-        raise ValueError("the Q6_K codes GEMV holds two levels of codes")
+        raise ValueError("the K-quant codes GEMVs hold two levels of codes")
     tiles = triton.cdiv(w.n, block_n)
     programs = min(tiles, qm._num_sms(out.device) * per_sm)
     t = w.tensors
     pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
-    _q6k_pipe_kernel[(programs,)](
-        codes[0], codes[1], t["ql"].view(torch.int32), t["qh"].view(torch.int32), t["sc"],
-        t["d"], out, w.n, w.k, tiles, BLOCK_N=block_n,
-        BLOCK_U=triton.next_power_of_2(w.k // 128), RES=accumulate, AHEAD=ahead,
-        INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=warps,
+    common = dict(
+        RES=accumulate, AHEAD=ahead, INTERP=INTERPRET, **pdl.launch_options(pdl_on),
+        num_warps=warps,
     )  # fmt: skip
+    if w.qtype == QuantType.Q6_K:
+        _q6k_pipe_kernel[(programs,)](
+            codes[0], codes[1], t["ql"].view(torch.int32), t["qh"].view(torch.int32), t["sc"],
+            t["d"], out, w.n, w.k, tiles, BLOCK_N=block_n,
+            BLOCK_U=triton.next_power_of_2(w.k // 128), **common,
+        )  # fmt: skip
+    else:
+        _q4k_pipe_kernel[(programs,)](
+            *codes, t["qs"].view(torch.int32), t["sc"], t["mn"], t["d"], t["dmin"], out, w.n,
+            w.k, tiles, BLOCK_N=block_n, BLOCK_P=triton.next_power_of_2(w.k // 64), **common,
+        )  # fmt: skip
 
 
 def matmul(
@@ -698,4 +730,84 @@ if HAS_TRITON:
                 wl2, wh2, g02, g12 = nxt
             else:
                 wl, wh, g0, g1 = nxt
+            tile += step
+
+    @triton.jit
+    def _q4k_tile(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tile, N, npairs,
+                  BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """A row tile's loads for `_q4k_pipe_kernel`, all of K in 64-weight pairs p of 32-blocks
+        (2p: the low nibbles of a 32-byte run of qs, 2p + 1 its high ones): qs words 8p + j
+        (BN, BP, 1, 8), and each block's d sc and dmin mn (BN, BP, 2) float32; rows past N
+        (tiles past the last) load zeros."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        p = tl.arange(0, BLOCK_P)
+        ok = (offs_n < N)[:, None] & (p < npairs)[None, :]
+        j = tl.arange(0, 8)
+        words = p[None, :, None, None] * 8 + j[None, None, None, :]
+        w = tl.load(qs_ptr + rows[:, None, None, None] * (npairs * 8) + words,
+                    mask=ok[:, :, None, None], other=0)  # fmt: skip
+        blk = p[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]  # (1, BP, 2)
+        at = rows[:, None, None] * (npairs * 2) + blk
+        sc = tl.load(sc_ptr + at, mask=ok[:, :, None], other=0).to(tl.float32)
+        mn = tl.load(mn_ptr + at, mask=ok[:, :, None], other=0).to(tl.float32)
+        sup = rows[:, None] * (npairs // 4) + p[None, :] // 4  # super-block of pair p
+        d = tl.load(d_ptr + sup, mask=ok, other=0.0).to(tl.float32)
+        dm = tl.load(dm_ptr + sup, mask=ok, other=0.0).to(tl.float32)
+        return w, d[:, :, None] * sc, dm[:, :, None] * mn
+
+    @triton.jit
+    def _q4k_pipe_kernel(
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, out_ptr, N, K, tiles,
+        BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, RES: tl.constexpr, AHEAD: tl.constexpr,
+        INTERP: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """out[n] (+)= W[n] x for Q4_K rows as stored (w = d sc q - dmin mn per 32-block, q a
+        nibble) over two levels of x's codes, persistent and software-pipelined as
+        `_codes_gemv_pipe_kernel`; a block's sum is d sc sum_l s_l sum_j q_j c_lj - dmin mn
+        sum_l s_l t_l (t the codes' sums)."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        nb = K // 32
+        npairs = K // 64
+        w, dsc, mmn = _q4k_tile(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, pid, N, npairs,
+                                BLOCK_N, BLOCK_P)  # fmt: skip
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
+        p = tl.arange(0, BLOCK_P)
+        p_ok = p < npairs
+        blk = p[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BP, 2): x-blocks 2p, 2p + 1
+        cw = blk[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        c0 = tl.load(xc_ptr + cw, mask=p_ok[:, None, None], other=0)
+        c1 = tl.load(xc_ptr + nb * 8 + cw, mask=p_ok[:, None, None], other=0)
+        s0 = tl.load(xs_ptr + blk, mask=p_ok[:, None], other=0.0)
+        s1 = tl.load(xs_ptr + nb + blk, mask=p_ok[:, None], other=0.0)
+        t0 = tl.load(xt_ptr + blk, mask=p_ok[:, None], other=0)
+        t1 = tl.load(xt_ptr + nb + blk, mask=p_ok[:, None], other=0)
+        xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block
+        shift = 4 * tl.arange(0, 2)[None, None, :, None]  # block 2p + h: nibble h
+        tile = pid
+        if AHEAD == 2:
+            w2, dsc2, mmn2 = _q4k_tile(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, pid + step, N,
+                                       npairs, BLOCK_N, BLOCK_P)  # fmt: skip
+        while tile < tiles:
+            nxt = _q4k_tile(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tile + AHEAD * step, N,
+                            npairs, BLOCK_N, BLOCK_P)  # fmt: skip
+            q = (w >> shift) & 0x0F0F0F0F  # (BN, BP, 2, 8)
+            zero = tl.zeros(q.shape, tl.int32)
+            da = tl.sum(qm._dp4a(q, c0[None], zero, False, INTERP), axis=3)  # <= 32*15*127
+            db = tl.sum(qm._dp4a(q, c1[None], zero, False, INTERP), axis=3)
+            part = dsc * (da.to(tl.float32) * s0[None] + db.to(tl.float32) * s1[None])
+            part -= mmn * xsum[None]
+            y = tl.sum(tl.sum(part, axis=2), axis=1)
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            if RES:
+                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
+            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            if AHEAD == 2:
+                w, dsc, mmn = w2, dsc2, mmn2
+                w2, dsc2, mmn2 = nxt
+            else:
+                w, dsc, mmn = nxt
             tile += step
