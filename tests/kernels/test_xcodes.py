@@ -136,10 +136,19 @@ def check_codes_gemv(rng, n: int, k: int, kind: str = "Q4_0", accumulate: bool =
     assert (err <= 2e-6 * mag + 1e-30).all(), f"{n}x{k}: {(err / (mag + 1e-30)).max():.3g}"
 
 
+@pytest.fixture
+def q4k_on(monkeypatch):
+    """Q4_K rows over the codes as stored (off by default: LLAMAPY_GPU_X_CODES_Q4K_PIPE), at
+    the tiles measured."""
+    monkeypatch.setattr(xcodes, "_Q4K_PIPE", dict(xcodes.Q4K_PIPE_MEASURED))
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin", "Q6_K", "Q4_K"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_codes_gemv_matches_float64(rng, n: int, k: int, accumulate: bool, kind: str) -> None:
+def test_codes_gemv_matches_float64(
+    rng, q4k_on, n: int, k: int, accumulate: bool, kind: str
+) -> None:
     check_codes_gemv(rng, n, k, kind, accumulate)
 
 
@@ -185,7 +194,7 @@ FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q6_K", "Q4_K"])
 @pytest.mark.parametrize("form", FORMS)
-def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, form: str, kind: str) -> None:
+def test_qmatmul_routes_large_q4_rows(rng, monkeypatch, q4k_on, form: str, kind: str) -> None:
     """With the thresholds lowered to a small shape, `qmatmul` takes the codes path for one
     float32 row (counted); it and the float32 GEMV (LLAMAPY_GPU_X_CODES=0) agree with the
     float64 reference within their errors; two rows, or the switch off, take the float32

@@ -348,9 +348,10 @@ def test_prologue_rule(monkeypatch) -> None:
 
 
 def test_codes_take_the_large_q4_k_matrices_as_stored(monkeypatch) -> None:
-    """`prepare` holds no legacy twin of a Q4_K matrix the one-row decode reads over x's codes
-    as stored (the 1B's gate_up and ffn_down), and twins the others (smaller ones, Q5_K, or
-    all of them with LLAMAPY_GPU_X_CODES_Q4K_PIPE off or the codes off)."""
+    """With LLAMAPY_GPU_X_CODES_Q4K_PIPE on, `prepare` holds no legacy twin of a Q4_K matrix
+    the one-row decode reads over x's codes as stored (the 1B's gate_up and ffn_down), and
+    twins the others (smaller ones, Q5_K, or all of them with it off, the default, or the
+    codes off)."""
     from types import SimpleNamespace
 
     from llamapy.kernels.triton import xcodes
@@ -360,14 +361,14 @@ def test_codes_take_the_large_q4_k_matrices_as_stored(monkeypatch) -> None:
         return SimpleNamespace(_weight=SimpleNamespace(qtype=qtype), out_features=n, in_features=k)
 
     monkeypatch.delenv("LLAMAPY_GPU_X_CODES", raising=False)
+    assert xcodes._pipe_config(None, xcodes.Q4K_PIPE_DEFAULT) == {"short": None, "long": None}
+    assert not llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))  # off by default
+    monkeypatch.setattr(xcodes, "_Q4K_PIPE", dict(xcodes.Q4K_PIPE_MEASURED))
     assert llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
     assert llama._codes_take_blocks(linear(QT.Q4_K, 2048, 8192))
     assert not llama._codes_take_blocks(linear(QT.Q4_K, 3072, 2048))  # qkv: below MIN_WEIGHTS
     assert not llama._codes_take_blocks(linear(QT.Q5_K, 16384, 2048))
     assert not llama._codes_take_blocks(linear(QT.Q4_K, 49152, 576))  # K below MIN_K
-    monkeypatch.setattr(xcodes, "_Q4K_PIPE", xcodes._pipe_config("off"))
-    assert not llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
-    monkeypatch.undo()
     monkeypatch.setenv("LLAMAPY_GPU_X_CODES", "0")
     assert not llama._codes_take_blocks(linear(QT.Q4_K, 16384, 2048))
 
@@ -382,6 +383,7 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
 
     monkeypatch.setattr(xcodes, "MIN_K", 32)
     monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    monkeypatch.setattr(xcodes, "_Q4K_PIPE", dict(xcodes.Q4K_PIPE_MEASURED))  # opt-in
     calls = []
     real = xcodes.matmul
     monkeypatch.setattr(

@@ -149,8 +149,14 @@ _Q6K_PIPE = _pipe_config(
 )
 # Q4_K rows read as stored (`_q4k_pipe_kernel`: 4.6 bits a weight) rather than as their Q4_1
 # twins (6 bits, `models.llama.gpu_kquant_twins`): the same fields,
-# LLAMAPY_GPU_X_CODES_Q4K_PIPE; a side the kernel takes keeps its weights K-quant on the GPU.
-Q4K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": (1, 4, 4, 1)}
+# LLAMAPY_GPU_X_CODES_Q4K_PIPE; a side the kernel takes keeps its weights K-quant on the GPU
+# (a quarter fewer bytes there). Off by default: no faster. H200, `benchmarks/kernels/
+# q6k_codes_lab.py --type Q4_K`, us a call, the twins' codes GEMV against the best tile:
+# gate_up 8.47 / 8.64 (2 rows, 2 warps, 8 programs an SM), down 7.20 / 7.03 (2 rows, 8 warps,
+# 2 programs); 1B Q4_K_M with "2,2,8,1/2,8,2,1" tg128 1.001x, B=64 0.970x, pp512 0.999x
+# (benchmarks/RESULTS.md, twenty-ninth session). Turned on: those tiles (Q4K_PIPE_MEASURED).
+Q4K_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": None, "long": None}
+Q4K_PIPE_MEASURED: dict[str, Pipe | None] = {"short": (2, 2, 8, 1), "long": (2, 8, 2, 1)}
 _Q4K_PIPE = _pipe_config(
     os.environ.get("LLAMAPY_GPU_X_CODES_Q4K_PIPE"), Q4K_PIPE_DEFAULT, "LLAMAPY_GPU_X_CODES_Q4K_PIPE"
 )
