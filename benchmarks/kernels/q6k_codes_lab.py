@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tune_decode import graph_time
+from xcodes_tile_lab import check  # the codes GEMV against float64
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.ggml_blocks
 from tests.ggml_blocks import random_blocks  # noqa: E402
@@ -61,22 +62,6 @@ def weights(
         if i == 0:
             dense = dequantize(blocks, qtype).double()
     return out, twins, dense
-
-
-def codes_x(codes) -> torch.Tensor:
-    c = codes[0].cpu().view(torch.int8).double().reshape(xcodes.LEVELS, -1, 32)
-    return (c * codes[1].cpu().double()[:, :, None]).sum(dim=0).reshape(-1)
-
-
-def check(w, dense: torch.Tensor, codes) -> float:
-    """The codes GEMV against float64; the worst error over its bound (must be <= 1)."""
-    got = xcodes.gemv(codes, w, torch.full((1, w.n), float("nan"), device="cuda"), False)
-    xr = codes_x(codes)
-    ref, mag = dense @ xr, dense.abs() @ xr.abs()
-    worst = float(((got.double().cpu().reshape(-1) - ref).abs() / (2e-6 * mag + 1e-30)).max())
-    if not worst <= 1.0:
-        raise SystemExit(f"the codes GEMV is wrong at {w.n} x {w.k}: {worst:.3g} of its bound")
-    return worst
 
 
 def main() -> None:

@@ -268,8 +268,9 @@ WIDEN_MAX_MODEL_BYTES = 256 << 20
 # fp16 tiles' float32 scales); SmolLM2 Q4_K_M tg128 +6%. The price is GPU memory: Q4_K /
 # Q5_K matrices take a third / a quarter more bytes there than in the file, so a model whose
 # twins would not fit beside it and what the engine reserves keeps its K-quant blocks.
-# Q4_K matrices that the one-row decode reads over x's codes as stored (`xcodes.
-# takes_native`: the 1B's gate_up and ffn_down; `_codes_take_blocks`) get no twin.
+# Where LLAMAPY_GPU_X_CODES_Q4K_PIPE turns that on (off by default: no faster), Q4_K
+# matrices the one-row decode then reads over x's codes as stored (`xcodes.takes_native`:
+# the 1B's gate_up and ffn_down; `_codes_take_blocks`) get no twin.
 KQUANT_TWINS = True
 
 

@@ -212,25 +212,22 @@ def takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
 
 
 def _weight_fits(w: PackedWeight) -> bool:
+    return _shape_fits(w.qtype, w.n, w.k) and _QUANTS[w.qtype] in w.tensors
+
+
+def _shape_fits(qtype: QuantType, n: int, k: int) -> bool:
     return (
-        w.qtype in TYPES
-        and w.k >= MIN_K
-        and w.n * w.k >= MIN_WEIGHTS
-        and _QUANTS[w.qtype] in w.tensors
-        and (w.qtype not in _KQUANT_PIPES or _pipe_for(w.k, w.qtype) is not None)
+        qtype in TYPES
+        and k >= MIN_K
+        and n * k >= MIN_WEIGHTS
+        and (qtype not in _KQUANT_PIPES or _pipe_for(k, qtype) is not None)
     )
 
 
 def takes_native(qtype: QuantType, n: int, k: int) -> bool:
     """Whether one row times an (n, k) weight of this K-quant type goes over the codes as its
     blocks are (so the GPU need not hold a legacy twin of it for the decode step)."""
-    return (
-        qtype in _KQUANT_PIPES
-        and k >= MIN_K
-        and n * k >= MIN_WEIGHTS
-        and _pipe_for(k, qtype) is not None
-        and enabled()
-    )
+    return qtype in _KQUANT_PIPES and _shape_fits(qtype, n, k) and enabled()
 
 
 def weight_takes(w: PackedWeight) -> bool:
@@ -241,7 +238,7 @@ def weight_takes(w: PackedWeight) -> bool:
 
 def _pipe_for(k: int, qtype: QuantType = QuantType.Q4_0) -> Pipe | None:
     """The persistent form's config for a weight of K columns, None for the tiled form (for
-    Q6_K: for the K-quant GEMV)."""
+    the K-quant types: for the K-quant GEMV)."""
     pipes = {QuantType.Q6_K: _Q6K_PIPE, QuantType.Q4_K: _Q4K_PIPE}.get(qtype, _PIPE)
     return pipes["long" if k >= 4096 else "short"]
 
@@ -351,6 +348,18 @@ def _launch(
     )  # fmt: skip
 
 
+def _pipe_grid(w: PackedWeight, out: torch.Tensor, config: Pipe) -> tuple[int, int, bool]:
+    """A persistent kernel's (programs, row tiles, PDL): min(row tiles, SMs x programs an SM)
+    programs (the interpreter's 4 SMs); PDL whatever the weight's size unless
+    LLAMAPY_GPU_X_CODES_PIPE_PDL is off."""
+    if LEVELS != 2:
+        raise ValueError("the persistent codes GEMVs hold two levels of codes")
+    tiles = triton.cdiv(w.n, config[0])
+    programs = min(tiles, qm._num_sms(out.device) * config[2])
+    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
+    return programs, tiles, pdl_on
+
+
 def _launch_pipe(
     codes: tuple[torch.Tensor, ...],
     w: PackedWeight,
@@ -361,13 +370,9 @@ def _launch_pipe(
     """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
     tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
     K / 32)."""
-    block_n, warps, per_sm, ahead = config
-    if LEVELS != 2:
-        raise ValueError("the persistent codes GEMV holds two levels of codes")
-    tiles = triton.cdiv(w.n, block_n)
-    programs = min(tiles, qm._num_sms(out.device) * per_sm)  # the interpreter's: 4
+    block_n, warps, _, ahead = config
+    programs, tiles, pdl_on = _pipe_grid(w, out, config)
     d = w.tensors["d"]
-    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
     _codes_gemv_pipe_kernel[(programs,)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
@@ -385,13 +390,9 @@ def _launch_kquant(
 ) -> None:
     """`_q6k_pipe_kernel` / `_q4k_pipe_kernel`: min(row tiles, SMs x programs an SM)
     programs, as `_launch_pipe`."""
-    block_n, warps, per_sm, ahead = config
-    if LEVELS != 2:
-        raise ValueError("the K-quant codes GEMVs hold two levels of codes")
-    tiles = triton.cdiv(w.n, block_n)
-    programs = min(tiles, qm._num_sms(out.device) * per_sm)
+    block_n, warps, _, ahead = config
+    programs, tiles, pdl_on = _pipe_grid(w, out, config)
     t = w.tensors
-    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
     common = dict(
         RES=accumulate, AHEAD=ahead, INTERP=INTERPRET, **pdl.launch_options(pdl_on),
         num_warps=warps,
@@ -600,18 +601,23 @@ if HAS_TRITON:
                         + _pipe_dot(lo, hi, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
             if QT == 1:
                 part += m * xsum[None, :]
-            y = tl.sum(part, axis=1)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            if RES:
-                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
-            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            _store_tile(out_ptr, tl.sum(part, axis=1), tile, N, BLOCK_N, RES)
             if AHEAD == 2:
                 w, d, m = w2, d2, m2
                 w2, d2, m2 = nxt
             else:
                 w, d, m = nxt
             tile += step
+
+    @triton.jit
+    def _store_tile(out_ptr, y, tile, N, BLOCK_N: tl.constexpr, RES: tl.constexpr):
+        """A persistent kernel's row tile's results y (BLOCK_N,) into out (added into it when
+        RES: the residual stream), rows past N dropped."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        if RES:
+            y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
+        tl.store(out_ptr + offs_n, y, mask=n_mask)
 
     @triton.jit
     def _pipe_dot(lo, hi, cl, ch, t, s, QT: tl.constexpr, INTERP: tl.constexpr):
@@ -726,11 +732,7 @@ if HAS_TRITON:
             part = (_q6k_piece(wl, wh, 0, c00, s00, t00, c10, s10, t10, INTERP) * g0
                     + _q6k_piece(wl, wh, 1, c01, s01, t01, c11, s11, t11, INTERP) * g1)  # fmt: skip
             y = tl.sum(tl.sum(tl.sum(part, axis=3), axis=2), axis=1)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            if RES:
-                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
-            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            _store_tile(out_ptr, y, tile, N, BLOCK_N, RES)
             if AHEAD == 2:
                 wl, wh, g0, g1 = wl2, wh2, g02, g12
                 wl2, wh2, g02, g12 = nxt
@@ -805,12 +807,7 @@ if HAS_TRITON:
             db = tl.sum(qm._dp4a(q, c1[None], zero, False, INTERP), axis=3)
             part = dsc * (da.to(tl.float32) * s0[None] + db.to(tl.float32) * s1[None])
             part -= mmn * xsum[None]
-            y = tl.sum(tl.sum(part, axis=2), axis=1)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            if RES:
-                y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
-            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            _store_tile(out_ptr, tl.sum(tl.sum(part, axis=2), axis=1), tile, N, BLOCK_N, RES)
             if AHEAD == 2:
                 w, dsc, mmn = w2, dsc2, mmn2
                 w2, dsc2, mmn2 = nxt
