@@ -17,7 +17,8 @@ timed as CUDA-graph replays over rotating copies of the weight (more than L2 hol
 1B's gate_up and output (short K) and down (long K), us a call, and the MLP chain with codes
 made once (16 layers, us a layer).
 
-    python benchmarks/kernels/xcodes_tile_lab.py [--layers 16] [--tiles]
+    python benchmarks/kernels/xcodes_tile_lab.py [--layers 16] [--tiles] [--type Q4_1]
+        [--long-only]
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ PIPE_SHORT = list(itertools.product((1, 2, 4), (1,), (8, 12, 16, 24, 32), (1, 2)
 PIPE_LONG = list(itertools.product((1, 2), (4, 8), (1, 2, 3, 4), (1, 2)))
 
 
-def weights(rng: np.random.Generator, n: int, k: int, copies: int) -> tuple[list, torch.Tensor]:
-    """`copies` packed Q4_0 (n, k) weights (the first's float64 values too)."""
+def weights(
+    rng: np.random.Generator, n: int, k: int, copies: int, qtype: QuantType = QuantType.Q4_0
+) -> tuple[list, torch.Tensor]:
+    """`copies` packed (n, k) weights of `qtype` (the first's float64 values too)."""
     out, dense = [], None
     for i in range(copies):
-        blocks = torch.from_numpy(random_blocks(rng, QuantType.Q4_0, (n, k // 32)).reshape(n, -1))
-        out.append(pack_weight(blocks.cuda(), QuantType.Q4_0, (n, k)))
+        blocks = torch.from_numpy(random_blocks(rng, qtype, (n, k // 32)).reshape(n, -1))
+        out.append(pack_weight(blocks.cuda(), qtype, (n, k)))
         if i == 0:
-            dense = dequantize(blocks, QuantType.Q4_0).double()
+            dense = dequantize(blocks, qtype).double()
     return out, dense
 
 
@@ -86,14 +89,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--tiles", action="store_true", help="also the tiled form's sweep")
+    parser.add_argument("--type", default="Q4_0", choices=("Q4_0", "Q4_1"))
+    parser.add_argument("--long-only", action="store_true", help="only down's (long K) variants")
     args = parser.parse_args()
     seed = int(np.random.SeedSequence().entropy % (1 << 32))
     print(torch.cuda.get_device_name(), "seed", seed, flush=True)
     rng = np.random.default_rng(seed)
     k, f, vocab = 2048, 8192, 128256
-    gate_ups, gate_up_f64 = weights(rng, 2 * f, k, args.layers)
-    downs, down_f64 = weights(rng, k, f, args.layers)
-    outputs, output_f64 = weights(rng, vocab, k, 4)
+    qtype = QuantType[args.type]
+    gate_ups, gate_up_f64 = weights(rng, 2 * f, k, args.layers, qtype)
+    downs, down_f64 = weights(rng, k, f, args.layers, qtype)
+    outputs, output_f64 = weights(rng, vocab, k, 4, qtype)
     x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).cuda()
     a = torch.from_numpy(rng.standard_normal((1, 2 * f), dtype=np.float32)).cuda()
     x_codes, a_codes = xcodes.quantize(x, k, 0), xcodes.quantize(a, f, 2)
@@ -108,6 +114,8 @@ def main() -> None:
     variants = [(long_k, ("tiled", tile)) for long_k, tile in tiled]
     variants += [(False, ("persistent", c)) for c in PIPE_SHORT]
     variants += [(True, ("persistent", c)) for c in PIPE_LONG]
+    if args.long_only:
+        variants = [v for v in variants if v[0]]
 
     def chain() -> float:
         return graph_time(
@@ -156,7 +164,7 @@ def main() -> None:
     xcodes._PIPE = {"short": best[False][1], "long": None}
     rows.append((f"persistent {best[False][1]} / tiled", 0.0, [], chain()))
     xcodes._PIPE = saved_pipe
-    print("pipe-env " + "/".join(",".join(map(str, best[lk][1])) for lk in (False, True)))
+    print("pipe-env " + "/".join(",".join(map(str, best[lk][1] or "-")) for lk in (False, True)))
     print("\n| variant | worst / bound | gate_up us | output us | down us | MLP chain us a layer |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, worst, times, layer in rows:
