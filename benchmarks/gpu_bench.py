@@ -136,6 +136,9 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
         args.pp / run_requests(engine, [random_tokens(args.pp, vocab, rng)], 1)[0]
         for _ in range(args.reps)
     ]
+    # warm-up at the tg lengths: the decode graphs of each split count they take (a split
+    # count a context length, engine.model_runner.graph_decode_splits) captured before timing
+    run_requests(engine, [random_tokens(1, vocab, rng)], args.tg)
     tg = [
         (args.tg - 1) / run_requests(engine, [random_tokens(1, vocab, rng)], args.tg)[1]
         for _ in range(args.reps)

@@ -9,10 +9,37 @@ def test_decode_split_rule() -> None:
     from llamapy.engine.model_runner import SPLIT_MIN_KEYS, graph_decode_splits
 
     assert graph_decode_splits(1, 8) == 32 == graph_decode_splits(1, 8, 100_000)
-    assert graph_decode_splits(1, 8, 64) == 32  # one sequence: the GPU is empty, split anyway
+    # one sequence: as many splits as 16-key tiles (at least two), up to 32
+    assert [graph_decode_splits(1, 8, n) for n in (1, 16, 17, 33, 64, 65, 129, 256, 257)] == [
+        2, 2, 2, 4, 4, 8, 16, 16, 32
+    ]  # fmt: skip
+    assert graph_decode_splits(1, 8, 100_000) == 32
     assert graph_decode_splits(64, 8) == 4  # any length
     assert graph_decode_splits(64, 8, 256, num_sms=132) == 1  # 512 programs, short keys
     assert graph_decode_splits(64, 8, SPLIT_MIN_KEYS + 1, num_sms=132) == 2
     assert graph_decode_splits(64, 8, 100_000, num_sms=132) == 4  # capped by the batch rule
     assert graph_decode_splits(32, 8, 256, num_sms=132) == 8  # 256 programs < 2 an SM
+    assert graph_decode_splits(32, 8, 64, num_sms=132) == 4  # ... cut by its 16-key tiles
     assert graph_decode_splits(256, 8, 4096, num_sms=132) == 1
+
+
+def test_decode_short_splits_switch(monkeypatch) -> None:
+    from llamapy.engine.model_runner import graph_decode_splits
+
+    monkeypatch.setenv("LLAMAPY_GPU_DECODE_SHORT_SPLITS", "0")
+    assert graph_decode_splits(1, 8, 64) == 32  # the batch's rule at every length
+    assert graph_decode_splits(64, 8, 256, num_sms=132) == 1  # the long-batch rule stays
+
+
+def test_decode_tile_rule() -> None:
+    """A graph whose splits a small batch's length cut takes 16-key tiles (one a split);
+    the batch's own split count, and any batch of two programs an SM, the kernel's rule."""
+    from llamapy.engine.model_runner import SHORT_TILE, graph_decode_splits, graph_decode_tile
+
+    for n in (1, 16, 40, 64, 200):
+        splits = graph_decode_splits(1, 8, n)
+        assert graph_decode_tile(1, 8, splits) == SHORT_TILE
+        assert splits * SHORT_TILE >= n  # one tile a split covers the keys
+    assert graph_decode_tile(1, 8, graph_decode_splits(1, 8, 4096)) is None
+    assert graph_decode_tile(32, 8, 8) is None and graph_decode_tile(32, 8, 4) == SHORT_TILE
+    assert graph_decode_tile(64, 8, 1, num_sms=132) is None

@@ -157,10 +157,12 @@ def test_codes_gemv_tiles(rng, monkeypatch, tile) -> None:
     """Every tile the labs sweep (the persistent form off), over K of one and several steps
     and N past the last full tile."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": None, "long": None})
+    monkeypatch.setattr(xcodes, "_Q41_PIPE", {"short": None, "long": None})
     monkeypatch.setattr(xcodes, "_TILE", tile)
     monkeypatch.setattr(xcodes, "_TILE_LONG_K", tile)
     for n, k in [(37, 1024), (5, 4096 if tile[1] > 32 else 2048)]:
         check_codes_gemv(rng, n, k)
+        check_codes_gemv(rng, n, k, "Q4_1")
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
@@ -171,6 +173,7 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
     (the interpreter's 4 SMs; N past the last full tile, tiles past the last program's), one
     or two tiles' loads ahead, K of one 32-block, a power of two and not (BLOCK_B padded)."""
     monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
+    monkeypatch.setattr(xcodes, "_Q41_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (11, 32), (9, 800)]:
         check_codes_gemv(rng, n, k, kind, accumulate)
 
@@ -187,6 +190,34 @@ def test_kquant_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str
     monkeypatch.setattr(xcodes, "_Q4K_PIPE", {"short": config, "long": config})
     for n, k in [(37, 256), (9, 2304), (3, 512)]:
         check_codes_gemv(rng, n, k, kind, accumulate)
+
+
+def test_q4_1_long_k_default_is_persistent_without_pdl(rng, monkeypatch) -> None:
+    """The defaults: Q4_1's long K (down) takes the persistent form, Q4_0's the tiled one;
+    the Q4 kernel at long K launches by the PDL size rule, the K-quant kernels and short K
+    with PDL whatever the size (LLAMAPY_GPU_X_CODES_PIPE_PDL: 0 the rule everywhere, "short"
+    at every long K). The Q4_1 default's tile against float64 (a long K over the
+    interpreter's 4 SMs, N past the last tile)."""
+    from llamapy.quant.types import QuantType
+
+    assert xcodes._pipe_for(8192, QuantType.Q4_1) == xcodes.Q41_PIPE_DEFAULT["long"]
+    assert xcodes._pipe_for(8192, QuantType.Q4_0) is None
+    assert xcodes._pipe_for(2048, QuantType.Q4_1) == xcodes._pipe_for(2048, QuantType.Q4_0)
+    check_codes_gemv(rng, 2 * xcodes.Q41_PIPE_DEFAULT["long"][0] * 4 * 3 + 5, 4096, "Q4_1", True)
+    monkeypatch.setattr(xcodes, "_pdl", lambda device, weight_bytes: weight_bytes is None)
+    out = torch.empty(1, 8, device=DEVICE)
+
+    def pdl_whatever_size(kind: str, k: int) -> bool:
+        return xcodes._pipe_grid(q4_weight(rng, 8, k, kind)[0], out, (2, 1, 1, 1))[2]
+
+    monkeypatch.delenv(xcodes.PIPE_PDL_SWITCH, raising=False)
+    cases = [("Q4_1", 4096), ("Q4_1", 2048), ("Q6_K", 4096)]
+    assert [pdl_whatever_size(t, k) for t, k in cases] == [False, True, True]
+    monkeypatch.setenv(xcodes.PIPE_PDL_SWITCH, "short")
+    assert [pdl_whatever_size(t, 4096) for t in ("Q4_1", "Q6_K")] == [False, False]
+    assert pdl_whatever_size("Q6_K", 2048)
+    monkeypatch.setenv(xcodes.PIPE_PDL_SWITCH, "0")
+    assert not pdl_whatever_size("Q4_0", 2048)
 
 
 FORMS = ["plain", "norm", "silu+res", "gelu_tanh", "res"]

@@ -441,6 +441,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_seq_len=self.max_blocks * self.block_size,
             decode_splits=splits,
+            decode_tile=graph_decode_tile(bs, self.num_kv_heads, splits, self.num_sms),
         )
         ids = decode_ids(self._field(0, bs), self._field(5, bs), self.prev_tokens)
         hidden = self.model(ids, self._field(1, bs), meta, self.kv_caches)
@@ -504,6 +505,18 @@ _FIELDS = 6  # per-row int32 fields of the decode graphs' input buffer
 SPLIT_MIN_KEYS = 1024
 
 
+# A batch of fewer (sequence, KV head) programs than two an SM takes only as many splits as its
+# longest sequence has SHORT_TILE-key tiles (at least SHORT_MIN_SPLITS, a power of two), each
+# split one tile: the empty splits and the merge's reads of their partials cost more than
+# they hold. H200, Llama-3.2-1B heads, one sequence, the fused decode attention and its merge
+# (benchmarks/kernels/attn_short_lab.py, us a call): at 16 keys 32 splits 5.09, 2 splits 4.03;
+# at 64 keys 5.17 against 4 splits 4.19; one split walking 32- or 64-key tiles alone was
+# slower past its first tile (~3 us a further tile). LLAMAPY_GPU_DECODE_SHORT_SPLITS=0: the
+# batch's rule at every length.
+SHORT_TILE = 16
+SHORT_MIN_SPLITS = 2
+
+
 def graph_decode_splits(
     bs: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132
 ) -> int:
@@ -513,13 +526,29 @@ def graph_decode_splits(
     up to its split count's (H100 sweep, benchmarks/kernels/tune_decode.py: 16-key tiles over
     8-32 splits are 2-4x faster than one long split at 128-2048 keys, one sequence). A batch
     of at least two programs an SM splits only as far as its longest sequence (`max_len`
-    keys, None: any length) gives each split SPLIT_MIN_KEYS keys."""
+    keys, None: any length) gives each split SPLIT_MIN_KEYS keys; a smaller batch as far as
+    it gives each split one SHORT_TILE-key tile (`graph_decode_tile`)."""
     programs = bs * num_kv_heads
     splits = max(1, min(32, 1 << max(0, (2048 // programs) - 1).bit_length()))
-    if max_len is not None and programs >= 2 * num_sms:
+    if max_len is None:
+        return splits
+    if programs >= 2 * num_sms:
         by_length = 1 << max(0, -(-max_len // SPLIT_MIN_KEYS) - 1).bit_length()
-        splits = min(splits, by_length)
-    return splits
+        return min(splits, by_length)
+    if switched_off("LLAMAPY_GPU_DECODE_SHORT_SPLITS"):
+        return splits
+    tiles = 1 << max(0, -(-max_len // SHORT_TILE) - 1).bit_length()
+    return min(splits, max(SHORT_MIN_SPLITS, tiles))
+
+
+def graph_decode_tile(bs: int, num_kv_heads: int, splits: int, num_sms: int = 132) -> int | None:
+    """Keys a tile of the decode attention in a graph of `bs` sequences at `splits` splits:
+    SHORT_TILE where its longest sequence cut a small batch's splits (`graph_decode_splits`:
+    one tile a split), else None (the kernel's rule)."""
+    programs = bs * num_kv_heads
+    if programs >= 2 * num_sms or splits >= graph_decode_splits(bs, num_kv_heads, None, num_sms):
+        return None
+    return SHORT_TILE
 
 
 def fill_decode_inputs(

@@ -32,6 +32,10 @@ class AttentionMetadata:
     # Key splits of the CUDA decode kernel (None: from shapes); a captured decode step
     # fixes it per graph from the batch's longest sequence.
     decode_splits: int | None = None
+    # Keys a tile of the CUDA decode kernel (None: its rule from the split count); a
+    # captured step of a small batch whose splits its longest sequence cut sets it
+    # (`engine.model_runner.graph_decode_tile`).
+    decode_tile: int | None = None
     # One query per sequence, attended by `decode_attention_dense` from the tensors alone
     # (the CPU's compiled decode step: models/cpu_compile.py).
     dense_decode: bool = False
@@ -140,6 +144,7 @@ def rope_kv_attention(
             q, k, v, *cos_sin, *kv_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
             interleaved=rope.interleaved, scale=scale, sliding_window=sliding_window,
             softcap=softcap, num_splits=meta.decode_splits,
+            tiles=attention.decode_tiles(meta.decode_tile),
             round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH,
         )  # fmt: skip
     q = rope_and_write_kv(rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)

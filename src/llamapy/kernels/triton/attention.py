@@ -583,6 +583,12 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
     return 64
 
 
+def decode_tiles(block_n: int | None) -> tuple[int, int, int] | None:
+    """The decode kernel's (BLOCK_N, num_warps, num_stages) for a tile of `block_n` keys
+    (`AttentionMetadata.decode_tile`), None for the kernel's own rule."""
+    return None if block_n is None else (block_n, 4, 1)
+
+
 # The decode kernel loads each tile's V with its K (`_attend_tile`'s EARLY_V). H200, fused
 # decode attention at 32 splits of 16 keys, B=1 (.gpu/earlyv_sweep.py): SmolLM2 heads
 # 6.03 -> 5.87-5.93 us a call at 64-256 keys, Llama-3.2-1B heads 6.38-6.54 -> 6.13-6.19;
@@ -866,6 +872,7 @@ def paged_attention(
             sliding_window=sliding_window,
             softcap=softcap,
             num_splits=meta.decode_splits,
+            tiles=decode_tiles(meta.decode_tile),
             round_q=q.shape[0] >= ROUND_Q_MIN_BATCH,
         )
     return paged_attention_prefill(

@@ -25,7 +25,8 @@ at the Llama-3.2-1B shapes (benchmarks/RESULTS.md, twenty-third session):
    reading x's codes of all of K once into registers and walking two-row tiles, the next
    tile's loads issued before the current one is computed: on an H200 gate_up 9.22 -> 7.48
    us, the output matrix 54.88 -> 39.41, 1B tg128 +7.1% (twenty-sixth session). Long K
-   (down) stays tiled (its best persistent tile 6.02 us against 5.94).
+   (down) stays tiled for Q4_0 (its best persistent tile 6.02 us against 5.94); Q4_1's down
+   takes the persistent form without PDL (6.08 against 7.47 us tiled; `Q41_PIPE_DEFAULT`).
 
 4. Q6_K weights (the output matrix and about half the ffn_down of Q4_K_M files) in their own
    persistent kernel (`_q6k_pipe_kernel`): a 128-weight unit (half a super-block) is 16 ql
@@ -136,6 +137,14 @@ def _pipe_config(
 
 
 _PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"))
+# Q4_1's: its down (long K) persistent too, 2 rows, 8 warps, 3 programs an SM, and without
+# PDL (`_pipe_grid`). H200, `benchmarks/kernels/xcodes_tile_lab.py --type Q4_1 --long-only
+# --tiles` (us a call): down tiled 7.47 (Q4_0's tile; 6.98 at its best, 2 warps), persistent
+# 6.08; 1B Q4_1 tg128 (`gpu_ab.py`) 1659.0 -> 1715.4 t/s (1.034x; with PDL 0.977x), Q4_0's
+# down the same way 0.968x (benchmarks/RESULTS.md, thirtieth session). A set
+# LLAMAPY_GPU_X_CODES_PIPE applies to both types.
+Q41_PIPE_DEFAULT: dict[str, Pipe | None] = {"short": (2, 1, 16, 1), "long": (2, 8, 3, 1)}
+_Q41_PIPE = _pipe_config(os.environ.get("LLAMAPY_GPU_X_CODES_PIPE"), Q41_PIPE_DEFAULT)
 # The Q6_K kernel's tiles, short K (the output matrix, 2048) / long K (ffn_down, 8192): the
 # same fields; "-" (or off) keeps that side on the K-quant GEMV. LLAMAPY_GPU_X_CODES_Q6K_PIPE.
 # H200, `benchmarks/kernels/q6k_codes_lab.py` (graph replays over rotating weights, us a
@@ -164,8 +173,9 @@ _Q4K_PIPE = _pipe_config(
 # `pdl.AUTO_MAX_WEIGHT_BYTES`, would keep the 1B's gate_up and output matrix off): its grid is
 # resident at once, behind the quantizing kernel, and its first tile's loads go out before
 # the wait. H200, 1B Q4_0 tg128 (`gpu_ab.py`, twenty-seventh session): 1650.2 -> 1688.8 t/s
-# (1.023x); PDL on for every kernel instead: 0.946x. LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the
-# size rule.
+# (1.023x); PDL on for every kernel instead: 0.946x. Except the Q4 kernel at long K (Q4_1's
+# down), which keeps the size rule: with PDL 0.977x, without 1.034x (thirtieth session).
+# LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the size rule everywhere; "short": at every long K.
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 
 
@@ -239,7 +249,8 @@ def weight_takes(w: PackedWeight) -> bool:
 def _pipe_for(k: int, qtype: QuantType = QuantType.Q4_0) -> Pipe | None:
     """The persistent form's config for a weight of K columns, None for the tiled form (for
     the K-quant types: for the K-quant GEMV)."""
-    pipes = {QuantType.Q6_K: _Q6K_PIPE, QuantType.Q4_K: _Q4K_PIPE}.get(qtype, _PIPE)
+    pipes = {QuantType.Q6_K: _Q6K_PIPE, QuantType.Q4_K: _Q4K_PIPE, QuantType.Q4_1: _Q41_PIPE}
+    pipes = pipes.get(qtype, _PIPE)
     return pipes["long" if k >= 4096 else "short"]
 
 
@@ -331,7 +342,7 @@ def _launch(
             )
         _launch_kquant(codes, w, out, accumulate, config)
         return
-    pipe = _pipe_for(w.k)
+    pipe = _pipe_for(w.k, w.qtype)
     if pipe is not None:
         _launch_pipe(codes, w, out, accumulate, pipe)
         return
@@ -350,13 +361,17 @@ def _launch(
 
 def _pipe_grid(w: PackedWeight, out: torch.Tensor, config: Pipe) -> tuple[int, int, bool]:
     """A persistent kernel's (programs, row tiles, PDL): min(row tiles, SMs x programs an SM)
-    programs (the interpreter's 4 SMs); PDL whatever the weight's size unless
-    LLAMAPY_GPU_X_CODES_PIPE_PDL is off."""
+    programs (the interpreter's 4 SMs); PDL whatever the weight's size, but the Q4 kernel's
+    at long K (`PIPE_PDL_SWITCH`)."""
     if LEVELS != 2:
         raise ValueError("the persistent codes GEMVs hold two levels of codes")
     tiles = triton.cdiv(w.n, config[0])
     programs = min(tiles, qm._num_sms(out.device) * config[2])
-    pdl_on = _pdl(out.device, w.nbytes if switched_off(PIPE_PDL_SWITCH) else None)
+    long_rule = w.qtype not in _KQUANT_PIPES or (
+        os.environ.get(PIPE_PDL_SWITCH, "").strip().lower() == "short"
+    )
+    size_rule = switched_off(PIPE_PDL_SWITCH) or (w.k >= 4096 and long_rule)
+    pdl_on = _pdl(out.device, w.nbytes if size_rule else None)
     return programs, tiles, pdl_on
 
 
