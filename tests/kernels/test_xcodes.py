@@ -194,10 +194,10 @@ def test_kquant_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind: str
 
 def test_q4_1_long_k_default_is_persistent_without_pdl(rng, monkeypatch) -> None:
     """The defaults: Q4_1's long K (down) takes the persistent form, Q4_0's the tiled one;
-    the Q4 kernel at long K launches by the PDL size rule, the K-quant kernels and short K
-    with PDL whatever the size (LLAMAPY_GPU_X_CODES_PIPE_PDL: 0 the rule everywhere, "short"
-    at every long K). The Q4_1 default's tile against float64 (a long K over the
-    interpreter's 4 SMs, N past the last tile)."""
+    the persistent kernels launch with PDL whatever the weight's size at short K, by the PDL
+    size rule at long K (LLAMAPY_GPU_X_CODES_PIPE_PDL: 0 the rule everywhere, "all" PDL at
+    long K too). The Q4_1 default's tile against float64 (a long K over the interpreter's 4
+    SMs, N past the last tile)."""
     from llamapy.quant.types import QuantType
 
     assert xcodes._pipe_for(8192, QuantType.Q4_1) == xcodes.Q41_PIPE_DEFAULT["long"]
@@ -211,11 +211,10 @@ def test_q4_1_long_k_default_is_persistent_without_pdl(rng, monkeypatch) -> None
         return xcodes._pipe_grid(q4_weight(rng, 8, k, kind)[0], out, (2, 1, 1, 1))[2]
 
     monkeypatch.delenv(xcodes.PIPE_PDL_SWITCH, raising=False)
-    cases = [("Q4_1", 4096), ("Q4_1", 2048), ("Q6_K", 4096)]
-    assert [pdl_whatever_size(t, k) for t, k in cases] == [False, True, True]
-    monkeypatch.setenv(xcodes.PIPE_PDL_SWITCH, "short")
-    assert [pdl_whatever_size(t, 4096) for t in ("Q4_1", "Q6_K")] == [False, False]
-    assert pdl_whatever_size("Q6_K", 2048)
+    cases = [("Q4_1", 4096), ("Q4_1", 2048), ("Q6_K", 4096), ("Q6_K", 2048)]
+    assert [pdl_whatever_size(t, k) for t, k in cases] == [False, True, False, True]
+    monkeypatch.setenv(xcodes.PIPE_PDL_SWITCH, "all")
+    assert [pdl_whatever_size(t, 4096) for t in ("Q4_1", "Q6_K")] == [True, True]
     monkeypatch.setenv(xcodes.PIPE_PDL_SWITCH, "0")
     assert not pdl_whatever_size("Q4_0", 2048)
 

@@ -173,9 +173,10 @@ _Q4K_PIPE = _pipe_config(
 # `pdl.AUTO_MAX_WEIGHT_BYTES`, would keep the 1B's gate_up and output matrix off): its grid is
 # resident at once, behind the quantizing kernel, and its first tile's loads go out before
 # the wait. H200, 1B Q4_0 tg128 (`gpu_ab.py`, twenty-seventh session): 1650.2 -> 1688.8 t/s
-# (1.023x); PDL on for every kernel instead: 0.946x. Except the Q4 kernel at long K (Q4_1's
-# down), which keeps the size rule: with PDL 0.977x, without 1.034x (thirtieth session).
-# LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the size rule everywhere; "short": at every long K.
+# (1.023x); PDL on for every kernel instead: 0.946x. Except at long K (down: Q4_1's, Q6_K's),
+# which keeps the size rule (thirtieth session, `gpu_ab.py`, tg128): 1B Q4_1's persistent
+# down with PDL 0.977x, without 1.034x; 1B Q4_K_M's Q6_K down without PDL 1.007x.
+# LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the size rule everywhere; "all": PDL at long K too.
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 
 
@@ -361,16 +362,14 @@ def _launch(
 
 def _pipe_grid(w: PackedWeight, out: torch.Tensor, config: Pipe) -> tuple[int, int, bool]:
     """A persistent kernel's (programs, row tiles, PDL): min(row tiles, SMs x programs an SM)
-    programs (the interpreter's 4 SMs); PDL whatever the weight's size, but the Q4 kernel's
-    at long K (`PIPE_PDL_SWITCH`)."""
+    programs (the interpreter's 4 SMs); PDL whatever the weight's size at short K, by the
+    size rule at long K (`PIPE_PDL_SWITCH`)."""
     if LEVELS != 2:
         raise ValueError("the persistent codes GEMVs hold two levels of codes")
     tiles = triton.cdiv(w.n, config[0])
     programs = min(tiles, qm._num_sms(out.device) * config[2])
-    long_rule = w.qtype not in _KQUANT_PIPES or (
-        os.environ.get(PIPE_PDL_SWITCH, "").strip().lower() == "short"
-    )
-    size_rule = switched_off(PIPE_PDL_SWITCH) or (w.k >= 4096 and long_rule)
+    every = os.environ.get(PIPE_PDL_SWITCH, "").strip().lower() == "all"
+    size_rule = switched_off(PIPE_PDL_SWITCH) or (w.k >= 4096 and not every)
     pdl_on = _pdl(out.device, w.nbytes if size_rule else None)
     return programs, tiles, pdl_on
 
