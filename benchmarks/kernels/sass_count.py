@@ -8,7 +8,7 @@ before a device call is spent on it. Divisibility by 16 is assumed for every poi
 N, K and the row stride, as Triton's launcher specializes them at the decode shapes.
 
     python benchmarks/kernels/sass_count.py --type Q4_0 --tile 32x8 --warps 4 [--pro norm]
-        [--q8x | --byte-twin] [--maxnreg N] [--dump FILE]
+        [--q8x | --byte-twin] [--splits S] [--maxnreg N] [--dump FILE]
 
 It also prints the registers a thread takes (cuobjdump -res-usage), which bound the warps an
 SM keeps resident. See benchmarks/RESULTS.md (seventeenth session) for what the counts did and
@@ -36,7 +36,7 @@ from llamapy.kernels.triton import qmatmul  # noqa: E402
 from llamapy.quant.types import QuantType  # noqa: E402
 
 _DIV16 = {"N", "K", "stride_xm"}
-_PROLOGUES = {"none": 0, "norm": 1, "silu": 2, "gelu": 3}
+_PROLOGUES = {"none": 0, "norm": 1, "silu": 2, "gelu": 3, "merge": 4}
 _QS_TYPES = {QuantType.Q8_0: "*i8", QuantType.F16: "*fp16", QuantType.BF16: "*bf16",
              QuantType.F32: "*fp32"}  # fmt: skip
 
@@ -102,6 +102,10 @@ def main() -> None:
         action="store_true",
         help="Q4_1 read from its quants one a byte (qmatmul.BYTE_TWIN_TYPES)",
     )
+    p.add_argument(
+        "--splits", type=int, default=4,
+        help="--pro merge: the decode attention's key splits x merges (heads of 64)",
+    )  # fmt: skip
     p.add_argument("--maxnreg", type=int, help="cap the registers a thread takes")
     p.add_argument("--dump", help="write the whole SASS here")
     args = p.parse_args()
@@ -118,6 +122,8 @@ def main() -> None:
         p.error(
             f"--byte-twin takes {', '.join(t.name for t in qmatmul.BYTE_TWIN_TYPES)} without --q8x"
         )
+    if args.pro == "merge" and (args.q8x or args.splits < 1):
+        p.error("--pro merge takes float32 x (no --q8x) and --splits >= 1")
     for name, v in (("tile", block_n), ("tile", block_b), ("rows", args.rows),
                     ("warps", args.warps)):  # fmt: skip
         if v < 1 or v & (v - 1):
@@ -134,7 +140,8 @@ def main() -> None:
                       BLOCK_B=block_b, SPLIT=1, HAS_BIAS=False, PRO=_PROLOGUES[args.pro],
                       HAS_RES=False, INTERP=False, WB=width // (4 if args.q8x else 1), PF=0,
                       PDL=False, Q8X=int(args.q8x),
-                      RMS_CHUNK=qmatmul.rms_chunk(2048, args.rows))  # fmt: skip
+                      RMS_CHUNK=qmatmul.rms_chunk(2048, args.rows),
+                      MERGE_S=args.splits if args.pro == "merge" else 1, HEAD_D=64)  # fmt: skip
     kernel = compile_for_hopper(
         qmatmul._gemv_kernel, signature, constexprs, args.warps, args.maxnreg
     )

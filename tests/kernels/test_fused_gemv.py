@@ -365,6 +365,133 @@ def test_kquant_fused_modes_need_a_gemv(rng):
         qk.matmul(x[:1], tensors, q, n, k, out[:1], act="silu")
 
 
+# --------------------------------------------------------------------------- key splits
+
+
+def random_splits(rng, m: int, heads: int, splits: int, d: int, dtype=F32):
+    """A decode attention's unmerged output (`DecodeSplits`): random partial outputs and
+    log-sum-exps spread over ~2^6, some splits empty (lse -inf, output 0, as the kernel
+    writes them) and one head with every split empty (merged: zeros)."""
+    from llamapy.kernels.triton.decode_splits import DecodeSplits
+
+    part_o = randn(rng, m, heads, splits, d)
+    lse = randn(rng, m, heads, splits, scale=6.0)
+    empty = torch.from_numpy(rng.random((m, heads, splits)) < 0.3).to(DEVICE)
+    empty[0, heads - 1] = True
+    lse[empty] = float("-inf")
+    part_o[empty] = 0.0
+    out = torch.full((m, heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    return DecodeSplits(part_o, lse, out)
+
+
+def merged64(splits) -> torch.Tensor:
+    """The merge in float64, (M, heads * d)."""
+    lse = splits.part_lse.double()
+    top = lse.amax(-1, keepdim=True)
+    w = torch.exp2(lse - top.nan_to_num(0.0, neginf=0.0)).nan_to_num(0.0)
+    total = w.sum(-1, keepdim=True)
+    x = (w[..., None] * splits.part_o.double()).sum(-2) / total.clamp_min(1e-300)
+    return x.reshape(splits.shape)
+
+
+# (M, splits, heads, head dim, out dtype): the 1B's o over 2-8 splits at small shapes (heads
+# of 32 and 64: one and two 32-blocks, a partial K step of the 8-block tiles)
+SPLIT_CASES = [(1, 2, 9, 32, F32), (3, 8, 3, 64, F16), (1, 5, 4, 64, F32), (4, 3, 5, 32, BF16)]
+if CUDA:  # the 1B's o (its Q8_0 tile: `qm.MERGE_MIN_TILE`)
+    SPLIT_CASES += [(1, 4, 32, 64, F32), (1, 8, 32, 64, F32)]
+
+
+@pytest.mark.parametrize("qtype", LEGACY + [T.Q4_K], ids=lambda t: t.name)
+def test_gemv_merges_decode_splits(qtype, rng, poisoned):
+    """x given as a decode attention's key splits: the GEMV merges them as it loads x (no
+    merge kernel: `out` stays unwritten) and adds into the residual; float64 reference of
+    the merge and the product. A Q4_K weight held as its Q4_1 twin takes the same GEMV."""
+    turn = (LEGACY + [T.Q4_K]).index(qtype)
+    cases = SPLIT_CASES if CUDA else [SPLIT_CASES[turn % len(SPLIT_CASES)]]
+    if qtype == T.Q4_K:  # K of whole 256-weight super-blocks
+        cases = [(1, 4, 4, 64, F32), (3, 8, 8, 32, F16)][: 2 if CUDA else 1]
+    for m, s, heads, d, dtype in cases:
+        n, k = 40, heads * d
+        data = random_weight(rng, qtype, n, k)
+        w = qm.pack_weight(data, qtype, (n, k), legacy_twin=qtype == T.Q4_K)
+        splits = random_splits(rng, m, heads, s, d, dtype)
+        x64 = merged64(splits)
+        bias = randn(rng, n, dtype=dtype) if turn % 2 else None
+        res = randn(rng, m, n, dtype=dtype)
+        prod = qm.qmatmul_reference(x64, data, qtype, (n, k))
+        if bias is not None:
+            prod += bias.double()
+        want = prod + res.double()
+        y = qm.qmatmul(splits, w, bias, residual=res.clone())
+        assert splits.out.isnan().all(), "the merge kernel did not run"
+        err = (y.double() - want).norm().item()
+        bound = U[dtype] * want.norm().item() + ACC * prod.norm().item()
+        what = f"{qtype.name} M={m} S={s} {heads}x{d} {dtype}"
+        assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+        # the merge kernel, then the GEMV: the same sums
+        plain = qm.qmatmul(splits.merged().reshape(splits.shape), w, bias, residual=res)
+        torch.testing.assert_close(y, plain, rtol=0, atol=bound, msg=what)
+
+
+@pytest.mark.parametrize("why", ["gemm rows", "kquant", "head dim 16", "int8 x"])
+def test_decode_splits_other_kernels_merge_first(why, rng, poisoned):
+    """Where the GEMV does not merge (GEMM-sized batches, the K-quant GEMV, heads of half a
+    32-block, int8 x) the merge kernel runs first and the product follows: the same result
+    within the kernels' own bounds."""
+    m, s, heads, d, qtype = 2, 4, 4, 64, T.Q8_0
+    tol, extra = U[F32], {}
+    if why == "gemm rows":
+        m = 17
+        tol = U[F32] + 4 * (2.0**-10 if CUDA else U[F32])  # the GEMM's TF32 on the GPU
+    elif why == "kquant":
+        qtype = T.Q4_K
+    elif why == "head dim 16":
+        heads, d = 16, 16
+    else:
+        extra = {"gemv_config": {"Q8X": 1}}
+        tol = 2.0**-7  # x in 8-bit codes (test_gemv_q8x.py holds its bound)
+    n, k = 24, heads * d
+    data = random_weight(rng, qtype, n, k)
+    w = qm.pack_weight(data, qtype, (n, k))
+    splits = random_splits(rng, m, heads, s, d)
+    want = qm.qmatmul_reference(merged64(splits), data, qtype, (n, k))
+    y = qm.qmatmul_with(splits, w, **extra)
+    assert not splits.out.isnan().any(), "the merge kernel wrote x"
+    err = (y.double() - want).norm().item()
+    assert err <= (tol + ACC) * want.norm().item(), f"{why}: error {err:.3g}"
+
+
+def test_decode_splits_argument_errors(rng):
+    n, heads, d = 16, 2, 32
+    k = heads * d
+    w = qm.pack_weight(random_weight(rng, T.Q8_0, n, k), T.Q8_0, (n, k))
+    splits = random_splits(rng, 2, heads, 3, d)
+    with pytest.raises(ValueError, match="no norm or activation"):
+        qm.qmatmul(splits, w, norm_weight=torch.ones(k, device=DEVICE), eps=1e-6)
+    with pytest.raises(ValueError, match="residual must be"):
+        qm.qmatmul(splits, w, residual=torch.zeros(3, n, device=DEVICE))
+    w_wide = qm.pack_weight(random_weight(rng, T.Q8_0, n, 2 * k), T.Q8_0, (n, 2 * k))
+    with pytest.raises(ValueError, match="K=64 columns"):
+        qm.qmatmul(splits, w_wide)
+    with pytest.raises(ValueError, match="share memory"):
+        qm.qmatmul(splits, w, residual=splits.part_o.view(-1)[: 2 * n].view(2, n))
+
+
+def test_qlinear_merges_decode_splits_for_any_kernel(rng):
+    """A QLinear that does not run the Triton GEMV (here the reference) merges first."""
+    from llamapy.layers.linear import QLinear
+    from llamapy.quant.qtensor import QTensor
+
+    n, heads, d = 16, 2, 32
+    data = random_weight(rng, T.Q8_0, n, heads * d)
+    layer = QLinear(QTensor(data, T.Q8_0, (n, heads * d)))  # on x's device, unprepared
+    splits = random_splits(rng, 1, heads, 2, d)
+    want = qm.qmatmul_reference(merged64(splits), data, T.Q8_0, (n, heads * d))
+    y = layer(splits)
+    assert layer.kernel == "reference" and not splits.out.isnan().any()
+    assert (y.double() - want).norm() <= (U[F32] + ACC) * want.norm()
+
+
 # --------------------------------------------------------------------------- fallback
 
 

@@ -20,8 +20,9 @@ from tests.kernels.test_triton_attention import (  # noqa: F401 (decode_products
 )
 from tests.kernels.test_triton_fused_ops import rope64
 
-from llamapy.kernels.triton import INTERPRET, rotary
+from llamapy.kernels.triton import INTERPRET, attention, rotary
 from llamapy.kernels.triton.attention import rope_cache_attention_decode
+from llamapy.kernels.triton.decode_splits import DecodeSplits
 from llamapy.layers import attention as attention_layer
 from llamapy.layers.rotary import RotaryEmbedding
 
@@ -201,6 +202,52 @@ def test_fused_decode_padding_rows(gen):
     for cache, old in zip((kc, vc), olds, strict=True):  # only row 0's slot was written
         changed = (cache.nan_to_num(7.0) != old.nan_to_num(7.0)).flatten(0, 1).flatten(1)
         assert changed.any(-1).nonzero().flatten().tolist() == [int(slots[0])]
+
+
+@pytest.mark.parametrize("case", ["splits3-gqa3", "empty-splits", "one-split"])
+def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
+    """defer_merge: with 2 to MERGE_IN_GEMV_MAX_SPLITS key splits the kernel's partials come
+    back unmerged (`DecodeSplits`), and merging them gives the output of the call that merges
+    itself, bit for bit; one split, or more than the bound, returns the output."""
+    lens, n_heads, n_kv, d, block_size, num_splits, rot, kw = CASES[case]
+    monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", 8)
+    outs = []
+    for defer in (False, True, True):
+        _, kc, vc, meta = make_batch(
+            torch.Generator().manual_seed(7), [1] * len(lens), lens, n_heads=n_heads,
+            n_kv=n_kv, head_dim=d, block_size=block_size, dtype=torch.float16,
+        )  # fmt: skip
+        q, k, v, cos, sin, tables = new_token_inputs(
+            torch.Generator().manual_seed(8), meta, n_heads, n_kv, d, rot, False
+        )
+        slots = slots_of_last(tables, lens, block_size)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        if len(outs) == 2:  # past the bound: merged in the attention's own launch
+            monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", num_splits - 1)
+        got = rope_cache_attention_decode(
+            q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens, slots, interleaved=False,
+            scale=d**-0.5, num_splits=num_splits, defer_merge=defer, **kw,
+        )  # fmt: skip
+        if defer and len(outs) == 1 and num_splits > 1:
+            assert isinstance(got, DecodeSplits)
+            assert got.part_o.shape == (len(lens), n_heads, num_splits, d)
+            assert got.part_lse.shape == (len(lens), n_heads, num_splits)
+            assert got.shape == (len(lens), n_heads * d) and got.dtype == q.dtype
+            got = got.merged()
+        assert isinstance(got, torch.Tensor)
+        outs.append(got)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+
+
+def test_merge_in_gemv_setting():
+    """LLAMAPY_GPU_MERGE_IN_GEMV: off values merge in the attention's launch always, a number
+    is the bound, anything else keeps the default."""
+    parse = attention._merge_in_gemv_max
+    default = parse(None)
+    assert default >= 2 and parse("") == default and parse("fast") == default
+    assert parse("0") == parse("off") == parse(" No ") == 0
+    assert parse("16") == 16
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the layer dispatches to the fused kernel on CUDA only")

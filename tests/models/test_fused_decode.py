@@ -78,6 +78,9 @@ class Runner:
         perm = torch.randperm(num_seqs * per_seq, dtype=torch.int32)
         self.tables = perm.view(num_seqs, per_seq)
         self.lens = [0] * num_seqs
+        self.decode_splits: int | None = (
+            None  # the CUDA decode kernel's key splits (None: its rule)
+        )
 
     @torch.no_grad()
     def step(self, chunks: list[list[int]], advance: bool = True) -> torch.Tensor:
@@ -102,6 +105,7 @@ class Runner:
             max_seq_len=max(lens),
             seq_lens_host=tuple(lens),
             query_start_loc_host=tuple(starts),
+            decode_splits=self.decode_splits,
         )
         ids_t, pos_t = torch.tensor(ids, device=DEVICE), torch.tensor(pos, device=DEVICE)
         hidden = self.model(ids_t, pos_t, meta, self.kv)
@@ -184,6 +188,40 @@ def test_fused_decode_matches_unfused(tmp_path, rng, qtype, types, widen, monkey
         scale = unfused.abs().max().item()
         torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5 * scale)
     assert len(fused_calls) == 2 * len(model.layers)
+
+
+@pytest.mark.parametrize("bound", [8, 0], ids=["merged-by-o", "merge-kernel"])
+def test_o_merges_the_attention_splits(tmp_path, rng, bound, monkeypatch) -> None:
+    """The fused decode attention (rotary, cache write, key splits; in the interpreter on a
+    CPU) leaves its splits for o_proj's GEMV to merge (`DecodeSplits`): no merge kernel runs,
+    and the logits are the unfused layers' (and those of the merge kernel, bound 0)."""
+    from llamapy.kernels.triton import INTERPRET, attention
+    from llamapy.layers import attention as attention_layer
+
+    if not (CUDA or INTERPRET):
+        pytest.skip("the fused decode attention needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
+    monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", bound)
+    # heads of 32: whole 32-blocks of o_proj's K, which its GEMV's merge takes
+    model = tiny_model(tmp_path, rng, Q.Q8_0, monkeypatch=monkeypatch, hidden=128, n_heads=4)
+    merges = []
+    combine = attention.combine_splits
+    monkeypatch.setattr(attention, "combine_splits", lambda *a: merges.append(1) or combine(*a))
+    runner = Runner(model, num_seqs=3, max_len=48)
+    runner.decode_splits = 3  # of the interpreter's 16-key tiles: keys in every split
+    vocab = model.config.vocab_size
+    runner.step([rng.integers(0, vocab, n).tolist() for n in (40, 20, 33)])
+    for _ in range(2):
+        nxt = [[int(t)] for t in rng.integers(0, vocab, 3)]
+        merges.clear()
+        fused = runner.step(nxt, advance=False)
+        assert len(merges) == (0 if bound else len(model.layers))
+        set_fused(model, False, monkeypatch)
+        unfused = runner.step(nxt)
+        set_fused(model, True, monkeypatch)
+        assert not fused.isnan().any()
+        scale = unfused.abs().max().item()
+        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("widen", ["projections", "all"])

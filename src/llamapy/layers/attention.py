@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from llamapy.kernels.triton.decode_splits import DecodeSplits
     from llamapy.layers.rotary import RotaryEmbedding
 
 
@@ -116,6 +117,9 @@ def rope_and_write_kv(
 # CUDA decode fuses the rotary embedding and the cache write into the attention kernel
 # (`rope_kv_attention`); tests and benchmarks switch it off to compare.
 FUSED_ROPE_DECODE = True
+# That kernel takes CUDA tensors; model tests set this to run it on the CPU too, in Triton's
+# interpreter (TRITON_INTERPRET=1), so that CI checks the CUDA decode step's wiring.
+TRITON_DECODE_ON_CPU = False
 
 
 def rope_kv_attention(
@@ -130,14 +134,18 @@ def rope_kv_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
-) -> torch.Tensor:
+    defer_merge: bool = False,
+) -> torch.Tensor | DecodeSplits:
     """`rope_and_write_kv` then `paged_attention` (causal): q (T, n_heads, d), k and v (T,
     n_kv, d) -> (T, n_heads, d). A CUDA decode batch (one new token per sequence) runs it as
     one Triton kernel with the rotation and the cache write inside (`rope_cache_attention_
-    decode`: a launch less a layer); everything else takes the two steps."""
+    decode`: a launch less a layer); everything else takes the two steps. defer_merge: that
+    kernel's key splits may come back unmerged (`DecodeSplits`, for the output projection's
+    GEMV to merge)."""
     is_decode = meta.max_query_len == 1 and q.shape[0] == meta.block_tables.shape[0]
     d = q.shape[-1]
-    if FUSED_ROPE_DECODE and q.is_cuda and is_decode and d >= 16 and v.shape[-1] == d:
+    on_triton = q.is_cuda or TRITON_DECODE_ON_CPU
+    if FUSED_ROPE_DECODE and on_triton and is_decode and d >= 16 and v.shape[-1] == d:
         from llamapy.kernels.triton import attention
 
         return attention.rope_cache_attention_decode(
@@ -145,7 +153,7 @@ def rope_kv_attention(
             interleaved=rope.interleaved, scale=scale, sliding_window=sliding_window,
             softcap=softcap, num_splits=meta.decode_splits,
             tiles=attention.decode_tiles(meta.decode_tile),
-            round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH,
+            round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH, defer_merge=defer_merge,
         )  # fmt: skip
     q = rope_and_write_kv(rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
     return paged_attention(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
+
+if TYPE_CHECKING:
+    from llamapy.kernels.triton.decode_splits import DecodeSplits
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +172,7 @@ class QLinear(torch.nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | DecodeSplits,
         *,
         norm_weight: torch.Tensor | None = None,
         eps: float | None = None,
@@ -177,7 +181,8 @@ class QLinear(torch.nn.Module):
     ) -> torch.Tensor:
         """y = x W^T (+ b). The keywords are the Triton matmul's fused forms (the CUDA decode
         step; see `kernels.triton.qmatmul.qmatmul`): RMSNorm or gated activation of x inside
-        the matmul, `residual += y` in place."""
+        the matmul, `residual += y` in place. x may be a CUDA decode attention's unmerged
+        key splits (`DecodeSplits`): the Triton GEMV merges them as it loads x."""
         if self.kernel == "triton":
             from llamapy.kernels.triton.qmatmul import qmatmul
 
@@ -185,6 +190,8 @@ class QLinear(torch.nn.Module):
                 x, self.packed, self.bias, norm_weight=norm_weight, eps=eps, act=act,
                 residual=residual,
             )  # fmt: skip
+        if not isinstance(x, torch.Tensor):  # a decode attention's unmerged key splits
+            x = x.merged().reshape(x.shape)
         if norm_weight is not None or act is not None or residual is not None:
             raise ValueError(
                 f"fused matmul forms need the Triton kernels; this layer runs {self.kernel}"

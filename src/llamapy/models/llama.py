@@ -209,8 +209,10 @@ class Attention(torch.nn.Module):
             scale=self.scale,
             sliding_window=self.sliding_window,
             softcap=self.softcap,
+            defer_merge=self.o_proj.kernel == "triton",  # its GEMV merges the key splits
         )
-        self.o_proj(out.reshape(T, -1), residual=stream)
+        self.o_proj(out if not isinstance(out, torch.Tensor) else out.reshape(T, -1),
+                    residual=stream)  # fmt: skip
 
 
 class MLP(torch.nn.Module):

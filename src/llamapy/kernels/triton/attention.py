@@ -18,13 +18,16 @@ tensor shapes only; sequence lengths are read on the device.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding
+from llamapy.kernels.triton.decode_splits import DecodeSplits
 from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
+from llamapy.switches import OFF_VALUES
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -617,6 +620,35 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
     return max(16, rows), True
 
 
+def _merge_in_gemv_max(env: str | None, default: int = 8) -> int:
+    value = (env or "").strip().lower()
+    if value in OFF_VALUES:
+        return 0
+    # a bound; anything else keeps the default (the project's switch semantics)
+    return int(value) if value.isdigit() else default
+
+
+# A decode step whose attention has at most this many key splits leaves them unmerged for
+# the output projection's GEMV, which merges them while loading its x (`DecodeSplits`,
+# `qmatmul`'s merge prologue): no merge launch a layer. `LLAMAPY_GPU_MERGE_IN_GEMV=0` merges
+# in the attention's own launch always; a number sets the bound. See benchmarks/RESULTS.md
+# (thirty-first session).
+MERGE_IN_GEMV_MAX_SPLITS = _merge_in_gemv_max(os.environ.get("LLAMAPY_GPU_MERGE_IN_GEMV"))
+
+
+def combine_splits(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge a decode's key splits (`DecodeSplits`) into out (B, n_heads, d)."""
+    batch, n_heads, num_splits, d = part_o.shape
+    block_d = triton.next_power_of_2(d)
+    pdl_on = pdl.pdl_enabled(out.device)
+    _combine_kernel[(batch, n_heads)](
+        part_o, part_lse, out, out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch_options(pdl_on),
+        num_warps=4 if block_d <= 128 else 8,
+    )  # fmt: skip
+
+
 def default_num_splits(
     batch: int, n_kv: int, max_blocks: int, block_size: int, head_dim: int, device: torch.device
 ) -> int:
@@ -651,7 +683,7 @@ def paged_attention_decode(
     (tensor cores instead of float32 FMA dots; `_decode_kernel`)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                   num_splits, out, tiles, round_q, {})  # fmt: skip
+                   num_splits, out, tiles, round_q, {}, False)  # fmt: skip
 
 
 def rope_cache_attention_decode(
@@ -674,13 +706,16 @@ def rope_cache_attention_decode(
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int] | None = None,
     round_q: bool = False,
-) -> torch.Tensor:
+    defer_merge: bool = False,
+) -> torch.Tensor | DecodeSplits:
     """A decode step's attention in one kernel (two with split merging): the result of
     `rotary.rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)` followed by
     `paged_attention_decode` over the rotated q, without the rotary launch. q (B, n_heads,
     d), k (B, n_kv, d), v (B, n_kv, d): this step's projections, one token per sequence at
     position seq_lens[b] - 1, whose slot is slot_mapping[b] (< 0: not stored; a sequence of
-    length 0 stores nothing). The caches are written as the rotary kernel writes them."""
+    length 0 stores nothing). The caches are written as the rotary kernel writes them.
+    defer_merge: with 2 to MERGE_IN_GEMV_MAX_SPLITS key splits, return them unmerged
+    (`DecodeSplits`, for a GEMV that merges them as it loads x)."""
     op = "rope_cache_attention_decode"
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     rot_dim = rotary.check_rope(op, q, k, cos, sin)
@@ -697,7 +732,7 @@ def rope_cache_attention_decode(
         NEW_KV=True, ROT_HALF=rot_dim // 2, INTERLEAVED=interleaved,
     )  # fmt: skip
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                   num_splits, out, tiles, round_q, new_kv)  # fmt: skip
+                   num_splits, out, tiles, round_q, new_kv, defer_merge)  # fmt: skip
 
 
 def _decode(
@@ -714,7 +749,8 @@ def _decode(
     tiles: tuple[int, int, int] | None,
     round_q: bool,
     new_kv: dict,
-) -> torch.Tensor:
+    defer_merge: bool,
+) -> torch.Tensor | DecodeSplits:
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
             f"decode takes one query per sequence: q has {q.shape[0]} rows, "
@@ -757,12 +793,10 @@ def _decode(
     )
     # fmt: on
     if num_splits > 1:
-        _combine_kernel[(batch, n_heads)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), **pdl.launch_options(pdl_on),
-            num_warps=4 if block_d <= 128 else 8,
-        )  # fmt: skip
+        splits = DecodeSplits(part_o, part_lse, out)
+        if defer_merge and num_splits <= MERGE_IN_GEMV_MAX_SPLITS:
+            return splits
+        splits.merged()
     return out
 
 

@@ -37,6 +37,7 @@ import os
 import torch
 
 from llamapy.kernels.triton import HAS_TRITON, INTERPRET, pdl, rounding, triton_usable
+from llamapy.kernels.triton.decode_splits import DecodeSplits
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes
@@ -374,11 +375,13 @@ def _check_inputs(
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations the GEMV prologue computes
-_PRO_NONE, _PRO_NORM, _PRO_SILU, _PRO_GELU = range(4)  # prologue codes (constexpr)
+# prologue codes (constexpr); _PRO_MERGE: x is a decode attention's unmerged key splits
+# (`attention.DecodeSplits`), merged as the GEMV loads it
+_PRO_NONE, _PRO_NORM, _PRO_SILU, _PRO_GELU, _PRO_MERGE = range(5)
 
 
 def qmatmul(
-    x: torch.Tensor,
+    x: torch.Tensor | DecodeSplits,
     w: PackedWeight,
     bias: torch.Tensor | None = None,
     *,
@@ -395,12 +398,15 @@ def qmatmul(
     in float32 (x is not rounded in between). act ("silu" or "gelu_tanh"): x is (M, 2K)
     [gate | up] and the input is act(gate) * up, in float32. residual (M, N) of x's dtype:
     `residual += x @ W^T (+ bias)` IN PLACE (one float32 add, rounded once); returns it.
-    norm_weight and act exclude each other."""
+    norm_weight and act exclude each other.
+    x may be a decode attention's unmerged key splits (`DecodeSplits`, x (B, n_heads * d)
+    once merged): the float32-x GEMV merges them while loading x, other kernels run after
+    the merge kernel; no norm or activation with them."""
     return qmatmul_with(x, w, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
 
 
 def qmatmul_with(
-    x: torch.Tensor,
+    x: torch.Tensor | DecodeSplits,
     w: PackedWeight,
     bias: torch.Tensor | None = None,
     *,
@@ -434,6 +440,12 @@ def qmatmul_with(
     norm_weight, eps, act, residual: the fused forms (see `qmatmul`); only the GEMV fuses
     them, the GEMM path runs the unfused kernels around the matmul.
     """
+    if isinstance(x, DecodeSplits):
+        if norm_weight is not None or act is not None:
+            raise ValueError("a decode attention's key splits take no norm or activation")
+        if _merges(x, w, bias, path, split_k, gemv_config, gemm_config):
+            return _splits_matmul(x, w, bias, out, gemv_config, residual)
+        x = x.merged().reshape(x.shape)
     _check_inputs(x, w, bias, act)
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
     if path not in ("auto", "gemv", "gemm", "dequant", "f16"):
@@ -504,6 +516,76 @@ def qmatmul_with(
         _dequant_mm(x, w, bias, out)
     else:
         _launch_gemm(x, w, bias, out, gemm_config)
+    return out
+
+
+# A GEMV that merges a decode attention's key splits as it loads x reads every split's
+# partials in each program: row tiles narrower than this take this tile instead. H200, the
+# 1B's o (2048 x 2048) after its attention at 2 / 4 / 8 splits (benchmarks/kernels/
+# merge_gemv_lab.py --tiles, us a pair): Q8_0's 2-row tile 8.41 / 9.70 / 12.23 -> 7.42 /
+# 8.07 / 8.59 (the merge kernel and the 2-row tile: 7.95 / 8.31 / 8.53).
+MERGE_MIN_TILE = {"BLOCK_N": 16, "BLOCK_B": 64, "num_warps": 8}
+
+
+def _merges(
+    x: DecodeSplits,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    path: str,
+    split_k: int | None,
+    gemv_config: dict[str, int] | None,
+    gemm_config: dict[str, int] | None,
+) -> bool:
+    """Whether this product's kernel merges x's key splits as it loads x: the float32-x GEMV
+    of a legacy or float weight (not the codes' path, not int8 x), heads of whole 32-blocks."""
+    m = x.shape[0]
+    stand_in = x.out.reshape(x.shape)  # x as the merge kernel would leave it (unwritten)
+    int8_x = (gemv_config or {}).get("Q8X", gemv_int8_x(x.out.device, w.qtype))
+    return (
+        w.qtype in _CODES
+        and (path == "gemv" or (path == "auto" and m <= GEMV_MAX_M))
+        and split_k is None
+        and gemm_config is None
+        and not int8_x
+        and x.head_dim % QK == 0
+        and not (path == "auto" and gemv_config is None and _xcodes_takes(stand_in, w, bias))
+    )
+
+
+def _xcodes_takes(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
+    from llamapy.kernels.triton import xcodes
+
+    return xcodes.takes(x, w, bias)
+
+
+def _splits_matmul(
+    x: DecodeSplits,
+    w: PackedWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    gemv_config: dict[str, int] | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """The GEMV over a decode attention's unmerged key splits (where `_merges` holds)."""
+    stand_in = x.out.reshape(x.shape)
+    _check_inputs(stand_in, w, bias, None)
+    _check_fusion(stand_in, w, None, None, None, residual, out)
+    if x.part_o.dtype != torch.float32 or x.part_lse.dtype != torch.float32:
+        raise ValueError("a decode attention's key splits are float32")
+    m = x.shape[0]
+    if residual is not None:
+        if residual.numel() and _overlap(x.part_o.view(m, -1), residual):
+            raise ValueError("residual must not share memory with x (it is written in place)")
+        out = residual
+    if out is None:
+        out = torch.empty(m, w.n, dtype=x.dtype, device=x.out.device)
+    elif out.shape != (m, w.n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({m}, {w.n}) {x.dtype} tensor")
+    if m == 0:
+        return out
+    part_o, part_lse = x.part_o.contiguous(), x.part_lse.contiguous()
+    _launch_gemv(part_o.view(m, -1), w, bias, out, None, gemv_config, _PRO_MERGE, part_lse,
+                 None, residual, (x.num_splits, x.head_dim))  # fmt: skip
     return out
 
 
@@ -902,10 +984,15 @@ def _launch_gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float | None = None,
     residual: torch.Tensor | None = None,
+    merge: tuple[int, int] = (1, QK),
 ) -> None:
-    """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`."""
+    """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`.
+    merge: (splits, head dim) of a _PRO_MERGE x (the partial outputs, norm_weight their
+    log-sum-exps; float32 x, `_splits_matmul`)."""
     m, n, k = x.shape[0], w.n, w.k
     want_q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
+    if pro == _PRO_MERGE:
+        want_q8x = 0
     bytes_form = "q8" in w.tensors and not want_q8x  # Q4_1's byte twin: Q8_0's tiles
     tile_type = QuantType.Q8_0 if bytes_form else w.qtype
     cfg = _gemv_config(tile_type, min(m, GEMV_MAX_M), n, k, _num_sms(x.device), bool(want_q8x))
@@ -913,6 +1000,8 @@ def _launch_gemv(
         cfg["Q8X"] = int(want_q8x)
     if config is not None:
         cfg.update(config)
+    elif pro == _PRO_MERGE and cfg["BLOCK_N"] < MERGE_MIN_TILE["BLOCK_N"]:
+        cfg.update(MERGE_MIN_TILE)  # fewer programs to read the splits' partials
     num_warps = cfg.pop("num_warps", 4)
     if m > cfg["BLOCK_M"]:  # forced GEMV for a larger batch: more row groups, same tiles
         cfg["BLOCK_M"] = 1 << (GEMV_MAX_M - 1).bit_length()
@@ -950,8 +1039,8 @@ def _launch_gemv(
         QT=_Q4_1_BYTES if bytes_form else _CODES[w.qtype],
         HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
-        RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), **cfg, **pdl.launch_options(pdl_on),
-        num_warps=num_warps,
+        RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), MERGE_S=merge[0], HEAD_D=merge[1], **cfg,
+        **pdl.launch_options(pdl_on), num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -1109,10 +1198,42 @@ if HAS_TRITON:
     _inv_rms = _kquants._inv_rms
 
     @triton.jit
+    def _merged_tile(x_row, lse_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr,
+                     WIDTH: tl.constexpr, MERGE_S: tl.constexpr, HEAD_D: tl.constexpr):  # fmt: skip
+        """`_x_tile` of a decode attention's output still in its MERGE_S key splits: x_row
+        the row's partial outputs (n_heads, MERGE_S, HEAD_D), lse_row their log2-sum-exp2
+        (n_heads, MERGE_S); element k = h HEAD_D + j is sum_s 2^(lse_s - M) o_s[j] / sum_s
+        2^(lse_s - M), M the largest lse_s of head h (as `attention._combine_kernel`). A
+        32-block lies in one head (HEAD_D a multiple of 32), so x_row + 16 is the high half."""
+        bb = b_first + tl.arange(0, BLOCK_B)
+        head = (bb * 32) // HEAD_D
+        ok = (bb < nb) & row_ok
+        lse_h = lse_row + head * MERGE_S
+        top = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        for s in tl.static_range(MERGE_S):
+            top = tl.maximum(top, tl.load(lse_h + s, mask=ok, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: weights 0, x 0
+        # element k of head h sits at (h MERGE_S + s) HEAD_D + k - h HEAD_D in split s
+        offs = (bb * 32 + head * ((MERGE_S - 1) * HEAD_D))[:, None] + tl.arange(0, WIDTH)[None, :]
+        total = tl.zeros([BLOCK_B], tl.float32)
+        xv = tl.zeros([BLOCK_B, WIDTH], tl.float32)
+        for s in tl.static_range(MERGE_S):
+            w = tl.exp2(tl.load(lse_h + s, mask=ok, other=float("-inf")) - top)
+            total += w
+            part = tl.load(x_row + offs + s * HEAD_D, mask=ok[:, None], other=0.0)
+            xv += w[:, None] * part
+        return xv / tl.where(total > 0, total, 1.0)[:, None]
+
+    @triton.jit
     def _x_tile(x_row, b_first, nb, row_ok, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr,
-                PRO: tl.constexpr):  # fmt: skip
+                PRO: tl.constexpr, lse_row=None, MERGE_S: tl.constexpr = 1,
+                HEAD_D: tl.constexpr = 32):  # fmt: skip
         """x[32 b + j] for blocks b in [b_first, +BLOCK_B), j < WIDTH -> (BB, WIDTH) float32;
-        PRO >= 2: x is a [gate | up] row of 2K and the value is act(gate) * up."""
+        PRO 2 / 3: x is a [gate | up] row of 2K and the value is act(gate) * up; PRO 4: x is
+        a decode attention's unmerged splits (`_merged_tile`)."""
+        if PRO == 4:
+            return _merged_tile(x_row, lse_row, b_first, nb, row_ok, BLOCK_B, WIDTH, MERGE_S,
+                                HEAD_D)  # fmt: skip
         c = tl.arange(0, BLOCK_B * WIDTH)
         b = b_first + c // WIDTH
         offs = b * 32 + c % WIDTH
@@ -1142,12 +1263,13 @@ if HAS_TRITON:
         return gl, gh
 
     @triton.jit
-    def _x_halves(x_row, row_ok, b_first, nb, gl, gh, BLOCK_B: tl.constexpr, PRO: tl.constexpr):
+    def _x_halves(x_row, row_ok, b_first, nb, gl, gh, BLOCK_B: tl.constexpr, PRO: tl.constexpr,
+                  lse_row=None, MERGE_S: tl.constexpr = 1, HEAD_D: tl.constexpr = 32):  # fmt: skip
         """One row's x[32b + j] and x[32b + 16 + j] (BB, 16) float32 with the prologue
         applied (PRO 1: times the norm weight's halves gl / gh, the 1 / rms comes at the end;
-        other PRO: gl / gh unread)."""
-        xl = _x_tile(x_row, b_first, nb, row_ok, BLOCK_B, 16, PRO)
-        xh = _x_tile(x_row + 16, b_first, nb, row_ok, BLOCK_B, 16, PRO)
+        other PRO: gl / gh unread; PRO 4: `_merged_tile`)."""
+        xl = _x_tile(x_row, b_first, nb, row_ok, BLOCK_B, 16, PRO, lse_row, MERGE_S, HEAD_D)
+        xh = _x_tile(x_row + 16, b_first, nb, row_ok, BLOCK_B, 16, PRO, lse_row, MERGE_S, HEAD_D)
         if PRO == 1:
             xl = xl * gl
             xh = xh * gh
@@ -1297,11 +1419,12 @@ if HAS_TRITON:
     def _gemv_step(
         acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
         g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-        PRO: tl.constexpr,
+        PRO: tl.constexpr, MERGE_S: tl.constexpr, HEAD_D: tl.constexpr,
     ):  # fmt: skip
         """Adds blocks [b_first, +BLOCK_B) of the rows `rows` times x rows m0.. to acc
         (BM, BN, BB). PRO: 1 x * g (the norm's 1/rms is applied to the sums), 2 / 3 the gated
-        activation of a [gate | up] x."""
+        activation of a [gate | up] x, 4 x a decode attention's MERGE_S unmerged key splits
+        (g_ptr their log-sum-exps, (M, K / HEAD_D, MERGE_S))."""
         if QT < 4:
             lo, hi, d, c = _nibble_tile(
                 qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, BLOCK_B, QT
@@ -1309,7 +1432,9 @@ if HAS_TRITON:
             gl, gh = _g_halves(g_ptr, b_first, nb, BLOCK_B, PRO)
             for i in tl.static_range(BLOCK_M):
                 x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-                xl, xh = _x_halves(x_row, m0 + i < M, b_first, nb, gl, gh, BLOCK_B, PRO)
+                lse_row = g_ptr + (m0 + i).to(tl.int64) * (nb * 32 // HEAD_D * MERGE_S)
+                xl, xh = _x_halves(x_row, m0 + i < M, b_first, nb, gl, gh, BLOCK_B, PRO,
+                                   lse_row, MERGE_S, HEAD_D)  # fmt: skip
                 sq = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)  # (BN, BB)
                 sx = tl.sum(xl + xh, axis=1)  # (BB,)
                 acc = _accumulate_row(acc, d * sq + c * sx[None, :], i, BLOCK_M)
@@ -1324,7 +1449,9 @@ if HAS_TRITON:
                 gv = _g_tile(g_ptr, b_first, nb, BLOCK_B, 32)
             for i in tl.static_range(BLOCK_M):
                 x_row = x_ptr + (m0 + i).to(tl.int64) * stride_xm
-                xv = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 32, PRO)
+                lse_row = g_ptr + (m0 + i).to(tl.int64) * (nb * 32 // HEAD_D * MERGE_S)
+                xv = _x_tile(x_row, b_first, nb, m0 + i < M, BLOCK_B, 32, PRO, lse_row, MERGE_S,
+                             HEAD_D)  # fmt: skip
                 if PRO == 1:
                     xv = xv * gv
                 part = tl.sum(q * xv[None, :, :], axis=2)  # (BN, BB)
@@ -1339,15 +1466,18 @@ if HAS_TRITON:
     def _gemv_any_step(
         acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M, stride_xm,
         g_ptr, QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-        PRO: tl.constexpr, INTERP: tl.constexpr, Q8X: tl.constexpr,
+        PRO: tl.constexpr, INTERP: tl.constexpr, Q8X: tl.constexpr, MERGE_S: tl.constexpr,
+        HEAD_D: tl.constexpr,
     ):  # fmt: skip
-        """One K step of the GEMV, float32 (`_gemv_step`) or int8 activations (Q8X levels)."""
+        """One K step of the GEMV, float32 (`_gemv_step`) or int8 activations (Q8X levels;
+        not with PRO 4)."""
         args = (x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, rows, n_mask, b_first, nb, m0, M)
         if Q8X > 0:
             acc = _gemv_step_q8x(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP,
                                  Q8X)  # fmt: skip
         else:
-            acc = _gemv_step(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO)
+            acc = _gemv_step(acc, *args, stride_xm, g_ptr, QT, BLOCK_M, BLOCK_B, PRO, MERGE_S,
+                             HEAD_D)  # fmt: skip
         return acc
 
     @triton.jit
@@ -1358,11 +1488,13 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
         WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr, Q8X: tl.constexpr,
-        RMS_CHUNK: tl.constexpr,
+        RMS_CHUNK: tl.constexpr, MERGE_S: tl.constexpr = 1, HEAD_D: tl.constexpr = 32,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
-        with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x); HAS_RES: out += y.
+        with weight g, 2 SiLU / 3 GELU-tanh gating of a [gate | up] x, 4 x a decode
+        attention's MERGE_S unmerged key splits of HEAD_D-wide heads, g their log-sum-exps,
+        `_merged_tile`); HAS_RES: out += y.
         PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait.
         Q8X 1 / 2: x quantized to int8 blocks in 1 / 2 levels, integer dot products
         (`_gemv_step_q8x`; qs_ptr the quants as int32 words)."""
@@ -1384,12 +1516,14 @@ if HAS_TRITON:
             step = 0
             while step < steps_per_split:
                 acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
+                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X, MERGE_S,
+                                     HEAD_D)  # fmt: skip
                 step += 1
         else:
             for step in range(0, steps_per_split):
                 acc = _gemv_any_step(acc, *args, b_start + step * BLOCK_B, nb, m0, M, stride_xm,
-                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X)  # fmt: skip
+                                     g_ptr, QT, BLOCK_M, BLOCK_B, PRO, INTERP, Q8X, MERGE_S,
+                                     HEAD_D)  # fmt: skip
         y = tl.sum(acc, axis=2)  # (BM, BN)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         o_mask = (offs_m[:, None] < M) & n_mask[None, :]
