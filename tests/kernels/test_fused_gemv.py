@@ -394,6 +394,13 @@ def merged64(splits) -> torch.Tensor:
     return x.reshape(splits.shape)
 
 
+@pytest.fixture
+def merge_any_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GEMV merges key splits at the interpreter's small K too (`qm.MERGE_MIN_K`: the
+    engine's bound is the 1B's o, where it was measured)."""
+    monkeypatch.setattr(qm, "MERGE_MIN_K", 0)
+
+
 # (M, splits, heads, head dim, out dtype): the 1B's o over 2-8 splits at small shapes (heads
 # of 32 and 64: one and two 32-blocks, a partial K step of the 8-block tiles)
 SPLIT_CASES = [(1, 2, 9, 32, F32), (3, 8, 3, 64, F16), (1, 5, 4, 64, F32), (4, 3, 5, 32, BF16)]
@@ -402,6 +409,7 @@ if CUDA:  # the 1B's o (its Q8_0 tile: `qm.MERGE_MIN_TILE`)
 
 
 @pytest.mark.parametrize("qtype", LEGACY + [T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.usefixtures("merge_any_k")
 def test_gemv_merges_decode_splits(qtype, rng, poisoned):
     """x given as a decode attention's key splits: the GEMV merges them as it loads x (no
     merge kernel: `out` stays unwritten) and adds into the residual; float64 reference of
@@ -433,13 +441,15 @@ def test_gemv_merges_decode_splits(qtype, rng, poisoned):
         torch.testing.assert_close(y, plain, rtol=0, atol=bound, msg=what)
 
 
-@pytest.mark.parametrize("why", ["gemm rows", "kquant", "head dim 16", "int8 x"])
-def test_decode_splits_other_kernels_merge_first(why, rng, poisoned):
+@pytest.mark.parametrize("why", ["gemm rows", "kquant", "head dim 16", "int8 x", "short k"])
+def test_decode_splits_other_kernels_merge_first(why, rng, poisoned, monkeypatch):
     """Where the GEMV does not merge (GEMM-sized batches, the K-quant GEMV, heads of half a
-    32-block, int8 x) the merge kernel runs first and the product follows: the same result
-    within the kernels' own bounds."""
+    32-block, int8 x, K under MERGE_MIN_K) the merge kernel runs first and the product
+    follows: the same result within the kernels' own bounds."""
     m, s, heads, d, qtype = 2, 4, 4, 64, T.Q8_0
     tol, extra = U[F32], {}
+    if why != "short k":
+        monkeypatch.setattr(qm, "MERGE_MIN_K", 0)
     if why == "gemm rows":
         m = 17
         tol = U[F32] + 4 * (2.0**-10 if CUDA else U[F32])  # the GEMM's TF32 on the GPU
@@ -447,7 +457,7 @@ def test_decode_splits_other_kernels_merge_first(why, rng, poisoned):
         qtype = T.Q4_K
     elif why == "head dim 16":
         heads, d = 16, 16
-    else:
+    elif why == "int8 x":
         extra = {"gemv_config": {"Q8X": 1}}
         tol = 2.0**-7  # x in 8-bit codes (test_gemv_q8x.py holds its bound)
     n, k = 24, heads * d
@@ -461,6 +471,7 @@ def test_decode_splits_other_kernels_merge_first(why, rng, poisoned):
     assert err <= (tol + ACC) * want.norm().item(), f"{why}: error {err:.3g}"
 
 
+@pytest.mark.usefixtures("merge_any_k")
 def test_decode_splits_argument_errors(rng):
     n, heads, d = 16, 2, 32
     k = heads * d

@@ -195,13 +195,14 @@ def test_o_merges_the_attention_splits(tmp_path, rng, bound, monkeypatch) -> Non
     """The fused decode attention (rotary, cache write, key splits; in the interpreter on a
     CPU) leaves its splits for o_proj's GEMV to merge (`DecodeSplits`): no merge kernel runs,
     and the logits are the unfused layers' (and those of the merge kernel, bound 0)."""
-    from llamapy.kernels.triton import INTERPRET, attention
+    from llamapy.kernels.triton import INTERPRET, attention, qmatmul
     from llamapy.layers import attention as attention_layer
 
     if not (CUDA or INTERPRET):
         pytest.skip("the fused decode attention needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
     monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", bound)
+    monkeypatch.setattr(qmatmul, "MERGE_MIN_K", 0)  # the tiny o's K (128) merges too
     # heads of 32: whole 32-blocks of o_proj's K, which its GEMV's merge takes
     model = tiny_model(tmp_path, rng, Q.Q8_0, monkeypatch=monkeypatch, hidden=128, n_heads=4)
     merges = []
