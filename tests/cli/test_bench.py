@@ -125,6 +125,40 @@ def test_batched(capsys, tiny_model: Path) -> None:
         assert _positive_finite(r["avg_ts"])
 
 
+def test_depth(capsys, tiny_model: Path) -> None:
+    """-d: llama-bench's `ppP @ dD` / `tgN @ dD` rows (n_depth recorded), depth 0 as before."""
+    args = ["-m", str(tiny_model), "-p", "8", "-n", "3", "-d", "0,32", "-r", "1", "-t", "1"]
+    recs = _records("jsonl", _bench(capsys, *args, "-o", "jsonl"))
+    got = [(r["test"], r["n_prompt"], r["n_gen"], r["n_depth"]) for r in recs]
+    assert got == [("pp8", 8, 0, 0), ("pp8 @ d32", 8, 0, 32), ("tg3", 0, 3, 0),
+                   ("tg3 @ d32", 0, 3, 32)]  # fmt: skip
+    for r in recs:
+        n_tokens = r["n_prompt"] or r["n_gen"]
+        assert r["samples_ts"][0] == pytest.approx(n_tokens * 1e9 / r["samples_ns"][0])
+        assert _positive_finite(r["avg_ts"])
+
+
+def test_depth_method(tiny_model: Path) -> None:
+    """At a depth the timed pass computes only the new tokens: the depth's prompt runs first
+    and its full cache blocks are reused (16-token blocks: a partial one is recomputed);
+    tg at a depth times N one-token steps after the depth's prefill."""
+    settings = BenchSettings(n_threads=1, n_ubatch=16, repetitions=1)
+    tests = [BenchTest(20, 0, n_depth=40), BenchTest(0, 3, n_depth=40)]
+    bench = EngineBench(str(tiny_model), settings, tests)
+    assert bench.llm.engine.block_manager.enable_prefix_caching
+    log = _StepLog(bench.llm.engine.runner)
+    assert _positive_finite(bench.prefill_at_depth(20, 32))
+    assert log.steps == [[16], [16], [16], [4]]  # depth 32 untimed, then the 20 new tokens
+    log.steps.clear()
+    assert _positive_finite(bench.prefill_at_depth(20, 40))
+    assert log.steps == [[16], [16], [8], [16], [12]]  # 40's last 8 again with the 20
+    log.steps.clear()
+    assert _positive_finite(bench.decode_steps(BenchTest(40, 3, 1, batched=True)))
+    assert log.steps == [[16], [16], [8]] + [[1]] * 3
+    assert not bench.llm.engine.has_unfinished_requests()
+    bench.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_with_ngl(capsys, tiny_model: Path) -> None:
     args = ["-m", str(tiny_model), "-p", "64", "-n", "8", "-r", "2", "-ngl", "99", "-o", "json"]
@@ -186,6 +220,8 @@ def test_method_counts_forward_passes(tiny_model: Path) -> None:
         (["--batch", "600"], "exceeds the 512 tokens"),
         (["-p", "0", "-n", "0"], "nothing to measure"),
         (["-t", "0"], "-t values must be >= 1"),
+        (["-d", "-1"], "-d values must be >= 0"),
+        (["-d", "16", "--batch", "2"], "-d applies to llama-bench's tests"),
         (["-m", "/no/such/model.gguf", "-t", "1"], "/no/such/model.gguf"),
     ],
 )

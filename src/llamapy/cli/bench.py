@@ -6,8 +6,12 @@ a P-token prompt, tokens / seconds of its forward passes (the one token sampled 
 greedy argmax). `tgN`: N tokens generated one at a time after a 1-token prompt (N forward
 passes). `--batch B` measures as llama-batched-bench: B prompts of P tokens prefilled
 together (`ppP @ B=..`, S_PP = B*P / time), then N decode steps of all B sequences
-(`tgN @ B=..`, S_TG = B*N / time). Everything runs through the real engine (`LLM`), greedy,
-end of generation ignored.
+(`tgN @ B=..`, S_TG = B*N / time). `-d D`: each test with D tokens already in the
+sequence's context (`ppP @ dD`, `tgN @ dD`, as llama-bench's --n-depth): a D-token prompt
+is processed first, untimed (for pp through the prefix cache, so that only the P new tokens
+are computed in the timed pass, besides D's last partial cache block when D is not a
+multiple of it; for tg its N decode steps are timed). Everything runs through the real
+engine (`LLM`), greedy, end of generation ignored.
 """
 
 from __future__ import annotations
@@ -43,26 +47,33 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 @dataclass(frozen=True, slots=True)
 class BenchTest:
-    """One test: a prefill (`n_gen == 0`), a generation (`n_prompt == 0`), or, with
-    `batched`, B prompts of `n_prompt` then `n_gen` decode steps (two result rows)."""
+    """One test: a prefill (`n_gen == 0`), a generation (`n_prompt == 0`), each after
+    `n_depth` tokens of context, or, with `batched`, B prompts of `n_prompt` then `n_gen`
+    decode steps (two result rows)."""
 
     n_prompt: int
     n_gen: int
     n_parallel: int = 1
     batched: bool = False
+    n_depth: int = 0
 
     def row_names(self) -> list[str]:
         if not self.batched:
-            return [f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"]
+            name = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+            return [name + (f" @ d{self.n_depth}" if self.n_depth else "")]
         b = f" @ B={self.n_parallel}"
         names = [f"pp{self.n_prompt}{b}"] if self.n_prompt else []
         return names + ([f"tg{self.n_gen}{b}"] if self.n_gen else [])
 
 
 def make_tests(
-    prompts: Sequence[int], gens: Sequence[int], batches: Sequence[int] = ()
+    prompts: Sequence[int],
+    gens: Sequence[int],
+    batches: Sequence[int] = (),
+    depths: Sequence[int] = (0,),
 ) -> list[BenchTest]:
-    """llama-bench's tests (each pp, then each tg), or llama-batched-bench's (each B, P, N)."""
+    """llama-bench's tests (each pp, then each tg, each at every depth), or
+    llama-batched-bench's (each B, P, N)."""
     if batches:
         return [
             BenchTest(p, n, b, batched=True)
@@ -71,7 +82,8 @@ def make_tests(
             for n in gens
             if p or n
         ]
-    return [BenchTest(p, 0) for p in prompts if p] + [BenchTest(0, n) for n in gens if n]
+    pp = [BenchTest(p, 0, n_depth=d) for p in prompts if p for d in depths]
+    return pp + [BenchTest(0, n, n_depth=d) for n in gens if n for d in depths]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +102,7 @@ class BenchResult:
     test: str
     n_prompt: int
     n_gen: int
-    n_depth: int  # tokens already in each sequence's context (batched tg)
+    n_depth: int  # tokens already in each sequence's context (-d; batched tg: its prompt)
     n_parallel: int
     n_tokens: int  # tokens per repetition (t/s = n_tokens / seconds)
     backend: str
@@ -198,7 +210,7 @@ def kv_tokens_needed(tests: Sequence[BenchTest], budget: int, block_size: int) -
     """KV cache tokens the tests need at once (B sequences of prompt + generated tokens)."""
     need = block_size
     for t in tests:
-        per_seq = max(t.n_prompt, 1) + t.n_gen + 1
+        per_seq = t.n_depth + max(t.n_prompt, 1) + t.n_gen + 1
         if t.batched:
             per_seq += _prefill_steps_bound(t, budget)
         need = max(need, t.n_parallel * _round_up(per_seq, block_size) + block_size)
@@ -224,7 +236,8 @@ class EngineBench:
                 max_num_batched_tokens=budget,
                 n_threads=settings.n_threads,
                 device=settings.device,
-                enable_prefix_caching=False,
+                # only a test at a depth reuses cached blocks (its depth's, on purpose)
+                enable_prefix_caching=any(t.n_depth for t in tests),
             )
         except ValueError as e:  # e.g. a device this build cannot use
             raise UsageError(str(e)) from None
@@ -257,6 +270,14 @@ class EngineBench:
     def prefill(self, n_prompt: int, n_parallel: int = 1) -> float:
         """Seconds to prefill `n_parallel` fresh prompts of `n_prompt` tokens (1 sampled)."""
         return self._generate([self.random_prompt(n_prompt) for _ in range(n_parallel)], 1)
+
+    def prefill_at_depth(self, n_prompt: int, n_depth: int) -> float:
+        """Seconds to prefill `n_prompt` fresh tokens after `n_depth` tokens of context: the
+        depth's prompt runs first (untimed) and leaves its full blocks in the prefix cache,
+        then the timed request (depth + prompt) computes only what the cache does not hold."""
+        depth = self.random_prompt(n_depth)
+        self._generate([depth], 1)
+        return self._generate([depth + self.rng.choices(self.pool, k=n_prompt)], 1)
 
     def generate(self, n_gen: int) -> float:
         """Seconds for `n_gen` tokens one at a time after a 1-token prompt."""
@@ -366,6 +387,15 @@ def run_test(bench: EngineBench, test: BenchTest, log: Progress) -> list[BenchRe
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     p, n, b = test.n_prompt, test.n_gen, test.n_parallel
     names = iter(test.row_names())
+    d = test.n_depth
+    if not test.batched and d:
+        if p:
+            pp = lambda: bench.prefill_at_depth(p, d)  # noqa: E731
+            return [row(next(names), p, 0, d, _samples(pp, pp, reps, "prompt", log))]
+        tg = BenchTest(d, n, 1, batched=True)  # n decode steps after a d-token prompt
+        warm = lambda: bench.decode_steps(BenchTest(d, 1, 1, batched=True))  # noqa: E731
+        samples = _samples(lambda: bench.decode_steps(tg), warm, reps, "gen", log)
+        return [row(next(names), 0, n, d, samples)]
     if not test.batched:
         if p:
             samples = _samples(
@@ -519,6 +549,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-p", "--n-prompt", default="512", metavar="N[,N...]", help="prompt sizes")
     p.add_argument("-n", "--n-gen", default="128", metavar="N[,N...]", help="generation lengths")
+    p.add_argument(
+        "-d", "--n-depth", default="0", metavar="N[,N...]",
+        help="tokens of context before each test (its prompt processed first, untimed)",
+    )  # fmt: skip
     p.add_argument("-r", "--repetitions", default="5", metavar="N", help="runs of each test")
     p.add_argument("-b", "--batch-size", default=str(DEFAULT_N_BATCH), metavar="N")
     p.add_argument(
@@ -587,8 +621,11 @@ def parse_settings(args: argparse.Namespace) -> tuple[list[str], list[BenchTest]
             f"--batch {too_big[0]} exceeds the {settings.tokens_per_step} tokens of one forward "
             f"pass (-b / -ub): every sequence must decode in each step"
         )
+    depths = int_list(args.n_depth, "-d")
+    if batches and any(depths):
+        raise UsageError("-d applies to llama-bench's tests, not to --batch (its -p is the depth)")
     tests = make_tests(
-        int_list(args.n_prompt, "-p"), int_list(args.n_gen, "-n"), sorted(set(batches))
+        int_list(args.n_prompt, "-p"), int_list(args.n_gen, "-n"), sorted(set(batches)), depths
     )
     if not tests:
         raise UsageError("nothing to measure: -p and -n are both 0")
