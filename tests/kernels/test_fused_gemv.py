@@ -395,10 +395,12 @@ def merged64(splits) -> torch.Tensor:
 
 
 @pytest.fixture
-def merge_any_k(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GEMV merges key splits at the interpreter's small K too (`qm.MERGE_MIN_K`: the
-    engine's bound is the 1B's o, where it was measured)."""
+def merge_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GEMV merges key splits at the interpreter's small K and for every GEMV row count
+    too (`qm.MERGE_MIN_K`, `qm.MERGE_MAX_ROWS`: the engine's bounds are one row of the 1B's
+    o, where it was measured)."""
     monkeypatch.setattr(qm, "MERGE_MIN_K", 0)
+    monkeypatch.setattr(qm, "MERGE_MAX_ROWS", qm.GEMV_MAX_M)
 
 
 # (M, splits, heads, head dim, out dtype): the 1B's o over 2-8 splits at small shapes (heads
@@ -409,7 +411,7 @@ if CUDA:  # the 1B's o (its Q8_0 tile: `qm.MERGE_MIN_TILE`)
 
 
 @pytest.mark.parametrize("qtype", LEGACY + [T.Q4_K], ids=lambda t: t.name)
-@pytest.mark.usefixtures("merge_any_k")
+@pytest.mark.usefixtures("merge_anywhere")
 def test_gemv_merges_decode_splits(qtype, rng, poisoned):
     """x given as a decode attention's key splits: the GEMV merges them as it loads x (no
     merge kernel: `out` stays unwritten) and adds into the residual; float64 reference of
@@ -441,15 +443,19 @@ def test_gemv_merges_decode_splits(qtype, rng, poisoned):
         torch.testing.assert_close(y, plain, rtol=0, atol=bound, msg=what)
 
 
-@pytest.mark.parametrize("why", ["gemm rows", "kquant", "head dim 16", "int8 x", "short k"])
+@pytest.mark.parametrize(
+    "why", ["gemm rows", "kquant", "head dim 16", "int8 x", "short k", "two rows"]
+)
 def test_decode_splits_other_kernels_merge_first(why, rng, poisoned, monkeypatch):
     """Where the GEMV does not merge (GEMM-sized batches, the K-quant GEMV, heads of half a
-    32-block, int8 x, K under MERGE_MIN_K) the merge kernel runs first and the product
-    follows: the same result within the kernels' own bounds."""
+    32-block, int8 x, K under MERGE_MIN_K, rows over MERGE_MAX_ROWS) the merge kernel runs
+    first and the product follows: the same result within the kernels' own bounds."""
     m, s, heads, d, qtype = 2, 4, 4, 64, T.Q8_0
     tol, extra = U[F32], {}
     if why != "short k":
         monkeypatch.setattr(qm, "MERGE_MIN_K", 0)
+    if why not in ("two rows", "short k"):
+        monkeypatch.setattr(qm, "MERGE_MAX_ROWS", qm.GEMV_MAX_M)
     if why == "gemm rows":
         m = 17
         tol = U[F32] + 4 * (2.0**-10 if CUDA else U[F32])  # the GEMM's TF32 on the GPU
@@ -471,7 +477,7 @@ def test_decode_splits_other_kernels_merge_first(why, rng, poisoned, monkeypatch
     assert err <= (tol + ACC) * want.norm().item(), f"{why}: error {err:.3g}"
 
 
-@pytest.mark.usefixtures("merge_any_k")
+@pytest.mark.usefixtures("merge_anywhere")
 def test_decode_splits_argument_errors(rng):
     n, heads, d = 16, 2, 32
     k = heads * d

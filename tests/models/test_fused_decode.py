@@ -203,6 +203,7 @@ def test_o_merges_the_attention_splits(tmp_path, rng, bound, monkeypatch) -> Non
     monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
     monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", bound)
     monkeypatch.setattr(qmatmul, "MERGE_MIN_K", 0)  # the tiny o's K (128) merges too
+    monkeypatch.setattr(qmatmul, "MERGE_MAX_ROWS", qmatmul.GEMV_MAX_M)  # and 3 sequences
     # heads of 32: whole 32-blocks of o_proj's K, which its GEMV's merge takes
     model = tiny_model(tmp_path, rng, Q.Q8_0, monkeypatch=monkeypatch, hidden=128, n_heads=4)
     merges = []

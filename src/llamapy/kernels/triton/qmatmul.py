@@ -525,9 +525,11 @@ def qmatmul_with(
 # merge_gemv_lab.py --tiles, us a pair): Q8_0's 2-row tile 8.41 / 9.70 / 12.23 -> 7.42 /
 # 8.07 / 8.59 (the merge kernel and the 2-row tile: 7.95 / 8.31 / 8.53).
 MERGE_MIN_TILE = {"BLOCK_N": 16, "BLOCK_B": 64, "num_warps": 8}
-# The merge inside the GEMV was measured on the 1B's o (K = 2048; RESULTS.md, thirty-first
-# session); a shorter o (SmolLM2's 576 x 576) keeps the merge launch until it is measured.
+# The merge inside the GEMV was measured on the 1B's o (K = 2048) for one sequence
+# (RESULTS.md, thirty-first session); a shorter o (SmolLM2's 576 x 576) and decode batches of
+# 2-4 rows keep the merge launch until they are measured.
 MERGE_MIN_K = 2048
+MERGE_MAX_ROWS = 1
 
 
 def _merges(
@@ -540,14 +542,15 @@ def _merges(
     gemm_config: dict[str, int] | None,
 ) -> bool:
     """Whether this product's kernel merges x's key splits as it loads x: the float32-x GEMV
-    of a legacy or float weight of K >= MERGE_MIN_K (not the codes' path, not int8 x), heads
-    of whole 32-blocks."""
+    of a legacy or float weight of K >= MERGE_MIN_K, at most MERGE_MAX_ROWS rows (not the
+    codes' path, not int8 x), heads of whole 32-blocks."""
     m = x.shape[0]
     stand_in = x.out.reshape(x.shape)  # x as the merge kernel would leave it (unwritten)
     int8_x = (gemv_config or {}).get("Q8X", gemv_int8_x(x.out.device, w.qtype))
     return (
         w.qtype in _CODES
         and w.k >= MERGE_MIN_K
+        and m <= MERGE_MAX_ROWS
         and (path == "gemv" or (path == "auto" and m <= GEMV_MAX_M))
         and split_k is None
         and gemm_config is None
