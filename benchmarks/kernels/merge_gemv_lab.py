@@ -24,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import attn_short_lab
 import numpy as np
 import torch
 from tune_decode import graph_time
@@ -35,40 +36,25 @@ from llamapy.engine.model_runner import graph_decode_splits  # noqa: E402
 from llamapy.kernels.triton import attention, pdl, qmatmul  # noqa: E402
 from llamapy.quant.types import QuantType  # noqa: E402
 
-HEADS, KV, D = 32, 8, 64
-BLOCK = 16
-COPIES = 8
-DEV = "cuda"
+HEADS, KV, D = attn_short_lab.HEADS["1b"]
+COPIES = attn_short_lab.COPIES  # rotating caches; as many rotating weights
+DEV = attn_short_lab.DEV
 # o's GEMV tiles tried with the merge (BLOCK_N, BLOCK_B, num_warps): fewer rows a program
 # read the partials more often, more rows fewer times
 TILES = [(8, 64, 4), (16, 64, 4), (16, 64, 8), (32, 64, 8), (8, 32, 4), (4, 64, 4)]
 
 
 def make_case(seq: int, qtype: QuantType, gen: torch.Generator, rng) -> dict:
-    cap = 4096 // BLOCK
-    kc = torch.randn(cap * COPIES, BLOCK, KV, D, device=DEV, generator=gen).half()
-    vc = torch.randn(cap * COPIES, BLOCK, KV, D, device=DEV, generator=gen).half()
-    perm = torch.randperm(cap * COPIES, device=DEV, generator=gen).to(torch.int32)
-    tables = [perm[i * cap : (i + 1) * cap][None].contiguous() for i in range(COPIES)]
-    slots = [t[0, (seq - 1) // BLOCK].long()[None] * BLOCK + (seq - 1) % BLOCK for t in tables]
-    qkv = torch.randn(1, (HEADS + 2 * KV) * D, device=DEV, generator=gen)
-    q, k, v = qkv.split([HEADS * D, KV * D, KV * D], dim=-1)
-    pos = torch.full((1,), float(seq - 1), device=DEV)
-    freqs = 10000.0 ** (-torch.arange(0, D, 2, device=DEV) / D)
-    ang = pos[:, None] * freqs[None]
-    n = k_ = HEADS * D
-    blocks = [random_blocks(rng, qtype, (n, k_ // 256 if qtype == QuantType.Q4_K else k_ // 32))
+    """`attn_short_lab`'s step (the 1B's heads) plus o's rotating weights and residuals."""
+    case = attn_short_lab.make_case(HEADS, KV, D, seq, gen)
+    n = k = HEADS * D
+    blocks = [random_blocks(rng, qtype, (n, k // 256 if qtype == QuantType.Q4_K else k // 32))
               for _ in range(COPIES)]  # fmt: skip
     data = [torch.from_numpy(b.reshape(n, -1)).to(DEV) for b in blocks]
-    weights = [qmatmul.pack_weight(x, qtype, (n, k_), legacy_twin=True) for x in data]
-    return {
-        "q": q.view(1, HEADS, D), "k": k.view(1, KV, D), "v": v.view(1, KV, D),
-        "cos": ang.cos(), "sin": ang.sin(), "kc": kc, "vc": vc, "tables": tables,
-        "slots": slots, "lens": torch.tensor([seq], device=DEV, dtype=torch.int32),
-        "out": torch.empty(1, HEADS, D, device=DEV), "seq": seq, "data": data,
-        "weights": weights, "qtype": qtype,
-        "res": [torch.randn(1, n, device=DEV, generator=gen) for _ in range(COPIES)],
-    }  # fmt: skip
+    case["data"], case["qtype"] = data, qtype
+    case["weights"] = [qmatmul.pack_weight(x, qtype, (n, k), legacy_twin=True) for x in data]
+    case["res"] = [torch.randn(1, n, device=DEV, generator=gen) for _ in range(COPIES)]
+    return case
 
 
 def calls(case: dict, splits: int, defer: bool, tile) -> list:
@@ -91,27 +77,9 @@ def calls(case: dict, splits: int, defer: bool, tile) -> list:
 
 def reference(case: dict) -> torch.Tensor:
     """float64 o(attention) + residual of copy 0's step (the residual as it is now)."""
-    c = case
-    q, k, v = (c[n][0].double() for n in ("q", "k", "v"))
-    cos, sin = c["cos"][0].double(), c["sin"][0].double()
-
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        a, b = x[..., :h], x[..., h:]
-        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-
-    qr, kr = rot(q).float().double(), rot(k).half().double()
-    seq, table = c["seq"], c["tables"][0][0].long()
-    pos = torch.arange(seq, device=DEV)
-    keys = c["kc"][table[pos // BLOCK], pos % BLOCK].double()
-    vals = c["vc"][table[pos // BLOCK], pos % BLOCK].double()
-    keys[-1], vals[-1] = kr, v.half().double()
-    keys = keys.repeat_interleave(HEADS // KV, dim=1)
-    vals = vals.repeat_interleave(HEADS // KV, dim=1)
-    s = torch.einsum("hd,thd->ht", qr, keys) * D**-0.5
-    x = torch.einsum("ht,thd->hd", s.softmax(-1), vals).reshape(1, -1)
-    prod = qmatmul.qmatmul_reference(x, c["data"][0], c["qtype"], (HEADS * D, HEADS * D))
-    return prod + c["res"][0].double()
+    x = attn_short_lab.reference(case).reshape(1, -1)
+    prod = qmatmul.qmatmul_reference(x, case["data"][0], case["qtype"], (HEADS * D, HEADS * D))
+    return prod + case["res"][0].double()
 
 
 def run(case: dict, splits: int, defer: bool, tile) -> tuple[float, float]:
