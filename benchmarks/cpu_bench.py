@@ -3,7 +3,7 @@
 against transformers.
 
     python benchmarks/cpu_bench.py [MODEL ...] [--threads 2] [--repeat 3] [-p 512] [-n 128]
-        [--baseline llama.cpp|transformers]
+        [-d DEPTH] [--baseline llama.cpp|transformers]
 
 Both engines read the same GGUF, with the same thread count, in one process, alternately
 (so both see the same machine load), measured as llama-bench measures: `ppP` is the prefill
@@ -11,7 +11,10 @@ of P random tokens on an empty context, `tgN` is N tokens decoded one at a time 
 1-token prompt; a warm-up run first. llamapy runs through `llamapy bench`'s engine driver
 (`EngineBench`: the real engine, prefix caching off, greedy); llama.cpp through
 `Llama.eval` with n_batch = n_ubatch = 512. Reported: mean ± sd tokens/s over --repeat runs
-and the ratio of the means (> 1: llamapy is faster).
+and the ratio of the means (> 1: llamapy is faster). `-d D` (llama.cpp only): each test
+after D tokens of context, processed untimed first (`ppP @ dD`, `tgN @ dD`, as llama-bench's
+-d; llamapy as `llamapy bench -d`: the depth through its prefix cache for pp, the N decode
+steps after the depth's prefill for tg).
 
 `--baseline transformers`: transformers in float32 (the GGUF dequantized through
 `from_pretrained(..., gguf_file=)`, as shared/tools/cpu/README.md measures it), eager, at
@@ -46,15 +49,21 @@ class LlamaCpp:
             verbose=False,
         )
 
-    def prefill(self, ids: list[int]) -> float:
+    def prefill(self, ids: list[int], depth: list[int] | None = None) -> float:
+        """Seconds to evaluate `ids` after `depth` (evaluated first, untimed)."""
         self.lm.reset()
+        if depth:
+            self.lm.eval(depth)
         t0 = time.perf_counter()
         self.lm.eval(ids)
         return time.perf_counter() - t0
 
-    def generate(self, ids: list[int]) -> float:
-        """Decode `ids` one token at a time on an empty context (llama-bench draws them)."""
+    def generate(self, ids: list[int], depth: list[int] | None = None) -> float:
+        """Decode `ids` one token at a time after `depth` (evaluated first, untimed; an
+        empty context without it); llama-bench draws the tokens at random too."""
         self.lm.reset()
+        if depth:
+            self.lm.eval(depth)
         t0 = time.perf_counter()
         for tok in ids:
             self.lm.eval([tok])
@@ -112,18 +121,29 @@ def _measure(
 
 
 def bench(
-    model: str, threads: int, repeat: int, n_prompt: int, n_gen: int, baseline: str = "llama.cpp"
+    model: str,
+    threads: int,
+    repeat: int,
+    n_prompt: int,
+    n_gen: int,
+    baseline: str = "llama.cpp",
+    depth: int = 0,
 ) -> Iterator[tuple]:
     """Rows (test, ours mean, ours sd, baseline mean, baseline sd) for one model."""
     settings = BenchSettings(n_threads=threads, repetitions=repeat)
-    tests = [BenchTest(n_prompt, 0), BenchTest(0, n_gen)]
+    tests = [BenchTest(n_prompt, 0, n_depth=depth), BenchTest(0, n_gen, n_depth=depth)]
     ours = EngineBench(model, settings, tests)
     path = str(ours.llm.resolved.path)
     ref: LlamaCpp | Transformers
     if baseline == "transformers":
         ref = Transformers(path, threads)
     else:
-        ref = LlamaCpp(path, threads, max(n_prompt, n_gen) + 16, settings.tokens_per_step)
+        n_ctx = depth + max(n_prompt, n_gen) + 16
+        ref = LlamaCpp(path, threads, n_ctx, settings.tokens_per_step)
+    if depth:
+        yield from _at_depth(ours, ref, depth, n_prompt, n_gen, repeat)
+        ours.close()
+        return
     if n_prompt:
         t_ours, t_ref = _measure(
             ours.prefill, lambda n: ref.prefill(ours.random_prompt(n)), n_prompt, n_prompt, repeat
@@ -135,6 +155,30 @@ def bench(
         )
         yield (f"tg{n_gen}", *_rates(n_gen, t_ours), *_rates(n_gen, t_ref))
     ours.close()
+
+
+def _at_depth(
+    ours: EngineBench, ref: LlamaCpp, depth: int, n_prompt: int, n_gen: int, repeat: int
+) -> Iterator[tuple]:
+    """`bench`'s rows after `depth` tokens of context (a fresh random depth each run)."""
+
+    def fresh(n: int) -> list[int]:  # random ids, no BOS: they follow the depth's
+        return ours.rng.choices(ours.pool, k=n)
+
+    if n_prompt:
+        t_ours, t_ref = _measure(
+            lambda n: ours.prefill_at_depth(n, depth),
+            lambda n: ref.prefill(fresh(n), ours.random_prompt(depth)),
+            n_prompt, n_prompt, repeat,
+        )  # fmt: skip
+        yield (f"pp{n_prompt} @ d{depth}", *_rates(n_prompt, t_ours), *_rates(n_prompt, t_ref))
+    if n_gen:
+        t_ours, t_ref = _measure(
+            lambda n: ours.decode_steps(BenchTest(depth, n, 1, batched=True)),
+            lambda n: ref.generate(fresh(n), ours.random_prompt(depth)),
+            n_gen, 1, repeat,
+        )  # fmt: skip
+        yield (f"tg{n_gen} @ d{depth}", *_rates(n_gen, t_ours), *_rates(n_gen, t_ref))
 
 
 def host_cpu() -> str:
@@ -160,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", "-r", type=int, default=3)
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-d", "--depth", type=int, default=0, help="tokens of context first")
     p.add_argument("--baseline", choices=["llama.cpp", "transformers"], default="llama.cpp")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.repeat < 1 or args.n_prompt < 0 or args.n_gen < 0:
-        p.error("--threads and --repeat must be >= 1, -p and -n >= 0")
+    if args.threads < 1 or args.repeat < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
+        p.error("--threads and --repeat must be >= 1, -p, -n and -d >= 0")
+    if args.depth and args.baseline != "llama.cpp":
+        p.error("-d takes the llama.cpp baseline")
     print(f"host: {host_cpu()}")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
@@ -173,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: |")
     for model in args.models:
         for test, ours, ours_sd, ref, ref_sd in bench(
-            model, args.threads, args.repeat, args.n_prompt, args.n_gen, args.baseline
-        ):
+            model, args.threads, args.repeat, args.n_prompt, args.n_gen, args.baseline,
+            args.depth,
+        ):  # fmt: skip
             print(
                 f"| {model} | {test} | {ours:.1f} ± {ours_sd:.1f} | {ref:.1f} ± {ref_sd:.1f} "
                 f"| {ours / ref:.3f} |",
