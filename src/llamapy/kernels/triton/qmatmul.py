@@ -520,10 +520,12 @@ def qmatmul_with(
 
 
 # A GEMV that merges a decode attention's key splits as it loads x reads every split's
-# partials in each program: row tiles narrower than this take this tile instead. H200, the
-# 1B's o (2048 x 2048) after its attention at 2 / 4 / 8 splits (benchmarks/kernels/
-# merge_gemv_lab.py --tiles, us a pair): Q8_0's 2-row tile 8.41 / 9.70 / 12.23 -> 7.42 /
-# 8.07 / 8.59 (the merge kernel and the 2-row tile: 7.95 / 8.31 / 8.53).
+# partials in each program: row tiles narrower than this take this tile instead (the 1B's o
+# tiles all do: Q4_0 8 x 64, Q4_1 8 x 32, Q8_0 2 x 64). H200, the 1B's o (2048 x 2048) after
+# its attention at 2 / 4 / 8 splits (benchmarks/kernels/merge_gemv_lab.py --tiles, us a
+# pair): Q8_0's 2-row tile 8.41 / 9.70 / 12.23 -> 7.42 / 8.07 / 8.59 (the merge kernel and
+# the 2-row tile: 7.95 / 8.31 / 8.53); Q4_0 / Q4_1 about even with their 8-row tiles in the
+# lab, and in the engine the bound 8 with this tile gave +1.8% / +4.0% tg128 (RESULTS.md).
 MERGE_MIN_TILE = {"BLOCK_N": 16, "BLOCK_B": 64, "num_warps": 8}
 # The merge inside the GEMV was measured on the 1B's o (K = 2048) for one sequence
 # (RESULTS.md, thirty-first session); a shorter o (SmolLM2's 576 x 576) and decode batches of
