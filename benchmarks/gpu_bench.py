@@ -3,7 +3,7 @@ pp / tg / batched decode through the engine (CUDA graphs), like llama-bench and
 llama-batched-bench. Run on the GPU machine, in the same call as llama.cpp's baselines.
 
 usage: python benchmarks/gpu_bench.py MODEL.gguf [MODEL.gguf ...] [--check-tokens 256]
-           [--cpu-kernels reference,fast] [--pp 512] [--tg 128] [--batch 1,16,64,256]
+           [--cpu-kernels reference,fast] [--pp 512] [--tg 128] [--depth D] [--batch 1,16,64,256]
            [--no-graphs] [--json OUT]
 """
 
@@ -126,7 +126,7 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     engine, vocab = engine_for(
         path,
         max_seqs=1,
-        ctx=args.pp + args.tg + 16,
+        ctx=max(args.pp, args.depth) + args.tg + 16,
         graphs=not args.no_graphs,
         batch_tokens=max(args.pp, 512),
         async_scheduling=not args.no_async,
@@ -138,13 +138,15 @@ def bench(path: Path, args, rng: random.Random) -> list[dict]:
     ]
     # warm-up at the tg lengths: the decode graphs of each split count they take (a split
     # count a context length, engine.model_runner.graph_decode_splits) captured before timing
-    run_requests(engine, [random_tokens(1, vocab, rng)], args.tg)
+    depth = max(args.depth, 1)  # the tg prompt: one token, or the depth's (untimed prefill)
+    run_requests(engine, [random_tokens(depth, vocab, rng)], args.tg)
     tg = [
-        (args.tg - 1) / run_requests(engine, [random_tokens(1, vocab, rng)], args.tg)[1]
+        (args.tg - 1) / run_requests(engine, [random_tokens(depth, vocab, rng)], args.tg)[1]
         for _ in range(args.reps)
     ]
+    tg_name = f"tg{args.tg}" + (f" @ d{args.depth}" if args.depth else "")
     rows.append({"test": f"pp{args.pp}", "ts": statistics.mean(pp), "sd": statistics.pstdev(pp)})
-    rows.append({"test": f"tg{args.tg}", "ts": statistics.mean(tg), "sd": statistics.pstdev(tg)})
+    rows.append({"test": tg_name, "ts": statistics.mean(tg), "sd": statistics.pstdev(tg)})
     del engine
     torch.cuda.empty_cache()
     for b in args.batch:
@@ -277,6 +279,10 @@ def main() -> None:
     ap.add_argument("--check-tokens", type=int, default=256)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument(
+        "--depth", type=int, default=0,
+        help="tg after a prompt of this many tokens (its prefill untimed; llama-bench's -d)",
+    )  # fmt: skip
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     ap.add_argument(
@@ -306,6 +312,8 @@ def main() -> None:
         ap.error("--profile-batch and --profile-prompt must be >= 1, --profile-head >= 0")
     if args.batch_prompt < 1:
         ap.error("--batch-prompt must be >= 1")
+    if args.depth < 0:
+        ap.error("--depth must be >= 0")
     kernels = tuple(k for k in args.cpu_kernels.split(",") if k)
     if not kernels or any(k not in CPU_KERNELS for k in kernels):
         ap.error(f"--cpu-kernels takes a comma-separated list of {', '.join(CPU_KERNELS)}")

@@ -23,6 +23,7 @@ CASES = [
     ("benchmarks/gpu_bench.py", ["x.gguf", "--profile", "--profile-batch", "0"], ">= 1"),
     ("benchmarks/gpu_bench.py", ["x.gguf", "--cpu-kernels", "fast,x"], "comma-separated list"),
     ("benchmarks/gpu_bench.py", ["x.gguf", "--batch-prompt", "0"], "--batch-prompt must be"),
+    ("benchmarks/gpu_bench.py", ["x.gguf", "--depth", "-1"], "--depth must be >= 0"),
     ("benchmarks/kernels/sass_count.py", ["--type", "Q4_0", "--byte-twin"], "--byte-twin takes"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--variants", "x"], "unknown variant"),
     ("benchmarks/kernels/bench_cpu_decode_step.py", ["m", "--ctx", "0"], "must be >= 1"),
