@@ -240,14 +240,17 @@ def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
-def test_merge_in_gemv_setting():
+def test_merge_in_gemv_setting(caplog):
     """LLAMAPY_GPU_MERGE_IN_GEMV: off values merge in the attention's launch always, a number
-    is the bound, anything else keeps the default."""
+    is the bound, anything else keeps the default with a warning naming the variable."""
     parse = attention._merge_in_gemv_max
     default = parse(None)
-    assert default >= 2 and parse("") == default and parse("fast") == default
+    assert default >= 2 and parse("") == default
     assert parse("0") == parse("off") == parse(" No ") == 0
     assert parse("16") == 16
+    assert not caplog.records
+    assert parse("fast") == default
+    assert "LLAMAPY_GPU_MERGE_IN_GEMV='fast'" in caplog.text
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the layer dispatches to the fused kernel on CUDA only")

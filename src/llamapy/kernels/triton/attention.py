@@ -18,6 +18,7 @@ tensor shapes only; sequence lengths are read on the device.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -30,6 +31,7 @@ from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
 from llamapy.switches import OFF_VALUES
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,8 +626,12 @@ def _merge_in_gemv_max(env: str | None, default: int = 8) -> int:
     value = (env or "").strip().lower()
     if value in OFF_VALUES:
         return 0
-    # a bound; anything else keeps the default (the project's switch semantics)
-    return int(value) if value.isdigit() else default
+    if value.isdigit():
+        return int(value)
+    if value:  # anything else keeps the default, said once
+        logger.warning("LLAMAPY_GPU_MERGE_IN_GEMV=%r is neither off nor a split count: "
+                       "the default %d", env, default)  # fmt: skip
+    return default
 
 
 # A decode step whose attention has at most this many key splits leaves them unmerged for
