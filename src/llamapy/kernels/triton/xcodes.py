@@ -196,10 +196,11 @@ def _gated_config(env: str | None) -> tuple[int, int, int] | None:
     values = [v.strip() for v in env.split(",")]
     if len(values) == 3 and all(v.isdigit() and int(v) > 0 for v in values):
         bn, warps, per_sm = (int(v) for v in values)
-        if bn in (4, 8, 16, 32) and not warps & (warps - 1):
+        if bn in (2, 4, 8, 16, 32) and not warps & (warps - 1):
             return bn, warps, per_sm
     raise ValueError(
-        f"{GATED_SWITCH} wants off or 'BN,W,P' (BN 4, 8, 16 or 32; W a power of two), got {env!r}"
+        f"{GATED_SWITCH} wants off or 'BN,W,P' (BN 2, 4, 8, 16 or 32, W a power of two), "
+        f"got {env!r}"
     )
 
 
@@ -769,7 +770,9 @@ if HAS_TRITON:
             after = i + 1
             nxt = _gated_loads(qs_ptr, d_ptr, m_ptr, pid + (after // SUBS) * step,
                                after % SUBS, F, nb, QT, BLOCK_N, BLOCK_B)  # fmt: skip
-            (wg, dg, mg), (wu, du, mu) = cur
+            gate, up = cur
+            wg, dg, mg = gate
+            wu, du, mu = up
             a = qm._gated(_pipe_rows(wg, dg, mg, x, QT, INTERP),
                           _pipe_rows(wu, du, mu, x, QT, INTERP), SILU)  # fmt: skip
             vals = tl.where((subs == sub)[:, None], a[None, :], vals)
