@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -515,6 +516,17 @@ SPLIT_MIN_KEYS = 1024
 # batch's rule at every length.
 SHORT_TILE = 16
 SHORT_MIN_SPLITS = 2
+# The most key splits a decode graph takes (a power of two); LLAMAPY_GPU_DECODE_MAX_SPLITS
+# sets it for A/B runs at long contexts.
+MAX_SPLITS = 32
+
+
+def _max_splits(env: str | None) -> int:
+    if not env:
+        return MAX_SPLITS
+    if env.strip().isdigit() and int(env) > 0 and not int(env) & (int(env) - 1):
+        return int(env)
+    raise ValueError(f"LLAMAPY_GPU_DECODE_MAX_SPLITS wants a power of two, got {env!r}")
 
 
 def graph_decode_splits(
@@ -529,7 +541,8 @@ def graph_decode_splits(
     keys, None: any length) gives each split SPLIT_MIN_KEYS keys; a smaller batch as far as
     it gives each split one SHORT_TILE-key tile (`graph_decode_tile`)."""
     programs = bs * num_kv_heads
-    splits = max(1, min(32, 1 << max(0, (2048 // programs) - 1).bit_length()))
+    cap = _max_splits(os.environ.get("LLAMAPY_GPU_DECODE_MAX_SPLITS"))
+    splits = max(1, min(cap, 1 << max(0, (2048 // programs) - 1).bit_length()))
     if max_len is None:
         return splits
     if programs >= 2 * num_sms:
