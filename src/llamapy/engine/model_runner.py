@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from llamapy.sampling.params import SamplingParams
 from llamapy.sampling.sampler import Sampler, SamplerOutput, SamplerState, make_state
 from llamapy.structured.matcher import MaskWorker
 from llamapy.switches import switched_off
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,32 +520,45 @@ SPLIT_MIN_KEYS = 1024
 # batch's rule at every length.
 SHORT_TILE = 16
 SHORT_MIN_SPLITS = 2
-# The most key splits a decode graph takes (a power of two); LLAMAPY_GPU_DECODE_MAX_SPLITS
-# sets it for A/B runs at long contexts.
+# The most key splits a decode graph takes (powers of two): a batch's MAX_SPLITS; a single
+# sequence's ONE_SEQUENCE_MAX_SPLITS, so that past 512 keys it keeps one 16-key tile a split
+# up to 4096 keys (a split's further tiles cost ~3 us each: attn_short_lab). H200, 1B shape,
+# tg128 after 4096 / 1024 tokens (`gpu_ab.py ... --depth D`), 32 -> 256 splits: Q4_0 863 ->
+# 1127 t/s (1.305x) / 1.111x, Q4_1 1.078x / 1.009x; four sequences of 4096 keys with up to
+# 64 splits 0.99x, hence the batches' 32 (benchmarks/RESULTS.md, thirty-second session).
+# LLAMAPY_GPU_DECODE_MAX_SPLITS sets the single sequence's (32: the rule before).
 MAX_SPLITS = 32
+ONE_SEQUENCE_MAX_SPLITS = 256
 
 
-def _max_splits(env: str | None) -> int:
-    if not env:
-        return MAX_SPLITS
-    if env.strip().isdigit() and int(env) > 0 and not int(env) & (int(env) - 1):
-        return int(env)
-    raise ValueError(f"LLAMAPY_GPU_DECODE_MAX_SPLITS wants a power of two, got {env!r}")
+@functools.cache
+def _one_sequence_max_splits(env: str | None) -> int:
+    value = (env or "").strip()
+    if value.isdigit() and int(value) > 0 and not int(value) & (int(value) - 1):
+        return int(value)
+    if value:  # anything else keeps the default, said once
+        logger.warning("LLAMAPY_GPU_DECODE_MAX_SPLITS=%r is not a power of two: the default %d",
+                       env, ONE_SEQUENCE_MAX_SPLITS)  # fmt: skip
+    return ONE_SEQUENCE_MAX_SPLITS
 
 
 def graph_decode_splits(
     bs: int, num_kv_heads: int, max_len: int | None = None, num_sms: int = 132
 ) -> int:
-    """Key splits of the decode attention in a graph of `bs` sequences, a power of two: 32
-    for a single sequence, fewer when the batch already gives the SMs enough (sequence, KV
-    head) programs. Splits past the keys are empty programs, so one graph serves every length
-    up to its split count's (H100 sweep, benchmarks/kernels/tune_decode.py: 16-key tiles over
-    8-32 splits are 2-4x faster than one long split at 128-2048 keys, one sequence). A batch
+    """Key splits of the decode attention in a graph of `bs` sequences, a power of two: up to
+    ONE_SEQUENCE_MAX_SPLITS for a single sequence, MAX_SPLITS for a batch, fewer when the
+    batch already gives the SMs enough (sequence, KV head) programs. Splits past the keys are
+    empty programs, so one graph serves every length up to its split count's (H100 sweep,
+    benchmarks/kernels/tune_decode.py: 16-key tiles over 8-32 splits are 2-4x faster than one
+    long split at 128-2048 keys, one sequence). A batch
     of at least two programs an SM splits only as far as its longest sequence (`max_len`
     keys, None: any length) gives each split SPLIT_MIN_KEYS keys; a smaller batch as far as
-    it gives each split one SHORT_TILE-key tile (`graph_decode_tile`)."""
+    it gives each split one SHORT_TILE-key tile (`graph_decode_tile`), or with
+    LLAMAPY_GPU_DECODE_SHORT_SPLITS off its count for any length, at most MAX_SPLITS."""
     programs = bs * num_kv_heads
-    cap = _max_splits(os.environ.get("LLAMAPY_GPU_DECODE_MAX_SPLITS"))
+    cap = MAX_SPLITS
+    if bs == 1:
+        cap = _one_sequence_max_splits(os.environ.get("LLAMAPY_GPU_DECODE_MAX_SPLITS"))
     splits = max(1, min(cap, 1 << max(0, (2048 // programs) - 1).bit_length()))
     if max_len is None:
         return splits
@@ -549,7 +566,7 @@ def graph_decode_splits(
         by_length = 1 << max(0, -(-max_len // SPLIT_MIN_KEYS) - 1).bit_length()
         return min(splits, by_length)
     if switched_off("LLAMAPY_GPU_DECODE_SHORT_SPLITS"):
-        return splits
+        return min(splits, MAX_SPLITS)
     tiles = 1 << max(0, -(-max_len // SHORT_TILE) - 1).bit_length()
     return min(splits, max(SHORT_MIN_SPLITS, tiles))
 

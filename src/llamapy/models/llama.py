@@ -395,13 +395,6 @@ class DecoderLayer(torch.nn.Module):
         self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
         rows = residual.shape[0]
-        if _gated_codes_take(mlp, residual, self.fused_activation):
-            from llamapy.kernels.triton import xcodes
-
-            codes = xcodes.quantize(residual, mlp.gate_up.in_features, 1, self.ffn_norm, self.eps)
-            codes = xcodes.gated_codes(codes, mlp.gate_up.packed, self.fused_activation)
-            xcodes.gemv(codes, mlp.down.packed, residual, True)
-            return None, residual
         if _prologue_pays(mlp.gate_up, rows):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:
@@ -437,23 +430,6 @@ def _prologue_pays(linear: QLinear, rows: int) -> bool:
     if rows == 1 and xcodes.weight_takes(linear.packed):
         return True
     return linear.out_features * linear.in_features <= KQUANT_PROLOGUE_MAX_WEIGHTS
-
-
-def _gated_codes_take(mlp: torch.nn.Module, residual: torch.Tensor, act: str | None) -> bool:
-    """Whether a decode row's gated MLP runs as the norm's codes, gate_up writing down's
-    codes, and down over them (`xcodes.gated_codes`: no float [gate | up] row, no quantizing
-    launch for the activation): one row over x's codes on both matrices, Triton kernels, no
-    bias, a gate_up the kernel takes (`xcodes.gated_takes`)."""
-    gate_up, down = mlp.gate_up, mlp.down
-    if act not in ("silu", "gelu_tanh") or gate_up.kernel != "triton" or down.kernel != "triton":
-        return False
-    if gate_up.bias is not None or down.bias is not None:
-        return False
-    from llamapy.kernels.triton import xcodes
-
-    return xcodes.takes(residual, gate_up.packed, None) and xcodes.gated_takes(
-        gate_up.packed, down.packed
-    )
 
 
 def _codes_take_blocks(linear: QLinear) -> bool:

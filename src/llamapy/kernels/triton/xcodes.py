@@ -180,33 +180,6 @@ _Q4K_PIPE = _pipe_config(
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 
 
-# The gated MLP's gate_up writing down's codes (`_gated_codes_kernel`): (gate rows a tile,
-# num_warps, programs an SM), or None for the two launches (the codes GEMV, then the
-# quantizing kernel with the gating). LLAMAPY_GPU_GATED_CODES: off (0 / false / no / off),
-# or "BN,W,P" for A/B runs; unset: GATED_DEFAULT.
-GATED_SWITCH = "LLAMAPY_GPU_GATED_CODES"
-GATED_DEFAULT: tuple[int, int, int] | None = None
-
-
-def _gated_config(env: str | None) -> tuple[int, int, int] | None:
-    if not env:
-        return GATED_DEFAULT
-    if env.strip().lower() in OFF_VALUES:
-        return None
-    values = [v.strip() for v in env.split(",")]
-    if len(values) == 3 and all(v.isdigit() and int(v) > 0 for v in values):
-        bn, warps, per_sm = (int(v) for v in values)
-        if bn in (2, 4, 8, 16, 32) and not warps & (warps - 1):
-            return bn, warps, per_sm
-    raise ValueError(
-        f"{GATED_SWITCH} wants off or 'BN,W,P' (BN 2, 4, 8, 16 or 32, W a power of two), "
-        f"got {env!r}"
-    )
-
-
-_GATED = _gated_config(os.environ.get(GATED_SWITCH))
-
-
 def _quant_tile(env: str | None) -> tuple[int, int]:
     """(32-blocks a quantizing program takes, its warps): LLAMAPY_GPU_X_CODES_QUANT_TILE
     "BLOCKS,WARPS" (powers of two) for the lab's sweeps, else the default."""
@@ -341,59 +314,6 @@ def gemv(
         raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
     _launch(codes, w, out, accumulate)
     return out
-
-
-def gated_takes(gate_up: PackedWeight, down: PackedWeight) -> bool:
-    """Whether a decode row's gated MLP takes `gated_codes` (on, a [gate | up] Q4_0 / Q4_1
-    weight of K < 4096 held as its quants, whose down the codes GEMV reads)."""
-    f = gate_up.n // 2
-    return (
-        _GATED is not None
-        and gate_up.qtype in (QuantType.Q4_0, QuantType.Q4_1)
-        and "qs" in gate_up.tensors
-        and gate_up.n % 64 == 0
-        and QK <= gate_up.k < 4096
-        and gate_up.k % QK == 0
-        and down.k == f
-        and weight_takes(down)
-    )
-
-
-def gated_codes(
-    codes: tuple[torch.Tensor, ...],
-    w: PackedWeight,
-    act: str,
-    buffers: tuple[torch.Tensor, ...] | None = None,
-    config: tuple[int, int, int] | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """The codes (`code_buffers(F)`, filled; `buffers` when given) of act(gate) * up for the
-    x that `codes` stand for, [gate | up] = W x, W (2F, K) Q4_0 / Q4_1: what `quantize` makes
-    of that row with the gating prologue, in one launch (`_gated_codes_kernel`). act "silu"
-    or "gelu_tanh"; config (gate rows a tile, warps, programs an SM), default the setting's."""
-    _check_codes(codes, w)
-    config = config or _GATED or (16, 4, 2)
-    if act not in ("silu", "gelu_tanh"):
-        raise ValueError(f"the gated codes take act 'silu' or 'gelu_tanh', got {act!r}")
-    if w.qtype not in (QuantType.Q4_0, QuantType.Q4_1) or w.n % 64 or w.k >= 4096:
-        raise ValueError(
-            f"the gated codes take a Q4_0 / Q4_1 [gate | up] weight of 64k rows and K < 4096, "
-            f"got {w.qtype.name} {w.n} x {w.k}"
-        )
-    f = w.n // 2
-    if buffers is None:
-        buffers = code_buffers(f, codes[0].device)
-    elif buffers[0].shape != (LEVELS, f // QK * 8) or buffers[1].shape != (LEVELS, f // QK):
-        raise ValueError(f"buffers are not code_buffers({f})")
-    block_n, warps, per_sm = config
-    programs = min(f // QK, qm._num_sms(codes[0].device) * per_sm)
-    d = w.tensors["d"]
-    _gated_codes_kernel[(programs,)](
-        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), *buffers, f, w.k,
-        QT=TYPES[w.qtype], BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(w.k // QK),
-        SILU=act == "silu", INTERP=INTERPRET, **pdl.launch_options(_pdl(d.device, None)),
-        num_warps=warps,
-    )  # fmt: skip
-    return buffers
 
 
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
@@ -641,14 +561,8 @@ if HAS_TRITON:
         m (Q4_1; else d again) of rows [tile * BLOCK_N, +BLOCK_N), all of K; rows past N
         (tiles past the last) load zeros."""
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        return _row_loads(qs_ptr, d_ptr, m_ptr, offs_n, offs_n < N, nb, QT, BLOCK_B)
-
-    @triton.jit
-    def _row_loads(qs_ptr, d_ptr, m_ptr, offs_n, n_mask, nb, QT: tl.constexpr,
-                   BLOCK_B: tl.constexpr):  # fmt: skip
-        """Words (BN, BB, 4), d (BN, BB) and m (Q4_1; else d again) of rows offs_n (BN,), all
-        of K; rows outside `n_mask` load zeros."""
         rows = offs_n.to(tl.int64)
+        n_mask = offs_n < N
         offs_b = tl.arange(0, BLOCK_B)
         blk = rows[:, None] * nb + offs_b[None, :]
         ok = n_mask[:, None] & (offs_b < nb)[None, :]
@@ -677,26 +591,6 @@ if HAS_TRITON:
         w, d, m = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid, N, nb, QT, BLOCK_N, BLOCK_B)
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
-        x = _pipe_x(xc_ptr, xs_ptr, xt_ptr, nb, BLOCK_B)
-        tile = pid
-        if AHEAD == 2:
-            w2, d2, m2 = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid + step, N, nb, QT, BLOCK_N, BLOCK_B)
-        while tile < tiles:
-            nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
-                             BLOCK_B)  # fmt: skip
-            _store_tile(out_ptr, _pipe_rows(w, d, m, x, QT, INTERP), tile, N, BLOCK_N, RES)
-            if AHEAD == 2:
-                w, d, m = w2, d2, m2
-                w2, d2, m2 = nxt
-            else:
-                w, d, m = nxt
-            tile += step
-
-    @triton.jit
-    def _pipe_x(xc_ptr, xs_ptr, xt_ptr, nb, BLOCK_B: tl.constexpr):
-        """x's two levels of codes, all of K, as the persistent kernels hold them: per level
-        the code words of each block's low and high half (BB, 4), the scales and the codes'
-        sums (BB,); and sum_j x_j a block (BB,) (Q4_1's offset)."""
         offs_b = tl.arange(0, BLOCK_B)
         b_ok = offs_b < nb
         xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
@@ -708,85 +602,26 @@ if HAS_TRITON:
         s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
         t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
         t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
-        xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1
-        return cl0, ch0, s0, t0, cl1, ch1, s1, t1, xsum
-
-    @triton.jit
-    def _pipe_rows(w, d, m, x, QT: tl.constexpr, INTERP: tl.constexpr):
-        """W x (BN,) float32 for a row tile's loads (`_row_loads`) and x's codes (`_pipe_x`)."""
-        cl0, ch0, s0, t0, cl1, ch1, s1, t1, xsum = x
-        lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
-        hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
-        part = d * (_pipe_dot(lo, hi, cl0, ch0, t0, s0, QT, INTERP)
-                    + _pipe_dot(lo, hi, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
-        if QT == 1:
-            part += m * xsum[None, :]
-        return tl.sum(part, axis=1)
-
-    @triton.jit
-    def _gated_loads(qs_ptr, d_ptr, m_ptr, block, sub, F, nb, QT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
-        """`_gated_codes_kernel`'s tile: the gate rows 32 block + BLOCK_N sub + i (i <
-        BLOCK_N) of a [gate | up] weight of 2F rows and the up rows F further on (`_row_loads`
-        each); blocks past the last load zeros."""
-        first = block * 32 + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = first < F
-        gate = _row_loads(qs_ptr, d_ptr, m_ptr, first, ok, nb, QT, BLOCK_B)
-        up = _row_loads(qs_ptr, d_ptr, m_ptr, first + F, ok, nb, QT, BLOCK_B)
-        return gate, up
-
-    @triton.jit
-    def _gated_codes_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, ac_ptr, as_ptr, at_ptr, F, K,
-        QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SILU: tl.constexpr,
-        INTERP: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """The gated MLP's first half for one row, writing down's codes: a = act(W_gate x) *
-        (W_up x) (F values; SiLU, else GELU-tanh) for x given as two levels of codes, stored
-        as `code_buffers(F)` (what `_quantize_kernel` makes of the [gate | up] row with
-        PRO 2 / 3), with no float [gate | up] row in memory and no quantizing launch.
-
-        A program owns whole 32-blocks of a (pid, pid + programs, ...), so it quantizes them
-        itself: a block's gate and up rows come in 32 / BLOCK_N tiles, each tile's loads
-        issued before the tile before is computed (`_codes_gemv_pipe_kernel`'s pipelining,
-        one tile ahead; the first before the PDL wait), x's codes of all of K held in
-        registers. A tile's BLOCK_N activations go into row `sub` of the block's (32 /
-        BLOCK_N, BLOCK_N) values; the last tile's writes the block's codes."""
-        pid = tl.program_id(0)
-        step = tl.num_programs(0)
-        nb = K // 32
-        nbo = F // 32
-        SUBS: tl.constexpr = 32 // BLOCK_N
-        cur = _gated_loads(qs_ptr, d_ptr, m_ptr, pid, 0, F, nb, QT, BLOCK_N, BLOCK_B)
-        pdl.wait(PDL)
-        pdl.launch_dependents(PDL)
-        x = _pipe_x(xc_ptr, xs_ptr, xt_ptr, nb, BLOCK_B)
-        subs = tl.arange(0, SUBS)
-        vals = tl.zeros((SUBS, BLOCK_N), tl.float32)
-        i = 0
-        block = pid
-        while block < nbo:
-            sub = i % SUBS
-            after = i + 1
-            nxt = _gated_loads(qs_ptr, d_ptr, m_ptr, pid + (after // SUBS) * step,
-                               after % SUBS, F, nb, QT, BLOCK_N, BLOCK_B)  # fmt: skip
-            gate, up = cur
-            wg, dg, mg = gate
-            wu, du, mu = up
-            a = qm._gated(_pipe_rows(wg, dg, mg, x, QT, INTERP),
-                          _pipe_rows(wu, du, mu, x, QT, INTERP), SILU)  # fmt: skip
-            vals = tl.where((subs == sub)[:, None], a[None, :], vals)
-            if sub == SUBS - 1:
-                halves = tl.reshape(vals, (2, 16))
-                low = (tl.arange(0, 2) == 0)[:, None]
-                xl = tl.sum(tl.where(low, halves, 0.0), axis=0)
-                xh = tl.sum(tl.where(low, 0.0, halves), axis=0)
-                blocks = block + tl.arange(0, 1)
-                _store_codes(xl[None, :], xh[None, :], blocks, blocks < nbo, ac_ptr, as_ptr,
-                             at_ptr, nbo, 2)  # fmt: skip
-            cur = nxt
-            i = after
-            block = pid + (i // SUBS) * step
+        xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
+        tile = pid
+        if AHEAD == 2:
+            w2, d2, m2 = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid + step, N, nb, QT, BLOCK_N, BLOCK_B)
+        while tile < tiles:
+            nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
+                             BLOCK_B)  # fmt: skip
+            lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
+            hi = (w >> 4) & 0x0F0F0F0F  # weights 16 + 4i ..
+            part = d * (_pipe_dot(lo, hi, cl0, ch0, t0, s0, QT, INTERP)
+                        + _pipe_dot(lo, hi, cl1, ch1, t1, s1, QT, INTERP))  # fmt: skip
+            if QT == 1:
+                part += m * xsum[None, :]
+            _store_tile(out_ptr, tl.sum(part, axis=1), tile, N, BLOCK_N, RES)
+            if AHEAD == 2:
+                w, d, m = w2, d2, m2
+                w2, d2, m2 = nxt
+            else:
+                w, d, m = nxt
+            tile += step
 
     @triton.jit
     def _store_tile(out_ptr, y, tile, N, BLOCK_N: tl.constexpr, RES: tl.constexpr):
