@@ -22,6 +22,7 @@ def write_tiny_llama(
     rng: np.random.Generator | None = None,
     types: dict[str, gguf.GGMLQuantizationType] | None = None,
     matrix_scale: float = 1.0,
+    context_length: int = 256,
 ) -> Path:
     """A llama-architecture GGUF with random weights (quantized with gguf-py): matrices in
     `qtype`, or the type `types` gives for their name ("blk.0.attn_v.weight"), or for their
@@ -31,7 +32,7 @@ def write_tiny_llama(
     rng = rng or np.random.default_rng()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny llama")
-    w.add_context_length(256)
+    w.add_context_length(context_length)
     w.add_embedding_length(hidden)
     w.add_block_count(n_layers)
     w.add_feed_forward_length(ffn)

@@ -10,7 +10,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _generate_each(path, prompts, params_list, async_on: bool, graphs: bool = True):
+def _generate_each(
+    path, prompts, params_list, async_on: bool, graphs: bool = True, max_model_len: int = 256
+):
     """Generations, each prompt with its params, with or without async scheduling and
     graphs, and a count of the steps launched async."""
     from llamapy.engine.llm_engine import EngineConfig, LLMEngine
@@ -18,7 +20,7 @@ def _generate_each(path, prompts, params_list, async_on: bool, graphs: bool = Tr
     from llamapy.tokenizer import Tokenizer
 
     cfg = EngineConfig(
-        max_model_len=256,
+        max_model_len=max_model_len,
         max_num_seqs=4,
         device="cuda",
         async_scheduling=async_on,
@@ -127,3 +129,34 @@ def test_graphs_follow_context_length_splits(tiny_gguf, monkeypatch) -> None:
         tiny_gguf, False, prompts, greedy
     )
     assert {1, 2, 4} <= seen, f"split counts used: {sorted(seen)}"
+
+
+def test_one_sequence_splits_long_contexts(tmp_path, rng, monkeypatch) -> None:
+    """A single sequence's decode graphs split its keys past 512 up to 256 ways, one 16-key
+    tile a split (`graph_decode_splits`): graphs of 64, 128 and 256 splits are captured as
+    two long prompts decode, and the tokens are the eager engine's (its kernel's own split
+    rule)."""
+    from tests.gguf_factory import write_tiny_llama
+
+    from llamapy.engine import model_runner
+    from llamapy.kernels.triton import qmatmul
+    from llamapy.sampling.params import SamplingParams
+
+    monkeypatch.setattr(qmatmul, "DEQUANT_MM_MIN_M", 1 << 30)  # as above: decode graphs alone
+    path = write_tiny_llama(tmp_path / "long.gguf", rng=rng, context_length=2304,
+                            matrix_scale=0.125)  # fmt: skip
+    rule, seen = model_runner.graph_decode_splits, set()
+
+    def counted(bs, num_kv_heads, max_len=None, num_sms=132):
+        splits = rule(bs, num_kv_heads, max_len, num_sms)
+        seen.add(splits)
+        return splits
+
+    monkeypatch.setattr(model_runner, "graph_decode_splits", counted)
+    greedy = SamplingParams.greedy(max_tokens=24, ignore_eos=True)
+    for n in (1010, 2100):  # 1011-1034 keys: 64 then 128 splits; 2101-2124: 256
+        prompt = [rng.integers(0, 32, n).tolist()]
+        got = _generate_each(path, prompt, [greedy], False, True, max_model_len=2200)[0]
+        want = _generate_each(path, prompt, [greedy], False, False, max_model_len=2200)[0]
+        assert got == want
+    assert {64, 128, 256} <= seen, f"split counts used: {sorted(seen)}"
