@@ -72,10 +72,14 @@ def _bound(q, k_cache, v_cache, tables, seq_lens, scale, window, softcap, want):
         (6, 2, 80, 40, 5.0),
     ],
 )
-def test_matches_float64_reference(rng, threads, n_heads, n_kv, d, window, softcap):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_matches_float64_reference(rng, threads, n_heads, n_kv, d, window, softcap, cache_dtype):
+    """float32 or float16 caches (`-ctk f16`: the reference reads the same float16 values,
+    exact in float64)."""
     # lengths across block boundaries, shorter than the threads' share, and one of 1
     seq_lens = [int(rng.integers(100, 300)), 1, int(rng.integers(2, 16)), 16]
     q, k_cache, v_cache, tables, lens = _case(rng, seq_lens, n_heads, n_kv, d)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     scale = float(rng.uniform(0.05, 0.2))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -115,6 +119,10 @@ def test_bad_input_raises_naming_it(rng):
         cpu_attention.decode_attention(q, k_cache, v_cache, bad, lens, scale=1.0)
     with pytest.raises(ValueError, match="float32"):
         cpu_attention.decode_attention(q.double(), k_cache, v_cache, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        cpu_attention.decode_attention(q, k_cache.bfloat16(), v_cache, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        cpu_attention.decode_attention(q, k_cache.half(), v_cache, tables, lens, scale=1.0)
     with pytest.raises(ValueError, match="int32"):
         cpu_attention.decode_attention(q, k_cache, v_cache, tables.long(), lens, scale=1.0)
     with pytest.raises(ValueError, match="head dims"):

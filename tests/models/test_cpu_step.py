@@ -160,15 +160,17 @@ def test_add_and_bias_ops(rng):
 
 
 @needs_numba
-def test_kv_op_writes_the_slots_only(rng):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_kv_op_writes_the_slots_only(rng, cache_dtype):
     """K and V rows (strided sources) land at their slots of the (blocks, block_size, n_kv,
-    d) caches, a padding row's slot (-1) is skipped, nothing else is touched; a slot past
-    the cache stops the step with ERR_SLOT naming the row."""
+    d) caches (float16 ones: rounded as torch's cast rounds), a padding row's slot (-1) is
+    skipped, nothing else is touched; a slot past the cache stops the step with ERR_SLOT
+    naming the row."""
     g = _gen(rng)
     n_blocks, bs, n_kv, d = 6, 4, 2, 8
     kc, vc = (
-        torch.randn(n_blocks, bs, n_kv, d, generator=g),
-        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g).to(cache_dtype),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g).to(cache_dtype),
     )
     k_before, v_before = kc.clone(), vc.clone()
     rows = 3
@@ -177,13 +179,13 @@ def test_kv_op_writes_the_slots_only(rng):
     k = _k()
     row = n_kv * d
     op = [k.OP_KV, src.data_ptr(), 4 * src.shape[1], src.data_ptr() + 4 * row, 4 * src.shape[1]]
-    op += [kc.data_ptr(), vc.data_ptr(), row, row, n_blocks * bs]
+    op += [kc.data_ptr(), vc.data_ptr(), row, row, n_blocks * bs, kc.element_size()]
     assert _run([op], rows, {k.DYN_SLOTS: slots.data_ptr()}) == 0
     k_want, v_want = k_before.clone(), v_before.clone()
     for r, s in enumerate(slots.tolist()):
         if s >= 0:
-            k_want.view(-1, n_kv, d)[s] = src[r, :row].view(n_kv, d)
-            v_want.view(-1, n_kv, d)[s] = src[r, row : 2 * row].view(n_kv, d)
+            k_want.view(-1, n_kv, d)[s] = src[r, :row].view(n_kv, d).to(cache_dtype)
+            v_want.view(-1, n_kv, d)[s] = src[r, row : 2 * row].view(n_kv, d).to(cache_dtype)
     assert torch.equal(kc, k_want) and torch.equal(vc, v_want)
     bad = torch.tensor([0, n_blocks * bs, 1])
     nothing = [k.OP_NORM, 0, 0, 0, 0, 0, 0, 0, 0]  # a first row that touches nothing (0 groups)
@@ -195,16 +197,18 @@ def test_kv_op_writes_the_slots_only(rng):
     ("n_heads", "n_kv", "window", "softcap"), [(4, 4, 0, 0.0), (6, 2, 0, 30.0), (4, 1, 9, 0.0)]
 )
 @pytest.mark.parametrize("min_keys", [0, 1 << 40])  # every sequence on all threads / on one
-def test_attention_op(n_heads, n_kv, window, softcap, min_keys, rng):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_attention_op(n_heads, n_kv, window, softcap, min_keys, cache_dtype, rng):
     """Each sequence of the batch over its block-table row against the float64 paged
-    reference, sequences past and under the two-thread threshold."""
+    reference (of the same float16 values, for float16 caches), sequences past and under
+    the two-thread threshold."""
     g = _gen(rng)
     bs, d, n_blocks = 4, 16, 64
     seq_lens = [1, int(rng.integers(2, 30)), int(rng.integers(30, 90))]
     tables = shuffled_block_tables(rng, seq_lens, bs, n_blocks, width=25)
     kc, vc = (
-        torch.randn(n_blocks, bs, n_kv, d, generator=g),
-        torch.randn(n_blocks, bs, n_kv, d, generator=g),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g).to(cache_dtype),
+        torch.randn(n_blocks, bs, n_kv, d, generator=g).to(cache_dtype),
     )
     q = torch.randn(3, n_heads, d, generator=g)
     out = torch.full((3, n_heads, d), float("nan"))
@@ -213,7 +217,9 @@ def test_attention_op(n_heads, n_kv, window, softcap, min_keys, rng):
     from llamapy.kernels.cpu import _attention_numba
 
     op = [k.OP_ATTN, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), n_heads, n_kv]
-    op += [d, n_blocks, bs, _f32(0.25), window, _f32(softcap), _attention_numba.worker_for(d)]
+    es = kc.element_size()
+    op += [d, n_blocks, bs, _f32(0.25), window, _f32(softcap), _attention_numba.worker_for(d, es)]
+    op += [es]
     dyn = {
         k.DYN_TABLES: tables.data_ptr(),
         k.DYN_WIDTH: tables.shape[1],
@@ -249,8 +255,12 @@ def _engine(path, max_num_seqs: int = 4, max_model_len: int = 1024, **cfg) -> LL
 
 
 @needs_vnni
-@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_native_decode_matches_eager(model, request, rng, monkeypatch):
+@pytest.mark.parametrize(
+    ("model", "kv_dtype"),
+    [("smollm2", torch.float32), ("gemma3", torch.float32), ("smollm2", torch.float16)],
+    ids=["smollm2", "gemma3", "smollm2-f16-cache"],
+)
+def test_native_decode_matches_eager(model, kv_dtype, request, rng, monkeypatch):
     """Every decode step of a batch of sequences of different lengths (block tables of
     different widths, contexts past the attention's two-thread threshold, then batches of
     2 and 1 as they finish), computed by the native step and eagerly on the same model and
@@ -268,7 +278,8 @@ def test_native_decode_matches_eager(model, request, rng, monkeypatch):
     if model == "gemma3":
         monkeypatch.setenv("LLAMAPY_CPU_VNNI_Q6K", "1")
     path = request.getfixturevalue(f"{model}_path")
-    engine = _engine(path)
+    engine = _engine(path, kv_dtype=kv_dtype)
+    assert engine.runner.kv_caches[0][0].dtype == kv_dtype
     model_ = engine.runner.model
     if model == "gemma3":
         sliding = [layer.attn for layer in model_.layers if layer.attn.sliding_window]
@@ -570,9 +581,10 @@ def test_native_step_with_split_projections(tmp_path, rng):
 
 @needs_vnni
 def test_other_caches(smollm2_path, rng):
-    """Caches the step cannot take (float16 here) leave a forward pass to the eager layers,
-    with the same result; an engine whose cache is float16 does not take the step at all
-    (and generates). Switching between cache sets re-plans without growing the scratch."""
+    """Caches the step cannot take (bfloat16 here) leave a forward pass to the eager layers,
+    with the same result; an engine whose cache is bfloat16 does not take the step at all
+    (and generates). Switching between cache sets (float32, float16) re-plans without
+    growing the scratch."""
     engine = _engine(smollm2_path)
     model_, caches = engine.runner.model, engine.runner.kv_caches
     native = model_.native_decode
@@ -581,8 +593,11 @@ def test_other_caches(smollm2_path, rng):
     ids, pos = torch.tensor([7]), torch.tensor([bs + 2])
     meta = _meta(tables, [bs + 3], [5 * bs + 2])
     gen = _gen(rng)
-    half = [(k.normal_(generator=gen).half(), v.normal_(generator=gen).half()) for k, v in caches]
-    other = [(k.float(), v.float()) for k, v in half]
+    half = [
+        (k.normal_(generator=gen).bfloat16(), v.normal_(generator=gen).bfloat16())
+        for k, v in caches
+    ]
+    other = [(k.half(), v.half()) for k, v in half]
     with torch.inference_mode():
         assert native(*_native_args(model_, ids, pos, meta), half) is None
         got = model_(ids, pos, meta, half)  # falls back
@@ -596,11 +611,11 @@ def test_other_caches(smollm2_path, rng):
             assert torch.isfinite(out).all()
             rows = rows or native._buffers.rows
             assert native._buffers.rows == rows
-    f16 = _engine(smollm2_path, kv_dtype=torch.float16)
-    assert f16.runner.model.native_decode is None
-    f16.add_request([1, 2, 3], SamplingParams.greedy(max_tokens=4, ignore_eos=True))
-    while f16.has_unfinished_requests():
-        f16.step()
+    bf16 = _engine(smollm2_path, kv_dtype=torch.bfloat16)
+    assert bf16.runner.model.native_decode is None
+    bf16.add_request([1, 2, 3], SamplingParams.greedy(max_tokens=4, ignore_eos=True))
+    while bf16.has_unfinished_requests():
+        bf16.step()
 
 
 def _native_args(model_, ids, pos, meta):

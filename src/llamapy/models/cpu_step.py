@@ -11,16 +11,17 @@ for the norms, rotary embedding, KV-cache write, activation and residual adds be
 
 What it runs is `DecoderLayer.forward` of the llama family and Gemma 3 (biases, q/k norms,
 post norms, SiLU or GELU-tanh gating, sliding windows, soft-capped scores) over a float32
-paged KV cache, for decode batches (one new token per sequence) and for batches of up to
-PREFILL_MAX_ROWS new tokens in all (short prompts, chat turns): each token is a row with
-its sequence's block table and its own visible length (its position + 1), and every row's
-key and value are written before any row attends, so a prompt's rows attend causally
-(measured 2-2.6x faster than the batched prefill at 8-64 tokens; past ~200 tokens the
-batched prefill's GEMMs win: benchmarks/RESULTS.md, sixteenth session); `NativeDecode.build`
-returns None (and the engine keeps the compiled step) for anything else: a matmul on another
-kernel (int4pack hosts without AVX512-VNNI, Q6_K unless LLAMAPY_CPU_VNNI_Q6K, float
-weights), another layer class, caches other than float32 (a call given such caches returns
-None, and the model runs that step eagerly). `LLAMAPY_CPU_NATIVE_STEP=0` turns it off.
+(or float16: `-ctk f16`) paged KV cache, for decode batches (one new token per sequence) and
+for batches of up to PREFILL_MAX_ROWS new tokens in all (short prompts, chat turns): each
+token is a row with its sequence's block table and its own visible length (its position +
+1), and every row's key and value are written before any row attends, so a prompt's rows
+attend causally (measured 2-2.6x faster than the batched prefill at 8-64 tokens; past ~200
+tokens the batched prefill's GEMMs win: benchmarks/RESULTS.md, sixteenth session);
+`NativeDecode.build` returns None (and the engine keeps the compiled step) for anything
+else: a matmul on another kernel (int4pack hosts without AVX512-VNNI, Q6_K unless
+LLAMAPY_CPU_VNNI_Q6K, float weights), another layer class, caches other than float32 or
+float16 (a call given such caches returns None, and the model runs that step eagerly).
+`LLAMAPY_CPU_NATIVE_STEP=0` turns it off.
 
 Numerics: the matmuls are the compiled and eager steps' VNNI kernels, bit for bit given the
 same inputs; the attention is the kernel the compiled step takes past 256 tokens (below
@@ -143,12 +144,14 @@ class NativeDecode:
 
     def takes(self, kv_caches: list[KVCache]) -> bool:
         """Whether the step can read and write these caches: one (K, V) pair per layer,
-        contiguous float32 CPU tensors of shape (blocks, block_size, kv heads, head dim)."""
+        contiguous float32 or float16 CPU tensors of shape (blocks, block_size, kv heads,
+        head dim)."""
         if len(kv_caches) != len(self._layers):
             return False
         for spec, (kc, vc) in zip(self._layers, kv_caches, strict=True):
             if not (
-                kc.dtype == vc.dtype == torch.float32
+                kc.dtype == vc.dtype
+                and kc.dtype in (torch.float32, torch.float16)
                 and kc.device.type == vc.device.type == "cpu"
                 and kc.dim() == 4
                 and kc.shape == vc.shape
@@ -284,12 +287,13 @@ class NativeDecode:
             n_blocks, block_size = kc.shape[0], kc.shape[1]
             row = spec.n_kv * spec.head_dim
             caches = (kc.data_ptr(), vc.data_ptr())
-            op(k.OP_KV, *kp, *v, *caches, row, row, n_blocks * block_size)
+            es = kc.element_size()
+            op(k.OP_KV, *kp, *v, *caches, row, row, n_blocks * block_size, es)
             attn = b.ptr("attn")
             op(
                 k.OP_ATTN, qb[0], *caches, attn, spec.n_heads, spec.n_kv, spec.head_dim,
                 n_blocks, block_size, f32(spec.scale), spec.window, f32(spec.softcap),
-                spec.attn_worker,
+                k._attention_numba.worker_for(spec.head_dim, es), es,
             )  # fmt: skip
             out = matmul(spec.o, attn, "o")
             if spec.attn_post_norm is not None:
@@ -380,7 +384,7 @@ class _LayerSpec:
         self.scale = float(attn.scale)
         self.window = int(attn.sliding_window or 0)
         self.softcap = float(attn.softcap or 0.0)
-        self.attn_worker = _attention_numba.worker_for(self.head_dim)
+        _attention_numba.worker_for(self.head_dim)  # loaded or compiled now, not mid-step
         self.gate_up = _Matmul(mlp.gate_up) if mlp.gate is None else None
         self.gate_up_parts = [_Matmul(mlp.gate), _Matmul(mlp.up)] if mlp.gate is not None else None
         self.down = _Matmul(mlp.down)

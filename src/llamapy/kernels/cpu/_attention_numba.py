@@ -1,5 +1,5 @@
 """numba code of kernels/cpu/attention.py (imported only where numba is): decode attention
-over the paged float32 KV cache, one new query per sequence.
+over the paged float32 or float16 KV cache, one new query per sequence.
 
 Per sequence, each thread of torch's OpenMP team (launched as the vnni kernels are, through
 `GOMP_parallel`) takes a contiguous share of the visible keys (`_part`): the scores of every
@@ -18,12 +18,15 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import carray, cfunc, njit
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.core.extending import intrinsic
 
 from llamapy.kernels.cpu._vnni_numba import (
     _ARGS,
     _barrier,
     _bits_f32,
+    _cast_intrinsic,
     _f32_bits,
     _f32_ptr,
     _gomp_parallel,
@@ -33,6 +36,58 @@ from llamapy.kernels.cpu._vnni_numba import (
 )
 
 _FAST = {"reassoc", "contract"}
+_u16_ptr = _cast_intrinsic(types.int64, types.CPointer(types.uint16))
+
+
+@intrinsic
+def _h2f(typingctx, bits):
+    """The float32 value of IEEE half-precision bits (uint16): fpext, which LLVM turns into
+    vcvtph2ps over a vectorized loop (numba has no float16 arithmetic on the CPU)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f2h(typingctx, value):
+    """float32 -> IEEE half-precision bits (uint16), rounded to nearest even (fptrunc; as
+    torch's and numpy's float16 casts: overflow to infinity, NaN kept)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(inline="always", fastmath=_FAST)
+def _dot(qp, row, d, es):  # pragma: no cover - compiled by numba
+    """sum_j q[j] k[j] over a cache row at address `row` of float32 (es 4) or float16 (es 2)
+    values."""
+    s = np.float32(0.0)
+    if es == 4:
+        kp = _f32_ptr(row)
+        for j in range(d):
+            s += qp[j] * kp[j]
+    else:
+        hp = _u16_ptr(row)
+        for j in range(d):
+            s += qp[j] * _h2f(hp[j])
+    return s
+
+
+@njit(inline="always", fastmath=_FAST)
+def _axpy(acc, w, row, d, es):  # pragma: no cover - compiled by numba
+    """acc[j] += w v[j] for a cache row at address `row` of float32 (es 4) or float16 (es 2)."""
+    if es == 4:
+        vp = _f32_ptr(row)
+        for j in range(d):
+            acc[j] += w * vp[j]
+    else:
+        hp = _u16_ptr(row)
+        for j in range(d):
+            acc[j] += w * _h2f(hp[j])
 
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -63,15 +118,16 @@ def _exp_le0(x):  # pragma: no cover - compiled by numba
 
 
 @njit(inline="always", fastmath=_FAST)
-def _part(a, b, t, nt, sp, ap, mp, d):  # pragma: no cover - compiled by numba
+def _part(a, b, t, nt, sp, ap, mp, d, es):  # pragma: no cover - compiled by numba
     """Thread t's share of sequence b: keys [lo, hi) of its visible range; per query head
     its scores (scratch at sp), their maximum and exp-sum (mp) and the exp-weighted sum of
-    the value rows (ap), not yet normalized."""
+    the value rows (ap), not yet normalized. es: the caches' element bytes (4 float32, 2
+    float16)."""
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr = a[0], a[1], a[2], a[3], a[4]
     n_heads, n_kv, block_size, width = a[7], a[8], a[11], a[12]
     scale, window, cap = _bits_f32(np.int32(a[13])), a[14], _bits_f32(np.int32(a[15]))
     group = n_heads // n_kv
-    row_bytes = 4 * n_kv * d
+    row_bytes = es * n_kv * d
     end = _i32_ptr(seq_lens_ptr)[b]
     start = max(end - window, 0) if window > 0 else 0
     chunk = (end - start + nt - 1) // nt
@@ -84,11 +140,7 @@ def _part(a, b, t, nt, sp, ap, mp, d):  # pragma: no cover - compiled by numba
         p = lo + i
         row = (table[p // block_size] * block_size + p % block_size) * row_bytes
         for hq in range(n_heads):
-            kp = _f32_ptr(k_ptr + row + 4 * (hq // group) * d)
-            qp = _f32_ptr(q0 + 4 * hq * d)
-            s = np.float32(0.0)
-            for j in range(d):
-                s += qp[j] * kp[j]
+            s = _dot(_f32_ptr(q0 + 4 * hq * d), k_ptr + row + es * (hq // group) * d, d, es)
             s *= scale
             if cap > 0:
                 s = cap * np.tanh(s / cap)
@@ -112,11 +164,8 @@ def _part(a, b, t, nt, sp, ap, mp, d):  # pragma: no cover - compiled by numba
         p = lo + i
         row = (table[p // block_size] * block_size + p % block_size) * row_bytes
         for hq in range(n_heads):
-            vp = _f32_ptr(v_ptr + row + 4 * (hq // group) * d)
             w = _f32_ptr(sp)[hq * n + i]
-            acc = _f32_ptr(ap + 4 * hq * d)
-            for j in range(d):
-                acc[j] += w * vp[j]
+            _axpy(_f32_ptr(ap + 4 * hq * d), w, v_ptr + row + es * (hq // group) * d, d, es)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -148,26 +197,31 @@ def _merge(a, b, t, nt, acc_ptr, ml_ptr, acc_stride, ml_stride, d):  # pragma: n
 
 
 @functools.cache
-def worker_for(head_dim: int) -> int:
-    """The address of `decode`'s worker for heads of `head_dim`: a cfunc (a[21]) -> None,
+def worker_for(head_dim: int, elem_bytes: int = 4) -> int:
+    """The address of `decode`'s worker for heads of `head_dim` over caches of `elem_bytes`
+    (4 float32, 2 float16) values: a cfunc (a[22]) -> None,
     one thread's share of every sequence's keys, then (after every thread's) its share of
     the query heads' merge. The head width is a constant of the compiled code (its loops
     unrolled, no remainder: 13.4 -> 11.1 us a call at 128 keys, 107 -> 85 at 1024, SmolLM2
     heads on one thread); one per width, loaded from numba's disk cache or compiled
-    (~0.5 s). A call whose a[9] is another width does nothing."""
-    d = int(head_dim)
+    (~0.5 s). A call whose a[9] is another width, or a[21] other element bytes, does
+    nothing."""
+    d, es = int(head_dim), int(elem_bytes)
+    if es not in (2, 4):
+        raise ValueError(f"the caches' elements must be 2 or 4 bytes, got {elem_bytes}")
 
     @cfunc(_ARGS, nopython=True, cache=True, fastmath=_FAST)
     def work(ap):  # pragma: no cover - compiled by numba
-        a = carray(ap, (21,))
-        if a[9] != d:  # d: a closure constant, part of numba's cache key
+        a = carray(ap, (22,))
+        if a[9] != d or a[21] != es:  # closure constants, part of numba's cache key
             return
         n_seqs = a[6]
         scores, accs, mls = a[16], a[17], a[18]
         s_stride, acc_stride, ml_stride = a[19], a[20], 8 * a[7]
         t, nt = np.int64(_thread_num()), np.int64(_num_threads())
         for b in range(n_seqs):
-            _part(a, b, t, nt, scores + t * s_stride, accs + t * acc_stride, mls + t * ml_stride, d)
+            _part(a, b, t, nt, scores + t * s_stride, accs + t * acc_stride, mls + t * ml_stride, d,
+                  es)  # fmt: skip
             _barrier()
             _merge(a, b, t, nt, accs, mls, acc_stride, ml_stride, d)
             _barrier()
@@ -179,17 +233,18 @@ def worker_for(head_dim: int) -> int:
 def decode(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr,
     n_seqs, n_heads, n_kv, head_dim, n_blocks, block_size, width, scale, window, softcap,
-    threads, worker,
+    elem_bytes, threads, worker,
 ):  # fmt: skip  # pragma: no cover - compiled by numba
     """out (B, n_heads, d) <- attention of q (B, n_heads, d) over the keys [start, seq_len)
     of each sequence (start = seq_len - window with a window, else 0), read through its
-    block-table row (B, width) from the caches (n_blocks, block_size, n_kv, d); all float32
-    and contiguous, tables and seq_lens int32. softcap > 0: tanh(s / c) * c on the scaled
+    block-table row (B, width) from the caches (n_blocks, block_size, n_kv, d) of
+    `elem_bytes` values (4 float32, 2 float16); q and out float32, all contiguous, tables
+    and seq_lens int32. softcap > 0: tanh(s / c) * c on the scaled
     scores. A sequence with no visible key gets zeros. On `threads` of torch's OpenMP team
     (as the matmuls, `_vnni_numba`), each a contiguous share of every sequence's keys, merged
-    by their maxima; `worker`: `worker_for(head_dim)`. Returns 0; 1 when a seq_len lies outside
-    [0, width * block_size], 2 when a visible key's block number lies outside [0, n_blocks)
-    (nothing written for either).
+    by their maxima; `worker`: `worker_for(head_dim, elem_bytes)`. Returns 0; 1 when a
+    seq_len lies outside [0, width * block_size], 2 when a visible key's block number lies
+    outside [0, n_blocks) (nothing written for either).
 
     Memory is read through typed pointers, not arrays: numba's array indexing wraps
     negative indices, a select in every access that kept the loops scalar (4x slower)."""
@@ -210,12 +265,12 @@ def decode(
     scores = np.empty(nt * s_len, np.float32)
     accs = np.empty(nt * n_heads * head_dim, np.float32)
     mls = np.empty(nt * 2 * n_heads, np.float32)
-    a = np.empty(21, np.int64)
+    a = np.empty(22, np.int64)
     a[0], a[1], a[2], a[3], a[4], a[5] = q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr
     a[6], a[7], a[8], a[9], a[10] = n_seqs, n_heads, n_kv, head_dim, n_blocks
     a[11], a[12], a[14] = block_size, width, window
     a[13], a[15] = _f32_bits(np.float32(scale)), _f32_bits(np.float32(softcap))
     a[16], a[17], a[18] = scores.ctypes.data, accs.ctypes.data, mls.ctypes.data
-    a[19], a[20] = 4 * s_len, 4 * n_heads * head_dim
+    a[19], a[20], a[21] = 4 * s_len, 4 * n_heads * head_dim, elem_bytes
     _gomp_parallel(worker, a.ctypes.data, nt, 0)
     return 0 * (scores.size + accs.size + mls.size)  # (keeps the scratch alive until here)

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, types
 
 from llamapy.kernels.cpu import _attention_numba, _vnni_numba
-from llamapy.kernels.cpu._attention_numba import _exp_le0
+from llamapy.kernels.cpu._attention_numba import _exp_le0, _f2h, _u16_ptr
 from llamapy.kernels.cpu._vnni_numba import _bits_f32, _cast_intrinsic, _f32_ptr, _i32_ptr, _launch
 
 _FAST = {"reassoc", "contract"}
@@ -38,9 +38,10 @@ OP_BIAS = 3  # y, y row stride, bias, width
 OP_ROPE = 4  # src, src stride, dst, dst stride, heads, head dim, rotated dims, interleaved,
 #              rotary table (its angles at DYN_COS + 2 table)
 OP_KV = 5  # k, k stride, v, v stride, k cache, v cache, k row floats, v row floats, the
-#            caches' slot count (slots at or past it: ERR_SLOT; negative: a padding row)
+#            caches' slot count (slots at or past it: ERR_SLOT; negative: a padding row),
+#            the caches' element bytes (4 float32, 2 float16)
 OP_ATTN = 6  # q, k cache, v cache, out, heads, kv heads, head dim, blocks, block size,
-#              scale, window (0: none), softcap (0: none), worker
+#              scale, window (0: none), softcap (0: none), worker, the caches' element bytes
 OP_ACT = 7  # gate, gate stride, up, up stride, dst, width, kind (ACT_*)
 OP_ADD = 8  # dst, dst stride, src, src stride, width
 ROW = 16  # columns of a table row
@@ -113,8 +114,8 @@ def _rope(a, rows, dyn):  # pragma: no cover - compiled by numba
 
 @njit(inline="always", fastmath=_FAST)
 def _kv(a, rows, dyn):  # pragma: no cover - compiled by numba
-    k, k_rs, v, v_rs, k_cache, v_cache, kn, vn, n_slots = (
-        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9],
+    k, k_rs, v, v_rs, k_cache, v_cache, kn, vn, n_slots, es = (
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
     )  # fmt: skip
     slots = _i64_ptr(dyn[DYN_SLOTS])
     for r in range(rows):
@@ -123,12 +124,19 @@ def _kv(a, rows, dyn):  # pragma: no cover - compiled by numba
             return ERR_SLOT
         if s < 0:  # a padding row
             continue
-        ks, kd = _f32_ptr(k + r * k_rs), _f32_ptr(k_cache + 4 * s * kn)
-        for i in range(kn):
-            kd[i] = ks[i]
-        vs, vd = _f32_ptr(v + r * v_rs), _f32_ptr(v_cache + 4 * s * vn)
-        for i in range(vn):
-            vd[i] = vs[i]
+        ks, vs = _f32_ptr(k + r * k_rs), _f32_ptr(v + r * v_rs)
+        if es == 4:
+            kd, vd = _f32_ptr(k_cache + 4 * s * kn), _f32_ptr(v_cache + 4 * s * vn)
+            for i in range(kn):
+                kd[i] = ks[i]
+            for i in range(vn):
+                vd[i] = vs[i]
+        else:  # float16 caches: rounded to nearest even, as torch's cast
+            kh, vh = _u16_ptr(k_cache + 2 * s * kn), _u16_ptr(v_cache + 2 * s * vn)
+            for i in range(kn):
+                kh[i] = _f2h(ks[i])
+            for i in range(vn):
+                vh[i] = _f2h(vs[i])
     return 0
 
 
@@ -190,7 +198,7 @@ def _attend(a, rows, dyn):  # pragma: no cover - compiled by numba
         err = _attention_numba.decode(
             q + 4 * r * heads * d, k_cache, v_cache, tables + 4 * r * width, seq_lens + 4 * r,
             out + 4 * r * heads * d, 1, heads, n_kv, d, n_blocks, block_size, width, scale,
-            window, softcap, threads, a[13],
+            window, softcap, a[14], threads, a[13],
         )  # fmt: skip
         if err != 0:
             return err

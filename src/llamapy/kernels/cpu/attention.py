@@ -1,4 +1,4 @@
-"""Decode attention on the CPU through the paged float32 KV cache: the torch op
+"""Decode attention on the CPU through the paged float32 (or float16) KV cache: the torch op
 `llamapy::decode_attention`, a numba kernel (`_attention_numba.py`) that the compiled decode
 step (`layers.attention.decode_attention_dense`, `models/cpu_compile.py`) calls as one opaque
 op.
@@ -33,6 +33,7 @@ MIN_BLOCKS = 17
 
 # numba is looked up, not imported, here: the import (~0.3 s) waits for the first call
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
+CACHE_DTYPES = (torch.float32, torch.float16)  # the caches the kernel reads
 
 
 def available() -> bool:
@@ -44,13 +45,16 @@ def available() -> bool:
 def supports(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
 ) -> bool:
-    """Whether `decode_attention` takes these and pays (CPU, float32 caches and queries, equal
-    head dims, tables of at least MIN_BLOCKS columns): the caller's choice between it and the
-    torch formulation. Under torch.compile the width test is a guard on the tables' dynamic
-    width: the two sides are two graphs (models/cpu_compile.py keeps their calls apart)."""
+    """Whether `decode_attention` takes these and pays (CPU, float32 queries, float32 or
+    float16 caches, equal head dims, tables of at least MIN_BLOCKS columns): the caller's
+    choice between it and the torch formulation. Under torch.compile the width test is a
+    guard on the tables' dynamic width: the two sides are two graphs (models/cpu_compile.py
+    keeps their calls apart)."""
     return (
         q.device.type == "cpu"
-        and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+        and q.dtype == torch.float32
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in CACHE_DTYPES
         and k_cache.shape == v_cache.shape
         and available()
         and block_tables.shape[1] >= MIN_BLOCKS  # last: no width guard where the op is off
@@ -87,9 +91,15 @@ def _check(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.device.type != "cpu" or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        raise ValueError(f"q must be a float32 CPU tensor, got {q.dtype} on {q.device}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device.type != "cpu" or t.dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"{name} must be a float32 or float16 CPU tensor, got {t.dtype} on {t.device}"
+            )
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"the caches' dtypes differ: {k_cache.dtype} and {v_cache.dtype}")
     check_paged_shapes(q, k_cache, v_cache, block_tables, seq_lens, batch=q.shape[0])
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the caches must be contiguous")
@@ -109,7 +119,9 @@ def _decode_attention_cpu(
     # names the problem, ran in `decode_attention`), else the full check raises
     f32, i32 = torch.float32, torch.int32
     if not (
-        q.dtype == k_cache.dtype == v_cache.dtype == f32
+        q.dtype == f32
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in CACHE_DTYPES
         and block_tables.dtype == seq_lens.dtype == i32
         and q.dim() == 3
         and k_cache.dim() == 4
@@ -129,11 +141,12 @@ def _decode_attention_cpu(
         from llamapy.kernels.cpu import _attention_numba as kernel
 
         n_blocks, block_size, n_kv, d = k_cache.shape
+        es = k_cache.element_size()
         status = kernel.decode(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], n_kv, d, n_blocks,
-            block_size, tables.shape[1], scale, window, softcap, torch.get_num_threads(),
-            kernel.worker_for(d),
+            block_size, tables.shape[1], scale, window, softcap, es, torch.get_num_threads(),
+            kernel.worker_for(d, es),
         )  # fmt: skip
         if status == 1:
             raise ValueError(
