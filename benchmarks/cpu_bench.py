@@ -3,7 +3,7 @@
 against transformers.
 
     python benchmarks/cpu_bench.py [MODEL ...] [--threads 2] [--repeat 3] [-p 512] [-n 128]
-        [-d DEPTH] [--baseline llama.cpp|transformers]
+        [-d DEPTH] [-ctk f32|f16|bf16] [--baseline llama.cpp|transformers]
 
 Both engines read the same GGUF, with the same thread count, in one process, alternately
 (so both see the same machine load), measured as llama-bench measures: `ppP` is the prefill
@@ -128,9 +128,10 @@ def bench(
     n_gen: int,
     baseline: str = "llama.cpp",
     depth: int = 0,
+    cache_type: str | None = None,
 ) -> Iterator[tuple]:
     """Rows (test, ours mean, ours sd, baseline mean, baseline sd) for one model."""
-    settings = BenchSettings(n_threads=threads, repetitions=repeat)
+    settings = BenchSettings(n_threads=threads, repetitions=repeat, kv_cache_dtype=cache_type)
     tests = [BenchTest(n_prompt, 0, n_depth=depth), BenchTest(0, n_gen, n_depth=depth)]
     ours = EngineBench(model, settings, tests)
     path = str(ours.llm.resolved.path)
@@ -206,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens of context first")
     p.add_argument("--baseline", choices=["llama.cpp", "transformers"], default="llama.cpp")
+    p.add_argument(
+        "-ctk", "--cache-type", default=None, choices=["f32", "f16", "bf16"],
+        help="llamapy's KV cache type (default f32; llama.cpp keeps its default, f16)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         p.error("--threads and --repeat must be >= 1, -p, -n and -d >= 0")
     if args.depth and args.baseline != "llama.cpp":
         p.error("-d takes the llama.cpp baseline")
-    print(f"host: {host_cpu()}")
+    print(f"host: {host_cpu()}; llamapy's KV cache {args.cache_type or 'f32'}, llama.cpp's f16")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
         f"ratio = llamapy / {args.baseline}"
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for test, ours, ours_sd, ref, ref_sd in bench(
             model, args.threads, args.repeat, args.n_prompt, args.n_gen, args.baseline,
-            args.depth,
+            args.depth, args.cache_type,
         ):  # fmt: skip
             print(
                 f"| {model} | {test} | {ours:.1f} ± {ours_sd:.1f} | {ref:.1f} ± {ref_sd:.1f} "

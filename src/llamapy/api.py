@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from llamapy.embedding import ENCODER_ARCHS, EmbeddingEngine, RerankResult, rank
+from llamapy.engine.kv_cache import kv_cache_dtype as parse_kv_cache_dtype
 from llamapy.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput, check_device
 from llamapy.errors import InsufficientMemoryError, UnsupportedError
 from llamapy.formats import GGUFFile, open_model_file
@@ -80,6 +81,10 @@ class LLM:
             native step cannot run.
         async_scheduling: launch each decode step before the previous one's tokens are read
             back (the host's work overlaps the GPU's); None: on for CUDA, off on the CPU.
+        kv_cache_dtype: the KV cache's element type by llama.cpp's names (`-ctk`): "f32"
+            (the CPU's default), "f16" (CUDA's default and only one; on the CPU half the
+            memory and the bytes a long context reads each token), "bf16" (CPU, the torch
+            layers only).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class LLM:
         enforce_eager: bool = False,
         cpu_compile: bool | None = None,
         async_scheduling: bool | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
         if n_threads is not None:
             if not isinstance(n_threads, int) or n_threads <= 0:
@@ -110,6 +116,7 @@ class LLM:
                 f"n_ctx must be an integer >= 0 (0: the model's context length), got {n_ctx!r}"
             )
         check_device(device)
+        kv_dtype = None if kv_cache_dtype is None else parse_kv_cache_dtype(kv_cache_dtype, device)
         t0 = time.perf_counter()
         self.resolved = resolve_model(model or DEFAULT_MODEL)
         self.model_file = open_model_file(self.resolved.path)
@@ -138,6 +145,7 @@ class LLM:
                     device=device,
                     quantize=quantize,
                     async_scheduling=async_scheduling,
+                    kv_dtype=kv_dtype,
                     **({"cpu_kernels": cpu_kernels} if cpu_kernels is not None else {}),
                     # no compiled CPU decode step, no CUDA graphs
                     **(

@@ -125,6 +125,24 @@ def test_batched(capsys, tiny_model: Path) -> None:
         assert _positive_finite(r["avg_ts"])
 
 
+def test_cache_type(capsys, tiny_model: Path) -> None:
+    """-ctk / -ctv: the engine's KV cache in that type, llama-bench's type_k / type_v in the
+    table (only when given) and in the records (always: f32, the CPU's default)."""
+    args = ["-m", str(tiny_model), "-p", "0", "-n", "3", "-r", "1", "-t", "1"]
+    lines = _bench(capsys, *args, "-ctk", "f16").strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[5:7] == ["type_k", "type_v"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")][5:7] == ["f16", "f16"]
+    rec = _records("jsonl", _bench(capsys, *args, "-ctv", "bf16", "-o", "jsonl"))[0]
+    assert (rec["type_k"], rec["type_v"]) == ("bf16", "bf16")
+    rec = _records("jsonl", _bench(capsys, *args, "-o", "jsonl"))[0]
+    assert (rec["type_k"], rec["type_v"]) == ("f32", "f32")
+    settings = BenchSettings(kv_cache_dtype="f16")
+    bench = EngineBench(str(tiny_model), settings, [BenchTest(0, 2)])
+    assert {k.dtype for k, _ in bench.llm.engine.runner.kv_caches} == {torch.float16}
+    bench.close()
+
+
 def test_depth(capsys, tiny_model: Path) -> None:
     """-d: llama-bench's `ppP @ dD` / `tgN @ dD` rows (n_depth recorded), depth 0 as before."""
     args = ["-m", str(tiny_model), "-p", "8", "-n", "3", "-d", "0,32", "-r", "1", "-t", "1"]
@@ -222,6 +240,9 @@ def test_method_counts_forward_passes(tiny_model: Path) -> None:
         (["-t", "0"], "-t values must be >= 1"),
         (["-d", "-1"], "-d values must be >= 0"),
         (["-d", "16", "--batch", "2"], "-d applies to llama-bench's tests"),
+        (["-ctk", "q8_0"], "KV cache type must be one of f32, f16, bf16, got 'q8_0'"),
+        (["-ctk", "f16", "-ctv", "f32"], "-ctk f16 and -ctv f32 differ"),
+        (["-ngl", "99", "-ctk", "f32"], "on CUDA the KV cache type must be one of f16"),
         (["-m", "/no/such/model.gguf", "-t", "1"], "/no/such/model.gguf"),
     ],
 )

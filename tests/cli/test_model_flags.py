@@ -23,6 +23,10 @@ import pytest
         (["embed", "-c", "-1", "hi"], "--ctx-size must be >= 0"),
         (["embed", "--embd-normalize", "-5", "hi"], "--embd-normalize must be -1, 0 or a"),
         (["rerank", "-t", "0", "-q", "q", "doc"], "--threads must be positive"),
+        (["run", "-ctk", "q4_0", "hi"], "KV cache type must be one of f32, f16, bf16"),
+        (["chat", "-ctv", "f64"], "KV cache type must be one of f32, f16, bf16"),
+        (["serve", "-ctk", "f16", "-ctv", "bf16"], "-ctk f16 and -ctv bf16 differ"),
+        (["perplexity", "-f", "/etc/hostname", "-ctk", "x"], "KV cache type must be one of"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamapy import __version__
+from llamapy.cli.common import add_cache_type_args, kv_cache_dtype_from_args
 from llamapy.errors import UsageError
 from llamapy.hub import DEFAULT_MODEL
 
@@ -113,6 +114,7 @@ class BenchResult:
     n_ubatch: int
     test_time: str
     samples_ns: list[int] = field(default_factory=list)
+    type_kv: str = "f32"  # the KV cache type (-ctk / -ctv: one for both here)
 
     @property
     def samples_ts(self) -> list[float]:
@@ -143,6 +145,8 @@ class BenchResult:
             "n_ubatch": self.n_ubatch,
             "n_threads": self.n_threads,
             "n_gpu_layers": self.n_gpu_layers,
+            "type_k": self.type_kv,
+            "type_v": self.type_kv,
             "device": self.device,
             "n_prompt": self.n_prompt,
             "n_gen": self.n_gen,
@@ -189,6 +193,17 @@ class BenchSettings:
     n_ubatch: int = DEFAULT_N_UBATCH
     n_gpu_layers: int = 0
     repetitions: int = 5
+    kv_cache_dtype: str | None = None  # -ctk / -ctv; None: the device's default
+
+    @property
+    def type_kv(self) -> str:
+        """The KV cache type's llama.cpp name (f32 / f16 / bf16)."""
+        from llamapy.engine.kv_cache import KV_CACHE_TYPES, kv_cache_dtype
+
+        if self.kv_cache_dtype is None:
+            return "f32" if self.device == "cpu" else "f16"
+        dtype = kv_cache_dtype(self.kv_cache_dtype, self.device)
+        return next(name for name, d in KV_CACHE_TYPES.items() if d == dtype)
 
     @property
     def tokens_per_step(self) -> int:
@@ -236,6 +251,7 @@ class EngineBench:
                 max_num_batched_tokens=budget,
                 n_threads=settings.n_threads,
                 device=settings.device,
+                kv_cache_dtype=settings.kv_cache_dtype,
                 # only a test at a depth reuses cached blocks (its depth's, on purpose)
                 enable_prefix_caching=any(t.n_depth for t in tests),
             )
@@ -381,7 +397,7 @@ def run_test(bench: EngineBench, test: BenchTest, log: Progress) -> list[BenchRe
         return BenchResult(
             bench.info, name, n_prompt, n_gen, n_depth, test.n_parallel, n_tokens,
             "CPU" if s.device == "cpu" else "CUDA", s.device, _threads(s), s.n_gpu_layers,
-            s.n_batch, s.n_ubatch, stamp, samples,
+            s.n_batch, s.n_ubatch, stamp, samples, type_kv=s.type_kv,
         )  # fmt: skip
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -470,6 +486,8 @@ class MarkdownPrinter:
             cols.append(("n_batch", 7, ">"))
         if settings.n_ubatch != DEFAULT_N_UBATCH:
             cols.append(("n_ubatch", 8, ">"))
+        if settings.kv_cache_dtype is not None:
+            cols += [("type_k", 6, ">"), ("type_v", 6, ">")]
         self.cols = cols + [("test", 15, ">"), ("t/s", 20, ">")]
         self.started = False
 
@@ -492,6 +510,8 @@ class MarkdownPrinter:
             "threads": str(r.n_threads),
             "n_batch": str(r.n_batch),
             "n_ubatch": str(r.n_ubatch),
+            "type_k": r.type_kv,
+            "type_v": r.type_kv,
             "test": r.test,
             "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
         }
@@ -567,6 +587,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default cpu; cuda with -ngl N > 0)"
     )
+    add_cache_type_args(p)
     p.add_argument("-o", "--output", default="md", help="md, json, jsonl or csv (default md)")
     p.add_argument(
         "--batch",
@@ -613,6 +634,7 @@ def parse_settings(args: argparse.Namespace) -> tuple[list[str], list[BenchTest]
         n_ubatch=_one_int(args.ubatch_size, "-ub", minimum=1),
         n_gpu_layers=ngl,
         repetitions=_one_int(args.repetitions, "-r", minimum=1),
+        kv_cache_dtype=kv_cache_dtype_from_args(args, device),
     )
     batches = int_list(args.batch, "--batch", minimum=1) if args.batch else []
     too_big = [b for b in batches if b > settings.tokens_per_step]

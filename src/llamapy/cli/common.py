@@ -78,6 +78,7 @@ def add_model_args(
     )
     if compile_default is None:
         return
+    add_cache_type_args(p)
     p.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -100,6 +101,38 @@ def add_model_args(
             "kernels): compile the decode step with torch.compile (~1.6x faster decoding; a "
             "few seconds more at each start, ~20 s the first time for a model, then cached)",
         )
+
+
+def add_cache_type_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's -ctk / -ctv (one type for K and V here)."""
+    for short, long, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        p.add_argument(
+            short,
+            long,
+            default=None,
+            metavar="TYPE",
+            help=f"KV cache type for {which}: f32 (CPU default), f16 (CUDA's; on the CPU half "
+            "the memory and faster at long contexts), bf16 (CPU); K and V share one type "
+            "here, so either flag sets both",
+        )
+
+
+def kv_cache_dtype_from_args(args: argparse.Namespace, device: str = "cpu") -> str | None:
+    """-ctk / -ctv, checked: the one type both name (either alone sets both), None for the
+    default; two different types or an unknown one are usage errors."""
+    from llamapy.engine.kv_cache import kv_cache_dtype
+
+    k, v = getattr(args, "cache_type_k", None), getattr(args, "cache_type_v", None)
+    given = [t for t in (k, v) if t is not None]
+    if not given:
+        return None
+    try:
+        dtypes = {kv_cache_dtype(t, device) for t in given}
+    except ValueError as e:
+        raise UsageError(f"-ctk / -ctv: {e}") from None
+    if len(dtypes) > 1:
+        raise UsageError(f"llamapy keeps K and V in one cache type: -ctk {k} and -ctv {v} differ")
+    return given[0]
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -323,6 +356,7 @@ def load_llm(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         cpu_compile=getattr(args, "compile", False) and not args.enforce_eager,
         async_scheduling=getattr(args, "async_scheduling", None),
+        kv_cache_dtype=kv_cache_dtype_from_args(args, device),
     )
 
 

@@ -11,6 +11,7 @@ from llamapy.cli.common import (
     add_model_args,
     check_model_args,
     device_from_args,
+    kv_cache_dtype_from_args,
     quantize_from_args,
 )
 from llamapy.errors import LlamapyError, UsageError
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llamapy.server.app import ModelServer, ServerConfig, create_app
 
+    device = device_from_args(args)
     config = ServerConfig(
         model=args.model,
         alias=args.alias,
@@ -105,13 +107,14 @@ def run(args: argparse.Namespace) -> int:
         enable_metrics=args.metrics,
         max_queued=args.max_queued,
         n_threads=args.threads or max(1, (os.cpu_count() or 2) - 1),
-        device=device_from_args(args),
+        device=device,
         embedding=args.embedding,
         reranking=args.reranking,
         pooling=args.pooling,
         quantize=quantize_from_args(args),
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        kv_cache_dtype=kv_cache_dtype_from_args(args, device),
     )
     app = create_app(config, load=False)
     logging.getLogger("llamapy").setLevel(logging.INFO)

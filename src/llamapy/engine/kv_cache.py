@@ -11,6 +11,28 @@ from llamapy.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 
+# KV cache element types by llama.cpp's names (`-ctk` / `-ctv`), and where they run: the CPU
+# takes all three (float32 and float16 in the native decode step and the numba attention,
+# bfloat16 through the torch layers only); CUDA's Triton kernels take float16.
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+CUDA_KV_CACHE_TYPES = ("f16",)
+
+
+def kv_cache_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The torch dtype of a KV cache type name (f32, f16, bf16; float32 / float16 /
+    bfloat16 too) on `device`; ValueError naming the choices for anything else, or for a
+    type the device's kernels do not read."""
+    aliases = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    key = aliases.get(name.strip().lower(), name.strip().lower())
+    if key not in KV_CACHE_TYPES:
+        raise ValueError(f"KV cache type must be one of {', '.join(KV_CACHE_TYPES)}, got {name!r}")
+    if torch.device(device).type == "cuda" and key not in CUDA_KV_CACHE_TYPES:
+        raise ValueError(
+            f"on CUDA the KV cache type must be one of {', '.join(CUDA_KV_CACHE_TYPES)} "
+            f"(the Triton kernels' cache), got {name!r}"
+        )
+    return KV_CACHE_TYPES[key]
+
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     per_token = cfg.num_kv_heads * (cfg.head_dim + (cfg.v_head_dim or cfg.head_dim))

@@ -67,6 +67,7 @@ class ServerConfig:
     quantize: str | None = None  # quantize the weights as they load (Q4_0, Q4_K_M, ...)
     enforce_eager: bool = False  # no compiled CPU decode step, no CUDA graphs
     async_scheduling: bool | None = None  # None: on for CUDA (see EngineConfig)
+    kv_cache_dtype: str | None = None  # f32 / f16 / bf16 (-ctk); None: the device's default
     embedding: bool = False  # embeddings only (server/embeddings.py); no generation engine
     reranking: bool = False  # reranking (and embeddings) only: pooling rank
     pooling: str | None = None
@@ -136,6 +137,7 @@ def load_model(state: ServerState) -> None:
             quantize=cfg.quantize,
             enforce_eager=cfg.enforce_eager,
             async_scheduling=cfg.async_scheduling,
+            kv_cache_dtype=cfg.kv_cache_dtype,
             embedding=cfg.embedding or cfg.reranking or None,
             pooling="rank" if cfg.reranking else cfg.pooling,
         )
