@@ -6,6 +6,7 @@ import dataclasses
 import errno
 
 import pytest
+import torch
 
 from llamapy import ContextLengthError
 from llamapy.api import LLM
@@ -87,6 +88,7 @@ def test_generation_stops_at_context_limit(smollm2_path) -> None:
         ({"n_ctx": -1}, "n_ctx must be an integer >= 0"),
         ({"n_ctx": "512"}, "n_ctx must be an integer >= 0"),
         ({"async_scheduling": "yes"}, "async_scheduling"),
+        ({"kv_cache_dtype": "q8_0"}, "KV cache type must be one of f32, f16, bf16"),
     ],
 )
 def test_bad_options(smollm2_path, kwargs, match) -> None:
@@ -143,3 +145,45 @@ def test_max_tokens_zero_finishes_at_once(llm: LLM) -> None:
     assert (zero.text, zero.token_ids, zero.finish_reason) == ("", [], "length")
     assert zero.usage.prompt_tokens == len(zero.prompt_token_ids)
     assert len(one.token_ids) == 1
+
+
+def test_float16_kv_cache(smollm2_path) -> None:
+    """kv_cache_dtype="f16" (`-ctk f16`): the engine's caches are float16, the native decode
+    step takes them, and greedy decoding keeps the float32 cache's first tokens. (At the
+    fifth token of this prompt the two caches pick different tokens, and so does llama.cpp
+    between its own F16 and F32 caches: the test below, where llama-cpp-python is
+    installed; the kernels' errors are bounded in tests/kernels/test_cpu_decode_attention.py
+    and tests/models/test_cpu_step.py.)"""
+    half = LLM(smollm2_path, n_ctx=256, kv_cache_dtype="float16")
+    runner = half.engine.runner
+    assert {k.dtype for k, v in runner.kv_caches} == {torch.float16}
+    assert {v.dtype for k, v in runner.kv_caches} == {torch.float16}
+    assert runner.model.native_decode is not None
+    params = SamplingParams.greedy(max_tokens=4)
+    prompt = "The capital of France is"
+    want = LLM(smollm2_path, n_ctx=256).generate(prompt, params)[0]
+    got = half.generate(prompt, params)[0]
+    assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize(("ctk", "ggml_type"), [("f16", 1), ("f32", 0)])
+def test_cache_types_follow_llama_cpps(smollm2_path, ctk: str, ggml_type: int) -> None:
+    """Greedy continuations with each KV cache type against llama.cpp's with the same type
+    (GGML_TYPE_F16 = 1, F32 = 0): 12 tokens of this prompt, where the two types part at the
+    fifth in both engines."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    ref = llama_cpp.Llama(
+        str(smollm2_path), n_ctx=256, n_threads=2, verbose=False, type_k=ggml_type,
+        type_v=ggml_type,
+    )  # fmt: skip
+    prompt = "The capital of France is"
+    ids = ref.tokenize(prompt.encode(), add_bos=True)
+    want = []
+    for token in ref.generate(ids, temp=0.0, top_k=1):
+        want.append(token)
+        if len(want) == 12:
+            break
+    llm = LLM(smollm2_path, n_ctx=256, kv_cache_dtype=ctk)
+    got = llm.generate(prompt, SamplingParams.greedy(max_tokens=12, ignore_eos=True))[0]
+    assert got.prompt_token_ids == ids
+    assert got.token_ids == want

@@ -11,7 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llamapy.engine.kv_cache import allocate_kv_cache, kv_bytes_per_block, zero_pages
+from llamapy.engine.kv_cache import (
+    allocate_kv_cache,
+    kv_bytes_per_block,
+    kv_cache_dtype,
+    zero_pages,
+)
 
 
 def _cfg(layers: int = 3, kv_heads: int = 2, head_dim: int = 24, v_head_dim: int | None = None):
@@ -77,3 +82,15 @@ def test_cpu_cache_is_resident_only_as_it_fills():
     mib = 1 << 20
     assert out["allocated"] < 8 * mib, out  # of 256 MiB
     assert 16 * mib <= out["written"] < 40 * mib, out  # 4 of 64 blocks: 16 MiB written
+
+
+def test_kv_cache_type_names() -> None:
+    """llama.cpp's -ctk names (and torch's) to dtypes; CUDA takes float16 only; anything else
+    is refused naming the choices."""
+    assert kv_cache_dtype("f32") == kv_cache_dtype("float32") == torch.float32
+    assert kv_cache_dtype("F16") == kv_cache_dtype(" float16") == torch.float16
+    assert kv_cache_dtype("bf16") == torch.bfloat16
+    assert kv_cache_dtype("f16", "cuda:1") == torch.float16
+    for bad, device in (("q8_0", "cpu"), ("", "cpu"), ("f32", "cuda"), ("bf16", "cuda:0")):
+        with pytest.raises(ValueError, match="KV cache type must be one of"):
+            kv_cache_dtype(bad, device)
