@@ -209,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", choices=["llama.cpp", "transformers"], default="llama.cpp")
     p.add_argument(
         "-ctk", "--cache-type", default=None, choices=["f32", "f16", "bf16"],
-        help="llamapy's KV cache type (default f32; llama.cpp keeps its default, f16)",
+        help="llamapy's KV cache type (default f16, as llama.cpp's, which keeps its default)",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         p.error("--threads and --repeat must be >= 1, -p, -n and -d >= 0")
     if args.depth and args.baseline != "llama.cpp":
         p.error("-d takes the llama.cpp baseline")
-    print(f"host: {host_cpu()}; llamapy's KV cache {args.cache_type or 'f32'}, llama.cpp's f16")
+    print(f"host: {host_cpu()}; llamapy's KV cache {args.cache_type or 'f16 (the default)'}, llama.cpp's f16")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
         f"ratio = llamapy / {args.baseline}"

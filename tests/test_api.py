@@ -148,8 +148,8 @@ def test_max_tokens_zero_finishes_at_once(llm: LLM) -> None:
 
 
 def test_float16_kv_cache(smollm2_path) -> None:
-    """kv_cache_dtype="f16" (`-ctk f16`): the engine's caches are float16, the native decode
-    step takes them, and greedy decoding keeps the float32 cache's first tokens. (At the
+    """kv_cache_dtype="f16" (`-ctk f16`, the default): the engine's caches are float16, the
+    native decode step takes them, and greedy decoding keeps the float32 cache's first tokens. (At the
     fifth token of this prompt the two caches pick different tokens, and so does llama.cpp
     between its own F16 and F32 caches: the test below, where llama-cpp-python is
     installed; the kernels' errors are bounded in tests/kernels/test_cpu_decode_attention.py
@@ -161,7 +161,8 @@ def test_float16_kv_cache(smollm2_path) -> None:
     assert runner.model.native_decode is not None
     params = SamplingParams.greedy(max_tokens=4)
     prompt = "The capital of France is"
-    want = LLM(smollm2_path, n_ctx=256).generate(prompt, params)[0]
+    assert LLM(smollm2_path, n_ctx=256).engine.runner.kv_caches[0][0].dtype == torch.float16
+    want = LLM(smollm2_path, n_ctx=256, kv_cache_dtype="f32").generate(prompt, params)[0]
     got = half.generate(prompt, params)[0]
     assert got.token_ids == want.token_ids
 

@@ -81,10 +81,10 @@ class LLM:
             native step cannot run.
         async_scheduling: launch each decode step before the previous one's tokens are read
             back (the host's work overlaps the GPU's); None: on for CUDA, off on the CPU.
-        kv_cache_dtype: the KV cache's element type by llama.cpp's names (`-ctk`): "f32"
-            (the CPU's default), "f16" (CUDA's default and only one; on the CPU half the
-            memory and the bytes a long context reads each token), "bf16" (CPU, the torch
-            layers only).
+        kv_cache_dtype: the KV cache's element type by llama.cpp's names (`-ctk`): "f16"
+            (the default, as llama.cpp's; CUDA's only one), "f32" (the CPU's reference and
+            ggml-emulation paths' default: twice the memory, slower at long contexts),
+            "bf16" (CPU, the torch layers only).
     """
 
     def __init__(

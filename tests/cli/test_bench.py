@@ -127,19 +127,19 @@ def test_batched(capsys, tiny_model: Path) -> None:
 
 def test_cache_type(capsys, tiny_model: Path) -> None:
     """-ctk / -ctv: the engine's KV cache in that type, llama-bench's type_k / type_v in the
-    table (only when given) and in the records (always: f32, the CPU's default)."""
+    table (only when given) and in the records (always: f16, the default)."""
     args = ["-m", str(tiny_model), "-p", "0", "-n", "3", "-r", "1", "-t", "1"]
-    lines = _bench(capsys, *args, "-ctk", "f16").strip().splitlines()
+    lines = _bench(capsys, *args, "-ctk", "f32").strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[5:7] == ["type_k", "type_v"]
-    assert [c.strip() for c in lines[2].strip("|").split("|")][5:7] == ["f16", "f16"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")][5:7] == ["f32", "f32"]
     rec = _records("jsonl", _bench(capsys, *args, "-ctv", "bf16", "-o", "jsonl"))[0]
     assert (rec["type_k"], rec["type_v"]) == ("bf16", "bf16")
     rec = _records("jsonl", _bench(capsys, *args, "-o", "jsonl"))[0]
-    assert (rec["type_k"], rec["type_v"]) == ("f32", "f32")
-    settings = BenchSettings(kv_cache_dtype="f16")
+    assert (rec["type_k"], rec["type_v"]) == ("f16", "f16")
+    settings = BenchSettings(kv_cache_dtype="f32")
     bench = EngineBench(str(tiny_model), settings, [BenchTest(0, 2)])
-    assert {k.dtype for k, _ in bench.llm.engine.runner.kv_caches} == {torch.float16}
+    assert {k.dtype for k, _ in bench.llm.engine.runner.kv_caches} == {torch.float32}
     bench.close()
 
 

@@ -114,7 +114,7 @@ class BenchResult:
     n_ubatch: int
     test_time: str
     samples_ns: list[int] = field(default_factory=list)
-    type_kv: str = "f32"  # the KV cache type (-ctk / -ctv: one for both here)
+    type_kv: str = "f16"  # the KV cache type (-ctk / -ctv: one for both here)
 
     @property
     def samples_ts(self) -> list[float]:
@@ -193,17 +193,7 @@ class BenchSettings:
     n_ubatch: int = DEFAULT_N_UBATCH
     n_gpu_layers: int = 0
     repetitions: int = 5
-    kv_cache_dtype: str | None = None  # -ctk / -ctv; None: the device's default
-
-    @property
-    def type_kv(self) -> str:
-        """The KV cache type's llama.cpp name (f32 / f16 / bf16)."""
-        from llamapy.engine.kv_cache import KV_CACHE_TYPES, kv_cache_dtype
-
-        if self.kv_cache_dtype is None:
-            return "f32" if self.device == "cpu" else "f16"
-        dtype = kv_cache_dtype(self.kv_cache_dtype, self.device)
-        return next(name for name, d in KV_CACHE_TYPES.items() if d == dtype)
+    kv_cache_dtype: str | None = None  # -ctk / -ctv; None: the engine's default
 
     @property
     def tokens_per_step(self) -> int:
@@ -258,6 +248,7 @@ class EngineBench:
         except ValueError as e:  # e.g. a device this build cannot use
             raise UsageError(str(e)) from None
         self.info = model_info(self.llm)
+        self.type_kv = _cache_type_name(self.llm)
         tok = self.llm.tokenizer
         n_vocab = min(tok.vocab_size, self.llm.config.vocab_size)
         self.pool = [i for i in range(n_vocab) if not tok.is_special(i)] or list(range(n_vocab))
@@ -347,6 +338,14 @@ def model_info(llm: Any) -> ModelInfo:
     )
 
 
+def _cache_type_name(llm: Any) -> str:
+    """The engine's KV cache type by llama.cpp's name (f32 / f16 / bf16)."""
+    from llamapy.engine.kv_cache import KV_CACHE_TYPES
+
+    dtype = llm.engine.runner.kv_caches[0][0].dtype
+    return next((name for name, d in KV_CACHE_TYPES.items() if d == dtype), str(dtype))
+
+
 def _size_label(n_params: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6)):
         if n_params >= scale:
@@ -397,7 +396,7 @@ def run_test(bench: EngineBench, test: BenchTest, log: Progress) -> list[BenchRe
         return BenchResult(
             bench.info, name, n_prompt, n_gen, n_depth, test.n_parallel, n_tokens,
             "CPU" if s.device == "cpu" else "CUDA", s.device, _threads(s), s.n_gpu_layers,
-            s.n_batch, s.n_ubatch, stamp, samples, type_kv=s.type_kv,
+            s.n_batch, s.n_ubatch, stamp, samples, type_kv=bench.type_kv,
         )  # fmt: skip
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -111,8 +111,8 @@ def add_cache_type_args(p: argparse.ArgumentParser) -> None:
             long,
             default=None,
             metavar="TYPE",
-            help=f"KV cache type for {which}: f32 (CPU default), f16 (CUDA's; on the CPU half "
-            "the memory and faster at long contexts), bf16 (CPU); K and V share one type "
+            help=f"KV cache type for {which}: f16 (default; CUDA's only one), f32 (CPU: "
+            "twice the memory, slower at long contexts), bf16 (CPU); K and V share one type "
             "here, so either flag sets both",
         )
 

@@ -13,9 +13,22 @@ DEFAULT_BLOCK_SIZE = 16
 
 # KV cache element types by llama.cpp's names (`-ctk` / `-ctv`), and where they run: the CPU
 # takes all three (float32 and float16 in the native decode step and the numba attention,
-# bfloat16 through the torch layers only); CUDA's Triton kernels take float16.
+# bfloat16 through the torch layers only); CUDA's Triton kernels take float16. The default:
+# `default_kv_dtype`.
 KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 CUDA_KV_CACHE_TYPES = ("f16",)
+
+
+def default_kv_dtype(device: torch.device | str, cpu_kernels: str = "fast") -> torch.dtype:
+    """float16, as llama.cpp's default cache (CUDA; the CPU's fast kernels: half the memory
+    and the bytes a long context reads a token; tg128 after 2048 tokens, SmolLM2 1.19 ->
+    1.47x llama.cpp, Gemma 3 270M 0.92 -> 1.12x, benchmarks/RESULTS.md, thirty-second
+    session), except float32 for the CPU's torch reference path (the oracle) and its
+    emulation of llama.cpp's roundings (`cpu_kernels` "reference" / "ggml", which rounds K
+    and V to float16 itself)."""
+    if torch.device(device).type == "cuda" or cpu_kernels == "fast":
+        return torch.float16
+    return torch.float32
 
 
 def kv_cache_dtype(name: str, device: str = "cpu") -> torch.dtype:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamapy.engine.block_manager import BlockManager
-from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE, kv_bytes_per_block
+from llamapy.engine.kv_cache import DEFAULT_BLOCK_SIZE, default_kv_dtype, kv_bytes_per_block
 from llamapy.engine.model_runner import (
     ModelRunner,
     PendingStep,
@@ -103,7 +103,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
     device: str = "cpu"
-    kv_dtype: torch.dtype | None = None  # default: float32 on the CPU, float16 on CUDA
+    kv_dtype: torch.dtype | None = None  # default: `default_kv_dtype`
     # "fast" (kernels/cpu: repacked weights, bf16 activations) or "reference" (the torch
     # oracle: dequantize per call, float32); LLAMAPY_CPU_KERNELS sets the default
     cpu_kernels: str = field(default_factory=lambda: os.environ.get("LLAMAPY_CPU_KERNELS", "fast"))
@@ -199,7 +199,7 @@ class LLMEngine:
         repacks = device.type == "cuda" or config.cpu_kernels in ("fast", "ggml")
         loading = mapped_while_loading() if device.type == "cpu" else contextlib.nullcontext()
         on_gpu_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        kv_dtype = config.kv_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        kv_dtype = config.kv_dtype or default_kv_dtype(device, config.cpu_kernels)
         kv_tokens = config.kv_cache_tokens or config.max_model_len
         num_blocks = -(-kv_tokens // config.block_size)
         kv_bytes = (num_blocks + 1) * kv_bytes_per_block(  # + the scratch block
