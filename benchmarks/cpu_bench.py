@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--threads and --repeat must be >= 1, -p, -n and -d >= 0")
     if args.depth and args.baseline != "llama.cpp":
         p.error("-d takes the llama.cpp baseline")
-    print(f"host: {host_cpu()}; llamapy's KV cache {args.cache_type or 'f16 (the default)'}, llama.cpp's f16")
+    cache = args.cache_type or "f16 (the default)"
+    print(f"host: {host_cpu()}; llamapy's KV cache {cache}, llama.cpp's f16")
     print(
         f"threads {args.threads}, mean ± sd of {args.repeat} runs, tokens/s; "
         f"ratio = llamapy / {args.baseline}"

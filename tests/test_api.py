@@ -149,11 +149,11 @@ def test_max_tokens_zero_finishes_at_once(llm: LLM) -> None:
 
 def test_float16_kv_cache(smollm2_path) -> None:
     """kv_cache_dtype="f16" (`-ctk f16`, the default): the engine's caches are float16, the
-    native decode step takes them, and greedy decoding keeps the float32 cache's first tokens. (At the
-    fifth token of this prompt the two caches pick different tokens, and so does llama.cpp
-    between its own F16 and F32 caches: the test below, where llama-cpp-python is
-    installed; the kernels' errors are bounded in tests/kernels/test_cpu_decode_attention.py
-    and tests/models/test_cpu_step.py.)"""
+    native decode step takes them, and greedy decoding keeps the float32 cache's first
+    tokens. (At the fifth token of this prompt the two caches pick different tokens, and
+    so does llama.cpp between its own F16 and F32 caches: the test below, where
+    llama-cpp-python is installed; the kernels' errors are bounded in
+    tests/kernels/test_cpu_decode_attention.py and tests/models/test_cpu_step.py.)"""
     half = LLM(smollm2_path, n_ctx=256, kv_cache_dtype="float16")
     runner = half.engine.runner
     assert {k.dtype for k, v in runner.kv_caches} == {torch.float16}
