@@ -234,19 +234,20 @@ def test_perplexity_floor(fidelity: Fidelity) -> None:
 
 GREEDY_XFAIL = {
     "smollm2-135m": "measured 1/5 identical (SmolLM2 Q4_1, fast CPU path, with the VNNI "
-    "kernels as with int4pack, on an EPYC host; with the float16 KV cache, the default since "
-    "the thirty-second session, as with the float32 one there before (0/5 this session); 3/5 on an AMX host with the compiled decode "
-    "step, 0/5 there with the native one, which is as close to llama.cpp teacher-forced one "
-    "token at a time: KL 0.0035 / 0.0036, top-1 97.5% / 98.4% over 512 tokens; 2/5 on the "
-    "float32 reference path): the divergences fall "
-    "where llama.cpp's own log-prob margin between the two tokens is 0.06-0.33 nats, inside "
-    "its 8-bit activation noise (it flips 2.4% of top-1s against itself, n_batch 512 vs 1)",
+    "kernels as with int4pack, on an EPYC host; with the float16 KV cache, the default "
+    "since the thirty-second session, as with the float32 one before it (0/5 there in that "
+    "session); 3/5 on an AMX host with the compiled decode step, 0/5 there with the native "
+    "one, which is as close to llama.cpp teacher-forced one token at a time: KL 0.0035 / "
+    "0.0036, top-1 97.5% / 98.4% over 512 tokens; 2/5 on the float32 reference path): the "
+    "divergences fall where llama.cpp's own log-prob margin between the two tokens is "
+    "0.06-0.33 nats, inside its 8-bit activation noise (it flips 2.4% of top-1s against "
+    "itself, n_batch 512 vs 1)",
     "gemma3-270m": "measured 2/5 identical on an EPYC host with the float16 KV cache (the "
     "default since the thirty-second session), 3/5 with the float32 one (Gemma 3 Q4_K_M, "
-    "fast CPU path with the VNNI kernels, on an EPYC and on an AMX host; 1/5 there with LLAMAPY_CPU_VNNI_Q6K=1; 2/5 with "
-    "int4pack, 3/5 on the float32 reference path), divergences at llama.cpp margins of "
-    "0.03-0.44 nats; llama.cpp agrees with itself (prompt batched vs one token at a time) on "
-    "only 3/5 of these prompts",
+    "fast CPU path with the VNNI kernels, on an EPYC and on an AMX host; 1/5 there with "
+    "LLAMAPY_CPU_VNNI_Q6K=1; 2/5 with int4pack, 3/5 on the float32 reference path), "
+    "divergences at llama.cpp margins of 0.03-0.44 nats; llama.cpp agrees with itself "
+    "(prompt batched vs one token at a time) on only 3/5 of these prompts",
 }
 
 
