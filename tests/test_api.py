@@ -188,3 +188,25 @@ def test_cache_types_follow_llama_cpps(smollm2_path, ctk: str, ggml_type: int) -
     got = llm.generate(prompt, SamplingParams.greedy(max_tokens=12, ignore_eos=True))[0]
     assert got.prompt_token_ids == ids
     assert got.token_ids == want
+
+
+def test_scoring_takes_the_llms_cache_type(smollm2_path, monkeypatch) -> None:
+    """Teacher-forced scoring (perplexity) fills a fresh cache of the LLM's type (`-ctk`),
+    float32 for a bare model."""
+    from llamapy.engine import scoring
+
+    seen = []
+    real = scoring.allocate_kv_cache
+
+    def recording(cfg, num_blocks, block_size, dtype, device):
+        seen.append(dtype)
+        return real(cfg, num_blocks, block_size, dtype, device)
+
+    monkeypatch.setattr(scoring, "allocate_kv_cache", recording)
+    ids = list(range(100, 120))
+    for ctk, dtype in ((None, torch.float16), ("f32", torch.float32), ("bf16", torch.bfloat16)):
+        llm = LLM(smollm2_path, n_ctx=64, kv_cache_dtype=ctk)
+        logits = scoring.score_tokens(llm, ids, batch_size=8)
+        assert seen[-1] == dtype and logits.shape[0] == len(ids)
+    scoring.score_tokens(llm.engine.runner.model, ids, batch_size=8)
+    assert seen[-1] == torch.float32

@@ -24,6 +24,12 @@ def _causal_lm(llm_or_model) -> LlamaForCausalLM:
     return engine.runner.model if engine is not None else llm_or_model
 
 
+def _cache_dtype(llm_or_model) -> torch.dtype:
+    """An `LLM`'s KV cache type (`-ctk`: float16 by default), float32 for a bare model."""
+    engine = getattr(llm_or_model, "engine", None)
+    return engine.runner.kv_caches[0][0].dtype if engine is not None else torch.float32
+
+
 def _one_sequence_metadata(
     start: int, end: int, block_size: int, device: torch.device | None = None
 ) -> AttentionMetadata:
@@ -48,12 +54,13 @@ def iter_logits(
     *,
     batch_size: int = 512,
     logits_from: int = 0,
-    kv_dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Prefill `token_ids` as one sequence in batches of `batch_size` tokens; for each batch
     that reaches position `logits_from`, yield (first position, logits (n, V) float32) of
-    its positions >= logits_from. Row i predicts token i + 1 (as llama_get_logits_ith)."""
+    its positions >= logits_from. Row i predicts token i + 1 (as llama_get_logits_ith).
+    kv_dtype: the fresh cache's type (None: the LLM's, `_cache_dtype`)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     num_tokens = len(token_ids)
@@ -63,6 +70,7 @@ def iter_logits(
     device = model.embed.device
     ids = torch.as_tensor(list(token_ids), dtype=torch.int64, device=device)
     num_blocks = max(1, -(-num_tokens // block_size))
+    kv_dtype = kv_dtype or _cache_dtype(llm_or_model)
     kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, kv_dtype, device)
     for start in range(0, num_tokens, batch_size):
         end = min(start + batch_size, num_tokens)
@@ -81,7 +89,7 @@ def score_tokens(
     *,
     batch_size: int = 512,
     logits_from: int = 0,
-    kv_dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Teacher-forced logits (T - logits_from, V) float32 of one sequence: row i holds the
     model's prediction for token logits_from + i + 1, given every token before it.
