@@ -384,7 +384,8 @@ class _LayerSpec:
         self.scale = float(attn.scale)
         self.window = int(attn.sliding_window or 0)
         self.softcap = float(attn.softcap or 0.0)
-        _attention_numba.worker_for(self.head_dim)  # loaded or compiled now, not mid-step
+        for elem_bytes in (2, 4):  # float16 and float32 caches: loaded or compiled now
+            _attention_numba.worker_for(self.head_dim, elem_bytes)
         self.gate_up = _Matmul(mlp.gate_up) if mlp.gate is None else None
         self.gate_up_parts = [_Matmul(mlp.gate), _Matmul(mlp.up)] if mlp.gate is not None else None
         self.down = _Matmul(mlp.down)
