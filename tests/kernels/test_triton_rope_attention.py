@@ -57,6 +57,8 @@ CASES = {
     "tile-edges": ([17, 33, 16], 2, 1, 32, 16, 2, 32, {}),
     "window-partial-rot": ([70, 6, 33], 4, 1, 32, 16, 4, 16, {"sliding_window": 20}),
     "softcap-window-d80": ([45, 19], 6, 2, 80, 32, 3, 48, {"softcap": 4.0, "sliding_window": 17}),
+    # as the decode graphs cut by length: a power-of-two split count, one tile a split or none
+    "tile-a-split": ([61, 3, 33], 4, 2, 64, 16, 4, 64, {}),
 }
 if ON_GPU:
     CASES |= {
@@ -86,7 +88,9 @@ def slots_of_last(tables: torch.Tensor, seq_lens: list[int], block_size: int) ->
     return (tables[rows, p // block_size] * block_size + p % block_size).to(DEVICE)
 
 
-def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None, round_q=False):
+def run_case(
+    gen, case, cache_dtype, interleaved, seq_lens=None, slots=None, round_q=False, one_tile=False
+):
     lens, n_heads, n_kv, d, block_size, num_splits, rot, kw = CASES[case]
     lens = seq_lens or lens
     _, kc, vc, meta = make_batch(
@@ -110,7 +114,7 @@ def run_case(gen, case, cache_dtype, interleaved, seq_lens=None, slots=None, rou
     got = rope_cache_attention_decode(
         q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens_t, slots,
         interleaved=interleaved, scale=d**-0.5, num_splits=num_splits, out=out,
-        round_q=round_q, **kw,
+        round_q=round_q, one_tile=one_tile, **kw,
     )  # fmt: skip
     assert got is out
     for x, x0 in zip((q, k, v), before[:3], strict=True):
@@ -148,10 +152,14 @@ def check_caches(caches, refs, olds, slots, mag) -> None:
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "norm"])
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("one_tile", [False, True], ids=["", "one-tile"])
 @pytest.mark.usefixtures("decode_products")
-def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interleaved):
+def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interleaved, one_tile):
+    """one_tile: the first tile of each split read before the kernel's PDL wait (the decode
+    graphs cut by length); cases whose splits hold more tiles check that the hint costs no
+    key."""
     got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
-        gen, case, cache_dtype, interleaved
+        gen, case, cache_dtype, interleaved, one_tile=one_tile
     )
     check_caches(caches, refs, olds, slots, mag)
     # the attention over the caches as written (the new key as the kernel rounded it) and

@@ -154,6 +154,7 @@ def rope_kv_attention(
             softcap=softcap, num_splits=meta.decode_splits,
             tiles=attention.decode_tiles(meta.decode_tile),
             round_q=q.shape[0] >= attention.ROUND_Q_MIN_BATCH, defer_merge=defer_merge,
+            one_tile=meta.decode_tile is not None,
         )  # fmt: skip
     q = rope_and_write_kv(rope, q, k, v, cos_sin, kv_cache, meta.slot_mapping)
     return paged_attention(

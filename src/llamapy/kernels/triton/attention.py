@@ -28,7 +28,7 @@ import triton.language as tl
 from llamapy.kernels.triton import INTERPRET, pdl, rotary, rounding
 from llamapy.kernels.triton.decode_splits import DecodeSplits
 from llamapy.layers.attention import AttentionMetadata, check_paged_shapes
-from llamapy.switches import OFF_VALUES
+from llamapy.switches import OFF_VALUES, switched_off
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 logger = logging.getLogger(__name__)
@@ -84,6 +84,70 @@ def _load_kv_tile(
 
 
 @triton.jit
+def _tile_pages(block_table_row, tile_start, hi, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache block of each key of the tile [tile_start, tile_start + BLOCK_N) (0 from hi
+    on: nothing is read there)."""
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    return tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _tile_kv(
+    cache_ptr, page, tile_start, hi, offs_d, kv_head, stride_b, stride_t, stride_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_D): the cached rows of keys [tile_start, +BLOCK_N) of one KV head in
+    blocks `page` (`_tile_pages`), zero from hi on."""
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    return _load_kv_tile(
+        cache_ptr, page, offs_n % BLOCK_SIZE, offs_n < hi, offs_d, kv_head, stride_b, stride_t,
+        stride_h, HEAD_DIM, BLOCK_D,
+    )
+
+
+@triton.jit
+def _scores(
+    q, q_pos, m_i, l_i, k, tile_start, hi, scale, softcap, window, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """The online softmax's first half for a tile of keys k (BLOCK_N, BLOCK_D) starting at
+    tile_start: (m_new, l_new, p, alpha), p the tile's probabilities against m_new, alpha the
+    factor that rescales what the earlier tiles summed."""
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    if USE_DOT:
+        qk = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION)  # (M, N)
+    else:
+        qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(q.dtype).to(tl.float32)[None, :, :], 2)
+    s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
+    visible = (offs_n < hi)[None, :]
+    if IS_CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (q_pos[:, None] - offs_n[None, :] < window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead (no NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def _accumulate(acc, alpha, p, v, dtype, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
+    """The online softmax's second half: acc rescaled by alpha plus p @ v (p and v rounded
+    to q's `dtype` as the dot takes them, summed in float32)."""
+    acc = acc * alpha[:, None]
+    if USE_DOT:
+        acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
+    else:
+        pv = p.to(dtype).to(tl.float32)[:, :, None] * v.to(dtype).to(tl.float32)[None, :, :]
+        acc += tl.sum(pv, 1)
+    return acc
+
+
+@triton.jit
 def _attend_tile(
     q, q_pos, m_i, l_i, acc, tile_start, hi, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
@@ -97,50 +161,19 @@ def _attend_tile(
     broadcast multiplies and sums in float32 (operands rounded to q's dtype as `tl.dot`
     takes them), for the few rows of a decode program: no padding to 16 rows, no operand
     layout conversions."""
-    dtype = q.dtype
-    offs_n = tile_start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < hi
-    # Token p sits in block block_tables[b, p // BLOCK_SIZE] at slot p % BLOCK_SIZE.
-    page = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    slot = offs_n % BLOCK_SIZE
-    k = _load_kv_tile(
-        k_ptr, page, slot, mask_n, offs_d, kv_head, stride_kb, stride_kt, stride_kh, HEAD_DIM,
-        BLOCK_D,
-    )
+    page = _tile_pages(block_table_row, tile_start, hi, BLOCK_SIZE, BLOCK_N)
+    k = _tile_kv(k_ptr, page, tile_start, hi, offs_d, kv_head, stride_kb, stride_kt, stride_kh,
+                 HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
     if EARLY_V:
-        v = _load_kv_tile(
-            v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, BLOCK_D,
-        )
-    if USE_DOT:
-        qk = _dot(q, tl.trans(k.to(dtype)), DOT_PRECISION)  # (M, N)
-    else:
-        qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(dtype).to(tl.float32)[None, :, :], 2)
-    s = _logits_log2(qk, scale, softcap, USE_SOFTCAP)
-    visible = mask_n[None, :]
-    if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= q_pos[:, None])
-    if USE_WINDOW:
-        visible = visible & (q_pos[:, None] - offs_n[None, :] < window)
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead (no NaN).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile_kv(v_ptr, page, tile_start, hi, offs_d, kv_head, stride_vb, stride_vt,
+                     stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+    m_new, l_i, p, alpha = _scores(q, q_pos, m_i, l_i, k, tile_start, hi, scale, softcap, window,
+                                   BLOCK_N, IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+                                   USE_DOT)
     if not EARLY_V:
-        v = _load_kv_tile(
-            v_ptr, page, slot, mask_n, offs_d, kv_head, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, BLOCK_D,
-        )
-    acc = acc * alpha[:, None]
-    if USE_DOT:
-        acc += _dot(p.to(dtype), v.to(dtype), DOT_PRECISION)
-    else:
-        pv = p.to(dtype).to(tl.float32)[:, :, None] * v.to(dtype).to(tl.float32)[None, :, :]
-        acc += tl.sum(pv, 1)
-    return m_new, l_i, acc
+        v = _tile_kv(v_ptr, page, tile_start, hi, offs_d, kv_head, stride_vb, stride_vt,
+                     stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+    return m_new, l_i, _accumulate(acc, alpha, p, v, q.dtype, DOT_PRECISION, USE_DOT)
 
 
 @triton.jit
@@ -181,44 +214,80 @@ _round_to = rounding.round_to
 
 
 @triton.jit
-def _rotated(ptr, offs_d, mask, cos_ptr, sin_ptr, ROT_HALF: tl.constexpr,
-             INTERLEAVED: tl.constexpr):
-    """Rows at `ptr` (+ offs_d) rotated by the token's cos / sin (rot_dim / 2 each) in
-    float32, as `rotary._rope_heads` rotates them: pairs (x[i], x[i + rot/2]), or (x[2i],
-    x[2i + 1]) when INTERLEAVED; features past rot_dim pass through."""
+def _rope_factors(cos_ptr, sin_ptr, offs_d, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """(cos, sin) of the token for each feature offs_d (BLOCK_D,) as `_rotated` applies them
+    (1 and 0 past rot_dim)."""
+    rot = offs_d < 2 * ROT_HALF
+    if INTERLEAVED:  # noqa: SIM108 (a constexpr branch, as the kernels write them)
+        c = offs_d // 2
+    else:
+        c = tl.where(offs_d < ROT_HALF, offs_d, offs_d - ROT_HALF)
+    cos = tl.load(cos_ptr + c, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + c, mask=rot, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotated(ptr, offs_d, mask, cos, sin, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows at `ptr` (+ offs_d) rotated by the token's `_rope_factors` (broadcast against
+    offs_d) in float32, as `rotary._rope_heads` rotates them: pairs (x[i], x[i + rot/2]), or
+    (x[2i], x[2i + 1]) when INTERLEAVED; features past rot_dim pass through."""
     rot = offs_d < 2 * ROT_HALF
     if INTERLEAVED:
         partner = offs_d ^ 1
-        c = offs_d // 2
         sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
     else:
         partner = tl.where(offs_d < ROT_HALF, offs_d + ROT_HALF, offs_d - ROT_HALF)
-        c = tl.where(offs_d < ROT_HALF, offs_d, offs_d - ROT_HALF)
         sign = tl.where(offs_d < ROT_HALF, -1.0, 1.0)
     x = tl.load(ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(ptr + partner, mask=mask & rot, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + c, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + c, mask=rot, other=0.0).to(tl.float32)
     return x * cos + sign * (xp * sin)
 
 
 @triton.jit
 def _new_key(
-    b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
-    stride_nkb, stride_nkh, stride_nvb, stride_nvh, ROT_HALF: tl.constexpr,
-    INTERLEAVED: tl.constexpr, INTERP: tl.constexpr,
+    b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cos, sin, k_ptr, v_ptr, stride_nkb,
+    stride_nkh, stride_nvb, stride_nvh, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """The new key (rotated) and value of a fused decode step (`_decode_kernel`'s NEW_KV),
-    rounded to the cache's types as the cache would return them, and their cache slot.
-    Loaded first in the kernel, with q and the sequence length: one wait for all of them."""
+    rounded to the cache's types as the cache would return them. Loaded with q: one wait
+    for all of them."""
     row_k = new_k_ptr + b.to(tl.int64) * stride_nkb + kv_head * stride_nkh
     row_v = new_v_ptr + b.to(tl.int64) * stride_nvb + kv_head * stride_nvh
     v = tl.load(row_v + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    k = _rotated(row_k, offs_d, mask_d, cs, sn, ROT_HALF, INTERLEAVED)
+    k = _rotated(row_k, offs_d, mask_d, cos, sin, ROT_HALF, INTERLEAVED)
     k = _round_to(k, k_ptr.dtype.element_ty, INTERP)
     v = _round_to(v, v_ptr.dtype.element_ty, INTERP)
-    return k, v, slot
+    return k, v
+
+
+@triton.jit
+def _decode_query(
+    q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, cos,
+    sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV: tl.constexpr,
+    ROUND_Q: tl.constexpr, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """What a decode program reads of the kernel before (the QKV product): its query rows
+    (BLOCK_G, BLOCK_D), rotated and rounded as the rotary kernel stores them when NEW_KV,
+    then to the cache's type when ROUND_Q; with NEW_KV the new key and value (`_new_key`),
+    else zeros."""
+    if NEW_KV:
+        new_k, new_v = _new_key(
+            b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cos, sin, k_ptr, v_ptr,
+            stride_nkb, stride_nkh, stride_nvb, stride_nvh, ROT_HALF, INTERLEAVED, INTERP,
+        )
+        q = _rotated(q_rows, offs_d[None, :], mask_gd, cos[None, :], sin[None, :], ROT_HALF,
+                     INTERLEAVED)
+        q = _round_to(q, q_ptr.dtype.element_ty, INTERP)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=mask_gd, other=0.0)
+        new_k = tl.zeros(offs_d.shape, tl.float32)
+        new_v = new_k
+    if ROUND_Q:
+        q = q.to(k_ptr.dtype.element_ty)
+    return q, new_k, new_v
 
 
 @triton.jit
@@ -307,6 +376,7 @@ def _decode_kernel(
     INTERLEAVED: tl.constexpr = False,
     EARLY_V: tl.constexpr = False,
     USE_DOT: tl.constexpr = True,
+    EARLY_TILE: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -315,9 +385,18 @@ def _decode_kernel(
     NEW_KV: rotary embedding and cache write fused in (`rope_cache_attention_decode`): q
     and this step's key arrive unrotated, the key and value of position seq_len - 1 are not
     in the cache yet; the split that owns that position takes them from registers and
-    stores them at their slot (no other program reads it)."""
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
+    stores them at their slot (no other program reads it).
+    EARLY_TILE (with NEW_KV, for launches whose splits hold one key tile each, as the decode
+    graphs cut by length give them): the split's first tile of cached K / V rows, its block
+    numbers, the length, the slot and the rotation's cos / sin are read before the PDL wait.
+    None of them is written by this step's kernels before this one (the cache's rows before
+    seq_len - 1 by earlier steps, the rest before the step's first kernel; this kernel
+    writes the new row itself), so only q and the new key and value, the QKV product's,
+    wait for the kernel before. Further tiles, if any, are read after it."""
+    EARLY: tl.constexpr = EARLY_TILE and NEW_KV
+    if not EARLY:
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -334,20 +413,20 @@ def _decode_kernel(
     # 64 keys: the new key's program 3.08 -> 2.87 us, empty splits 1.16 -> 0.98; tg128
     # SmolLM2 Q4_0 1605 -> 1623 t/s).
     seq_len = tl.load(seq_lens_ptr + b)
+    cos = tl.zeros(offs_d.shape, tl.float32)
+    sin = cos
     if NEW_KV:
-        cs = cos_ptr + b.to(tl.int64) * stride_cb
-        sn = sin_ptr + b.to(tl.int64) * stride_sb
-        new_k, new_v, new_slot = _new_key(
-            b, kv_head, offs_d, mask_d, new_k_ptr, new_v_ptr, cs, sn, slot_ptr, k_ptr, v_ptr,
-            stride_nkb, stride_nkh, stride_nvb, stride_nvh, ROT_HALF, INTERLEAVED, LOOP_WHILE,
+        new_slot = tl.load(slot_ptr + b).to(tl.int64)
+        cos, sin = _rope_factors(cos_ptr + b.to(tl.int64) * stride_cb,
+                                 sin_ptr + b.to(tl.int64) * stride_sb, offs_d, ROT_HALF,
+                                 INTERLEAVED)
+    # (LOOP_WHILE: set under the interpreter only)
+    if not EARLY:
+        q, new_k, new_v = _decode_query(
+            q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr,
+            new_v_ptr, cos, sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV, ROUND_Q,
+            ROT_HALF, INTERLEAVED, LOOP_WHILE,
         )
-        q = _rotated(q_rows, offs_d[None, :], mask_gd, cs, sn, ROT_HALF, INTERLEAVED)
-        # as the rotary kernel stores it (LOOP_WHILE: set under the interpreter only)
-        q = _round_to(q, q_ptr.dtype.element_ty, LOOP_WHILE)
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=mask_gd, other=0.0)
-    if ROUND_Q:
-        q = q.to(k_ptr.dtype.element_ty)
 
     # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
     # runs of whole BLOCK_N tiles (trailing splits may be empty).
@@ -358,22 +437,42 @@ def _decode_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     lo = start + split * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
-
-    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     last = seq_len - 1
     owner = (lo <= last) & (last < hi)  # NEW_KV: this split's keys end with the new one
     hi_cached = hi
     if NEW_KV:
         hi_cached = tl.where(owner, last, hi)
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    if EARLY:
+        page = _tile_pages(block_table_row, lo, hi_cached, BLOCK_SIZE, BLOCK_N)
+        k = _tile_kv(k_ptr, page, lo, hi_cached, offs_d, kv_head, stride_kb, stride_kt,
+                     stride_kh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+        v = _tile_kv(v_ptr, page, lo, hi_cached, offs_d, kv_head, stride_vb, stride_vt,
+                     stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+        pdl.wait(PDL)
+        pdl.launch_dependents(PDL)
+        q, new_k, new_v = _decode_query(
+            q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr,
+            new_v_ptr, cos, sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV, ROUND_Q,
+            ROT_HALF, INTERLEAVED, LOOP_WHILE,
+        )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if NEW_KV:
         _store_new_key(
             owner, new_k, new_v, new_slot, kv_head, offs_d, mask_d, k_ptr, v_ptr, stride_kb,
             stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
         )
+    first = lo  # the first tile that is read here
+    if EARLY:  # the tile read before the wait (no causal or window mask: q_pos unused)
+        m_i, l_i, p, alpha = _scores(q, lo, m_i, l_i, k, lo, hi_cached, scale, softcap, window,
+                                     BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION, USE_DOT)
+        acc = _accumulate(acc, alpha, p, v, q.dtype, DOT_PRECISION, USE_DOT)
+        first = lo + BLOCK_N
     m_i, l_i, acc = _attend_range(
-        q, last, m_i, l_i, acc, lo, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
+        q, last, m_i, l_i, acc, first, hi_cached, k_ptr, v_ptr, block_table_row, kv_head, offs_d,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap, window,
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, USE_SOFTCAP, DOT_PRECISION,
         LOOP_WHILE, EARLY_V, USE_DOT,
@@ -600,6 +699,15 @@ def decode_tiles(block_n: int | None) -> tuple[int, int, int] | None:
 # SmolLM2 Q4_0 tg128 1470 / 1468 -> 1497 / 1494 t/s.
 DECODE_EARLY_V = True
 
+# In a fused decode step whose splits hold one key tile each (`rope_cache_attention_decode`'s
+# one_tile: the decode graphs cut by length), the kernel reads that tile, the length, the
+# slot and the rotation before its PDL wait (`_decode_kernel`'s EARLY_TILE): only q and the
+# new key and value wait for the QKV product. H200, tg128 from one token (`gpu_ab.py`,
+# three rounds): Llama-3.2-1B shape Q4_0 1804.7 -> 1858.6 t/s (1.030x), SmolLM2-135M shape
+# Q4_0 2115.9 -> 2271.8 (1.074x); benchmarks/RESULTS.md, thirty-third session.
+# `LLAMAPY_GPU_DECODE_EARLY_TILE=0` reads everything after the wait, for A/B.
+DECODE_EARLY_TILE = not switched_off("LLAMAPY_GPU_DECODE_EARLY_TILE")
+
 
 # A decode program's query heads (GROUP of them, the rows of its tiles) take both products as
 # broadcast multiplies and sums (`_attend_tile`'s USE_DOT False) when a product's
@@ -689,7 +797,7 @@ def paged_attention_decode(
     (tensor cores instead of float32 FMA dots; `_decode_kernel`)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                   num_splits, out, tiles, round_q, {}, False)  # fmt: skip
+                   num_splits, out, tiles, round_q, {}, False, False)  # fmt: skip
 
 
 def rope_cache_attention_decode(
@@ -713,6 +821,7 @@ def rope_cache_attention_decode(
     tiles: tuple[int, int, int] | None = None,
     round_q: bool = False,
     defer_merge: bool = False,
+    one_tile: bool = False,
 ) -> torch.Tensor | DecodeSplits:
     """A decode step's attention in one kernel (two with split merging): the result of
     `rotary.rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)` followed by
@@ -721,7 +830,9 @@ def rope_cache_attention_decode(
     position seq_lens[b] - 1, whose slot is slot_mapping[b] (< 0: not stored; a sequence of
     length 0 stores nothing). The caches are written as the rotary kernel writes them.
     defer_merge: with 2 to MERGE_IN_GEMV_MAX_SPLITS key splits, return them unmerged
-    (`DecodeSplits`, for a GEMV that merges them as it loads x)."""
+    (`DecodeSplits`, for a GEMV that merges them as it loads x). one_tile: a hint that each
+    split holds at most one tile of keys (the decode graphs cut by length: `tiles` given);
+    the kernel then reads that tile before its PDL wait (correct either way)."""
     op = "rope_cache_attention_decode"
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, sliding_window)
     rot_dim = rotary.check_rope(op, q, k, cos, sin)
@@ -738,7 +849,7 @@ def rope_cache_attention_decode(
         NEW_KV=True, ROT_HALF=rot_dim // 2, INTERLEAVED=interleaved,
     )  # fmt: skip
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                   num_splits, out, tiles, round_q, new_kv, defer_merge)  # fmt: skip
+                   num_splits, out, tiles, round_q, new_kv, defer_merge, one_tile)  # fmt: skip
 
 
 def _decode(
@@ -756,6 +867,7 @@ def _decode(
     round_q: bool,
     new_kv: dict,
     defer_merge: bool,
+    one_tile: bool,
 ) -> torch.Tensor | DecodeSplits:
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(
@@ -795,6 +907,7 @@ def _decode(
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
         EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
+        EARLY_TILE=bool(new_kv) and one_tile and DECODE_EARLY_TILE,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
