@@ -181,7 +181,8 @@ def test_fused_decode_round_q(gen, cache_dtype):
     )
 
 
-def test_fused_decode_padding_rows(gen):
+@pytest.mark.parametrize("one_tile", [False, True], ids=["", "one-tile"])
+def test_fused_decode_padding_rows(gen, one_tile):
     """A slot < 0 stores nothing and the row still attends to its new key (a length-1 row:
     exactly its value, rounded to the cache's type); a row of length 0 stores nothing and
     gives zeros."""
@@ -200,7 +201,7 @@ def test_fused_decode_padding_rows(gen):
     got = rope_cache_attention_decode(
         q, k, v, cos, sin, kc, vc, meta.block_tables,
         torch.tensor(lens, dtype=torch.int32, device=DEVICE), slots,
-        interleaved=False, scale=d**-0.5, num_splits=num_splits,
+        interleaved=False, scale=d**-0.5, num_splits=num_splits, one_tile=one_tile,
     )  # fmt: skip
     assert not got.isnan().any()
     assert (got[2] == 0).all(), "a length-0 row gives zeros"
