@@ -324,6 +324,48 @@ def _attend_new_key(q, m_i, l_i, acc, owner, k, v, scale, softcap, USE_SOFTCAP: 
 
 
 @triton.jit
+def _step_inputs(
+    seq_lens_ptr, slot_ptr, cos_ptr, sin_ptr, b, offs_d, stride_cb, stride_sb,
+    NEW_KV: tl.constexpr, ROT_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    """Sequence b's length and, with NEW_KV, the new key's cache slot and the rotation's
+    `_rope_factors` (else -1, ones and zeros)."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    new_slot = tl.full([], -1, tl.int64)
+    cos = tl.full(offs_d.shape, 1.0, tl.float32)
+    sin = tl.zeros(offs_d.shape, tl.float32)
+    if NEW_KV:
+        new_slot = tl.load(slot_ptr + b).to(tl.int64)
+        cos, sin = _rope_factors(cos_ptr + b.to(tl.int64) * stride_cb,
+                                 sin_ptr + b.to(tl.int64) * stride_sb, offs_d, ROT_HALF,
+                                 INTERLEAVED)
+    return seq_len, new_slot, cos, sin
+
+
+@triton.jit
+def _split_keys(seq_len, split, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                USE_WINDOW: tl.constexpr, NEW_KV: tl.constexpr):
+    """A decode program's keys: the query sits at last = seq_len - 1; visible keys are
+    [start, seq_len), cut into NUM_SPLITS runs of whole BLOCK_N tiles (trailing splits may
+    be empty) -> (lo, hi_cached, last, owner): split `split` reads the cached keys [lo,
+    hi_cached); owner: its run ends with the query's own position, whose key (NEW_KV) is not
+    in the cache yet (so hi_cached stops before it)."""
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    num_tiles = tl.cdiv(seq_len - start, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    lo = start + split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
+    last = seq_len - 1
+    owner = (lo <= last) & (last < hi)
+    hi_cached = hi
+    if NEW_KV:
+        hi_cached = tl.where(owner, last, hi)
+    return lo, hi_cached, last, owner
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # (B, n_heads, d)
     k_ptr,  # (num_blocks, block_size, n_kv, d)
@@ -394,9 +436,6 @@ def _decode_kernel(
     writes the new row itself), so only q and the new key and value, the QKV product's,
     wait for the kernel before. Further tiles, if any, are read after it."""
     EARLY: tl.constexpr = EARLY_TILE and NEW_KV
-    if not EARLY:
-        pdl.wait(PDL)
-        pdl.launch_dependents(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -408,54 +447,38 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_g
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
     mask_gd = mask_g[:, None] & mask_d[None, :]
-    # Every load that does not hang on another one goes out before any result is used: the
-    # sequence length, this step's key and value (NEW_KV), q (H200, B=1, SmolLM2 heads at
-    # 64 keys: the new key's program 3.08 -> 2.87 us, empty splits 1.16 -> 0.98; tg128
-    # SmolLM2 Q4_0 1605 -> 1623 t/s).
-    seq_len = tl.load(seq_lens_ptr + b)
-    cos = tl.zeros(offs_d.shape, tl.float32)
-    sin = cos
-    if NEW_KV:
-        new_slot = tl.load(slot_ptr + b).to(tl.int64)
-        cos, sin = _rope_factors(cos_ptr + b.to(tl.int64) * stride_cb,
-                                 sin_ptr + b.to(tl.int64) * stride_sb, offs_d, ROT_HALF,
-                                 INTERLEAVED)
-    # (LOOP_WHILE: set under the interpreter only)
-    if not EARLY:
-        q, new_k, new_v = _decode_query(
-            q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr,
-            new_v_ptr, cos, sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV, ROUND_Q,
-            ROT_HALF, INTERLEAVED, LOOP_WHILE,
-        )
-
-    # The query sits at seq_len - 1; visible keys are [start, seq_len), cut into NUM_SPLITS
-    # runs of whole BLOCK_N tiles (trailing splits may be empty).
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    num_tiles = tl.cdiv(seq_len - start, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    lo = start + split * tiles_per_split * BLOCK_N
-    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
-    last = seq_len - 1
-    owner = (lo <= last) & (last < hi)  # NEW_KV: this split's keys end with the new one
-    hi_cached = hi
-    if NEW_KV:
-        hi_cached = tl.where(owner, last, hi)
     block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     if EARLY:
+        seq_len, new_slot, cos, sin = _step_inputs(
+            seq_lens_ptr, slot_ptr, cos_ptr, sin_ptr, b, offs_d, stride_cb, stride_sb, NEW_KV,
+            ROT_HALF, INTERLEAVED,
+        )
+        lo, hi_cached, last, owner = _split_keys(seq_len, split, window, NUM_SPLITS, BLOCK_N,
+                                                 USE_WINDOW, NEW_KV)
         page = _tile_pages(block_table_row, lo, hi_cached, BLOCK_SIZE, BLOCK_N)
         k = _tile_kv(k_ptr, page, lo, hi_cached, offs_d, kv_head, stride_kb, stride_kt,
                      stride_kh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
         v = _tile_kv(v_ptr, page, lo, hi_cached, offs_d, kv_head, stride_vb, stride_vt,
                      stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
-        pdl.wait(PDL)
-        pdl.launch_dependents(PDL)
-        q, new_k, new_v = _decode_query(
-            q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr,
-            new_v_ptr, cos, sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV, ROUND_Q,
-            ROT_HALF, INTERLEAVED, LOOP_WHILE,
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    # Every load that does not hang on another one goes out before any result is used: the
+    # sequence length, this step's key and value (NEW_KV), q (H200, B=1, SmolLM2 heads at
+    # 64 keys: the new key's program 3.08 -> 2.87 us, empty splits 1.16 -> 0.98; tg128
+    # SmolLM2 Q4_0 1605 -> 1623 t/s). (LOOP_WHILE: set under the interpreter only.)
+    if not EARLY:
+        seq_len, new_slot, cos, sin = _step_inputs(
+            seq_lens_ptr, slot_ptr, cos_ptr, sin_ptr, b, offs_d, stride_cb, stride_sb, NEW_KV,
+            ROT_HALF, INTERLEAVED,
         )
+    q, new_k, new_v = _decode_query(
+        q_rows, b, kv_head, offs_d, mask_d, mask_gd, q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr,
+        cos, sin, stride_nkb, stride_nkh, stride_nvb, stride_nvh, NEW_KV, ROUND_Q, ROT_HALF,
+        INTERLEAVED, LOOP_WHILE,
+    )
+    if not EARLY:
+        lo, hi_cached, last, owner = _split_keys(seq_len, split, window, NUM_SPLITS, BLOCK_N,
+                                                 USE_WINDOW, NEW_KV)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
