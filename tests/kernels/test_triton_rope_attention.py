@@ -294,6 +294,43 @@ def test_layer_dispatch_fused_equals_two_steps(gen, window, monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("decode_tile", [None, 16])
+def test_layer_passes_the_one_tile_hint(gen, decode_tile, monkeypatch):
+    """A decode batch whose graph cut its splits by length (`AttentionMetadata.decode_tile`
+    set) asks the fused kernel for the early tile (`one_tile`); any other gets the plain
+    kernel; both give the two-step result."""
+    lens, n_heads, n_kv, d = [40, 7], 4, 2, 32
+    _, kc, vc, meta = make_batch(
+        gen, [1] * 2, lens, n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
+        dtype=torch.float16,
+    )  # fmt: skip
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
+    slots = slots_of_last(tables, lens, 16)
+    rope = RotaryEmbedding(d, 10_000.0, interleaved=False)
+    meta = attention_layer.AttentionMetadata(
+        slots, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1, max(lens),
+        meta.seq_lens_host, meta.query_start_loc_host, decode_splits=4, decode_tile=decode_tile,
+    )  # fmt: skip
+    monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
+    hints = []
+    fused_call = attention.rope_cache_attention_decode
+
+    def spy(*args, **kwargs):
+        hints.append(kwargs["one_tile"])
+        return fused_call(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "rope_cache_attention_decode", spy)
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(attention_layer, "FUSED_ROPE_DECODE", fused)
+        cache = (kc.clone(), vc.clone())
+        outs.append(
+            attention_layer.rope_kv_attention(rope, q, k, v, (cos, sin), cache, meta, scale=0.2)
+        )
+    assert hints == [decode_tile is not None]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
 def test_rejects_bad_inputs(gen):
     _, kc, vc, meta = make_batch(
         gen, [1, 1], [5, 9], n_heads=2, n_kv=1, head_dim=32, block_size=16, dtype=torch.float16
