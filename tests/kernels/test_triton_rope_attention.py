@@ -89,7 +89,15 @@ def slots_of_last(tables: torch.Tensor, seq_lens: list[int], block_size: int) ->
 
 
 def run_case(
-    gen, case, cache_dtype, interleaved, seq_lens=None, slots=None, round_q=False, one_tile=False
+    gen,
+    case,
+    cache_dtype,
+    interleaved,
+    seq_lens=None,
+    slots=None,
+    round_q=False,
+    one_tile=False,
+    tiles=None,
 ):
     lens, n_heads, n_kv, d, block_size, num_splits, rot, kw = CASES[case]
     lens = seq_lens or lens
@@ -114,7 +122,7 @@ def run_case(
     got = rope_cache_attention_decode(
         q, k, v, cos, sin, kc, vc, meta.block_tables, seq_lens_t, slots,
         interleaved=interleaved, scale=d**-0.5, num_splits=num_splits, out=out,
-        round_q=round_q, one_tile=one_tile, **kw,
+        round_q=round_q, one_tile=one_tile, tiles=tiles, **kw,
     )  # fmt: skip
     assert got is out
     for x, x0 in zip((q, k, v), before[:3], strict=True):
@@ -164,6 +172,19 @@ def test_fused_decode_matches_rope_then_attention(gen, case, cache_dtype, interl
     check_caches(caches, refs, olds, slots, mag)
     # the attention over the caches as written (the new key as the kernel rounded it) and
     # the reference's rotated q
+    check_against_reference("fused decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("case", ["splits3-gqa3", "window-partial-rot", "one-split"])
+@pytest.mark.usefixtures("decode_products")
+def test_fused_decode_wide_tiles(gen, case, block_n):
+    """Tiles of more keys than a cache block (`SPLIT_TILE`, the few-split rule's 64): each
+    key's block looked up on its own, the new key's tile cut before it."""
+    got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
+        gen, case, torch.float16, False, tiles=(block_n, 4, 1)
+    )
+    check_caches(caches, refs, olds, slots, mag)
     check_against_reference("fused decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
 
 
@@ -260,6 +281,25 @@ def test_merge_in_gemv_setting(caplog):
     assert not caplog.records
     assert parse("fast") == default
     assert "LLAMAPY_GPU_MERGE_IN_GEMV='fast'" in caplog.text
+
+
+def test_split_tile_setting(caplog, monkeypatch):
+    """LLAMAPY_GPU_DECODE_SPLIT_TILE: the decode kernel's keys a tile at 16+ splits when no
+    tile is given (16, 32, 64 or 128; anything else keeps the default with a warning naming
+    the variable); heads over 128 wide keep 16 and few splits 64."""
+    parse = attention._split_tile
+    assert parse(None) == parse("") == parse(" 16 ") == 16
+    assert parse("64") == 64 and parse("128") == 128
+    assert not caplog.records
+    assert parse("48") == 16 and parse("off") == 16
+    assert "LLAMAPY_GPU_DECODE_SPLIT_TILE='48'" in caplog.text
+    monkeypatch.setattr(attention, "INTERPRET", False)  # the rule the GPU runs
+    monkeypatch.setattr(attention, "SPLIT_TILE", 64)
+    assert attention._decode_block_n(64, 32) == 64
+    assert attention._decode_block_n(256, 32) == 16
+    assert attention._decode_block_n(64, 8) == 64
+    monkeypatch.setattr(attention, "SPLIT_TILE", 16)
+    assert attention._decode_block_n(64, 16) == 16
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the layer dispatches to the fused kernel on CUDA only")

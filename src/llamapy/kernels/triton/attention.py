@@ -700,14 +700,36 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so that tests exercise the merge
 
 
+def _split_tile(env: str | None, default: int = 16) -> int:
+    """LLAMAPY_GPU_DECODE_SPLIT_TILE: 16, 32, 64 or 128; anything else keeps the default,
+    said once."""
+    value = (env or "").strip()
+    if value in ("16", "32", "64", "128"):
+        return int(value)
+    if value:
+        logger.warning("LLAMAPY_GPU_DECODE_SPLIT_TILE=%r is not 16, 32, 64 or 128: the "
+                       "default %d", env, default)  # fmt: skip
+    return default
+
+
+# Keys a tile of the decode kernel at 16 or more splits when the caller gives no tile (the
+# graphs at their split cap: one sequence past 4096 keys, batches past 512; eager decode):
+# 16, from an H100 sweep at short contexts, where a split holds about one tile. Not measured
+# where a split walks many (four sequences after 4096 tokens: ~8 tiles a split, S_TG 1229
+# t/s, 3.25 ms a step; thirty-third session); LLAMAPY_GPU_DECODE_SPLIT_TILE=32 / 64 / 128
+# sets it for that A/B (head dims over 128 keep 16).
+SPLIT_TILE = _split_tile(os.environ.get("LLAMAPY_GPU_DECODE_SPLIT_TILE"))
+
+
 def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
     """Keys per tile of the decode kernel. H100 sweep (benchmarks/kernels/tune_decode.py, one
     query, 128-2048 keys): with many splits, 16-key tiles (about one per split at short
-    contexts) are best; head dims over 128 take 16 always (32 was 11-30x slower for Gemma's
-    256); few splits (large batches) walk long runs of keys in 64-key tiles."""
-    if INTERPRET or head_dim > 128 or num_splits >= 16:
+    contexts) are best (`SPLIT_TILE`); head dims over 128 take 16 always (32 was 11-30x
+    slower for Gemma's 256); few splits (large batches) walk long runs of keys in 64-key
+    tiles."""
+    if INTERPRET or head_dim > 128:
         return 16  # (the interpreter: small tests still cross tiles and splits)
-    return 64
+    return SPLIT_TILE if num_splits >= 16 else 64
 
 
 def decode_tiles(block_n: int | None) -> tuple[int, int, int] | None:
@@ -726,8 +748,9 @@ DECODE_EARLY_V = True
 # one_tile: the decode graphs cut by length), the kernel reads that tile, the length, the
 # slot and the rotation before its PDL wait (`_decode_kernel`'s EARLY_TILE): only q and the
 # new key and value wait for the QKV product. H200, tg128 from one token (`gpu_ab.py`,
-# three rounds): Llama-3.2-1B shape Q4_0 1804.7 -> 1858.6 t/s (1.030x), SmolLM2-135M shape
-# Q4_0 2115.9 -> 2271.8 (1.074x); benchmarks/RESULTS.md, thirty-third session.
+# three rounds): Llama-3.2-1B shape Q4_0 1805.2 -> 1862.4 t/s (1.032x), Q4_1 1786.7 -> 1834.7
+# (1.027x), SmolLM2-135M shape Q4_0 2146.1 -> 2296.3 (1.070x); benchmarks/RESULTS.md,
+# thirty-third session.
 # `LLAMAPY_GPU_DECODE_EARLY_TILE=0` reads everything after the wait, for A/B.
 DECODE_EARLY_TILE = not switched_off("LLAMAPY_GPU_DECODE_EARLY_TILE")
 
