@@ -713,10 +713,10 @@ def _split_tile(env: str | None, default: int = 16) -> int:
 
 
 # Keys a tile of the decode kernel at 16 or more splits when the caller gives no tile (the
-# graphs at their split cap: one sequence past 4096 keys, batches past 512; eager decode):
+# graphs at their split cap: one sequence past 2048 keys, batches past 512; eager decode):
 # 16, from an H100 sweep at short contexts, where a split holds about one tile. Not measured
-# where a split walks many (four sequences after 4096 tokens: ~8 tiles a split, S_TG 1229
-# t/s, 3.25 ms a step; thirty-third session); LLAMAPY_GPU_DECODE_SPLIT_TILE=32 / 64 / 128
+# where a split walks many (four sequences after 4096 tokens: ~8 tiles a split, S_TG ~1,230
+# t/s, 3.24 ms a step; thirty-third session); LLAMAPY_GPU_DECODE_SPLIT_TILE=32 / 64 / 128
 # sets it for that A/B (head dims over 128 keep 16).
 SPLIT_TILE = _split_tile(os.environ.get("LLAMAPY_GPU_DECODE_SPLIT_TILE"))
 
