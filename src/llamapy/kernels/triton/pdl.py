@@ -23,12 +23,12 @@ SMs: 1453 t/s for the same SmolLM2 file.
 
 Rules for a kernel given `PDL=True` (a constexpr; False under the interpreter, on pre-Hopper
 cards and where `pdl_enabled` says so):
-- before `wait`, reads only of what no kernel of the step before it writes: weights (or
-  their prefetches), and in the fused decode attention the step's inputs (lengths, block
-  tables, slots, the rope rows gathered before the first kernel) and the KV cache's rows of
-  earlier steps (`attention._decode_kernel`'s EARLY_TILE). Because every kernel calls
-  `launch_dependents` only after its own `wait`, a kernel that starts early may still run
-  beside the kernel before it, never beside an older one;
+- before `wait`, reads only of what the kernel right before it does not write: a kernel
+  starts early only once that kernel has passed its own `wait` (every kernel calls
+  `launch_dependents` after it), so every older one has finished. Weights (or their
+  prefetches) qualify everywhere; in the fused decode attention also the step's inputs
+  (lengths, block tables, slots, the rope rows gathered before the layers) and the KV
+  cache's rows of earlier steps (`attention._decode_kernel`'s EARLY_TILE);
 - no write anywhere before `wait`;
 - `launch_dependents` after `wait`.
 """
