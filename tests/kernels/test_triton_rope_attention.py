@@ -302,23 +302,28 @@ def test_split_tile_setting(caplog, monkeypatch):
     assert attention._decode_block_n(64, 16) == 16
 
 
+def layer_decode_batch(gen, lens, n_heads, n_kv, d, **meta_options):
+    """A decode batch for `rope_kv_attention`: this step's q, k, v, cos, sin, float16
+    caches, the layer's AttentionMetadata (with `meta_options`) and a NEOX rope of d."""
+    _, kc, vc, meta = make_batch(
+        gen, [1] * len(lens), lens, n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
+        dtype=torch.float16,
+    )  # fmt: skip
+    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
+    meta = attention_layer.AttentionMetadata(
+        slots_of_last(tables, lens, 16), meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        1, max(lens), meta.seq_lens_host, meta.query_start_loc_host, **meta_options,
+    )  # fmt: skip
+    return q, k, v, cos, sin, kc, vc, meta, RotaryEmbedding(d, 10_000.0, interleaved=False)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the layer dispatches to the fused kernel on CUDA only")
 @pytest.mark.parametrize("window", [None, 24])
 def test_layer_dispatch_fused_equals_two_steps(gen, window, monkeypatch):
     """`rope_kv_attention` on a CUDA decode batch: fused and two-step give the same caches
     (within one ulp) and outputs within the attention bound."""
-    lens, n_heads, n_kv, d = [40, 7, 129], 8, 2, 64
-    _, kc, vc, meta = make_batch(
-        gen, [1] * 3, lens, n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
-        dtype=torch.float16,
-    )  # fmt: skip
-    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
-    slots = slots_of_last(tables, lens, 16)
-    rope = RotaryEmbedding(d, 10_000.0, interleaved=False)
-    meta = attention_layer.AttentionMetadata(
-        slots, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1, max(lens),
-        meta.seq_lens_host, meta.query_start_loc_host,
-    )  # fmt: skip
+    d = 64
+    q, k, v, cos, sin, kc, vc, meta, rope = layer_decode_batch(gen, [40, 7, 129], 8, 2, d)
     outs, caches = [], []
     for fused in (True, False):
         monkeypatch.setattr(attention_layer, "FUSED_ROPE_DECODE", fused)
@@ -339,18 +344,9 @@ def test_layer_passes_the_one_tile_hint(gen, decode_tile, monkeypatch):
     """A decode batch whose graph cut its splits by length (`AttentionMetadata.decode_tile`
     set) asks the fused kernel for the early tile (`one_tile`); any other gets the plain
     kernel; both give the two-step result."""
-    lens, n_heads, n_kv, d = [40, 7], 4, 2, 32
-    _, kc, vc, meta = make_batch(
-        gen, [1] * 2, lens, n_heads=n_heads, n_kv=n_kv, head_dim=d, block_size=16,
-        dtype=torch.float16,
-    )  # fmt: skip
-    q, k, v, cos, sin, tables = new_token_inputs(gen, meta, n_heads, n_kv, d, d, False)
-    slots = slots_of_last(tables, lens, 16)
-    rope = RotaryEmbedding(d, 10_000.0, interleaved=False)
-    meta = attention_layer.AttentionMetadata(
-        slots, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1, max(lens),
-        meta.seq_lens_host, meta.query_start_loc_host, decode_splits=4, decode_tile=decode_tile,
-    )  # fmt: skip
+    q, k, v, cos, sin, kc, vc, meta, rope = layer_decode_batch(
+        gen, [40, 7], 4, 2, 32, decode_splits=4, decode_tile=decode_tile
+    )
     monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
     hints = []
     fused_call = attention.rope_cache_attention_decode
