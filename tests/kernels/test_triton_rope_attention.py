@@ -283,23 +283,16 @@ def test_merge_in_gemv_setting(caplog):
     assert "LLAMAPY_GPU_MERGE_IN_GEMV='fast'" in caplog.text
 
 
-def test_split_tile_setting(caplog, monkeypatch):
-    """LLAMAPY_GPU_DECODE_SPLIT_TILE: the decode kernel's keys a tile at 16+ splits when no
-    tile is given (16, 32, 64 or 128; anything else keeps the default with a warning naming
-    the variable); heads over 128 wide keep 16 and few splits 64."""
-    parse = attention._split_tile
-    assert parse(None) == parse("") == parse(" 16 ") == 16
-    assert parse("64") == 64 and parse("128") == 128
-    assert not caplog.records
-    assert parse("48") == 16 and parse("off") == 16
-    assert "LLAMAPY_GPU_DECODE_SPLIT_TILE='48'" in caplog.text
+def test_split_tile_rule(monkeypatch):
+    """The decode kernel's keys a tile when no tile is given: `SPLIT_TILE` (16) at 16+
+    splits, 64 below; heads over 128 wide 16 always."""
     monkeypatch.setattr(attention, "INTERPRET", False)  # the rule the GPU runs
-    monkeypatch.setattr(attention, "SPLIT_TILE", 64)
-    assert attention._decode_block_n(64, 32) == 64
+    assert attention._decode_block_n(64, 16) == attention.SPLIT_TILE == 16
+    assert attention._decode_block_n(128, 256) == 16
     assert attention._decode_block_n(256, 32) == 16
+    assert attention._decode_block_n(256, 4) == 16
     assert attention._decode_block_n(64, 8) == 64
-    monkeypatch.setattr(attention, "SPLIT_TILE", 16)
-    assert attention._decode_block_n(64, 16) == 16
+    assert attention._decode_block_n(128, 1) == 64
 
 
 def layer_decode_batch(gen, lens, n_heads, n_kv, d, **meta_options):

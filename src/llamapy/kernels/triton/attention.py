@@ -700,25 +700,12 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so that tests exercise the merge
 
 
-def _split_tile(env: str | None, default: int = 16) -> int:
-    """LLAMAPY_GPU_DECODE_SPLIT_TILE: 16, 32, 64 or 128; anything else keeps the default,
-    said once."""
-    value = (env or "").strip()
-    if value in ("16", "32", "64", "128"):
-        return int(value)
-    if value:
-        logger.warning("LLAMAPY_GPU_DECODE_SPLIT_TILE=%r is not 16, 32, 64 or 128: the "
-                       "default %d", env, default)  # fmt: skip
-    return default
-
-
 # Keys a tile of the decode kernel at 16 or more splits when the caller gives no tile (the
 # graphs at their split cap: one sequence past 2048 keys, batches past 512; eager decode):
-# 16, from an H100 sweep at short contexts, where a split holds about one tile. Not measured
-# where a split walks many (four sequences after 4096 tokens: ~8 tiles a split, S_TG ~1,230
-# t/s, 3.24 ms a step; thirty-third session); LLAMAPY_GPU_DECODE_SPLIT_TILE=32 / 64 / 128
-# sets it for that A/B (head dims over 128 keep 16).
-SPLIT_TILE = _split_tile(os.environ.get("LLAMAPY_GPU_DECODE_SPLIT_TILE"))
+# 16, from an H100 sweep at short contexts, where a split holds about one tile; where a split
+# walks many (four sequences after 4096 tokens, ~8 tiles a split) 32- and 64-key tiles were
+# no faster (0.961x, 0.998x; benchmarks/RESULTS.md, thirty-fourth session).
+SPLIT_TILE = 16
 
 
 def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
