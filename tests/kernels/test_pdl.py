@@ -46,6 +46,33 @@ def test_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not pdl.pdl_enabled(cuda)
 
 
+def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A product launched without PDL may still let the next kernel launch early: compiled
+    with its wait and launch_dependents, without the launch flag; by default at K below
+    TRIGGER_MAX_K (not the downs), only where PDL runs at all."""
+    assert pdl.launch_options(False, trigger=True) == {"PDL": True}
+    assert pdl.launch_options(True, trigger=True) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch_options(True, trigger=False) == {"PDL": True, "launch_pdl": True}
+    short, long = pdl.TRIGGER_MAX_K - 1, pdl.TRIGGER_MAX_K
+    assert short >= 2048 and long <= 8192, "the 1B's QKV / o / gate_up yes, its down no"
+    for env in (None, "", "1", "yes"):
+        assert pdl.trigger_wanted(env, short) and not pdl.trigger_wanted(env, long)
+    assert pdl.trigger_wanted("all", long) and pdl.trigger_wanted(" ALL ", short)
+    assert not pdl.trigger_wanted("0", short) and not pdl.trigger_wanted("0", long)
+    monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
+    assert not pdl.trigger_enabled(torch.device("cpu"), short)
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        monkeypatch.setattr(pdl, "_model_bytes", {})
+        monkeypatch.delenv("LLAMAPY_PDL", raising=False)
+        assert not pdl.trigger_enabled(cuda, short)  # no model recorded: no PDL at all
+        pdl.set_model_bytes(cuda, 700 << 20)
+        assert pdl.trigger_enabled(cuda, short) == (ON_HOPPER and not kt.INTERPRET)
+        assert not pdl.trigger_enabled(cuda, long)
+        monkeypatch.setenv("LLAMAPY_PDL", "0")
+        assert not pdl.trigger_enabled(cuda, short)
+
+
 def test_policy() -> None:
     """LLAMAPY_PDL forces it; unset (or anything else) it follows the model's size and, in a
     large model, the size of the kernel's weight."""
@@ -105,17 +132,33 @@ def _layers(rng: np.random.Generator, qtype: QuantType, d: int, ffn: int, n: int
     return layers
 
 
+def _pdl_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL for `mode`: "0" / "1" LLAMAPY_PDL off / on for every kernel; "trigger" the policy
+    of a large model (its 9-19 MB MLP weights launched without PDL) with
+    LLAMAPY_GPU_PDL_TRIGGER=all, so that the kernel after each of those still launches
+    early."""
+    monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
+    if mode == "trigger":
+        monkeypatch.delenv("LLAMAPY_PDL", raising=False)
+        monkeypatch.setattr(pdl, "_model_bytes", {})
+        pdl.set_model_bytes(torch.device("cuda"), pdl.AUTO_MAX_MODEL_BYTES + 1)
+        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "all")
+    else:
+        monkeypatch.setenv("LLAMAPY_PDL", mode)
+
+
 @pytest.mark.skipif(not ON_HOPPER, reason="PDL needs a Hopper (sm_90) or newer GPU")
 @pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q8_0, QuantType.Q4_K])
 @pytest.mark.parametrize("m", [1, 4])
-def test_graph_chain_matches_pdl_off(qtype, m, rng, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["1", "trigger"])
+def test_graph_chain_matches_pdl_off(qtype, m, mode, rng, monkeypatch) -> None:
     """Real decode widths (2048, ffn 8192: split-K for the down projection), 4 layers in a
-    CUDA graph, replayed on fresh inputs: identical with PDL on and off."""
+    CUDA graph, replayed on fresh inputs: identical with PDL on (`mode`) and off."""
     layers = _layers(rng, qtype, 2048, 8192, 4)
     x = torch.from_numpy(rng.standard_normal((m, 2048), dtype=np.float32)).cuda()
     results = {}
-    for on in ("0", "1"):
-        monkeypatch.setenv("LLAMAPY_PDL", on)
+    for on in ("0", mode):
+        _pdl_mode(on, monkeypatch)
         _chain(x, layers)  # compiles before capture
         graph = torch.cuda.CUDAGraph()
         static_x = x.clone()
@@ -129,8 +172,8 @@ def test_graph_chain_matches_pdl_off(qtype, m, rng, monkeypatch: pytest.MonkeyPa
         torch.cuda.synchronize()
         results[on] = outs
     # eager with PDL off is the reference for each replay's inputs
-    monkeypatch.setenv("LLAMAPY_PDL", "0")
-    for (x_off, y_off), (x_on, y_on) in zip(results["0"], results["1"], strict=True):
+    _pdl_mode("0", monkeypatch)
+    for (x_off, y_off), (x_on, y_on) in zip(results["0"], results[mode], strict=True):
         assert torch.isfinite(y_on).all()
         assert torch.equal(_chain(x_on, layers), y_on)
         assert torch.equal(_chain(x_off, layers), y_off)

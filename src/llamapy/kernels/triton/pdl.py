@@ -104,9 +104,40 @@ def pdl_enabled(device: torch.device, weight_bytes: int | None = None) -> bool:
     return _device_pdl(index)
 
 
-def launch_options(on: bool) -> dict[str, object]:
-    """Keyword arguments of a Triton launch: the PDL constexpr and, when on, the launch flag."""
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+# A matrix product launched without PDL (a large model's weights over AUTO_MAX_WEIGHT_BYTES)
+# may still let the kernel after it launch early: compiled with its `wait` (a no-op without
+# the launch flag) and `launch_dependents`. Measured (H200, thirty-fourth session): the 1B
+# Q8_0's QKV product (6.7 MB) letting its attention start early, 1.034x tg128; the 1B Q4_0 /
+# Q4_1 downs (K = 8192) letting the next layer's QKV start early (prefetching 3.5 MB beside
+# their streams), 0.949x / 0.893x. So products with K < TRIGGER_MAX_K do (QKV, o, gate_up,
+# the output matrix); the downs do not. LLAMAPY_GPU_PDL_TRIGGER=0: none; "all": every one.
+TRIGGER_SWITCH = "LLAMAPY_GPU_PDL_TRIGGER"
+TRIGGER_MAX_K = 4096
+
+
+def trigger_wanted(env: str | None, k: int) -> bool:
+    """The policy for a product over K inputs a row, launched without PDL: unset (or
+    anything else) K < TRIGGER_MAX_K, "0" never, "all" always."""
+    value = (env or "").strip().lower()
+    if value == "0":
+        return False
+    return value == "all" or k < TRIGGER_MAX_K
+
+
+def trigger_enabled(device: torch.device, k: int) -> bool:
+    """Whether a product on `device` over K inputs a row, launched without PDL, still lets
+    its dependents launch early: where PDL runs at all (`pdl_enabled` for a kernel without a
+    weight) and `trigger_wanted`."""
+    return trigger_wanted(os.environ.get(TRIGGER_SWITCH), k) and pdl_enabled(device)
+
+
+def launch_options(on: bool, trigger: bool = False) -> dict[str, object]:
+    """Keyword arguments of a Triton launch: the PDL constexpr and, when on, the launch flag.
+    `trigger` (off): the kernel waits for everything before it as a plain launch does, but
+    still calls `launch_dependents`, so that the next kernel may launch early."""
+    if on:
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": trigger}
 
 
 def prefetch_lines(nbytes: int, cap: int = 64) -> int:

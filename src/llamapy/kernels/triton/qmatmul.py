@@ -1050,14 +1050,15 @@ def _launch_gemv(
         HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
         RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), MERGE_S=merge[0], HEAD_D=merge[1], **cfg,
-        **pdl.launch_options(pdl_on), num_warps=num_warps,
+        **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)), num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
             dest, bias if bias is not None else out, out, m * n, n,
             SPLIT=split, HAS_BIAS=bias is not None, HAS_RES=has_res, BLOCK=block,
-            INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=4,
+            INTERP=INTERPRET, **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)),
+            num_warps=4,
         )  # fmt: skip
 
 

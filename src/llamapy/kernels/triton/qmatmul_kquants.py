@@ -538,6 +538,7 @@ def launch(
         return
     cfg = config
     pdl_on = not cfg.gemm and pdl.pdl_enabled(x.device, n * row_nbytes(qtype, k))
+    trigger = not cfg.gemm and pdl.trigger_enabled(x.device, k)
     units, unit = k // block_size(qtype), block_size(qtype)
     step = cfg.nsb if not cfg.gemm else 1
     per_split = triton.cdiv(triton.cdiv(units, step), cfg.split) * step  # units per split
@@ -574,13 +575,13 @@ def launch(
         _gemv_kernel[grid](
             *args, g, float(eps), **consts, NSB=cfg.nsb, MODE=mode,
             HAS_RES=accumulate and split == 1, AW=widths[0], BW=widths[1], PA=lines[0],
-            PB=lines[1], **pdl.launch_options(pdl_on), num_warps=cfg.num_warps,
+            PB=lines[1], **pdl.launch_options(pdl_on, trigger), num_warps=cfg.num_warps,
         )  # fmt: skip
     if split > 1:
         block = 1024
         _reduce_kernel[(triton.cdiv(m * n, block),)](
             dest, out, m, n, out.stride(0), SPLIT=split, HAS_RES=accumulate, BLOCK=block,
-            INTERP=INTERPRET, **pdl.launch_options(pdl_on), num_warps=4,
+            INTERP=INTERPRET, **pdl.launch_options(pdl_on, trigger), num_warps=4,
         )  # fmt: skip
 
 

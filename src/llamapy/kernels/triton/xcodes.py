@@ -202,6 +202,11 @@ def _pdl(device: torch.device, weight_bytes: int | None) -> bool:
     return pdl.pdl_enabled(device, weight_bytes) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
 
 
+def _trigger(device: torch.device, k: int) -> bool:
+    """`pdl.trigger_enabled`, unless LLAMAPY_GPU_X_CODES_PDL is off."""
+    return pdl.trigger_enabled(device, k) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
+
+
 def enabled() -> bool:
     """LLAMAPY_GPU_X_CODES: on unless 0 / false / no / off (`switches.switched_off`)."""
     return not switched_off("LLAMAPY_GPU_X_CODES")
@@ -356,7 +361,7 @@ def _launch(
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         steps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
         RES=accumulate, INTERP=INTERPRET, PF=lines,
-        **pdl.launch_options(pdl_on), num_warps=warps,
+        **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
     )  # fmt: skip
 
 
@@ -391,7 +396,7 @@ def _launch_pipe(
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
-        **pdl.launch_options(pdl_on), num_warps=warps,
+        **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
     )  # fmt: skip
 
 
@@ -408,8 +413,8 @@ def _launch_kquant(
     programs, tiles, pdl_on = _pipe_grid(w, out, config)
     t = w.tensors
     common = dict(
-        RES=accumulate, AHEAD=ahead, INTERP=INTERPRET, **pdl.launch_options(pdl_on),
-        num_warps=warps,
+        RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
+        **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
     )  # fmt: skip
     if w.qtype == QuantType.Q6_K:
         _q6k_pipe_kernel[(programs,)](
