@@ -2,7 +2,8 @@
 kernel of a small model (its weights on the device at most `AUTO_MAX_MODEL_BYTES`, as the
 engine records them at load with `set_model_bytes`); in a larger model on for every kernel
 but the matrix products of weights over `AUTO_MAX_WEIGHT_BYTES`; off where no model was
-recorded. LLAMAPY_PDL=1 / 0 forces it on / off for every kernel.
+recorded. LLAMAPY_PDL=1 / 0 forces it on / off for every kernel. A product launched without
+it still lets the next kernel launch early where K < `TRIGGER_MAX_K` (`trigger_enabled`).
 
 A decode step is ~200 short kernels replayed from a CUDA graph; between two of them the GPU
 drains one grid and ramps up the next (~0.9 us from the last program of one kernel to the
