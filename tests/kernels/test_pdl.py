@@ -90,6 +90,17 @@ def test_policy() -> None:
     assert 3_538_944 <= pdl.AUTO_MAX_WEIGHT_BYTES < 9_437_184
 
 
+def test_max_weight_setting(caplog: pytest.LogCaptureFixture) -> None:
+    """LLAMAPY_PDL_MAX_WEIGHT_MIB: the size rule's bound in MiB; anything but a positive
+    integer keeps the default with a warning naming the variable."""
+    parse = pdl._max_weight_bytes
+    assert parse(None) == parse("") == parse(" 4 ") == 4 << 20
+    assert parse("8") == 8 << 20
+    assert not caplog.records
+    assert parse("0") == parse("big") == parse("-8") == 4 << 20
+    assert "LLAMAPY_PDL_MAX_WEIGHT_MIB='big'" in caplog.text
+
+
 def test_prefetch_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pdl.prefetch_lines(0) == 0
     assert pdl.prefetch_lines(1) == 1

@@ -37,6 +37,7 @@ cards and where `pdl_enabled` says so):
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -46,6 +47,8 @@ from llamapy.kernels.triton import HAS_TRITON, INTERPRET
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 L2_LINE = 128  # bytes a prefetch pulls into L2
 # Whether the GEMVs prefetch their weights into L2 before the wait (benchmarks switch it off
@@ -62,10 +65,24 @@ def _device_pdl(index: int) -> bool:
 # PDL unless LLAMAPY_PDL says otherwise (the SmolLM2-135M-shape files: 77-145 MB; the
 # Llama-3.2-1B shape's Q4_0 703 MB lost with it).
 AUTO_MAX_MODEL_BYTES = 256 << 20
+
+
+def _max_weight_bytes(env: str | None, default: int = 4 << 20) -> int:
+    """LLAMAPY_PDL_MAX_WEIGHT_MIB (a lab setting): the size rule's bound in MiB, a positive
+    integer; anything else keeps the default, said once."""
+    value = (env or "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value) << 20
+    if value:
+        logger.warning("LLAMAPY_PDL_MAX_WEIGHT_MIB=%r is not a positive integer: the default "
+                       "%d MiB", env, default >> 20)  # fmt: skip
+    return default
+
+
 # In a larger model, matrix products of weights over this many bytes launch without PDL
 # (the 1B Q4_0's 9.4 MB down and 18.9 MB gate_up GEMVs; tg128 1255 t/s without them, 1219
-# with them, H200).
-AUTO_MAX_WEIGHT_BYTES = 4 << 20
+# with them, H200). LLAMAPY_PDL_MAX_WEIGHT_MIB sets it for A/B runs.
+AUTO_MAX_WEIGHT_BYTES = _max_weight_bytes(os.environ.get("LLAMAPY_PDL_MAX_WEIGHT_MIB"))
 _model_bytes: dict[int, int] = {}  # by device index: the last model loaded there
 
 
