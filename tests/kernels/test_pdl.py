@@ -86,18 +86,19 @@ def test_policy() -> None:
     assert pdl.wanted("1", large, heavy) and pdl.wanted("1", None)
     assert not pdl.wanted("0", small) and not pdl.wanted("0", large, light)
     assert 150 << 20 <= pdl.AUTO_MAX_MODEL_BYTES < 700 << 20, "SmolLM2 files all on, not the 1B's"
-    # the 1B shape's Q4_0 attention projections (2.4, 3.5 MB) on, its MLP matrices (9.4, 18.9) off
-    assert 3_538_944 <= pdl.AUTO_MAX_WEIGHT_BYTES < 9_437_184
+    # the 1B shape's Q4_0 attention projections (2.4, 3.5 MB) and Q8_0 ones (4.5, 6.7 MB) on,
+    # its Q4_0 MLP matrices (9.4, 18.9 MB) off
+    assert 6_684_672 <= pdl.AUTO_MAX_WEIGHT_BYTES < 9_437_184
 
 
 def test_max_weight_setting(caplog: pytest.LogCaptureFixture) -> None:
     """LLAMAPY_PDL_MAX_WEIGHT_MIB: the size rule's bound in MiB; anything but a positive
     integer keeps the default with a warning naming the variable."""
     parse = pdl._max_weight_bytes
-    assert parse(None) == parse("") == parse(" 4 ") == 4 << 20
-    assert parse("8") == 8 << 20
+    assert parse(None) == parse("") == parse(" 8 ") == 8 << 20
+    assert parse("4") == 4 << 20
     assert not caplog.records
-    assert parse("0") == parse("big") == parse("-8") == 4 << 20
+    assert parse("0") == parse("big") == parse("-8") == 8 << 20
     assert "LLAMAPY_PDL_MAX_WEIGHT_MIB='big'" in caplog.text
 
 

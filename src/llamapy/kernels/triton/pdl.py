@@ -18,7 +18,8 @@ Measured (H200, tg128, benchmarks/RESULTS.md, eighteenth session): SmolLM2-135M-
 1612 / 1619 -> 1906 / 1900 t/s, Llama-3.2-1B-shape Q4_0 1235 -> 1214 with every kernel (its
 GEMVs stream MBs each; the early grids and prefetches compete with them), but 1222 -> 1245
 with every kernel but the GEMVs and 1255 with the GEMVs of at most 4 MB too (nineteenth
-session: its 2.4-3.5 MB attention projections on, the 9-19 MB MLP ones off). Dependents let
+session: its 2.4-3.5 MB attention projections on, the 9-19 MB MLP ones off; the bound is 8
+MiB since the thirty-fourth session, for the Q8_0 projections). Dependents let
 go at a kernel's start instead (earlier sessions) left chains of early grids waiting on the
 SMs: 1453 t/s for the same SmolLM2 file.
 
@@ -67,7 +68,7 @@ def _device_pdl(index: int) -> bool:
 AUTO_MAX_MODEL_BYTES = 256 << 20
 
 
-def _max_weight_bytes(env: str | None, default: int = 4 << 20) -> int:
+def _max_weight_bytes(env: str | None, default: int = 8 << 20) -> int:
     """LLAMAPY_PDL_MAX_WEIGHT_MIB (a lab setting): the size rule's bound in MiB, a positive
     integer; anything else keeps the default, said once."""
     value = (env or "").strip()
@@ -81,7 +82,9 @@ def _max_weight_bytes(env: str | None, default: int = 4 << 20) -> int:
 
 # In a larger model, matrix products of weights over this many bytes launch without PDL
 # (the 1B Q4_0's 9.4 MB down and 18.9 MB gate_up GEMVs; tg128 1255 t/s without them, 1219
-# with them, H200). LLAMAPY_PDL_MAX_WEIGHT_MIB sets it for A/B runs.
+# with them, H200, nineteenth session). 8 MiB rather than 4 puts the 1B Q8_0's QKV (6.7 MB)
+# and o (4.5 MB) on: 1.013x tg128 (thirty-fourth session). LLAMAPY_PDL_MAX_WEIGHT_MIB sets it
+# for A/B runs.
 AUTO_MAX_WEIGHT_BYTES = _max_weight_bytes(os.environ.get("LLAMAPY_PDL_MAX_WEIGHT_MIB"))
 _model_bytes: dict[int, int] = {}  # by device index: the last model loaded there
 
