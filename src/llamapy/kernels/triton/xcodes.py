@@ -182,7 +182,12 @@ PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 # GEMV whose x is an RMSNorm's output (gate_up, the output matrix) takes the float32 row and
 # the norm weight, and each of its programs quantizes the codes itself (the same arithmetic as
 # `_quantize_kernel`, its loads mostly L1 hits: 16 programs an SM read the same row), so the
-# quantizing launch between o and gate_up goes.
+# quantizing launch between o and gate_up goes. The risk, from a host sm_90 compile (a
+# throwaway script, thirty-fourth session): the norm and codes of a 2048 row add ~1,700
+# instructions to a one-warp program (2,352 against 640; the tile loop unchanged, 286 / 283),
+# ~3.5 us of issue for an SM's 16 programs, against the 2-3 us the quantizing launch took in
+# the twenty-eighth session's profile; with 2-warp programs ~900 (8 an SM), 4-warp ~510 (4).
+# So measure it with fewer programs an SM too (`LLAMAPY_GPU_X_CODES_PIPE`).
 PIPE_NORM_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_NORM"
 
 
