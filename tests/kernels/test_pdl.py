@@ -59,6 +59,9 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
         assert pdl.trigger_wanted(env, short) and not pdl.trigger_wanted(env, long)
     assert pdl.trigger_wanted("all", long) and pdl.trigger_wanted(" ALL ", short)
     assert not pdl.trigger_wanted("0", short) and not pdl.trigger_wanted("0", long)
+    assert pdl.trigger_wanted("late", short) and not pdl.trigger_wanted("late", long)
+    monkeypatch.setenv(pdl.TRIGGER_SWITCH, "late")
+    assert not pdl.late_trigger(torch.device("cpu"), long)
     monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
     assert not pdl.trigger_enabled(torch.device("cpu"), short)
     if torch.cuda.is_available():
@@ -69,8 +72,12 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
         pdl.set_model_bytes(cuda, 700 << 20)
         assert pdl.trigger_enabled(cuda, short) == (ON_HOPPER and not kt.INTERPRET)
         assert not pdl.trigger_enabled(cuda, long)
+        assert not pdl.late_trigger(cuda, long)  # unset: no late trigger
+        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "late")
+        assert pdl.late_trigger(cuda, long) == (ON_HOPPER and not kt.INTERPRET)
+        assert not pdl.late_trigger(cuda, short)
         monkeypatch.setenv("LLAMAPY_PDL", "0")
-        assert not pdl.trigger_enabled(cuda, short)
+        assert not pdl.trigger_enabled(cuda, short) and not pdl.late_trigger(cuda, long)
 
 
 def test_policy() -> None:
@@ -145,16 +152,16 @@ def _layers(rng: np.random.Generator, qtype: QuantType, d: int, ffn: int, n: int
 
 
 def _pdl_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDL for `mode`: "0" / "1" LLAMAPY_PDL off / on for every kernel; "trigger" the policy
-    of a large model (its 9-19 MB MLP weights launched without PDL) with
-    LLAMAPY_GPU_PDL_TRIGGER=all, so that the kernel after each of those still launches
-    early."""
+    """PDL for `mode`: "0" / "1" LLAMAPY_PDL off / on for every kernel; "trigger" / "late"
+    the policy of a large model (its 9-19 MB MLP weights launched without PDL) with
+    LLAMAPY_GPU_PDL_TRIGGER=all / late, so that the kernel after each of those still
+    launches early (right after their wait / once their loads are done)."""
     monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
-    if mode == "trigger":
+    if mode in ("trigger", "late"):
         monkeypatch.delenv("LLAMAPY_PDL", raising=False)
         monkeypatch.setattr(pdl, "_model_bytes", {})
         pdl.set_model_bytes(torch.device("cuda"), pdl.AUTO_MAX_MODEL_BYTES + 1)
-        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "all")
+        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "all" if mode == "trigger" else "late")
     else:
         monkeypatch.setenv("LLAMAPY_PDL", mode)
 
@@ -162,7 +169,7 @@ def _pdl_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(not ON_HOPPER, reason="PDL needs a Hopper (sm_90) or newer GPU")
 @pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q8_0, QuantType.Q4_K])
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("mode", ["1", "trigger"])
+@pytest.mark.parametrize("mode", ["1", "trigger", "late"])
 def test_graph_chain_matches_pdl_off(qtype, m, mode, rng, monkeypatch) -> None:
     """Real decode widths (2048, ffn 8192: split-K for the down projection), 4 layers in a
     CUDA graph, replayed on fresh inputs: identical with PDL on (`mode`) and off."""
@@ -199,7 +206,7 @@ def test_dependents_launch_after_the_wait() -> None:
     import ast
     from pathlib import Path
 
-    kernels = 0
+    kernels = late = 0
     for path in sorted(Path(kt.__file__).parent.glob("*.py")):
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, ast.FunctionDef):
@@ -217,5 +224,12 @@ def test_dependents_launch_after_the_wait() -> None:
                 continue
             kernels += 1
             order = [attr for _, _, attr in calls]
-            assert order == ["wait", "launch_dependents"], f"{path.name}:{fn.name}: {order}"
+            # a second launch_dependents, later in the kernel: the late trigger of a product
+            # launched without PDL (a constexpr picks one of the two)
+            assert order in (
+                ["wait", "launch_dependents"],
+                ["wait", "launch_dependents", "launch_dependents"],
+            ), f"{path.name}:{fn.name}: {order}"
+            late += order.count("launch_dependents") - 1
     assert kernels >= 12, kernels
+    assert late == 2, "the tiled and the persistent codes GEMVs"

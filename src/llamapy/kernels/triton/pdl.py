@@ -138,12 +138,23 @@ TRIGGER_MAX_K = 4096
 
 
 def trigger_wanted(env: str | None, k: int) -> bool:
-    """The policy for a product over K inputs a row, launched without PDL: unset (or
-    anything else) K < TRIGGER_MAX_K, "0" never, "all" always."""
+    """The policy for a product over K inputs a row, launched without PDL, triggering right
+    after its wait: unset (or anything else, "late" included) K < TRIGGER_MAX_K, "0" never,
+    "all" always."""
     value = (env or "").strip().lower()
     if value == "0":
         return False
     return value == "all" or k < TRIGGER_MAX_K
+
+
+def late_trigger(device: torch.device, k: int) -> bool:
+    """LLAMAPY_GPU_PDL_TRIGGER=late (a lab setting, not yet measured): products at K >=
+    TRIGGER_MAX_K launched without PDL (the downs) let their dependents launch once their
+    loads are done (the tiled codes GEMV after its K loop, the persistent one at its last row
+    tile) rather than not at all, so that the next kernel's launch overlaps only their tail
+    and its prefetches do not compete with their stream. Where PDL runs at all."""
+    value = os.environ.get(TRIGGER_SWITCH, "").strip().lower()
+    return value == "late" and k >= TRIGGER_MAX_K and pdl_enabled(device)
 
 
 def trigger_enabled(device: torch.device, k: int) -> bool:

@@ -237,6 +237,14 @@ def _trigger(device: torch.device, k: int) -> bool:
     return pdl.trigger_enabled(device, k) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
 
 
+def _late(device: torch.device, k: int, pdl_on: bool) -> bool:
+    """`pdl.late_trigger` for a product launched without PDL, unless LLAMAPY_GPU_X_CODES_PDL is
+    off."""
+    return (
+        not pdl_on and pdl.late_trigger(device, k) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
+    )
+
+
 def enabled() -> bool:
     """LLAMAPY_GPU_X_CODES: on unless 0 / false / no / off (`switches.switched_off`)."""
     return not switched_off("LLAMAPY_GPU_X_CODES")
@@ -394,7 +402,7 @@ def _launch(
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         steps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
-        RES=accumulate, INTERP=INTERPRET, PF=lines,
+        RES=accumulate, INTERP=INTERPRET, PF=lines, LATE=_late(out.device, w.k, pdl_on),
         **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
     )  # fmt: skip
 
@@ -439,6 +447,7 @@ def _launch_pipe(
         w.k, tiles, float(eps), QT=TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
         NORM=norm is not None, RMS_CHUNK=norm_chunk(w.k) if norm else qm.rms_chunk(w.k, 1),
+        LATE=_late(out.device, w.k, pdl_on),
         **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
         **({"maxnreg": NORM_MAX_REGISTERS} if norm and not INTERPRET else {}),
     )  # fmt: skip
@@ -585,6 +594,7 @@ if HAS_TRITON:
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         RES: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
+        LATE: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
         for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. PDL: PF
@@ -609,6 +619,7 @@ if HAS_TRITON:
             for step in range(0, steps):
                 acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
                                   nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
+        pdl.launch_dependents(LATE)  # launched without PDL: its loads are done
         y = tl.sum(acc, axis=1)
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
@@ -652,7 +663,7 @@ if HAS_TRITON:
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, x_ptr, g_ptr, N, K, tiles, eps,
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
         AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-        RMS_CHUNK: tl.constexpr,
+        RMS_CHUNK: tl.constexpr, LATE: tl.constexpr,
     ):  # fmt: skip
         """`_codes_gemv_kernel`'s product (two levels of codes), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
@@ -693,6 +704,8 @@ if HAS_TRITON:
         if AHEAD == 2:
             w2, d2, m2 = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid + step, N, nb, QT, BLOCK_N, BLOCK_B)
         while tile < tiles:
+            if tile + step >= tiles:  # LATE (launched without PDL): dependents may launch
+                pdl.launch_dependents(LATE)  # once every program is on its last tile
             nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
                              BLOCK_B)  # fmt: skip
             lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
