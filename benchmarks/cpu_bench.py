@@ -25,6 +25,7 @@ prompt (greedy, KV cache on), its ppP one forward over P tokens.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -216,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--threads and --repeat must be >= 1, -p, -n and -d >= 0")
     if args.depth and args.baseline != "llama.cpp":
         p.error("-d takes the llama.cpp baseline")
+    needs = {  # module -> package; transformers' GGUF loader needs accelerate
+        "llama.cpp": {"llama_cpp": "llama-cpp-python"},
+        "transformers": {"transformers": "transformers", "accelerate": "accelerate"},
+    }[args.baseline]
+    missing = [pkg for mod, pkg in needs.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        p.error(f"the {args.baseline} baseline needs: pip install {' '.join(missing)}")
     cache = args.cache_type or "f16 (the default)"
     print(f"host: {host_cpu()}; llamapy's KV cache {cache}, llama.cpp's f16")
     print(

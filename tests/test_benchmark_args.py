@@ -87,6 +87,33 @@ def test_bad_arguments_are_usage_errors(script: str, args: list[str], message: s
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("baseline", "absent", "message"),
+    [
+        ("transformers", "accelerate", "pip install accelerate"),
+        ("llama.cpp", "llama_cpp", "pip install llama-cpp-python"),
+    ],
+)
+def test_cpu_bench_names_a_missing_baseline_package(
+    baseline: str, absent: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A baseline whose package is not installed is a usage error naming what to install
+    (transformers' GGUF loader needs accelerate), before any model loads."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cpu_bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as done:
+        cpu_bench.main(["--baseline", baseline, "no-such-model"])
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.models
 def test_host_step_bench_runs(smollm2_path) -> None:
     """The stub runner keeps up with ModelRunner's interface (a tiny run, async and sync)."""
