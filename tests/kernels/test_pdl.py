@@ -55,7 +55,7 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pdl.launch_options(True, trigger=False) == {"PDL": True, "launch_pdl": True}
     short, long = pdl.TRIGGER_MAX_K - 1, pdl.TRIGGER_MAX_K
     assert short >= 2048 and long <= 8192, "the 1B's QKV / o / gate_up yes, its down no"
-    for env in (None, "", "1", "yes"):
+    for env in (None, "", " late "):
         assert pdl.trigger_wanted(env, short) and not pdl.trigger_wanted(env, long)
     assert pdl.trigger_wanted("all", long) and pdl.trigger_wanted(" ALL ", short)
     assert not pdl.trigger_wanted("0", short) and not pdl.trigger_wanted("0", long)
@@ -78,6 +78,20 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not pdl.late_trigger(cuda, short)
         monkeypatch.setenv("LLAMAPY_PDL", "0")
         assert not pdl.trigger_enabled(cuda, short) and not pdl.late_trigger(cuda, long)
+
+
+def test_trigger_setting_names_a_bad_value(caplog: pytest.LogCaptureFixture) -> None:
+    """LLAMAPY_GPU_PDL_TRIGGER: 0, all or late (any case); anything else keeps the K rule
+    with a warning naming the variable."""
+    pdl.trigger_setting.cache_clear()
+    assert [pdl.trigger_setting(v) for v in (None, "", " ALL ", "0", "Late")] == [
+        "", "", "all", "0", "late"
+    ]  # fmt: skip
+    assert not caplog.records
+    assert pdl.trigger_setting("yes") == ""
+    assert "LLAMAPY_GPU_PDL_TRIGGER='yes'" in caplog.text
+    assert pdl.trigger_wanted("yes", pdl.TRIGGER_MAX_K - 1)
+    assert not pdl.trigger_wanted("yes", pdl.TRIGGER_MAX_K)
 
 
 def test_policy() -> None:

@@ -137,14 +137,24 @@ TRIGGER_SWITCH = "LLAMAPY_GPU_PDL_TRIGGER"
 TRIGGER_MAX_K = 4096
 
 
+@functools.cache
+def trigger_setting(env: str | None) -> str:
+    """LLAMAPY_GPU_PDL_TRIGGER as "0", "all", "late" or "" (unset: the K rule); anything else
+    keeps the K rule, said once."""
+    value = (env or "").strip().lower()
+    if value in ("", "0", "all", "late"):
+        return value
+    logger.warning("LLAMAPY_GPU_PDL_TRIGGER=%r is not 0, all or late: products with K < %d "
+                   "trigger", env, TRIGGER_MAX_K)  # fmt: skip
+    return ""
+
+
 def trigger_wanted(env: str | None, k: int) -> bool:
     """The policy for a product over K inputs a row, launched without PDL, triggering right
-    after its wait: unset (or anything else, "late" included) K < TRIGGER_MAX_K, "0" never,
-    "all" always."""
-    value = (env or "").strip().lower()
-    if value == "0":
-        return False
-    return value == "all" or k < TRIGGER_MAX_K
+    after its wait (`trigger_setting`): "0" never, "all" always, otherwise ("late" too) K <
+    TRIGGER_MAX_K."""
+    value = trigger_setting(env)
+    return value != "0" and (value == "all" or k < TRIGGER_MAX_K)
 
 
 def late_trigger(device: torch.device, k: int) -> bool:
@@ -153,8 +163,8 @@ def late_trigger(device: torch.device, k: int) -> bool:
     loads are done (the tiled codes GEMV after its K loop, the persistent one at its last row
     tile) rather than not at all, so that the next kernel's launch overlaps only their tail
     and its prefetches do not compete with their stream. Where PDL runs at all."""
-    value = os.environ.get(TRIGGER_SWITCH, "").strip().lower()
-    return value == "late" and k >= TRIGGER_MAX_K and pdl_enabled(device)
+    late = trigger_setting(os.environ.get(TRIGGER_SWITCH)) == "late"
+    return late and k >= TRIGGER_MAX_K and pdl_enabled(device)
 
 
 def trigger_enabled(device: torch.device, k: int) -> bool:

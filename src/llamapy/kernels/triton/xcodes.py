@@ -495,8 +495,10 @@ def matmul(
     then the codes GEMV into `out` (added into it when `accumulate`: the residual form); with
     `PIPE_NORM_SWITCH` on, an RMSNorm prologue before a persistent legacy GEMV is quantized
     inside it (one launch)."""
-    pipe = _pipe_for(w.k, w.qtype) if w.qtype not in _KQUANT_PIPES else None
-    if pro == 1 and pipe is not None and _pipe_norm():
+    pipe = None
+    if pro == 1 and _pipe_norm() and w.qtype not in _KQUANT_PIPES:
+        pipe = _pipe_for(w.k, w.qtype)
+    if pipe is not None:
         if norm_weight is None or norm_weight.shape != (w.k,) or x.shape != (1, w.k):
             raise ValueError(f"the norm prologue needs one row of K={w.k} and a ({w.k},) weight")
         _check_weight(w)
