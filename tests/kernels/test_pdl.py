@@ -55,13 +55,10 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pdl.launch_options(True, trigger=False) == {"PDL": True, "launch_pdl": True}
     short, long = pdl.TRIGGER_MAX_K - 1, pdl.TRIGGER_MAX_K
     assert short >= 2048 and long <= 8192, "the 1B's QKV / o / gate_up yes, its down no"
-    for env in (None, "", " late "):
+    for env in (None, ""):
         assert pdl.trigger_wanted(env, short) and not pdl.trigger_wanted(env, long)
     assert pdl.trigger_wanted("all", long) and pdl.trigger_wanted(" ALL ", short)
     assert not pdl.trigger_wanted("0", short) and not pdl.trigger_wanted("0", long)
-    assert pdl.trigger_wanted("late", short) and not pdl.trigger_wanted("late", long)
-    monkeypatch.setenv(pdl.TRIGGER_SWITCH, "late")
-    assert not pdl.late_trigger(torch.device("cpu"), long)
     monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
     assert not pdl.trigger_enabled(torch.device("cpu"), short)
     if torch.cuda.is_available():
@@ -72,22 +69,18 @@ def test_trigger_only(monkeypatch: pytest.MonkeyPatch) -> None:
         pdl.set_model_bytes(cuda, 700 << 20)
         assert pdl.trigger_enabled(cuda, short) == (ON_HOPPER and not kt.INTERPRET)
         assert not pdl.trigger_enabled(cuda, long)
-        assert not pdl.late_trigger(cuda, long)  # unset: no late trigger
-        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "late")
-        assert pdl.late_trigger(cuda, long) == (ON_HOPPER and not kt.INTERPRET)
-        assert not pdl.late_trigger(cuda, short)
         monkeypatch.setenv("LLAMAPY_PDL", "0")
-        assert not pdl.trigger_enabled(cuda, short) and not pdl.late_trigger(cuda, long)
+        assert not pdl.trigger_enabled(cuda, short)
 
 
 def test_trigger_setting_names_a_bad_value(caplog: pytest.LogCaptureFixture) -> None:
-    """LLAMAPY_GPU_PDL_TRIGGER: 0, all or late (any case); anything else keeps the K rule
-    with a warning naming the variable."""
+    """LLAMAPY_GPU_PDL_TRIGGER: 0 or all (any case); anything else keeps the K rule with a
+    warning naming the variable."""
     pdl.trigger_setting.cache_clear()
-    assert [pdl.trigger_setting(v) for v in (None, "", " ALL ", "0", "Late")] == [
-        "", "", "all", "0", "late"
-    ]  # fmt: skip
+    assert [pdl.trigger_setting(v) for v in (None, "", " ALL ", "0")] == ["", "", "all", "0"]
     assert not caplog.records
+    assert pdl.trigger_setting("late") == ""  # a lab value, measured and removed
+    assert "LLAMAPY_GPU_PDL_TRIGGER='late'" in caplog.text
     assert pdl.trigger_setting("yes") == ""
     assert "LLAMAPY_GPU_PDL_TRIGGER='yes'" in caplog.text
     assert pdl.trigger_wanted("yes", pdl.TRIGGER_MAX_K - 1)
@@ -166,16 +159,16 @@ def _layers(rng: np.random.Generator, qtype: QuantType, d: int, ffn: int, n: int
 
 
 def _pdl_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDL for `mode`: "0" / "1" LLAMAPY_PDL off / on for every kernel; "trigger" / "late"
-    the policy of a large model (its 9-19 MB MLP weights launched without PDL) with
-    LLAMAPY_GPU_PDL_TRIGGER=all / late, so that the kernel after each of those still
-    launches early (right after their wait / once their loads are done)."""
+    """PDL for `mode`: "0" / "1" LLAMAPY_PDL off / on for every kernel; "trigger" the policy
+    of a large model (its 9-19 MB MLP weights launched without PDL) with
+    LLAMAPY_GPU_PDL_TRIGGER=all, so that the kernel after each of those still launches
+    early."""
     monkeypatch.delenv(pdl.TRIGGER_SWITCH, raising=False)
-    if mode in ("trigger", "late"):
+    if mode == "trigger":
         monkeypatch.delenv("LLAMAPY_PDL", raising=False)
         monkeypatch.setattr(pdl, "_model_bytes", {})
         pdl.set_model_bytes(torch.device("cuda"), pdl.AUTO_MAX_MODEL_BYTES + 1)
-        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "all" if mode == "trigger" else "late")
+        monkeypatch.setenv(pdl.TRIGGER_SWITCH, "all")
     else:
         monkeypatch.setenv("LLAMAPY_PDL", mode)
 
@@ -183,7 +176,7 @@ def _pdl_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(not ON_HOPPER, reason="PDL needs a Hopper (sm_90) or newer GPU")
 @pytest.mark.parametrize("qtype", [QuantType.Q4_0, QuantType.Q8_0, QuantType.Q4_K])
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("mode", ["1", "trigger", "late"])
+@pytest.mark.parametrize("mode", ["1", "trigger"])
 def test_graph_chain_matches_pdl_off(qtype, m, mode, rng, monkeypatch) -> None:
     """Real decode widths (2048, ffn 8192: split-K for the down projection), 4 layers in a
     CUDA graph, replayed on fresh inputs: identical with PDL on (`mode`) and off."""
@@ -220,7 +213,7 @@ def test_dependents_launch_after_the_wait() -> None:
     import ast
     from pathlib import Path
 
-    kernels = late = 0
+    kernels = 0
     for path in sorted(Path(kt.__file__).parent.glob("*.py")):
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, ast.FunctionDef):
@@ -238,12 +231,5 @@ def test_dependents_launch_after_the_wait() -> None:
                 continue
             kernels += 1
             order = [attr for _, _, attr in calls]
-            # a second launch_dependents, later in the kernel: the late trigger of a product
-            # launched without PDL (a constexpr picks one of the two)
-            assert order in (
-                ["wait", "launch_dependents"],
-                ["wait", "launch_dependents", "launch_dependents"],
-            ), f"{path.name}:{fn.name}: {order}"
-            late += order.count("launch_dependents") - 1
+            assert order == ["wait", "launch_dependents"], f"{path.name}:{fn.name}: {order}"
     assert kernels >= 12, kernels
-    assert late == 2, "the tiled and the persistent codes GEMVs"

@@ -178,65 +178,6 @@ def test_persistent_codes_gemv(rng, monkeypatch, config, accumulate: bool, kind:
         check_codes_gemv(rng, n, k, kind, accumulate)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K twin"])
-@pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 16, 2), (4, 2, 1, 1)])
-def test_persistent_gemv_quantizes_the_norm_itself(
-    rng, monkeypatch, config, accumulate: bool, kind: str
-) -> None:
-    """LLAMAPY_GPU_X_CODES_PIPE_NORM=1: the persistent GEMV of an RMSNorm's output computes
-    the codes in each program, no quantizing launch; the same product as the quantizing
-    kernel's codes give (bit for bit in the interpreter where both sum the squares in one
-    chunk; else, and on a GPU, within the codes' float64 bound), K of one block (not for the
-    twin: 256), a power of two of blocks and not (the tile padded; several chunks)."""
-    monkeypatch.setattr(xcodes, "_PIPE", {"short": config, "long": config})
-    monkeypatch.setattr(xcodes, "_Q41_PIPE", {"short": config, "long": config})
-    shapes = [(37, 256), (9, 2304)] if kind == "Q4_K twin" else [(37, 256), (11, 32), (9, 800)]
-    for n, k in shapes:
-        w, dense = q4_weight(rng, n, k, kind)
-        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32) * 3).to(DEVICE)
-        g = torch.from_numpy(rng.random(k, dtype=np.float32) + 0.5).to(DEVICE)
-        res = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32)).to(DEVICE)
-        outs = {}
-        for switch in ("0", "1"):
-            monkeypatch.setenv(xcodes.PIPE_NORM_SWITCH, switch)
-            launches: list[int] = []
-            real = xcodes.quantize
-
-            def counted(*a, launches=launches, real=real, **kw):
-                return launches.append(1) or real(*a, **kw)
-
-            monkeypatch.setattr(xcodes, "quantize", counted)
-            out = res.clone() if accumulate else torch.full((1, n), float("nan"), device=DEVICE)
-            xcodes.matmul(x, w, out, 1, g, EPS, accumulate)
-            monkeypatch.setattr(xcodes, "quantize", real)
-            assert len(launches) == (0 if switch == "1" else 1)
-            assert torch.isfinite(out).all()
-            outs[switch] = out.double().cpu().reshape(-1)
-        if not CUDA and xcodes.norm_chunk(k) == qm.rms_chunk(k, 1):  # the same sums
-            assert torch.equal(outs["0"], outs["1"]), (n, k)
-        y = prologue_reference(x, 1, g, k)
-        ref = dense @ y + (res.double().cpu().reshape(-1) if accumulate else 0)
-        amax = y.reshape(-1, 32).abs().amax(dim=1).repeat_interleave(32)
-        bound = dense.abs() @ (amax * (1.01 / (127 * 254 * 2))) + 3e-6 * (dense.abs() @ y.abs())
-        bound += 1e-6 * res.double().cpu().abs().reshape(-1) + 1e-30
-        err = (outs["1"] - ref).abs()
-        assert (err <= bound).all(), f"worst {(err / bound).max():.3g} of the bound"
-
-
-def test_norm_in_the_gemv_refuses_bad_rows(rng, monkeypatch) -> None:
-    monkeypatch.setenv(xcodes.PIPE_NORM_SWITCH, "1")
-    w, _ = q4_0_weight(rng, 8, 256)
-    g = torch.ones(256, device=DEVICE)
-    out = torch.zeros(1, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="norm prologue needs one row of K=256"):
-        xcodes.matmul(torch.zeros(1, 512, device=DEVICE), w, out, 1, g, EPS, False)
-    with pytest.raises(ValueError, match="norm prologue needs"):
-        xcodes.matmul(torch.zeros(1, 256, device=DEVICE), w, out, 1, g[:128], EPS, False)
-    with pytest.raises(ValueError, match="out must be"):
-        xcodes.matmul(torch.zeros(1, 256, device=DEVICE), w, out[:, :4], 1, g, EPS, False)
-
-
 @pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("config", [(1, 1, 1, 1), (2, 1, 16, 1), (4, 2, 1, 2), (1, 4, 4, 1)])

@@ -132,39 +132,29 @@ def pdl_enabled(device: torch.device, weight_bytes: int | None = None) -> bool:
 # early, 1.043x tg128 by this rule, 1.039x all of them; the 1B Q4_0 / Q4_1 downs (K = 8192)
 # letting the next layer's QKV start early (prefetching 3.5 MB beside their streams), 0.949x
 # / 0.893x. So products with K < TRIGGER_MAX_K do (QKV, o, gate_up, the output matrix); the
-# downs do not. LLAMAPY_GPU_PDL_TRIGGER=0: none; "all": every one.
+# downs do not, nor once their loads are done (a lab setting of the thirty-fifth session:
+# 1B Q4_0 1.004x, Q4_1 0.978x; removed). LLAMAPY_GPU_PDL_TRIGGER=0: none; "all": every one.
 TRIGGER_SWITCH = "LLAMAPY_GPU_PDL_TRIGGER"
 TRIGGER_MAX_K = 4096
 
 
 @functools.cache
 def trigger_setting(env: str | None) -> str:
-    """LLAMAPY_GPU_PDL_TRIGGER as "0", "all", "late" or "" (unset: the K rule); anything else
-    keeps the K rule, said once."""
+    """LLAMAPY_GPU_PDL_TRIGGER as "0", "all" or "" (unset: the K rule); anything else keeps
+    the K rule, said once."""
     value = (env or "").strip().lower()
-    if value in ("", "0", "all", "late"):
+    if value in ("", "0", "all"):
         return value
-    logger.warning("LLAMAPY_GPU_PDL_TRIGGER=%r is not 0, all or late: products with K < %d "
+    logger.warning("LLAMAPY_GPU_PDL_TRIGGER=%r is not 0 or all: products with K < %d "
                    "trigger", env, TRIGGER_MAX_K)  # fmt: skip
     return ""
 
 
 def trigger_wanted(env: str | None, k: int) -> bool:
     """The policy for a product over K inputs a row, launched without PDL, triggering right
-    after its wait (`trigger_setting`): "0" never, "all" always, otherwise ("late" too) K <
-    TRIGGER_MAX_K."""
+    after its wait (`trigger_setting`): "0" never, "all" always, otherwise K < TRIGGER_MAX_K."""
     value = trigger_setting(env)
     return value != "0" and (value == "all" or k < TRIGGER_MAX_K)
-
-
-def late_trigger(device: torch.device, k: int) -> bool:
-    """LLAMAPY_GPU_PDL_TRIGGER=late (a lab setting, not yet measured): products at K >=
-    TRIGGER_MAX_K launched without PDL (the downs) let their dependents launch once their
-    loads are done (the tiled codes GEMV after its K loop, the persistent one at its last row
-    tile) rather than not at all, so that the next kernel's launch overlaps only their tail
-    and its prefetches do not compete with their stream. Where PDL runs at all."""
-    late = trigger_setting(os.environ.get(TRIGGER_SWITCH)) == "late"
-    return late and k >= TRIGGER_MAX_K and pdl_enabled(device)
 
 
 def trigger_enabled(device: torch.device, k: int) -> bool:

@@ -178,36 +178,10 @@ _Q4K_PIPE = _pipe_config(
 # down with PDL 0.977x, without 1.034x; 1B Q4_K_M's Q6_K down without PDL 1.007x.
 # LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the size rule everywhere; "all": PDL at long K too.
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
-# LLAMAPY_GPU_X_CODES_PIPE_NORM=1 (a lab setting, off: not yet measured): a persistent legacy
-# GEMV whose x is an RMSNorm's output (gate_up, the output matrix) takes the float32 row and
-# the norm weight, and each of its programs quantizes the codes itself (the same arithmetic as
-# `_quantize_kernel`, its loads mostly L1 hits: 16 programs an SM read the same row), so the
-# quantizing launch between o and gate_up goes. The risk, from a host sm_90 compile (a
-# throwaway script, thirty-fourth session): the norm and codes of a 2048 row add ~1,700
-# instructions to a one-warp program (2,352 against 640; the tile loop unchanged, 286 / 283),
-# ~3.5 us of issue for an SM's 16 programs, against the 2-3 us the quantizing launch took in
-# the twenty-eighth session's profile; with 2-warp programs ~900 (8 an SM), 4-warp ~510 (4).
-# So measure it with fewer programs an SM too (`LLAMAPY_GPU_X_CODES_PIPE`).
-PIPE_NORM_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_NORM"
-
-
-def _pipe_norm() -> bool:
-    return os.environ.get(PIPE_NORM_SWITCH, "").strip() == "1"
-
-
-# The norm inside the persistent GEMV sums the row's squares in chunks of at most this many
-# values, and its launch caps the registers a thread: a one-warp program holding a 2048 row
-# (and its codes) took 252 registers with one chunk, 179 with 256-value chunks (host sm_90
-# compile, the 1B's gate_up tile), against the 127 that let 16 programs share an SM; at 128
-# the compile keeps 24-32 bytes of stack outside the tile loop, whose instructions are
-# unchanged (.lab-style throwaway compile, thirty-fourth session).
-NORM_RMS_CHUNK = 256
-NORM_MAX_REGISTERS = 128
-
-
-def norm_chunk(k: int) -> int:
-    """The sum-of-squares chunk of the norm inside the persistent GEMV for rows of k."""
-    return min(qm.rms_chunk(k, 1), NORM_RMS_CHUNK)
+# Each persistent program quantizing RMSNorm(x) itself instead of the quantizing launch lost
+# twice: 0.856x tg128 (1B Q4_0, twenty-sixth session), and with 256-value norm chunks and 128
+# registers 0.901x (16 one-warp programs an SM) / 0.951x (8 two-warp ones; thirty-fifth
+# session, benchmarks/RESULTS.md); removed both times.
 
 
 def _quant_tile(env: str | None) -> tuple[int, int]:
@@ -235,14 +209,6 @@ def _pdl(device: torch.device, weight_bytes: int | None) -> bool:
 def _trigger(device: torch.device, k: int) -> bool:
     """`pdl.trigger_enabled`, unless LLAMAPY_GPU_X_CODES_PDL is off."""
     return pdl.trigger_enabled(device, k) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
-
-
-def _late(device: torch.device, k: int, pdl_on: bool) -> bool:
-    """`pdl.late_trigger` for a product launched without PDL, unless LLAMAPY_GPU_X_CODES_PDL is
-    off."""
-    return (
-        not pdl_on and pdl.late_trigger(device, k) and not switched_off("LLAMAPY_GPU_X_CODES_PDL")
-    )
 
 
 def enabled() -> bool:
@@ -360,19 +326,15 @@ def gemv(
 
 
 def _check_codes(codes: tuple[torch.Tensor, ...], w: PackedWeight) -> None:
-    _check_weight(w)
-    nb = w.k // QK
-    if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
-        raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
-
-
-def _check_weight(w: PackedWeight) -> None:
     if w.qtype not in TYPES:
         raise ValueError(f"the codes GEMV takes {[t.name for t in TYPES]}, got {w.qtype.name}")
     if _QUANTS[w.qtype] not in w.tensors:
         raise ValueError(
             f"the codes GEMV reads the quants ({_QUANTS[w.qtype]!r}), not a byte twin or float form"
         )
+    nb = w.k // QK
+    if codes[0].shape != (LEVELS, nb * 8) or codes[1].shape != (LEVELS, nb):
+        raise ValueError(f"codes are for K={codes[1].shape[-1] * QK}, the weight has K={w.k}")
 
 
 def _launch(
@@ -402,7 +364,7 @@ def _launch(
     _codes_gemv_kernel[(triton.cdiv(w.n, block_n),)](
         *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
         steps, QT=TYPES[w.qtype], LEVELS=LEVELS, BLOCK_N=block_n, BLOCK_B=block_b,
-        RES=accumulate, INTERP=INTERPRET, PF=lines, LATE=_late(out.device, w.k, pdl_on),
+        RES=accumulate, INTERP=INTERPRET, PF=lines,
         **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
     )  # fmt: skip
 
@@ -422,34 +384,23 @@ def _pipe_grid(w: PackedWeight, out: torch.Tensor, config: Pipe) -> tuple[int, i
 
 
 def _launch_pipe(
-    codes: tuple[torch.Tensor, ...] | None,
+    codes: tuple[torch.Tensor, ...],
     w: PackedWeight,
     out: torch.Tensor,
     accumulate: bool,
     config: Pipe,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> None:
     """The persistent form: min(row tiles, SMs x programs an SM) programs, each over the row
     tiles pid, pid + programs, ..., the whole of K a tile (BLOCK_B the next power of two of
-    K / 32). `norm` (x, norm weight, eps) instead of `codes`: each program quantizes
-    RMSNorm(x) * weight itself (`PIPE_NORM_SWITCH`)."""
+    K / 32)."""
     block_n, warps, _, ahead = config
     programs, tiles, pdl_on = _pipe_grid(w, out, config)
     d = w.tensors["d"]
-    if norm is None:
-        assert codes is not None
-        x, g, eps = out, out, 0.0  # unread
-    else:
-        x, g, eps = norm
-        codes = (out, out, out)  # unread
     _codes_gemv_pipe_kernel[(programs,)](
-        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, x, g, w.n,
-        w.k, tiles, float(eps), QT=TYPES[w.qtype], BLOCK_N=block_n,
+        *codes, w.tensors["qs"].view(torch.int32), d, w.tensors.get("m", d), out, w.n, w.k,
+        tiles, QT=TYPES[w.qtype], BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(w.k // QK), RES=accumulate, AHEAD=ahead, INTERP=INTERPRET,
-        NORM=norm is not None, RMS_CHUNK=norm_chunk(w.k) if norm else qm.rms_chunk(w.k, 1),
-        LATE=_late(out.device, w.k, pdl_on),
         **pdl.launch_options(pdl_on, _trigger(out.device, w.k)), num_warps=warps,
-        **({"maxnreg": NORM_MAX_REGISTERS} if norm and not INTERPRET else {}),
     )  # fmt: skip
 
 
@@ -492,20 +443,7 @@ def matmul(
     accumulate: bool,
 ) -> torch.Tensor:
     """`qmatmul`'s product for a row it routes here (`takes`): x quantized with its prologue,
-    then the codes GEMV into `out` (added into it when `accumulate`: the residual form); with
-    `PIPE_NORM_SWITCH` on, an RMSNorm prologue before a persistent legacy GEMV is quantized
-    inside it (one launch)."""
-    pipe = None
-    if pro == 1 and _pipe_norm() and w.qtype not in _KQUANT_PIPES:
-        pipe = _pipe_for(w.k, w.qtype)
-    if pipe is not None:
-        if norm_weight is None or norm_weight.shape != (w.k,) or x.shape != (1, w.k):
-            raise ValueError(f"the norm prologue needs one row of K={w.k} and a ({w.k},) weight")
-        _check_weight(w)
-        if out.shape != (1, w.n) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 (1, {w.n}), got {tuple(out.shape)}")
-        _launch_pipe(None, w, out, accumulate, pipe, (x, norm_weight, eps or 0.0))
-        return out
+    then the codes GEMV into `out` (added into it when `accumulate`: the residual form)."""
     codes = quantize(x, w.k, pro, norm_weight, eps or 0.0)
     return gemv(codes, w, out, accumulate)
 
@@ -596,7 +534,6 @@ if HAS_TRITON:
         xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, steps,
         QT: tl.constexpr, LEVELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         RES: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
-        LATE: tl.constexpr,
     ):  # fmt: skip
         """out[n] (+)= sum_b d[n, b] sum_l s[l, b] (sum_j q[n, b, j] c[l, b, j] - 8 t[l, b])
         for this program's BLOCK_N rows, K walked in `steps` steps of BLOCK_B blocks. PDL: PF
@@ -621,7 +558,6 @@ if HAS_TRITON:
             for step in range(0, steps):
                 acc = _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask,
                                   nb, step * BLOCK_B, QT, LEVELS, BLOCK_B, INTERP)  # fmt: skip
-        pdl.launch_dependents(LATE)  # launched without PDL: its loads are done
         y = tl.sum(acc, axis=1)
         if RES:  # out is the residual stream: y added into it, once
             y += tl.load(out_ptr + offs_n, mask=n_mask, other=0.0)
@@ -647,67 +583,39 @@ if HAS_TRITON:
         return w, d, m
 
     @triton.jit
-    def _level_codes(xl, xh, b_ok):
-        """One level of `_store_codes`'s codes kept in registers: the code words of the low and
-        high halves (BB, 4), the scales and the codes' sums (BB,) (zero past the row's
-        blocks, as the buffers read with `other=0`), and what the level leaves of x."""
-        cl, ch, sx, total = qm._codes(xl, xh)
-        rest_l = xl - cl.to(tl.float32) * sx[:, None]
-        rest_h = xh - ch.to(tl.float32) * sx[:, None]
-        words_l = tl.where(b_ok[:, None], qm._pack_bytes(cl), 0)
-        words_h = tl.where(b_ok[:, None], qm._pack_bytes(ch), 0)
-        sx = tl.where(b_ok, sx, 0.0)
-        total = tl.where(b_ok, total, 0)
-        return words_l, words_h, sx, total, rest_l, rest_h
-
-    @triton.jit
     def _codes_gemv_pipe_kernel(
-        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, x_ptr, g_ptr, N, K, tiles, eps,
+        xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, out_ptr, N, K, tiles,
         QT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RES: tl.constexpr,
-        AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-        RMS_CHUNK: tl.constexpr, LATE: tl.constexpr,
+        AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """`_codes_gemv_kernel`'s product (two levels of codes), persistent and
         software-pipelined: the program holds x's codes of all of K in registers (read once)
         and walks the row tiles pid, pid + programs, ..., issuing the loads of the tile AHEAD
         (1 or 2) tiles on before it computes the current one, so that a program keeps AHEAD +
         1 tiles' bytes in flight. Its first tile's loads go out before the PDL wait (weights
-        do not depend on the kernel before). NORM: no codes buffers; each program computes
-        the codes of RMSNorm(x) * g (float32 x, `eps`) itself, as `_quantize_kernel` does,
-        the norm weight loaded before the wait."""
+        do not depend on the kernel before)."""
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         nb = K // 32
         w, d, m = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid, N, nb, QT, BLOCK_N, BLOCK_B)
-        offs_b = tl.arange(0, BLOCK_B)
-        b_ok = offs_b < nb
-        if NORM:
-            gl, gh = qm._g_halves(g_ptr, 0, nb, BLOCK_B, 1)
         pdl.wait(PDL)
         pdl.launch_dependents(PDL)
-        if NORM:
-            xl, xh = qm._x_halves(x_ptr, True, 0, nb, gl, gh, BLOCK_B, 1)
-            inv = qm._inv_rms(x_ptr, tl.arange(0, 1), 1, K, K, eps, 1, RMS_CHUNK, INTERP)
-            inv = tl.sum(inv, 0)
-            cl0, ch0, s0, t0, xl, xh = _level_codes(xl * inv, xh * inv, b_ok)
-            cl1, ch1, s1, t1, xl, xh = _level_codes(xl, xh, b_ok)
-        else:
-            xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
-            cl0 = tl.load(xc_ptr + xw, mask=b_ok[:, None], other=0)
-            ch0 = tl.load(xc_ptr + xw + 4, mask=b_ok[:, None], other=0)
-            cl1 = tl.load(xc_ptr + nb * 8 + xw, mask=b_ok[:, None], other=0)
-            ch1 = tl.load(xc_ptr + nb * 8 + xw + 4, mask=b_ok[:, None], other=0)
-            s0 = tl.load(xs_ptr + offs_b, mask=b_ok, other=0.0)
-            s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
-            t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
-            t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
+        offs_b = tl.arange(0, BLOCK_B)
+        b_ok = offs_b < nb
+        xw = offs_b[:, None] * 8 + tl.arange(0, 4)[None, :]
+        cl0 = tl.load(xc_ptr + xw, mask=b_ok[:, None], other=0)
+        ch0 = tl.load(xc_ptr + xw + 4, mask=b_ok[:, None], other=0)
+        cl1 = tl.load(xc_ptr + nb * 8 + xw, mask=b_ok[:, None], other=0)
+        ch1 = tl.load(xc_ptr + nb * 8 + xw + 4, mask=b_ok[:, None], other=0)
+        s0 = tl.load(xs_ptr + offs_b, mask=b_ok, other=0.0)
+        s1 = tl.load(xs_ptr + nb + offs_b, mask=b_ok, other=0.0)
+        t0 = tl.load(xt_ptr + offs_b, mask=b_ok, other=0)
+        t1 = tl.load(xt_ptr + nb + offs_b, mask=b_ok, other=0)
         xsum = t0.to(tl.float32) * s0 + t1.to(tl.float32) * s1  # sum_j x_j a block (Q4_1)
         tile = pid
         if AHEAD == 2:
             w2, d2, m2 = _pipe_tile(qs_ptr, d_ptr, m_ptr, pid + step, N, nb, QT, BLOCK_N, BLOCK_B)
         while tile < tiles:
-            if tile + step >= tiles:  # LATE (launched without PDL): dependents may launch
-                pdl.launch_dependents(LATE)  # once every program is on its last tile
             nxt = _pipe_tile(qs_ptr, d_ptr, m_ptr, tile + AHEAD * step, N, nb, QT, BLOCK_N,
                              BLOCK_B)  # fmt: skip
             lo = w & 0x0F0F0F0F  # weights 4i .. 4i + 3 of the block (word i)
