@@ -356,3 +356,112 @@ def test_lab_settings_parse_or_name_the_variable() -> None:
     for bad in ("2,1,16", "3,1,16/-", "2,1,16,3/-", "2,1/-", "a/b", "2,1,16/-/-", "0,1,1/-"):
         with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_PIPE"):
             xcodes._pipe_config(bad)
+
+
+# -- the next norm's codes written by the GEMV before (`qmatmul`'s then_codes) ----------------
+
+
+def _norm_codes(rng, n: int) -> xcodes.NormCodes:
+    g = torch.from_numpy(rng.random(n, dtype=np.float32) + 0.5).to(DEVICE)
+    return xcodes.NormCodes.make(g, EPS, torch.zeros(1, dtype=torch.int32, device=DEVICE))
+
+
+def _poison(codes: xcodes.NormCodes) -> None:
+    for t in codes.buffers:
+        t.fill_(-7) if t.dtype == torch.int32 else t.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("qtype", [QuantType.Q8_0, QuantType.Q4_0, QuantType.Q4_1])
+@pytest.mark.parametrize("split", [None, 2], ids=["in-kernel", "split-K"])
+@pytest.mark.parametrize(("n", "k"), [(64, 96), (2080, 64), (96, 2048)])
+def test_residual_gemv_leaves_the_next_norms_codes(rng, monkeypatch, qtype, split, n, k) -> None:
+    """A one-row GEMV into the residual stream with then_codes: the stream as without them
+    (bit for bit), and the codes of RMSNorm(the new stream) * g that the quantizing kernel
+    makes of it (bit for bit in the interpreter: the same arithmetic, the squares summed in
+    the same chunk; on a GPU within the codes' bound, its sums' order may differ), written by
+    the last program to finish (one of many: N of 2 to 260 row tiles, chunks of the tail
+    over 64 blocks), the counter back at zero after each launch (three launches on it). With
+    a K split (a GEMV of two launches) the quantizing kernel writes them after."""
+    if split is not None:
+        real = qm._gemv_config
+        monkeypatch.setattr(qm, "_gemv_config", lambda *a, **kw: {**real(*a, **kw), "SPLIT": split})
+    w = qm.pack_weight(
+        torch.from_numpy(random_blocks(rng, qtype, (n, k // 32)).reshape(n, -1)).to(DEVICE),
+        qtype,
+        (n, k),
+    )
+    codes = _norm_codes(rng, n)
+    for _ in range(3):
+        x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+        stream = torch.from_numpy(rng.standard_normal((1, n), dtype=np.float32) * 4).to(DEVICE)
+        assert qm.then_codes_fit(x, w, None)
+        plain = stream.clone()
+        qm.qmatmul(x, w, residual=plain)
+        _poison(codes)
+        qm.qmatmul(x, w, residual=stream, then_codes=codes)
+        assert torch.equal(stream, plain)
+        assert codes.counter.item() == 0
+        want = xcodes.quantize(plain, n, 1, codes.weight, EPS)
+        if CUDA:
+            assert_codes_stand_for(codes.buffers, prologue_reference(plain, 1, codes.weight, n))
+        else:
+            for got, ref in zip(codes.buffers, want, strict=True):
+                assert torch.equal(got, ref)
+
+
+def test_the_tail_runs_after_every_programs_store(rng, monkeypatch) -> None:
+    """The last program to count itself done reads the whole row: a program that counted
+    before storing (the count moved ahead of the store) would leave rows of the old stream
+    in the codes. Checked by the codes of a stream every row of which the product changes."""
+    qtype, n, k = QuantType.Q8_0, 256, 64
+    w = qm.pack_weight(
+        torch.from_numpy(random_blocks(rng, qtype, (n, k // 32)).reshape(n, -1)).to(DEVICE),
+        qtype,
+        (n, k),
+    )
+    codes = _norm_codes(rng, n)
+    x = torch.from_numpy(rng.standard_normal((1, k), dtype=np.float32)).to(DEVICE)
+    stream = torch.zeros(1, n, device=DEVICE)
+    _poison(codes)
+    qm.qmatmul(x, w, residual=stream, then_codes=codes)
+    assert (stream != 0).all()
+    assert_codes_stand_for(codes.buffers, prologue_reference(stream, 1, codes.weight, n))
+
+
+def test_then_codes_and_x_codes_refuse_what_they_do_not_take(rng) -> None:
+    qtype, n, k = QuantType.Q8_0, 64, 64
+    w = qm.pack_weight(
+        torch.from_numpy(random_blocks(rng, qtype, (n, k // 32)).reshape(n, -1)).to(DEVICE),
+        qtype,
+        (n, k),
+    )
+    x = torch.ones(1, k, device=DEVICE)
+    stream = torch.ones(1, n, device=DEVICE)
+    codes = _norm_codes(rng, n)
+    with pytest.raises(ValueError, match="residual form"):
+        qm.qmatmul(x, w, then_codes=codes)
+    with pytest.raises(ValueError, match="one float32 row"):
+        qm.qmatmul(torch.ones(2, k, device=DEVICE), w, residual=stream.repeat(2, 1),
+                   then_codes=codes)  # fmt: skip
+    wrong = xcodes.NormCodes.make(codes.weight[:32], EPS, codes.counter)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        qm.qmatmul(x, w, residual=stream, then_codes=wrong)
+    with pytest.raises(ValueError, match="x_codes need one float32 row"):
+        qm.qmatmul(x, w, x_codes=codes.buffers)  # a Q8_0 weight the codes do not take
+    big, _ = q4_0_weight(rng, 8, 256)
+    with pytest.raises(ValueError, match="x_codes go alone"):
+        qm.qmatmul(torch.ones(1, 256, device=DEVICE), big, norm_weight=torch.ones(256),
+                   eps=EPS, x_codes=xcodes.code_buffers(256, DEVICE))  # fmt: skip
+
+
+def test_x_codes_are_the_codes_gemvs(rng, monkeypatch) -> None:
+    """qmatmul with x_codes: the codes GEMV over them, as qmatmul's own norm prologue gives."""
+    monkeypatch.setattr(xcodes, "MIN_K", 32)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    w, _ = q4_0_weight(rng, 40, 256)
+    x = torch.from_numpy(rng.standard_normal((1, 256), dtype=np.float32)).to(DEVICE)
+    g = torch.from_numpy(rng.random(256, dtype=np.float32) + 0.5).to(DEVICE)
+    assert xcodes.takes(x, w, None)
+    want = qm.qmatmul(x, w, norm_weight=g, eps=EPS)
+    got = qm.qmatmul(x, w, x_codes=xcodes.quantize(x, 256, 1, g, EPS))
+    assert torch.equal(got, want)

@@ -446,3 +446,65 @@ def test_x_codes_give_the_same_logits(tmp_path, rng, monkeypatch) -> None:
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=0, atol=5e-4 * want.abs().max().item())
     assert {int(Q.Q4_0), int(Q.Q6_K), int(Q.Q4_K)} == {int(t) for t in calls}  # downs too
+
+
+# ~100 s a case in the interpreter: the merge kernel's case on a GPU only
+MERGE_CASES = {"o-merges": True, "merge-kernel": False} if CUDA else {"o-merges": True}
+
+
+@pytest.mark.parametrize("merge", list(MERGE_CASES.values()), ids=list(MERGE_CASES))
+def test_o_writes_the_ffn_norms_codes(tmp_path, rng, merge, monkeypatch) -> None:
+    """LLAMAPY_GPU_O_NORM_CODES=1: in a one-row decode step whose gate_up takes x's codes,
+    o's GEMV (merging the attention's splits, or after the merge kernel) leaves the FFN
+    norm's codes and no quantizing launch runs between o and gate_up: the logits of the
+    quantizing launch (bit for bit in the interpreter, where both sum the same squares in
+    the same order), step after step on the same counters; prefill steps (rows > 1) as
+    before."""
+    from llamapy.kernels.triton import INTERPRET, attention, qmatmul, xcodes
+    from llamapy.layers import attention as attention_layer
+
+    if not (CUDA or INTERPRET):
+        pytest.skip("the fused decode attention needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setattr(attention_layer, "TRITON_DECODE_ON_CPU", True)
+    monkeypatch.setattr(attention, "MERGE_IN_GEMV_MAX_SPLITS", 8 if merge else 0)
+    monkeypatch.setattr(qmatmul, "MERGE_MIN_K", 0)
+    monkeypatch.setattr(xcodes, "MIN_K", 32)
+    monkeypatch.setattr(xcodes, "MIN_WEIGHTS", 1)
+    # o in Q8_0 (which the codes do not take: its GEMV is the float32-x one); the rest Q4_0
+    types = {f"blk.{i}.attn_output.weight": Q.Q8_0 for i in range(2)}
+    shape = {"hidden": 128, "n_heads": 4, "ffn": 256}
+    models = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv(xcodes.O_NORM_CODES_SWITCH, on)
+        models[on] = tiny_model(tmp_path, rng, Q.Q4_0, types, "off", monkeypatch, **shape)
+        counters = [layer.norm_codes_counter for layer in models[on].layers]
+        assert all((c is not None) == (on == "1") for c in counters)
+    launches = []
+    real = xcodes.quantize
+    monkeypatch.setattr(
+        xcodes, "quantize", lambda *a, **kw: launches.append(a[2]) or real(*a, **kw)
+    )
+    runners = {on: Runner(m, num_seqs=1, max_len=24) for on, m in models.items()}
+    runners["1"].tables = runners["0"].tables
+    runners["0"].decode_splits = runners["1"].decode_splits = 3
+    vocab = models["0"].config.vocab_size
+    steps = [[rng.integers(0, vocab, 20).tolist()]] + [
+        [[int(t)]] for t in rng.integers(0, vocab, 3)
+    ]
+    for i, chunks in enumerate(steps):
+        logits, norms = {}, {}
+        for on in ("0", "1"):
+            launches.clear()
+            logits[on] = runners[on].step(chunks)
+            norms[on] = launches.count(1)  # quantizing launches of norms (pro 1)
+            assert launches or i == 0
+            assert not launches or i > 0  # prefill (20 rows): no codes
+        # QKV's and the output matrix's norms (the codes take every Q4_0 product here) stay
+        assert norms["0"] - norms["1"] == (len(models["0"].layers) if i else 0), norms
+        assert not logits["1"].isnan().any()
+        if CUDA:
+            scale = logits["0"].abs().max().item()
+            torch.testing.assert_close(logits["1"], logits["0"], rtol=1e-4, atol=1e-5 * scale)
+        else:
+            assert torch.equal(logits["1"], logits["0"])
+    assert all(layer.norm_codes_counter.item() == 0 for layer in models["1"].layers)
