@@ -14,7 +14,6 @@ from llamapy.quant.types import QuantType
 
 if TYPE_CHECKING:
     from llamapy.kernels.triton.decode_splits import DecodeSplits
-    from llamapy.kernels.triton.xcodes import NormCodes
 
 logger = logging.getLogger(__name__)
 
@@ -179,25 +178,21 @@ class QLinear(torch.nn.Module):
         eps: float | None = None,
         act: str | None = None,
         residual: torch.Tensor | None = None,
-        then_codes: NormCodes | None = None,
-        x_codes: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """y = x W^T (+ b). The keywords are the Triton matmul's fused forms (the CUDA decode
         step; see `kernels.triton.qmatmul.qmatmul`): RMSNorm or gated activation of x inside
-        the matmul, `residual += y` in place, the next norm's codes left by this product
-        (then_codes) or taken by it (x_codes). x may be a CUDA decode attention's unmerged
+        the matmul, `residual += y` in place. x may be a CUDA decode attention's unmerged
         key splits (`DecodeSplits`): the Triton GEMV merges them as it loads x."""
         if self.kernel == "triton":
             from llamapy.kernels.triton.qmatmul import qmatmul
 
             return qmatmul(
                 x, self.packed, self.bias, norm_weight=norm_weight, eps=eps, act=act,
-                residual=residual, then_codes=then_codes, x_codes=x_codes,
+                residual=residual,
             )  # fmt: skip
         if not isinstance(x, torch.Tensor):  # a decode attention's unmerged key splits
             x = x.merged().reshape(x.shape)
-        fused = (norm_weight, act, residual, then_codes, x_codes)
-        if any(v is not None for v in fused):
+        if norm_weight is not None or act is not None or residual is not None:
             raise ValueError(
                 f"fused matmul forms need the Triton kernels; this layer runs {self.kernel}"
             )

@@ -14,7 +14,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,9 +32,6 @@ from llamapy.models.weights import Weights
 from llamapy.quant.legacy import WIDENS_TO_Q8_0, widen_to_q8_0
 from llamapy.quant.qtensor import QTensor
 from llamapy.quant.types import QuantType
-
-if TYPE_CHECKING:
-    from llamapy.kernels.triton.xcodes import NormCodes
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +186,9 @@ class Attention(torch.nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: KVCache,
-        then_codes: NormCodes | None = None,
     ) -> None:
         """CUDA decode (`DecoderLayer.forward_fused`): as `forward` of rms_norm(stream), the
-        norm computed by the QKV GEMVs, the output projection added into `stream` in place
-        (and leaving `then_codes`, the next norm's codes, where given)."""
+        norm computed by the QKV GEMVs, the output projection added into `stream` in place."""
         T = stream.shape[0]
         q, k, v = self._project(stream, norm_weight=norm[0], eps=norm[1])
         q = q.view(T, self.num_heads, self.head_dim)
@@ -218,7 +212,7 @@ class Attention(torch.nn.Module):
             defer_merge=self.o_proj.kernel == "triton",  # its GEMV merges the key splits
         )
         self.o_proj(out if not isinstance(out, torch.Tensor) else out.reshape(T, -1),
-                    residual=stream, then_codes=then_codes)  # fmt: skip
+                    residual=stream)  # fmt: skip
 
 
 class MLP(torch.nn.Module):
@@ -320,9 +314,6 @@ def gpu_widening(matrix_bytes: int, env: str | None = None) -> str:
 
 class DecoderLayer(torch.nn.Module):
     fused_activation: str | None = None  # set by LlamaForCausalLM.plan_fused_decode
-    # the launch counter of o's GEMV writing the FFN norm's codes (`xcodes.o_norm_codes`);
-    # set by plan_fused_decode where the switch is on
-    norm_codes_counter: torch.Tensor | None = None
 
     def __init__(self, w: Weights, il: int, rope: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
@@ -401,14 +392,10 @@ class DecoderLayer(torch.nn.Module):
             residual = h
         elif h is not None:
             residual = residual + h
-        codes = self._norm_codes(residual)
-        self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache,
-                                then_codes=codes)  # fmt: skip
+        self.attn.forward_fused(residual, (self.attn_norm, self.eps), cos_sin, meta, kv_cache)
         mlp = self.mlp
         rows = residual.shape[0]
-        if codes is not None:  # o left the FFN norm's codes
-            gate_up = mlp.gate_up(residual, x_codes=codes.buffers)
-        elif _prologue_pays(mlp.gate_up, rows):
+        if _prologue_pays(mlp.gate_up, rows):
             gate_up = mlp.gate_up(residual, norm_weight=self.ffn_norm, eps=self.eps)
         else:
             gate_up = mlp.gate_up(rms_norm(residual, self.ffn_norm, self.eps))
@@ -417,24 +404,6 @@ class DecoderLayer(torch.nn.Module):
         else:
             mlp.down(mlp.activation(*gate_up.chunk(2, dim=-1)), residual=residual)
         return None, residual
-
-    def _norm_codes(self, stream: torch.Tensor) -> NormCodes | None:
-        """Where o's GEMV can write the FFN norm's codes for gate_up (`xcodes.o_norm_codes`,
-        a lab setting): one float32 row, o's product the float32-x GEMV, gate_up's over
-        codes; then fresh buffers on this layer's counter."""
-        if self.norm_codes_counter is None or stream.shape[0] != 1:
-            return None
-        from llamapy.kernels.triton import qmatmul, xcodes
-
-        o, gate_up = self.attn.o_proj, self.mlp.gate_up
-        if o.kernel != "triton" or gate_up.kernel != "triton":
-            return None
-        o_in = stream.new_empty(1, o.in_features)  # stands for the attention's output
-        if not qmatmul.then_codes_fit(o_in, o.packed, o.bias):
-            return None
-        if not xcodes.takes(stream, gate_up.packed, gate_up.bias):
-            return None
-        return xcodes.NormCodes.make(self.ffn_norm, self.eps, self.norm_codes_counter)
 
 
 # K-quant matrices up to this many weights take the prologue all the same: there the launch
@@ -588,12 +557,6 @@ class LlamaForCausalLM(torch.nn.Module):
         on = FUSED_DECODE and all(a is not None for a in acts)
         for layer, act in zip(self.layers, acts, strict=True):
             layer.fused_activation = act if on else None
-        from llamapy.kernels.triton import xcodes
-
-        codes = on and xcodes.o_norm_codes()
-        for layer in self.layers:  # one launch counter a layer, zero between launches
-            counter = torch.zeros(1, dtype=torch.int32, device=layer.ffn_norm.device)
-            layer.norm_codes_counter = counter if codes else None
 
     def _is_sliding(self, il: int) -> bool:
         return self.config.sliding_window is not None and self.config.sliding_layers[il]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,9 +41,6 @@ from llamapy.kernels.triton.decode_splits import DecodeSplits
 from llamapy.kernels.triton.packed import PackedWeight
 from llamapy.quant.dequant import dequantize
 from llamapy.quant.types import QuantType, block_size, row_nbytes
-
-if TYPE_CHECKING:
-    from llamapy.kernels.triton.xcodes import NormCodes
 
 try:  # the K-quant kernels live in their own module; this one stands alone without it
     from llamapy.kernels.triton import qmatmul_kquants as _kquants
@@ -393,8 +389,6 @@ def qmatmul(
     eps: float | None = None,
     act: str | None = None,
     residual: torch.Tensor | None = None,
-    then_codes: NormCodes | None = None,
-    x_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ W^T (+ bias) -> (M, N) in x.dtype, accumulated in float32.
 
@@ -407,14 +401,8 @@ def qmatmul(
     norm_weight and act exclude each other.
     x may be a decode attention's unmerged key splits (`DecodeSplits`, x (B, n_heads * d)
     once merged): the float32-x GEMV merges them while loading x, other kernels run after
-    the merge kernel; no norm or activation with them.
-    then_codes (one row, with residual; `then_codes_fit`): the GEMV also leaves the codes of
-    RMSNorm(residual after the add) * then_codes.weight in then_codes.buffers, for a product
-    over them (x_codes): its last program to finish writes them (no quantizing launch).
-    x_codes (`xcodes.code_buffers` of x's prologue output, made that way): the product of one
-    row goes to `xcodes.gemv` over them; x (1, K) only stands for their shape."""
-    return qmatmul_with(x, w, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual,
-                        then_codes=then_codes, x_codes=x_codes)  # fmt: skip
+    the merge kernel; no norm or activation with them."""
+    return qmatmul_with(x, w, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
 
 
 def qmatmul_with(
@@ -431,8 +419,6 @@ def qmatmul_with(
     act: str | None = None,
     residual: torch.Tensor | None = None,
     gemm_config: dict[str, int] | None = None,
-    then_codes: NormCodes | None = None,
-    x_codes: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """`qmatmul` with the kernel choice forced and an optional output buffer (for tests,
     benchmarks and static CUDA-graph buffers).
@@ -453,23 +439,12 @@ def qmatmul_with(
     tiles (block_m, block_n, split, num_warps, num_stages). It implies the GEMM path.
     norm_weight, eps, act, residual: the fused forms (see `qmatmul`); only the GEMV fuses
     them, the GEMM path runs the unfused kernels around the matmul.
-    then_codes, x_codes: see `qmatmul` (the automatic path only).
     """
-    if x_codes is not None:
-        return _codes_matmul(
-            x,
-            w,
-            bias,
-            x_codes,
-            (path, split_k, out, gemv_config, norm_weight, act, residual, gemm_config, then_codes),
-        )
-    if then_codes is not None:
-        _check_then_codes(x, w, bias, residual, (path, split_k, gemv_config, gemm_config))
     if isinstance(x, DecodeSplits):
         if norm_weight is not None or act is not None:
             raise ValueError("a decode attention's key splits take no norm or activation")
         if _merges(x, w, bias, path, split_k, gemv_config, gemm_config):
-            return _splits_matmul(x, w, bias, out, gemv_config, residual, then_codes)
+            return _splits_matmul(x, w, bias, out, gemv_config, residual)
         x = x.merged().reshape(x.shape)
     _check_inputs(x, w, bias, act)
     _check_fusion(x, w, norm_weight, eps, act, residual, out)
@@ -530,8 +505,7 @@ def qmatmul_with(
         raise ValueError(f"{w.qtype.name} weights have no kernel; pack them with pack_weight")
     if path == "gemv" or (path == "auto" and m <= GEMV_MAX_M and gemm_config is None):
         pro = _prologue_code(norm_weight, act)
-        _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual,
-                     tail=then_codes)  # fmt: skip
+        _launch_gemv(x, w, bias, out, split_k, gemv_config, pro, norm_weight, eps, residual)
     elif path == "f16" or (
         path == "auto"
         and gemm_config is None
@@ -543,57 +517,6 @@ def qmatmul_with(
     else:
         _launch_gemm(x, w, bias, out, gemm_config)
     return out
-
-
-def then_codes_fit(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None) -> bool:
-    """Whether `qmatmul(x, w, bias, residual=..., then_codes=...)` takes this product: one
-    float32 row (x, or the row a decode attention's splits merge into) that the automatic
-    path gives the float32-x GEMV (a legacy or float weight the codes do not take)."""
-    return (
-        x.dim() == 2
-        and x.shape[0] == 1
-        and x.dtype == torch.float32
-        and w.qtype in _CODES
-        and gemv_int8_x(x.device, w.qtype) == 0
-        and not _xcodes_takes(x, w, bias)
-    )
-
-
-def _check_then_codes(
-    x: torch.Tensor | DecodeSplits,
-    w: PackedWeight,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    forced: tuple[object, ...],
-) -> None:
-    path, *rest = forced
-    stand_in = x.out.reshape(x.shape) if isinstance(x, DecodeSplits) else x
-    if residual is None or path != "auto" or any(v is not None for v in rest):
-        raise ValueError("then_codes needs the residual form on the automatic path")
-    if not then_codes_fit(stand_in, w, bias):
-        raise ValueError(
-            f"then_codes needs one float32 row into the float32-x GEMV, got "
-            f"{tuple(stand_in.shape)} {stand_in.dtype} x {w.qtype.name} (then_codes_fit)"
-        )
-
-
-def _codes_matmul(
-    x: torch.Tensor | DecodeSplits,
-    w: PackedWeight,
-    bias: torch.Tensor | None,
-    codes: tuple[torch.Tensor, ...],
-    rest: tuple[object, ...],
-) -> torch.Tensor:
-    """The product over x's codes made before (`qmatmul`'s x_codes): `xcodes.gemv`."""
-    from llamapy.kernels.triton import xcodes
-
-    path, *others = rest
-    if path != "auto" or any(v is not None for v in others):
-        raise ValueError("x_codes go alone, on the automatic path")
-    if not isinstance(x, torch.Tensor) or not xcodes.takes(x, w, bias):
-        raise ValueError("x_codes need one float32 row of a product the codes take (xcodes.takes)")
-    out = torch.empty(1, w.n, dtype=torch.float32, device=x.device)
-    return xcodes.gemv(codes, w, out, accumulate=False)
 
 
 # A GEMV that merges a decode attention's key splits as it loads x reads every split's
@@ -652,7 +575,6 @@ def _splits_matmul(
     out: torch.Tensor | None,
     gemv_config: dict[str, int] | None,
     residual: torch.Tensor | None,
-    then_codes: NormCodes | None = None,
 ) -> torch.Tensor:
     """The GEMV over a decode attention's unmerged key splits (where `_merges` holds)."""
     stand_in = x.out.reshape(x.shape)
@@ -673,7 +595,7 @@ def _splits_matmul(
         return out
     part_o, part_lse = x.part_o.contiguous(), x.part_lse.contiguous()
     _launch_gemv(part_o.view(m, -1), w, bias, out, None, gemv_config, _PRO_MERGE, part_lse,
-                 None, residual, (x.num_splits, x.head_dim), then_codes)  # fmt: skip
+                 None, residual, (x.num_splits, x.head_dim))  # fmt: skip
     return out
 
 
@@ -1073,13 +995,10 @@ def _launch_gemv(
     eps: float | None = None,
     residual: torch.Tensor | None = None,
     merge: tuple[int, int] = (1, QK),
-    tail: NormCodes | None = None,
 ) -> None:
     """out = prologue(x) @ W^T (+ bias) (+ out, when `residual` is `out`); see `qmatmul`.
     merge: (splits, head dim) of a _PRO_MERGE x (the partial outputs, norm_weight their
-    log-sum-exps; float32 x, `_splits_matmul`). tail: `qmatmul`'s then_codes, written by
-    the kernel's last program where it is one launch (one row, no K split), else by the
-    quantizing kernel after it."""
+    log-sum-exps; float32 x, `_splits_matmul`)."""
     m, n, k = x.shape[0], w.n, w.k
     want_q8x = (config or {}).get("Q8X", gemv_int8_x(x.device, w.qtype))
     if pro == _PRO_MERGE:
@@ -1117,8 +1036,6 @@ def _launch_gemv(
         operands = (operands[0].view(torch.int32), *operands[1:])
     elif bytes_form:
         operands = (w.tensors["q8"], *operands[1:])
-    in_kernel = tail is not None and split == 1 and m == 1 and has_res
-    tail_args, tail_cfg = _tail_operands(tail if in_kernel else None, n, out)
     pdl_on = pdl.pdl_enabled(x.device, w.nbytes)
     # qs elements per 32-weight block; the program's share of each row goes to L2 before the
     # PDL wait (weights are never written by an earlier kernel)
@@ -1127,14 +1044,13 @@ def _launch_gemv(
     lines = pdl.prefetch_lines(nbytes) if pdl_on else 0
     _gemv_kernel[grid](
         x, *operands, bias if bias is not None else out,
-        norm_weight if norm_weight is not None else out, dest, *tail_args,
+        norm_weight if norm_weight is not None else out, dest,
         m, n, k, x.stride(0), steps_per_split, float(eps or 0.0),
         QT=_Q4_1_BYTES if bytes_form else _CODES[w.qtype],
         HAS_BIAS=bias is not None and split == 1, PRO=pro,
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
         RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), MERGE_S=merge[0], HEAD_D=merge[1], **cfg,
         **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)), num_warps=num_warps,
-        **tail_cfg,
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -1144,36 +1060,6 @@ def _launch_gemv(
             INTERP=INTERPRET, **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)),
             num_warps=4,
         )  # fmt: skip
-    if tail is not None and not in_kernel:
-        from llamapy.kernels.triton import xcodes
-
-        xcodes.quantize(out, n, _PRO_NORM, tail.weight, tail.eps, tail.buffers)
-
-
-# The codes an RMSNorm of the GEMV's output row leaves (`qmatmul`'s then_codes) are written
-# by its last program in chunks of at most this many 32-blocks.
-TAIL_MAX_BLOCKS = 64
-
-
-def _tail_operands(
-    tail: NormCodes | None, n: int, out: torch.Tensor
-) -> tuple[tuple[object, ...], dict[str, int]]:
-    """`_gemv_kernel`'s tail arguments (counter, norm weight, the three code buffers, eps)
-    and constexprs for `tail` (None: no tail; the pointers alias out, never read)."""
-    if tail is None:
-        return (out, out, out, out, out, 0.0), dict(TAIL=0, TAIL_B=1, TAIL_CHUNKS=1, TAIL_RMS=1)
-    from llamapy.kernels.triton import xcodes
-
-    tail.check(n, out)
-    nb = n // QK
-    block_b = min(TAIL_MAX_BLOCKS, 1 << (nb - 1).bit_length())
-    cfg = dict(
-        TAIL=xcodes.LEVELS,
-        TAIL_B=block_b,
-        TAIL_CHUNKS=triton.cdiv(nb, block_b),
-        TAIL_RMS=rms_chunk(n, 1),
-    )  # as the quantizing kernel sums the squares
-    return (tail.counter, tail.weight, *tail.buffers, float(tail.eps)), cfg
 
 
 # Measured GEMM tiles: (type name, M bucket, size class) (`qmatmul_kquants.gemm_key`) ->
@@ -1608,15 +1494,12 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(
         x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, bias_ptr, g_ptr, out_ptr,
-        cnt_ptr, tg_ptr, xc_ptr, xs_ptr, xt_ptr, tail_eps,
         M, N, K, stride_xm, steps_per_split, eps,
         QT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr,
         WB: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr, Q8X: tl.constexpr,
         RMS_CHUNK: tl.constexpr, MERGE_S: tl.constexpr = 1, HEAD_D: tl.constexpr = 32,
-        TAIL: tl.constexpr = 0, TAIL_B: tl.constexpr = 1, TAIL_CHUNKS: tl.constexpr = 1,
-        TAIL_RMS: tl.constexpr = 1,
     ):  # fmt: skip
         """out[m, n] = sum_k x[m, k] W[n, k] over this program's rows, row group and K split
         (SPLIT > 1: float32 partials into out (SPLIT, M, N)). PRO: the prologue on x (1 RMSNorm
@@ -1625,9 +1508,7 @@ if HAS_TRITON:
         `_merged_tile`); HAS_RES: out += y.
         PDL: PF lines of each row's qs (WB elements a block) go to L2 before the wait.
         Q8X 1 / 2: x quantized to int8 blocks in 1 / 2 levels, integer dot products
-        (`_gemv_step_q8x`; qs_ptr the quants as int32 words).
-        TAIL (levels; one row, no split, HAS_RES): then the codes of RMSNorm(out) * tg
-        (`_tail_codes`)."""
+        (`_gemv_step_q8x`; qs_ptr the quants as int32 words)."""
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1667,51 +1548,9 @@ if HAS_TRITON:
             if HAS_RES:  # out is the residual: added once, here (no split)
                 y += tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32)
             tl.store(o_ptr, _round_to(y, out_ptr.dtype.element_ty, INTERP), mask=o_mask)
-            if TAIL:
-                _tail_codes(out_ptr, cnt_ptr, tg_ptr, xc_ptr, xs_ptr, xt_ptr, N, tail_eps, TAIL,
-                            TAIL_B, TAIL_CHUNKS, TAIL_RMS, INTERP)  # fmt: skip
         else:
             ws_row = (pid_k * M + offs_m[:, None]).to(tl.int64)
             tl.store(out_ptr + ws_row * N + offs_n[None, :], y, mask=o_mask)
-
-    @triton.jit
-    def _tail_codes(out_ptr, cnt_ptr, g_ptr, xc_ptr, xs_ptr, xt_ptr, N, eps, LEVELS: tl.constexpr,
-                    BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, RMS_CHUNK: tl.constexpr,
-                    INTERP: tl.constexpr):  # fmt: skip
-        """After a program's stores into the row out (N,): count it done (acquire-release at
-        GPU scope: its stores are visible to the programs that count after it); the one that
-        counts last, seeing every program's stores, writes the codes of RMSNorm(out) * g
-        (`_store_codes`, the quantizing kernel's arithmetic) in CHUNKS chunks of BLOCK_B
-        blocks and sets the counter back to zero for the next launch."""
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == programs - 1:
-            nb = N // 32
-            inv = tl.sum(_inv_rms(out_ptr, tl.arange(0, 1), 1, N, N, eps, 1, RMS_CHUNK, INTERP), 0)
-            for c in tl.static_range(CHUNKS):
-                gl, gh = _g_halves(g_ptr, c * BLOCK_B, nb, BLOCK_B, 1)
-                xl, xh = _x_halves(out_ptr, True, c * BLOCK_B, nb, gl, gh, BLOCK_B, 1)
-                blocks = c * BLOCK_B + tl.arange(0, BLOCK_B)
-                _store_codes(xl * inv, xh * inv, blocks, blocks < nb, xc_ptr, xs_ptr, xt_ptr, nb,
-                             LEVELS)  # fmt: skip
-            tl.store(cnt_ptr, 0)
-
-    @triton.jit
-    def _store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
-        """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
-        as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into
-        `xcodes.code_buffers` (xc words, xs scales, xt code sums): per level, int8 codes as
-        words (a block's low half's four, then its high half's), the scale and the codes' sum
-        per block; each level quantizes what the ones before left."""
-        words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
-        for lvl in tl.static_range(LEVELS):
-            cl, ch, sx, total = _codes(xl, xh)
-            tl.store(xc_ptr + lvl * (nb * 8) + words, _pack_bytes(cl), mask=ok[:, None])
-            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, _pack_bytes(ch), mask=ok[:, None])
-            tl.store(xs_ptr + lvl * nb + blocks, sx, mask=ok)
-            tl.store(xt_ptr + lvl * nb + blocks, total, mask=ok)
-            xl = xl - cl.to(tl.float32) * sx[:, None]
-            xh = xh - ch.to(tl.float32) * sx[:, None]
 
     @triton.jit
     def _reduce_kernel(

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -286,51 +285,6 @@ def code_buffers(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     )
 
 
-# LLAMAPY_GPU_O_NORM_CODES=1 (a lab setting, off until measured): in a one-row decode step
-# whose gate_up takes x's codes, the output projection's GEMV (which adds into the residual
-# stream) writes the codes of the FFN norm's output itself, its last program to finish
-# reading the whole new row (`qmatmul`'s then_codes, `NormCodes`), and the quantizing launch
-# between o and gate_up goes. Unlike the norm inside every persistent program (measured
-# slower: see PIPE_PDL_SWITCH), the row is normed and quantized once; the price is one
-# atomic a program of o and the last one's tail.
-O_NORM_CODES_SWITCH = "LLAMAPY_GPU_O_NORM_CODES"
-
-
-def o_norm_codes() -> bool:
-    return os.environ.get(O_NORM_CODES_SWITCH, "").strip() == "1"
-
-
-@dataclass(frozen=True, slots=True)
-class NormCodes:
-    """Where a one-row GEMV into the residual stream leaves the codes of RMSNorm(its output
-    row) * weight (`qmatmul`'s then_codes): `code_buffers(K)` and the launch counter its
-    programs count themselves done on (one int32, zero between launches: the last program
-    sets it back), for the product over those codes after it (`qmatmul`'s x_codes)."""
-
-    weight: torch.Tensor  # (K,) float32, the norm's
-    eps: float
-    counter: torch.Tensor  # (1,) int32
-    buffers: tuple[torch.Tensor, ...]
-
-    @classmethod
-    def make(cls, weight: torch.Tensor, eps: float, counter: torch.Tensor) -> NormCodes:
-        return cls(weight, eps, counter, code_buffers(weight.shape[0], weight.device))
-
-    def check(self, n: int, out: torch.Tensor) -> None:
-        """Raise unless these fit a row of n float32 values `out` (the residual stream)."""
-        nb = n // QK
-        if n % QK or self.weight.shape != (n,) or self.weight.dtype != torch.float32:
-            raise ValueError(f"then_codes' norm weight must be ({n},) float32 for a row of {n}")
-        if self.buffers[1].shape != (LEVELS, nb) or self.buffers[0].shape != (LEVELS, nb * 8):
-            raise ValueError(f"then_codes' buffers are not code_buffers({n})")
-        if self.counter.shape != (1,) or self.counter.dtype != torch.int32:
-            raise ValueError("then_codes' counter must be one int32")
-        if out.dtype != torch.float32 or not all(
-            t.device == out.device for t in (self.weight, self.counter, *self.buffers)
-        ):
-            raise ValueError("then_codes needs a float32 row and every tensor on its device")
-
-
 def quantize(
     x: torch.Tensor,
     k: int,
@@ -520,7 +474,24 @@ if HAS_TRITON:
             xl = xl * inv
             xh = xh * inv
         offs_b = b_first + tl.arange(0, BLOCK_B)
-        qm._store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+        _store_codes(xl, xh, offs_b, offs_b < nb, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS)
+
+    @triton.jit
+    def _store_codes(xl, xh, blocks, ok, xc_ptr, xs_ptr, xt_ptr, nb, LEVELS: tl.constexpr):
+        """Write the codes of blocks `blocks` (BB,) (where `ok`) of a row of nb 32-blocks, given
+        as halves xl / xh (BB, 16) float32 (x[32b + j], x[32b + 16 + j]), into `code_buffers`
+        (xc words, xs scales, xt code sums): per level, int8 codes as words (a block's low
+        half's four, then its high half's), the scale and the codes' sum per block; each
+        level quantizes what the ones before left."""
+        words = blocks[:, None] * 8 + tl.arange(0, 4)[None, :]
+        for lvl in tl.static_range(LEVELS):
+            cl, ch, sx, total = qm._codes(xl, xh)
+            tl.store(xc_ptr + lvl * (nb * 8) + words, qm._pack_bytes(cl), mask=ok[:, None])
+            tl.store(xc_ptr + lvl * (nb * 8) + words + 4, qm._pack_bytes(ch), mask=ok[:, None])
+            tl.store(xs_ptr + lvl * nb + blocks, sx, mask=ok)
+            tl.store(xt_ptr + lvl * nb + blocks, total, mask=ok)
+            xl = xl - cl.to(tl.float32) * sx[:, None]
+            xh = xh - ch.to(tl.float32) * sx[:, None]
 
     @triton.jit
     def _codes_step(acc, xc_ptr, xs_ptr, xt_ptr, qs_ptr, d_ptr, m_ptr, rows, n_mask, nb,
