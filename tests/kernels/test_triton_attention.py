@@ -537,16 +537,3 @@ def test_decode_dispatch_rounds_q_from_the_batch_threshold(gen: torch.Generator,
             num_splits=meta.decode_splits,
         )  # fmt: skip
         assert torch.equal(got, want), f"batch {batch}"
-
-
-def test_decode_warps_setting(caplog: pytest.LogCaptureFixture) -> None:
-    """LLAMAPY_GPU_DECODE_WARPS, a lab setting: 1, 2, 4 or 8 warps; unset 4; anything else
-    keeps 4 with a warning naming the variable."""
-    from llamapy.kernels.triton import attention
-
-    assert [attention._decode_warps(v) for v in (None, "", "1", "2", " 8 ")] == [4, 4, 1, 2, 8]
-    assert not caplog.records
-    assert attention._decode_warps("3") == 4
-    assert "LLAMAPY_GPU_DECODE_WARPS='3'" in caplog.text
-    assert attention.decode_tiles(16) == (16, attention.DECODE_WARPS, 1)
-    assert attention.decode_tiles(None) is None

@@ -719,24 +719,10 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
     return SPLIT_TILE if num_splits >= 16 else 64
 
 
-def _decode_warps(env: str | None) -> int:
-    """LLAMAPY_GPU_DECODE_WARPS (a lab setting, for A/B runs): the decode kernel's warps, 1,
-    2, 4 (unset: the default) or 8; another value keeps 4, said once."""
-    if not env:
-        return 4
-    if env.strip() in ("1", "2", "4", "8"):
-        return int(env)
-    logger.warning("LLAMAPY_GPU_DECODE_WARPS=%r is not 1, 2, 4 or 8: 4 warps", env)
-    return 4
-
-
-DECODE_WARPS = _decode_warps(os.environ.get("LLAMAPY_GPU_DECODE_WARPS"))
-
-
 def decode_tiles(block_n: int | None) -> tuple[int, int, int] | None:
     """The decode kernel's (BLOCK_N, num_warps, num_stages) for a tile of `block_n` keys
     (`AttentionMetadata.decode_tile`), None for the kernel's own rule."""
-    return None if block_n is None else (block_n, DECODE_WARPS, 1)
+    return None if block_n is None else (block_n, 4, 1)
 
 
 # The decode kernel loads each tile's V with its K (`_attend_tile`'s EARLY_V). H200, fused
@@ -933,7 +919,7 @@ def _decode(
     if batch == 0:
         return out
     round_q = _rounds_q(round_q, q, k_cache)
-    block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), DECODE_WARPS, 1)
+    block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
