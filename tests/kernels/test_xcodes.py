@@ -338,7 +338,7 @@ def test_switch_takes_the_project_off_values(monkeypatch) -> None:
 def test_lab_settings_parse_or_name_the_variable() -> None:
     assert xcodes._min_weights(None) == 1 << 24
     assert xcodes._min_weights("4000000") == 4_000_000
-    assert xcodes._quant_tile(None) == (16, 4)
+    assert xcodes._quant_tile(None) == xcodes.QUANT_TILE_DEFAULT == (8, 1)
     assert xcodes._pipe_config(None, xcodes.Q6K_PIPE_DEFAULT) == xcodes.Q6K_PIPE_DEFAULT
     assert xcodes._pipe_config("2,1,16,2/-", name="X") == {"short": (2, 1, 16, 2), "long": None}
     with pytest.raises(ValueError, match="LLAMAPY_GPU_X_CODES_Q6K_PIPE"):

@@ -721,7 +721,9 @@ def _decode_block_n(head_dim: int, num_splits: int = 1) -> int:
 
 def decode_tiles(block_n: int | None) -> tuple[int, int, int] | None:
     """The decode kernel's (BLOCK_N, num_warps, num_stages) for a tile of `block_n` keys
-    (`AttentionMetadata.decode_tile`), None for the kernel's own rule."""
+    (`AttentionMetadata.decode_tile`), None for the kernel's own rule. Four warps: with two /
+    one the graphs' one-tile splits ran slower (H200, tg128, `gpu_ab.py`: 1B Q4_0 0.962x /
+    0.968x, SmolLM2 Q4_0 0.935x / 0.951x; thirty-fifth session, a lab setting since removed)."""
     return None if block_n is None else (block_n, 4, 1)
 
 

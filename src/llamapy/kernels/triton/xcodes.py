@@ -184,9 +184,17 @@ PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
 # session, benchmarks/RESULTS.md); removed both times.
 
 
+# The quantizing kernel's program: 8 blocks on one warp (8 / 32 programs for the 1B's 2048 /
+# 8192 rows). H200, 1B tg128 (`gpu_ab.py`, three rounds, thirty-fifth session; benchmarks/
+# RESULTS.md): against 16 blocks on four warps (the tile before), Q4_0 1860.2 -> 1882.3 t/s
+# (1.012x), Q4_1 1824.4 -> 1854.5 (1.016x); 8 on two warps 0.996x / 1.001x, 16 on one 0.925x
+# / 0.933x, 4 on one (Q4_0) 1.002x.
+QUANT_TILE_DEFAULT = (8, 1)
+
+
 def _quant_tile(env: str | None) -> tuple[int, int]:
     """(32-blocks a quantizing program takes, its warps): LLAMAPY_GPU_X_CODES_QUANT_TILE
-    "BLOCKS,WARPS" (powers of two) for the lab's sweeps, else the default."""
+    "BLOCKS,WARPS" (powers of two) for the lab's sweeps, else QUANT_TILE_DEFAULT."""
     if env:
         parts = env.split(",")
         if len(parts) == 2 and all(v.strip().isdigit() for v in parts):
@@ -194,7 +202,7 @@ def _quant_tile(env: str | None) -> tuple[int, int]:
             if all(v > 0 and v & (v - 1) == 0 for v in tile):
                 return tile
         raise ValueError(f"LLAMAPY_GPU_X_CODES_QUANT_TILE wants two powers of two, got {env!r}")
-    return 16, 4
+    return QUANT_TILE_DEFAULT
 
 
 _QUANT_BLOCKS, _QUANT_WARPS = _quant_tile(os.environ.get("LLAMAPY_GPU_X_CODES_QUANT_TILE"))
