@@ -17,8 +17,11 @@ own work is a few hundred ns and the rest is synchronization:
   until every program of the stage has arrived: with acquire atomics, or volatile loads).
 
 Each way's result is checked first (program p's row after S stages is the initial row of
-program p + S, plus S), then timed. GPU only: the barrier spins on other programs, which the
-interpreter runs one after another.
+program p + S, plus S), then timed. (The thirty-fifth session's figures were taken before the
+CTA barrier ahead of each release was added: Triton makes a scalar atomic from one thread,
+whose release does not order the other warps' stores without it. The checks passed without
+it; it adds one barrier a stage, which only makes the barrier ways slower.) GPU only: the
+barrier spins on other programs, which the interpreter runs one after another.
 
     python benchmarks/kernels/grid_sync_lab.py [--stages 512] [--per-sm 1,2] [--width 128]
 """
@@ -61,6 +64,8 @@ def _barrier_kernel(buf_ptr, cnt_ptr, stages, WIDTH: tl.constexpr, POLL_ATOMIC: 
         dst = buf_ptr + ((s + 1) % 2) * nprog * WIDTH
         v = tl.load(src + ((pid + 1) % nprog) * WIDTH + offs, volatile=True)
         tl.store(dst + pid * WIDTH + offs, v + 1.0)
+        # one thread makes the release: its warps' stores must come before it (a CTA barrier)
+        tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
         target = (s + 1) * nprog
         if POLL_ATOMIC:
