@@ -144,13 +144,23 @@ def main() -> None:
     )
     ap.add_argument("--width", type=int, default=128, help="floats a program exchanges")
     args = ap.parse_args()
+    if args.stages < 1:
+        ap.error("--stages must be >= 1")
+    try:
+        per_sm_values = [int(v) for v in args.per_sm.split(",")]
+    except ValueError:
+        ap.error(f"--per-sm takes integers like 1,2, got {args.per_sm!r}")
+    if any(v < 1 for v in per_sm_values):
+        ap.error(f"--per-sm takes positive integers, got {args.per_sm!r}")
+    if args.width < 1 or args.width & (args.width - 1):
+        ap.error(f"--width must be a power of two, got {args.width}")
     if not torch.cuda.is_available():
         ap.error("a GPU is needed (the barrier spins on programs the interpreter runs in turn)")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, {args.stages} stages")
     print("| programs | way | us a stage |")
     print("| ---: | --- | ---: |")
-    for per_sm in (int(v) for v in args.per_sm.split(",")):
+    for per_sm in per_sm_values:
         nprog = sms * per_sm
         # whole numbers: adding one S times is exact, as adding S is
         init = torch.randint(-1000, 1000, (nprog, args.width), device="cuda").float()
