@@ -178,17 +178,16 @@ _Q4K_PIPE = _pipe_config(
 # down with PDL 0.977x, without 1.034x; 1B Q4_K_M's Q6_K down without PDL 1.007x.
 # LLAMAPY_GPU_X_CODES_PIPE_PDL=0: the size rule everywhere; "all": PDL at long K too.
 PIPE_PDL_SWITCH = "LLAMAPY_GPU_X_CODES_PIPE_PDL"
-# Each persistent program quantizing RMSNorm(x) itself instead of the quantizing launch lost
-# twice: 0.856x tg128 (1B Q4_0, twenty-sixth session), and with 256-value norm chunks and 128
-# registers 0.901x (16 one-warp programs an SM) / 0.951x (8 two-warp ones; thirty-fifth
-# session, benchmarks/RESULTS.md); removed both times.
 
 
-# The quantizing kernel's program: 8 blocks on one warp (8 / 32 programs for the 1B's 2048 /
-# 8192 rows). H200, 1B tg128 (`gpu_ab.py`, three rounds, thirty-fifth session; benchmarks/
-# RESULTS.md): against 16 blocks on four warps (the tile before), Q4_0 1860.2 -> 1882.3 t/s
-# (1.012x), Q4_1 1824.4 -> 1854.5 (1.016x); 8 on two warps 0.996x / 1.001x, 16 on one 0.925x
-# / 0.933x, 4 on one (Q4_0) 1.002x.
+# The quantizing launch stays: each persistent program quantizing RMSNorm(x) itself lost
+# twice, 0.856x tg128 (1B Q4_0, twenty-sixth session) and, with 256-value norm chunks and 128
+# registers, 0.901x (16 one-warp programs an SM) / 0.951x (8 two-warp ones; thirty-fifth
+# session, benchmarks/RESULTS.md). Its program: 8 blocks on one warp (8 / 32 programs for the
+# 1B's 2048 / 8192 rows). H200, 1B tg128 (`gpu_ab.py`, three rounds, thirty-fifth session;
+# benchmarks/RESULTS.md): against 16 blocks on four warps (the tile before), Q4_0 1860.2 ->
+# 1882.3 t/s (1.012x), Q4_1 1824.4 -> 1854.5 (1.016x); 8 on two warps 0.996x / 1.001x, 16 on
+# one 0.925x / 0.933x, 4 on one (Q4_0) 1.002x.
 QUANT_TILE_DEFAULT = (8, 1)
 
 
