@@ -270,6 +270,37 @@ def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
+@pytest.mark.parametrize("warps", [1, 2] if ON_GPU else [1])
+@pytest.mark.parametrize("one_tile", [False, True], ids=["", "one-tile"])
+@pytest.mark.parametrize(
+    "case", ["splits3-gqa3", "empty-splits", "window-partial-rot", "softcap-window-d80",
+             "tile-a-split"] + (["gpu-1b-long", "gpu-smollm2"] if ON_GPU else []),
+)  # fmt: skip
+@pytest.mark.usefixtures("decode_products")
+def test_fused_decode_per_head(gen, case, one_tile, warps, monkeypatch):
+    """`LLAMAPY_GPU_DECODE_PER_HEAD`: one program a query head (the GQA cases: each KV
+    head's rows read by all of its query heads' programs, the new key stored once), against
+    the same reference as the program a KV head; and its partials, merged by the combine
+    kernel, where the split rows of every head land."""
+    monkeypatch.setattr(attention, "DECODE_PER_HEAD_WARPS", warps)
+    got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
+        gen, case, torch.float16, False, one_tile=one_tile
+    )
+    check_caches(caches, refs, olds, slots, mag)
+    check_against_reference("per-head decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
+
+
+def test_per_head_setting():
+    """LLAMAPY_GPU_DECODE_PER_HEAD: unset / off is 0, 1, 2 or 4 warps, anything else an
+    error naming the variable."""
+    parse = attention._per_head_warps
+    assert parse(None) == parse("") == parse("off") == parse("0") == 0
+    assert [parse(v) for v in ("1", "2", " 4 ")] == [1, 2, 4]
+    for bad in ("3", "8", "fast", "-1"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_DECODE_PER_HEAD"):
+            parse(bad)
+
+
 def test_merge_in_gemv_setting(caplog):
     """LLAMAPY_GPU_MERGE_IN_GEMV: off values merge in the attention's launch always, a number
     is the bound, anything else keeps the default with a warning naming the variable."""

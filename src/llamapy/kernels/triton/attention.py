@@ -419,6 +419,7 @@ def _decode_kernel(
     EARLY_V: tl.constexpr = False,
     USE_DOT: tl.constexpr = True,
     EARLY_TILE: tl.constexpr = False,
+    PER_HEAD: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -434,17 +435,29 @@ def _decode_kernel(
     None of them is written by this step's kernels before this one (the cache's rows before
     seq_len - 1 by earlier steps, the rest before the step's first kernel; this kernel
     writes the new row itself), so only q and the new key and value, the QKV product's,
-    wait for the kernel before. Further tiles, if any, are read after it."""
+    wait for the kernel before. Further tiles, if any, are read after it.
+    PER_HEAD (BLOCK_G 1): one program a query head instead (axis 1 the query head, its KV
+    head's rows read by each of the GROUP programs that share them), so that a program of
+    one warp reduces within the warp; the group's first head stores the new key."""
     EARLY: tl.constexpr = EARLY_TILE and NEW_KV
     b = tl.program_id(0)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PER_HEAD:
+        kv_head = tl.program_id(1) // GROUP
+        first_head = tl.program_id(1)
+        n_heads = tl.num_programs(1)
+        stores_key = tl.program_id(1) % GROUP == 0
+    else:
+        kv_head = tl.program_id(1)
+        first_head = kv_head * GROUP
+        n_heads = GROUP * tl.num_programs(1)
+        stores_key = True
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
+    mask_g = offs_g < (1 if PER_HEAD else GROUP)
     mask_d = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
+    heads = first_head + offs_g
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
     mask_gd = mask_g[:, None] & mask_d[None, :]
     block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
@@ -485,8 +498,8 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if NEW_KV:
         _store_new_key(
-            owner, new_k, new_v, new_slot, kv_head, offs_d, mask_d, k_ptr, v_ptr, stride_kb,
-            stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
+            owner & stores_key, new_k, new_v, new_slot, kv_head, offs_d, mask_d, k_ptr, v_ptr,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE,
         )
     first = lo  # the first tile that is read here
     if EARLY:  # the tile read before the wait (no causal or window mask: q_pos unused)
@@ -512,7 +525,7 @@ def _decode_kernel(
         out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_gd)
     else:
-        row = (b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        row = (b.to(tl.int64) * n_heads + heads) * NUM_SPLITS + split
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_gd)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_g)
@@ -765,6 +778,23 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
     return max(16, rows), True
 
 
+def _per_head_warps(env: str | None) -> int:
+    """LLAMAPY_GPU_DECODE_PER_HEAD (a lab setting): unset or off, 0; else the warps (1, 2
+    or 4) of a decode program that takes one query head (`_decode_kernel`'s PER_HEAD)."""
+    value = (env or "").strip().lower()
+    if not value or value in OFF_VALUES:
+        return 0
+    if value not in ("1", "2", "4"):
+        raise ValueError(f"LLAMAPY_GPU_DECODE_PER_HEAD wants off or 1, 2 or 4 warps, got {env!r}")
+    return int(value)
+
+
+# Decode programs of one query head each, on this many warps, where a program's heads take
+# their products as multiplies and sums (0: one program a KV head, its GROUP query heads as
+# the rows of one tile).
+DECODE_PER_HEAD_WARPS = _per_head_warps(os.environ.get("LLAMAPY_GPU_DECODE_PER_HEAD"))
+
+
 def _merge_in_gemv_max(env: str | None, default: int = 8) -> int:
     value = (env or "").strip().lower()
     if value in OFF_VALUES:
@@ -923,13 +953,16 @@ def _decode(
     round_q = _rounds_q(round_q, q, k_cache)
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
+    per_head = DECODE_PER_HEAD_WARPS > 0 and not use_dot and group > 1
+    if per_head:
+        block_g, warps = 1, DECODE_PER_HEAD_WARPS
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
     pdl_on = pdl.pdl_enabled(q.device)
     # fmt: off
-    _decode_kernel[(batch, n_kv, num_splits)](
+    _decode_kernel[(batch, n_heads if per_head else n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1),
@@ -942,7 +975,7 @@ def _decode(
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
         EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
-        EARLY_TILE=bool(new_kv) and one_tile and DECODE_EARLY_TILE,
+        EARLY_TILE=bool(new_kv) and one_tile and DECODE_EARLY_TILE, PER_HEAD=per_head,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
