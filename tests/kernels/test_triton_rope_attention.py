@@ -270,34 +270,35 @@ def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
-@pytest.mark.parametrize("warps", [1, 2] if ON_GPU else [1])
+@pytest.mark.parametrize("heads", [(1, 1), (2, 1), (1, 2), (2, 2)] if ON_GPU else [(1, 1), (2, 1)])
 @pytest.mark.parametrize("one_tile", [False, True], ids=["", "one-tile"])
 @pytest.mark.parametrize(
     "case", ["splits3-gqa3", "empty-splits", "window-partial-rot", "softcap-window-d80",
              "tile-a-split"] + (["gpu-1b-long", "gpu-smollm2"] if ON_GPU else []),
 )  # fmt: skip
 @pytest.mark.usefixtures("decode_products")
-def test_fused_decode_per_head(gen, case, one_tile, warps, monkeypatch):
-    """`LLAMAPY_GPU_DECODE_PER_HEAD`: one program a query head (the GQA cases: each KV
-    head's rows read by all of its query heads' programs, the new key stored once), against
-    the same reference as the program a KV head; and its partials, merged by the combine
-    kernel, where the split rows of every head land."""
-    monkeypatch.setattr(attention, "DECODE_PER_HEAD_WARPS", warps)
+def test_fused_decode_heads(gen, case, one_tile, heads, monkeypatch):
+    """`LLAMAPY_GPU_DECODE_HEADS`: programs of one or two query heads (the GQA cases: each
+    KV head's rows read by each of its programs, the new key stored once; a group that two
+    does not divide keeps one program), against the same reference as the program a KV
+    head; and its partials, merged by the combine kernel, where every head's split rows
+    land."""
+    monkeypatch.setattr(attention, "DECODE_HEADS", heads)
     got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
         gen, case, torch.float16, False, one_tile=one_tile
     )
     check_caches(caches, refs, olds, slots, mag)
-    check_against_reference("per-head decode", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
+    check_against_reference("decode by heads", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
 
 
-def test_per_head_setting():
-    """LLAMAPY_GPU_DECODE_PER_HEAD: unset / off is 0, 1, 2 or 4 warps, anything else an
-    error naming the variable."""
-    parse = attention._per_head_warps
-    assert parse(None) == parse("") == parse("off") == parse("0") == 0
-    assert [parse(v) for v in ("1", "2", " 4 ")] == [1, 2, 4]
-    for bad in ("3", "8", "fast", "-1"):
-        with pytest.raises(ValueError, match="LLAMAPY_GPU_DECODE_PER_HEAD"):
+def test_decode_heads_setting():
+    """LLAMAPY_GPU_DECODE_HEADS: unset / off is None, "HEADS,WARPS" (1, 2 or 4 each) a
+    pair, anything else an error naming the variable."""
+    parse = attention._decode_heads
+    assert parse(None) is parse("") is parse("off") is parse("0") is None
+    assert [parse(v) for v in ("1,1", "2, 4", " 4,2 ")] == [(1, 1), (2, 4), (4, 2)]
+    for bad in ("3,1", "1", "1,8", "fast", "-1,1", "1,1,1"):
+        with pytest.raises(ValueError, match="LLAMAPY_GPU_DECODE_HEADS"):
             parse(bad)
 
 

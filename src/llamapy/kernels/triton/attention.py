@@ -419,7 +419,7 @@ def _decode_kernel(
     EARLY_V: tl.constexpr = False,
     USE_DOT: tl.constexpr = True,
     EARLY_TILE: tl.constexpr = False,
-    PER_HEAD: tl.constexpr = False,
+    HEADS: tl.constexpr = 0,
 ):
     """One (sequence, KV head, split): all GROUP query heads of the KV head as rows of one
     tile, over the split's share of the visible keys. ROUND_Q: q is rounded to the cache's
@@ -436,17 +436,18 @@ def _decode_kernel(
     seq_len - 1 by earlier steps, the rest before the step's first kernel; this kernel
     writes the new row itself), so only q and the new key and value, the QKV product's,
     wait for the kernel before. Further tiles, if any, are read after it.
-    PER_HEAD (BLOCK_G 1): one program a query head instead (axis 1 the query head, its KV
-    head's rows read by each of the GROUP programs that share them), so that a program of
-    one warp reduces within the warp; the group's first head stores the new key."""
+    HEADS (a divisor of GROUP, <= BLOCK_G): a program takes HEADS query heads instead, axis
+    1 the GROUP // HEADS parts of each KV head, whose rows each part reads; its first part
+    stores the new key."""
     EARLY: tl.constexpr = EARLY_TILE and NEW_KV
     b = tl.program_id(0)
     split = tl.program_id(2)
-    if PER_HEAD:
-        kv_head = tl.program_id(1) // GROUP
-        first_head = tl.program_id(1)
-        n_heads = tl.num_programs(1)
-        stores_key = tl.program_id(1) % GROUP == 0
+    if HEADS:
+        PARTS: tl.constexpr = GROUP // HEADS
+        kv_head = tl.program_id(1) // PARTS
+        first_head = tl.program_id(1) * HEADS
+        n_heads = HEADS * tl.num_programs(1)
+        stores_key = tl.program_id(1) % PARTS == 0
     else:
         kv_head = tl.program_id(1)
         first_head = kv_head * GROUP
@@ -455,7 +456,7 @@ def _decode_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < (1 if PER_HEAD else GROUP)
+    mask_g = offs_g < (HEADS if HEADS else GROUP)
     mask_d = offs_d < HEAD_DIM
     heads = first_head + offs_g
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
@@ -778,21 +779,25 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
     return max(16, rows), True
 
 
-def _per_head_warps(env: str | None) -> int:
-    """LLAMAPY_GPU_DECODE_PER_HEAD (a lab setting): unset or off, 0; else the warps (1, 2
-    or 4) of a decode program that takes one query head (`_decode_kernel`'s PER_HEAD)."""
+def _decode_heads(env: str | None) -> tuple[int, int] | None:
+    """LLAMAPY_GPU_DECODE_HEADS (a lab setting): unset or off, None; else "HEADS,WARPS", the
+    query heads (1, 2 or 4) and warps (1, 2 or 4) of a decode program (`_decode_kernel`'s
+    HEADS)."""
     value = (env or "").strip().lower()
     if not value or value in OFF_VALUES:
-        return 0
-    if value not in ("1", "2", "4"):
-        raise ValueError(f"LLAMAPY_GPU_DECODE_PER_HEAD wants off or 1, 2 or 4 warps, got {env!r}")
-    return int(value)
+        return None
+    parts = [v.strip() for v in value.split(",")]
+    if len(parts) != 2 or any(v not in ("1", "2", "4") for v in parts):
+        raise ValueError(
+            f"LLAMAPY_GPU_DECODE_HEADS wants off or 'HEADS,WARPS' (1, 2 or 4 each), got {env!r}"
+        )
+    return int(parts[0]), int(parts[1])
 
 
-# Decode programs of one query head each, on this many warps, where a program's heads take
-# their products as multiplies and sums (0: one program a KV head, its GROUP query heads as
-# the rows of one tile).
-DECODE_PER_HEAD_WARPS = _per_head_warps(os.environ.get("LLAMAPY_GPU_DECODE_PER_HEAD"))
+# Decode programs of fewer query heads than their KV head has ((heads, warps)), where a
+# program takes its products as multiplies and sums and the heads divide the group; None:
+# one program a KV head, its GROUP query heads the rows of one tile.
+DECODE_HEADS = _decode_heads(os.environ.get("LLAMAPY_GPU_DECODE_HEADS"))
 
 
 def _merge_in_gemv_max(env: str | None, default: int = 8) -> int:
@@ -953,16 +958,17 @@ def _decode(
     round_q = _rounds_q(round_q, q, k_cache)
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
-    per_head = DECODE_PER_HEAD_WARPS > 0 and not use_dot and group > 1
-    if per_head:
-        block_g, warps = 1, DECODE_PER_HEAD_WARPS
+    heads = 0
+    if DECODE_HEADS and not use_dot and DECODE_HEADS[0] < group and group % DECODE_HEADS[0] == 0:
+        heads, warps = DECODE_HEADS
+        block_g = heads
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
     part_o = torch.empty(batch, n_heads, ws_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, ws_splits, dtype=torch.float32, device=q.device)
     pdl_on = pdl.pdl_enabled(q.device)
     # fmt: off
-    _decode_kernel[(batch, n_heads if per_head else n_kv, num_splits)](
+    _decode_kernel[(batch, n_heads // heads if heads else n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1),
@@ -975,7 +981,7 @@ def _decode(
         DOT_PRECISION=_dot_precision(k_cache.dtype if round_q else q.dtype),
         LOOP_WHILE=INTERPRET, ROUND_Q=round_q, **pdl.launch_options(pdl_on), **new_kv,
         EARLY_V=DECODE_EARLY_V, USE_DOT=use_dot,
-        EARLY_TILE=bool(new_kv) and one_tile and DECODE_EARLY_TILE, PER_HEAD=per_head,
+        EARLY_TILE=bool(new_kv) and one_tile and DECODE_EARLY_TILE, HEADS=heads,
         num_warps=warps, num_stages=stages,
     )
     # fmt: on
