@@ -270,7 +270,10 @@ def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
-@pytest.mark.parametrize("heads", [(1, 1), (2, 1), (1, 2), (2, 2)] if ON_GPU else [(1, 1), (2, 1)])
+@pytest.mark.parametrize(
+    "heads", [{}, (1, 1), (2, 1), (1, 2), (2, 2)] if ON_GPU else [{}, (1, 1), (2, 1)],
+    ids=str,
+)  # fmt: skip
 @pytest.mark.parametrize("one_tile", [False, True], ids=["", "one-tile"])
 @pytest.mark.parametrize(
     "case", ["splits3-gqa3", "empty-splits", "window-partial-rot", "softcap-window-d80",
@@ -280,9 +283,9 @@ def test_deferred_merge_returns_the_splits(gen, case, monkeypatch):
 def test_fused_decode_heads(gen, case, one_tile, heads, monkeypatch):
     """`LLAMAPY_GPU_DECODE_HEADS`: programs of one or two query heads (the GQA cases: each
     KV head's rows read by each of its programs, the new key stored once; a group that two
-    does not divide keeps one program), against the same reference as the program a KV
-    head; and its partials, merged by the combine kernel, where every head's split rows
-    land."""
+    does not divide keeps one program), and off ({}: one program a KV head, its heads the
+    rows of one tile), against the same reference; and their partials, merged by the combine
+    kernel, where every head's split rows land."""
     monkeypatch.setattr(attention, "DECODE_HEADS", heads)
     got, q_ref, caches, refs, olds, slots, meta, kw, d, mag = run_case(
         gen, case, torch.float16, False, one_tile=one_tile
@@ -291,15 +294,25 @@ def test_fused_decode_heads(gen, case, one_tile, heads, monkeypatch):
     check_against_reference("decode by heads", got, q_ref, *caches, meta, scale=d**-0.5, **kw)
 
 
-def test_decode_heads_setting():
-    """LLAMAPY_GPU_DECODE_HEADS: unset / off is None, "HEADS,WARPS" (1, 2 or 4 each) a
-    pair, anything else an error naming the variable."""
+def test_decode_heads_setting(monkeypatch):
+    """LLAMAPY_GPU_DECODE_HEADS: unset is the measured default by group, off none, "HEADS,
+    WARPS" (1, 2 or 4 each) a pair for every group it divides, anything else an error naming
+    the variable."""
     parse = attention._decode_heads
-    assert parse(None) is parse("") is parse("off") is parse("0") is None
+    assert parse(None) == parse("") == attention.DECODE_HEADS_DEFAULT
+    assert parse("off") == parse("0") == {}
     assert [parse(v) for v in ("1,1", "2, 4", " 4,2 ")] == [(1, 1), (2, 4), (4, 2)]
     for bad in ("3,1", "1", "1,8", "fast", "-1,1", "1,1,1"):
         with pytest.raises(ValueError, match="LLAMAPY_GPU_DECODE_HEADS"):
             parse(bad)
+    monkeypatch.setattr(attention, "DECODE_HEADS", parse(None))
+    assert [attention._program_heads(g) for g in (1, 2, 3, 4, 8)] == [
+        None, None, (1, 1), (2, 1), None
+    ]  # fmt: skip
+    monkeypatch.setattr(attention, "DECODE_HEADS", (2, 1))
+    assert [attention._program_heads(g) for g in (1, 2, 3, 4, 8)] == [
+        None, None, None, (2, 1), (2, 1)
+    ]  # fmt: skip
 
 
 def test_merge_in_gemv_setting(caplog):

@@ -779,13 +779,25 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
     return max(16, rows), True
 
 
-def _decode_heads(env: str | None) -> tuple[int, int] | None:
-    """LLAMAPY_GPU_DECODE_HEADS (a lab setting): unset or off, None; else "HEADS,WARPS", the
-    query heads (1, 2 or 4) and warps (1, 2 or 4) of a decode program (`_decode_kernel`'s
-    HEADS)."""
+# A decode program's query heads and warps by the model's group (query heads a KV head),
+# where its products are multiplies and sums (small batches); other groups, one program a
+# KV head (its GROUP heads the rows of one tile, four warps). H200, tg128 from a 64-token
+# prompt (`gpu_ab.py`, two rounds; benchmarks/RESULTS.md, thirty-sixth session): SmolLM2
+# (group 3, padded to 4 rows) with a program a head on one warp 2262.0 -> 2402.1 t/s
+# (1.062x; 1.063x in an earlier call); Llama-3.2-1B (group 4) with two heads on one warp
+# 1874.5 -> 1905.9 (1.017x), a head on one warp 0.948x / 0.940x (its attention link 5.65 ->
+# 9.17 us in the step's profile), two heads on two warps 1.006x.
+DECODE_HEADS_DEFAULT: dict[int, tuple[int, int]] = {3: (1, 1), 4: (2, 1)}
+
+
+def _decode_heads(env: str | None) -> dict[int, tuple[int, int]] | tuple[int, int]:
+    """LLAMAPY_GPU_DECODE_HEADS (a lab setting): unset, `DECODE_HEADS_DEFAULT`; off, none
+    ({}); "HEADS,WARPS" (1, 2 or 4 each), those for every group they divide."""
     value = (env or "").strip().lower()
-    if not value or value in OFF_VALUES:
-        return None
+    if not value:
+        return dict(DECODE_HEADS_DEFAULT)
+    if value in OFF_VALUES:
+        return {}
     parts = [v.strip() for v in value.split(",")]
     if len(parts) != 2 or any(v not in ("1", "2", "4") for v in parts):
         raise ValueError(
@@ -794,10 +806,16 @@ def _decode_heads(env: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-# Decode programs of fewer query heads than their KV head has ((heads, warps)), where a
-# program takes its products as multiplies and sums and the heads divide the group; None:
-# one program a KV head, its GROUP query heads the rows of one tile.
 DECODE_HEADS = _decode_heads(os.environ.get("LLAMAPY_GPU_DECODE_HEADS"))
+
+
+def _program_heads(group: int) -> tuple[int, int] | None:
+    """(query heads, warps) of a decode program of the FMA path for a model's group, or None
+    for one program a KV head (`DECODE_HEADS`)."""
+    heads = DECODE_HEADS.get(group) if isinstance(DECODE_HEADS, dict) else DECODE_HEADS
+    if heads is None or heads[0] >= group or group % heads[0]:
+        return None
+    return heads
 
 
 def _merge_in_gemv_max(env: str | None, default: int = 8) -> int:
@@ -959,8 +977,9 @@ def _decode(
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
     heads = 0
-    if DECODE_HEADS and not use_dot and DECODE_HEADS[0] < group and group % DECODE_HEADS[0] == 0:
-        heads, warps = DECODE_HEADS
+    program_heads = None if use_dot else _program_heads(group)
+    if program_heads is not None:
+        heads, warps = program_heads
         block_g = heads
     # Workspace from shapes only; unused (never read) when there is a single split.
     ws_splits = num_splits if num_splits > 1 else 0
