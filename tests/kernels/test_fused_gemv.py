@@ -193,39 +193,6 @@ def test_rms_chunk_setting_parses_or_names_the_variable() -> None:
             qm._rms_chunk_max(bad)
 
 
-def test_gemv_maxnreg_setting(monkeypatch) -> None:
-    """LLAMAPY_GPU_GEMV_MAXNREG: a multiple of 8 in 24..248, or an error naming the
-    variable; the cap goes to one-row launches with the norm prologue only (compiled ones:
-    the interpreter takes no register option)."""
-    assert qm._gemv_maxnreg(None) is None and qm._gemv_maxnreg(" 128 ") == 128
-    for bad in ("100", "x", "0", "256", "-128"):
-        with pytest.raises(ValueError, match="LLAMAPY_GPU_GEMV_MAXNREG"):
-            qm._gemv_maxnreg(bad)
-    monkeypatch.setattr(qm, "GEMV_NORM_MAXNREG", 128)
-    monkeypatch.setattr(qm, "INTERPRET", False)
-    assert qm._register_cap(qm._PRO_NORM, 1) == {"maxnreg": 128}
-    assert qm._register_cap(qm._PRO_NORM, 2) == qm._register_cap(qm._PRO_NONE, 1) == {}
-    monkeypatch.setattr(qm, "GEMV_NORM_MAXNREG", None)
-    assert qm._register_cap(qm._PRO_NORM, 1) == {}
-
-
-@pytest.mark.skipif(not CUDA, reason="a register cap is a compile option (no GPU: interpreted)")
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
-def test_gemv_register_cap_same_bits(qtype, rng, monkeypatch):
-    """The 1B's QKV with the norm prologue under register caps: the same bits as uncapped
-    (the cap moves values between registers and the stack, not the arithmetic)."""
-    n, k = 3072, 2048
-    data = random_weight(rng, qtype, n, k)
-    w = qm.pack_weight(data, qtype, (n, k))
-    case = make_case(rng, "norm", 1, n, k, F32)
-    outs = []
-    for cap in (None, 128, 96):
-        monkeypatch.setattr(qm, "GEMV_NORM_MAXNREG", cap)
-        outs.append(qm.qmatmul(case.x, w, **case.kwargs()))
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
-
-
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K], ids=lambda t: t.name)
 def test_split_k_adds_the_residual_once(qtype, rng, poisoned):
     """K split over programs: the 1/rms scale on every partial, the residual (and bias)

@@ -837,22 +837,6 @@ _NIBBLE_TYPES = frozenset({QuantType.Q4_0, QuantType.Q4_1, QuantType.Q5_0, Quant
 SMALL_GEMV_BYTES = 4 << 20
 
 
-def _gemv_maxnreg(env: str | None) -> int | None:
-    """LLAMAPY_GPU_GEMV_MAXNREG (a lab setting): a register cap (a multiple of 8, 24-248)
-    for the one-row float32-x GEMV with the RMSNorm prologue (a decode step's QKV), or None."""
-    value = (env or "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) % 8 or not 24 <= int(value) <= 248:
-        raise ValueError(f"LLAMAPY_GPU_GEMV_MAXNREG wants a multiple of 8 in 24..248, got {env!r}")
-    return int(value)
-
-
-# The register cap of the one-row GEMV with the norm prologue: registers it leaves free let
-# the kernel after it (the decode attention) be resident early, under PDL.
-GEMV_NORM_MAXNREG = _gemv_maxnreg(os.environ.get("LLAMAPY_GPU_GEMV_MAXNREG"))
-
-
 # The int8-activation GEMV's (BLOCK_N, BLOCK_B, num_warps, SPLIT) per shape class: a
 # vocabulary-sized output, long K (down), wide N (gate_up), the rest (see `_q8x_config`).
 _Q8X_TILES = {
@@ -1067,7 +1051,6 @@ def _launch_gemv(
         HAS_RES=has_res and split == 1, INTERP=INTERPRET, WB=block_width, PF=lines, Q8X=q8x,
         RMS_CHUNK=rms_chunk(k, cfg["BLOCK_M"]), MERGE_S=merge[0], HEAD_D=merge[1], **cfg,
         **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)), num_warps=num_warps,
-        **_register_cap(pro, m),
     )  # fmt: skip
     if split > 1:
         block = 1024
@@ -1077,13 +1060,6 @@ def _launch_gemv(
             INTERP=INTERPRET, **pdl.launch_options(pdl_on, pdl.trigger_enabled(x.device, k)),
             num_warps=4,
         )  # fmt: skip
-
-
-def _register_cap(pro: int, m: int) -> dict[str, int]:
-    """The launch option capping the GEMV's registers (`GEMV_NORM_MAXNREG`), if any."""
-    if GEMV_NORM_MAXNREG is None or pro != _PRO_NORM or m != 1 or INTERPRET:
-        return {}
-    return {"maxnreg": GEMV_NORM_MAXNREG}
 
 
 # Measured GEMM tiles: (type name, M bucket, size class) (`qmatmul_kquants.gemm_key`) ->
