@@ -781,12 +781,15 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
 
 # A decode program's query heads and warps by the model's group (query heads a KV head),
 # where its products are multiplies and sums (small batches); other groups, one program a
-# KV head (its GROUP heads the rows of one tile, four warps). H200, tg128 from a 64-token
-# prompt (`gpu_ab.py`, two rounds; benchmarks/RESULTS.md, thirty-sixth session): SmolLM2
-# (group 3, padded to 4 rows) with a program a head on one warp 2262.0 -> 2402.1 t/s
-# (1.062x; 1.063x in an earlier call); Llama-3.2-1B (group 4) with two heads on one warp
-# 1874.5 -> 1905.9 (1.017x), a head on one warp 0.948x / 0.940x (its attention link 5.65 ->
-# 9.17 us in the step's profile), two heads on two warps 1.006x.
+# KV head (its GROUP heads the rows of one tile, four warps). H200, tg128 from one token
+# (`gpu_ab.py`, two rounds; benchmarks/RESULTS.md, thirty-sixth session): SmolLM2 (group 3,
+# padded to 4 rows) with a program a head on one warp 2262.0 -> 2402.1 t/s (1.062x; 1.063x
+# in an earlier call); Llama-3.2-1B (group 4) with two heads on one warp 1874.5 -> 1905.9
+# (1.017x; in the step's profile at 64 keys the attention's link 5.65 -> 4.59 us), a head on
+# one warp 0.948x / 0.940x (its link 9.17 us), two heads on two warps 1.006x. What made one
+# head a program lose on the 1B (256 one-warp programs at 8 splits) is not known: a register
+# cap on QKV that let more of the attention's programs be resident early (under PDL) made
+# its link longer still (7.88 us; tg128 0.944x, removed).
 DECODE_HEADS_DEFAULT: dict[int, tuple[int, int]] = {3: (1, 1), 4: (2, 1)}
 
 
