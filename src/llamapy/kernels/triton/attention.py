@@ -787,9 +787,10 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
 # in an earlier call); Llama-3.2-1B (group 4) with two heads on one warp 1874.5 -> 1905.9
 # (1.017x; in the step's profile at 64 keys the attention's link 5.65 -> 4.59 us), a head on
 # one warp 0.948x / 0.940x (its link 9.17 us), two heads on two warps 1.006x. What made one
-# head a program lose on the 1B (256 one-warp programs at 8 splits) is not known: a register
-# cap on QKV that let more of the attention's programs be resident early (under PDL) made
-# its link longer still (7.88 us; tg128 0.944x, removed).
+# head a program lose on the 1B (256 one-warp programs at 8 splits) is not known: capping
+# QKV's registers at 128 (154: three of its programs fill an SM's registers; capped, each SM
+# has room for the attention's programs beside them under PDL) made the link longer still
+# (7.88 us with two heads a program; tg128 0.944x, removed).
 DECODE_HEADS_DEFAULT: dict[int, tuple[int, int]] = {3: (1, 1), 4: (2, 1)}
 
 
