@@ -796,18 +796,18 @@ DECODE_HEADS_DEFAULT: dict[int, tuple[int, int]] = {3: (1, 1), 4: (2, 1)}
 
 def _decode_heads(env: str | None) -> dict[int, tuple[int, int]] | tuple[int, int]:
     """LLAMAPY_GPU_DECODE_HEADS (a lab setting): unset, `DECODE_HEADS_DEFAULT`; off, none
-    ({}); "HEADS,WARPS" (1, 2 or 4 each), those for every group they divide."""
+    ({}); "HEADS,WARPS" (1, 2 or 4 each), those for every group they divide; anything else
+    keeps the default, said once."""
     value = (env or "").strip().lower()
-    if not value:
-        return dict(DECODE_HEADS_DEFAULT)
     if value in OFF_VALUES:
         return {}
     parts = [v.strip() for v in value.split(",")]
-    if len(parts) != 2 or any(v not in ("1", "2", "4") for v in parts):
-        raise ValueError(
-            f"LLAMAPY_GPU_DECODE_HEADS wants off or 'HEADS,WARPS' (1, 2 or 4 each), got {env!r}"
-        )
-    return int(parts[0]), int(parts[1])
+    if len(parts) == 2 and all(v in ("1", "2", "4") for v in parts):
+        return int(parts[0]), int(parts[1])
+    if value:
+        logger.warning("LLAMAPY_GPU_DECODE_HEADS=%r is neither off nor 'HEADS,WARPS' (1, 2 or "
+                       "4 each): the default", env)  # fmt: skip
+    return dict(DECODE_HEADS_DEFAULT)
 
 
 DECODE_HEADS = _decode_heads(os.environ.get("LLAMAPY_GPU_DECODE_HEADS"))
