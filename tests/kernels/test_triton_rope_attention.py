@@ -308,11 +308,12 @@ def test_decode_heads_setting(monkeypatch, caplog):
         assert parse(bad) == attention.DECODE_HEADS_DEFAULT
         assert f"LLAMAPY_GPU_DECODE_HEADS={bad!r}" in caplog.text
     monkeypatch.setattr(attention, "DECODE_HEADS", parse(None))
-    assert [attention._program_heads(g) for g in (1, 2, 3, 4, 8)] == [
+    assert [attention._program_heads(g, 64) for g in (1, 2, 3, 4, 8)] == [
         None, None, (1, 1), (2, 1), None
     ]  # fmt: skip
+    assert attention._program_heads(4, 128) is None, "the default: measured heads of 64"
     monkeypatch.setattr(attention, "DECODE_HEADS", (2, 1))
-    assert [attention._program_heads(g) for g in (1, 2, 3, 4, 8)] == [
+    assert [attention._program_heads(g, 128) for g in (1, 2, 3, 4, 8)] == [
         None, None, None, (2, 1), (2, 1)
     ]  # fmt: skip
 

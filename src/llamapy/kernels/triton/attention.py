@@ -792,6 +792,9 @@ def _decode_rows(group: int, block_n: int, block_d: int, round_q: bool) -> tuple
 # has room for the attention's programs beside them under PDL) made the link longer still
 # (7.88 us with two heads a program; tg128 0.944x, removed).
 DECODE_HEADS_DEFAULT: dict[int, tuple[int, int]] = {3: (1, 1), 4: (2, 1)}
+# The default applies to heads this wide at most (both models measured have 64; a 128-wide
+# head on one warp holds twice the tile a thread, unmeasured).
+DECODE_HEADS_MAX_DIM = 64
 
 
 def _decode_heads(env: str | None) -> dict[int, tuple[int, int]] | tuple[int, int]:
@@ -813,10 +816,14 @@ def _decode_heads(env: str | None) -> dict[int, tuple[int, int]] | tuple[int, in
 DECODE_HEADS = _decode_heads(os.environ.get("LLAMAPY_GPU_DECODE_HEADS"))
 
 
-def _program_heads(group: int) -> tuple[int, int] | None:
-    """(query heads, warps) of a decode program of the FMA path for a model's group, or None
-    for one program a KV head (`DECODE_HEADS`)."""
-    heads = DECODE_HEADS.get(group) if isinstance(DECODE_HEADS, dict) else DECODE_HEADS
+def _program_heads(group: int, head_dim: int) -> tuple[int, int] | None:
+    """(query heads, warps) of a decode program of the FMA path for a model's group and head
+    dim, or None for one program a KV head (`DECODE_HEADS`; its default up to
+    `DECODE_HEADS_MAX_DIM`)."""
+    if isinstance(DECODE_HEADS, dict):
+        heads = DECODE_HEADS.get(group) if head_dim <= DECODE_HEADS_MAX_DIM else None
+    else:
+        heads = DECODE_HEADS
     if heads is None or heads[0] >= group or group % heads[0]:
         return None
     return heads
@@ -981,7 +988,7 @@ def _decode(
     block_n, warps, stages = tiles or (_decode_block_n(d, num_splits), 4, 1)
     block_g, use_dot = _decode_rows(group, block_n, block_d, round_q)
     heads = 0
-    program_heads = None if use_dot else _program_heads(group)
+    program_heads = None if use_dot else _program_heads(group, d)
     if program_heads is not None:
         heads, warps = program_heads
         block_g = heads
